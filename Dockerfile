@@ -1,0 +1,16 @@
+# The provbridge image: the bridge, the admin CLI and the simulator.
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 provbridge
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY provwire ./provwire
+COPY bridge ./bridge
+COPY broker ./broker
+COPY device_sim ./device_sim
+COPY config ./config
+RUN pip install --no-cache-dir .
+USER provbridge
+ENV PROVBRIDGE_DATA_DIR=/data
+VOLUME /data
+EXPOSE 1883
+CMD ["sh", "-c", "provbridge init && exec provbridge serve"]

@@ -1,0 +1,1 @@
+"""The provbridge service: validates claims, creates devices, seals credentials, mints tokens."""

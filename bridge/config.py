@@ -1,0 +1,120 @@
+"""Settings: built-in defaults < config file < PROVBRIDGE_* environment variables.
+
+The config file is `--config PATH`, else `config/provbridge.toml` when it exists in the working
+directory. Nested settings take a double underscore in the environment: PROVBRIDGE_BROKER__PORT=1884.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bridge.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/provbridge.toml")
+TOKEN_TTL_CAP_SECONDS = 86_400
+
+
+class BrokerSettings(BaseModel):
+    mode: Literal["embedded", "external"] = "embedded"
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str = "provbridge-bridge"
+    password_file: Path | None = None  # default: <data_dir>/bridge.secret
+    client_id: str = "provbridge-bridge"
+    keepalive: int = Field(default=30, ge=5)
+    allow_anonymous_provisioning: bool = True
+    # What devices are told to connect to, when it differs from what the bridge uses (NAT, DNS name).
+    advertise_host: str | None = None
+    advertise_port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class TokenSettings(BaseModel):
+    ttl_seconds: int = Field(default=900, ge=60)
+    issuer: str = "provbridge"
+    audience: str = "provbridge-mqtt"
+
+    @model_validator(mode="after")
+    def _ttl_is_capped(self) -> "TokenSettings":
+        if self.ttl_seconds > TOKEN_TTL_CAP_SECONDS:
+            raise ValueError(f"token.ttl_seconds is capped at {TOKEN_TTL_CAP_SECONDS}")
+        return self
+
+
+class ClaimSettings(BaseModel):
+    response_retention_seconds: int = Field(default=86_400, ge=60)
+    workers: int = Field(default=4, ge=1, le=64)
+    max_in_flight: int = Field(default=1000, ge=1)
+    retry_after_seconds: int = Field(default=2, ge=1)
+    code_ttl_seconds: int = Field(default=86_400, ge=60)
+
+
+class Profile(BaseModel):
+    """Topic scope of a device's token. `{device_id}` and `{tenant}` are filled in."""
+
+    publish: list[str] = Field(default_factory=lambda: ["devices/{device_id}/#"])
+    subscribe: list[str] = Field(default_factory=lambda: ["devices/{device_id}/#"])
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROVBRIDGE_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path("data")
+    topic_prefix: str = Field(default="prov/v1", pattern=r"^[^+#]+[^/+#]$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    token: TokenSettings = Field(default_factory=TokenSettings)
+    claims: ClaimSettings = Field(default_factory=ClaimSettings)
+    profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
+
+    _config_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._config_file))
+        return tuple(sources)
+
+    @property
+    def bridge_secret_file(self) -> Path:
+        return self.broker.password_file or self.data_dir / "bridge.secret"
+
+    @property
+    def database_file(self) -> Path:
+        return self.data_dir / "provbridge.db"
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Load settings; raises ConfigError with a one-line reason."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    if config_file is None and DEFAULT_CONFIG_FILE.is_file():
+        config_file = DEFAULT_CONFIG_FILE
+    Settings._config_file = config_file
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
+    finally:
+        Settings._config_file = None
+    if "default" not in settings.profiles:
+        raise ConfigError("profiles must define a 'default' profile")
+    return settings

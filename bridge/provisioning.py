@@ -1,0 +1,427 @@
+"""Turning one claim into one answer.
+
+The decisions are pure functions over data (`parse_claim`, `key_denial`, `reclaim_action`,
+`seal_credentials`); `Provisioner.handle` runs them inside one database transaction, so a
+claim either creates everything (device row, key use, stored answer, events) or nothing.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
+
+from bridge import secrets
+from bridge.config import Settings
+from bridge.errors import StorageError
+from bridge.keyfiles import KeyRing
+from bridge.store import Device, ProvisionKey, Store
+from bridge.tokens import fill_scope, mint_token
+from provwire import crypto, topics
+from provwire.errors import ErrorCode
+from provwire.models import (
+    MAX_CLAIM_BYTES,
+    Claim,
+    ClaimError,
+    ClaimOk,
+    Credentials,
+    Event,
+    FieldError,
+    MqttCredentials,
+    Sealed,
+    to_json,
+)
+
+log = logging.getLogger("provbridge.claims")
+
+NO_TENANT = "_"
+DENIED_MESSAGE = "provisioning key not accepted"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,64}")
+
+
+class Denial(StrEnum):
+    """Why a key was refused. Only ops see this; the device gets one uniform permission_denied."""
+
+    UNKNOWN_KEY = "unknown_key"
+    KEY_REVOKED = "key_revoked"
+    KEY_EXPIRED = "key_expired"
+    KEY_EXHAUSTED = "key_exhausted"
+    HARDWARE_ID_MISMATCH = "hardware_id_mismatch"
+    DEVICE_REVOKED = "device_revoked"
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    RECLAIM = "reclaim"
+    ROTATE = "rotate"
+    EXISTS = "exists"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the MQTT edge must publish. `answer` is None when the claim cannot be answered."""
+
+    response_topic: str | None
+    answer: bytes | None
+    events: list[Event] = field(default_factory=list)
+    summary: str = ""
+
+
+def rfc3339(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- pure decisions -------------------------------------------------------------------------
+
+
+def readable_request_id(payload: bytes) -> str | None:
+    """The request_id of an invalid claim, when it can still be read, so the device can match the error."""
+    try:
+        value = json.loads(payload).get("request_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) else None
+
+
+def parse_claim(payload: bytes) -> Claim | ClaimError:
+    if len(payload) > MAX_CLAIM_BYTES:
+        return ClaimError(
+            code=ErrorCode.VALIDATION_ERROR,
+            message=f"claim is larger than {MAX_CLAIM_BYTES} bytes",
+            errors=[FieldError(field="", message="payload too large")],
+        )
+    try:
+        return Claim.model_validate_json(payload)
+    except ValidationError as exc:
+        # Messages only, never `input`: a bad claim may still carry a provisioning key.
+        errors = [
+            FieldError(field=".".join(str(p) for p in e["loc"]), message=e["msg"])
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        return ClaimError(
+            request_id=readable_request_id(payload),
+            code=ErrorCode.VALIDATION_ERROR,
+            message="claim is not valid",
+            errors=errors[:20],
+        )
+
+
+def key_denial(key: ProvisionKey | None, hardware_id: str, now: float) -> Denial | None:
+    """Whether a key may be used at all (exhaustion is checked only when a device is created)."""
+    if key is None:
+        return Denial.UNKNOWN_KEY
+    if key.status != "active":
+        return Denial.KEY_REVOKED
+    if key.expires_at is not None and now >= key.expires_at:
+        return Denial.KEY_EXPIRED
+    if key.hardware_id_pattern and re.fullmatch(key.hardware_id_pattern, hardware_id) is None:
+        return Denial.HARDWARE_ID_MISMATCH
+    return None
+
+
+def is_exhausted(key: ProvisionKey) -> bool:
+    return key.max_registrations is not None and key.registrations >= key.max_registrations
+
+
+def reclaim_action(device: Device | None, public_key: bytes, policy: str) -> Action:
+    if device is None:
+        return Action.CREATE
+    if device.status != "active":
+        return Action.REVOKED
+    if device.public_key == public_key:
+        return Action.RECLAIM
+    # A leaked provisioning key must not let anyone take over a device, unless the operator opted in.
+    return Action.ROTATE if policy == "rotate" else Action.EXISTS
+
+
+def seal_credentials(shared: bytes, request_id: str, credentials: Credentials) -> Sealed:
+    box = crypto.seal(crypto.derive_seal_key(shared, request_id), to_json(credentials), request_id)
+    return Sealed(nonce=crypto.b64encode(box.nonce), ciphertext=crypto.b64encode(box.ciphertext))
+
+
+def claim_digest(claim: Claim) -> bytes:
+    return hashlib.sha256(claim.model_dump_json().encode("utf-8")).digest()
+
+
+# --- the orchestration ----------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    client_id: str
+    claim: Claim
+    now: float
+    events: list[Event] = field(default_factory=list)
+
+
+class Provisioner:
+    def __init__(self, settings: Settings, store: Store, keys: KeyRing) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self.prefix = settings.topic_prefix
+
+    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
+        """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+        now = time.time() if now is None else now
+        client_id = topics.client_id_of_claim_topic(self.prefix, topic)
+        if client_id is None or not topics.is_valid_client_id(client_id):
+            event = self._event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")
+            self._record_events_safely([event])
+            return Outcome(None, None, [event], "dropped: invalid client id in topic")
+        reply_to = topics.response_topic(self.prefix, client_id)
+
+        parsed = parse_claim(payload)
+        if isinstance(parsed, ClaimError):
+            event = self._event(
+                "claim.rejected",
+                now,
+                NO_TENANT,
+                client_id=client_id,
+                request_id=parsed.request_id,
+                reason="validation_error",
+            )
+            self._record_events_safely([event])
+            return Outcome(reply_to, to_json(parsed), [event], "validation_error")
+
+        ctx = _Context(client_id, parsed, now)
+        try:
+            answer = self._provision(ctx)
+        except (StorageError, sqlite3.Error) as exc:
+            log.error("claim %s: storage failure: %s", parsed.request_id, exc)
+            return Outcome(
+                reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error"
+            )
+        except Exception:
+            log.exception("claim %s: unexpected failure", parsed.request_id)
+            return Outcome(
+                reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error"
+            )
+        return Outcome(reply_to, answer, ctx.events, ctx.events[0].event if ctx.events else "replayed")
+
+    def _retryable(self, request_id: str | None, message: str) -> bytes:
+        return to_json(
+            ClaimError(
+                request_id=request_id,
+                code=ErrorCode.INTERNAL_ERROR,
+                message=message,
+                retry_after=self.settings.claims.retry_after_seconds,
+            )
+        )
+
+    def _error(
+        self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None
+    ) -> bytes:
+        return to_json(ClaimError(request_id=ctx.claim.request_id, code=code, message=message, errors=errors))
+
+    def _provision(self, ctx: _Context) -> bytes:
+        claim = ctx.claim
+        cloud_kid = claim.cloud_key_id or self.keys.active_cloud
+        cloud_key = self.keys.cloud.get(cloud_kid)
+        if cloud_key is None:
+            ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason="unknown_cloud_key"))
+            self._record_events_safely(ctx.events)
+            return self._error(
+                ctx,
+                ErrorCode.VALIDATION_ERROR,
+                "claim is not valid",
+                [FieldError(field="cloud_key_id", message="unknown cloud key id")],
+            )
+        # The expensive, side-effect-free work happens before the write lock is taken.
+        device_public = crypto.public_key_from_sec1(claim.public_key_sec1)
+        shared = crypto.shared_secret(cloud_key, device_public)
+        key_hash = secrets.digest(secrets.normalise_key(claim.provision_key))
+        digest = claim_digest(claim)
+        retention = self.settings.claims.response_retention_seconds
+
+        with self.store.transaction() as db:
+            stored = Store.stored_answer(db, ctx.client_id, claim.request_id, int(ctx.now) - retention)
+            if stored is not None:
+                if secrets.digests_equal(stored[0], digest):
+                    return stored[1]
+                return self._error(
+                    ctx,
+                    ErrorCode.VALIDATION_ERROR,
+                    "request_id was already used for a different claim",
+                    [FieldError(field="request_id", message="already used for a different claim")],
+                )
+            answer = self._decide(db, ctx, key_hash, shared, cloud_kid)
+            for event in ctx.events:
+                Store.insert_event(
+                    db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True)
+                )
+            return answer
+
+    def _decide(
+        self, db: sqlite3.Connection, ctx: _Context, key_hash: bytes, shared: bytes, cloud_kid: str
+    ) -> bytes:
+        claim = ctx.claim
+        key = Store.key_by_hash(db, key_hash)
+        if key is not None and not secrets.digests_equal(key.key_hash, key_hash):
+            key = None
+        denial = key_denial(key, claim.hardware_id, ctx.now)
+        if denial is not None or key is None:
+            return self._deny(ctx, key, denial or Denial.UNKNOWN_KEY)
+
+        device = Store.device_by_hardware_id(db, key.tenant_id, claim.hardware_id)
+        action = reclaim_action(device, claim.public_key_sec1, key.reclaim_policy)
+        if action is Action.REVOKED:
+            return self._deny(ctx, key, Denial.DEVICE_REVOKED)
+        if action is Action.EXISTS:
+            ctx.events.append(
+                self._key_event(ctx, "claim.rejected", key, device, reason="public_key_mismatch")
+            )
+            return self._error(ctx, ErrorCode.DEVICE_EXISTS, "a device with this hardware_id already exists")
+        if action is Action.CREATE and is_exhausted(key):
+            return self._deny(ctx, key, Denial.KEY_EXHAUSTED)
+
+        api_key = "" if action is Action.RECLAIM else secrets.new_api_key()
+        now = int(ctx.now)
+        if action is Action.CREATE:
+            device = self._new_device(ctx, key, cloud_kid)
+            Store.insert_device(db, device, secrets.digest(api_key))
+            if Store.spend_key_use(db, key.id) == key.max_registrations:
+                ctx.events.append(self._key_event(ctx, "key.exhausted", key, None))
+            ctx.events.insert(0, self._key_event(ctx, "device.provisioned", key, device))
+        elif action is Action.ROTATE:
+            assert device is not None
+            Store.rotate_device_key(
+                db, device.id, claim.public_key_sec1, cloud_kid, secrets.digest(api_key), now
+            )
+            ctx.events.append(self._key_event(ctx, "device.reprovisioned", key, device))
+        else:
+            assert device is not None
+            ctx.events.append(self._key_event(ctx, "device.reclaimed", key, device))
+        assert device is not None
+
+        answer = to_json(self._success(ctx, device, action is Action.CREATE, api_key, shared, cloud_kid))
+        Store.store_answer(db, ctx.client_id, claim.request_id, claim_digest(claim), answer, now)
+        return answer
+
+    def _new_device(self, ctx: _Context, key: ProvisionKey, cloud_kid: str) -> Device:
+        claim, now = ctx.claim, int(ctx.now)
+        return Device(
+            id=secrets.new_device_id(),
+            tenant_id=key.tenant_id,
+            tenant_name=key.tenant_name,
+            hardware_id=claim.hardware_id,
+            name=claim.device_name,
+            public_key=claim.public_key_sec1,
+            cloud_key_id=cloud_kid,
+            labels=key.labels,
+            groups=key.groups,
+            profile=key.profile,
+            hardware=claim.hardware.model_dump(exclude_none=True) if claim.hardware else None,
+            network=claim.network.model_dump(exclude_none=True) if claim.network else None,
+            agent_version=claim.agent_version,
+            key_id=key.id,
+            status="active",
+            created_at=now,
+            updated_at=now,
+        )
+
+    def _success(
+        self, ctx: _Context, device: Device, created: bool, api_key: str, shared: bytes, cloud_kid: str
+    ) -> ClaimOk:
+        profile = self.settings.profiles.get(device.profile) or self.settings.profiles["default"]
+        grant = mint_token(
+            key=self.keys.token_key,
+            kid=self.keys.active_token,
+            issuer=self.settings.token.issuer,
+            audience=self.settings.token.audience,
+            device_id=device.id,
+            tenant=device.tenant_name,
+            publish=fill_scope(profile.publish, device.id, device.tenant_name),
+            subscribe=fill_scope(profile.subscribe, device.id, device.tenant_name),
+            now=int(ctx.now),
+            ttl_seconds=self.settings.token.ttl_seconds,
+        )
+        broker = self.settings.broker
+        credentials = Credentials(
+            api_key=api_key,
+            mqtt=MqttCredentials(
+                host=broker.advertise_host or broker.host,
+                port=broker.advertise_port or broker.port,
+                tls=broker.tls,
+                client_id=device.id,
+                username=device.id,
+                token=grant.token,
+                expires_at=grant.expires_at,
+                publish=grant.publish,
+                subscribe=grant.subscribe,
+            ),
+        )
+        return ClaimOk(
+            request_id=ctx.claim.request_id,
+            device_id=device.id,
+            created=created,
+            labels=device.labels,
+            groups=device.groups,
+            profile=device.profile,
+            cloud_key_id=cloud_kid,
+            sealed=seal_credentials(shared, ctx.claim.request_id, credentials),
+        )
+
+    # --- refusals and events --------------------------------------------------------------
+
+    def _deny(self, ctx: _Context, key: ProvisionKey | None, reason: Denial) -> bytes:
+        if key is None:
+            ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason=reason.value))
+        else:
+            ctx.events.append(self._key_event(ctx, "claim.rejected", key, None, reason=reason.value))
+        return self._error(ctx, ErrorCode.PERMISSION_DENIED, DENIED_MESSAGE)
+
+    def _event(self, name: str, now: float, tenant: str, **fields: Any) -> Event:
+        return Event(event=name, time=rfc3339(now), tenant=tenant, **fields)
+
+    def _ctx_event(self, ctx: _Context, name: str, tenant: str, **fields: Any) -> Event:
+        return self._event(
+            name,
+            ctx.now,
+            tenant,
+            request_id=ctx.claim.request_id,
+            client_id=ctx.client_id,
+            hardware_id=ctx.claim.hardware_id,
+            **fields,
+        )
+
+    def _key_event(
+        self, ctx: _Context, name: str, key: ProvisionKey, device: Device | None, **fields: Any
+    ) -> Event:
+        return self._ctx_event(
+            ctx,
+            name,
+            key.tenant_name,
+            device_id=device.id if device else None,
+            key_name=key.name,
+            key_id_prefix=key.id[:12],
+            **fields,
+        )
+
+    def _record_events_safely(self, events: list[Event]) -> None:
+        try:
+            for e in events:
+                self.store.add_event(e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
+        except (StorageError, sqlite3.Error) as exc:
+            log.warning("could not record %d event(s): %s", len(events), exc)
+
+
+def device_key(store: Store, keys: KeyRing, device_id: str) -> bytes:
+    """The long-term device key of a device, for trusted backend code (HMACs, payload encryption).
+
+    Re-derived from the cloud private key the device claimed with and its stored public key; it is
+    never stored nor transmitted.
+    """
+    device = store.device(device_id)
+    cloud: ec.EllipticCurvePrivateKey = keys.cloud[device.cloud_key_id]
+    shared = crypto.shared_secret(cloud, crypto.public_key_from_sec1(device.public_key))
+    return crypto.derive_device_key(shared)

@@ -1,0 +1,65 @@
+"""Generating, normalising and hashing the secrets the bridge hands out. Pure, no I/O.
+
+Raw secrets are shown once and never stored: the database keeps SHA-256 digests.
+"""
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+
+CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
+CODE_RE = re.compile(r"PROV-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}")
+
+
+def _token_urlsafe(nbytes: int) -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(nbytes)).rstrip(b"=").decode("ascii")
+
+
+def new_provision_key() -> str:
+    """`pk_` + 256 random bits."""
+    return "pk_" + _token_urlsafe(32)
+
+
+def new_human_code() -> str:
+    """A one-time code a person can type: PROV-XXXX-XXXX, 40 random bits."""
+    chars = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
+    return f"PROV-{chars[:4]}-{chars[4:]}"
+
+
+def new_api_key() -> str:
+    """`dk_` + 256 random bits, sealed to the device and stored only as a hash."""
+    return "dk_" + _token_urlsafe(32)
+
+
+def new_device_id() -> str:
+    """`dev_` + 26 lowercase base32 characters (128 random bits)."""
+    return "dev_" + base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()
+
+
+def new_key_id() -> str:
+    """Public handle of a provisioning key, safe to show and log."""
+    return "key_" + secrets.token_hex(8)
+
+
+def new_tenant_id() -> str:
+    return "ten_" + secrets.token_hex(8)
+
+
+def normalise_key(raw: str) -> str:
+    """Human codes are case-insensitive and forgive spaces; `pk_` keys are taken as they are."""
+    candidate = raw.strip().upper().replace(" ", "")
+    return candidate if CODE_RE.fullmatch(candidate) else raw
+
+
+def is_human_code(raw: str) -> bool:
+    return CODE_RE.fullmatch(normalise_key(raw)) is not None
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def digests_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

@@ -1,0 +1,89 @@
+"""Who is connecting: the CONNECT username, password and client id mapped to a role's `Grant`.
+
+    username                    password                      client id             role
+    (none)                      (none)                        provwire client id    provisioning, if anonymous
+                                                                                    provisioning is allowed
+    "provision"                 anything                      provwire client id    provisioning
+    bridge username             contents of the secret file   anything              bridge
+    any other (the device id)   ES256 JWT, sub = device id    the device id         device
+
+Everything else is refused.
+"""
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import acl
+from broker.errors import ConnectRefused
+from broker.tokens import VerificationKeys, parse_jwks, verify_device_token
+from broker.watched import WatchedFile
+from provwire.topics import DEFAULT_PREFIX, is_valid_client_id
+
+PROVISION_USERNAME = "provision"
+DEFAULT_AUDIENCE = "provbridge-mqtt"
+DEFAULT_ISSUER = "provbridge"
+DEFAULT_BRIDGE_USERNAME = "provbridge-bridge"
+JWKS_FILE_NAME = "jwks.json"
+BRIDGE_SECRET_FILE_NAME = "bridge.secret"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    jwks_file: Path
+    bridge_secret_file: Path
+    prefix: str = DEFAULT_PREFIX
+    audience: str = DEFAULT_AUDIENCE
+    issuer: str = DEFAULT_ISSUER
+    bridge_username: str = DEFAULT_BRIDGE_USERNAME
+    allow_anonymous_provisioning: bool = True
+
+    def __post_init__(self) -> None:
+        acl.check_prefix(self.prefix)
+
+
+class Authenticator:
+    """Decides a CONNECT. Reads the JWKS and the bridge secret again whenever those files change."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self._keys: WatchedFile[VerificationKeys] = WatchedFile(settings.jwks_file, parse_jwks, {})
+        # Bytes, stripped: the file is written by `provbridge init` and may end with a newline.
+        self._secret: WatchedFile[bytes] = WatchedFile(settings.bridge_secret_file, bytes.strip, b"")
+
+    def authenticate(self, *, client_id: str, username: str | None, password: str | None) -> acl.Grant:
+        """The grant of this CONNECT, or ConnectRefused saying why (never echoing a credential)."""
+        s = self.settings
+        if username is None:
+            if not s.allow_anonymous_provisioning:
+                raise ConnectRefused("anonymous provisioning is disabled")
+            return acl.provisioning_grant(s.prefix, client_id)
+        if username == PROVISION_USERNAME:
+            return acl.provisioning_grant(s.prefix, client_id)
+        if username == s.bridge_username:
+            self._check_bridge_secret(password)
+            return acl.bridge_grant(s.prefix, username)
+        return self._device(username, client_id, password)
+
+    def _check_bridge_secret(self, password: str | None) -> None:
+        secret = self._secret.get()
+        given = (password or "").encode("utf-8")
+        # compare_digest always runs, so a missing secret file costs the same time as a wrong password.
+        if not hmac.compare_digest(given, secret) or not secret:
+            raise ConnectRefused("bridge password does not match the secret file")
+
+    def _device(self, device_id: str, client_id: str, token: str | None) -> acl.Grant:
+        if not is_valid_client_id(device_id):
+            raise ConnectRefused("username is not a valid device id")
+        if client_id != device_id:
+            raise ConnectRefused("client id must equal the device id")
+        if not token:
+            raise ConnectRefused("device password (token) missing")
+        claims = verify_device_token(
+            token,
+            self._keys.get(),
+            audience=self.settings.audience,
+            issuer=self.settings.issuer,
+            device_id=device_id,
+        )
+        return acl.device_grant(device_id, claims)

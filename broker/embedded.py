@@ -1,0 +1,132 @@
+"""The embedded MQTT broker: settings, start, stop, and the blocking `provbridge broker` entry point.
+
+One plain TCP listener (TLS when a certificate and key are given), no websockets, no `$SYS`, and
+`ProvbridgeAclPlugin` as the only plugin. amqtt speaks MQTT 3.1.1 only.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amqtt.errors import BrokerError, PluginError, PluginLoadError
+
+from broker.acl import check_prefix
+from broker.auth import DEFAULT_AUDIENCE, DEFAULT_BRIDGE_USERNAME, DEFAULT_ISSUER
+from broker.errors import BrokerConfigError, BrokerStartError
+from broker.plugin import ProvbridgeAclPlugin
+from broker.server import ProvbridgeBroker
+from provwire.topics import DEFAULT_PREFIX
+
+logger = logging.getLogger(__name__)
+PLUGIN_PATH = f"{ProvbridgeAclPlugin.__module__}.{ProvbridgeAclPlugin.__qualname__}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedBrokerSettings:
+    """Where the broker listens and whom it lets in. `port=0` binds a free port (see `broker.port`)."""
+
+    data_dir: Path  # holds jwks.json and bridge.secret, both written by `provbridge init`
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = DEFAULT_PREFIX
+    audience: str = DEFAULT_AUDIENCE
+    issuer: str = DEFAULT_ISSUER
+    bridge_username: str = DEFAULT_BRIDGE_USERNAME
+    allow_anonymous_provisioning: bool = True
+    jwks_file: Path | None = None  # default <data_dir>/jwks.json
+    bridge_secret_file: Path | None = None  # default <data_dir>/bridge.secret
+    # A disconnected persistent session (and its queued messages) is dropped after this long.
+    session_expiry_seconds: int | None = 24 * 3600
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        if not 0 <= self.port <= 65535:
+            raise BrokerConfigError(f"port {self.port} is out of range")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise BrokerConfigError("TLS needs both a certificate file and a key file")
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _optional_path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def broker_config(settings: EmbeddedBrokerSettings) -> dict[str, Any]:
+    """The amqtt configuration dictionary for these settings."""
+    listener: dict[str, Any] = {"type": "tcp", "bind": _bind_address(settings.host, settings.port)}
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = {"ssl": True, "certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
+        listener |= tls
+    plugin = {
+        "data_dir": str(settings.data_dir),
+        "jwks_file": _optional_path(settings.jwks_file),
+        "bridge_secret_file": _optional_path(settings.bridge_secret_file),
+        "prefix": settings.prefix,
+        "audience": settings.audience,
+        "issuer": settings.issuer,
+        "bridge_username": settings.bridge_username,
+        "allow_anonymous_provisioning": settings.allow_anonymous_provisioning,
+    }
+    return {
+        "listeners": {"default": listener},
+        "session_expiry_interval": settings.session_expiry_seconds,
+        # Replaces amqtt's defaults, which add $SYS topics, anonymous auth and per-packet logging.
+        "plugins": {PLUGIN_PATH: plugin},
+    }
+
+
+def quiet_amqtt_logging() -> None:
+    """amqtt logs every connection at INFO: keep its warnings only, unless its level was set on purpose."""
+    for name in ("amqtt", "transitions"):
+        named = logging.getLogger(name)
+        if named.level == logging.NOTSET:
+            named.setLevel(logging.WARNING)
+
+
+async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeBroker:
+    """A started broker. Stop it with `stop_embedded_broker`."""
+    quiet_amqtt_logging()
+    try:
+        broker = ProvbridgeBroker(broker_config(settings))
+        await broker.start()
+    except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
+        raise BrokerStartError(f"cannot start the MQTT broker: {exc}") from exc
+    logger.info("MQTT broker listening on %s:%d", settings.host, broker.port)
+    return broker
+
+
+async def stop_embedded_broker(broker: ProvbridgeBroker) -> None:
+    """Disconnect every client and close the listener."""
+    await broker.shutdown()
+    logger.info("MQTT broker stopped")
+
+
+async def _serve(settings: EmbeddedBrokerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    # Signal handlers can only be installed from the main thread.
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still ends asyncio.run
+                loop.add_signal_handler(signum, stop.set)
+    broker = await start_embedded_broker(settings)
+    try:
+        await stop.wait()
+    finally:
+        await stop_embedded_broker(broker)
+
+
+def run_broker_forever(settings: EmbeddedBrokerSettings) -> None:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then stop cleanly. For `provbridge broker`."""
+    asyncio.run(_serve(settings))

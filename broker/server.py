@@ -1,0 +1,124 @@
+"""amqtt's broker with the holes that matter to provbridge closed.
+
+Stock amqtt 0.12.1 (read `amqtt/broker.py`), and what this subclass changes:
+
+1. Retained leak. On every CONNECT it replays the retained messages matching *any* client's
+   subscriptions to the new client, without an ACL check. Here a client only gets retained
+   messages for filters it is subscribed to itself, and only topics it may RECEIVE.
+2. Pre-authentication side effects. It drops the old session of a clean-session CONNECT (and
+   copies the new credentials into a resumed one) *before* authenticating, so a refused CONNECT
+   naming someone's client id silently cuts their subscriptions. Here the CONNECT is decided
+   first, and a client id held by an authenticated principal cannot be taken by another one:
+   without this an anonymous provisioning client could connect as the bridge's client id.
+3. A clean-session takeover leaves the old connection open but deaf. Here it is closed, as
+   [MQTT-3.1.4-2] requires.
+4. Wills are published without a PUBLISH check. The plugin refuses a CONNECT whose will topic
+   is not allowed; here the will is dropped if the grant no longer allows it at disconnect.
+"""
+
+import asyncio
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import MQTTError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.utils import gen_client_id
+
+from broker.acl import may_take_over, topic_matches
+from broker.plugin import GRANT_ATTRIBUTE, REFUSAL_ATTRIBUTE, grant_of
+
+
+def bound_port(broker: Any) -> int:
+    """The TCP port an amqtt broker's default listener is bound to (the real one when asked for 0)."""
+    return int(broker._servers["default"].instance.sockets[0].getsockname()[1])
+
+
+class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+    @property
+    def port(self) -> int:
+        return bound_port(self)
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Any]:
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except MQTTError:
+            await writer.close()
+            raise
+        if session.clean_session and not session.client_id:
+            session.client_id = gen_client_id()
+        refusal = await self._admit(session)
+        if refusal is not None:
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            # amqtt's connection handler logs this once, as a warning, and releases the connection.
+            raise MQTTError(f"CONNECT refused for client id {session.client_id!r}: {refusal}")
+        return handler, await self._bind_session(session)
+
+    async def _admit(self, session: Any) -> str | None:
+        """Why this CONNECT is refused, or None. Touches no other session."""
+        if not await super()._authenticate(session, None) or grant_of(session) is None:
+            return str(session.attributes.get(REFUSAL_ATTRIBUTE, "not authenticated"))
+        holder = self._sessions.get(session.client_id, (None, None))[0]
+        if holder is not None and not may_take_over(grant_of(holder), grant_of(session)):
+            return "client id is in use by another principal"
+        return None
+
+    async def _bind_session(self, session: Any) -> Any:
+        """amqtt's session-table step of a CONNECT, done once the CONNECT is accepted."""
+        holder, holder_handler = self._sessions.get(session.client_id, (None, None))
+        if session.clean_session:
+            if holder is not None and holder.transitions.is_connected():
+                await holder_handler.handle_connection_closed()
+                await holder_handler.stop()
+            await self._delete_session(session.client_id)
+            session.parent = 0
+        elif holder is not None:
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password", "is_anonymous"):  # fmt: skip
+                setattr(holder, name, getattr(session, name))
+            holder.attributes[GRANT_ATTRIBUTE] = session.attributes[GRANT_ATTRIBUTE]
+            holder.parent = 1
+            session = holder
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return session
+
+    async def _authenticate(self, session: Any, listener: Any) -> bool:
+        # Decided in _admit, before the session table was touched.
+        return grant_of(session) is not None
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter = subscription[0]
+        subscribers = self._subscriptions.get(topic_filter, ())
+        qos = next((q for s, q in subscribers if s.client_id == session.client_id), None)
+        handler = self._get_handler(session)
+        if qos is None or handler is None:
+            return  # not this session's filter: the leak stock amqtt has on every CONNECT
+        sends = []
+        # A snapshot: the ACL check awaits, and the retained store may change meanwhile.
+        for topic, retained in list(self._retained_messages.items()):
+            if not topic_matches(topic_filter, topic):
+                continue
+            if await self._topic_filtering(session, topic, Action.RECEIVE):
+                message_qos = min(qos, retained.qos or qos)
+                publish = handler.mqtt_publish(topic, retained.data, message_qos, retain=True)
+                sends.append(asyncio.ensure_future(publish))
+        if sends:
+            await asyncio.wait(sends)
+
+    async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
+        session = client_session
+        if session.will_flag and not await self._topic_filtering(session, session.will_topic, Action.PUBLISH):
+            session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)

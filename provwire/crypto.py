@@ -1,0 +1,110 @@
+"""The crypto steps of protocol v1, as pure functions over bytes.
+
+    shared      = ECDH-P256(cloud private key, device public key)      32 bytes, the x coordinate
+    device_key  = HKDF-SHA256(ikm=shared, salt=none, info=DEVICE_KEY_INFO, 32 bytes)
+    seal_key    = HKDF-SHA256(ikm=shared, salt=none, info=SEAL_KEY_INFO + request_id, 32 bytes)
+    sealed      = AES-256-GCM(seal_key, nonce 12 bytes, plaintext, aad=request_id)
+
+The device computes the same `shared` from its private key and the cloud public key.
+"""
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from provwire.errors import InvalidPublicKey, SealError
+
+DEVICE_KEY_INFO = b"provbridge v1 device key"
+SEAL_KEY_INFO = b"provbridge v1 response seal "
+NONCE_BYTES = 12
+SEC1_UNCOMPRESSED_LEN = 65
+
+
+def b64encode(data: bytes) -> str:
+    """Standard base64 (RFC 4648 section 4) with padding, as used on the wire."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    """Strict, canonical standard base64: one string per byte sequence, so digests of claims agree.
+
+    Rejects characters outside the alphabet, bad padding and non-zero unused trailing bits.
+    """
+    encoded = text.encode("ascii")
+    raw = base64.b64decode(encoded, validate=True)
+    if base64.b64encode(raw) != encoded:
+        raise ValueError("base64 is not in canonical form")
+    return raw
+
+
+def public_key_from_sec1(data: bytes) -> ec.EllipticCurvePublicKey:
+    """Parse a SEC1 uncompressed P-256 point; off-curve points and the identity are refused."""
+    if len(data) != SEC1_UNCOMPRESSED_LEN or data[0] != 0x04:
+        raise InvalidPublicKey("public_key must be a 65-byte SEC1 uncompressed P-256 point (0x04 || X || Y)")
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), data)
+    except ValueError as exc:
+        raise InvalidPublicKey("public_key is not a point on the P-256 curve") from exc
+
+
+def sec1(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """The kid of a P-256 key: first 8 bytes of SHA-256 over its SEC1 uncompressed point, in hex."""
+    return hashlib.sha256(sec1(public_key)).digest()[:8].hex()
+
+
+def private_key_from_scalar(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+
+
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def shared_secret(private_key: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) -> bytes:
+    return private_key.exchange(ec.ECDH(), peer)
+
+
+def _hkdf(shared: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def derive_device_key(shared: bytes) -> bytes:
+    """The long-term device key. Never transmitted: both ends derive it."""
+    return _hkdf(shared, DEVICE_KEY_INFO)
+
+
+def derive_seal_key(shared: bytes, request_id: str) -> bytes:
+    """The key that seals the answer to one claim, bound to its request_id."""
+    return _hkdf(shared, SEAL_KEY_INFO + request_id.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class SealedBox:
+    nonce: bytes
+    ciphertext: bytes  # includes the 16-byte GCM tag at its end
+
+
+def seal(key: bytes, plaintext: bytes, request_id: str, nonce: bytes | None = None) -> SealedBox:
+    """AES-256-GCM with the request_id as associated data. `nonce` is for test vectors only."""
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    return SealedBox(nonce, AESGCM(key).encrypt(nonce, plaintext, request_id.encode("utf-8")))
+
+
+def open_sealed(key: bytes, box: SealedBox, request_id: str) -> bytes:
+    if len(box.nonce) != NONCE_BYTES:
+        raise SealError("nonce must be 12 bytes")
+    try:
+        return AESGCM(key).decrypt(box.nonce, box.ciphertext, request_id.encode("utf-8"))
+    except InvalidTag as exc:
+        raise SealError("sealed answer does not open with this key and request_id") from exc

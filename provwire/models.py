@@ -1,0 +1,178 @@
+"""The JSON messages of protocol v1, as pydantic models. Field limits here are the contract."""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from provwire import crypto
+from provwire.errors import ErrorCode
+
+MAX_CLAIM_BYTES = 16 * 1024
+
+
+def _printable(value: str) -> str:
+    # Device-supplied text ends up in logs, tables and events: no control characters.
+    if not value.isprintable():
+        raise ValueError("must be printable text (no control characters)")
+    return value
+
+
+RequestId = Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)]
+Text64 = Annotated[str, StringConstraints(max_length=64), AfterValidator(_printable)]
+Text32 = Annotated[str, StringConstraints(max_length=32), AfterValidator(_printable)]
+
+
+class _Strict(BaseModel):
+    # strict: "4" is not 4; forbid: a misspelt field is an error, not silently dropped.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Hardware(_Strict):
+    board_model: ShortText | None = None
+    cpu_cores: Annotated[int, Field(ge=1, le=65536)] | None = None
+    ram_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+    os: ShortText | None = None
+    arch: ShortText | None = None
+    kernel: ShortText | None = None
+
+
+class Network(_Strict):
+    hostname: ShortText | None = None
+    ip: Text64 | None = None
+    mac: Text64 | None = None
+    connection_type: Text32 | None = None
+
+
+class Claim(_Strict):
+    """What a device publishes on `{prefix}/claim/{client_id}`."""
+
+    request_id: RequestId
+    provision_key: Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+    hardware_id: ShortText
+    public_key: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    device_name: ShortText | None = None
+    cloud_key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
+    hardware: Hardware | None = None
+    network: Network | None = None
+    agent_version: (
+        Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)] | None
+    ) = None
+
+    _public_key_sec1: bytes = PrivateAttr(default=b"")
+
+    @field_validator("hardware_id")
+    @classmethod
+    def _hardware_id_is_topic_safe(cls, value: str) -> str:
+        if any(c in value for c in "+#/"):
+            raise ValueError("hardware_id must not contain '+', '#' or '/'")
+        return value
+
+    @field_validator("public_key")
+    @classmethod
+    def _public_key_is_a_p256_point(cls, value: str) -> str:
+        try:
+            raw = crypto.b64decode(value)
+        except ValueError as exc:
+            raise ValueError("public_key must be standard base64") from exc
+        crypto.public_key_from_sec1(raw)  # InvalidPublicKey is a ValueError: a field error
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        self._public_key_sec1 = crypto.b64decode(self.public_key)
+
+    @property
+    def public_key_sec1(self) -> bytes:
+        return self._public_key_sec1
+
+
+class Sealed(_Strict):
+    nonce: str  # base64, 12 bytes
+    ciphertext: str  # base64, AES-256-GCM output with its 16-byte tag
+
+
+class MqttCredentials(_Strict):
+    host: str
+    port: int
+    tls: bool
+    client_id: str
+    username: str
+    token: str
+    expires_at: int  # unix seconds
+    publish: list[str]
+    subscribe: list[str]
+
+
+class Credentials(_Strict):
+    """The plaintext inside `sealed`: only the device that made the claim can read it."""
+
+    api_key: str  # "" on an idempotent re-claim
+    mqtt: MqttCredentials
+
+
+class ClaimOk(_Strict):
+    request_id: str
+    status: Literal["ok"] = "ok"
+    device_id: str
+    created: bool
+    labels: dict[str, str]
+    groups: list[str]
+    profile: str
+    cloud_key_id: str
+    sealed: Sealed
+
+
+class FieldError(_Strict):
+    field: str
+    message: str
+
+
+class ClaimError(_Strict):
+    request_id: str | None = None
+    status: Literal["error"] = "error"
+    code: Annotated[ErrorCode, Field(strict=False)]  # accept the plain string, as it is on the wire
+    message: str
+    errors: list[FieldError] | None = None
+    retry_after: int | None = None
+
+    @model_validator(mode="after")
+    def _retry_after_iff_retryable(self) -> "ClaimError":
+        if (self.retry_after is not None) != self.code.retryable:
+            raise ValueError("retry_after is present exactly when the code is retryable")
+        return self
+
+
+Answer = ClaimOk | ClaimError
+
+
+class Event(_Strict):
+    """An ops event on `{prefix}/events/{tenant}/{event}`. Never carries a secret."""
+
+    event: str
+    time: str  # RFC 3339, UTC
+    tenant: str
+    request_id: str | None = None
+    client_id: str | None = None
+    hardware_id: str | None = None
+    device_id: str | None = None
+    key_name: str | None = None
+    key_id_prefix: str | None = None
+    reason: str | None = None
+
+
+class BridgeStatus(_Strict):
+    status: Literal["online", "offline"]
+
+
+def to_json(model: BaseModel) -> bytes:
+    """The one serialisation used on the wire: compact, fields in model order, None fields left out."""
+    return model.model_dump_json(exclude_none=True).encode("utf-8")

@@ -1,0 +1,150 @@
+"""Pure functions and admin actions of the bridge (no broker needed)."""
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge import admin, secrets
+from bridge.cli import main as cli_main
+from bridge.config import Settings, load_settings
+from bridge.errors import ConfigError, UsageError
+from bridge.provisioning import Action, Denial, key_denial, parse_claim, reclaim_action
+from bridge.store import Device, ProvisionKey
+from provwire.errors import ErrorCode
+from provwire.models import ClaimError
+
+
+def _key(**overrides: object) -> ProvisionKey:
+    fields: dict[str, object] = dict(
+        id="key_1", tenant_id="ten_1", tenant_name="t", name="k", kind="key", key_hash=b"h",
+        profile="default", hardware_id_pattern=None, expires_at=None, max_registrations=None,
+        registrations=0, labels={}, groups=[], reclaim_policy="reject", status="active", created_at=0,
+    )
+    return ProvisionKey(**(fields | overrides))  # type: ignore[arg-type]
+
+
+def _device(public_key: bytes = b"pk", status: str = "active") -> Device:
+    return Device(
+        id="dev_1", tenant_id="ten_1", tenant_name="t", hardware_id="hw", name=None, public_key=public_key,
+        cloud_key_id="c", labels={}, groups=[], profile="default", hardware=None, network=None,
+        agent_version=None, key_id="key_1", status=status, created_at=0, updated_at=0,
+    )
+
+
+def test_key_denial_reasons() -> None:
+    now = time.time()
+    assert key_denial(None, "hw", now) is Denial.UNKNOWN_KEY
+    assert key_denial(_key(status="revoked"), "hw", now) is Denial.KEY_REVOKED
+    assert key_denial(_key(expires_at=int(now) - 1), "hw", now) is Denial.KEY_EXPIRED
+    assert key_denial(_key(hardware_id_pattern=r"line-\d+"), "line-7x", now) is Denial.HARDWARE_ID_MISMATCH
+    assert key_denial(_key(hardware_id_pattern=r"line-\d+"), "line-7", now) is None
+    assert key_denial(_key(expires_at=int(now) + 60), "hw", now) is None
+
+
+def test_reclaim_action_protects_known_devices() -> None:
+    assert reclaim_action(None, b"pk", "reject") is Action.CREATE
+    assert reclaim_action(_device(b"pk"), b"pk", "reject") is Action.RECLAIM
+    assert reclaim_action(_device(b"pk"), b"other", "reject") is Action.EXISTS
+    assert reclaim_action(_device(b"pk"), b"other", "rotate") is Action.ROTATE
+    assert reclaim_action(_device(b"pk", status="revoked"), b"pk", "rotate") is Action.REVOKED
+
+
+def test_parse_claim_reports_fields_without_echoing_input() -> None:
+    payload = json.dumps({"request_id": "req-12345", "provision_key": "pk_SECRET", "hardware_id": 5}).encode()
+    error = parse_claim(payload)
+    assert isinstance(error, ClaimError) and error.code is ErrorCode.VALIDATION_ERROR
+    assert error.request_id == "req-12345"
+    assert {e.field for e in error.errors or []} == {"hardware_id", "public_key"}
+    assert "pk_SECRET" not in error.model_dump_json()
+
+
+def test_secrets_have_their_documented_shapes() -> None:
+    assert secrets.new_provision_key().startswith("pk_") and len(secrets.new_provision_key()) == 46
+    assert secrets.new_api_key().startswith("dk_")
+    device_id = secrets.new_device_id()
+    assert device_id.startswith("dev_") and len(device_id) == 30 and device_id == device_id.lower()
+    code = secrets.new_human_code()
+    assert secrets.CODE_RE.fullmatch(code)
+    assert secrets.normalise_key(code.lower().replace("-", "-")) == code
+    assert secrets.normalise_key("pk_abc") == "pk_abc"  # pk_ keys are case-sensitive
+
+
+def test_durations() -> None:
+    assert admin.parse_duration("90s") == 90
+    assert admin.parse_duration("30d") == 30 * 86400
+    for bad in ("", "10", "0d", "1w", "-1h"):
+        with pytest.raises(UsageError):
+            admin.parse_duration(bad)
+
+
+def test_settings_layering_and_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text('topic_prefix = "acme/prov/v1"\n[broker]\nport = 2883\n')
+    assert load_settings(config).broker.port == 2883
+    monkeypatch.setenv("PROVBRIDGE_BROKER__PORT", "3883")
+    settings = load_settings(config)
+    assert settings.broker.port == 3883 and settings.topic_prefix == "acme/prov/v1"
+    monkeypatch.setenv("PROVBRIDGE_TOKEN__TTL_SECONDS", "999999")
+    with pytest.raises(ConfigError, match="capped"):
+        load_settings(config)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_shipped_config_file_matches_built_in_defaults() -> None:
+    assert load_settings(Path("config/provbridge.toml")).model_dump() == Settings().model_dump()
+
+
+def test_init_writes_private_files_owner_only(settings: Settings) -> None:
+    private = [settings.data_dir / "bridge.secret", settings.database_file, *settings.data_dir.glob("keys/*.pem")]
+    assert len(private) == 4
+    for path in private:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    assert admin.init_data_dir(settings).created is False  # idempotent
+
+
+def test_key_creation_refuses_what_cannot_work(settings: Settings) -> None:
+    store = admin.open_store(settings)
+    now = int(time.time())
+    for spec, message in [
+        (admin.KeySpec(tenant="default", name="x", profile="nope"), "unknown profile"),
+        (admin.KeySpec(tenant="default", name="x", hardware_id_pattern="("), "regular expression"),
+        (admin.KeySpec(tenant="default", name="x", max_registrations=0), "at least 1"),
+        (admin.KeySpec(tenant="default", name="x", expires_at=now - 1), "future"),
+        (admin.KeySpec(tenant="nobody", name="x"), "no tenant"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            admin.create_key(store, settings, spec, now)
+    key, raw = admin.create_key(store, settings, admin.KeySpec(tenant="default", name="c", human_code=True), now)
+    assert key.max_registrations == 1 and key.expires_at == now + settings.claims.code_ttl_seconds
+    assert key.key_hash == secrets.digest(raw)
+
+
+def test_cli_errors_are_one_line_and_non_zero(
+    settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = ["--data-dir", str(settings.data_dir)]
+    assert cli_main([*data, "device", "show", "dev_missing"]) == 1
+    assert capsys.readouterr().err == "provbridge: error: no device 'dev_missing'\n"
+    assert cli_main(["--data-dir", str(tmp_path / "empty"), "key", "list"]) == 1
+    assert "provbridge init" in capsys.readouterr().err
+    assert cli_main([*data, "key", "create", "--name", "x", "--expires-in", "soon"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_key_create_prints_the_raw_key_once_and_lists_without_it(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data-dir", str(settings.data_dir)]
+    assert cli_main([*data, "key", "create", "--name", "line-1", "--one-time", "--label", "site=ber", "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["provision_key"].startswith("pk_") and created["labels"] == {"site": "ber"}
+    assert cli_main([*data, "key", "list", "--json"]) == 0
+    listing = capsys.readouterr().out
+    assert created["id"] in listing and created["provision_key"] not in listing
+    assert cli_main([*data, "key", "revoke", created["id"]]) == 0
+    assert "revoked" in capsys.readouterr().out
