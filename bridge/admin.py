@@ -75,7 +75,8 @@ def init_data_dir(settings: Settings) -> InitResult:
 def create_tenant(store: Store, name: str, now: int) -> str:
     if TENANT_NAME_RE.fullmatch(name) is None:
         raise UsageError(
-            "tenant name must be 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit (it appears in event topics)"
+            "tenant name must be 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            " (it appears in event topics)"
         )
     tenant_id = secrets.new_tenant_id()
     store.create_tenant(tenant_id, name, now)
@@ -85,9 +86,7 @@ def create_tenant(store: Store, name: str, now: int) -> str:
 def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tuple[ProvisionKey, str]:
     """Create a provisioning key; returns it and its raw value, which is never stored."""
     if spec.profile not in settings.profiles:
-        raise UsageError(
-            f"unknown profile {spec.profile!r}; configured: {', '.join(sorted(settings.profiles))}"
-        )
+        raise UsageError(f"unknown profile {spec.profile!r}; configured: {', '.join(sorted(settings.profiles))}")
     if spec.reclaim_policy not in ("reject", "rotate"):
         raise UsageError("re-claim policy must be 'reject' or 'rotate'")
     if spec.max_registrations is not None and spec.max_registrations < 1:

@@ -219,9 +219,7 @@ def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_device_show(args: argparse.Namespace, settings: Settings) -> None:
     view = _device_view(admin.open_store(settings).device(args.device_id))
-    text = "\n".join(
-        f"{k:>14}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in view.items()
-    )
+    text = "\n".join(f"{k:>14}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in view.items())
     _emit(args, view, text)
 
 
@@ -249,9 +247,7 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_cloud_key(args: argparse.Namespace, settings: Settings) -> None:
     ring = keyfiles.load_keys(settings.data_dir)
     public = ring.cloud_key.public_key()
-    pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     sec1 = crypto.b64encode(crypto.sec1(public))
     data = {"kid": ring.active_cloud, "sec1_base64": sec1, "pem": pem}
     _emit(args, data, f"kid: {ring.active_cloud}\nsec1 (base64): {sec1}\n{pem.rstrip()}")
@@ -271,17 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", type=Path, help="TOML config file (default: config/provbridge.toml if present)"
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, help="data directory (default: data, or PROVBRIDGE_DATA_DIR)"
-    )
+    parser.add_argument("--config", type=Path, help="TOML config file (default: config/provbridge.toml if present)")
+    parser.add_argument("--data-dir", type=Path, help="data directory (default: data, or PROVBRIDGE_DATA_DIR)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(
-        sub: Any, name: str, func: Any, help_: str, json_flag: bool = True
-    ) -> argparse.ArgumentParser:
+    def command(sub: Any, name: str, func: Any, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
         if json_flag:
@@ -307,25 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     key = commands.add_parser("key", help="provisioning keys").add_subparsers(
         dest="key_command", required=True, metavar="ACTION"
     )
-    create = command(
-        key, "create", cmd_key_create, "create a provisioning key; its raw value is printed once"
-    )
+    create = command(key, "create", cmd_key_create, "create a provisioning key; its raw value is printed once")
     create.add_argument("--tenant", default="default", help="tenant name (default: default)")
     create.add_argument("--name", required=True, help="a name for people, e.g. the production line")
-    create.add_argument(
-        "--profile", default="default", help="topic profile from the config (default: default)"
-    )
+    create.add_argument("--profile", default="default", help="topic profile from the config (default: default)")
     create.add_argument("--hardware-id-pattern", metavar="REGEX", help="hardware ids must fully match this")
     create.add_argument("--expires-in", metavar="DURATION", help="e.g. 12h, 30d")
     create.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
     limit = create.add_mutually_exclusive_group()
-    limit.add_argument(
-        "--max-registrations", type=int, metavar="N", help="devices it may create (default: no limit)"
-    )
+    limit.add_argument("--max-registrations", type=int, metavar="N", help="devices it may create (default: no limit)")
     limit.add_argument("--one-time", action="store_true", help="same as --max-registrations 1")
-    create.add_argument(
-        "--label", action="append", default=[], metavar="NAME=VALUE", help="label for its devices"
-    )
+    create.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="label for its devices")
     create.add_argument("--group", action="append", default=[], metavar="GROUP", help="group for its devices")
     create.add_argument(
         "--reclaim",
@@ -339,9 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (default TTL 24h)",
     )
     command(key, "list", cmd_key_list, "list provisioning keys").add_argument("--tenant")
-    command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument(
-        "key_id"
-    )
+    command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument("key_id")
 
     device = commands.add_parser("device", help="provisioned devices").add_subparsers(
         dest="device_command", required=True, metavar="ACTION"

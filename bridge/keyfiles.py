@@ -25,10 +25,12 @@ from provwire import crypto
 def write_private(path: Path, data: bytes) -> None:
     """Create a file readable by its owner only; never widen an existing file's mode."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)  # readers (the broker) never see a half-written secret
 
 
 def write_public(path: Path, data: bytes) -> None:

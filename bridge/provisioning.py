@@ -198,14 +198,10 @@ class Provisioner:
             answer = self._provision(ctx)
         except (StorageError, sqlite3.Error) as exc:
             log.error("claim %s: storage failure: %s", parsed.request_id, exc)
-            return Outcome(
-                reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error"
-            )
+            return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
         except Exception:
             log.exception("claim %s: unexpected failure", parsed.request_id)
-            return Outcome(
-                reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error"
-            )
+            return Outcome(reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error")
         return Outcome(reply_to, answer, ctx.events, ctx.events[0].event if ctx.events else "replayed")
 
     def _retryable(self, request_id: str | None, message: str) -> bytes:
@@ -218,9 +214,7 @@ class Provisioner:
             )
         )
 
-    def _error(
-        self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None
-    ) -> bytes:
+    def _error(self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None) -> bytes:
         return to_json(ClaimError(request_id=ctx.claim.request_id, code=code, message=message, errors=errors))
 
     def _provision(self, ctx: _Context) -> bytes:
@@ -256,14 +250,10 @@ class Provisioner:
                 )
             answer = self._decide(db, ctx, key_hash, shared, cloud_kid)
             for event in ctx.events:
-                Store.insert_event(
-                    db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True)
-                )
+                Store.insert_event(db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True))
             return answer
 
-    def _decide(
-        self, db: sqlite3.Connection, ctx: _Context, key_hash: bytes, shared: bytes, cloud_kid: str
-    ) -> bytes:
+    def _decide(self, db: sqlite3.Connection, ctx: _Context, key_hash: bytes, shared: bytes, cloud_kid: str) -> bytes:
         claim = ctx.claim
         key = Store.key_by_hash(db, key_hash)
         if key is not None and not secrets.digests_equal(key.key_hash, key_hash):
@@ -277,9 +267,7 @@ class Provisioner:
         if action is Action.REVOKED:
             return self._deny(ctx, key, Denial.DEVICE_REVOKED)
         if action is Action.EXISTS:
-            ctx.events.append(
-                self._key_event(ctx, "claim.rejected", key, device, reason="public_key_mismatch")
-            )
+            ctx.events.append(self._key_event(ctx, "claim.rejected", key, device, reason="public_key_mismatch"))
             return self._error(ctx, ErrorCode.DEVICE_EXISTS, "a device with this hardware_id already exists")
         if action is Action.CREATE and is_exhausted(key):
             return self._deny(ctx, key, Denial.KEY_EXHAUSTED)
@@ -294,9 +282,7 @@ class Provisioner:
             ctx.events.insert(0, self._key_event(ctx, "device.provisioned", key, device))
         elif action is Action.ROTATE:
             assert device is not None
-            Store.rotate_device_key(
-                db, device.id, claim.public_key_sec1, cloud_kid, secrets.digest(api_key), now
-            )
+            Store.rotate_device_key(db, device.id, claim.public_key_sec1, cloud_kid, secrets.digest(api_key), now)
             ctx.events.append(self._key_event(ctx, "device.reprovisioned", key, device))
         else:
             assert device is not None
@@ -394,9 +380,7 @@ class Provisioner:
             **fields,
         )
 
-    def _key_event(
-        self, ctx: _Context, name: str, key: ProvisionKey, device: Device | None, **fields: Any
-    ) -> Event:
+    def _key_event(self, ctx: _Context, name: str, key: ProvisionKey, device: Device | None, **fields: Any) -> Event:
         return self._ctx_event(
             ctx,
             name,

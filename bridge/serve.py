@@ -38,9 +38,7 @@ def build_service(settings: Settings) -> BridgeService:
     return BridgeService(settings, Provisioner(settings, store, keys), password)
 
 
-async def serve(
-    settings: Settings, stop: asyncio.Event | None = None, ready: threading.Event | None = None
-) -> None:
+async def serve(settings: Settings, stop: asyncio.Event | None = None, ready: threading.Event | None = None) -> None:
     """Run until `stop` is set or SIGINT/SIGTERM arrives; then shut down cleanly.
 
     `ready` is set once the bridge is connected and taking claims (tests and the demo wait on it).

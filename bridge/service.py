@@ -63,9 +63,7 @@ class BridgeService:
             manual_ack=True,
         )
         client.username_pw_set(broker.username, password)
-        client.will_set(
-            topics.status_topic(self.prefix), to_json(BridgeStatus(status="offline")), 1, retain=True
-        )
+        client.will_set(topics.status_topic(self.prefix), to_json(BridgeStatus(status="offline")), 1, retain=True)
         if broker.tls:
             client.tls_set(
                 ca_certs=str(broker.ca_file) if broker.ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT
@@ -117,9 +115,7 @@ class BridgeService:
             log.error("broker refused the bridge: %s", reason)
             return
         client.subscribe(topics.claim_subscription(self.prefix), qos=1)
-        client.publish(
-            topics.status_topic(self.prefix), to_json(BridgeStatus(status="online")), 1, retain=True
-        )
+        client.publish(topics.status_topic(self.prefix), to_json(BridgeStatus(status="online")), 1, retain=True)
         self._connected.set()
         log.info("connected to broker %s:%s", self.settings.broker.host, self.settings.broker.port)
 

@@ -274,9 +274,7 @@ class Store:
 
     def revoke_key(self, key_id: str, now: int) -> ProvisionKey:
         with self.transaction() as db:
-            cur = db.execute(
-                "UPDATE provision_keys SET status = 'revoked', revoked_at = ? WHERE id = ?", (now, key_id)
-            )
+            cur = db.execute("UPDATE provision_keys SET status = 'revoked', revoked_at = ? WHERE id = ?", (now, key_id))
             if cur.rowcount == 0:
                 raise NotFound(f"no provisioning key {key_id!r}")
             return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
@@ -358,9 +356,7 @@ class Store:
 
     def revoke_device(self, device_id: str, now: int) -> Device:
         with self.transaction() as db:
-            cur = db.execute(
-                "UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id)
-            )
+            cur = db.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id))
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
         return self.device(device_id)
@@ -400,17 +396,13 @@ class Store:
 
     @staticmethod
     def insert_event(db: sqlite3.Connection, time: str, tenant: str, event: str, body: str) -> None:
-        db.execute(
-            "INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)", (time, tenant, event, body)
-        )
+        db.execute("INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)", (time, tenant, event, body))
 
     def add_event(self, time: str, tenant: str, event: str, body: str) -> None:
         with self.transaction() as db:
             self.insert_event(db, time, tenant, event, body)
 
-    def events(
-        self, tenant: str | None = None, event: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
+    def events(self, tenant: str | None = None, event: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         clauses, args = [], []
         if tenant:
             clauses.append("tenant = ?")
@@ -420,9 +412,7 @@ class Store:
             args.append(event)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         rows = (
-            self.read()
-            .execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit))
-            .fetchall()
+            self.read().execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         )
         return [json.loads(r["body"]) for r in reversed(rows)]
 

@@ -1,39 +1,16 @@
-"""The embedded MQTT broker of provbridge: amqtt, hardened, with provbridge's roles as its ACL.
+"""The embedded MQTT broker of provbridge: amqtt 0.12.1, hardened, with provbridge's roles as its ACL.
 
-    settings = EmbeddedBrokerSettings(data_dir=Path("data"))
-    broker = await start_embedded_broker(settings)
+    from broker.embedded import EmbeddedBrokerSettings, start_embedded_broker, stop_embedded_broker
+
+    broker = await start_embedded_broker(EmbeddedBrokerSettings(data_dir=Path("data")))
     ...
     await stop_embedded_broker(broker)
 
-or `run_broker_forever(settings)` to block until SIGINT/SIGTERM. The roles are in `broker.acl`.
+or `run_broker_forever(settings)` to block until SIGINT/SIGTERM.
+
+Modules: `acl` (topic matching and the role rules, pure), `auth` (CONNECT decisions),
+`tokens` (JWKS and device-token verification), `plugin` (the amqtt plugin), `server` (the
+amqtt Broker subclass and why it exists), `embedded` (settings and lifecycle).
+
+Nothing is imported here, so `broker.acl` stays usable without loading amqtt.
 """
-
-from broker.acl import Access, Grant, Role, filter_covers, topic_matches
-from broker.embedded import (
-    EmbeddedBrokerSettings,
-    broker_config,
-    run_broker_forever,
-    start_embedded_broker,
-    stop_embedded_broker,
-)
-from broker.errors import BrokerConfigError, BrokerStartError, ConnectRefused
-from broker.plugin import ProvbridgeAclPlugin
-from broker.server import ProvbridgeBroker
-
-__all__ = [
-    "Access",
-    "BrokerConfigError",
-    "BrokerStartError",
-    "ConnectRefused",
-    "EmbeddedBrokerSettings",
-    "Grant",
-    "ProvbridgeAclPlugin",
-    "ProvbridgeBroker",
-    "Role",
-    "broker_config",
-    "filter_covers",
-    "run_broker_forever",
-    "start_embedded_broker",
-    "stop_embedded_broker",
-    "topic_matches",
-]

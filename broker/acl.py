@@ -20,9 +20,19 @@ from enum import StrEnum
 from typing import Any
 
 from broker.errors import BrokerConfigError, ConnectRefused
-from provwire.topics import claim_subscription, claim_topic, is_valid_client_id, response_topic, status_topic
+from provwire.topics import (
+    SHARED_PREFIX,
+    claim_subscription,
+    claim_topic,
+    is_valid_client_id,
+    is_valid_filter,
+    is_valid_topic,
+    response_topic,
+    status_topic,
+    topic_matches,
+)
 
-SHARED_PREFIX = "$share"
+__all__ = ["is_valid_filter", "is_valid_topic", "topic_matches"]  # re-exported: the broker's vocabulary
 
 
 class Access(StrEnum):
@@ -37,49 +47,6 @@ class Role(StrEnum):
     BRIDGE = "bridge"
     PROVISIONING = "provisioning"
     DEVICE = "device"
-
-
-def is_valid_topic(topic: str) -> bool:
-    """A topic name a PUBLISH may carry: non-empty, no wildcard, no NUL (MQTT 3.1.1 section 4.7)."""
-    return bool(topic) and not any(c in topic for c in "+#\0")
-
-
-def is_valid_filter(topic_filter: str) -> bool:
-    """A subscription filter: `#` only as the whole last level, `+` only as a whole level.
-
-    A shared subscription `$share/<group>/<filter>` needs a literal, non-empty group and a filter.
-    """
-    if not topic_filter or "\0" in topic_filter:
-        return False
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    if levels[0] == SHARED_PREFIX:
-        return len(levels) >= 3 and levels[1] not in ("", "+", "#")
-    return True
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether `topic` is matched by `topic_filter`, the MQTT way.
-
-    Topics starting with `$` are not matched by a filter starting with a wildcard [MQTT-4.7.2-1].
-    Invalid filters and topics match nothing.
-    """
-    if not is_valid_filter(topic_filter) or not is_valid_topic(topic):
-        return False
-    if topic.startswith("$") and topic_filter[0] in "+#":
-        return False
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True  # also matches the parent level: `a/#` matches `a`
-        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 def _shared(topic_filter: str) -> tuple[str, str] | None:
@@ -99,9 +66,7 @@ def filter_covers(allowed_filter: str, requested_filter: str) -> bool:
     if shared_allowed or shared_requested:
         if not shared_allowed or not shared_requested or not is_valid_filter(requested_filter):
             return False
-        return shared_allowed[0] in ("+", shared_requested[0]) and filter_covers(
-            shared_allowed[1], shared_requested[1]
-        )
+        return shared_allowed[0] in ("+", shared_requested[0]) and filter_covers(shared_allowed[1], shared_requested[1])
     if not is_valid_filter(allowed_filter) or not is_valid_filter(requested_filter):
         return False
     allowed = allowed_filter.split("/")

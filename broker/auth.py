@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import acl
-from broker.errors import ConnectRefused
+from broker.errors import BrokerConfigError, ConnectRefused
 from broker.tokens import VerificationKeys, parse_jwks, verify_device_token
 from broker.watched import WatchedFile
 from provwire.topics import DEFAULT_PREFIX, is_valid_client_id
@@ -40,6 +40,14 @@ class AuthSettings:
 
     def __post_init__(self) -> None:
         acl.check_prefix(self.prefix)
+        check_bridge_username(self.bridge_username)
+
+
+def check_bridge_username(username: str) -> str:
+    """The bridge account must not shadow the provisioning username, nor be empty."""
+    if not username or username == PROVISION_USERNAME:
+        raise BrokerConfigError(f"unusable bridge username {username!r}")
+    return username
 
 
 class Authenticator:

@@ -16,7 +16,7 @@ from typing import Any
 from amqtt.errors import BrokerError, PluginError, PluginLoadError
 
 from broker.acl import check_prefix
-from broker.auth import DEFAULT_AUDIENCE, DEFAULT_BRIDGE_USERNAME, DEFAULT_ISSUER
+from broker.auth import DEFAULT_AUDIENCE, DEFAULT_BRIDGE_USERNAME, DEFAULT_ISSUER, check_bridge_username
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.plugin import ProvbridgeAclPlugin
 from broker.server import ProvbridgeBroker
@@ -47,6 +47,7 @@ class EmbeddedBrokerSettings:
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
+        check_bridge_username(self.bridge_username)
         if not 0 <= self.port <= 65535:
             raise BrokerConfigError(f"port {self.port} is out of range")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -98,9 +98,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         session.is_anonymous = grant.role is Role.PROVISIONING
         return True
 
-    async def topic_filtering(
-        self, *, session: Any = None, topic: str | None = None, action: Any = None
-    ) -> bool:
+    async def topic_filtering(self, *, session: Any = None, topic: str | None = None, action: Any = None) -> bool:
         grant = None if session is None else grant_of(session)
         if grant is None or topic is None or action is None:
             return False

@@ -5,11 +5,13 @@ Stock amqtt 0.12.1 (read `amqtt/broker.py`), and what this subclass changes:
 1. Retained leak. On every CONNECT it replays the retained messages matching *any* client's
    subscriptions to the new client, without an ACL check. Here a client only gets retained
    messages for filters it is subscribed to itself, and only topics it may RECEIVE.
-2. Pre-authentication side effects. It drops the old session of a clean-session CONNECT (and
-   copies the new credentials into a resumed one) *before* authenticating, so a refused CONNECT
-   naming someone's client id silently cuts their subscriptions. Here the CONNECT is decided
-   first, and a client id held by an authenticated principal cannot be taken by another one:
-   without this an anonymous provisioning client could connect as the bridge's client id.
+2. Pre-authentication side effects. For a clean-session CONNECT it drops the session of that
+   client id, and for a persistent one it takes the session over, *before* authenticating: a
+   refused CONNECT naming someone's client id silently cuts their subscriptions or their
+   connection. And any accepted CONNECT may take any client id, inheriting a persistent
+   session's subscriptions and queued messages. Here the CONNECT is decided first, and a client
+   id held by an authenticated principal cannot be taken by another one: otherwise an anonymous
+   provisioning client could connect as the bridge's client id and take its claims.
 3. A clean-session takeover leaves the old connection open but deaf. Here it is closed, as
    [MQTT-3.1.4-2] requires.
 4. Wills are published without a PUBLISH check. The plugin refuses a CONNECT whose will topic
@@ -43,9 +45,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[Any, Any]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
-            )
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
             await writer.close()
             raise
@@ -96,9 +96,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # Decided in _admit, before the session table was touched.
         return grant_of(session) is not None
 
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Any
-    ) -> None:
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter = subscription[0]
         subscribers = self._subscriptions.get(topic_filter, ())
         qos = next((q for s, q in subscribers if s.client_id == session.client_id), None)
@@ -118,7 +116,8 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             await asyncio.wait(sends)
 
     async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
-        session = client_session
-        if session.will_flag and not await self._topic_filtering(session, session.will_topic, Action.PUBLISH):
-            session.will_flag = False
+        # The will was vetted at CONNECT, but a device token may have expired since.
+        if client_session.will_flag:
+            will_topic = client_session.will_topic
+            client_session.will_flag = await self._topic_filtering(client_session, will_topic, Action.PUBLISH)
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)

@@ -87,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: %(default)s, written by `provbridge init`; ${DATA_DIR_ENV}/cloud_public.pem "
         f"when ${DATA_DIR_ENV} is set)",
     )
-    parser.add_argument(
-        "--devices", type=int, default=1, metavar="N", help="devices to simulate (default: 1)"
-    )
+    parser.add_argument("--devices", type=int, default=1, metavar="N", help="devices to simulate (default: 1)")
     parser.add_argument(
         "--concurrency", type=int, default=16, metavar="C", help="devices in flight at once (default: 16)"
     )
@@ -123,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_ATTEMPTS,
         metavar="N",
-        help="claim sends per device, counting re-sends after a timeout or a retryable error "
-        "(default: %(default)s)",
+        help="claim sends per device, counting re-sends after a timeout or a retryable error (default: %(default)s)",
     )
     parser.add_argument(
         "--claim-username",
@@ -143,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="CA bundle to verify the broker with (default: system CAs)",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON summary on stdout instead of text"
-    )
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout instead of text")
     return parser
 
 
@@ -251,14 +246,10 @@ def print_table(outcomes: list[DeviceOutcome], out: TextIO) -> None:
     rows = [("device", "hardware_id", "device_id", "created", "latency ms", "status")]
     for o in outcomes:
         created = "-" if o.created is None else ("yes" if o.created else "no")
-        rows.append(
-            (str(o.index), o.hardware_id, o.device_id or "-", created, _fmt_ms(o.latency_ms), o.status)
-        )
+        rows.append((str(o.index), o.hardware_id, o.device_id or "-", created, _fmt_ms(o.latency_ms), o.status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out
-        )
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 # What to do about the failures an operator running the simulator is likely to meet.
@@ -322,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     show_table = args.devices <= TABLE_MAX_DEVICES and not args.json
-    progress = (
-        None if show_table or (args.json and not sys.stderr.isatty()) else Progress(args.devices, sys.stderr)
-    )
+    progress = None if show_table or (args.json and not sys.stderr.isatty()) else Progress(args.devices, sys.stderr)
     started = time.monotonic()
     try:
         outcomes = run_fleet(config, args.devices, args.concurrency, on_done=progress)

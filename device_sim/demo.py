@@ -58,9 +58,7 @@ def free_port() -> int:
 
 def init_data_dir(command: list[str], env: dict[str, str], cwd: Path) -> str:
     """Run `provbridge init --json`; return the provisioning key it printed (never shown here)."""
-    done = subprocess.run(
-        [*command, "init", "--json"], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([*command, "init", "--json"], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise DemoError(f"`provbridge init` failed ({done.returncode}): {reason}")
@@ -156,12 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "provision N simulated devices against it, print the summary, stop the bridge. "
         "Exit status 0 only if every device was provisioned and connected with its token.",
     )
-    parser.add_argument(
-        "--devices", type=int, default=100, metavar="N", help="devices (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=16, metavar="C", help="in flight (default: %(default)s)"
-    )
+    parser.add_argument("--devices", type=int, default=100, metavar="N", help="devices (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=16, metavar="C", help="in flight (default: %(default)s)")
     parser.add_argument(
         "--timeout",
         type=float,

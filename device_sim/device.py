@@ -11,6 +11,7 @@ import json
 import random
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,14 +22,16 @@ from pydantic import ValidationError
 
 from device_sim.errors import (
     BrokerRefused,
+    Cancelled,
     ClaimRejected,
     ClaimTimeout,
     CloudKeyMismatch,
     ConnectError,
+    ConnectionLost,
     InvalidAnswer,
     StaleAnswer,
 )
-from device_sim.session import ConnectionLost, Session
+from device_sim.session import Session
 from device_sim.vault import load_or_create_private_key
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
@@ -41,6 +44,7 @@ from provwire.models import (
     Network,
     to_json,
 )
+from provwire.topics import topic_matches
 
 AGENT_VERSION = "provbridge-sim/0.1.0"  # sent as the claim's agent_version
 DEFAULT_TIMEOUT_S = 10.0
@@ -73,6 +77,14 @@ def device_state_dir(root: Path, hardware_id: str) -> Path:
     return root / ("h-" + hashlib.sha256(hardware_id.encode("utf-8")).hexdigest()[:40])
 
 
+def check_hardware_id(hardware_id: str) -> None:
+    """The contract's rules for hardware_id, checked early so the error names the device (ValueError)."""
+    if not (1 <= len(hardware_id) <= 128) or not hardware_id.isprintable():
+        raise ValueError(f"hardware id {hardware_id!r} must be 1-128 printable characters")
+    if any(c in hardware_id for c in "+#/"):
+        raise ValueError(f"hardware id {hardware_id!r} must not contain '+', '#' or '/'")
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
     """What a device is: its hardware id and its P-256 key pair (the public half goes into the claim)."""
@@ -82,11 +94,7 @@ class DeviceIdentity:
     state_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        # Fail here, with the device's own id in the message, not later as a claim validation error.
-        if not (1 <= len(self.hardware_id) <= 128) or not self.hardware_id.isprintable():
-            raise ValueError(f"hardware id {self.hardware_id!r} must be 1-128 printable characters")
-        if any(c in self.hardware_id for c in "+#/"):
-            raise ValueError(f"hardware id {self.hardware_id!r} must not contain '+', '#' or '/'")
+        check_hardware_id(self.hardware_id)
 
     @classmethod
     def generate(cls, hardware_id: str) -> "DeviceIdentity":
@@ -96,6 +104,7 @@ class DeviceIdentity:
     @classmethod
     def load_or_create(cls, state_dir: Path, hardware_id: str) -> "DeviceIdentity":
         """The identity kept in this device's own state dir, created (key 0600) on first use."""
+        check_hardware_id(hardware_id)  # before anything is written for it
         return cls(hardware_id, load_or_create_private_key(state_dir), state_dir)
 
     @property
@@ -217,9 +226,7 @@ def _rejection(answer: bytes, doc: dict[str, Any]) -> ClaimRejected:
             return ClaimRejected(
                 ErrorCode(code) if known else code,
                 message,
-                retry_after=retry_after
-                if isinstance(retry_after, int) and not isinstance(retry_after, bool)
-                else None,
+                retry_after=retry_after if isinstance(retry_after, int) and not isinstance(retry_after, bool) else None,
                 request_id=doc.get("request_id") if isinstance(doc.get("request_id"), str) else None,
             )
         raise InvalidAnswer(f"error answer does not match the contract: {_first_error(exc)}") from exc
@@ -239,9 +246,7 @@ def _open_credentials(
     if ok.cloud_key_id != trusted:
         # Checked before opening, as the protocol requires. The usual cause: the device was given
         # another bridge's (or a rotated-out) cloud key.
-        raise CloudKeyMismatch(
-            f"answer is sealed with cloud key {ok.cloud_key_id}, this device trusts {trusted}"
-        )
+        raise CloudKeyMismatch(f"answer is sealed with cloud key {ok.cloud_key_id}, this device trusts {trusted}")
     try:
         box = crypto.SealedBox(crypto.b64decode(ok.sealed.nonce), crypto.b64decode(ok.sealed.ciphertext))
     except ValueError as exc:
@@ -273,9 +278,7 @@ def concrete_topic(topic_filter: str, leaf: str = "hello", wildcard_level: str =
     a trailing `#` becomes `hello` (`devices/+/up/#` -> `devices/sim/up/hello`)."""
     levels = topic_filter.split("/")
     if "#" in levels[:-1] or any("#" in lv and lv != "#" for lv in levels):
-        raise ValueError(
-            f"{topic_filter!r} is not a valid MQTT topic filter ('#' must be a whole last level)"
-        )
+        raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter ('#' must be a whole last level)")
     if any("+" in lv and lv != "+" for lv in levels):
         raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter ('+' must be a whole level)")
     out = [wildcard_level if lv == "+" else lv for lv in levels]
@@ -322,6 +325,7 @@ def claim_over_mqtt(
     username: str | None = None,
     tls: bool = False,
     ca_file: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> ProvisionResult:
     """Claim over MQTT and open the answer. Blocking; safe to run on many threads at once.
 
@@ -331,6 +335,7 @@ def claim_over_mqtt(
     Final outcomes raise: ClaimRejected, ClaimTimeout, ConnectError, InvalidAnswer or SealError.
     `username` is for brokers that require one to claim (PROTOCOL.md: `provision`, no password).
     Use `tls` whenever the broker offers it: the seal protects the credentials, not the provisioning key.
+    Setting `cancel` (from another thread) ends the attempt promptly with Cancelled.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -365,7 +370,15 @@ def claim_over_mqtt(
                 try:
                     if session is None:
                         session = _claim_session(
-                            host, port, identity.client_id, response_topic, timeout, username, tls, ca_file
+                            host,
+                            port,
+                            identity.client_id,
+                            response_topic,
+                            timeout,
+                            username,
+                            tls,
+                            ca_file,
+                            cancel,
                         )
                     session.publish(claim_topic, payload)
                 except BrokerRefused:
@@ -380,15 +393,17 @@ def claim_over_mqtt(
                 next_send = time.monotonic() + answer_wait(timeout, attempt)
                 problem = f"nothing on {response_topic} for {next_send - time.monotonic():.1f}s"
             if session is None:  # reconnecting: wait out the backoff without a connection
-                time.sleep(max(0.0, next_send - time.monotonic()))
+                if (cancel or threading.Event()).wait(max(0.0, next_send - time.monotonic())):
+                    raise Cancelled("cancelled")
                 continue
             try:
                 message = session.next_message(next_send)
             except ConnectionLost as exc:
+                # The claim may be lost with the connection: reconnect and re-send after a short backoff.
                 problem = str(exc)
                 _close(session)
                 session = None
-                next_send = time.monotonic()  # the claim may be lost with the connection: re-send now
+                next_send = time.monotonic() + answer_wait(min(timeout, 1.0), attempt)
                 continue
             if message is None or message[0] != response_topic:
                 continue
@@ -417,10 +432,11 @@ def _claim_session(
     username: str | None,
     tls: bool,
     ca_file: Path | None,
+    cancel: threading.Event | None,
 ) -> Session:
     """A connection subscribed (SUBACK seen) to the response topic before any claim is sent:
     a claim published earlier could be answered before the broker routes the answer to us."""
-    session = Session(client_id, username=username, tls=tls, ca_file=ca_file)
+    session = Session(client_id, username=username, tls=tls, ca_file=ca_file, cancel=cancel)
     try:
         deadline = time.monotonic() + timeout
         session.connect(host, port, deadline)
@@ -443,6 +459,7 @@ def connect_with_token(
     timeout: float = DEFAULT_TIMEOUT_S,
     *,
     ca_file: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> str:
     """Connect as the provisioned device and publish one QoS 1 message on its own topic.
 
@@ -466,6 +483,7 @@ def connect_with_token(
         password=mqtt_creds.token,
         tls=mqtt_creds.tls,  # the bridge says whether the device port is TLS
         ca_file=ca_file,
+        cancel=cancel,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -491,17 +509,6 @@ def _echoed(session: Session, topic: str, payload: bytes, deadline: float) -> bo
         if message == (topic, payload):
             return True
     return False
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic filter matching (`+` one level, trailing `#` any number of levels, itself included)."""
-    filter_levels, topic_levels = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(filter_levels):
-        if level == "#":
-            return i == len(filter_levels) - 1
-        if i >= len(topic_levels) or level not in ("+", topic_levels[i]):
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 __all__ = [

@@ -53,3 +53,11 @@ class ConnectError(ProvbridgeError):
 
 class BrokerRefused(ConnectError):
     """The broker answered and said no (CONNACK or SUBACK failure): retrying the same request is pointless."""
+
+
+class ConnectionLost(ConnectError):
+    """The connection dropped after CONNACK (broker restart, ACL kick, network): worth a retry."""
+
+
+class Cancelled(ProvbridgeError):
+    """The caller asked the device to stop (Ctrl-C of a fleet run)."""

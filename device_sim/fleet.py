@@ -1,6 +1,7 @@
 """Provision a simulated fleet: each device claims, stores its vault, connects; on a bounded thread pool."""
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -77,7 +78,7 @@ class DeviceOutcome:
         }
 
 
-def provision_device(config: FleetConfig, index: int) -> DeviceOutcome:
+def provision_device(config: FleetConfig, index: int, cancel: threading.Event | None = None) -> DeviceOutcome:
     """Run one device end to end. Never raises for a protocol or network failure: it is recorded instead."""
     hardware_id = hostinfo.simulated_hardware_id(index, config.hardware_id_prefix)
     outcome = DeviceOutcome(index=index, hardware_id=hardware_id)
@@ -99,6 +100,7 @@ def provision_device(config: FleetConfig, index: int) -> DeviceOutcome:
             username=config.claim_username,
             tls=config.tls,
             ca_file=config.ca_file,
+            cancel=cancel,
         )
         outcome.device_id = result.device_id
         outcome.created = result.created
@@ -110,7 +112,12 @@ def provision_device(config: FleetConfig, index: int) -> DeviceOutcome:
         vault.store(merge_reclaim(vault.load(), result.credentials))
         stage = "connect"
         outcome.topic = connect_with_token(
-            config.host, config.port, result.credentials, config.timeout, ca_file=config.ca_file
+            config.host,
+            config.port,
+            result.credentials,
+            config.timeout,
+            ca_file=config.ca_file,
+            cancel=cancel,
         )
     except ClaimRejected as exc:
         return _failed(outcome, f"rejected: {exc.code}", str(exc))
@@ -151,22 +158,25 @@ def run_fleet(
     """Provision `count` devices, at most `concurrency` at a time; outcomes in device order.
 
     `on_done` is called once per finished device, from the calling thread (progress display).
-    On KeyboardInterrupt, devices not started yet are cancelled and the interrupt propagates.
+    On KeyboardInterrupt, running devices stop at their next wait (within ~50 ms), queued ones
+    never start, and the interrupt propagates.
     """
     indices = range(config.first_index, config.first_index + count)
     outcomes: dict[int, DeviceOutcome] = {}
     ensure_private_dir(config.state_dir)  # it will hold every device's private key
+    cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, count)), thread_name_prefix="sim-device")
     try:
-        futures = [pool.submit(provision_device, config, i) for i in indices]
+        futures = [pool.submit(provision_device, config, i, cancel) for i in indices]
         for future in as_completed(futures):
             outcome = future.result()
             outcomes[outcome.index] = outcome
             if on_done is not None:
                 on_done(outcome)
     except BaseException:
-        # Interrupted: drop the devices not started; the running ones end within their own timeouts.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Interrupted: drop the devices not started and stop the running ones at their next wait.
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     return [outcomes[i] for i in indices]

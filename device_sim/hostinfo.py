@@ -81,9 +81,7 @@ def ram_mb(meminfo: str | None = None) -> int | None:
 
 def os_pretty_name(os_release: str | None = None) -> str | None:
     text = (
-        os_release
-        if os_release is not None
-        else (_read_text("/etc/os-release") or _read_text("/usr/lib/os-release"))
+        os_release if os_release is not None else (_read_text("/etc/os-release") or _read_text("/usr/lib/os-release"))
     )
     if text:
         match = re.search(r"^PRETTY_NAME=(.*)$", text, re.MULTILINE)
@@ -98,14 +96,18 @@ def _build(model: type[M], fields: dict[str, object]) -> M:
     try:
         return model.model_validate(fields)
     except ValidationError:
-        kept = {}
-        for name, value in fields.items():
-            try:
-                model.model_validate({name: value})
-            except ValidationError:
-                continue
-            kept[name] = value
+        pass
+    kept = {}
+    for name, value in fields.items():
+        try:
+            model.model_validate({name: value})
+        except ValidationError:
+            continue
+        kept[name] = value
+    try:
         return model.model_validate(kept)
+    except ValidationError:  # fields that pass alone but not together: no inventory beats no claim
+        return model.model_validate({})
 
 
 def hardware() -> Hardware:
@@ -179,9 +181,7 @@ def _addresses_from_ip_command() -> dict[str, list[str]] | None:
     ip_bin = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
     if ip_bin is None:
         return None
-    out = subprocess.run(
-        [ip_bin, "-j", "addr", "show"], capture_output=True, text=True, timeout=2, check=True
-    ).stdout
+    out = subprocess.run([ip_bin, "-j", "addr", "show"], capture_output=True, text=True, timeout=2, check=True).stdout
     return addresses_from_ip_json(out)
 
 
@@ -294,9 +294,7 @@ def network() -> Network:
 
 def host_fingerprint() -> str:
     """8 hex chars that differ between hosts, so fleets simulated on two hosts get distinct hardware ids."""
-    seed = (
-        _read_text("/etc/machine-id") or _read_text("/var/lib/dbus/machine-id") or _safe(socket.gethostname)
-    )
+    seed = _read_text("/etc/machine-id") or _read_text("/var/lib/dbus/machine-id") or _safe(socket.gethostname)
     return hashlib.sha256((seed or "unknown-host").encode("utf-8")).hexdigest()[:8]
 
 

@@ -11,6 +11,7 @@ import contextlib
 import selectors
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,17 +21,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_sim.errors import BrokerRefused, ConnectError
+from device_sim.errors import BrokerRefused, Cancelled, ConnectError, ConnectionLost
 
 KEEPALIVE_S = 30
 PUMP_SLICE_S = 0.05  # longest single select(); bounds how late a deadline is noticed
 
 
-class ConnectionLost(ConnectError):
-    """The connection dropped after CONNACK (broker restart, ACL kick, network)."""
-
-
 class Session:
+    """A paho client plus what its callbacks saw: CONNACK, SUBACKs, PUBACKs and received messages."""
+
     def __init__(
         self,
         client_id: str,
@@ -39,8 +38,10 @@ class Session:
         password: str | None = None,
         tls: bool = False,
         ca_file: Path | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.client_id = client_id
+        self.cancel = cancel  # when set, every wait ends at once with Cancelled
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
         )
@@ -48,9 +49,7 @@ class Session:
             self.client.username_pw_set(username, password)
         if tls:
             # Verified TLS only: the system trust store, or the deployment's own CA.
-            self.client.tls_set(
-                ca_certs=None if ca_file is None else str(ca_file), cert_reqs=ssl.CERT_REQUIRED
-            )
+            self.client.tls_set(ca_certs=None if ca_file is None else str(ca_file), cert_reqs=ssl.CERT_REQUIRED)
         self.client.on_socket_open = self._on_socket_open
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -64,16 +63,13 @@ class Session:
         self.pubacks: set[int] = set()
         self.messages: deque[tuple[str, bytes]] = deque()
 
-    # --- callbacks (run inside client.loop(), on the owning thread) ---
+    # --- callbacks (paho runs them inside connect() and loop_read/write(), on the owning thread) ---
 
     def _on_socket_open(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         # Claims and answers are single small packets: Nagle would only add delay to every exchange.
+        # (An SSLSocket is a socket.socket too; only websocket transports, unused here, are not.)
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:  # an SSLSocket is a socket.socket too; anything else (websockets) exposes the raw one
-            raw = getattr(sock, "socket", None)
-            if isinstance(raw, socket.socket):
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(self, _c: mqtt.Client, _u: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         self.connack = reason_code
@@ -97,7 +93,7 @@ class Session:
     def pump_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Process network traffic until `done()` or the deadline; False on timeout.
 
-        Raises ConnectionLost if the connection drops while waiting.
+        Raises ConnectionLost if the connection drops while waiting, Cancelled once `cancel` is set.
         """
         if done():
             return True
@@ -107,6 +103,8 @@ class Session:
         with selectors.DefaultSelector() as selector:
             selector.register(sock, selectors.EVENT_READ)
             while not done():
+                if self.cancel is not None and self.cancel.is_set():
+                    raise Cancelled("cancelled")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -137,6 +135,8 @@ class Session:
 
     def connect(self, host: str, port: int, deadline: float) -> None:
         """TCP connect, then wait for CONNACK. A broker that says no (bad token) raises BrokerRefused."""
+        # paho's TCP connect blocks up to connect_timeout (5 s by default): keep it within our deadline.
+        self.client.connect_timeout = max(0.1, deadline - time.monotonic())
         try:
             self.client.connect(host, port, keepalive=KEEPALIVE_S)
         except (OSError, ssl.SSLError) as exc:

@@ -15,6 +15,7 @@ device would keep `vault.key` in a secure element or TPM; the file layout makes 
 import contextlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -55,7 +56,7 @@ def write_secret_file(path: Path, data: bytes, *, exclusive: bool = False) -> No
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         _write_all(fd, data)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     _write_all(fd, data)
     os.replace(tmp, path)
@@ -78,15 +79,13 @@ def read_secret_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise
+        raise  # callers treat "not there yet" differently from "unreadable"
     except OSError as exc:
         raise VaultError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         mode = os.fstat(fd).st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise VaultError(
-                f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); want 0600"
-            )
+            raise VaultError(f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); want 0600")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     finally:
@@ -104,9 +103,7 @@ def load_or_create_private_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
     except FileNotFoundError:
         pass
     key = crypto.generate_private_key()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
         write_secret_file(path, pem, exclusive=True)
     except FileExistsError:

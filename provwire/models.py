@@ -10,7 +10,6 @@ from pydantic import (
     PrivateAttr,
     StringConstraints,
     field_validator,
-    model_validator,
 )
 
 from provwire import crypto
@@ -33,8 +32,14 @@ Text32 = Annotated[str, StringConstraints(max_length=32), AfterValidator(_printa
 
 
 class _Strict(BaseModel):
-    # strict: "4" is not 4; forbid: a misspelt field is an error, not silently dropped.
+    # What devices send. strict: "4" is not 4; forbid: a misspelt field is an error, not dropped.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Answer(BaseModel):
+    # What devices receive: unknown members are ignored, so the bridge can add fields without
+    # breaking firmware already in the field (PROTOCOL.md, compatibility).
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
 class Hardware(_Strict):
@@ -57,16 +62,18 @@ class Claim(_Strict):
     """What a device publishes on `{prefix}/claim/{client_id}`."""
 
     request_id: RequestId
-    provision_key: Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+    provision_key: Annotated[
+        str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable), Field(repr=False)
+    ]
     hardware_id: ShortText
     public_key: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     device_name: ShortText | None = None
     cloud_key_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
     hardware: Hardware | None = None
     network: Network | None = None
-    agent_version: (
-        Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)] | None
-    ) = None
+    agent_version: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)] | None = (
+        None
+    )
 
     _public_key_sec1: bytes = PrivateAttr(default=b"")
 
@@ -95,31 +102,31 @@ class Claim(_Strict):
         return self._public_key_sec1
 
 
-class Sealed(_Strict):
+class Sealed(_Answer):
     nonce: str  # base64, 12 bytes
     ciphertext: str  # base64, AES-256-GCM output with its 16-byte tag
 
 
-class MqttCredentials(_Strict):
+class MqttCredentials(_Answer):
     host: str
     port: int
     tls: bool
     client_id: str
     username: str
-    token: str
+    token: str = Field(repr=False)
     expires_at: int  # unix seconds
     publish: list[str]
     subscribe: list[str]
 
 
-class Credentials(_Strict):
+class Credentials(_Answer):
     """The plaintext inside `sealed`: only the device that made the claim can read it."""
 
-    api_key: str  # "" on an idempotent re-claim
+    api_key: str = Field(repr=False)  # "" on an idempotent re-claim
     mqtt: MqttCredentials
 
 
-class ClaimOk(_Strict):
+class ClaimOk(_Answer):
     request_id: str
     status: Literal["ok"] = "ok"
     device_id: str
@@ -131,12 +138,12 @@ class ClaimOk(_Strict):
     sealed: Sealed
 
 
-class FieldError(_Strict):
+class FieldError(_Answer):
     field: str
     message: str
 
 
-class ClaimError(_Strict):
+class ClaimError(_Answer):
     request_id: str | None = None
     status: Literal["error"] = "error"
     code: Annotated[ErrorCode, Field(strict=False)]  # accept the plain string, as it is on the wire
@@ -144,17 +151,11 @@ class ClaimError(_Strict):
     errors: list[FieldError] | None = None
     retry_after: int | None = None
 
-    @model_validator(mode="after")
-    def _retry_after_iff_retryable(self) -> "ClaimError":
-        if (self.retry_after is not None) != self.code.retryable:
-            raise ValueError("retry_after is present exactly when the code is retryable")
-        return self
-
 
 Answer = ClaimOk | ClaimError
 
 
-class Event(_Strict):
+class Event(_Answer):
     """An ops event on `{prefix}/events/{tenant}/{event}`. Never carries a secret."""
 
     event: str
@@ -169,7 +170,7 @@ class Event(_Strict):
     reason: str | None = None
 
 
-class BridgeStatus(_Strict):
+class BridgeStatus(_Answer):
     status: Literal["online", "offline"]
 
 

@@ -17,9 +17,7 @@ def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
 class MqttClient:
     """One MQTT 3.1.1 connection. Messages on subscribed topics land in `self.messages`."""
 
-    def __init__(
-        self, port: int, client_id: str, username: str | None = None, password: str | None = None
-    ) -> None:
+    def __init__(self, port: int, client_id: str, username: str | None = None, password: str | None = None) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self._connack: queue.Queue[Any] = queue.Queue()

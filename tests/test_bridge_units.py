@@ -20,18 +20,45 @@ from provwire.models import ClaimError
 
 def _key(**overrides: object) -> ProvisionKey:
     fields: dict[str, object] = dict(
-        id="key_1", tenant_id="ten_1", tenant_name="t", name="k", kind="key", key_hash=b"h",
-        profile="default", hardware_id_pattern=None, expires_at=None, max_registrations=None,
-        registrations=0, labels={}, groups=[], reclaim_policy="reject", status="active", created_at=0,
+        id="key_1",
+        tenant_id="ten_1",
+        tenant_name="t",
+        name="k",
+        kind="key",
+        key_hash=b"h",
+        profile="default",
+        hardware_id_pattern=None,
+        expires_at=None,
+        max_registrations=None,
+        registrations=0,
+        labels={},
+        groups=[],
+        reclaim_policy="reject",
+        status="active",
+        created_at=0,
     )
     return ProvisionKey(**(fields | overrides))  # type: ignore[arg-type]
 
 
 def _device(public_key: bytes = b"pk", status: str = "active") -> Device:
     return Device(
-        id="dev_1", tenant_id="ten_1", tenant_name="t", hardware_id="hw", name=None, public_key=public_key,
-        cloud_key_id="c", labels={}, groups=[], profile="default", hardware=None, network=None,
-        agent_version=None, key_id="key_1", status=status, created_at=0, updated_at=0,
+        id="dev_1",
+        tenant_id="ten_1",
+        tenant_name="t",
+        hardware_id="hw",
+        name=None,
+        public_key=public_key,
+        cloud_key_id="c",
+        labels={},
+        groups=[],
+        profile="default",
+        hardware=None,
+        network=None,
+        agent_version=None,
+        key_id="key_1",
+        status=status,
+        created_at=0,
+        updated_at=0,
     )
 
 

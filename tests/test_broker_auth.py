@@ -14,7 +14,7 @@ from jwt.algorithms import ECAlgorithm
 
 from broker.acl import Access, Role
 from broker.auth import Authenticator, AuthSettings
-from broker.errors import ConnectRefused
+from broker.errors import BrokerConfigError, ConnectRefused
 
 SECRET = "s3cret-bridge-password"
 
@@ -56,9 +56,7 @@ def signing_key() -> ec.EllipticCurvePrivateKey:
 def auth(tmp_path: Path, signing_key: ec.EllipticCurvePrivateKey) -> Authenticator:
     write_jwks(tmp_path / "jwks.json", public_jwk(signing_key, "k1"))
     (tmp_path / "bridge.secret").write_text(SECRET + "\n")
-    return Authenticator(
-        AuthSettings(jwks_file=tmp_path / "jwks.json", bridge_secret_file=tmp_path / "bridge.secret")
-    )
+    return Authenticator(AuthSettings(jwks_file=tmp_path / "jwks.json", bridge_secret_file=tmp_path / "bridge.secret"))
 
 
 def device(auth: Authenticator, token: str, client_id: str = "d1", username: str = "d1") -> Any:
@@ -162,9 +160,7 @@ def test_jwks_keys_that_are_not_es256_signing_keys_are_ignored(
         device(auth, mint(signing_key))
 
 
-def test_jwks_with_private_key_material_is_refused(
-    auth: Authenticator, tmp_path: Path, signing_key: Any
-) -> None:
+def test_jwks_with_private_key_material_is_refused(auth: Authenticator, tmp_path: Path, signing_key: Any) -> None:
     private = {**ECAlgorithm.to_jwk(signing_key, as_dict=True), "kid": "k1"}
     write_jwks(tmp_path / "jwks.json", private)
     with pytest.raises(ConnectRefused, match="kid"):
@@ -197,9 +193,7 @@ def test_bridge_needs_the_secret_file_contents(auth: Authenticator, tmp_path: Pa
 
 
 @pytest.mark.parametrize("content", [None, "", "  \n"])
-def test_bridge_is_refused_without_a_usable_secret(
-    auth: Authenticator, tmp_path: Path, content: str | None
-) -> None:
+def test_bridge_is_refused_without_a_usable_secret(auth: Authenticator, tmp_path: Path, content: str | None) -> None:
     secret_file = tmp_path / "bridge.secret"
     if content is None:
         secret_file.unlink()
@@ -235,3 +229,9 @@ def test_unknown_username_is_refused(auth: Authenticator) -> None:
             auth.authenticate(client_id=username, username=username, password="x")
     with pytest.raises(ConnectRefused):
         auth.authenticate(client_id="stranger", username="stranger", password="not-a-token")
+
+
+@pytest.mark.parametrize("username", ["", "provision"])
+def test_bridge_username_must_not_shadow_provisioning(tmp_path: Path, username: str) -> None:
+    with pytest.raises(BrokerConfigError):
+        AuthSettings(jwks_file=tmp_path / "j", bridge_secret_file=tmp_path / "s", bridge_username=username)

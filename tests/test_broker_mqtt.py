@@ -1,9 +1,10 @@
 """The embedded broker end to end: real amqtt on loopback, real paho-mqtt 2.x clients.
 
 The broker runs on its own event loop in a thread so tests can block on paho with timeouts.
-A message that must *not* arrive is always checked after one that must, sent later on the
-same connection: the broker handles one connection's packets in order, so once the later
-message is in, the earlier one would have been too.
+A message that must *not* arrive is only checked once a message that must arrive, and that
+the broker would have sent after it, is in: usually one sent later on the same connection
+(amqtt handles a connection's packets in order and delivers through one FIFO queue). Where
+the order comes from elsewhere, the test says so. No test asserts on timing.
 """
 
 import asyncio
@@ -40,7 +41,7 @@ from broker.embedded import (
     start_embedded_broker,
     stop_embedded_broker,
 )
-from broker.errors import BrokerStartError
+from broker.errors import BrokerConfigError, BrokerStartError
 from broker.server import bound_port
 
 TIMEOUT = 5.0
@@ -255,6 +256,13 @@ class Client:
             topics.append(self.messages.get_nowait().topic)
         return topics
 
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT, as a crashed device would: the will goes out."""
+        sock = self.mqtt.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)  # also wakes paho's network thread, which then ends
+        self.mqtt.loop_stop()
+
     def close(self) -> None:
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
@@ -343,16 +351,48 @@ def test_bad_device_credentials_are_refused(port: int, clients: Any, client_id: 
     assert clients(port, client_id, "dev-x", make_token()).connect() == NOT_AUTHORIZED
 
 
-def test_token_expiring_mid_session_loses_access(port: int, clients: Any) -> None:
+def test_token_expiring_mid_session_loses_access(shared_broker: BrokerThread, port: int, clients: Any) -> None:
     # SUBACK shows the broker's decision outright. A publish after expiry is dropped by the same
     # check (Grant.permits, unit-tested), but nothing later on that connection could prove it here.
+    watcher = observer(clients, port)
     exp = int(time.time()) + 2
-    token = mint("dev-exp", pub=[], sub=["devices/dev-exp/#"], exp=exp)
-    d1 = connected(clients, port, "dev-exp", "dev-exp", token)
-    assert d1.subscribe("devices/dev-exp/a") == [0]
+    will = ("devices/dev-exp/status", b"gone")
+    token = mint("dev-exp", pub=["devices/dev-exp/#"], sub=["devices/dev-exp/#"], exp=exp)
+    expiring = connected(clients, port, "dev-exp", "dev-exp", token, will=will)
+    control = device(clients, port, "dev-ctl", pub=["devices/dev-ctl/#"])
+    assert expiring.subscribe("devices/dev-exp/a") == [0]
     while time.time() < exp + 0.1:  # waits for the clock, not for the broker
         time.sleep(0.1)
-    assert d1.subscribe("devices/dev-exp/b") == [SUBACK_FAILURE]
+    assert expiring.subscribe("devices/dev-exp/b") == [SUBACK_FAILURE]
+
+    # Its will was allowed at CONNECT but is not any more: dropping the connection must not send it.
+    expiring.drop()
+    wait_until_disconnected(shared_broker, "dev-exp")
+    # The will would have been queued for delivery before this, which the broker queues after.
+    control.publish("devices/dev-ctl/marker")
+    assert watcher.expect().topic == "devices/dev-ctl/marker"
+    assert watcher.received_topics() == []
+
+
+def test_will_of_a_dropped_connection_is_delivered(shared_broker: BrokerThread, port: int, clients: Any) -> None:
+    """The control for the test above: a dropped connection does publish an allowed will."""
+    watcher = observer(clients, port)
+    token = mint("dev-will", pub=["devices/dev-will/#"], sub=[])
+    dropped = connected(clients, port, "dev-will", "dev-will", token, will=("devices/dev-will/status", b"gone"))
+    dropped.drop()
+    message = watcher.expect()
+    assert (message.topic, message.payload) == ("devices/dev-will/status", b"gone")
+
+
+def wait_until_disconnected(running: BrokerThread, client_id: str) -> None:
+    """Until amqtt has handled the disconnect, will included (it may already have dropped the session)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        session = running.broker.sessions.get(client_id, (None, None))[0]
+        if session is None or session.transitions.state == "disconnected":
+            return
+        assert time.monotonic() < deadline, f"the broker never saw {client_id} go"
+        time.sleep(0.01)
 
 
 # --- provisioning clients ----------------------------------------------------------------------
@@ -430,9 +470,7 @@ def test_bridge_account_needs_the_secret(port: int, clients: Any) -> None:
 
 
 @pytest.mark.parametrize("flavour", ["stock", "ours"])
-def test_retained_messages_reach_only_their_own_subscribers(
-    data_dir: Path, clients: Any, flavour: str
-) -> None:
+def test_retained_messages_reach_only_their_own_subscribers(data_dir: Path, clients: Any, flavour: str) -> None:
     """Stock amqtt replays, on every CONNECT, the retained messages of *all* subscriptions.
 
     The "stock" case is the control: it asserts the leak exists, so if amqtt fixes it this test
@@ -464,9 +502,7 @@ def test_retained_messages_reach_only_their_own_subscribers(
 
 
 @pytest.mark.parametrize("flavour", ["stock", "ours"])
-def test_a_client_id_cannot_be_taken_from_another_principal(
-    data_dir: Path, clients: Any, flavour: str
-) -> None:
+def test_a_client_id_cannot_be_taken_from_another_principal(data_dir: Path, clients: Any, flavour: str) -> None:
     """Stock amqtt lets any accepted CONNECT take over a client id, whoever holds it."""
     running = (stock if flavour == "stock" else ours)(settings_for(data_dir))
     try:
@@ -516,6 +552,26 @@ def test_clean_session_takeover_by_the_same_device_closes_the_old_connection(por
 # --- lifecycle and hygiene ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"port": 70000},
+        {"prefix": "prov/#"},
+        {"bridge_username": "provision"},
+        {"tls_cert_file": Path("c.pem")},
+    ],
+)
+def test_settings_are_checked_up_front(data_dir: Path, bad: dict[str, Any]) -> None:
+    with pytest.raises(BrokerConfigError):
+        EmbeddedBrokerSettings(data_dir=data_dir, **bad)
+
+
+def test_broker_config_has_one_tcp_listener_and_only_our_plugin(data_dir: Path) -> None:
+    config = broker_config(EmbeddedBrokerSettings(data_dir=data_dir, host="::1", port=1884))
+    assert config["listeners"] == {"default": {"type": "tcp", "bind": "[::1]:1884"}}
+    assert list(config["plugins"]) == ["broker.plugin.ProvbridgeAclPlugin"]  # no $SYS, no packet logger
+
+
 def test_start_fails_cleanly_when_the_port_is_taken(data_dir: Path, port: int) -> None:
     settings = EmbeddedBrokerSettings(data_dir=data_dir, port=port)
 
@@ -538,18 +594,14 @@ def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_file, key_file = directory / "broker.crt", directory / "broker.key"
     cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_file, key_file
 
@@ -564,9 +616,7 @@ def test_tls_listener(data_dir: Path, tmp_path: Path, clients: Any) -> None:
         running.close()
 
 
-def test_tokens_and_passwords_never_reach_the_logs(
-    port: int, clients: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_tokens_and_passwords_never_reach_the_logs(port: int, clients: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     token = mint("dev-l", pub=[], sub=[])
     forged = mint("dev-l", pub=[], sub=[], key=FOREIGN_KEY)

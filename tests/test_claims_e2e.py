@@ -24,9 +24,11 @@ def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
 def _registrations(bridge: Bridge, raw_key: str) -> int:
     from bridge.secrets import digest
 
-    row = bridge.store.read().execute(
-        "SELECT registrations FROM provision_keys WHERE key_hash = ?", (digest(raw_key),)
-    ).fetchone()
+    row = (
+        bridge.store.read()
+        .execute("SELECT registrations FROM provision_keys WHERE key_hash = ?", (digest(raw_key),))
+        .fetchone()
+    )
     return int(row[0])
 
 
@@ -89,7 +91,9 @@ def test_forged_and_expired_tokens_cannot_connect(bridge: Bridge) -> None:
     forged = jwt.encode(real, crypto.generate_private_key(), algorithm="ES256", headers={"kid": kid})
     expired = jwt.encode(
         {**real, "iat": int(time.time()) - 7200, "exp": int(time.time()) - 3600},
-        bridge.keys.token_key, algorithm="ES256", headers={"kid": kid},
+        bridge.keys.token_key,
+        algorithm="ES256",
+        headers={"kid": kid},
     )
     for token in (forged, expired, "not-a-jwt"):
         with MqttClient(bridge.port, answer.device_id, answer.device_id, token) as conn:
@@ -166,7 +170,9 @@ def test_expired_and_revoked_keys_are_denied_with_the_reason_in_the_event(bridge
     key = bridge.create_key()
     with bridge.store.transaction() as db:
         if reason == "key_expired":
-            db.execute("UPDATE provision_keys SET expires_at = ? WHERE key_hash = ?", (int(time.time()) - 1, digest(key)))
+            db.execute(
+                "UPDATE provision_keys SET expires_at = ? WHERE key_hash = ?", (int(time.time()) - 1, digest(key))
+            )
         else:
             db.execute("UPDATE provision_keys SET status = 'revoked' WHERE key_hash = ?", (digest(key),))
     with Device(bridge) as device:

@@ -35,9 +35,7 @@ def test_no_secret_appears_in_logs_events_or_database(bridge: Bridge, caplog: py
     haystacks = {
         "logs": caplog.text,
         "events": json.dumps(bridge.store.events(limit=10_000)),
-        "database": b"".join(
-            p.read_bytes() for p in bridge.settings.data_dir.glob("provbridge.db*")
-        ).decode("latin-1"),
+        "database": b"".join(p.read_bytes() for p in bridge.settings.data_dir.glob("provbridge.db*")).decode("latin-1"),
     }
     for where, text in haystacks.items():
         for secret in secrets:

@@ -458,8 +458,8 @@ WIRE_MODELS: dict[str, type[BaseModel]] = {
     name: model
     for name, model in vars(models).items()
     if isinstance(model, type)
-    and issubclass(model, models._Strict)
-    and model is not models._Strict
+    and issubclass(model, models._Strict | models._Answer)
+    and model not in (models._Strict, models._Answer)
     and model.__module__ == models.__name__
 }
 

@@ -99,9 +99,7 @@ def _claim(device: DeviceIdentity, request_id: str = REQUEST_ID) -> Claim:
 # --- build_claim ----------------------------------------------------------------------------------------
 
 
-def test_build_claim_validates_and_round_trips(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_build_claim_validates_and_round_trips(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     claim = build_claim(
         device,
         "pk_test",
@@ -174,9 +172,7 @@ def test_identity_persists_in_its_state_dir(tmp_path: Path) -> None:
 # --- open_answer ----------------------------------------------------------------------------------------
 
 
-def test_open_answer_opens_what_the_cloud_sealed(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_open_answer_opens_what_the_cloud_sealed(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     claim = _claim(device)
     result = open_answer(cloud_answer(claim, cloud), device, cloud.public_key(), REQUEST_ID)
     assert result.credentials == _credentials()
@@ -206,9 +202,7 @@ def test_open_answer_refuses_an_answer_sealed_for_another_device(cloud: ec.Ellip
         open_answer(answer, me, cloud.public_key(), REQUEST_ID)
 
 
-def test_wrong_cloud_key_is_refused_before_opening(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_wrong_cloud_key_is_refused_before_opening(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     answer = cloud_answer(_claim(device), cloud)
     trusted = crypto.generate_private_key().public_key()
     with pytest.raises(CloudKeyMismatch, match=crypto.key_id(trusted)):
@@ -224,9 +218,7 @@ def test_cloud_key_id_is_checked_even_if_the_box_would_open(
         open_answer(json.dumps(doc).encode(), device, cloud.public_key(), REQUEST_ID)
 
 
-def test_answer_to_another_request_is_stale(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_answer_to_another_request_is_stale(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     answer = cloud_answer(_claim(device, "r-other-request"), cloud)
     with pytest.raises(StaleAnswer):
         open_answer(answer, device, cloud.public_key(), REQUEST_ID)
@@ -240,9 +232,7 @@ def test_seal_is_bound_to_the_request_id(device: DeviceIdentity, cloud: ec.Ellip
         open_answer(json.dumps(doc).encode(), device, cloud.public_key(), REQUEST_ID)
 
 
-def test_sealed_plaintext_must_be_credentials(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_sealed_plaintext_must_be_credentials(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     answer = cloud_answer(_claim(device), cloud, plaintext=b'{"api_key": "x"}')
     with pytest.raises(InvalidAnswer, match="sealed credentials"):
         open_answer(answer, device, cloud.public_key(), REQUEST_ID)
@@ -293,9 +283,7 @@ def test_error_answers_map_to_claim_rejected(
         code=code,
         message="no",
         retry_after=retry_after,
-        errors=[FieldError(field="hardware_id", message="bad")]
-        if code is ErrorCode.VALIDATION_ERROR
-        else None,
+        errors=[FieldError(field="hardware_id", message="bad")] if code is ErrorCode.VALIDATION_ERROR else None,
     )
     with pytest.raises(ClaimRejected) as info:
         open_answer(to_json(err), device, cloud.public_key(), REQUEST_ID)
@@ -306,9 +294,7 @@ def test_error_answers_map_to_claim_rejected(
         assert exc.field_errors == (("hardware_id", "bad"),)
 
 
-def test_error_answer_without_request_id_is_ours(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_error_answer_without_request_id_is_ours(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     # The bridge cannot echo a request_id it could not parse; the answer still came on our topic.
     err = ClaimError(code=ErrorCode.VALIDATION_ERROR, message="claim is not JSON")
     with pytest.raises(ClaimRejected) as info:
@@ -316,18 +302,14 @@ def test_error_answer_without_request_id_is_ours(
     assert info.value.code is ErrorCode.VALIDATION_ERROR
 
 
-def test_error_for_another_request_is_stale(
-    device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
-) -> None:
+def test_error_for_another_request_is_stale(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     err = ClaimError(request_id="r-other-request", code=ErrorCode.RATE_LIMITED, message="x", retry_after=1)
     with pytest.raises(StaleAnswer):
         open_answer(to_json(err), device, cloud.public_key(), REQUEST_ID)
 
 
 def test_unknown_error_code_is_final(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
-    answer = json.dumps(
-        {"request_id": REQUEST_ID, "status": "error", "code": "quota_exceeded", "message": "full"}
-    )
+    answer = json.dumps({"request_id": REQUEST_ID, "status": "error", "code": "quota_exceeded", "message": "full"})
     with pytest.raises(ClaimRejected) as info:
         open_answer(answer.encode(), device, cloud.public_key(), REQUEST_ID)
     assert info.value.code == "quota_exceeded" and not info.value.retryable
@@ -337,14 +319,10 @@ def test_retryable_error_without_retry_after_stays_retryable(
     device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey
 ) -> None:
     # Off-contract (retry_after is required with retryable codes), but the device should still back off.
-    answer = json.dumps(
-        {"request_id": REQUEST_ID, "status": "error", "code": "rate_limited", "message": "slow"}
-    )
+    answer = json.dumps({"request_id": REQUEST_ID, "status": "error", "code": "rate_limited", "message": "slow"})
     with pytest.raises(ClaimRejected) as info:
         open_answer(answer.encode(), device, cloud.public_key(), REQUEST_ID)
-    assert (
-        info.value.code is ErrorCode.RATE_LIMITED and info.value.retryable and info.value.retry_after is None
-    )
+    assert info.value.code is ErrorCode.RATE_LIMITED and info.value.retryable and info.value.retry_after is None
 
 
 # --- re-claim, topics, timing ---------------------------------------------------------------------------

@@ -54,9 +54,7 @@ def test_hardware_and_network_of_this_host_are_valid_models() -> None:
 def test_host_facts_fit_in_a_claim() -> None:
     from device_sim.device import DeviceIdentity, build_claim
 
-    claim = build_claim(
-        DeviceIdentity.generate("hw-1"), "pk_x", "r-12345678", hostinfo.hardware(), hostinfo.network()
-    )
+    claim = build_claim(DeviceIdentity.generate("hw-1"), "pk_x", "r-12345678", hostinfo.hardware(), hostinfo.network())
     assert Claim.model_validate_json(claim.model_dump_json()) == claim
 
 

@@ -23,7 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim import cli
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token
-from device_sim.errors import BrokerRefused, ClaimRejected, ClaimTimeout, ConnectError
+from device_sim.errors import BrokerRefused, Cancelled, ClaimRejected, ClaimTimeout, ConnectError
+from device_sim.session import Session
 from device_sim.vault import Vault
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
@@ -46,9 +47,7 @@ class BrokerThread:
         self.port = _free_port()
         self.config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}
-            },
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}},
         }
         self.loop = asyncio.new_event_loop()
         self.broker: Broker | None = None
@@ -85,9 +84,7 @@ class FakeBridge:
         self.answers: dict[str, bytes] = {}  # replay cache: one answer per request_id
         self.devices: dict[bytes, str] = {}  # public key -> device id
         self.lock = threading.Lock()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="fake-bridge", protocol=mqtt.MQTTv311
-        )
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-bridge", protocol=mqtt.MQTTv311)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: subscribed.set()
@@ -121,9 +118,7 @@ class FakeBridge:
             code = ErrorCode(action)
             retry_after = 0 if code.retryable else None
             reply = to_json(
-                ClaimError(
-                    request_id=claim.request_id, code=code, message="scripted", retry_after=retry_after
-                )
+                ClaimError(request_id=claim.request_id, code=code, message="scripted", retry_after=retry_after)
             )
         elif reply is None:
             reply = self._accept(claim)
@@ -148,9 +143,7 @@ class FakeBridge:
             ),
         )
         shared = crypto.shared_secret(self.cloud, crypto.public_key_from_sec1(claim.public_key_sec1))
-        box = crypto.seal(
-            crypto.derive_seal_key(shared, claim.request_id), to_json(credentials), claim.request_id
-        )
+        box = crypto.seal(crypto.derive_seal_key(shared, claim.request_id), to_json(credentials), claim.request_id)
         answer = to_json(
             ClaimOk(
                 request_id=claim.request_id,
@@ -182,9 +175,7 @@ def bridge(broker: BrokerThread) -> Iterator[FakeBridge]:
 
 def test_claim_then_connect_with_token(bridge: FakeBridge) -> None:
     identity = DeviceIdentity.generate("sim-mqtt-000001")
-    result = claim_over_mqtt(
-        "127.0.0.1", bridge.port, identity, PROVISION_KEY, bridge.cloud_public, timeout=5
-    )
+    result = claim_over_mqtt("127.0.0.1", bridge.port, identity, PROVISION_KEY, bridge.cloud_public, timeout=5)
     assert result.created and result.device_id == "dev-1" and result.attempts == 1
     assert result.latency_s is not None and 0 < result.latency_s < 5
     assert result.credentials.api_key == "ak_secret_dev-1"
@@ -208,6 +199,18 @@ def test_token_connect_without_a_covering_subscription_relies_on_puback(bridge: 
     mqtt_creds = result.credentials.mqtt.model_copy(update={"publish": ["t/+/up/#"], "subscribe": []})
     credentials = result.credentials.model_copy(update={"mqtt": mqtt_creds})
     assert connect_with_token("127.0.0.1", bridge.port, credentials, timeout=5) == "t/sim/up/hello"
+
+
+def test_sessions_disable_nagle(broker: BrokerThread) -> None:
+    session = Session("nodelay-check")
+    try:
+        session.connect("127.0.0.1", broker.port, time.monotonic() + 5)
+        sock = session.client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        session.close()
+    assert session.client.socket() is None  # DISCONNECT sent and the socket closed
 
 
 def test_no_answer_is_resent_with_the_same_request_id(bridge: FakeBridge) -> None:
@@ -292,17 +295,31 @@ def _publish_retained(port: int, topic: str, payload: bytes) -> None:
     publisher.loop_stop()
 
 
+def test_cancel_stops_a_waiting_claim_promptly(bridge: FakeBridge) -> None:
+    bridge.script = ["drop"]
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        claim_over_mqtt(
+            "127.0.0.1",
+            bridge.port,
+            DeviceIdentity.generate("sim-mqtt-000012"),
+            PROVISION_KEY,
+            bridge.cloud_public,
+            timeout=30,
+            cancel=cancel,
+        )
+    assert time.monotonic() - started < 2
+
+
 def test_retained_stale_answer_is_ignored(bridge: FakeBridge) -> None:
     identity = DeviceIdentity.generate("sim-mqtt-000007")
     topic = topics.response_topic(PREFIX, identity.client_id)
-    stale = to_json(
-        ClaimError(request_id="r-from-last-week", code=ErrorCode.PERMISSION_DENIED, message="old")
-    )
+    stale = to_json(ClaimError(request_id="r-from-last-week", code=ErrorCode.PERMISSION_DENIED, message="old"))
     _publish_retained(bridge.port, topic, stale)
     try:
-        result = claim_over_mqtt(
-            "127.0.0.1", bridge.port, identity, PROVISION_KEY, bridge.cloud_public, timeout=5
-        )
+        result = claim_over_mqtt("127.0.0.1", bridge.port, identity, PROVISION_KEY, bridge.cloud_public, timeout=5)
     finally:
         _publish_retained(bridge.port, topic, b"")  # an empty retained message clears it
     assert result.created
@@ -353,9 +370,7 @@ def test_broker_refusal_is_final_and_fast() -> None:
 
 def _write_cloud_pem(bridge: FakeBridge, path: Path) -> Path:
     path.write_bytes(
-        bridge.cloud_public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        bridge.cloud_public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return path
 

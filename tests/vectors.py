@@ -52,14 +52,10 @@ def crockford(data: bytes, chars: int) -> str:
     return "".join(CROCKFORD[(bits >> (total - 5 * (i + 1))) & 31] for i in range(chars))
 
 
-def es256_jwt(
-    private_key: ec.EllipticCurvePrivateKey, header: dict[str, object], claims: dict[str, object]
-) -> str:
+def es256_jwt(private_key: ec.EllipticCurvePrivateKey, header: dict[str, object], claims: dict[str, object]) -> str:
     """A compact JWS (RFC 7515) signed ES256 with deterministic ECDSA (RFC 6979), so it is reproducible."""
     signing_input = f"{b64url(compact(header).encode())}.{b64url(compact(claims).encode())}"
-    der = private_key.sign(
-        signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
-    )
+    der = private_key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     r, s = decode_dss_signature(der)
     return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
@@ -225,9 +221,7 @@ def build() -> list[Section]:
         "key_id_prefix": key_id[:12],
     }
     events = [
-        models.Event(
-            event="device.provisioned", time="2025-01-01T00:00:00.000Z", device_id=device_id, **key_event
-        ),
+        models.Event(event="device.provisioned", time="2025-01-01T00:00:00.000Z", device_id=device_id, **key_event),
         models.Event(event="key.exhausted", time="2025-01-01T00:00:00.000Z", **key_event),
         models.Event(
             event="claim.rejected",
