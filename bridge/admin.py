@@ -1,14 +1,16 @@
 """Operator actions behind the CLI: initialise the data directory, create tenants and keys."""
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
 
 from bridge import keyfiles, secrets
 from bridge.config import Settings
-from bridge.errors import UsageError
+from bridge.errors import NotFound, UsageError
 from bridge.store import ProvisionKey, Store
 
+OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never "_", the no-tenant marker
 DEFAULT_TENANT = "default"
 FIRST_KEY_NAME = "first-key"
@@ -127,3 +129,24 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
     )
     store.create_key(key)
     return key, raw
+
+
+def create_ops_user(settings: Settings, name: str) -> str:
+    """A read-only broker account for events and status; returns its password, which is never stored."""
+    reserved = {"provision", settings.broker.username}
+    if OPS_NAME_RE.fullmatch(name) is None or name in reserved or name.startswith("dev_"):
+        raise UsageError("ops user name must be 1-64 of A-Z a-z 0-9 . _ -, not 'provision', the bridge's, or dev_*")
+    users = keyfiles.read_ops_users(settings.data_dir)
+    if name in users:
+        raise UsageError(f"ops user {name!r} already exists (delete it first to reset its password)")
+    password = secrets.new_ops_password()
+    users[name] = hashlib.sha256(password.encode("utf-8")).hexdigest()
+    keyfiles.write_ops_users(settings.data_dir, users)
+    return password
+
+
+def delete_ops_user(settings: Settings, name: str) -> None:
+    users = keyfiles.read_ops_users(settings.data_dir)
+    if users.pop(name, None) is None:
+        raise NotFound(f"no ops user {name!r}")
+    keyfiles.write_ops_users(settings.data_dir, users)

@@ -244,6 +244,26 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
     _emit(args, events, _table(rows, ["time", "tenant", "event", "device", "hardware_id", "reason"]))
 
 
+def cmd_ops_user_create(args: argparse.Namespace, settings: Settings) -> None:
+    keyfiles.load_keys(settings.data_dir)
+    password = admin.create_ops_user(settings, args.name)
+    text = (
+        f"created ops user {args.name}: it may read {settings.topic_prefix}/events/# and status topics\n"
+        f"password (shown once):\n  {password}"
+    )
+    _emit(args, {"username": args.name, "password": password}, text)
+
+
+def cmd_ops_user_list(args: argparse.Namespace, settings: Settings) -> None:
+    names = sorted(keyfiles.read_ops_users(settings.data_dir))
+    _emit(args, names, "\n".join(names) or "(none)")
+
+
+def cmd_ops_user_delete(args: argparse.Namespace, settings: Settings) -> None:
+    admin.delete_ops_user(settings, args.name)
+    _emit(args, {"deleted": args.name}, f"deleted ops user {args.name}")
+
+
 def cmd_cloud_key(args: argparse.Namespace, settings: Settings) -> None:
     ring = keyfiles.load_keys(settings.data_dir)
     public = ring.cloud_key.public_key()
@@ -336,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--tenant")
     events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")
     events.add_argument("--limit", type=int, default=50)
+
+    ops = commands.add_parser("ops-user", help="read-only broker accounts for watching events").add_subparsers(
+        dest="ops_command", required=True, metavar="ACTION"
+    )
+    command(ops, "create", cmd_ops_user_create, "create an ops user; its password is printed once").add_argument("name")
+    command(ops, "list", cmd_ops_user_list, "list ops users")
+    command(ops, "delete", cmd_ops_user_delete, "delete an ops user").add_argument("name")
 
     command(commands, "cloud-key", cmd_cloud_key, "print the cloud public key to burn into firmware")
     command(commands, "jwks", cmd_jwks, "print the JWKS that verifies device tokens", json_flag=False)

@@ -85,6 +85,7 @@ def create_keys(data_dir: Path) -> KeyRing:
     write_private(kdir / f"cloud-{cloud_kid}.pem", _pem(cloud))
     write_private(kdir / f"token-{token_kid}.pem", _pem(token))
     write_private(data_dir / "bridge.secret", secrets.token_urlsafe(32).encode("ascii") + b"\n")
+    write_ops_users(data_dir, {})
     write_public(kdir / "active.json", json.dumps({"cloud": cloud_kid, "token": token_kid}).encode())
     ring = load_keys(data_dir)
     publish_public_keys(data_dir, ring)
@@ -113,6 +114,22 @@ def publish_public_keys(data_dir: Path, ring: KeyRing) -> None:
 
 def jwks(ring: KeyRing) -> dict[str, list[dict[str, str]]]:
     return {"keys": [jwk(key.public_key(), kid) for kid, key in ring.token.items()]}
+
+
+def ops_users_file(data_dir: Path) -> Path:
+    return data_dir / "ops_users.json"
+
+
+def read_ops_users(data_dir: Path) -> dict[str, str]:
+    path = ops_users_file(data_dir)
+    if not path.exists():
+        return {}
+    users: dict[str, str] = json.loads(path.read_text())["users"]
+    return users
+
+
+def write_ops_users(data_dir: Path, users: dict[str, str]) -> None:
+    write_private(ops_users_file(data_dir), json.dumps({"users": users}, indent=2).encode() + b"\n")
 
 
 def read_secret(path: Path) -> str:

@@ -33,6 +33,11 @@ def new_api_key() -> str:
     return "dk_" + _token_urlsafe(32)
 
 
+def new_ops_password() -> str:
+    """256 random bits: a fast digest is then as good as a slow password hash."""
+    return "op_" + _token_urlsafe(32)
+
+
 def new_device_id() -> str:
     """`dev_` + 26 lowercase base32 characters (128 random bits)."""
     return "dev_" + base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()

@@ -9,6 +9,7 @@ Nothing here does I/O or knows amqtt, so the same rules can be mirrored to anoth
                   {p}/status/bridge
     provisioning  {p}/claim/<own client id>    {p}/res/<own client id>             {p}/res/<own client id>
     device        token acl.pub                token acl.sub                       token acl.sub
+    ops           (nothing)                    {p}/events/#, {p}/status/#          {p}/events/#, {p}/status/#
 
 `p` is the topic prefix (default `prov/v1`). A device grant also ends at the token's `exp`.
 """
@@ -47,6 +48,7 @@ class Role(StrEnum):
     BRIDGE = "bridge"
     PROVISIONING = "provisioning"
     DEVICE = "device"
+    OPS = "ops"
 
 
 def _shared(topic_filter: str) -> tuple[str, str] | None:
@@ -130,6 +132,12 @@ def bridge_grant(prefix: str, username: str) -> Grant:
         subscribe=(claims, f"{SHARED_PREFIX}/+/{claims}"),
         receive=(claims,),
     )
+
+
+def ops_grant(prefix: str, username: str) -> Grant:
+    """A person or tool watching provisioning happen: reads events and status, writes nothing."""
+    watched = (f"{prefix}/events/#", f"{prefix}/status/#")
+    return Grant(role=Role.OPS, principal=f"ops:{username}", publish=(), subscribe=watched, receive=watched)
 
 
 def provisioning_grant(prefix: str, client_id: str) -> Grant:

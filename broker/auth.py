@@ -5,12 +5,15 @@
                                                                                     provisioning is allowed
     "provision"                 anything                      provwire client id    provisioning
     bridge username             contents of the secret file   anything              bridge
+    a name in ops_users.json    its password (SHA-256 kept)   anything              ops (read-only)
     any other (the device id)   ES256 JWT, sub = device id    the device id         device
 
 Everything else is refused.
 """
 
+import hashlib
 import hmac
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +29,27 @@ DEFAULT_ISSUER = "provbridge"
 DEFAULT_BRIDGE_USERNAME = "provbridge-bridge"
 JWKS_FILE_NAME = "jwks.json"
 BRIDGE_SECRET_FILE_NAME = "bridge.secret"
+OPS_USERS_FILE_NAME = "ops_users.json"
+
+
+def parse_ops_users(data: bytes) -> dict[str, bytes]:
+    """`{"users": {name: sha256 hex of the password}}`, as `provbridge ops-user create` writes it.
+
+    Ops passwords are 256 random bits made by the bridge, so a plain digest is enough, and it keeps
+    a CONNECT from costing the broker's event loop a slow password hash.
+    """
+    document = json.loads(data)
+    users = document.get("users") if isinstance(document, dict) else None
+    if not isinstance(users, dict):
+        raise ValueError('expected {"users": {name: sha256 hex}}')
+    return {str(name): bytes.fromhex(str(digest)) for name, digest in users.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
 class AuthSettings:
     jwks_file: Path
     bridge_secret_file: Path
+    ops_users_file: Path | None = None
     prefix: str = DEFAULT_PREFIX
     audience: str = DEFAULT_AUDIENCE
     issuer: str = DEFAULT_ISSUER
@@ -58,6 +76,9 @@ class Authenticator:
         self._keys: WatchedFile[VerificationKeys] = WatchedFile(settings.jwks_file, parse_jwks, {})
         # Bytes, stripped: the file is written by `provbridge init` and may end with a newline.
         self._secret: WatchedFile[bytes] = WatchedFile(settings.bridge_secret_file, bytes.strip, b"")
+        self._ops: WatchedFile[dict[str, bytes]] | None = (
+            WatchedFile(settings.ops_users_file, parse_ops_users, {}) if settings.ops_users_file else None
+        )
 
     def authenticate(self, *, client_id: str, username: str | None, password: str | None) -> acl.Grant:
         """The grant of this CONNECT, or ConnectRefused saying why (never echoing a credential)."""
@@ -71,6 +92,12 @@ class Authenticator:
         if username == s.bridge_username:
             self._check_bridge_secret(password)
             return acl.bridge_grant(s.prefix, username)
+        ops_users = self._ops.get() if self._ops is not None else {}
+        if username in ops_users:
+            given = hashlib.sha256((password or "").encode("utf-8")).digest()
+            if not hmac.compare_digest(given, ops_users[username]):
+                raise ConnectRefused("ops password does not match")
+            return acl.ops_grant(s.prefix, username)
         return self._device(username, client_id, password)
 
     def _check_bridge_secret(self, password: str | None) -> None:

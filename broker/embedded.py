@@ -40,6 +40,7 @@ class EmbeddedBrokerSettings:
     allow_anonymous_provisioning: bool = True
     jwks_file: Path | None = None  # default <data_dir>/jwks.json
     bridge_secret_file: Path | None = None  # default <data_dir>/bridge.secret
+    ops_users_file: Path | None = None  # default <data_dir>/ops_users.json
     # A disconnected persistent session (and its queued messages) is dropped after this long.
     session_expiry_seconds: int | None = 24 * 3600
     tls_cert_file: Path | None = None
@@ -72,6 +73,7 @@ def broker_config(settings: EmbeddedBrokerSettings) -> dict[str, Any]:
         "data_dir": str(settings.data_dir),
         "jwks_file": _optional_path(settings.jwks_file),
         "bridge_secret_file": _optional_path(settings.bridge_secret_file),
+        "ops_users_file": _optional_path(settings.ops_users_file),
         "prefix": settings.prefix,
         "audience": settings.audience,
         "issuer": settings.issuer,

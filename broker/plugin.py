@@ -33,6 +33,7 @@ from broker.auth import (
     DEFAULT_BRIDGE_USERNAME,
     DEFAULT_ISSUER,
     JWKS_FILE_NAME,
+    OPS_USERS_FILE_NAME,
     Authenticator,
     AuthSettings,
 )
@@ -56,6 +57,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         data_dir: str
         jwks_file: str | None = None  # default: <data_dir>/jwks.json
         bridge_secret_file: str | None = None  # default: <data_dir>/bridge.secret
+        ops_users_file: str | None = None  # default: <data_dir>/ops_users.json
         prefix: str = DEFAULT_PREFIX
         audience: str = DEFAULT_AUDIENCE
         issuer: str = DEFAULT_ISSUER
@@ -70,6 +72,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
             AuthSettings(
                 jwks_file=Path(config.jwks_file or data_dir / JWKS_FILE_NAME),
                 bridge_secret_file=Path(config.bridge_secret_file or data_dir / BRIDGE_SECRET_FILE_NAME),
+                ops_users_file=Path(config.ops_users_file or data_dir / OPS_USERS_FILE_NAME),
                 prefix=config.prefix,
                 audience=config.audience,
                 issuer=config.issuer,

@@ -331,3 +331,27 @@ def test_unique_request_ids_are_not_confused_across_clients(bridge: Bridge) -> N
         first, second = a.claim(bridge.provision_key, request_id), b.claim(bridge.provision_key, request_id)
     assert isinstance(first, ClaimOk) and isinstance(second, ClaimOk)
     assert first.device_id != second.device_id
+
+
+def test_ops_user_watches_events_over_mqtt_and_can_do_nothing_else(bridge: Bridge) -> None:
+    from bridge import admin
+
+    password = admin.create_ops_user(bridge.settings, "night-shift")
+    assert "night-shift" in keyfiles.read_ops_users(bridge.settings.data_dir)
+    assert password not in (bridge.settings.data_dir / "ops_users.json").read_text()
+    with MqttClient(bridge.port, "ops-watch", "night-shift", "wrong") as intruder:
+        assert not intruder.connect()
+    with MqttClient(bridge.port, "ops-watch", "night-shift", password) as ops:
+        assert ops.connect()
+        assert ops.subscribe(f"{bridge.prefix}/events/#") == [1]
+        assert ops.subscribe(f"{bridge.prefix}/res/+") == [0x80]  # never anyone's answers
+        assert ops.subscribe(f"{bridge.prefix}/status/#") == [1]
+        assert ops.next_message() == (f"{bridge.prefix}/status/bridge", b'{"status":"online"}')
+        ops.publish(f"{bridge.prefix}/events/default/device.provisioned", b"forged")  # refused by the ACL
+        with Device(bridge) as device:
+            answer = device.claim(bridge.provision_key)
+        assert isinstance(answer, ClaimOk)
+        topic, payload = ops.next_message()
+    assert topic == f"{bridge.prefix}/events/default/device.provisioned"
+    event = json.loads(payload)
+    assert event["device_id"] == answer.device_id and event["hardware_id"] == device.hardware_id
