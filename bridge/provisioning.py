@@ -23,6 +23,7 @@ from bridge import secrets
 from bridge.config import Settings
 from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
+from bridge.mirror import MirrorError, NoMirror, TokenMirror
 from bridge.store import Device, ProvisionKey, Store
 from bridge.tokens import fill_scope, mint_token
 from provwire import crypto, topics
@@ -164,10 +165,11 @@ class _Context:
 
 
 class Provisioner:
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing) -> None:
+    def __init__(self, settings: Settings, store: Store, keys: KeyRing, mirror: TokenMirror | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.mirror: TokenMirror = mirror or NoMirror()
         self.prefix = settings.topic_prefix
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
@@ -199,6 +201,9 @@ class Provisioner:
         except (StorageError, sqlite3.Error) as exc:
             log.error("claim %s: storage failure: %s", parsed.request_id, exc)
             return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
+        except MirrorError as exc:
+            log.error("claim %s: broker did not take the token: %s", parsed.request_id, exc)
+            return Outcome(reply_to, self._retryable(parsed.request_id, "broker unavailable"), [], "internal_error")
         except Exception:
             log.exception("claim %s: unexpected failure", parsed.request_id)
             return Outcome(reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error")
@@ -331,6 +336,7 @@ class Provisioner:
             now=int(ctx.now),
             ttl_seconds=self.settings.token.ttl_seconds,
         )
+        self.mirror.grant(device.id, grant)  # inside the transaction: no answer without a broker that knows it
         broker = self.settings.broker
         credentials = Credentials(
             api_key=api_key,

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ class BridgeService:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self.answered = 0
+        # Topic filter -> handler, run on a worker thread. Token refresh will add its own.
+        self.routes: dict[str, Callable[[str, bytes], Outcome]] = {
+            topics.claim_subscription(self.prefix): provisioner.handle,
+        }
 
         broker = settings.broker
         client = mqtt.Client(
@@ -114,7 +119,7 @@ class BridgeService:
         if reason.is_failure:
             log.error("broker refused the bridge: %s", reason)
             return
-        client.subscribe(topics.claim_subscription(self.prefix), qos=1)
+        client.subscribe([(topic_filter, 1) for topic_filter in self.routes])
         client.publish(topics.status_topic(self.prefix), to_json(BridgeStatus(status="online")), 1, retain=True)
         self._connected.set()
         log.info("connected to broker %s:%s", self.settings.broker.host, self.settings.broker.port)
@@ -142,13 +147,19 @@ class BridgeService:
             if work is None:
                 return
             try:
-                outcome = self.provisioner.handle(work.topic, work.payload)
+                outcome = self._route(work.topic)(work.topic, work.payload)
                 self._publish(outcome)
                 log.info("claim on %s: %s", work.topic, outcome.summary)
             except Exception:  # the bridge must survive anything a claim can do
                 log.exception("claim on %s could not be handled", work.topic)
             finally:
                 self._ack(work)
+
+    def _route(self, topic: str) -> Callable[[str, bytes], Outcome]:
+        for topic_filter, handler in self.routes.items():
+            if topics.topic_matches(topic_filter, topic):
+                return handler
+        return self.provisioner.handle  # cannot happen: we subscribe to the routes only
 
     def _publish(self, outcome: Outcome) -> None:
         if outcome.response_topic is not None and outcome.answer is not None:

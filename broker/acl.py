@@ -4,10 +4,11 @@ Nothing here does I/O or knows amqtt, so the same rules can be mirrored to anoth
 (a Mosquitto ACL file or dynamic-security role) by reading the `Grant` each role gets:
 
     role          publish                      subscribe (covered by)              receive
-    bridge        {p}/res/+                    {p}/claim/+                         {p}/claim/+
+    bridge        {p}/res/+                    {p}/claim/+, {p}/token/+            {p}/claim/+, {p}/token/+
                   {p}/events/#                 $share/<group>/{p}/claim/+
-                  {p}/status/bridge
+                  {p}/status/bridge            $share/<group>/{p}/token/+
     provisioning  {p}/claim/<own client id>    {p}/res/<own client id>             {p}/res/<own client id>
+                  {p}/token/<own client id>
     device        token acl.pub                token acl.sub                       token acl.sub
     ops           (nothing)                    {p}/events/#, {p}/status/#          {p}/events/#, {p}/status/#
 
@@ -30,6 +31,8 @@ from provwire.topics import (
     is_valid_topic,
     response_topic,
     status_topic,
+    token_subscription,
+    token_topic,
     topic_matches,
 )
 
@@ -124,13 +127,13 @@ def check_prefix(prefix: str) -> str:
 
 def bridge_grant(prefix: str, username: str) -> Grant:
     """The bridge service account: reads every claim, answers on any response topic, emits events."""
-    claims = claim_subscription(prefix)
+    claims, refreshes = claim_subscription(prefix), token_subscription(prefix)
     return Grant(
         role=Role.BRIDGE,
         principal=f"bridge:{username}",
         publish=(response_topic(prefix, "+"), f"{prefix}/events/#", status_topic(prefix)),
-        subscribe=(claims, f"{SHARED_PREFIX}/+/{claims}"),
-        receive=(claims,),
+        subscribe=(claims, refreshes, f"{SHARED_PREFIX}/+/{claims}", f"{SHARED_PREFIX}/+/{refreshes}"),
+        receive=(claims, refreshes),
     )
 
 
@@ -152,7 +155,7 @@ def provisioning_grant(prefix: str, client_id: str) -> Grant:
     return Grant(
         role=Role.PROVISIONING,
         principal="provisioning",
-        publish=(claim_topic(prefix, client_id),),
+        publish=(claim_topic(prefix, client_id), token_topic(prefix, client_id)),
         subscribe=(own_response,),
         receive=(own_response,),
     )

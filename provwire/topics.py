@@ -23,6 +23,15 @@ def claim_subscription(prefix: str) -> str:
     return f"{prefix}/claim/+"
 
 
+def token_topic(prefix: str, client_id: str) -> str:
+    """Where a provisioned device asks for a fresh token (answered on its response topic)."""
+    return f"{prefix}/token/{client_id}"
+
+
+def token_subscription(prefix: str) -> str:
+    return f"{prefix}/token/+"
+
+
 def event_topic(prefix: str, tenant: str, event: str) -> str:
     return f"{prefix}/events/{tenant}/{event}"
 
@@ -33,7 +42,15 @@ def status_topic(prefix: str) -> str:
 
 def client_id_of_claim_topic(prefix: str, topic: str) -> str | None:
     """The client id of a claim topic, or None when the topic is not a claim topic or the id is invalid."""
-    head = f"{prefix}/claim/"
+    return _client_id_after(f"{prefix}/claim/", topic)
+
+
+def client_id_of_token_topic(prefix: str, topic: str) -> str | None:
+    """The client id of a token-refresh topic, or None when it is not one or the id is invalid."""
+    return _client_id_after(f"{prefix}/token/", topic)
+
+
+def _client_id_after(head: str, topic: str) -> str | None:
     if not topic.startswith(head):
         return None
     client_id = topic[len(head) :]
