@@ -9,6 +9,8 @@ COPY broker ./broker
 COPY device_sim ./device_sim
 COPY config ./config
 RUN pip install --no-cache-dir .
+# Owned by the service user, so named volumes mounted here start out writable by it.
+RUN mkdir -p /data /mosquitto-config && chown provbridge:provbridge /data /mosquitto-config
 USER provbridge
 ENV PROVBRIDGE_DATA_DIR=/data
 VOLUME /data

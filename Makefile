@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test lint typecheck check clean
+.PHONY: run demo test lint typecheck check clean mosquitto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m device_sim.demo --devices 100
 
-## test: the whole suite through a real broker on loopback
-test: $(STAMP)
+## mosquitto: install Mosquitto from the distribution when missing (no system broker left running)
+mosquitto:
+	sh broker/mosquitto/install-mosquitto.sh
+
+## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto)
+test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

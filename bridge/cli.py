@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from bridge import admin, keyfiles
+from bridge import admin, keyfiles, revocation, rotation, tls
 from bridge.config import Settings, load_settings
 from bridge.errors import ProvbridgeError, UsageError
 from bridge.store import Device, ProvisionKey
@@ -88,13 +88,18 @@ def _device_view(device: Device) -> dict[str, Any]:
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> None:
+    if args.tls_san and not args.tls:
+        raise UsageError("--tls-san needs --tls")
     result = admin.init_data_dir(settings)
+    tls_result = tls.ensure_tls(settings, args.tls_san) if args.tls else None
+    data = {**asdict(result), "data_dir": str(settings.data_dir)}
+    if tls_result is not None:
+        data["tls"] = {**asdict(tls_result), "changed": tls_result.changed}
+    tls_text = "" if tls_result is None else "\n" + _tls_text(settings, tls_result)
     if not result.created:
-        _emit(
-            args,
-            {**asdict(result), "data_dir": str(settings.data_dir)},
-            f"{settings.data_dir} is already initialised (cloud key {result.cloud_key_id}); nothing changed",
-        )
+        unchanged = "" if tls_result is not None and tls_result.changed else "; nothing changed"
+        text = f"{settings.data_dir} is already initialised (cloud key {result.cloud_key_id}){unchanged}"
+        _emit(args, data, text + tls_text)
         return
     text = (
         f"initialised {settings.data_dir}\n"
@@ -103,7 +108,46 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> None:
         f"  first key id:  {result.key_id}\n"
         f"  provisioning key (shown once, keep it like a password):\n    {result.provision_key}"
     )
-    _emit(args, {**asdict(result), "data_dir": str(settings.data_dir)}, text)
+    _emit(args, data, text + tls_text)
+
+
+def _tls_text(settings: Settings, result: tls.TlsInitResult) -> str:
+    lines = [
+        f"TLS ({result.ca_file.parent}):",
+        f"  CA:      {'created' if result.ca_created else 'kept'}, {result.ca_file} (SHA-256 {result.ca_fingerprint})",
+        f"  server:  {'issued' if result.server_created else 'kept'} for {', '.join(result.server_names)};"
+        f" expires {result.server_expires:%Y-%m-%d}",
+    ]
+    if result.missing_names:
+        lines.append(f"  not covered: {', '.join(result.missing_names)} (re-issue with `provbridge tls init --force`)")
+    if result.changed:
+        lines.append(
+            f"  devices pin {result.ca_file}; (re)start `provbridge serve` to listen on TLS port"
+            f" {settings.broker.tls_port}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_tls_init(args: argparse.Namespace, settings: Settings) -> None:
+    result = tls.ensure_tls(settings, args.tls_san, force=args.force or args.new_ca, replace_ca=args.new_ca)
+    kept = "" if result.changed else "TLS files kept; nothing changed\n"
+    text = kept + _tls_text(settings, result)
+    _emit(args, {**asdict(result), "changed": result.changed}, text)
+
+
+def cmd_tls_show(args: argparse.Namespace, settings: Settings) -> None:
+    status = tls.tls_status(settings.data_dir)
+    offered = tls.tls_offered(settings)
+    data = {**asdict(status), "listening": offered, "tls_port": settings.broker.tls_port}
+    text = (
+        f"TLS files in {status.directory}\n"
+        f"  CA:      {status.ca_subject}, expires {status.ca_expires:%Y-%m-%d}, SHA-256 {status.ca_fingerprint}"
+        f"{'' if status.ca_key_present else ' (ca.key not here)'}\n"
+        f"  server:  {', '.join(status.server_names)}; expires {status.server_expires:%Y-%m-%d}"
+        f"{'' if status.server_issued_by_ca else ' (NOT issued by this CA)'}\n"
+        f"  broker:  {'TLS on port ' + str(settings.broker.tls_port) if offered else 'TLS off (broker.tls_listen)'}"
+    )
+    _emit(args, data, text)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -112,6 +156,34 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if not keyfiles.is_initialised(settings.data_dir):
         raise UsageError(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     asyncio.run(serve(settings))
+
+
+def cmd_mosquitto_config(args: argparse.Namespace, settings: Settings) -> None:
+    from bridge.mosquitto_files import write_mosquitto_config
+
+    done = write_mosquitto_config(
+        settings, args.outdir, broker_dir=args.broker_dir, user=args.user, plugin=args.plugin, bind=args.bind
+    )
+    lines = [f"wrote {path}" for path in done.files]
+    lines.append(f"listeners: {', '.join(done.listeners)}; ops users: {', '.join(done.ops_users) or '(none)'}")
+    if done.devices_kept:
+        lines.append(f"kept {done.devices_kept} device client(s) the bridge had mirrored")
+    if done.ops_missing:
+        missing = ", ".join(done.ops_missing)
+        lines.append(f"not on Mosquitto (created before its hashes were kept, re-create them): {missing}")
+    lines += [f"note: {note}" for note in done.notes]
+    lines.append(f"start it with: mosquitto -c {done.conf_file}")
+    data = {
+        "conf_file": str(done.conf_file),
+        "files": [str(p) for p in done.files],
+        "listeners": done.listeners,
+        "plugin": done.plugin,
+        "ops_users": done.ops_users,
+        "ops_missing": done.ops_missing,
+        "devices_kept": done.devices_kept,
+        "notes": done.notes,
+    }
+    _emit(args, data, "\n".join(lines))
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> None:
@@ -224,8 +296,12 @@ def cmd_device_show(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_device_revoke(args: argparse.Namespace, settings: Settings) -> None:
-    device = admin.open_store(settings).revoke_device(args.device_id, int(time.time()))
-    _emit(args, _device_view(device), f"revoked {device.id}: it can no longer re-claim")
+    device = revocation.revoke_device(settings, admin.open_store(settings), args.device_id)
+    text = (
+        f"revoked {device.id}: re-claims and token refreshes are refused, and the embedded broker refuses"
+        f" its current token (connect, publish, subscribe) until it expires"
+    )
+    _emit(args, _device_view(device), text)
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
@@ -247,9 +323,13 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_ops_user_create(args: argparse.Namespace, settings: Settings) -> None:
     keyfiles.load_keys(settings.data_dir)
     password = admin.create_ops_user(settings, args.name)
+    from bridge.mosquitto_files import ops_user_created  # its dynamic-security hash, for Mosquitto
+
+    mosquitto = ops_user_created(settings, args.name, password)
     text = (
         f"created ops user {args.name}: it may read {settings.topic_prefix}/events/# and status topics\n"
-        f"password (shown once):\n  {password}"
+        + (f"Mosquitto: {mosquitto}\n" if mosquitto else "")
+        + f"password (shown once):\n  {password}"
     )
     _emit(args, {"username": args.name, "password": password}, text)
 
@@ -261,7 +341,11 @@ def cmd_ops_user_list(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_ops_user_delete(args: argparse.Namespace, settings: Settings) -> None:
     admin.delete_ops_user(settings, args.name)
-    _emit(args, {"deleted": args.name}, f"deleted ops user {args.name}")
+    from bridge.mosquitto_files import ops_user_deleted
+
+    mosquitto = ops_user_deleted(settings, args.name)
+    text = f"deleted ops user {args.name}" + (f"\nMosquitto: {mosquitto}" if mosquitto else "")
+    _emit(args, {"deleted": args.name}, text)
 
 
 def cmd_cloud_key(args: argparse.Namespace, settings: Settings) -> None:
@@ -275,6 +359,43 @@ def cmd_cloud_key(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_jwks(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps(keyfiles.jwks(keyfiles.load_keys(settings.data_dir)), indent=2))
+
+
+def cmd_keys_rotate(args: argparse.Namespace, settings: Settings) -> None:
+    done = rotation.rotate(settings.data_dir, "token" if args.token else "cloud", int(time.time()))
+    if done.kind == "token":
+        text = (
+            f"token key {done.new_kid} is active (was {done.old_kid}); jwks.json lists both, so tokens signed"
+            f" before keep working until they expire"
+        )
+    else:
+        text = (
+            f"cloud key {done.new_kid} is active (was {done.old_kid}); devices provisioned with older cloud keys"
+            f" keep working. Give new firmware {settings.data_dir / 'cloud_public.pem'} (`provbridge cloud-key`)"
+        )
+    if done.pruned:
+        text += f"\npruned retired token keys whose tokens have all expired: {', '.join(done.pruned)}"
+    _emit(args, asdict(done), text)
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> None:
+    infos = rotation.key_status(settings.data_dir)
+    rows = [
+        {
+            "kind": k.kind,
+            "kid": k.kid,
+            "status": k.status,
+            "retired": _when(k.retired_at),
+            "prunable": _when(k.prunable_at),
+        }
+        for k in infos
+    ]
+    _emit(args, [asdict(k) for k in infos], _table(rows, ["kind", "kid", "status", "retired", "prunable"]))
+
+
+def cmd_keys_prune(args: argparse.Namespace, settings: Settings) -> None:
+    pruned = rotation.prune(settings.data_dir, int(time.time()))
+    _emit(args, {"pruned": list(pruned)}, f"pruned {', '.join(pruned)}" if pruned else "nothing to prune")
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -298,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    command(commands, "init", cmd_init, "create the data dir: keys, database, default tenant, a first key")
+    init = command(commands, "init", cmd_init, "create the data dir: keys, database, default tenant, a first key")
+    init.add_argument("--tls", action="store_true", help="also create a private CA and the broker's certificate")
+    init.add_argument(
+        "--tls-san", action="append", default=[], metavar="NAME", help="another name or IP for the certificate"
+    )
     command(
         commands,
         "serve",
@@ -307,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=False,
     )
     command(commands, "broker", cmd_broker, "run only the embedded broker", json_flag=False)
+    mosq = command(
+        commands,
+        "mosquitto-config",
+        cmd_mosquitto_config,
+        "write mosquitto.conf, dynamic security and ACL files for an external Mosquitto 2.0",
+    )
+    mosq.add_argument("outdir", type=Path, metavar="OUTDIR", help="where to write them (created 0700)")
+    mosq.add_argument("--broker-dir", metavar="DIR", help="where Mosquitto sees OUTDIR (e.g. in a container)")
+    mosq.add_argument("--user", help="the user Mosquitto runs as when started as root (default: you)")
+    mosq.add_argument("--plugin", metavar="PATH", help="mosquitto_dynamic_security.so (default: found here)")
+    mosq.add_argument("--bind", metavar="ADDRESS", help="listen address (default: broker.host)")
 
     tenant = commands.add_parser("tenant", help="create and list tenants").add_subparsers(
         dest="tenant_command", required=True, metavar="ACTION"
@@ -364,8 +500,35 @@ def build_parser() -> argparse.ArgumentParser:
     command(ops, "list", cmd_ops_user_list, "list ops users")
     command(ops, "delete", cmd_ops_user_delete, "delete an ops user").add_argument("name")
 
+    tls_cmd = commands.add_parser("tls", help="the broker's TLS certificate and private CA").add_subparsers(
+        dest="tls_command", required=True, metavar="ACTION"
+    )
+    tls_init = command(
+        tls_cmd, "init", cmd_tls_init, "create the private CA and server certificate in <data_dir>/tls if missing"
+    )
+    tls_init.add_argument(
+        "--tls-san", "--san", action="append", default=[], metavar="NAME", help="another name or IP to cover"
+    )
+    tls_init.add_argument(
+        "--force", action="store_true", help="re-issue the server certificate and key (same CA: devices keep working)"
+    )
+    tls_init.add_argument(
+        "--new-ca", action="store_true", help="replace the CA too: every device must be given the new ca.pem"
+    )
+    command(tls_cmd, "show", cmd_tls_show, "the CA fingerprint, the certificate's names and expiry dates")
+
     command(commands, "cloud-key", cmd_cloud_key, "print the cloud public key to burn into firmware")
     command(commands, "jwks", cmd_jwks, "print the JWKS that verifies device tokens", json_flag=False)
+
+    keys = commands.add_parser("keys", help="the bridge's cloud and token keys: rotate, list").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    rotate = command(keys, "rotate", cmd_keys_rotate, "make a new cloud or token key the active one")
+    which = rotate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--token", action="store_true", help="a new token-signing key (old tokens stay valid)")
+    which.add_argument("--cloud", action="store_true", help="a new cloud key for new firmware (devices keep theirs)")
+    command(keys, "list", cmd_keys_list, "every key on disk: active or retired, and when a token key can go")
+    command(keys, "prune", cmd_keys_prune, "remove retired token keys whose tokens have all expired")
     return parser
 
 

@@ -25,8 +25,12 @@ class BrokerSettings(BaseModel):
     mode: Literal["embedded", "external"] = "embedded"
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
-    tls: bool = False
-    ca_file: Path | None = None
+    tls: bool = False  # the bridge's own connection; devices follow tls_listen (bridge/tls.py)
+    ca_file: Path | None = None  # default: <data_dir>/tls/ca.pem when it exists
+    # The broker's TLS listener: "auto" = when <data_dir>/tls/server.pem and server.key exist.
+    tls_port: int = Field(default=8883, ge=1, le=65535)
+    tls_listen: Literal["auto", "on", "off"] = "auto"
+    plain_listen: bool = True  # embedded broker: false = TLS only
     username: str = "provbridge-bridge"
     password_file: Path | None = None  # default: <data_dir>/bridge.secret
     client_id: str = "provbridge-bridge"
@@ -35,12 +39,21 @@ class BrokerSettings(BaseModel):
     # What devices are told to connect to, when it differs from what the bridge uses (NAT, DNS name).
     advertise_host: str | None = None
     advertise_port: int | None = Field(default=None, ge=1, le=65535)
+    # The bridge's own MQTT version. With "5" it answers a claim's Response Topic + Correlation Data.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    # External mode: mirror each device token into Mosquitto's dynamic-security plugin (bridge/dynsec.py).
+    dynsec: bool = True
+    dynsec_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How often expired device tokens are removed from Mosquitto (the granularity of expiry there).
+    dynsec_janitor_seconds: float = Field(default=30.0, gt=0)
 
 
 class TokenSettings(BaseModel):
     ttl_seconds: int = Field(default=900, ge=60)
     issuer: str = "provbridge"
     audience: str = "provbridge-mqtt"
+    # A token refresh is refused when its timestamp is further than this from the bridge's clock.
+    refresh_skew_seconds: int = Field(default=300, ge=10, le=3600)
 
     @model_validator(mode="after")
     def _ttl_is_capped(self) -> "TokenSettings":

@@ -1,8 +1,9 @@
 """Key material on disk under the data directory. Private files are created with mode 0600.
 
 data/keys/cloud-<kid>.pem   cloud ECDH private keys (all kept: devices stay bound to theirs)
-data/keys/token-<kid>.pem   token-signing private keys
-data/keys/active.json       {"cloud": kid, "token": kid}: the ones new claims use
+data/keys/token-<kid>.pem   token-signing private keys (a retired one is pruned once its tokens expired)
+data/keys/active.json       {"cloud": kid, "token": kid}: the ones new claims use, plus when older ones
+                            retired (`bridge.rotation`)
 data/cloud_public.pem       public half of the active cloud key, to burn into firmware
 data/jwks.json              public token keys, for brokers and backends that verify tokens
 data/bridge.secret          the bridge's broker password
@@ -80,16 +81,21 @@ def create_keys(data_dir: Path) -> KeyRing:
     """Generate the first cloud and token keys and the bridge secret (only when none exist)."""
     cloud = crypto.generate_private_key()
     token = crypto.generate_private_key()
-    cloud_kid, token_kid = crypto.key_id(cloud.public_key()), crypto.key_id(token.public_key())
+    cloud_kid, token_kid = store_private_key(data_dir, "cloud", cloud), store_private_key(data_dir, "token", token)
     kdir = keys_dir(data_dir)
-    write_private(kdir / f"cloud-{cloud_kid}.pem", _pem(cloud))
-    write_private(kdir / f"token-{token_kid}.pem", _pem(token))
     write_private(data_dir / "bridge.secret", secrets.token_urlsafe(32).encode("ascii") + b"\n")
     write_ops_users(data_dir, {})
     write_public(kdir / "active.json", json.dumps({"cloud": cloud_kid, "token": token_kid}).encode())
     ring = load_keys(data_dir)
     publish_public_keys(data_dir, ring)
     return ring
+
+
+def store_private_key(data_dir: Path, kind: str, key: ec.EllipticCurvePrivateKey) -> str:
+    """Write `keys/<kind>-<kid>.pem` (0600) for a "cloud" or "token" key; returns its kid."""
+    kid = crypto.key_id(key.public_key())
+    write_private(keys_dir(data_dir) / f"{kind}-{kid}.pem", _pem(key))
+    return kid
 
 
 def load_keys(data_dir: Path) -> KeyRing:

@@ -1,7 +1,8 @@
 """Turning one claim into one answer.
 
-The decisions are pure functions over data (`parse_claim`, `key_denial`, `reclaim_action`,
-`seal_credentials`); `Provisioner.handle` runs them inside one database transaction, so a
+The decisions are pure functions over data (`parse_claim`, `key_denial`, `reclaim_action`; the
+token and sealed credentials come from `bridge.credentials`, shared with token refresh);
+`Provisioner.handle` runs them inside one database transaction, so a
 claim either creates everything (device row, key use, stored answer, events) or nothing.
 """
 
@@ -14,18 +15,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bridge import secrets
 from bridge.config import Settings
+from bridge.credentials import device_key_of, issue_credentials, sealed_answer
 from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
+from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, ProvisionKey, Store
-from bridge.tokens import fill_scope, mint_token
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import (
@@ -33,17 +34,15 @@ from provwire.models import (
     Claim,
     ClaimError,
     ClaimOk,
-    Credentials,
     Event,
     FieldError,
-    MqttCredentials,
-    Sealed,
     to_json,
 )
 
 log = logging.getLogger("provbridge.claims")
 
 NO_TENANT = "_"
+M = TypeVar("M", bound=BaseModel)
 DENIED_MESSAGE = "provisioning key not accepted"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,64}")
 
@@ -94,14 +93,19 @@ def readable_request_id(payload: bytes) -> str | None:
 
 
 def parse_claim(payload: bytes) -> Claim | ClaimError:
-    if len(payload) > MAX_CLAIM_BYTES:
+    return parse_request(Claim, payload, MAX_CLAIM_BYTES, "claim")
+
+
+def parse_request(model: type[M], payload: bytes, max_bytes: int, what: str) -> M | ClaimError:
+    """A device's message as `model`, or the validation_error answer that tells it which fields are wrong."""
+    if len(payload) > max_bytes:
         return ClaimError(
             code=ErrorCode.VALIDATION_ERROR,
-            message=f"claim is larger than {MAX_CLAIM_BYTES} bytes",
+            message=f"{what} is larger than {max_bytes} bytes",
             errors=[FieldError(field="", message="payload too large")],
         )
     try:
-        return Claim.model_validate_json(payload)
+        return model.model_validate_json(payload)
     except ValidationError as exc:
         # Messages only, never `input`: a bad claim may still carry a provisioning key.
         errors = [
@@ -111,7 +115,7 @@ def parse_claim(payload: bytes) -> Claim | ClaimError:
         return ClaimError(
             request_id=readable_request_id(payload),
             code=ErrorCode.VALIDATION_ERROR,
-            message="claim is not valid",
+            message=f"{what} is not valid",
             errors=errors[:20],
         )
 
@@ -144,11 +148,6 @@ def reclaim_action(device: Device | None, public_key: bytes, policy: str) -> Act
     return Action.ROTATE if policy == "rotate" else Action.EXISTS
 
 
-def seal_credentials(shared: bytes, request_id: str, credentials: Credentials) -> Sealed:
-    box = crypto.seal(crypto.derive_seal_key(shared, request_id), to_json(credentials), request_id)
-    return Sealed(nonce=crypto.b64encode(box.nonce), ciphertext=crypto.b64encode(box.ciphertext))
-
-
 def claim_digest(claim: Claim) -> bytes:
     return hashlib.sha256(claim.model_dump_json().encode("utf-8")).digest()
 
@@ -161,14 +160,37 @@ class _Context:
     client_id: str
     claim: Claim
     now: float
+    keys: KeyRing  # one snapshot per claim: a rotation mid-claim must not mix a key with another kid
     events: list[Event] = field(default_factory=list)
 
 
+def retryable_error(settings: Settings, request_id: str | None, message: str) -> bytes:
+    return to_json(
+        ClaimError(
+            request_id=request_id,
+            code=ErrorCode.INTERNAL_ERROR,
+            message=message,
+            retry_after=settings.claims.retry_after_seconds,
+        )
+    )
+
+
+def record_events_safely(store: Store, events: list[Event]) -> None:
+    """Store events outside a transaction (refusals that change nothing else); a failure only costs the events."""
+    try:
+        for e in events:
+            store.add_event(e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
+    except (StorageError, sqlite3.Error) as exc:
+        log.warning("could not record %d event(s): %s", len(events), exc)
+
+
 class Provisioner:
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing, mirror: TokenMirror | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, keys: KeyRing | KeySource, mirror: TokenMirror | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.keys = keys
+        self.keys = keys  # a KeySource (`rotation.LiveKeyRing`) follows key rotations without a restart
         self.mirror: TokenMirror = mirror or NoMirror()
         self.prefix = settings.topic_prefix
 
@@ -195,7 +217,7 @@ class Provisioner:
             self._record_events_safely([event])
             return Outcome(reply_to, to_json(parsed), [event], "validation_error")
 
-        ctx = _Context(client_id, parsed, now)
+        ctx = _Context(client_id, parsed, now, current_ring(self.keys))
         try:
             answer = self._provision(ctx)
         except (StorageError, sqlite3.Error) as exc:
@@ -210,22 +232,15 @@ class Provisioner:
         return Outcome(reply_to, answer, ctx.events, ctx.events[0].event if ctx.events else "replayed")
 
     def _retryable(self, request_id: str | None, message: str) -> bytes:
-        return to_json(
-            ClaimError(
-                request_id=request_id,
-                code=ErrorCode.INTERNAL_ERROR,
-                message=message,
-                retry_after=self.settings.claims.retry_after_seconds,
-            )
-        )
+        return retryable_error(self.settings, request_id, message)
 
     def _error(self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None) -> bytes:
         return to_json(ClaimError(request_id=ctx.claim.request_id, code=code, message=message, errors=errors))
 
     def _provision(self, ctx: _Context) -> bytes:
         claim = ctx.claim
-        cloud_kid = claim.cloud_key_id or self.keys.active_cloud
-        cloud_key = self.keys.cloud.get(cloud_kid)
+        cloud_kid = claim.cloud_key_id or ctx.keys.active_cloud
+        cloud_key = ctx.keys.cloud.get(cloud_kid)
         if cloud_key is None:
             ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason="unknown_cloud_key"))
             self._record_events_safely(ctx.events)
@@ -323,45 +338,9 @@ class Provisioner:
     def _success(
         self, ctx: _Context, device: Device, created: bool, api_key: str, shared: bytes, cloud_kid: str
     ) -> ClaimOk:
-        profile = self.settings.profiles.get(device.profile) or self.settings.profiles["default"]
-        grant = mint_token(
-            key=self.keys.token_key,
-            kid=self.keys.active_token,
-            issuer=self.settings.token.issuer,
-            audience=self.settings.token.audience,
-            device_id=device.id,
-            tenant=device.tenant_name,
-            publish=fill_scope(profile.publish, device.id, device.tenant_name),
-            subscribe=fill_scope(profile.subscribe, device.id, device.tenant_name),
-            now=int(ctx.now),
-            ttl_seconds=self.settings.token.ttl_seconds,
-        )
-        self.mirror.grant(device.id, grant)  # inside the transaction: no answer without a broker that knows it
-        broker = self.settings.broker
-        credentials = Credentials(
-            api_key=api_key,
-            mqtt=MqttCredentials(
-                host=broker.advertise_host or broker.host,
-                port=broker.advertise_port or broker.port,
-                tls=broker.tls,
-                client_id=device.id,
-                username=device.id,
-                token=grant.token,
-                expires_at=grant.expires_at,
-                publish=grant.publish,
-                subscribe=grant.subscribe,
-            ),
-        )
-        return ClaimOk(
-            request_id=ctx.claim.request_id,
-            device_id=device.id,
-            created=created,
-            labels=device.labels,
-            groups=device.groups,
-            profile=device.profile,
-            cloud_key_id=cloud_kid,
-            sealed=seal_credentials(shared, ctx.claim.request_id, credentials),
-        )
+        # Inside the transaction: no answer without a broker that knows the token (MirrorError rolls back).
+        credentials = issue_credentials(self.settings, ctx.keys, self.mirror, device, api_key, int(ctx.now))
+        return sealed_answer(ctx.claim.request_id, device, created, cloud_kid, shared, credentials)
 
     # --- refusals and events --------------------------------------------------------------
 
@@ -398,20 +377,13 @@ class Provisioner:
         )
 
     def _record_events_safely(self, events: list[Event]) -> None:
-        try:
-            for e in events:
-                self.store.add_event(e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
-        except (StorageError, sqlite3.Error) as exc:
-            log.warning("could not record %d event(s): %s", len(events), exc)
+        record_events_safely(self.store, events)
 
 
-def device_key(store: Store, keys: KeyRing, device_id: str) -> bytes:
+def device_key(store: Store, keys: KeyRing | KeySource, device_id: str) -> bytes:
     """The long-term device key of a device, for trusted backend code (HMACs, payload encryption).
 
     Re-derived from the cloud private key the device claimed with and its stored public key; it is
     never stored nor transmitted.
     """
-    device = store.device(device_id)
-    cloud: ec.EllipticCurvePrivateKey = keys.cloud[device.cloud_key_id]
-    shared = crypto.shared_secret(cloud, crypto.public_key_from_sec1(device.public_key))
-    return crypto.derive_device_key(shared)
+    return device_key_of(store.device(device_id), current_ring(keys))

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS events (
     event TEXT NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS refresh_requests (
+    device_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (device_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS refresh_requests_expiry ON refresh_requests (expires_at);
 """
 
 
@@ -361,6 +368,22 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
         return self.device(device_id)
 
+    @staticmethod
+    def device_by_id(db: sqlite3.Connection, device_id: str) -> Device | None:
+        row = db.execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
+        return None if row is None else _device(row)
+
+    def revoked_devices(self, since: int) -> list[tuple[str, int]]:
+        """(device id, time of revocation) of the devices revoked at or after `since`.
+
+        A revoked row is never updated again (re-claims and refreshes of it are refused), so its
+        updated_at is the time it was revoked.
+        """
+        rows = self.read().execute(
+            "SELECT id, updated_at FROM devices WHERE status = 'revoked' AND updated_at >= ? ORDER BY id", (since,)
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     def api_key_hash(self, device_id: str) -> bytes:
         row = self.read().execute("SELECT api_key_hash FROM devices WHERE id = ?", (device_id,)).fetchone()
         if row is None:
@@ -391,6 +414,25 @@ class Store:
     def purge_answers(self, older_than: int) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM answers WHERE created_at < ?", (older_than,)).rowcount
+
+    # --- token refresh replay protection -------------------------------------------------
+
+    @staticmethod
+    def refresh_seen(db: sqlite3.Connection, device_id: str, request_id: str, now: int) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM refresh_requests WHERE device_id = ? AND request_id = ? AND expires_at >= ?",
+            (device_id, request_id, now),
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def remember_refresh(db: sqlite3.Connection, device_id: str, request_id: str, expires_at: int) -> None:
+        db.execute("INSERT OR REPLACE INTO refresh_requests VALUES (?, ?, ?)", (device_id, request_id, expires_at))
+
+    @staticmethod
+    def purge_refreshes(db: sqlite3.Connection, now: int) -> int:
+        """Forget request ids whose timestamps are outside the skew window by now: they are refused anyway."""
+        return db.execute("DELETE FROM refresh_requests WHERE expires_at < ?", (now,)).rowcount
 
     # --- events --------------------------------------------------------------------------
 

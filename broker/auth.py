@@ -6,7 +6,8 @@
     "provision"                 anything                      provwire client id    provisioning
     bridge username             contents of the secret file   anything              bridge
     a name in ops_users.json    its password (SHA-256 kept)   anything              ops (read-only)
-    any other (the device id)   ES256 JWT, sub = device id    the device id         device
+    any other (the device id)   ES256 JWT, sub = device id    the device id         device, unless
+                                                                                    denylist.json lists it
 
 Everything else is refused.
 """
@@ -14,10 +15,12 @@ Everything else is refused.
 import hashlib
 import hmac
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker import acl
+from broker.denylist import Denylist
 from broker.errors import BrokerConfigError, ConnectRefused
 from broker.tokens import VerificationKeys, parse_jwks, verify_device_token
 from broker.watched import WatchedFile
@@ -50,6 +53,7 @@ class AuthSettings:
     jwks_file: Path
     bridge_secret_file: Path
     ops_users_file: Path | None = None
+    denylist_file: Path | None = None  # revoked devices (broker/denylist.py)
     prefix: str = DEFAULT_PREFIX
     audience: str = DEFAULT_AUDIENCE
     issuer: str = DEFAULT_ISSUER
@@ -79,6 +83,13 @@ class Authenticator:
         self._ops: WatchedFile[dict[str, bytes]] | None = (
             WatchedFile(settings.ops_users_file, parse_ops_users, {}) if settings.ops_users_file else None
         )
+        self._denylist = Denylist(settings.denylist_file) if settings.denylist_file else None
+
+    def is_revoked(self, grant: acl.Grant, now: float) -> bool:
+        """Whether a device session's device was revoked since: checked on every packet, not only at CONNECT."""
+        if grant.role is not acl.Role.DEVICE or self._denylist is None:
+            return False
+        return self._denylist.denies(str(grant.claims.get("sub", "")), now)
 
     def authenticate(self, *, client_id: str, username: str | None, password: str | None) -> acl.Grant:
         """The grant of this CONNECT, or ConnectRefused saying why (never echoing a credential)."""
@@ -121,4 +132,7 @@ class Authenticator:
             issuer=self.settings.issuer,
             device_id=device_id,
         )
-        return acl.device_grant(device_id, claims)
+        grant = acl.device_grant(device_id, claims)
+        if self.is_revoked(grant, time.time()):
+            raise ConnectRefused("device is revoked")
+        return grant

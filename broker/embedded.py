@@ -1,7 +1,8 @@
 """The embedded MQTT broker: settings, start, stop, and the blocking `provbridge broker` entry point.
 
-One plain TCP listener (TLS when a certificate and key are given), no websockets, no `$SYS`, and
-`ProvbridgeAclPlugin` as the only plugin. amqtt speaks MQTT 3.1.1 only.
+One plain TCP listener, made TLS when a certificate and key are given, or a second TLS listener
+beside it when a `tls_port` is given too; no websockets, no `$SYS`, and `ProvbridgeAclPlugin` as the
+only plugin. amqtt speaks MQTT 3.1.1 only.
 """
 
 import asyncio
@@ -45,6 +46,9 @@ class EmbeddedBrokerSettings:
     session_expiry_seconds: int | None = 24 * 3600
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # With a certificate: None makes the one listener (on `port`) TLS; a port adds a second listener,
+    # TLS, there. Python's server context refuses anything older than TLS 1.2.
+    tls_port: int | None = None
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -53,6 +57,11 @@ class EmbeddedBrokerSettings:
             raise BrokerConfigError(f"port {self.port} is out of range")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise BrokerConfigError("TLS needs both a certificate file and a key file")
+        if self.tls_port is not None:
+            if self.tls_cert_file is None:
+                raise BrokerConfigError("a TLS port needs a certificate file and a key file")
+            if not 1 <= self.tls_port <= 65535 or self.tls_port == self.port:
+                raise BrokerConfigError(f"TLS port {self.tls_port} is out of range or the plain port")
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -66,9 +75,13 @@ def _optional_path(path: Path | None) -> str | None:
 def broker_config(settings: EmbeddedBrokerSettings) -> dict[str, Any]:
     """The amqtt configuration dictionary for these settings."""
     listener: dict[str, Any] = {"type": "tcp", "bind": _bind_address(settings.host, settings.port)}
+    listeners = {"default": listener}
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         tls = {"ssl": True, "certfile": str(settings.tls_cert_file), "keyfile": str(settings.tls_key_file)}
-        listener |= tls
+        if settings.tls_port is None:
+            listener |= tls
+        else:
+            listeners["tls"] = {"type": "tcp", "bind": _bind_address(settings.host, settings.tls_port)} | tls
     plugin = {
         "data_dir": str(settings.data_dir),
         "jwks_file": _optional_path(settings.jwks_file),
@@ -81,7 +94,7 @@ def broker_config(settings: EmbeddedBrokerSettings) -> dict[str, Any]:
         "allow_anonymous_provisioning": settings.allow_anonymous_provisioning,
     }
     return {
-        "listeners": {"default": listener},
+        "listeners": listeners,
         "session_expiry_interval": settings.session_expiry_seconds,
         # Replaces amqtt's defaults, which add $SYS topics, anonymous auth and per-packet logging.
         "plugins": {PLUGIN_PATH: plugin},
@@ -105,6 +118,8 @@ async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeB
     except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
         raise BrokerStartError(f"cannot start the MQTT broker: {exc}") from exc
     logger.info("MQTT broker listening on %s:%d", settings.host, broker.port)
+    if settings.tls_port is not None:
+        logger.info("MQTT broker listening with TLS on %s:%d", settings.host, settings.tls_port)
     return broker
 
 

@@ -37,6 +37,7 @@ from broker.auth import (
     Authenticator,
     AuthSettings,
 )
+from broker.denylist import DENYLIST_FILE_NAME
 from broker.errors import ConnectRefused
 from provwire.topics import DEFAULT_PREFIX
 
@@ -58,6 +59,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         jwks_file: str | None = None  # default: <data_dir>/jwks.json
         bridge_secret_file: str | None = None  # default: <data_dir>/bridge.secret
         ops_users_file: str | None = None  # default: <data_dir>/ops_users.json
+        denylist_file: str | None = None  # default: <data_dir>/denylist.json
         prefix: str = DEFAULT_PREFIX
         audience: str = DEFAULT_AUDIENCE
         issuer: str = DEFAULT_ISSUER
@@ -73,6 +75,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
                 jwks_file=Path(config.jwks_file or data_dir / JWKS_FILE_NAME),
                 bridge_secret_file=Path(config.bridge_secret_file or data_dir / BRIDGE_SECRET_FILE_NAME),
                 ops_users_file=Path(config.ops_users_file or data_dir / OPS_USERS_FILE_NAME),
+                denylist_file=Path(config.denylist_file or data_dir / DENYLIST_FILE_NAME),
                 prefix=config.prefix,
                 audience=config.audience,
                 issuer=config.issuer,
@@ -105,4 +108,6 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         grant = None if session is None else grant_of(session)
         if grant is None or topic is None or action is None:
             return False
-        return grant.permits(Access(str(action)), topic, time.time())
+        now = time.time()
+        # A revoked device keeps its verified grant until its token expires: the denylist ends it sooner.
+        return grant.permits(Access(str(action)), topic, now) and not self.authenticator.is_revoked(grant, now)

@@ -1,7 +1,9 @@
 """One device's side of protocol v1, as a small library.
 
-Pure steps (no I/O):  `build_claim` -> bytes on the wire -> `open_answer` -> `ProvisionResult`.
-Blocking I/O:         `claim_over_mqtt` (claim, with retries) and `connect_with_token` (prove the token).
+Pure steps (no I/O):  `build_claim` -> bytes on the wire -> `open_answer` -> `ProvisionResult`;
+                      `build_token_refresh` (the MAC'd refresh request; its answer opens the same way).
+Blocking I/O:         `claim_over_mqtt` (claim, with retries), `refresh_over_mqtt` (a fresh token, no
+                      provisioning key needed) and `connect_with_token` (prove the token).
 
 Firmware authors can read this file next to docs/PROTOCOL.md: every protocol step is one function.
 """
@@ -13,6 +15,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from provwire.models import (
     Credentials,
     Hardware,
     Network,
+    TokenRefresh,
     to_json,
 )
 from provwire.topics import topic_matches
@@ -149,6 +153,17 @@ def build_claim(
         network=network,
         agent_version=AGENT_VERSION,
     )
+
+
+def device_key_for(identity: DeviceIdentity, cloud_public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """The device key (PROTOCOL.md section 9.2): the same value the bridge derives, never transmitted."""
+    return crypto.derive_device_key(crypto.shared_secret(identity.private_key, cloud_public_key))
+
+
+def build_token_refresh(device_id: str, device_key: bytes, request_id: str, timestamp: int) -> TokenRefresh:
+    """A token-refresh request: the MAC proves the device key without sending any secret (section 10.1)."""
+    mac = crypto.refresh_mac(device_key, device_id, request_id, timestamp)
+    return TokenRefresh(request_id=request_id, device_id=device_id, timestamp=timestamp, mac=crypto.b64encode(mac))
 
 
 @dataclass(frozen=True)
@@ -351,8 +366,94 @@ def claim_over_mqtt(
             cloud_key_id=crypto.key_id(cloud_public_key),
         )
     )
-    claim_topic = topics.claim_topic(prefix, identity.client_id)
-    response_topic = topics.response_topic(prefix, identity.client_id)
+    return _exchange(
+        _Exchange(
+            host, port, identity, cloud_public_key, prefix, timeout, max_attempts, username, tls, ca_file, cancel
+        ),
+        topics.claim_topic(prefix, identity.client_id),
+        lambda: (request_id, payload),  # every re-send is the same bytes: the bridge replays its answer
+    )
+
+
+def refresh_over_mqtt(
+    host: str,
+    port: int,
+    identity: DeviceIdentity,
+    device_id: str,
+    cloud_public_key: ec.EllipticCurvePublicKey,
+    prefix: str = topics.DEFAULT_PREFIX,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    *,
+    username: str | None = None,
+    tls: bool = False,
+    ca_file: Path | None = None,
+    cancel: threading.Event | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ProvisionResult:
+    """Get a fresh token for a provisioned device over its token topic; no provisioning key needed.
+
+    `cloud_public_key` must be the cloud key the device was provisioned with: the MAC's device key is
+    derived from it. The device connects as a provisioning client (its claim client id; anonymous or
+    `username`), since its token may have expired. Unlike a claim, every send is a new request (new
+    request_id, timestamp and MAC): the bridge refuses a request_id it has seen, so a re-send of the same
+    bytes could only be refused. An answer to any request sent is accepted. Same errors as claim_over_mqtt;
+    `result.credentials.api_key` is "" (keep the stored one, `merge_reclaim`).
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    device_key = device_key_for(identity, cloud_public_key)
+
+    def next_request() -> tuple[str, bytes]:
+        request_id = new_request_id()
+        return request_id, to_json(build_token_refresh(device_id, device_key, request_id, int(clock())))
+
+    return _exchange(
+        _Exchange(
+            host, port, identity, cloud_public_key, prefix, timeout, max_attempts, username, tls, ca_file, cancel
+        ),
+        topics.token_topic(prefix, identity.client_id),
+        next_request,
+    )
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """Where and how one device talks to the bridge: a request topic out, its response topic in."""
+
+    host: str
+    port: int
+    identity: DeviceIdentity
+    cloud_public_key: ec.EllipticCurvePublicKey
+    prefix: str
+    timeout: float
+    max_attempts: int
+    username: str | None
+    tls: bool
+    ca_file: Path | None
+    cancel: threading.Event | None
+
+
+def _answered_request_id(answer: bytes) -> str | None:
+    try:
+        doc = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = doc.get("request_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _exchange(ex: _Exchange, request_topic: str, next_request: Callable[[], tuple[str, bytes]]) -> ProvisionResult:
+    """Send requests on `request_topic` until an answer to one of them opens, with the claim's retry policy.
+
+    `next_request()` gives the (request_id, payload) of each send. Answers to any request sent count
+    (a late answer to an earlier send is as good as the latest); others are stale and skipped.
+    """
+    host, port, identity, cloud_public_key = ex.host, ex.port, ex.identity, ex.cloud_public_key
+    timeout, max_attempts, cancel = ex.timeout, ex.max_attempts, ex.cancel
+    response_topic = topics.response_topic(ex.prefix, identity.client_id)
+    sent: list[str] = []
+    request_id = ""
 
     session: Session | None = None
     attempt = 0
@@ -375,12 +476,14 @@ def claim_over_mqtt(
                             identity.client_id,
                             response_topic,
                             timeout,
-                            username,
-                            tls,
-                            ca_file,
+                            ex.username,
+                            ex.tls,
+                            ex.ca_file,
                             cancel,
                         )
-                    session.publish(claim_topic, payload)
+                    request_id, payload = next_request()
+                    sent.append(request_id)  # before publishing: an answer may follow a publish that "failed"
+                    session.publish(request_topic, payload)
                 except BrokerRefused:
                     raise
                 except ConnectError as exc:
@@ -407,8 +510,11 @@ def claim_over_mqtt(
                 continue
             if message is None or message[0] != response_topic:
                 continue
+            answered = _answered_request_id(message[1])
             try:
-                result = open_answer(message[1], identity, cloud_public_key, request_id)
+                result = open_answer(
+                    message[1], identity, cloud_public_key, answered if answered in sent else request_id
+                )
             except StaleAnswer:
                 continue  # e.g. an answer retained from an earlier run
             except ClaimRejected as exc:
@@ -515,6 +621,7 @@ __all__ = [
     "DeviceIdentity",
     "ProvisionResult",
     "build_claim",
+    "build_token_refresh",
     "claim_over_mqtt",
     "client_id_for",
     "concrete_topic",
@@ -523,5 +630,6 @@ __all__ = [
     "merge_reclaim",
     "new_request_id",
     "open_answer",
+    "refresh_over_mqtt",
     "topic_matches",
 ]

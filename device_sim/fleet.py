@@ -21,6 +21,7 @@ from device_sim.device import (
     connect_with_token,
     device_state_dir,
     merge_reclaim,
+    refresh_over_mqtt,
 )
 from device_sim.errors import ClaimRejected, ClaimTimeout, ConnectError
 from device_sim.vault import Vault, ensure_private_dir
@@ -33,7 +34,7 @@ from provwire.models import Hardware, Network
 class FleetConfig:
     host: str
     port: int
-    provision_key: str = field(repr=False)
+    provision_key: str = field(repr=False)  # "" with `refresh`: only devices holding credentials can run
     cloud_public_key: ec.EllipticCurvePublicKey = field(repr=False)
     state_dir: Path
     prefix: str = topics.DEFAULT_PREFIX
@@ -46,6 +47,9 @@ class FleetConfig:
     claim_username: str | None = None  # None: claim anonymously
     tls: bool = False  # TLS for the claim connection; the token connection follows credentials.mqtt.tls
     ca_file: Path | None = None
+    # Devices holding credentials from an earlier run renew their token over the token topic (needs the
+    # cloud key they claimed with) instead of re-claiming; the others claim.
+    refresh: bool = False
 
 
 @dataclass
@@ -59,6 +63,7 @@ class DeviceOutcome:
     error: str | None = None  # the full reason of a failure
     device_id: str | None = None
     created: bool | None = None
+    refreshed: bool = False  # got its token by a token refresh, not a claim
     latency_ms: float | None = None
     attempts: int = 0
     topic: str | None = None
@@ -72,6 +77,7 @@ class DeviceOutcome:
             "error": self.error,
             "device_id": self.device_id,
             "created": self.created,
+            "refreshed": self.refreshed,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
             "attempts": self.attempts,
             "topic": self.topic,
@@ -85,31 +91,52 @@ def provision_device(config: FleetConfig, index: int, cancel: threading.Event | 
     stage = "identity"
     try:
         identity = DeviceIdentity.load_or_create(device_state_dir(config.state_dir, hardware_id), hardware_id)
-        stage = "claim"
-        result = claim_over_mqtt(
-            config.host,
-            config.port,
-            identity,
-            config.provision_key,
-            config.cloud_public_key,
-            prefix=config.prefix,
-            timeout=config.timeout,
-            max_attempts=config.max_attempts,
-            hardware=config.hardware,
-            network=config.network,
-            username=config.claim_username,
-            tls=config.tls,
-            ca_file=config.ca_file,
-            cancel=cancel,
-        )
+        assert identity.state_dir is not None  # load_or_create always sets it
+        vault = Vault(identity.state_dir)
+        stored = vault.load() if config.refresh else None
+        if stored is not None:
+            stage = "refresh"
+            result = refresh_over_mqtt(
+                config.host,
+                config.port,
+                identity,
+                stored.mqtt.client_id,  # the device id
+                config.cloud_public_key,
+                prefix=config.prefix,
+                timeout=config.timeout,
+                max_attempts=config.max_attempts,
+                username=config.claim_username,
+                tls=config.tls,
+                ca_file=config.ca_file,
+                cancel=cancel,
+            )
+            outcome.refreshed = True
+        else:
+            stage = "claim"
+            if not config.provision_key:
+                return _failed(outcome, "claim failed", "no stored credentials to refresh and no provisioning key")
+            result = claim_over_mqtt(
+                config.host,
+                config.port,
+                identity,
+                config.provision_key,
+                config.cloud_public_key,
+                prefix=config.prefix,
+                timeout=config.timeout,
+                max_attempts=config.max_attempts,
+                hardware=config.hardware,
+                network=config.network,
+                username=config.claim_username,
+                tls=config.tls,
+                ca_file=config.ca_file,
+                cancel=cancel,
+            )
         outcome.device_id = result.device_id
         outcome.created = result.created
         outcome.attempts = result.attempts
         outcome.latency_ms = None if result.latency_s is None else result.latency_s * 1000.0
         stage = "vault"
-        assert identity.state_dir is not None  # load_or_create always sets it
-        vault = Vault(identity.state_dir)
-        vault.store(merge_reclaim(vault.load(), result.credentials))
+        vault.store(merge_reclaim(stored or vault.load(), result.credentials))
         stage = "connect"
         outcome.topic = connect_with_token(
             config.host,

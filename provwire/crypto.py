@@ -4,12 +4,14 @@
     device_key  = HKDF-SHA256(ikm=shared, salt=none, info=DEVICE_KEY_INFO, 32 bytes)
     seal_key    = HKDF-SHA256(ikm=shared, salt=none, info=SEAL_KEY_INFO + request_id, 32 bytes)
     sealed      = AES-256-GCM(seal_key, nonce 12 bytes, plaintext, aad=request_id)
+    refresh mac = HMAC-SHA256(device_key, REFRESH_MAC_LABEL \n device_id \n request_id \n timestamp)
 
 The device computes the same `shared` from its private key and the cloud public key.
 """
 
 import base64
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ from provwire.errors import InvalidPublicKey, SealError
 
 DEVICE_KEY_INFO = b"provbridge v1 device key"
 SEAL_KEY_INFO = b"provbridge v1 response seal "
+REFRESH_MAC_LABEL = b"provbridge v1 token refresh"
+REFRESH_MAC_BYTES = 32
 NONCE_BYTES = 12
 SEC1_UNCOMPRESSED_LEN = 65
 
@@ -108,3 +112,25 @@ def open_sealed(key: bytes, box: SealedBox, request_id: str) -> bytes:
         return AESGCM(key).decrypt(box.nonce, box.ciphertext, request_id.encode("utf-8"))
     except InvalidTag as exc:
         raise SealError("sealed answer does not open with this key and request_id") from exc
+
+
+def refresh_mac_input(device_id: str, request_id: str, timestamp: int) -> bytes:
+    """The bytes a token-refresh MAC covers: label, device id, request id, decimal timestamp, newline-separated.
+
+    The fields' patterns exclude newlines, so the encoding is unambiguous; the label (which carries the
+    protocol version) keeps a refresh MAC from ever being valid as any other MAC made with the device key.
+    """
+    if timestamp < 0:
+        raise ValueError("timestamp must not be negative")
+    fields = (device_id.encode("ascii"), request_id.encode("ascii"), str(timestamp).encode("ascii"))
+    return b"\n".join((REFRESH_MAC_LABEL, *fields))
+
+
+def refresh_mac(device_key: bytes, device_id: str, request_id: str, timestamp: int) -> bytes:
+    """HMAC-SHA256 with the device key over `refresh_mac_input`: proves the request comes from the device."""
+    return hmac.new(device_key, refresh_mac_input(device_id, request_id, timestamp), hashlib.sha256).digest()
+
+
+def refresh_mac_matches(device_key: bytes, device_id: str, request_id: str, timestamp: int, mac: bytes) -> bool:
+    """Constant-time check of a refresh MAC, so response timing tells nothing about the expected value."""
+    return hmac.compare_digest(refresh_mac(device_key, device_id, request_id, timestamp), mac)

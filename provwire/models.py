@@ -177,3 +177,37 @@ class BridgeStatus(_Answer):
 def to_json(model: BaseModel) -> bytes:
     """The one serialisation used on the wire: compact, fields in model order, None fields left out."""
     return model.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+# --- token refresh (PROTOCOL.md section 10.1) ---------------------------------------------------
+
+MAX_REFRESH_BYTES = 1024
+DeviceId = Annotated[str, StringConstraints(pattern=r"^dev_[a-z2-7]{26}$")]
+
+
+class TokenRefresh(_Strict):
+    """What a provisioned device publishes on `{prefix}/token/{client_id}` to get a fresh token.
+
+    No secret travels: `mac` proves possession of the device key (`crypto.refresh_mac`). The answer
+    is a ClaimOk (its sealed Credentials have `api_key` "") or a ClaimError, on the response topic.
+    """
+
+    request_id: RequestId
+    device_id: DeviceId
+    timestamp: Annotated[int, Field(ge=0, le=1 << 40)]  # unix seconds; the bridge allows a clock skew window
+    mac: Annotated[str, StringConstraints(min_length=44, max_length=44)]
+
+    @field_validator("mac")
+    @classmethod
+    def _mac_is_base64_of_32_bytes(cls, value: str) -> str:
+        try:
+            raw = crypto.b64decode(value)
+        except ValueError as exc:
+            raise ValueError("mac must be standard base64") from exc
+        if len(raw) != crypto.REFRESH_MAC_BYTES:
+            raise ValueError("mac must encode 32 bytes")
+        return value
+
+    @property
+    def mac_bytes(self) -> bytes:
+        return crypto.b64decode(self.mac)

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ValidationError
 
 import provwire
+from bridge.config import TokenSettings
+from bridge.refresh import Refusal
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode, InvalidPublicKey, SealError
 
@@ -452,6 +454,74 @@ def test_json_examples_in_the_prose_match_the_vectors() -> None:
         assert any(_matches(example, actual) for actual in wire), f"example matches no vector: {example}"
 
 
+# --------------------------------------------------------------------------- token refresh (section 10.1)
+
+
+def _ref_refresh_mac_input(device_id: str, request_id: str, timestamp: str) -> bytes:
+    """The MAC input as section 10.1 describes it, written from the text."""
+    return b"provbridge v1 token refresh\n" + f"{device_id}\n{request_id}\n{timestamp}".encode("ascii")
+
+
+def test_refresh_fixed_inputs() -> None:
+    assert V["refresh_request_id"] == "tv1-" + _fixed("refresh request id")[:8].hex()
+    iat = json.loads(V["token_claims_json"])["iat"]
+    assert int(V["refresh_timestamp"]) == iat + 600
+    assert V["refresh_topic"] == topics.token_topic(topics.DEFAULT_PREFIX, V["claim_client_id"])
+    assert topics.client_id_of_token_topic(topics.DEFAULT_PREFIX, V["refresh_topic"]) == V["claim_client_id"]
+
+
+def test_refresh_mac() -> None:
+    device_id, request_id, timestamp = V["device_id"], V["refresh_request_id"], V["refresh_timestamp"]
+    mac_input = _ref_refresh_mac_input(device_id, request_id, timestamp)
+    assert mac_input == _h("refresh_mac_input_hex")
+    assert crypto.refresh_mac_input(device_id, request_id, int(timestamp)) == mac_input
+    mac = hmac.new(_h("device_key_hex"), mac_input, hashlib.sha256).digest()
+    assert mac == _h("refresh_mac_hex")
+    assert crypto.refresh_mac(_h("device_key_hex"), device_id, request_id, int(timestamp)) == mac
+    assert crypto.refresh_mac_matches(_h("device_key_hex"), device_id, request_id, int(timestamp), mac)
+    for other in ((device_id, request_id, int(timestamp) + 1), (device_id, V["request_id"], int(timestamp))):
+        assert not crypto.refresh_mac_matches(_h("device_key_hex"), *other, mac)
+
+
+def test_refresh_json_is_byte_identical_to_the_model_serialisation() -> None:
+    raw = V["refresh_json"].encode("utf-8")
+    assert len(raw) <= models.MAX_REFRESH_BYTES
+    refresh = models.TokenRefresh.model_validate_json(raw)
+    assert models.to_json(refresh) == raw
+    assert refresh.device_id == V["device_id"] and refresh.request_id == V["refresh_request_id"]
+    assert refresh.timestamp == int(V["refresh_timestamp"])
+    assert refresh.mac == base64.b64encode(_h("refresh_mac_hex")).decode("ascii")
+    assert refresh.mac_bytes == _h("refresh_mac_hex")
+
+
+INVALID_REFRESHES = sorted(name for name in V if name.startswith("invalid_refresh."))
+
+
+def test_there_are_invalid_refresh_vectors() -> None:
+    assert len(INVALID_REFRESHES) >= 5
+
+
+@pytest.mark.parametrize("name", INVALID_REFRESHES)
+def test_invalid_refresh_is_refused_on_its_field(name: str) -> None:
+    field, patch = V[name].split(" ", 1)
+    payload = json.loads(V["refresh_json"]) | json.loads(patch)
+    with pytest.raises(ValidationError) as caught:
+        models.TokenRefresh.model_validate_json(json.dumps(payload))
+    assert {".".join(str(part) for part in error["loc"]) for error in caught.value.errors()} == {field}
+
+
+def test_refresh_situation_table() -> None:
+    rows = _table("refresh-situations")
+    answers = " ".join(row["answer"] for row in rows)
+    used = set(re.findall(r"`([a-z_]+)`", answers))
+    assert used - {"errors", "retry_after"} == {code.value for code in ErrorCode} - {"device_exists"}
+    reasons = {
+        re.findall(r"`([a-z_]+)`", row["`reason` in the `token.refresh_rejected` event"])[0] for row in rows[:-2]
+    }
+    assert reasons == {r.value for r in Refusal}
+    assert all(f"`{r.value}`" in DOC for r in Refusal)
+
+
 # --------------------------------------------------------------------------- the tables and constants
 
 WIRE_MODELS: dict[str, type[BaseModel]] = {
@@ -531,8 +601,10 @@ def test_topic_table() -> None:
         topics.response_topic("{prefix}", "{client_id}"),
         topics.event_topic("{prefix}", "{tenant}", "{event}"),
         topics.status_topic("{prefix}"),
+        topics.token_topic("{prefix}", "{client_id}"),
     }
     assert topics.claim_subscription("{prefix}") in DOC
+    assert topics.token_subscription("{prefix}") in DOC
 
 
 def test_constants_in_the_prose() -> None:
@@ -540,6 +612,9 @@ def test_constants_in_the_prose() -> None:
     assert f"`{topics.DEFAULT_PREFIX}`" in DOC
     assert f"`{topics.CLIENT_ID_RE.pattern}`" in DOC
     assert models.MAX_CLAIM_BYTES == 16384 and "16384 bytes" in DOC
+    assert models.MAX_REFRESH_BYTES == 1024 and "at most 1024 bytes" in DOC
+    assert f"`{crypto.REFRESH_MAC_LABEL.decode()}`" in DOC
+    assert "300 s" in DOC and TokenSettings().refresh_skew_seconds == 300
     assert crypto.SEC1_UNCOMPRESSED_LEN == 65 and crypto.NONCE_BYTES == 12
     for bad in ("", "a/b", "a+b", "x" * 65, "é"):
         assert not topics.is_valid_client_id(bad)

@@ -31,6 +31,7 @@ P256_X0_Y = 0x66485C780E2F83D72433BD5D84A06BB6541C2AF31DAE871728BF856A174F93F4
 
 ISSUED_AT = 1735689600  # 2025-01-01T00:00:00Z
 TOKEN_TTL = 900
+REFRESHED_AT = ISSUED_AT + 600  # the token refresh vector: 10 minutes after the claim
 
 
 def fixed(name: str) -> bytes:
@@ -181,6 +182,24 @@ def build() -> list[Section]:
     compressed = bytes([0x02 | (device_pub[-1] & 1)]) + device_pub[1:33]
     wrong_request_id = request_id[:-1] + ("0" if request_id[-1] != "0" else "1")
 
+    refresh_request_id = "tv1-" + fixed("refresh request id")[:8].hex()
+    refresh_mac = crypto.refresh_mac(device_key, device_id, refresh_request_id, REFRESHED_AT)
+    refresh = models.TokenRefresh(
+        request_id=refresh_request_id,
+        device_id=device_id,
+        timestamp=REFRESHED_AT,
+        mac=crypto.b64encode(refresh_mac),
+    )
+    invalid_refreshes = [
+        ("device_id_uppercase", "device_id", {"device_id": device_id.upper()}),
+        ("timestamp_string", "timestamp", {"timestamp": str(REFRESHED_AT)}),
+        ("timestamp_negative", "timestamp", {"timestamp": -1}),
+        ("mac_31_bytes", "mac", {"mac": crypto.b64encode(refresh_mac[:31])}),
+        ("mac_urlsafe", "mac", {"mac": refresh.mac.replace("+", "-").replace("/", "_")}),
+        ("request_id_null", "request_id", {"request_id": None}),
+        ("unknown_field", "hardware_id", {"hardware_id": claim.hardware_id}),
+    ]
+
     # The message texts are those the bridge sends today; they are not part of the contract.
     errors = [
         models.ClaimError(
@@ -232,7 +251,29 @@ def build() -> list[Section]:
             hardware_id=claim.hardware_id,
             reason="unknown_key",
         ),
+        models.Event(
+            event="token.refreshed",
+            time="2025-01-01T00:10:00.000Z",
+            tenant=tenant,
+            request_id=refresh_request_id,
+            client_id=client_id,
+            hardware_id=claim.hardware_id,
+            device_id=device_id,
+        ),
+        models.Event(
+            event="token.refresh_rejected",
+            time="2025-01-01T00:10:00.000Z",
+            tenant=tenant,
+            request_id=refresh_request_id,
+            client_id=client_id,
+            hardware_id=claim.hardware_id,
+            device_id=device_id,
+            reason="bad_mac",
+        ),
     ]
+    refresh_denied = models.ClaimError(
+        request_id=refresh_request_id, code=ErrorCode.PERMISSION_DENIED, message="token refresh not accepted"
+    )
 
     off_curve_b64 = crypto.b64encode(off_curve)
     invalid_claims = [
@@ -321,6 +362,17 @@ def build() -> list[Section]:
             ],
         ),
         (
+            "token refresh (section 10.1): device_key_hex and device_id as above; the request (on refresh_topic)",
+            [
+                ("refresh_request_id", refresh_request_id),
+                ("refresh_timestamp", str(REFRESHED_AT)),
+                ("refresh_topic", topics.token_topic(topics.DEFAULT_PREFIX, client_id)),
+                ("refresh_mac_input_hex", crypto.refresh_mac_input(device_id, refresh_request_id, REFRESHED_AT).hex()),
+                ("refresh_mac_hex", refresh_mac.hex()),
+                ("refresh_json", models.to_json(refresh).decode("utf-8")),
+            ],
+        ),
+        (
             "key formats",
             [
                 ("provision_key", provision_key),
@@ -355,8 +407,13 @@ def build() -> list[Section]:
             [(f"invalid_claim.{name}", f"{field} {compact(patch)}") for name, field, patch in invalid_claims],
         ),
         (
+            "token refreshes answered validation_error: <field> <JSON members that replace those of refresh_json>",
+            [(f"invalid_refresh.{name}", f"{field} {compact(patch)}") for name, field, patch in invalid_refreshes],
+        ),
+        (
             "other messages, exactly as serialised on the wire",
             [(f"error_{e.code.value}{'' if e.request_id else '_unreadable'}_json", _j(e)) for e in errors]
+            + [("error_permission_denied_refresh_json", _j(refresh_denied))]
             + [(f"event_{e.event.replace('.', '_')}_json", _j(e)) for e in events]
             + [
                 ("status_online_json", _j(models.BridgeStatus(status="online"))),

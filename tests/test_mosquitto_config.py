@@ -1,0 +1,261 @@
+"""`provbridge mosquitto-config`: rules derived from broker.acl (no drift), files, hashes, TLS, and how
+the mirror fails when the broker does not confirm."""
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge import admin, keyfiles
+from bridge.config import Settings
+from bridge.dynsec import revoke_on_mosquitto
+from bridge.mirror import MirrorError
+from bridge.mosquitto_files import ops_user_created, write_mosquitto_config
+from bridge.store import Store
+from broker import acl
+from broker import mosquitto_conf as mc
+from provwire import topics
+from provwire.errors import ErrorCode
+from provwire.models import ClaimError, ClaimOk
+from tests.conftest import Device
+from tests.mosquitto import (
+    Client,
+    MosquittoBridge,
+    RunningMosquitto,
+    external_settings,
+    mosquitto_bridge,
+    require_mosquitto,
+    run_cli,
+    serving,
+)
+
+PREFIXES = ["prov/v1", "acme/provisioning/v2"]
+
+
+# --- the rules, derived from the role table -----------------------------------------------------
+
+
+def _allowed(role: dict[str, object]) -> dict[mc.AclType, set[str]]:
+    return mc.allowed_filters(role)  # type: ignore[arg-type]
+
+
+def _as_grant_sets(grant: acl.Grant) -> dict[mc.AclType, set[str]]:
+    return {
+        mc.AclType.PUBLISH: set(grant.publish),
+        mc.AclType.SUBSCRIBE: set(grant.subscribe),
+        mc.AclType.RECEIVE: set(grant.receive),
+    }
+
+
+def _closes(role: dict[str, object], types: tuple[mc.AclType, ...] = tuple(mc.AclType)) -> bool:
+    denies = {(a["acltype"], a["topic"]) for a in role["acls"] if not a["allow"]}  # type: ignore[attr-defined]
+    return all((t.value, f) in denies for t in types for f in mc.CLOSING_DENY_FILTERS)
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_mosquitto_roles_equal_the_embedded_brokers_grants(prefix: str) -> None:
+    control = {
+        mc.AclType.PUBLISH: {mc.CONTROL_TOPIC},
+        mc.AclType.SUBSCRIBE: {mc.CONTROL_RESPONSE_TOPIC},
+        mc.AclType.RECEIVE: {mc.CONTROL_RESPONSE_TOPIC},
+    }
+    bridge_role = mc.bridge_role(prefix, "provbridge-bridge")
+    expected = _as_grant_sets(acl.bridge_grant(prefix, "provbridge-bridge"))
+    assert _allowed(bridge_role) == {t: expected[t] | control[t] for t in mc.AclType}
+    assert _allowed(mc.ops_role(prefix)) == _as_grant_sets(acl.ops_grant(prefix, "anyone"))
+
+    claims = {"acl": {"pub": ["devices/d1/up/#", "fleet/+/d1"], "sub": ["devices/d1/down/#"]}, "exp": 2_000_000_000}
+    device = acl.device_grant("dev_d1", claims)
+    role = mc.device_role(
+        "dev_d1", mc.device_grant("dev_d1", ["devices/d1/up/#", "fleet/+/d1"], ["devices/d1/down/#"], 2_000_000_000)
+    )
+    assert _allowed(role) == _as_grant_sets(device)
+    for closed in (bridge_role, mc.ops_role(prefix), role):
+        assert _closes(closed), "dynamic security must never defer to the acl_file for these accounts"
+
+    # Provisioning: the acl_file's patterns are provisioning_grant with %c for the client id ...
+    cid = f"c-{uuid.uuid4().hex[:16]}"
+    grant = acl.provisioning_grant(prefix, cid)
+    text = mc.acl_file_text(prefix)
+    writes = {line.split()[-1].replace("%c", cid) for line in text.splitlines() if line.startswith("pattern write")}
+    reads = {line.split()[-1].replace("%c", cid) for line in text.splitlines() if line.startswith("pattern read")}
+    assert writes == set(grant.publish) and reads == set(grant.receive)
+    # ... and its role only narrows SUBSCRIBE (the acl_file cannot), leaving publish and delivery to it.
+    provisioning = mc.provisioning_role(prefix)
+    allowed = _allowed(provisioning)
+    assert allowed[mc.AclType.PUBLISH] == allowed[mc.AclType.RECEIVE] == set()
+    assert {f.replace("+", cid) for f in allowed[mc.AclType.SUBSCRIBE]} == set(grant.subscribe)
+    assert _closes(provisioning, (mc.AclType.SUBSCRIBE,))
+    assert all(a["acltype"] == mc.AclType.SUBSCRIBE.value for a in provisioning["acls"])  # type: ignore[index]
+
+
+def test_password_hashes_are_the_ones_mosquitto_computes(tmp_path: Path) -> None:
+    require_mosquitto()
+    ctrl = shutil.which("mosquitto_ctrl")
+    assert ctrl, "mosquitto_ctrl ships with the mosquitto package"
+    path = tmp_path / "init.json"
+    subprocess.run([ctrl, "dynsec", "init", str(path), "admin", "s3cret-pass"], check=True, capture_output=True)
+    stored = mc.PasswordHash.from_json(json.loads(path.read_text())["clients"][0])
+    assert mc.password_matches("s3cret-pass", stored)
+    assert not mc.password_matches("s3cret-pasS", stored)
+    ours = mc.hash_password("s3cret-pass", salt=b"0123456789ab")
+    assert ours.iterations == mc.PBKDF2_ITERATIONS and mc.password_matches("s3cret-pass", ours)
+    assert "s3cret" not in repr(ours)
+
+
+# --- the files ----------------------------------------------------------------------------------
+
+
+def test_generated_files_modes_accounts_and_directives(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = external_settings(initialised[0])
+    ops_password = admin.create_ops_user(settings, "auditor")
+    ops_user_created(settings, "auditor", ops_password)
+    admin.create_ops_user(settings, "legacy")  # made without its dynamic-security hash
+    outdir = settings.data_dir.parent / "mosq"
+    capsys.readouterr()
+    assert run_cli(settings, "mosquitto-config", str(outdir), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ops_users"] == ["auditor"] and report["ops_missing"] == ["legacy"]
+
+    assert outdir.stat().st_mode & 0o777 == 0o700
+    state_file = outdir / mc.DYNSEC_FILE
+    assert state_file.stat().st_mode & 0o777 == 0o600
+    state = json.loads(state_file.read_text())
+    clients = {c["username"]: c for c in state["clients"]}
+    secret = keyfiles.read_secret(settings.bridge_secret_file)
+    assert mc.password_matches(secret, mc.PasswordHash.from_json(clients[settings.broker.username]))
+    assert mc.password_matches(mc.PROVISION_PASSWORD, mc.PasswordHash.from_json(clients["provision"]))
+    assert mc.password_matches(ops_password, mc.PasswordHash.from_json(clients["auditor"]))
+    assert "legacy" not in clients
+    assert state["anonymousGroup"] == mc.PROVISIONING_GROUP
+    assert not any(state["defaultACLAccess"][k] for k in ("publishClientSend", "publishClientReceive", "subscribe"))
+    everything = "".join(p.read_text() for p in outdir.iterdir())
+    assert secret not in everything and ops_password not in everything
+
+    conf = (outdir / mc.CONF_FILE).read_text().splitlines()
+    for line in (
+        f"listener {settings.broker.port} 127.0.0.1",
+        "allow_anonymous true",
+        f"plugin_opt_config_file {outdir}/dynamic-security.json",
+        f"acl_file {outdir}/provisioning.acl",
+        "persistence true",
+        f"persistence_location {outdir}/",
+        "max_queued_messages 100000",
+        "set_tcp_nodelay true",
+    ):
+        assert line in conf, line
+    assert not any(line.startswith("listener") and str(settings.broker.tls_port) in line for line in conf)
+
+    closed = settings.model_copy(
+        update={"broker": settings.broker.model_copy(update={"allow_anonymous_provisioning": False})}
+    )
+    write_mosquitto_config(closed, outdir, broker_dir="/mosquitto/config", bind="0.0.0.0", plugin="/x/dynsec.so")
+    conf_text = (outdir / mc.CONF_FILE).read_text()
+    assert "allow_anonymous false" in conf_text and "acl_file /mosquitto/config/provisioning.acl" in conf_text
+    assert f"listener {settings.broker.port} 0.0.0.0" in conf_text and "plugin /x/dynsec.so" in conf_text
+    assert "anonymousGroup" not in json.loads(state_file.read_text())
+
+
+def test_regenerating_carries_over_mirrored_devices_only() -> None:
+    accounts = mc.DynsecAccounts(
+        prefix="prov/v1",
+        bridge_username="provbridge-bridge",
+        bridge_password=mc.hash_password("a"),
+        provision_password=mc.hash_password(mc.PROVISION_PASSWORD),
+    )
+    old = mc.dynsec_config(accounts)
+    grant = mc.device_grant("dev_x", ["devices/dev_x/#"], ["devices/dev_x/#"], 2_000_000_000)
+    old["clients"].append({"username": "dev_x", "textname": mc.DEVICE_TEXTNAME, "roles": []})
+    old["clients"].append({"username": "stranger", "textname": "made by hand"})
+    old["roles"].append(mc.device_role("dev_x", grant))
+    fresh = mc.carry_over_devices(mc.dynsec_config(accounts), old)
+    names = [c["username"] for c in fresh["clients"]]
+    assert names.count("dev_x") == 1 and "stranger" not in names and names.count("provbridge-bridge") == 1
+    assert mc.device_role_name("dev_x") in {r["rolename"] for r in fresh["roles"]}
+
+
+def test_config_refuses_what_mosquitto_could_not_read(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="whitespace"):
+        mc.mosquitto_conf_text(
+            mc.ConfSettings(bind="127.0.0.1", port=1883, tls=None, broker_dir="/a b", plugin="p", allow_anonymous=True)
+        )
+    with pytest.raises(ValueError, match="no listener"):
+        mc.mosquitto_conf_text(
+            mc.ConfSettings(bind="127.0.0.1", port=None, tls=None, broker_dir="/a", plugin="p", allow_anonymous=True)
+        )
+    settings_dir = tmp_path / "not-initialised"
+    from tests.conftest import make_settings
+
+    assert run_cli(make_settings(settings_dir), "mosquitto-config", str(tmp_path / "out")) == 1
+
+
+# --- TLS, and failures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_bridge(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
+    settings, key = initialised
+    assert run_cli(external_settings(settings), "tls", "init") == 0
+    with mosquitto_bridge(settings, key, tls_listen="auto") as running:
+        yield running
+
+
+def test_tls_listener_from_the_data_dirs_certificate(tls_bridge: MosquittoBridge) -> None:
+    bridge = tls_bridge
+    conf = (bridge.mosquitto.conf_dir / mc.CONF_FILE).read_text()
+    assert f"listener {bridge.settings.broker.tls_port} 127.0.0.1" in conf
+    assert (bridge.mosquitto.conf_dir / "server.key").stat().st_mode & 0o777 == 0o600
+    with Device(bridge) as device:
+        answer = device.claim(bridge.provision_key)
+    assert isinstance(answer, ClaimOk)
+    creds = device.open(answer).mqtt
+    assert creds.tls and creds.port == bridge.settings.broker.tls_port  # devices are sent to TLS
+    ca = bridge.settings.data_dir / "tls" / "ca.pem"
+    with Client(creds.port, creds.client_id, creds.username, creds.token, ca_file=ca) as conn:
+        assert conn.connect()
+        assert conn.subscribe(f"devices/{creds.client_id}/#") == [1]
+
+
+def test_a_broker_that_never_confirms_rolls_the_claim_back(initialised: tuple[Settings, str]) -> None:
+    """A Mosquitto whose bridge role lost its $CONTROL rights silently drops the mirror's commands:
+    the claim waits `dynsec_timeout_seconds`, answers a retryable error, and nothing was created."""
+    settings, key = initialised
+    settings = external_settings(settings, dynsec_timeout_seconds=0.5, dynsec_janitor_seconds=60)
+    conf_dir = settings.data_dir.parent / "mosquitto"
+    assert run_cli(settings, "mosquitto-config", str(conf_dir)) == 0
+    state_file = conf_dir / mc.DYNSEC_FILE
+    state = json.loads(state_file.read_text())
+    for role in state["roles"]:
+        if role["rolename"] == mc.BRIDGE_ROLE:
+            role["acls"] = [a for a in role["acls"] if not a["topic"].startswith("$CONTROL/dynamic")]
+    keyfiles.write_private(state_file, json.dumps(state).encode())
+    broker = RunningMosquitto(require_mosquitto(), conf_dir, settings.broker.port)
+    broker.start()
+    try:
+        with serving(settings):
+            store = Store(settings.database_file)
+            try:
+                bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), key, broker)
+                with Device(bridge) as device:
+                    answer = device.claim(key)
+                assert isinstance(answer, ClaimError) and answer.code is ErrorCode.INTERNAL_ERROR
+                assert answer.retry_after
+                assert store.count("devices") == 0  # the claim's transaction rolled back
+            finally:
+                store.close()
+    finally:
+        broker.stop()
+    assert "dev_" not in state_file.read_text()
+
+
+def test_revoke_on_mosquitto_without_a_broker_is_a_mirror_error(initialised: tuple[Settings, str]) -> None:
+    settings = external_settings(initialised[0], dynsec_timeout_seconds=2)
+    with pytest.raises(MirrorError, match=r"cannot reach|did not answer"):
+        revoke_on_mosquitto(settings, "dev_nobody")
+    assert topics.is_valid_client_id("dev_nobody")

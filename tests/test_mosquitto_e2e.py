@@ -1,0 +1,359 @@
+"""Issue 3 on a real Mosquitto 2.0, started from `provbridge mosquitto-config` output as is, with the
+bridge in external mode mirroring tokens into dynamic security. Real SQLite, real crypto, loopback only.
+"""
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+from bridge.config import Settings
+from bridge.dynsec import DynsecMirror, admin_channel, revoke_on_mosquitto
+from bridge.tokens import mint_token
+from provwire import topics
+from provwire.models import ClaimError, ClaimOk, Credentials
+from tests.conftest import Device
+from tests.mosquitto import (
+    ACCEPTED,
+    NOT_AUTHORIZED,
+    Client,
+    MosquittoBridge,
+    can_connect,
+    mosquitto_bridge,
+    request_properties,
+    run_cli,
+    wait_for,
+)
+
+
+@pytest.fixture
+def bridge(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
+    with mosquitto_bridge(*initialised) as running:
+        yield running
+
+
+@pytest.fixture
+def bridge_v5(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
+    with mosquitto_bridge(*initialised, protocol="5") as running:
+        yield running
+
+
+@pytest.fixture
+def short_lived(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
+    """Tokens valid 2 s (below the configurable minimum, set directly) and a janitor every 0.2 s."""
+    settings, key = initialised
+    settings = settings.model_copy(update={"token": settings.token.model_copy(update={"ttl_seconds": 2})})
+    with mosquitto_bridge(settings, key, dynsec_janitor_seconds=0.2) as running:
+        yield running
+
+
+def provision(bridge: MosquittoBridge, device: Device | None = None) -> tuple[str, Credentials]:
+    with device or Device(bridge) as d:
+        answer = d.claim(bridge.provision_key)
+    assert isinstance(answer, ClaimOk), answer
+    return answer.device_id, d.open(answer)
+
+
+def claim_v5(
+    bridge: MosquittoBridge,
+    device: Device,
+    response_topic: str | None = None,
+    correlation: bytes | None = None,
+    key: str | None = None,
+) -> tuple[str, ClaimOk | ClaimError, object]:
+    """A claim from an MQTT 5 client; returns the topic, the answer and the answer's properties."""
+    with Client(bridge.port, device.client_id, v5=True) as conn:
+        assert conn.connect()
+        assert conn.subscribe(topics.response_topic(bridge.prefix, device.client_id)) == [1]
+        payload = device.claim_payload(key or bridge.provision_key)
+        properties = request_properties(response_topic, correlation)
+        assert conn.publish(topics.claim_topic(bridge.prefix, device.client_id), payload, properties) == 0
+        topic, raw, answer_properties = conn.next_message()
+    data = json.loads(raw)
+    answer = ClaimOk.model_validate(data) if data["status"] == "ok" else ClaimError.model_validate(data)
+    return topic, answer, answer_properties
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["device-mqtt3.1.1", "device-mqtt5"])
+def test_claim_then_token_connect_then_publish(bridge: MosquittoBridge, v5: bool) -> None:
+    device = Device(bridge)
+    if v5:
+        topic, answer, _ = claim_v5(bridge, device)
+        assert topic == topics.response_topic(bridge.prefix, device.client_id)
+        assert isinstance(answer, ClaimOk), answer
+        device_id, creds = answer.device_id, device.open(answer)
+    else:
+        device_id, creds = provision(bridge, device)
+    scope = f"devices/{device_id}/#"
+    assert creds.mqtt.publish == [scope] and creds.mqtt.port == bridge.port
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token, v5=v5) as conn:
+        assert conn.connect()
+        assert conn.subscribe(scope) == [1]
+        assert conn.publish(f"devices/{device_id}/telemetry", b"hello") == 0
+        assert conn.next_message()[:2] == (f"devices/{device_id}/telemetry", b"hello")
+    # What Mosquitto stored is a PBKDF2 hash of the token, in a file only its owner can read.
+    state = (bridge.mosquitto.conf_dir / "dynamic-security.json").read_text()
+    assert creds.mqtt.token not in state and device_id in state
+    assert (bridge.mosquitto.conf_dir / "dynamic-security.json").stat().st_mode & 0o777 == 0o600
+    assert creds.mqtt.token not in bridge.mosquitto.log()
+
+
+@pytest.mark.parametrize("login", [(None, None), ("provision", "provision")], ids=["anonymous", "provision"])
+def test_provisioning_client_is_held_to_its_own_client_id(
+    bridge: MosquittoBridge, login: tuple[str | None, str | None]
+) -> None:
+    prefix = bridge.prefix
+    attacker = Device(bridge, client_id=f"attacker-{uuid.uuid4().hex[:6]}")
+    victim = Device(bridge, client_id=f"victim-{uuid.uuid4().hex[:6]}")
+    with Client(bridge.port, attacker.client_id, *login, v5=True) as conn:
+        assert conn.connect()
+        for forbidden in (f"{prefix}/events/#", f"{prefix}/status/#", f"{prefix}/res/#", "#", f"{prefix}/claim/+"):
+            assert conn.subscribe(forbidden) == [NOT_AUTHORIZED], forbidden
+        # Mosquitto's acl_file cannot refuse a SUBSCRIBE, so this one is accepted ...
+        assert conn.subscribe(topics.response_topic(prefix, victim.client_id)) == [1]
+        assert conn.subscribe(topics.response_topic(prefix, attacker.client_id)) == [1]
+        # ... and a claim under another client id is refused at PUBLISH.
+        forged = topics.claim_topic(prefix, f"ghost-{uuid.uuid4().hex[:6]}")
+        assert conn.publish(forged, attacker.claim_payload(bridge.provision_key)) == NOT_AUTHORIZED
+        assert conn.publish(f"{prefix}/events/default/device.provisioned", b"{}") == NOT_AUTHORIZED
+
+        victim_id, _ = provision(bridge, victim)  # the victim's answer is published while we listen
+        own = topics.claim_topic(prefix, attacker.client_id)
+        assert conn.publish(own, attacker.claim_payload(bridge.provision_key)) == 0
+        # ... but nothing is delivered but our own answer: messages to one client arrive in order,
+        # so the victim's answer, published first, would have come first.
+        topic, raw, _ = conn.next_message()
+        assert topic == topics.response_topic(prefix, attacker.client_id)
+        assert json.loads(raw)["status"] == "ok"
+        assert conn.messages.empty()
+    assert victim_id
+    ghosts = [e for e in bridge.store.events(limit=1000) if str(e.get("client_id", "")).startswith("ghost-")]
+    assert ghosts == []
+
+
+def test_ops_user_reads_events_and_status_and_publishes_nothing(
+    bridge: MosquittoBridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert run_cli(bridge.settings, "ops-user", "create", "night-shift", "--json") == 0
+    password = json.loads(capsys.readouterr().out)["password"]  # added live, through the bridge account
+    prefix = bridge.prefix
+    with Client(bridge.port, "ops-console", "night-shift", password, v5=True) as ops:
+        assert ops.connect()
+        assert ops.subscribe(f"{prefix}/status/#") == [1]
+        topic, raw, _ = ops.next_message()  # the bridge's retained status
+        assert topic == topics.status_topic(prefix) and json.loads(raw)["status"] == "online"
+        assert ops.subscribe(f"{prefix}/events/#") == [1]
+        assert ops.subscribe(f"{prefix}/claim/+") == [NOT_AUTHORIZED]
+        assert ops.subscribe("devices/#") == [NOT_AUTHORIZED]
+        assert ops.publish(f"{prefix}/events/default/x", b"{}") == NOT_AUTHORIZED
+        assert ops.publish(topics.status_topic(prefix), b"{}") == NOT_AUTHORIZED
+        assert ops.publish(topics.claim_topic(prefix, "ops-console"), b"{}") == NOT_AUTHORIZED
+        device_id, _ = provision(bridge)
+        topic, raw, _ = ops.next_message()
+        assert topic == f"{prefix}/events/default/device.provisioned"
+        assert json.loads(raw)["device_id"] == device_id
+
+        assert run_cli(bridge.settings, "ops-user", "delete", "night-shift") == 0
+        assert ops.disconnected.wait(10), "deleting the ops user must end its session"
+    assert not can_connect(bridge.port, "ops-console", "night-shift", password)
+    assert not can_connect(bridge.port, "ops-console", "night-shift", "wrong")
+
+
+def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
+    a_id, a = provision(bridge)
+    b_id, b = provision(bridge)
+    with (
+        Client(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
+        Client(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
+    ):
+        assert bconn.connect() and aconn.connect()
+        assert bconn.subscribe(f"devices/{b_id}/#") == [1]
+        for outside in (f"devices/{b_id}/#", "devices/#", "#", f"{bridge.prefix}/#", "$SYS/#", "$share/g/#"):
+            assert aconn.subscribe(outside) == [NOT_AUTHORIZED], outside
+        assert aconn.publish(f"devices/{b_id}/cmd", b"intrusion") == NOT_AUTHORIZED
+        assert aconn.publish(topics.claim_topic(bridge.prefix, a_id), b"{}") == NOT_AUTHORIZED
+        assert aconn.publish(f"{bridge.prefix}/events/default/x", b"{}") == NOT_AUTHORIZED
+        assert aconn.publish(f"devices/{a_id}/own", b"mine") in ACCEPTED
+        assert bconn.publish(f"devices/{b_id}/cmd", b"own") == 0
+        assert bconn.next_message()[:2] == (f"devices/{b_id}/cmd", b"own")
+        assert bconn.messages.empty()
+
+
+def test_wrong_client_id_and_tokens_never_mirrored_are_refused(bridge: MosquittoBridge) -> None:
+    device_id, creds = provision(bridge)
+    real = jwt.decode(creds.mqtt.token, options={"verify_signature": False})
+    # Correctly signed by the bridge's own key, valid, right subject: but Mosquitto never heard of it.
+    unmirrored = mint_token(
+        key=bridge.keys.token_key,
+        kid=bridge.keys.active_token,
+        issuer=real["iss"],
+        audience=real["aud"],
+        device_id=device_id,
+        tenant=real["tenant"],
+        publish=real["acl"]["pub"],
+        subscribe=real["acl"]["sub"],
+        now=int(time.time()),
+        ttl_seconds=900,
+    ).token
+    assert not can_connect(bridge.port, "someone-else", device_id, creds.mqtt.token)
+    assert not can_connect(bridge.port, device_id, device_id, unmirrored)
+    assert not can_connect(bridge.port, device_id, device_id, "not-a-jwt")
+    assert can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    # Anonymous under a device's client id is only a provisioning client: none of the device's rights.
+    with Client(bridge.port, device_id, v5=True) as squatter:
+        assert squatter.connect()
+        assert squatter.subscribe(f"devices/{device_id}/#") == [NOT_AUTHORIZED]
+        assert squatter.publish(f"devices/{device_id}/x", b"x") == NOT_AUTHORIZED
+
+
+def test_reclaim_replaces_the_token_and_ends_the_old_session(bridge: MosquittoBridge) -> None:
+    device = Device(bridge)
+    device_id, first = provision(bridge, device)
+    with Client(bridge.port, device_id, device_id, first.mqtt.token) as live:
+        assert live.connect()
+        same = Device(bridge, hardware_id=device.hardware_id)
+        same.private_key = device.private_key  # the same board, re-claiming after a reboot
+        again_id, again = provision(bridge, same)
+        assert again_id == device_id and again.mqtt.token != first.mqtt.token
+        # Mosquitto 2.0 disconnects a client whose dynamic-security entry is modified.
+        assert live.disconnected.wait(10)
+    assert "modifyRole" not in bridge.mosquitto.log()  # same scope: the role was left alone
+    # One password per client: the newest token replaces the previous one.
+    assert can_connect(bridge.port, device_id, device_id, again.mqtt.token)
+    assert not can_connect(bridge.port, device_id, device_id, first.mqtt.token)
+
+
+def test_expired_tokens_are_removed_by_the_janitor(short_lived: MosquittoBridge) -> None:
+    bridge = short_lived
+    device_id, creds = provision(bridge)
+    assert creds.mqtt.expires_at - int(time.time()) <= 2
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+        # The token may already have expired and been removed by now: then the CONNECT is refused.
+        if live.connect():
+            assert live.disconnected.wait(30), "the janitor must end the session of an expired token"
+    assert wait_for(lambda: not can_connect(bridge.port, device_id, device_id, creds.mqtt.token), timeout=30)
+    state = bridge.mosquitto.conf_dir / "dynamic-security.json"
+    assert wait_for(lambda: device_id not in state.read_text(), timeout=30)
+
+
+def test_revoke_on_mosquitto_ends_the_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
+    device_id, creds = provision(bridge)
+    other_id, other = provision(bridge)
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+        assert live.connect()
+        revoke_on_mosquitto(bridge.settings, device_id)  # what `provbridge device revoke` calls, from its process
+        assert live.disconnected.wait(10), "revocation must end the live session"
+    assert not can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    assert can_connect(bridge.port, other_id, other_id, other.mqtt.token)  # nobody else is touched
+    revoke_on_mosquitto(bridge.settings, device_id)  # idempotent
+    revoke_on_mosquitto(bridge.settings, "dev_never_existed")
+    # The admin session used its own client id: the bridge's session is untouched and still answers.
+    provision(bridge)
+
+
+def test_cli_device_revoke_kicks_the_live_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
+    device_id, creds = provision(bridge)
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+        assert live.connect()
+        assert run_cli(bridge.settings, "device", "revoke", device_id) == 0  # its own process's view: the CLI
+        assert live.disconnected.wait(10), "revocation must end the live session"
+    assert not can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    assert bridge.store.device(device_id).status == "revoked"
+
+
+def test_mqtt5_answer_on_the_response_topic_with_the_correlation_data(bridge_v5: MosquittoBridge) -> None:
+    bridge = bridge_v5
+    device = Device(bridge)
+    own = topics.response_topic(bridge.prefix, device.client_id)
+    topic, answer, properties = claim_v5(bridge, device, own, b"corr-\x00\x01")
+    assert topic == own and isinstance(answer, ClaimOk)
+    assert properties.CorrelationData == b"corr-\x00\x01"  # type: ignore[attr-defined]
+    # A Response Topic outside {prefix}/res/<client id> is ignored: the bridge account may write events
+    # and status, and a claim must not make it publish there. The answer goes to the usual topic.
+    elsewhere = f"{bridge.prefix}/events/default/device.provisioned"
+    topic, answer, properties = claim_v5(bridge, Device(bridge), elsewhere, b"corr-2")
+    assert topic != elsewhere and isinstance(answer, ClaimOk)
+    assert properties.CorrelationData == b"corr-2"  # type: ignore[attr-defined]
+    # MQTT 3.1.1 devices provision through an MQTT 5 bridge as well.
+    device_id, creds = provision(bridge)
+    assert can_connect(bridge.port, device_id, device_id, creds.mqtt.token, v5=True)
+
+
+def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: MosquittoBridge) -> None:
+    key = bridge.create_key(max_registrations=1)
+    devices = [Device(bridge) for _ in range(50)]
+    for d in devices:
+        d.__enter__()
+    payloads = [d.claim_payload(key) for d in devices]
+    answers: list[bytes] = [b""] * 50
+    start = threading.Barrier(50)
+
+    def go(i: int) -> None:
+        start.wait()
+        answers[i] = devices[i].send(payloads[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for d in devices:
+        d.__exit__()
+    statuses = [json.loads(a) for a in answers]
+    assert sum(s["status"] == "ok" for s in statuses) == 1
+    assert sum(s.get("code") == "permission_denied" for s in statuses) == 49
+    assert bridge.store.count("devices") == 1
+    winner = next(ClaimOk.model_validate(s) for s in statuses if s["status"] == "ok")
+    state = json.loads((bridge.mosquitto.conf_dir / "dynamic-security.json").read_text())
+    assert [c["username"] for c in state["clients"] if c["username"].startswith("dev_")] == [winner.device_id]
+
+
+def test_regenerating_the_config_keeps_devices_and_the_bridge_session(bridge: MosquittoBridge) -> None:
+    device_id, creds = provision(bridge)
+    bridge.mosquitto.stop()
+    assert run_cli(bridge.settings, "mosquitto-config", str(bridge.mosquitto.conf_dir)) == 0
+    bridge.mosquitto.start()
+    assert can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    # A claim published before the bridge is back waits in its persistent session (restored from
+    # Mosquitto's persistence file) and is answered once the bridge has reconnected by itself.
+    with Device(bridge) as device:
+        device.conn.publish(
+            topics.claim_topic(bridge.prefix, device.client_id), device.claim_payload(bridge.provision_key)
+        )
+        topic, raw = device.conn.next_message(timeout=60)
+    assert topic == topics.response_topic(bridge.prefix, device.client_id)
+    assert json.loads(raw)["status"] == "ok"
+
+
+def test_token_refresh_is_mirrored(bridge: MosquittoBridge) -> None:
+    from tests.test_refresh import RefreshingDevice
+
+    with RefreshingDevice(bridge) as device:
+        first = device.provision()
+        answer = device.send_refresh(device.refresh_payload())  # on {prefix}/token/<client id>, provisioning rights
+    assert isinstance(answer, ClaimOk)
+    fresh = device.open(answer)
+    device_id = fresh.mqtt.client_id
+    assert can_connect(bridge.port, device_id, device_id, fresh.mqtt.token)
+    assert not can_connect(bridge.port, device_id, device_id, first.mqtt.token)
+
+
+def test_janitor_reads_expiries_back_from_mosquitto(bridge: MosquittoBridge) -> None:
+    """A janitor starting afresh (a bridge restart) learns every mirrored token's expiry from Mosquitto."""
+    device_id, creds = provision(bridge)
+    kept_id, kept = provision(bridge)
+    with admin_channel(bridge.settings) as channel:
+        janitor = DynsecMirror(bridge.settings)
+        janitor.use(channel)
+        assert janitor.load() == 2
+        assert janitor.mirrored() == {device_id: creds.mqtt.expires_at, kept_id: kept.mqtt.expires_at}
+        # A pass "after" the first token's expiry (the clock is an argument: no waiting).
+        assert janitor.sweep(now=creds.mqtt.expires_at) >= 1
+    assert not can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    if kept.mqtt.expires_at > creds.mqtt.expires_at:
+        assert can_connect(bridge.port, kept_id, kept_id, kept.mqtt.token)

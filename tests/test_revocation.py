@@ -1,0 +1,170 @@
+"""Revocation (issue 3): `provbridge device revoke` and `key revoke` against a running bridge and embedded broker."""
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bridge import admin, cli
+from bridge.config import TOKEN_TTL_CAP_SECONDS, Profile, Settings
+from bridge.revocation import denylist_file, publish_denylist, revoke_device
+from broker.denylist import Denylist, parse_denylist
+from provwire import topics
+from provwire.errors import ErrorCode
+from provwire.models import ClaimError, ClaimOk, Credentials
+from tests.conftest import Bridge, Device, make_settings
+from tests.mqtt_client import MqttClient
+from tests.test_refresh import RefreshingDevice
+
+OBSERVER = "observer"
+
+
+@pytest.fixture
+def initialised(tmp_path: Path) -> tuple[Settings, str]:
+    """As conftest's, plus an `observer` profile that may read every device's topics (to watch a revoked one)."""
+    profiles = {"default": Profile(), OBSERVER: Profile(subscribe=["devices/#"])}
+    settings = make_settings(tmp_path / "data", profiles=profiles)
+    result = admin.init_data_dir(settings)
+    assert result.created and result.provision_key
+    return settings, result.provision_key
+
+
+def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
+    return bridge.store.events(event=name, limit=1000)
+
+
+def _cli(bridge: Bridge, *args: str) -> int:
+    return cli.main(["--data-dir", str(bridge.settings.data_dir), *args])
+
+
+def _provisioned(bridge: Bridge, key: str | None = None) -> tuple[RefreshingDevice, Credentials]:
+    device = RefreshingDevice(bridge)
+    with device:
+        answer = device.claim(key or bridge.provision_key)
+        assert isinstance(answer, ClaimOk)
+        device.device_id, device.cloud_kid = answer.device_id, answer.cloud_key_id
+    return device, device.open(answer)
+
+
+def _session(bridge: Bridge, creds: Credentials) -> MqttClient:
+    conn = MqttClient(bridge.port, creds.mqtt.client_id, creds.mqtt.username, creds.mqtt.token)
+    assert conn.connect()
+    return conn
+
+
+def test_revoked_device_loses_refresh_reclaim_reconnect_and_its_live_session(bridge: Bridge) -> None:
+    device, creds = _provisioned(bridge)
+    _, watcher_key = admin.create_key(
+        bridge.store, bridge.settings, admin.KeySpec(tenant="default", name="watch", profile=OBSERVER), 0
+    )
+    _, observer_creds = _provisioned(bridge, watcher_key)
+    own = f"devices/{device.device_id}"
+    observer = _session(bridge, observer_creds)
+    live = _session(bridge, creds)
+    try:
+        assert observer.subscribe("devices/#") == [1]
+        assert live.subscribe(f"{own}/#") == [1]
+        live.publish(f"{own}/up", b"before")
+        assert live.next_message() == (f"{own}/up", b"before")
+        assert observer.next_message() == (f"{own}/up", b"before")
+
+        assert _cli(bridge, "device", "revoke", device.device_id) == 0
+
+        # The live session, authenticated before the revocation, is refused from its next packet on.
+        assert live.subscribe(f"{own}/#") == [0x80]
+        live.publish(f"{own}/up", b"after")  # MQTT 3.1.1: acknowledged, then dropped by the ACL
+        # The broker handles one client's packets in order and queues deliveries in order, so had
+        # "after" been accepted, the observer would get it before the marker its own later publish sends.
+        marker = f"devices/{observer_creds.mqtt.client_id}/marker"
+        observer.publish(marker, b"marker")
+        assert observer.next_message() == (marker, b"marker")
+    finally:
+        live.close()
+        observer.close()
+
+    # Its token, still unexpired, no longer connects.
+    with MqttClient(bridge.port, device.device_id, device.device_id, creds.mqtt.token) as again:
+        assert not again.connect()
+
+    with device:
+        refused = device.send_refresh(device.refresh_payload())
+        reclaim = device.claim(bridge.provision_key)
+    for answer in (refused, reclaim):
+        assert isinstance(answer, ClaimError) and answer.code is ErrorCode.PERMISSION_DENIED
+    assert _events(bridge, "token.refresh_rejected")[-1]["reason"] == "device_revoked"
+    assert _events(bridge, "claim.rejected")[-1]["reason"] == "device_revoked"
+    assert bridge.store.device(device.device_id).status == "revoked"
+
+    denied = parse_denylist(denylist_file(bridge.settings).read_bytes())
+    assert set(denied) == {device.device_id}
+    assert denied[device.device_id] >= creds.mqtt.expires_at  # outlives every token it may hold
+
+
+def test_other_devices_are_untouched_by_a_revocation(bridge: Bridge) -> None:
+    revoked, _ = _provisioned(bridge)
+    kept, kept_creds = _provisioned(bridge)
+    revoke_device(bridge.settings, bridge.store, revoked.device_id)
+    with _session(bridge, kept_creds) as conn:
+        assert conn.subscribe(f"devices/{kept.device_id}/#") == [1]
+        conn.publish(f"devices/{kept.device_id}/up", b"still here")
+        assert conn.next_message() == (f"devices/{kept.device_id}/up", b"still here")
+    with kept:
+        assert isinstance(kept.send_refresh(kept.refresh_payload()), ClaimOk)
+
+
+def test_a_claim_right_after_key_revoke_is_denied_while_the_bridge_runs(bridge: Bridge) -> None:
+    key, raw = admin.create_key(bridge.store, bridge.settings, admin.KeySpec(tenant="default", name="line-9"), 0)
+    with Device(bridge) as first:
+        assert isinstance(first.claim(raw), ClaimOk)
+    assert _cli(bridge, "key", "revoke", key.id) == 0
+    with Device(bridge) as second:
+        answer = second.claim(raw)
+    assert isinstance(answer, ClaimError) and answer.code is ErrorCode.PERMISSION_DENIED
+    event = _events(bridge, "claim.rejected")[-1]
+    assert event["reason"] == "key_revoked" and event["hardware_id"] == second.hardware_id
+
+
+def test_revoking_an_unknown_device_fails_with_a_reason(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(bridge, "device", "revoke", "dev_" + "a" * 26) == 1
+    assert "no device" in capsys.readouterr().err
+    assert (
+        not denylist_file(bridge.settings).exists() or parse_denylist(denylist_file(bridge.settings).read_bytes()) == {}
+    )
+
+
+def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridge: Bridge) -> None:
+    device, _ = _provisioned(bridge)
+    revoked_at = int(time.time())
+    revoke_device(bridge.settings, bridge.store, device.device_id, now=revoked_at)
+    path = denylist_file(bridge.settings)
+    denylist = Denylist(path)
+    until = revoked_at + TOKEN_TTL_CAP_SECONDS
+    assert denylist.denies(device.device_id, until - 1) and not denylist.denies(device.device_id, until)
+
+    path.unlink()  # lost: the next write restores it from the database
+    assert publish_denylist(bridge.settings, bridge.store, now=revoked_at + 1) == {device.device_id: until}
+    assert publish_denylist(bridge.settings, bridge.store, now=until + 1) == {}  # expired entries drop out
+    assert json.loads(path.read_text()) == {"devices": {}}
+
+
+def test_revocation_reaches_a_device_session_of_a_token_minted_for_another_client_id(bridge: Bridge) -> None:
+    """The denylist is by token `sub`, so a revoked device cannot escape it under another client id."""
+    device, creds = _provisioned(bridge)
+    revoke_device(bridge.settings, bridge.store, device.device_id)
+    with MqttClient(bridge.port, f"x-{uuid.uuid4().hex[:6]}", device.device_id, creds.mqtt.token) as conn:
+        assert not conn.connect()
+    with MqttClient(bridge.port, device.device_id, device.device_id, creds.mqtt.token) as conn:
+        assert not conn.connect()
+
+
+def test_provisioning_clients_of_a_revoked_device_can_still_ask_and_be_told_no(bridge: Bridge) -> None:
+    device, _ = _provisioned(bridge)
+    revoke_device(bridge.settings, bridge.store, device.device_id)
+    with MqttClient(bridge.port, device.client_id) as conn:  # anonymous provisioning connection
+        assert conn.connect()
+        assert conn.subscribe(topics.response_topic(bridge.prefix, device.client_id)) == [1]
+        conn.publish(topics.token_topic(bridge.prefix, device.client_id), device.refresh_payload())
+        answer = ClaimError.model_validate_json(conn.next_message()[1])
+    assert answer.code is ErrorCode.PERMISSION_DENIED
