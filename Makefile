@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test lint typecheck check clean mosquitto
+.PHONY: run demo test test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,34 @@ mosquitto:
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
 
+## test-long: the hostile-input properties at length: over 10,000 generated examples (a few minutes)
+test-long: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_hostile_input.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The benchmarks' own extras (pytest-benchmark, matplotlib), kept out of `make test`.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Mosquitto is one of the benchmark targets; without it that target is skipped, not failed.
+bench-mosquitto:
+	@sh broker/mosquitto/install-mosquitto.sh || echo "bench: Mosquitto not installed, its target will be skipped"
+
+## bench: full benchmark (K=10000, herd, growth to 1M devices; long): results in bench/results, figures in docs/BENCHMARKS.md
+bench: $(BENCH_STAMP) bench-mosquitto
+	PROVBENCH_COMMAND="make bench" $(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## bench-quick: the same at small K in under 2 minutes (no assertions on times)
+bench-quick: $(BENCH_STAMP) bench-mosquitto
+	PROVBENCH_COMMAND="make bench-quick" $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 check: lint typecheck test
 
