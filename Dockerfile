@@ -15,4 +15,6 @@ USER provbridge
 ENV PROVBRIDGE_DATA_DIR=/data
 VOLUME /data
 EXPOSE 1883
-CMD ["sh", "-c", "provbridge init && exec provbridge serve"]
+# init's first key would land in the container log, which Docker keeps: discard it, and create keys
+# with `docker compose exec bridge provbridge key create ...` (printed to your terminal only).
+CMD ["sh", "-c", "provbridge init > /dev/null && exec provbridge serve"]

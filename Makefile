@@ -21,9 +21,11 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m device_sim.demo --devices 100
 
-## mosquitto: install Mosquitto from the distribution when missing (no system broker left running)
+## mosquitto: install Mosquitto from the distribution when missing (no system broker left running),
+## and build its provbridge_jwt plugin into build/mosquitto_jwt (broker.mosquitto_auth = "jwt")
 mosquitto:
 	sh broker/mosquitto/install-mosquitto.sh
+	@$(MAKE) -s -C broker/mosquitto_jwt || { [ -z "$$CI" ] && echo "provbridge_jwt plugin not built: its tests will be skipped"; }
 
 ## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto)
 test: $(STAMP) mosquitto

@@ -14,7 +14,7 @@ OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never "_", the no-tenant marker
 DEFAULT_TENANT = "default"
 FIRST_KEY_NAME = "first-key"
-_DURATION_RE = re.compile(r"(\d+)([smhd])")
+_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits, short enough for int() and SQLite
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -98,7 +98,7 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
     if spec.hardware_id_pattern is not None:
         try:
             re.compile(spec.hardware_id_pattern)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296} overflows, deep nesting recurses
             raise UsageError(f"hardware id pattern is not a valid regular expression: {exc}") from exc
     tenant_id = store.tenant_id(spec.tenant)
     expires_at, max_registrations = spec.expires_at, spec.max_registrations

@@ -6,10 +6,10 @@ Every command exits non-zero with a one-line reason on error; `--json` gives scr
 import argparse
 import asyncio
 import json
-import logging
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from bridge import admin, keyfiles, revocation, rotation, tls
+from bridge import admin, doctor, keyfiles, logs, revocation, rotation, tls
 from bridge.config import Settings, load_settings
 from bridge.errors import ProvbridgeError, UsageError
 from bridge.store import Device, ProvisionKey
@@ -33,6 +33,47 @@ quick start:
 settings come from config/provbridge.toml (or --config), overridden by PROVBRIDGE_* variables,
 e.g. PROVBRIDGE_DATA_DIR=/var/lib/provbridge PROVBRIDGE_BROKER__PORT=1884.
 """
+
+
+# What SQLite stores and `_when` prints: larger numbers would fail there with a traceback, not a reason.
+MAX_TIMESTAMP = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+MAX_COUNT = 2**31 - 1
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` to MAX_COUNT (out of range: exit 2 with the reason)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if not minimum <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"{value} is not between {minimum} and {MAX_COUNT}")
+        return value
+
+    return parse
+
+
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _unreadable_argument(argv: Sequence[str]) -> str | None:
+    """The first argument that is not text the data dir, the database and stdout can take, if any.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (PEP 383), and a NUL cannot be in a path:
+    either would surface deep inside SQLite, a path or print() as a traceback. Control characters and
+    line breaks would break the one-line error (argparse echoes arguments) and, in a key's name or a
+    label, every table and event that shows it later.
+    """
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"argument {arg!r} is not valid UTF-8"
+        if _LINE_BREAKING.search(arg):
+            return f"argument {arg!r} contains a control character or line break"
+    return None
 
 
 def _when(ts: int | None) -> str:
@@ -151,11 +192,18 @@ def cmd_tls_show(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    from bridge.processes import run_processes
     from bridge.serve import serve
 
     if not keyfiles.is_initialised(settings.data_dir):
         raise UsageError(f"{settings.data_dir} is not initialised: run `provbridge init` first")
-    asyncio.run(serve(settings))
+    processes = settings.claims.processes if args.processes is None else args.processes
+    if processes < 1:
+        raise UsageError("--processes must be at least 1")
+    if processes > 1:
+        run_processes(settings, processes)
+    else:
+        asyncio.run(serve(settings))
 
 
 def cmd_mosquitto_config(args: argparse.Namespace, settings: Settings) -> None:
@@ -222,14 +270,18 @@ def _expiry(args: argparse.Namespace, now: int) -> int | None:
     if args.expires_in and args.expires_at:
         raise UsageError("give --expires-in or --expires-at, not both")
     if args.expires_in:
-        return now + admin.parse_duration(args.expires_in)
-    if args.expires_at:
+        expires_at = now + admin.parse_duration(args.expires_in)
+    elif args.expires_at:
         try:
             moment = datetime.fromisoformat(args.expires_at)
         except ValueError as exc:
             raise UsageError(f"--expires-at {args.expires_at!r} is not an ISO 8601 time") from exc
-        return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
-    return None
+        expires_at = int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+    else:
+        return None
+    if expires_at > MAX_TIMESTAMP:
+        raise UsageError("expiry is after 9999-12-31: give an earlier one, or none for a key that never expires")
+    return expires_at
 
 
 def cmd_key_create(args: argparse.Namespace, settings: Settings) -> None:
@@ -297,10 +349,12 @@ def cmd_device_show(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_device_revoke(args: argparse.Namespace, settings: Settings) -> None:
     device = revocation.revoke_device(settings, admin.open_store(settings), args.device_id)
-    text = (
-        f"revoked {device.id}: re-claims and token refreshes are refused, and the embedded broker refuses"
-        f" its current token (connect, publish, subscribe) until it expires"
+    broker = (
+        "Mosquitto has disabled its account (live session ended)"
+        if settings.broker.mode == "external"
+        else "the embedded broker refuses its current token (connect, publish, subscribe, live session)"
     )
+    text = f"revoked {device.id}: re-claims and token refreshes are refused, and {broker}"
     _emit(args, _device_view(device), text)
 
 
@@ -398,6 +452,14 @@ def cmd_keys_prune(args: argparse.Namespace, settings: Settings) -> None:
     _emit(args, {"pruned": list(pruned)}, f"pruned {', '.join(pruned)}" if pruned else "nothing to prune")
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    # It loads the settings itself: a configuration that does not load is one of its findings.
+    report = doctor.run_checks(args.config, args.data_dir)
+    _emit(args, report.as_dict(), "\n".join(check.line() for check in report.checks))
+    if not report.ok:
+        raise doctor.DoctorFailed(f"{len(report.failed)} of {len(report.checks)} checks failed")
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -424,12 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--tls-san", action="append", default=[], metavar="NAME", help="another name or IP for the certificate"
     )
-    command(
+    serve = command(
         commands,
         "serve",
         cmd_serve,
         "run the bridge (and the embedded broker unless broker.mode=external)",
         json_flag=False,
+    )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="bridge processes sharing the claims (external broker only; default: claims.processes)",
     )
     command(commands, "broker", cmd_broker, "run only the embedded broker", json_flag=False)
     mosq = command(
@@ -461,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-in", metavar="DURATION", help="e.g. 12h, 30d")
     create.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
     limit = create.add_mutually_exclusive_group()
-    limit.add_argument("--max-registrations", type=int, metavar="N", help="devices it may create (default: no limit)")
+    limit.add_argument(
+        "--max-registrations", type=_count(0), metavar="N", help="devices it may create (default: no limit)"
+    )
     limit.add_argument("--one-time", action="store_true", help="same as --max-registrations 1")
     create.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="label for its devices")
     create.add_argument("--group", action="append", default=[], metavar="GROUP", help="group for its devices")
@@ -484,14 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dlist = command(device, "list", cmd_device_list, "list devices, newest first")
     dlist.add_argument("--tenant")
-    dlist.add_argument("--limit", type=int, default=100)
+    dlist.add_argument("--limit", type=_count(1), default=100)
     command(device, "show", cmd_device_show, "show one device").add_argument("device_id")
     command(device, "revoke", cmd_device_revoke, "revoke a device").add_argument("device_id")
 
     events = command(commands, "events", cmd_events, "recent provisioning events, oldest first")
     events.add_argument("--tenant")
     events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")
-    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--limit", type=_count(1), default=50)
 
     ops = commands.add_parser("ops-user", help="read-only broker accounts for watching events").add_subparsers(
         dest="ops_command", required=True, metavar="ACTION"
@@ -529,20 +599,30 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--cloud", action="store_true", help="a new cloud key for new firmware (devices keep theirs)")
     command(keys, "list", cmd_keys_list, "every key on disk: active or retired, and when a token key can go")
     command(keys, "prune", cmd_keys_prune, "remove retired token keys whose tokens have all expired")
+    command(
+        commands,
+        "doctor",
+        cmd_doctor,
+        "check config, data dir, key files, database, broker and clock; one line per check, exit 1 on a failure",
+    ).set_defaults(loads_settings=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unreadable = _unreadable_argument(argv)
+    if unreadable is not None:
+        print(f"provbridge: error: {unreadable}", file=sys.stderr)
+        return 2  # a usage error, like argparse's
     args = build_parser().parse_args(argv)
     try:
+        if not getattr(args, "loads_settings", True):
+            args.func(args)
+            return 0
         settings = load_settings(args.config)
         if args.data_dir is not None:
             settings = settings.model_copy(update={"data_dir": args.data_dir})
-        logging.basicConfig(
-            level=settings.log_level,
-            stream=sys.stdout,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        logs.configure(settings.log_level, settings.log_format)
         args.func(args, settings)
     except ProvbridgeError as exc:
         print(f"provbridge: error: {exc}", file=sys.stderr)

@@ -9,6 +9,10 @@ inputs (bridge secret, ops accounts, TLS files) and writes the results:
     OUTDIR/ca.pem, server.pem, server.key (0600)   copies of <data_dir>/tls/*, when TLS is on
     OUTDIR/mosquitto.db            Mosquitto's persistence, once it ran
 
+With `broker.mosquitto_auth = "jwt"` mosquitto.conf also loads the provbridge_jwt plugin (built from
+broker/mosquitto_jwt when needed), which verifies device tokens against <data_dir>/jwks.json and
+<data_dir>/denylist.json: the bridge mirrors nothing.
+
 Ops accounts: `ops_users.json` keeps only a SHA-256 of each ops password, from which no PBKDF2 hash
 can be made. So `provbridge ops-user create` also records the password's dynamic-security hash in
 `<data_dir>/mosquitto_ops_users.json` (0600) and, in external mode, adds the account to the running
@@ -29,6 +33,9 @@ from bridge.config import Settings
 from bridge.errors import ConfigError, UsageError
 from bridge.mirror import MirrorError
 from broker import mosquitto_conf as mc
+from broker import mosquitto_jwt
+from broker.auth import JWKS_FILE_NAME
+from broker.denylist import DENYLIST_FILE_NAME
 
 OPS_HASHES_FILE = "mosquitto_ops_users.json"
 # Where distributions put the plugin: Debian/Ubuntu (multiarch), then the eclipse-mosquitto image.
@@ -188,6 +195,7 @@ def write_mosquitto_config(
 
     tls_listener = _copy_tls(settings, outdir, seen_dir)
     plain_port = broker.port if broker.plain_listen or tls_listener is None else None
+    jwt = _jwt_plugin(settings) if broker.mosquitto_auth == "jwt" else None
     conf = mc.ConfSettings(
         bind=bind or broker.host,
         port=plain_port,
@@ -196,6 +204,7 @@ def write_mosquitto_config(
         plugin=plugin_path,
         allow_anonymous=broker.allow_anonymous_provisioning,
         user=user or _current_user(),
+        jwt=jwt,
     )
     conf_path = outdir / mc.CONF_FILE
     acl_path = outdir / mc.ACL_FILE
@@ -221,9 +230,28 @@ def write_mosquitto_config(
         result.listeners.append(f"mqtts {conf.bind}:{tls_listener.port}")
     if user and user != _current_user():
         _hand_over(outdir, files, user, result)
+    if jwt is not None:
+        result.notes.append(
+            f"device tokens are verified in Mosquitto by {jwt.plugin}, which reads {jwt.jwks_file} and "
+            f"{jwt.denylist_file}: Mosquitto must see them at those paths"
+        )
     if not result.plugin_found:
         result.notes.append(f"dynamic-security plugin not found here; the config names {plugin_path} (--plugin)")
     return result
+
+
+def _jwt_plugin(settings: Settings) -> mc.JwtPlugin:
+    """The provbridge_jwt plugin lines: built here when needed, reading the data dir's JWKS and denylist."""
+    data_dir = settings.data_dir.absolute()
+    if mosquitto_jwt.is_device_id(settings.broker.username):
+        raise ConfigError("broker.username looks like a device id: the jwt plugin would take it for a device")
+    return mc.JwtPlugin(
+        plugin=str(mosquitto_jwt.find_or_build_plugin()),
+        jwks_file=str(data_dir / JWKS_FILE_NAME),
+        denylist_file=str(data_dir / DENYLIST_FILE_NAME),
+        audience=settings.token.audience,
+        issuer=settings.token.issuer,
+    )
 
 
 def _hand_over(outdir: Path, files: list[Path], user: str, result: GeneratedConfig) -> None:

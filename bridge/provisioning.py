@@ -12,14 +12,14 @@ import logging
 import re
 import sqlite3
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from bridge import secrets
+from bridge import logs, secrets
 from bridge.config import Settings
 from bridge.credentials import device_key_of, issue_credentials, sealed_answer
 from bridge.errors import StorageError
@@ -36,6 +36,7 @@ from provwire.models import (
     ClaimOk,
     Event,
     FieldError,
+    rfc3339,
     to_json,
 )
 
@@ -76,20 +77,68 @@ class Outcome:
     summary: str = ""
 
 
-def rfc3339(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 # --- pure decisions -------------------------------------------------------------------------
+
+
+class _Members(dict[str, Any]):
+    """A decoded JSON object that remembers the names it had more than once (the last value is kept)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _members(pairs: list[tuple[str, Any]]) -> _Members:
+    obj = _Members(pairs)
+    if len(obj) != len(pairs):
+        obj.duplicates = tuple(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
+    return obj
+
+
+def _decode(payload: bytes) -> tuple[Any, bool]:
+    """The payload with every object a `_Members` (None when it is not JSON), and whether any object
+    had a member twice (so that the search for where is skipped for the usual claim)."""
+    twice: list[_Members] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> _Members:
+        obj = _members(pairs)
+        if obj.duplicates:
+            twice.append(obj)
+        return obj
+
+    try:
+        return json.loads(payload, object_pairs_hook=hook), bool(twice)
+    except (ValueError, RecursionError):
+        return None, False
+
+
+def duplicate_members(document: Any) -> list[str]:
+    """Dotted paths (as in `errors[].field`) of the members sent twice in one object, anywhere in `document`.
+
+    Rejected rather than resolved: JSON parsers disagree on which copy wins (Python and pydantic keep the
+    last, cJSON and many firmware parsers the first), so a claim with two `provision_key`s or two
+    `hardware_id`s could mean one thing to the device, a proxy or a log reader and another to the bridge.
+    """
+    found: list[str] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+    while stack:  # iterative: the document may be as deep as the JSON parser allows
+        path, node = stack.pop()
+        if isinstance(node, _Members):
+            found += [".".join(str(p) for p in (*path, name)) for name in node.duplicates]
+            stack += [((*path, name), value) for name, value in node.items()]
+        elif isinstance(node, list):
+            stack += [((*path, index), value) for index, value in enumerate(node)]
+    return sorted(found)
+
+
+def _request_id_of(document: Any) -> str | None:
+    if not isinstance(document, _Members) or "request_id" in document.duplicates:
+        return None  # two request_ids: echoing either could match the wrong retry
+    value = document.get("request_id")
+    return value if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) else None
 
 
 def readable_request_id(payload: bytes) -> str | None:
     """The request_id of an invalid claim, when it can still be read, so the device can match the error."""
-    try:
-        value = json.loads(payload).get("request_id")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return value if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) else None
+    return _request_id_of(_decode(payload)[0])
 
 
 def parse_claim(payload: bytes) -> Claim | ClaimError:
@@ -105,19 +154,26 @@ def parse_request(model: type[M], payload: bytes, max_bytes: int, what: str) -> 
             errors=[FieldError(field="", message="payload too large")],
         )
     try:
-        return model.model_validate_json(payload)
+        parsed: M | None = model.model_validate_json(payload)
+        problems = []
     except ValidationError as exc:
+        parsed = None
         # Messages only, never `input`: a bad claim may still carry a provisioning key.
-        errors = [
-            FieldError(field=".".join(str(p) for p in e["loc"]), message=e["msg"])
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        return ClaimError(
-            request_id=readable_request_id(payload),
-            code=ErrorCode.VALIDATION_ERROR,
-            message=f"{what} is not valid",
-            errors=errors[:20],
-        )
+        problems = exc.errors(include_url=False, include_input=False)
+    # Not JSON (to the parser that decides) or not an object: no request_id can be trusted from it, even
+    # one a more lenient parser would read (Python's json takes lone surrogates, a BOM, UTF-16).
+    document, twice = (None, False) if any(not e["loc"] for e in problems) else _decode(payload)
+    duplicates = duplicate_members(document) if twice else []
+    if parsed is not None and not duplicates:
+        return parsed
+    errors = [FieldError(field=path, message="member appears more than once") for path in duplicates]
+    errors += [FieldError(field=".".join(str(p) for p in e["loc"]), message=e["msg"]) for e in problems]
+    return ClaimError(
+        request_id=_request_id_of(document),
+        code=ErrorCode.VALIDATION_ERROR,
+        message=f"{what} is not valid",
+        errors=errors[:20],
+    )
 
 
 def key_denial(key: ProvisionKey | None, hardware_id: str, now: float) -> Denial | None:
@@ -137,15 +193,16 @@ def is_exhausted(key: ProvisionKey) -> bool:
     return key.max_registrations is not None and key.registrations >= key.max_registrations
 
 
-def reclaim_action(device: Device | None, public_key: bytes, policy: str) -> Action:
+def reclaim_action(device: Device | None, public_key: bytes, key: ProvisionKey) -> Action:
     if device is None:
         return Action.CREATE
     if device.status != "active":
         return Action.REVOKED
     if device.public_key == public_key:
         return Action.RECLAIM
-    # A leaked provisioning key must not let anyone take over a device, unless the operator opted in.
-    return Action.ROTATE if policy == "rotate" else Action.EXISTS
+    # A leaked provisioning key must not let anyone take over a device: only the key that created it
+    # may replace its public key, and only if the operator opted in.
+    return Action.ROTATE if key.reclaim_policy == "rotate" and device.key_id == key.id else Action.EXISTS
 
 
 def claim_digest(claim: Claim) -> bytes:
@@ -196,6 +253,7 @@ class Provisioner:
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+        logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
         now = time.time() if now is None else now
         client_id = topics.client_id_of_claim_topic(self.prefix, topic)
         if client_id is None or not topics.is_valid_client_id(client_id):
@@ -205,6 +263,7 @@ class Provisioner:
         reply_to = topics.response_topic(self.prefix, client_id)
 
         parsed = parse_claim(payload)
+        logs.bind_request_id(parsed.request_id)
         if isinstance(parsed, ClaimError):
             event = self._event(
                 "claim.rejected",
@@ -283,13 +342,14 @@ class Provisioner:
             return self._deny(ctx, key, denial or Denial.UNKNOWN_KEY)
 
         device = Store.device_by_hardware_id(db, key.tenant_id, claim.hardware_id)
-        action = reclaim_action(device, claim.public_key_sec1, key.reclaim_policy)
+        action = reclaim_action(device, claim.public_key_sec1, key)
         if action is Action.REVOKED:
             return self._deny(ctx, key, Denial.DEVICE_REVOKED)
         if action is Action.EXISTS:
             ctx.events.append(self._key_event(ctx, "claim.rejected", key, device, reason="public_key_mismatch"))
             return self._error(ctx, ErrorCode.DEVICE_EXISTS, "a device with this hardware_id already exists")
-        if action is Action.CREATE and is_exhausted(key):
+        # Uses count created devices; an exhausted key still re-claims the devices it created.
+        if is_exhausted(key) and (device is None or device.key_id != key.id):
             return self._deny(ctx, key, Denial.KEY_EXHAUSTED)
 
         api_key = "" if action is Action.RECLAIM else secrets.new_api_key()

@@ -26,17 +26,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bridge import logs
 from bridge.config import Settings
 from bridge.credentials import issue_credentials, sealed_answer, shared_secret
 from bridge.errors import ProvbridgeError, StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
-from bridge.provisioning import NO_TENANT, Outcome, parse_request, record_events_safely, retryable_error, rfc3339
+from bridge.provisioning import NO_TENANT, Outcome, parse_request, record_events_safely, retryable_error
 from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
-from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, to_json
+from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, rfc3339, to_json
 
 log = logging.getLogger("provbridge.refresh")
 
@@ -116,6 +117,7 @@ class Refresher:
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one refresh message. Never raises: every failure becomes an answer or a drop."""
+        logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
         now = time.time() if now is None else now
         client_id = topics.client_id_of_token_topic(self.prefix, topic)
         if client_id is None:
@@ -125,6 +127,7 @@ class Refresher:
         reply_to = topics.response_topic(self.prefix, client_id)
 
         parsed = parse_request(TokenRefresh, payload, MAX_REFRESH_BYTES, "token refresh")
+        logs.bind_request_id(parsed.request_id)
         if isinstance(parsed, ClaimError):
             event = self._event(
                 REJECTED,

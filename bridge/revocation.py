@@ -4,7 +4,8 @@
                   (permission_denied; reason `device_revoked` in the ops events)
     denylist      <data_dir>/denylist.json lists the device until every token it may hold has expired;
                   the embedded broker refuses its CONNECT and each packet of a live session
-    external      Mosquitto cannot read the denylist: its side is the dynamic-security plugin (below)
+    external      Mosquitto ("dynsec" mode) cannot read the denylist: its side is the dynamic-security plugin
+                  (below); in "jwt" mode its provbridge_jwt plugin reads it and ends the live session
 
 The denylist is derived from the database (every device revoked within the longest token lifetime),
 not edited in place: each write is complete, so a lost or stale file is repaired by the next revocation
@@ -58,7 +59,8 @@ def revoke_device(settings: Settings, store: Store, device_id: str, now: int | N
     now = int(time.time()) if now is None else now
     device = store.revoke_device(device_id, now)
     publish_denylist(settings, store, now)
-    if settings.broker.mode == "external" and settings.broker.dynsec:
+    # In jwt mode the provbridge_jwt plugin reads the denylist and kicks the session itself.
+    if settings.broker.mode == "external" and settings.broker.dynsec and settings.broker.mosquitto_auth == "dynsec":
         try:
             revoke_on_mosquitto(settings, device_id)  # disables the dynsec client: its live session is kicked
         except MirrorError as exc:

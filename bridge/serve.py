@@ -1,20 +1,28 @@
-"""`provbridge serve`: the bridge, with the embedded broker in the same process or an external one."""
+"""`provbridge serve`: the bridge, inside the embedded broker's process or connected to an external one.
+
+Embedded (`broker.mode = "embedded"`): amqtt and the bridge share one process and the bridge needs no
+MQTT connection (`bridge.inprocess`). External: the bridge is a paho client (`bridge.service`), one
+per bridge process (`bridge.processes` runs N of them, each calling `serve` with its `Shard`).
+"""
 
 import asyncio
 import logging
 import signal
 import threading
+from dataclasses import dataclass, field
 
-from bridge import keyfiles, tls
+from bridge import tls
 from bridge.config import Settings
 from bridge.dynsec import DynsecMirror, uses_dynsec
-from bridge.mirror import TokenMirror
-from bridge.provisioning import Provisioner
+from bridge.edge import BridgeCore, claim_handlers
+from bridge.inprocess import InProcessBridge
+from bridge.janitor import SharedDynsecMirror
 from bridge.revocation import publish_denylist
-from bridge.rotation import LiveKeyRing
 from bridge.service import BridgeService
+from bridge.sessions import Shard, check_processes, client_ids, retire_stale_sessions
 from bridge.store import Store
 from broker.embedded import EmbeddedBrokerSettings, start_embedded_broker, stop_embedded_broker
+from broker.server import ProvbridgeBroker
 
 log = logging.getLogger("provbridge")
 
@@ -39,18 +47,83 @@ def embedded_broker_settings(settings: Settings) -> EmbeddedBrokerSettings:
     )
 
 
-def build_service(settings: Settings, mirror: TokenMirror | None = None) -> BridgeService:
-    keys = LiveKeyRing(settings.data_dir)  # `provbridge keys rotate` applies without a restart
+@dataclass
+class Running:
+    """A started bridge: the embedded broker with the in-process edge, or the paho edge."""
+
+    core: BridgeCore
+    edge: InProcessBridge | BridgeService
+    broker: ProvbridgeBroker | None = None
+    mirror: DynsecMirror | None = None
+    store: Store | None = None  # the paho edge's; the in-process edge's is in its claim worker
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    async def wait_serving(self, timeout: float) -> bool:
+        if isinstance(self.edge, InProcessBridge):
+            return True
+        return await asyncio.to_thread(self.edge.wait_connected, timeout)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.stop)
+        if isinstance(self.edge, InProcessBridge):
+            await self.edge.stop()
+        else:
+            await asyncio.to_thread(self.edge.stop)
+        if self.broker is not None:
+            await self.broker.flush()  # the offline status, to whoever watches
+            await stop_embedded_broker(self.broker)
+        if self.store is not None:
+            self.store.close()
+
+
+async def start_bridge(settings: Settings, shard: Shard | None = None) -> Running:
+    """Start the bridge (and the embedded broker) for already `tls.resolve`d settings."""
+    shard = shard or Shard()
+    check_processes(settings, shard.count)
     store = Store(settings.database_file)
-    password = keyfiles.read_secret(settings.bridge_secret_file)
     publish_denylist(settings, store)  # repairs a missing or stale denylist.json before devices connect
-    return BridgeService(settings, Provisioner(settings, store, keys, mirror=mirror), password)
+    if settings.broker.mode == "embedded":
+        store.close()  # the claim worker has its own
+        broker = await start_embedded_broker(embedded_broker_settings(settings))
+        log.info("embedded broker listening on %s", tls.embedded_listeners(settings).describe(settings.broker.host))
+        edge = InProcessBridge(settings, broker)
+        try:
+            await edge.start()
+        except BaseException:
+            await stop_embedded_broker(broker)
+            raise
+        return Running(edge.core, edge, broker)
+    # Mosquitto cannot verify tokens: each one is mirrored into its dynamic-security plugin.
+    # With broker.mosquitto_auth = "jwt" its provbridge_jwt plugin verifies them: nothing to mirror.
+    mirrors = uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"
+    mirror = SharedDynsecMirror(settings, store) if mirrors else None
+    core = BridgeCore(settings)
+    service = BridgeService(core, claim_handlers(settings, store, mirror), shard)
+    running = Running(core, service, mirror=mirror, store=store)
+    if shard.index == 0:  # one process speaks for the layout
+        current = client_ids(settings, shard.count)
+        threading.Thread(
+            target=retire_stale_sessions, args=(settings, current, running.stopping), name="retire", daemon=True
+        ).start()
+    if mirror is not None:
+        mirror.bind(service.client, service.network_routes)
+    service.start()
+    if mirror is not None:
+        mirror.start()
+    return running
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None, ready: threading.Event | None = None) -> None:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    ready: threading.Event | None = None,
+    shard: Shard | None = None,
+) -> None:
     """Run until `stop` is set or SIGINT/SIGTERM arrives; then shut down cleanly.
 
-    `ready` is set once the bridge is connected and taking claims (tests and the demo wait on it).
+    `ready` is set once the bridge is taking claims (tests and the demo wait on it).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -59,22 +132,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, ready: th
             loop.add_signal_handler(sig, stop.set)
 
     # "auto" TLS pinned once: the listeners and what claims tell devices must not drift apart.
-    settings = tls.resolve(settings)
-    # Mosquitto cannot verify tokens: each one is mirrored into its dynamic-security plugin.
-    mirror = DynsecMirror(settings) if uses_dynsec(settings) else None
-    service = build_service(settings, mirror)
-    if mirror is not None:
-        mirror.bind(service.client, service.network_routes)
-    broker = None
-    if settings.broker.mode == "embedded":
-        broker = await start_embedded_broker(embedded_broker_settings(settings))
-        log.info("embedded broker listening on %s", tls.embedded_listeners(settings).describe(settings.broker.host))
-    service.start()
-    if mirror is not None:
-        mirror.start()
+    running = await start_bridge(tls.resolve(settings), shard)
     try:
-        connected = await asyncio.to_thread(service.wait_connected, CONNECT_TIMEOUT_SECONDS)
-        if connected:
+        if await running.wait_serving(CONNECT_TIMEOUT_SECONDS):
             log.info("bridge serving claims on %s/claim/+", settings.topic_prefix)
             if ready is not None:
                 ready.set()
@@ -83,9 +143,4 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, ready: th
         await stop.wait()
         log.info("shutting down")
     finally:
-        if mirror is not None:
-            await asyncio.to_thread(mirror.stop)
-        await asyncio.to_thread(service.stop)
-        if broker is not None:
-            await stop_embedded_broker(broker)
-        service.provisioner.store.close()
+        await running.stop()

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import NotFound, StorageError, UsageError
+from bridge.filelock import locked
+
+BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -180,6 +183,13 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        # Writers queue on locks that wake the next one the moment the database is free: this process's
+        # threads on `_write_lock` (with the busy timeout), other bridge processes on an flock of
+        # `_writer_file`. Left to SQLite, a waiting writer polls with sleeps of 1, 2, 5, 10 ... ms (its
+        # busy handler): under load that costs more than the transaction itself. Other writers (the
+        # admin CLI) still meet SQLite's own lock, with its timeout.
+        self._write_lock = threading.Lock()
+        self._writer_file = path.with_name(path.name + "-writer.lock")
         if not path.exists():
             # It holds key hashes and device records: owner-only, like the key files beside it.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -190,7 +200,9 @@ class Store:
         if conn is None:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken
             # before the first read and key counts cannot race.
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
+            )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -202,19 +214,30 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write: everything inside commits together or not at all."""
         conn = self._connection()
+        with self._writer():
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"database unavailable: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"database write failed: {exc}") from exc
+                raise
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise StorageError("database unavailable: another write of this process did not finish")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"database unavailable: {exc}") from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"database write failed: {exc}") from exc
-            raise
+            with locked(self._writer_file):
+                yield
+        finally:
+            self._write_lock.release()
 
     def read(self) -> sqlite3.Connection:
         return self._connection()

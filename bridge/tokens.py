@@ -2,7 +2,7 @@
 
 import base64
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 @dataclass(frozen=True)
 class TokenGrant:
-    token: str
+    token: str = field(repr=False)
     jti: str
     expires_at: int
     publish: list[str]

@@ -310,6 +310,30 @@ class TlsListener:
 
 
 @dataclass(frozen=True, kw_only=True)
+class JwtPlugin:
+    """`broker.mosquitto_auth = "jwt"`: the provbridge_jwt plugin (broker/mosquitto_jwt) verifies device tokens.
+
+    Its `plugin` line comes before dynamic security's, so it decides every device CONNECT and ACL check
+    and defers all other clients to dynamic security and the acl_file, as in "dynsec" mode.
+    """
+
+    plugin: str
+    jwks_file: str
+    denylist_file: str
+    audience: str
+    issuer: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"plugin {_check_word('plugin', self.plugin)}",
+            f"plugin_opt_jwks_file {_check_word('jwks file', self.jwks_file)}",
+            f"plugin_opt_denylist_file {_check_word('denylist file', self.denylist_file)}",
+            f"plugin_opt_audience {_check_word('token audience', self.audience)}",
+            f"plugin_opt_issuer {_check_word('token issuer', self.issuer)}",
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConfSettings:
     """Paths are as Mosquitto sees them (in a container they differ from where they were written)."""
 
@@ -320,6 +344,7 @@ class ConfSettings:
     plugin: str
     allow_anonymous: bool
     user: str | None = None
+    jwt: JwtPlugin | None = None  # device tokens verified in Mosquitto instead of mirrored
 
 
 _NO_SPACE = re.compile(r"\S+")
@@ -357,8 +382,10 @@ def mosquitto_conf_text(conf: ConfSettings) -> str:
             "tls_version tlsv1.2",
             "",
         ]
+    lines.append(f"allow_anonymous {'true' if conf.allow_anonymous else 'false'}")
+    if conf.jwt is not None:
+        lines += conf.jwt.lines()
     lines += [
-        f"allow_anonymous {'true' if conf.allow_anonymous else 'false'}",
         f"plugin {_check_word('plugin', conf.plugin)}",
         f"plugin_opt_config_file {base}/{DYNSEC_FILE}",
         f"acl_file {base}/{ACL_FILE}",

@@ -16,14 +16,23 @@ Stock amqtt 0.12.1 (read `amqtt/broker.py`), and what this subclass changes:
    [MQTT-3.1.4-2] requires.
 4. Wills are published without a PUBLISH check. The plugin refuses a CONNECT whose will topic
    is not allowed; here the will is dropped if the grant no longer allows it at disconnect.
+
+And one addition: in-process subscribers (`subscribe_in_process`), for a bridge that runs inside the
+broker's process without an MQTT connection of its own. amqtt calls `_broadcast_message` for a
+client's PUBLISH only after the PUBLISH ACL allowed it (`_handle_message_delivery`; its
+`on_broker_message_received` event fires before that check, so it is not used), and for a will.
+What an in-process subscriber publishes (`publish_in_process`) takes amqtt's broadcast path, so
+every receiving session is still checked against the RECEIVE ACL.
 """
 
 import asyncio
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import MQTTError
+from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
@@ -36,10 +45,57 @@ def bound_port(broker: Any) -> int:
     return int(broker._servers["default"].instance.sockets[0].getsockname()[1])
 
 
+# Called on the broker's event loop with a PUBLISH's topic and payload: it must not block.
+InProcessSubscriber = Callable[[str, bytes], None]
+
+
 class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_process: list[tuple[str, InProcessSubscriber]] = []
+
     @property
     def port(self) -> int:
         return bound_port(self)
+
+    # --- in-process subscribers ------------------------------------------------------------
+
+    def subscribe_in_process(self, topic_filters: Iterable[str], deliver: InProcessSubscriber) -> None:
+        """Hand every client PUBLISH (ACL-checked) on `topic_filters` to `deliver` instead of broadcasting it.
+
+        Taken, not copied: these topics are the bridge's alone (only the bridge role may receive them).
+        """
+        self._in_process += [(topic_filter, deliver) for topic_filter in topic_filters]
+
+    def unsubscribe_in_process(self) -> None:
+        self._in_process.clear()
+
+    def publish_in_process(self, topic: str, data: bytes) -> None:
+        """Deliver like a client's PUBLISH: to each subscriber the RECEIVE ACL allows, at its QoS. Event loop only."""
+        self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": data})
+
+    async def retain_in_process(self, topic: str, data: bytes) -> None:
+        """`publish_in_process`, and keep it as the topic's retained message (QoS 1)."""
+        self.publish_in_process(topic, data)
+        await self.retain_message(None, topic, data, QOS_1)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Give what is queued for broadcasting (a last status) up to `timeout` seconds to go out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._broadcast_queue.empty() or any(not task.done() for task in self._tasks_queue):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.01)
+
+    async def _broadcast_message(
+        self, session: Any, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
+    ) -> None:
+        if session is not None and topic is not None and data is not None:
+            for topic_filter, deliver in self._in_process:
+                if topic_matches(topic_filter, topic):
+                    deliver(topic, bytes(data))
+                    return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

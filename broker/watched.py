@@ -47,5 +47,7 @@ class WatchedFile(Generic[T]):
         try:
             return self._parse(self.path.read_bytes())
         except (OSError, ValueError) as exc:
-            logger.warning("ignoring %s: %s", self.path, exc)
-            return self._fallback
+            # Keep the last good content: a corrupt denylist must not un-revoke devices, a corrupt JWKS
+            # must not lock every device out. Only a file never read successfully yields the fallback.
+            logger.warning("ignoring unreadable %s (keeping its last good content): %s", self.path, exc)
+            return self._value

@@ -1,5 +1,6 @@
 """The JSON messages of protocol v1, as pydantic models. Field limits here are the contract."""
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -153,6 +154,11 @@ class ClaimError(_Answer):
 
 
 Answer = ClaimOk | ClaimError
+
+
+def rfc3339(now: float) -> str:
+    """Unix seconds as `Event.time` has them: RFC 3339, UTC, milliseconds (also the time of JSON log lines)."""
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Event(_Answer):

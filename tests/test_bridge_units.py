@@ -73,11 +73,14 @@ def test_key_denial_reasons() -> None:
 
 
 def test_reclaim_action_protects_known_devices() -> None:
-    assert reclaim_action(None, b"pk", "reject") is Action.CREATE
-    assert reclaim_action(_device(b"pk"), b"pk", "reject") is Action.RECLAIM
-    assert reclaim_action(_device(b"pk"), b"other", "reject") is Action.EXISTS
-    assert reclaim_action(_device(b"pk"), b"other", "rotate") is Action.ROTATE
-    assert reclaim_action(_device(b"pk", status="revoked"), b"pk", "rotate") is Action.REVOKED
+    reject, rotate = _key(), _key(reclaim_policy="rotate")
+    assert reclaim_action(None, b"pk", reject) is Action.CREATE
+    assert reclaim_action(_device(b"pk"), b"pk", reject) is Action.RECLAIM
+    assert reclaim_action(_device(b"pk"), b"other", reject) is Action.EXISTS
+    assert reclaim_action(_device(b"pk"), b"other", rotate) is Action.ROTATE
+    assert reclaim_action(_device(b"pk", status="revoked"), b"pk", rotate) is Action.REVOKED
+    # Another key of the tenant, even a rotate one, cannot replace the public key of a device it did not create.
+    assert reclaim_action(_device(b"pk"), b"other", _key(id="key_2", reclaim_policy="rotate")) is Action.EXISTS
 
 
 def test_parse_claim_reports_fields_without_echoing_input() -> None:

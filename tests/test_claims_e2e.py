@@ -120,6 +120,7 @@ def test_error_codes_come_from_the_inputs_that_should_produce_them(bridge: Bridg
         taken = impostor.claim(bridge.provision_key)
     assert isinstance(taken, ClaimError) and taken.code is ErrorCode.DEVICE_EXISTS
     assert bridge.store.count("devices") == devices_before + 1
+    assert _registrations(bridge, bridge.provision_key) == 1  # device_exists spent no use
 
 
 def test_rejected_claims_spend_no_key_use(bridge: Bridge) -> None:
@@ -266,10 +267,13 @@ def _bad_claims(device: Device, key: str) -> dict[str, bytes]:
 
 def test_bad_input_gets_a_documented_error_and_changes_nothing(bridge: Bridge) -> None:
     with Device(bridge) as device:
-        for name, payload in _bad_claims(device, bridge.provision_key).items():
+        bad = _bad_claims(device, bridge.provision_key)
+        for name, payload in bad.items():
             answer = ClaimError.model_validate_json(device.send(payload))
             assert answer.code is ErrorCode.VALIDATION_ERROR, name
             assert bridge.store.count("devices") == 0, name
+        rejected = [e for e in _events(bridge, "claim.rejected") if e["reason"] == "validation_error"]
+        assert len(rejected) == len(bad)  # each one is visible to ops
         assert _registrations(bridge, bridge.provision_key) == 0
         assert isinstance(device.claim(bridge.provision_key), ClaimOk)  # still serving
 
@@ -355,3 +359,33 @@ def test_ops_user_watches_events_over_mqtt_and_can_do_nothing_else(bridge: Bridg
     assert topic == f"{bridge.prefix}/events/default/device.provisioned"
     event = json.loads(payload)
     assert event["device_id"] == answer.device_id and event["hardware_id"] == device.hardware_id
+
+
+def test_unknown_cloud_key_id_is_a_validation_error_and_creates_nothing(bridge: Bridge) -> None:
+    with Device(bridge) as device:
+        payload = device.claim_payload(bridge.provision_key, cloud_key_id="0123456789abcdef")
+        answer = ClaimError.model_validate_json(device.send(payload))
+    assert answer.code is ErrorCode.VALIDATION_ERROR
+    assert answer.errors and answer.errors[0].field == "cloud_key_id"
+    assert _events(bridge, "claim.rejected")[-1]["reason"] == "unknown_cloud_key"
+    assert bridge.store.count("devices") == 0 and _registrations(bridge, bridge.provision_key) == 0
+
+
+def test_after_the_retention_window_a_request_id_is_forgotten(bridge: Bridge) -> None:
+    with Device(bridge) as device:
+        payload = device.claim_payload(bridge.provision_key)
+        first = device.send(payload)
+        assert bridge.store.purge_answers(int(time.time()) + 1) == 1  # as the purge loop does after the window
+        again = ClaimOk.model_validate_json(device.send(payload))
+    assert again.device_id == ClaimOk.model_validate_json(first).device_id
+    assert not again.created and device.open(again).api_key == ""  # a re-claim now, not a replay
+
+
+def test_a_rotate_key_cannot_replace_the_key_of_a_device_it_did_not_create(bridge: Bridge) -> None:
+    rotate = bridge.create_key(reclaim_policy="rotate")
+    with Device(bridge) as original:
+        assert isinstance(original.claim(bridge.provision_key), ClaimOk)  # made by the first (reject) key
+    with Device(bridge, hardware_id=original.hardware_id) as attacker:
+        taken = attacker.claim(rotate)
+    assert isinstance(taken, ClaimError) and taken.code is ErrorCode.DEVICE_EXISTS
+    assert bridge.store.count("devices") == 1

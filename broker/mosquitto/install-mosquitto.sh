@@ -1,13 +1,14 @@
 #!/bin/sh
 # Install Mosquitto from the distribution's packages when it is missing, for the test suite and
-# the benchmarks. Never leaves a system Mosquitto running: `make run` needs 127.0.0.1:1883 for
+# the benchmarks, with what building the provbridge_jwt plugin (broker/mosquitto_jwt) needs: a C
+# compiler, the Mosquitto plugin headers, cJSON and OpenSSL headers. Never leaves a system Mosquitto running: `make run` needs 127.0.0.1:1883 for
 # the embedded broker, and the tests start their own Mosquitto from `provbridge mosquitto-config`.
 # When it cannot install, it fails under CI (CI=true) and otherwise only warns: the Mosquitto tests
 # are then skipped.
 set -eu
 
 cannot() {
-    echo "mosquitto is not installed: $1" >&2
+    echo "mosquitto or the plugin build tools are not installed ($PACKAGES): $1" >&2
     if [ -n "${CI:-}" ]; then
         exit 1
     fi
@@ -15,7 +16,19 @@ cannot() {
     exit 0
 }
 
-if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+PACKAGES=""
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    PACKAGES="mosquitto"
+fi
+need() {  # need FILE PACKAGE: the package, when the file it provides is missing
+    if [ ! -e "$1" ]; then PACKAGES="$PACKAGES $2"; fi
+}
+need /usr/include/mosquitto_broker.h mosquitto-dev
+need /usr/include/mosquitto.h libmosquitto-dev
+need /usr/include/cjson/cJSON.h libcjson-dev
+need /usr/include/openssl/evp.h libssl-dev
+if ! command -v cc >/dev/null 2>&1; then PACKAGES="$PACKAGES gcc libc6-dev"; fi
+if [ -z "$PACKAGES" ]; then
     exit 0
 fi
 
@@ -46,7 +59,8 @@ trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+# shellcheck disable=SC2086 # a list of package names
+$SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
 
 # Belt and braces, for systemd machines where the unit may be enabled and started anyway.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

@@ -1,0 +1,208 @@
+"""The in-process edge of the bridge: inside the embedded amqtt broker, without an MQTT client.
+
+A paho client on loopback would cost a second trip through amqtt's protocol code for every claim
+and every answer, and amqtt is the most expensive part of the embedded setup. Here the broker hands
+claims and token refreshes to the bridge after its PUBLISH ACL check (`ProvbridgeBroker.
+subscribe_in_process`), on its event loop; the blocking handlers (SQLite, crypto) run in the
+claim-worker process (`bridge.claimworker`, which says why a process); answers, events and the
+retained status go back through the broker's broadcast path (`publish_in_process`), where each
+receiving session is checked against the RECEIVE ACL as before.
+
+On the wire nothing changes: answers and events reach subscribers as the paho bridge's QoS 1,
+non-retained publishes did, the status is retained, `rate_limited` answers the claims beyond
+`claims.max_in_flight`. A message handed to the worker stays here until its answer is back; if the
+worker dies it is restarted and given them again (a claim's replay then returns its stored answer).
+"""
+
+import asyncio
+import itertools
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from bridge.claimworker import (
+    ANSWER,
+    LOG,
+    READY,
+    SETTINGS,
+    decode_answer,
+    emit_record,
+    encode_request,
+    frame,
+    split_frames,
+)
+from bridge.config import Settings
+from bridge.edge import BridgeCore, Publish
+from bridge.errors import ProvbridgeError
+from broker.server import ProvbridgeBroker
+
+log = logging.getLogger("provbridge.service")
+
+WORKER_START_TIMEOUT_SECONDS = 60.0
+WORKER_RESTART_DELAY_SECONDS = 1.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+class WorkerError(ProvbridgeError):
+    """The claim-worker process could not be started."""
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    transport: asyncio.Transport
+    protocol: "_WorkerProtocol"
+
+
+class _WorkerProtocol(asyncio.Protocol):
+    def __init__(self, edge: "InProcessBridge", ready: asyncio.Future[None]) -> None:
+        self.edge = edge
+        self.ready = ready
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        for kind, body in split_frames(self.buffer):
+            if kind == ANSWER:
+                self.edge.answered(*decode_answer(body))
+            elif kind == LOG:
+                emit_record(body)
+            elif kind == READY and not self.ready.done():
+                self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(WorkerError("the claim worker exited while starting"))
+        self.edge.worker_lost(self)
+
+
+class InProcessBridge:
+    def __init__(self, settings: Settings, broker: ProvbridgeBroker) -> None:
+        self.core = BridgeCore(settings)
+        self.broker = broker
+        self._seq = itertools.count(1)
+        # Handed to the worker, not answered yet, in order: resent to a restarted worker.
+        self._pending: dict[int, tuple[str, bytes]] = {}
+        self._worker: _Worker | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._drained = asyncio.Event()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The claim-worker process, while one is running."""
+        return None if self._worker is None else self._worker.process.pid
+
+    async def start(self) -> None:
+        """Start the claim worker, then take claims and say online. On the broker's event loop."""
+        self._worker = await self._spawn()
+        self.broker.subscribe_in_process(self.core.filters, self._on_message)
+        await self._retain(self.core.status(online=True))
+
+    async def stop(self) -> None:
+        """Stop taking claims, let the worker answer those it has, stop it, say offline."""
+        self._stopping = True
+        self.broker.unsubscribe_in_process()
+        if self._restarting is not None:  # no worker now: what it would answer stays unanswered
+            self._restarting.cancel()
+            await asyncio.gather(self._restarting, return_exceptions=True)
+        if self._pending and self._worker is not None:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.warning("stopping with %d claims unanswered", len(self._pending))
+        if self._worker is not None:
+            await self._end(self._worker)
+            self._worker = None
+        await self._retain(self.core.status(online=False))
+
+    # --- the worker process ----------------------------------------------------------------
+
+    async def _spawn(self) -> _Worker:
+        """A started claim worker that said it is ready."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bridge.claimworker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # Ctrl-C reaches the broker's process, which stops the worker
+            )
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        transport, protocol = await loop.create_unix_connection(lambda: _WorkerProtocol(self, ready), sock=ours)
+        transport.write(frame(SETTINGS, pickle.dumps(self.core.settings)))
+        worker = _Worker(process, transport, protocol)
+        try:
+            await asyncio.wait_for(ready, WORKER_START_TIMEOUT_SECONDS)
+        except BaseException as exc:  # cancelled too: no worker may outlive a start that did not finish
+            await self._end(worker)
+            if isinstance(exc, TimeoutError | WorkerError):
+                raise WorkerError(f"the claim worker did not start (exit status {process.returncode})") from exc
+            raise
+        log.info("claim worker running (pid %d)", process.pid)
+        return worker
+
+    async def _end(self, worker: _Worker) -> None:
+        worker.transport.close()  # the worker reads the end of its input and exits
+        try:
+            await asyncio.to_thread(worker.process.wait, STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            await asyncio.to_thread(worker.process.wait)
+
+    def worker_lost(self, protocol: _WorkerProtocol) -> None:
+        if self._worker is None or self._worker.protocol is not protocol:
+            return  # one that never became the worker (it failed to start), or one already replaced
+        lost, self._worker = self._worker, None
+        if self._stopping:
+            return
+        log.error("the claim worker exited; restarting it (%d claims in it are handed over again)", len(self._pending))
+        self._restarting = asyncio.get_running_loop().create_task(self._restart(lost))
+
+    async def _restart(self, lost: _Worker) -> None:
+        await self._end(lost)  # reaped (killed, should it hang on its way out)
+        while self._worker is None:
+            await asyncio.sleep(WORKER_RESTART_DELAY_SECONDS)
+            try:
+                worker = await self._spawn()
+            except (WorkerError, OSError) as exc:
+                log.error("%s; retrying", exc)
+                continue
+            for seq, (topic, payload) in self._pending.items():
+                worker.transport.write(encode_request(seq, topic, payload))
+            self._worker = worker
+        self._restarting = None
+
+    # --- event loop: must not block --------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if self._stopping:
+            return
+        if not self.core.admit():
+            self._send(self.core.publishes(self.core.overloaded(topic, payload)))
+            return
+        seq = next(self._seq)
+        self._pending[seq] = (topic, payload)
+        if self._worker is not None:  # else it goes with the others once the worker is back
+            self._worker.transport.write(encode_request(seq, topic, payload))
+
+    def answered(self, seq: int, publishes: list[Publish]) -> None:
+        if self._pending.pop(seq, None) is None:
+            return  # answered before the worker it was resent to died
+        try:
+            self._send(publishes)
+        finally:
+            self.core.release()
+        if not self._pending:
+            self._drained.set()
+
+    def _send(self, publishes: list[Publish]) -> None:
+        for publish in publishes:
+            self.broker.publish_in_process(publish.topic, publish.payload)
+
+    async def _retain(self, publish: Publish) -> None:
+        await self.broker.retain_in_process(publish.topic, publish.payload)

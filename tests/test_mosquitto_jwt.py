@@ -1,0 +1,251 @@
+"""`broker.mosquitto_auth = "jwt"` on a real Mosquitto 2.0: the provbridge_jwt plugin (broker/mosquitto_jwt)
+verifies device tokens in Mosquitto, started from `provbridge mosquitto-config` output as is, and the
+bridge mirrors nothing. Provisioning, bridge and ops accounts stay on dynamic security + the acl_file.
+
+Skipped when Mosquitto is missing or the plugin cannot be built, except under CI, where that fails.
+"""
+
+import base64
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bridge.config import Settings
+from broker import mosquitto_jwt
+from broker.errors import BrokerConfigError
+from provwire import topics
+from provwire.models import Credentials
+from tests import test_mosquitto_e2e as e2e
+from tests.mosquitto import (
+    ACCEPTED,
+    NOT_AUTHORIZED,
+    Client,
+    MosquittoBridge,
+    can_connect,
+    mosquitto_bridge,
+    run_cli,
+    wait_for,
+)
+
+
+def require_plugin() -> None:
+    try:
+        mosquitto_jwt.find_or_build_plugin()
+    except BrokerConfigError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the provbridge_jwt plugin cannot be built but CI is set: {exc}")
+        pytest.skip(f"the provbridge_jwt plugin cannot be built here: {exc}")
+
+
+@pytest.fixture
+def jwt_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_plugin()
+    # The CLI (mosquitto-config, device revoke) reads a config file written from the settings: the
+    # environment puts it in jwt mode too.
+    monkeypatch.setenv("PROVBRIDGE_BROKER__MOSQUITTO_AUTH", "jwt")
+
+
+@pytest.fixture
+def bridge(initialised: tuple[Settings, str], jwt_mode: None) -> Iterator[MosquittoBridge]:
+    with mosquitto_bridge(*initialised, mosquitto_auth="jwt") as running:
+        yield running
+
+
+@pytest.fixture
+def short_lived(initialised: tuple[Settings, str], jwt_mode: None) -> Iterator[MosquittoBridge]:
+    """Tokens valid 2 s (below the configurable minimum, set directly)."""
+    settings, key = initialised
+    settings = settings.model_copy(update={"token": settings.token.model_copy(update={"ttl_seconds": 2})})
+    with mosquitto_bridge(settings, key, mosquitto_auth="jwt") as running:
+        yield running
+
+
+def mirrored_devices(bridge: MosquittoBridge) -> list[str]:
+    state = json.loads((bridge.mosquitto.conf_dir / "dynamic-security.json").read_text())
+    return [c["username"] for c in state["clients"] if c["username"].startswith("dev_")]
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def es256(bridge: MosquittoBridge, claims: dict[str, Any], key: ec.EllipticCurvePrivateKey | None = None) -> str:
+    return jwt.encode(
+        claims, key or bridge.keys.token_key, algorithm="ES256", headers={"kid": bridge.keys.active_token}
+    )
+
+
+def test_claim_then_token_connect_then_publish_with_nothing_mirrored(bridge: MosquittoBridge) -> None:
+    conf = (bridge.mosquitto.conf_dir / "mosquitto.conf").read_text()
+    plugins = [line.split()[1] for line in conf.splitlines() if line.startswith("plugin ")]
+    assert len(plugins) == 2 and plugins[0].endswith("provbridge_jwt.so")  # before dynamic security
+    device_id, creds = e2e.provision(bridge)
+    scope = f"devices/{device_id}/#"
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token, v5=True) as conn:
+        assert conn.connect()
+        assert conn.subscribe(scope) == [1]
+        assert conn.publish(f"devices/{device_id}/telemetry", b"hello") == 0
+        assert conn.next_message()[:2] == (f"devices/{device_id}/telemetry", b"hello")
+    assert mirrored_devices(bridge) == []
+    assert "createClient" not in bridge.mosquitto.log()
+    assert creds.mqtt.token not in bridge.mosquitto.log()
+
+
+def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
+    a_id, a = e2e.provision(bridge)
+    b_id, b = e2e.provision(bridge)
+    with (
+        Client(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
+        Client(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
+    ):
+        assert bconn.connect() and aconn.connect()
+        assert bconn.subscribe(f"devices/{b_id}/#") == [1]
+        for outside in (f"devices/{b_id}/#", "devices/#", "#", f"{bridge.prefix}/#", "$SYS/#", "$share/g/#"):
+            assert aconn.subscribe(outside) == [NOT_AUTHORIZED], outside
+        assert aconn.subscribe(f"devices/{a_id}/+/x") == [1]  # covered by devices/<a>/#
+        # Disallowed first, then allowed: the first message b sees must be the allowed one.
+        assert aconn.publish(f"devices/{b_id}/cmd", b"intrusion") == NOT_AUTHORIZED
+        assert aconn.publish(topics.claim_topic(bridge.prefix, a_id), b"{}") == NOT_AUTHORIZED
+        assert aconn.publish(f"{bridge.prefix}/events/default/x", b"{}") == NOT_AUTHORIZED
+        assert aconn.publish(f"devices/{a_id}/own", b"mine") in ACCEPTED
+        assert bconn.publish(f"devices/{b_id}/cmd", b"own") == 0
+        assert bconn.next_message()[:2] == (f"devices/{b_id}/cmd", b"own")
+        assert bconn.messages.empty()
+    # MQTT 3.1.1 cannot tell a refused publish: it is silently dropped, the next one delivered.
+    with (
+        Client(bridge.port, b_id, b_id, b.mqtt.token) as bconn,
+        Client(bridge.port, a_id, a_id, a.mqtt.token) as aconn,
+    ):
+        assert bconn.connect() and aconn.connect()
+        assert bconn.subscribe(f"devices/{b_id}/#") == [1]
+        assert aconn.subscribe("devices/#") == [0x80]
+        aconn.publish(f"devices/{b_id}/cmd", b"intrusion")
+        bconn.publish(f"devices/{b_id}/cmd", b"own")
+        assert bconn.next_message()[:2] == (f"devices/{b_id}/cmd", b"own")
+
+
+def test_bad_tokens_and_client_ids_are_refused(bridge: MosquittoBridge) -> None:
+    device_id, creds = e2e.provision(bridge)
+    token = creds.mqtt.token
+    real = claims_of(token)
+    now = int(time.time())
+    kid = bridge.keys.active_token
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    header_none = b64url(json.dumps({"alg": "none", "kid": kid, "typ": "JWT"}).encode())
+    body = token.split(".")[1]
+    refused = {
+        "forged (another key, same kid)": es256(bridge, real, other_key),
+        "expired": es256(bridge, {**real, "iat": now - 100, "exp": now - 10}),
+        "wrong aud": es256(bridge, {**real, "aud": "someone-else"}),
+        "wrong iss": es256(bridge, {**real, "iss": "someone-else"}),
+        "other subject": es256(bridge, {**real, "sub": "dev_" + "b" * 26}),
+        "no exp": es256(bridge, {k: v for k, v in real.items() if k != "exp"}),
+        "no acl": es256(bridge, {k: v for k, v in real.items() if k != "acl"}),
+        "bad acl filter": es256(bridge, {**real, "acl": {"pub": ["a/#/b"], "sub": []}}),
+        "iat in the future": es256(bridge, {**real, "iat": now + 3600}),
+        "HS256": jwt.encode(real, "a-shared-secret-long-enough-for-hs256", algorithm="HS256", headers={"kid": kid}),
+        "alg none": f"{header_none}.{body}.",
+        "none, signature kept": f"{header_none}.{body}.{token.split('.')[2]}",
+        "unknown kid": jwt.encode(real, bridge.keys.token_key, algorithm="ES256", headers={"kid": "nope"}),
+        "truncated signature": token[:-4],
+        "not a JWT": "not-a-jwt",
+        "empty": "",
+    }
+    for what, bad in refused.items():
+        assert not can_connect(bridge.port, device_id, device_id, bad), what
+    assert not can_connect(bridge.port, "someone-else", device_id, token)  # client id != device id
+    assert not can_connect(bridge.port, device_id, device_id, None)
+    # A token in an array audience, re-signed by the real key, still connects: aud may be a list.
+    assert can_connect(bridge.port, device_id, device_id, es256(bridge, {**real, "aud": ["x", real["aud"]]}))
+    assert can_connect(bridge.port, device_id, device_id, token)
+    log = bridge.mosquitto.log()
+    assert f"refused {device_id}: token signature invalid" in log
+    assert f"refused {device_id}: token expired" in log
+    assert f"refused {device_id}: token algorithm must be ES256" in log
+    assert token not in log and token.split(".")[2] not in log  # reasons and device ids only
+    # Anonymous under a device's client id is only a provisioning client: none of the device's rights.
+    with Client(bridge.port, device_id, v5=True) as squatter:
+        assert squatter.connect()
+        assert squatter.subscribe(f"devices/{device_id}/#") == [NOT_AUTHORIZED]
+        assert squatter.publish(f"devices/{device_id}/x", b"x") == NOT_AUTHORIZED
+
+
+def test_cli_device_revoke_kicks_the_live_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
+    device_id, creds = e2e.provision(bridge)
+    other_id, other = e2e.provision(bridge)
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+        assert live.connect()
+        assert run_cli(bridge.settings, "device", "revoke", device_id) == 0  # writes denylist.json only
+        assert live.disconnected.wait(15), "the plugin must end the revoked device's live session"
+    assert not can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
+    assert can_connect(bridge.port, other_id, other_id, other.mqtt.token)  # nobody else is touched
+    assert bridge.store.device(device_id).status == "revoked"
+    assert f"disconnecting {device_id}: device is revoked" in bridge.mosquitto.log()
+    assert mirrored_devices(bridge) == []
+
+
+def test_expired_token_session_is_ended(short_lived: MosquittoBridge) -> None:
+    bridge = short_lived
+    device_id, creds = e2e.provision(bridge)
+    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+        if live.connect():  # the token may already have expired: then the CONNECT is refused
+            assert live.disconnected.wait(30), "the plugin must end the session of an expired token"
+    assert wait_for(lambda: not can_connect(bridge.port, device_id, device_id, creds.mqtt.token), timeout=30)
+
+
+def test_token_key_rotation_old_and_new_tokens_connect(bridge: MosquittoBridge) -> None:
+    old_id, old = e2e.provision(bridge)
+    old_kid = jwt.get_unverified_header(old.mqtt.token)["kid"]
+    assert run_cli(bridge.settings, "keys", "rotate", "--token") == 0
+    new_id, new = e2e.provision(bridge)  # the bridge signs with the new key from now on
+    assert jwt.get_unverified_header(new.mqtt.token)["kid"] != old_kid  # the plugin re-read jwks.json
+    assert can_connect(bridge.port, new_id, new_id, new.mqtt.token)
+    assert can_connect(bridge.port, old_id, old_id, old.mqtt.token)  # the old key is still in the JWKS
+
+
+def test_jwks_without_the_key_refuses_its_tokens(bridge: MosquittoBridge) -> None:
+    device_id, creds = e2e.provision(bridge)
+    jwks_file = bridge.settings.data_dir / "jwks.json"
+    original = jwks_file.read_bytes()
+    jwks_file.write_text(json.dumps({"keys": []}))
+    try:
+        assert wait_for(lambda: not can_connect(bridge.port, device_id, device_id, creds.mqtt.token))
+    finally:
+        jwks_file.write_bytes(original)
+    assert wait_for(lambda: can_connect(bridge.port, device_id, device_id, creds.mqtt.token))
+
+
+@pytest.mark.parametrize("login", [(None, None), ("provision", "provision")], ids=["anonymous", "provision"])
+def test_provisioning_clients_behave_as_in_dynsec_mode(
+    bridge: MosquittoBridge, login: tuple[str | None, str | None]
+) -> None:
+    e2e.test_provisioning_client_is_held_to_its_own_client_id(bridge, login)
+
+
+def test_ops_user_behaves_as_in_dynsec_mode(bridge: MosquittoBridge, capsys: pytest.CaptureFixture[str]) -> None:
+    e2e.test_ops_user_reads_events_and_status_and_publishes_nothing(bridge, capsys)
+    assert mirrored_devices(bridge) == []
+
+
+def test_refreshed_token_connects_and_nothing_is_mirrored(bridge: MosquittoBridge) -> None:
+    from provwire.models import ClaimOk
+    from tests.test_refresh import RefreshingDevice
+
+    device = RefreshingDevice(bridge)
+    with device:
+        device.provision()
+        answer = device.send_refresh(device.refresh_payload())
+    assert isinstance(answer, ClaimOk)
+    fresh: Credentials = device.open(answer)
+    assert can_connect(bridge.port, fresh.mqtt.client_id, fresh.mqtt.client_id, fresh.mqtt.token)
+    assert mirrored_devices(bridge) == []

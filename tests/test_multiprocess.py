@@ -1,0 +1,296 @@
+"""Issue 4: `provbridge serve --processes 2` against a real Mosquitto (started from `provbridge
+mosquitto-config` output), the bridge as real subprocesses sharing the claims through `$share`
+subscriptions. The core concurrency guarantees must hold across processes as they do across threads.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from bridge import cli, keyfiles
+from bridge.config import Settings
+from bridge.dynsec import admin_channel
+from bridge.janitor import SharedDynsecMirror
+from bridge.sessions import bridge_client, client_ids, recorded_client_ids, retire_stale_sessions
+from bridge.store import Store
+from bridge.tokens import TokenGrant
+from provwire import topics
+from provwire.models import ClaimError, ClaimOk
+from tests.conftest import Device
+from tests.mosquitto import (
+    MosquittoBridge,
+    can_connect,
+    config_toml,
+    external_settings,
+    mosquitto_for,
+    wait_for,
+)
+
+PROCESSES = 2
+STARTED_RE = re.compile(r"started bridge process (\d+) of \d+ \(pid (\d+)\)")
+
+
+@dataclass
+class MultiBridge(MosquittoBridge):
+    serve: "ServeProcesses"
+
+
+class ServeProcesses:
+    """`provbridge serve --processes N` as a subprocess; every process it started is gone after `stop`."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self.log_file = settings.data_dir.parent / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.seen_pids: set[int] = set()
+
+    def start(self) -> None:
+        config = self.settings.data_dir.parent / "serve.toml"
+        config.write_text(config_toml(self.settings))
+        argv = [sys.executable, "-m", "bridge.cli", "--config", str(config), "--data-dir", str(self.settings.data_dir)]
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [*argv, "serve", "--processes", str(self.count)], stdout=log, stderr=subprocess.STDOUT
+            )
+        assert wait_for(lambda: self.log().count("bridge serving claims") >= self.count, timeout=60), self.log()
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def children(self) -> dict[int, int]:
+        """Process index -> pid of its latest start."""
+        found = {int(index): int(pid) for index, pid in STARTED_RE.findall(self.log())}
+        self.seen_pids |= set(found.values())
+        return found
+
+    def answered_by(self) -> set[int]:
+        return {int(index) for index in re.findall(r"provbridge\.service#(\d+)(?: \[[^]]*\])?: claim on ", self.log())}
+
+    def stop(self) -> None:
+        self.children()
+        if self.process is not None:
+            self.process.terminate()  # the supervisor, by its own handle: it stops its processes
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            self.process = None
+        for pid in self.seen_pids:
+            if not wait_for(lambda pid=pid: not _alive(pid), timeout=30):
+                os.kill(pid, signal.SIGKILL)  # only a pid our supervisor reported starting
+        assert not any(_alive(pid) for pid in self.seen_pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@contextmanager
+def serving_processes(settings: Settings, count: int) -> Iterator[ServeProcesses]:
+    running = ServeProcesses(settings, count)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def bridge(initialised: tuple[Settings, str]) -> Iterator[MultiBridge]:
+    settings, first_key = initialised
+    settings = external_settings(settings)
+    with mosquitto_for(settings) as mosquitto, serving_processes(settings, PROCESSES) as serve:
+        store = Store(settings.database_file)
+        try:
+            yield MultiBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, mosquitto, serve)
+        finally:
+            store.close()
+
+
+def _answer(raw: bytes) -> ClaimOk | ClaimError:
+    data = json.loads(raw)
+    return ClaimOk.model_validate(data) if data["status"] == "ok" else ClaimError.model_validate(data)
+
+
+# --- the core concurrency guarantees, across two processes ------------------------------------
+
+
+def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: MultiBridge) -> None:
+    key = bridge.create_key(max_registrations=1)
+    devices = [Device(bridge) for _ in range(50)]
+    for d in devices:
+        d.__enter__()
+    payloads = [d.claim_payload(key) for d in devices]
+    answers: list[bytes] = [b""] * 50
+    start = threading.Barrier(50)
+
+    def go(i: int) -> None:
+        start.wait()
+        answers[i] = devices[i].send(payloads[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for d in devices:
+        d.__exit__()
+    statuses = [json.loads(a) for a in answers]
+    assert sum(s["status"] == "ok" for s in statuses) == 1
+    assert sum(s.get("code") == "permission_denied" for s in statuses) == 49
+    assert bridge.store.count("devices") == 1
+    assert len(bridge.store.events(event="key.exhausted", limit=10)) == 1
+    winner = next(ClaimOk.model_validate(s) for s in statuses if s["status"] == "ok")
+    state = json.loads((bridge.mosquitto.conf_dir / "dynamic-security.json").read_text())
+    assert [c["username"] for c in state["clients"] if c["username"].startswith("dev_")] == [winner.device_id]
+    assert bridge.serve.answered_by() == set(range(PROCESSES))  # both processes took part
+
+
+def test_reclaim_with_same_public_key_is_idempotent(bridge: MultiBridge) -> None:
+    with Device(bridge) as device:
+        answers = [device.claim(bridge.provision_key) for _ in range(2 * PROCESSES)]  # round robin: all processes
+    first, *again = answers
+    assert isinstance(first, ClaimOk) and first.created
+    for answer in again:
+        assert isinstance(answer, ClaimOk) and answer.device_id == first.device_id and not answer.created
+        assert device.open(answer).api_key == ""
+    assert bridge.store.count("devices") == 1
+    assert len(bridge.store.events(event="device.provisioned", limit=10)) == 1
+    assert len(bridge.store.events(event="device.reclaimed", limit=10)) == 2 * PROCESSES - 1
+    last = device.open(answers[-1]).mqtt  # Mosquitto knows the newest token
+    assert can_connect(bridge.port, last.client_id, last.username, last.token)
+
+
+def test_same_request_id_gets_the_byte_identical_answer(bridge: MultiBridge) -> None:
+    with Device(bridge) as device:
+        payload = device.claim_payload(bridge.provision_key)
+        # All at once: copies are handled by both processes concurrently, racing for the same request_id.
+        for _ in range(4 * PROCESSES):
+            device.conn.client.publish(topics.claim_topic(bridge.prefix, device.client_id), payload, 1)
+        answers = [device.conn.next_message()[1] for _ in range(4 * PROCESSES)]
+        answers.append(device.send(payload))  # and once more, later
+    assert len(set(answers)) == 1
+    answer = _answer(answers[0])
+    assert isinstance(answer, ClaimOk) and answer.created and device.open(answer).api_key
+    assert bridge.store.count("devices") == 1
+    row = bridge.store.read().execute("SELECT COUNT(*) FROM answers WHERE client_id = ?", (device.client_id,))
+    assert row.fetchone()[0] == 1
+
+
+# --- supervision ----------------------------------------------------------------------------
+
+
+def test_a_killed_process_is_restarted_and_answers_what_waited_for_it(bridge: MultiBridge) -> None:
+    victim = bridge.serve.children()[1]
+    devices = [Device(bridge) for _ in range(2 * PROCESSES)]
+    for d in devices:
+        d.__enter__()
+    os.kill(victim, signal.SIGKILL)  # a pid the supervisor reported starting, ours
+    # Published while it is down: Mosquitto queues its share of them in its session, for its restart.
+    for d in devices:
+        d.conn.client.publish(topics.claim_topic(bridge.prefix, d.client_id), d.claim_payload(bridge.provision_key), 1)
+    assert wait_for(lambda: bridge.serve.children()[1] != victim, timeout=30), bridge.serve.log()
+    answers = [_answer(d.conn.next_message(timeout=30)[1]) for d in devices]
+    for d in devices:
+        d.__exit__()
+    assert all(isinstance(a, ClaimOk) for a in answers), answers
+    assert bridge.store.count("devices") == 2 * PROCESSES
+
+
+def test_processes_need_an_external_broker(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, _ = initialised  # embedded: amqtt would hand every claim to every process
+    assert cli.main(["--data-dir", str(settings.data_dir), "serve", "--processes", "2"]) == 1
+    assert "external broker" in capsys.readouterr().err
+
+
+# --- what several processes share: old sessions and the janitor ------------------------------
+
+
+def _session_present(settings: Settings, client_id: str) -> bool:
+    """Whether the broker still holds a persistent session for `client_id` (then ends the look)."""
+    flags: list[bool] = []
+    done = threading.Event()
+    client = bridge_client(settings, client_id, persistent=True, reconnect_on_failure=False)
+
+    def on_connect(_c: mqtt.Client, _u: object, connect_flags: mqtt.ConnectFlags, _r: object, _p: object) -> None:
+        flags.append(connect_flags.session_present)
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", settings.broker.port)
+    client.loop_start()
+    try:
+        assert done.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return flags[0]
+
+
+def test_sessions_of_a_previous_layout_are_retired(initialised: tuple[Settings, str]) -> None:
+    settings = external_settings(initialised[0])
+    with mosquitto_for(settings):
+        assert recorded_client_ids(settings) == []
+        old = client_ids(settings, 3)
+        retire_stale_sessions(settings, old, threading.Event())  # a bridge ran with 3 processes
+        for client_id in old:
+            assert not _session_present(settings, client_id)  # creates each session (persistent)
+            assert _session_present(settings, client_id)
+        retire_stale_sessions(settings, client_ids(settings, 2), threading.Event())  # now 2
+        assert _session_present(settings, old[0]) and _session_present(settings, old[1])
+        assert not _session_present(settings, old[2])  # gone: it would have swallowed its share of claims
+        assert recorded_client_ids(settings) == client_ids(settings, 2)
+
+
+def test_janitors_of_two_processes_never_delete_a_token_the_other_renewed(initialised: tuple[Settings, str]) -> None:
+    settings, _ = initialised
+    settings = external_settings(settings)
+    store = Store(settings.database_file)
+    device_id = f"dev_{uuid.uuid4().hex[:26]}"
+    now = int(time.time())
+
+    def grant(expires_at: int) -> TokenGrant:
+        return TokenGrant(f"token-{uuid.uuid4().hex}", uuid.uuid4().hex, expires_at, [f"devices/{device_id}/#"], [])
+
+    early, late = grant(now + 60), grant(now + 3600)
+    try:
+        with mosquitto_for(settings), admin_channel(settings) as a_channel, admin_channel(settings) as b_channel:
+            a, b = SharedDynsecMirror(settings, store), SharedDynsecMirror(settings, store)
+            a.use(a_channel)
+            b.use(b_channel)
+            for janitor in (a, b):
+                janitor.load()
+            with store.transaction():  # as a claim mirrors: inside its transaction
+                a.grant(device_id, early)
+            with store.transaction():  # a re-claim handled by the other process
+                b.grant(device_id, late)
+            assert a.mirrored()[device_id] == early.expires_at  # a's memory is stale ...
+            assert a.sweep(now=early.expires_at) == 0  # ... so it asks Mosquitto before deleting
+            assert a.mirrored()[device_id] == late.expires_at
+            assert can_connect(settings.broker.port, device_id, device_id, late.token)
+            assert b.sweep(now=late.expires_at) == 1  # really expired: removed
+            assert not can_connect(settings.broker.port, device_id, device_id, late.token)
+            assert a.sweep(now=late.expires_at) == 0 and device_id not in a.mirrored()
+    finally:
+        store.close()
