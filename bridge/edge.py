@@ -100,13 +100,16 @@ class BridgeCore:
             out.append(Publish(topics.event_topic(self.prefix, event.tenant, event.event), to_json(event)))
         return out
 
-    def is_reply_topic(self, topic: object) -> bool:
-        """An MQTT 5 Response Topic is honoured only when it is a response topic, `{prefix}/res/<id>`.
+    def is_reply_topic(self, topic: object, request_topic: str) -> bool:
+        """An MQTT 5 Response Topic is honoured only when it is the requester's own response topic.
 
-        The bridge account may also write events and status: a claim must not make it publish there.
+        Anything else would let a client make the bridge account write to another client's response
+        topic, or to events and status, which the bridge account may also write.
         """
-        head = topics.response_topic(self.prefix, "")
-        return isinstance(topic, str) and topic.startswith(head) and topics.is_valid_client_id(topic[len(head) :])
+        client_id = topics.client_id_of_claim_topic(self.prefix, request_topic) or topics.client_id_of_token_topic(
+            self.prefix, request_topic
+        )
+        return client_id is not None and topic == topics.response_topic(self.prefix, client_id)
 
     def status(self, online: bool) -> Publish:
         """The retained bridge status (PROTOCOL.md §12)."""

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,7 +35,7 @@ SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 @dataclass(frozen=True)
 class _Work:
     topic: str
-    payload: bytes
+    payload: bytes = field(repr=False)  # a claim carries a provisioning key
     mid: int
     qos: int
     reply_to: str | None = None  # MQTT 5 Response Topic of the request, vetted
@@ -65,6 +65,7 @@ class BridgeService:
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
@@ -120,9 +121,16 @@ class BridgeService:
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         if self.shard.owns_status:
             self._send(self.core.status(online=True))
+        log.info("connected to broker %s:%s", self.endpoint.host, self.endpoint.port)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        # Ready only once the broker confirmed every subscription: a claim sent before that would be lost.
+        refused = [code for code in codes if code.is_failure]
+        if refused:
+            log.error("broker refused the bridge's subscriptions (%s): not taking claims", refused)
+            return
         self._connected.set()
-        client_id = self.shard.client_id(self.settings)
-        log.info("connected to broker %s:%s as %s", self.endpoint.host, self.endpoint.port, client_id)
+        log.info("bridge subscriptions confirmed: taking claims")
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
@@ -146,7 +154,7 @@ class BridgeService:
             bytes(message.payload),
             message.mid,
             message.qos,
-            reply_to if self.core.is_reply_topic(reply_to) else None,
+            reply_to if self.core.is_reply_topic(reply_to, message.topic) else None,
             bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
         )
         if self.core.admit():

@@ -14,6 +14,8 @@ and its queue) when the bridge starts. Claims that were waiting in a retired ses
 devices re-send them after their time-out (PROTOCOL.md §6).
 """
 
+import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -40,6 +42,18 @@ RETIRE_TIMEOUT_SECONDS = 10.0
 RETIRE_RETRY_SECONDS = 5.0
 
 
+def bridge_client_id(settings: Settings) -> str:
+    """`broker.client_id` plus a suffix only the holder of the bridge secret can compute.
+
+    Mosquitto lets any accepted CONNECT take over any client id: an anonymous client connecting as a
+    guessable bridge id with a clean session would wipe the bridge's persistent session and the
+    claims queued in it. The suffix is stable (same secret, same id), so the session survives restarts.
+    """
+    secret = keyfiles.read_secret(settings.bridge_secret_file).encode("utf-8")
+    suffix = hmac.new(secret, b"provbridge bridge client id", hashlib.sha256).hexdigest()[:16]
+    return f"{settings.broker.client_id}-{suffix}"
+
+
 @dataclass(frozen=True)
 class Shard:
     """Which of the `count` bridge processes this one is (`index` 0 owns the retained status)."""
@@ -48,7 +62,7 @@ class Shard:
     count: int = 1
 
     def client_id(self, settings: Settings) -> str:
-        base = settings.broker.client_id
+        base = bridge_client_id(settings)
         return base if self.count == 1 else f"{base}-{self.index}"
 
     def subscription(self, settings: Settings, topic_filter: str) -> str:

@@ -279,6 +279,10 @@ def test_mqtt5_answer_on_the_response_topic_with_the_correlation_data(bridge_v5:
     topic, answer, properties = claim_v5(bridge, Device(bridge), elsewhere, b"corr-2")
     assert topic != elsewhere and isinstance(answer, ClaimOk)
     assert properties.CorrelationData == b"corr-2"  # type: ignore[attr-defined]
+    # Nor may a Response Topic name another client's response topic: the one answer goes to the requester.
+    victim = topics.response_topic(bridge.prefix, "victim-client")
+    topic, answer, properties = claim_v5(bridge, Device(bridge), victim, b"corr-3")
+    assert topic != victim and isinstance(answer, ClaimOk)
     # MQTT 3.1.1 devices provision through an MQTT 5 bridge as well.
     device_id, creds = provision(bridge)
     assert can_connect(bridge.port, device_id, device_id, creds.mqtt.token, v5=True)
