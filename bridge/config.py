@@ -75,7 +75,8 @@ class ClaimSettings(BaseModel):
     workers: int = Field(default=1, ge=1, le=64)
     # Bridge processes sharing the claims through shared subscriptions (external broker only).
     processes: int = Field(default=1, ge=1, le=64)
-    max_in_flight: int = Field(default=1000, ge=1)
+    # Sized for a 10,000-device herd; worst case ~16 KiB a queued claim (160 MiB), typically ~1 KiB.
+    max_in_flight: int = Field(default=10_000, ge=1)
     retry_after_seconds: int = Field(default=2, ge=1)
     code_ttl_seconds: int = Field(default=86_400, ge=60)
 
