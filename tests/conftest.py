@@ -149,3 +149,34 @@ class Device:
         box = crypto.SealedBox(crypto.b64decode(answer.sealed.nonce), crypto.b64decode(answer.sealed.ciphertext))
         plain = crypto.open_sealed(crypto.derive_seal_key(shared, answer.request_id), box, answer.request_id)
         return Credentials.model_validate_json(plain)
+
+
+def race_one_time_key(bridge: Bridge, contenders: int = 50) -> list[dict[str, object]]:
+    """`contenders` distinct devices claim with one one-time key at the same moment; returns the answers.
+
+    The core concurrency guarantee (exactly one device) is checked by the callers, per broker.
+    """
+    key = bridge.create_key(max_registrations=1)
+    devices = [Device(bridge) for _ in range(contenders)]
+    for d in devices:
+        d.__enter__()
+    payloads = [d.claim_payload(key) for d in devices]
+    answers: list[bytes] = [b""] * contenders
+    start = threading.Barrier(contenders)
+
+    def go(i: int) -> None:
+        start.wait()
+        answers[i] = devices[i].send(payloads[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for d in devices:
+        d.__exit__()
+    statuses: list[dict[str, object]] = [json.loads(a) for a in answers]
+    assert sum(s["status"] == "ok" for s in statuses) == 1
+    assert sum(s.get("code") == "permission_denied" for s in statuses) == contenders - 1
+    assert bridge.store.count("devices") == 1
+    return statuses

@@ -2,7 +2,6 @@
 
 import json
 import sqlite3
-import threading
 import time
 import uuid
 
@@ -13,7 +12,7 @@ from bridge import keyfiles
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Bridge, Device
+from tests.conftest import Bridge, Device, race_one_time_key
 from tests.mqtt_client import MqttClient
 
 
@@ -136,29 +135,9 @@ def test_rejected_claims_spend_no_key_use(bridge: Bridge) -> None:
 
 
 def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: Bridge) -> None:
-    key = bridge.create_key(max_registrations=1)
-    devices = [Device(bridge) for _ in range(50)]
-    for d in devices:
-        d.__enter__()
-    payloads = [d.claim_payload(key) for d in devices]
-    answers: list[bytes] = [b""] * 50
-    start = threading.Barrier(50)
-
-    def go(i: int) -> None:
-        start.wait()
-        answers[i] = devices[i].send(payloads[i])
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for d in devices:
-        d.__exit__()
-    statuses = [json.loads(a) for a in answers]
-    assert sum(s["status"] == "ok" for s in statuses) == 1
-    assert sum(s.get("code") == "permission_denied" for s in statuses) == 49
-    assert _registrations(bridge, key) == 1
+    race_one_time_key(bridge)
+    one_time = "SELECT registrations FROM provision_keys WHERE max_registrations = 1"
+    assert bridge.store.read().execute(one_time).fetchone()[0] == 1
     rejected = [e for e in _events(bridge, "claim.rejected") if e.get("reason") == "key_exhausted"]
     assert len(rejected) == 49
     assert len(_events(bridge, "key.exhausted")) == 1

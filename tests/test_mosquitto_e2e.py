@@ -3,7 +3,6 @@ bridge in external mode mirroring tokens into dynamic security. Real SQLite, rea
 """
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from bridge.dynsec import DynsecMirror, admin_channel, revoke_on_mosquitto
 from bridge.tokens import mint_token
 from provwire import topics
 from provwire.models import ClaimError, ClaimOk, Credentials
-from tests.conftest import Device
+from tests.conftest import Device, race_one_time_key
 from tests.mosquitto import (
     ACCEPTED,
     NOT_AUTHORIZED,
@@ -289,29 +288,7 @@ def test_mqtt5_answer_on_the_response_topic_with_the_correlation_data(bridge_v5:
 
 
 def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: MosquittoBridge) -> None:
-    key = bridge.create_key(max_registrations=1)
-    devices = [Device(bridge) for _ in range(50)]
-    for d in devices:
-        d.__enter__()
-    payloads = [d.claim_payload(key) for d in devices]
-    answers: list[bytes] = [b""] * 50
-    start = threading.Barrier(50)
-
-    def go(i: int) -> None:
-        start.wait()
-        answers[i] = devices[i].send(payloads[i])
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for d in devices:
-        d.__exit__()
-    statuses = [json.loads(a) for a in answers]
-    assert sum(s["status"] == "ok" for s in statuses) == 1
-    assert sum(s.get("code") == "permission_denied" for s in statuses) == 49
-    assert bridge.store.count("devices") == 1
+    statuses = race_one_time_key(bridge)
     winner = next(ClaimOk.model_validate(s) for s in statuses if s["status"] == "ok")
     state = json.loads((bridge.mosquitto.conf_dir / "dynamic-security.json").read_text())
     assert [c["username"] for c in state["clients"] if c["username"].startswith("dev_")] == [winner.device_id]

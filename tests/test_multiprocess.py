@@ -29,7 +29,7 @@ from bridge.store import Store
 from bridge.tokens import TokenGrant
 from provwire import topics
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Device
+from tests.conftest import Device, race_one_time_key
 from tests.mosquitto import (
     MosquittoBridge,
     can_connect,
@@ -135,29 +135,7 @@ def _answer(raw: bytes) -> ClaimOk | ClaimError:
 
 
 def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: MultiBridge) -> None:
-    key = bridge.create_key(max_registrations=1)
-    devices = [Device(bridge) for _ in range(50)]
-    for d in devices:
-        d.__enter__()
-    payloads = [d.claim_payload(key) for d in devices]
-    answers: list[bytes] = [b""] * 50
-    start = threading.Barrier(50)
-
-    def go(i: int) -> None:
-        start.wait()
-        answers[i] = devices[i].send(payloads[i])
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for d in devices:
-        d.__exit__()
-    statuses = [json.loads(a) for a in answers]
-    assert sum(s["status"] == "ok" for s in statuses) == 1
-    assert sum(s.get("code") == "permission_denied" for s in statuses) == 49
-    assert bridge.store.count("devices") == 1
+    statuses = race_one_time_key(bridge)
     assert len(bridge.store.events(event="key.exhausted", limit=10)) == 1
     winner = next(ClaimOk.model_validate(s) for s in statuses if s["status"] == "ok")
     state = json.loads((bridge.mosquitto.conf_dir / "dynamic-security.json").read_text())
