@@ -1,0 +1,849 @@
+"""Issue 5: faults. Real components are killed or broken in the middle of a claim burst, and the
+invariants are checked afterwards on the database and on what every device received:
+
+* every device that claimed ends with exactly one row, and a final answer it can open with its own key;
+* an answer a device got for a request_id is, byte for byte, the stored answer (replays included);
+* nothing is half-written: every device has its API-key hash (the one its sealed answer carries),
+  its stored answer and its `device.provisioned` event, and the key counts exactly one use per device.
+
+Everything is real and on loopback: `provbridge serve` subprocesses (embedded amqtt broker, or in
+external mode against Mosquitto started from `provbridge mosquitto-config`), SQLite files, the
+claim crypto. The devices are a small multiplexed fleet (`Fleet`): `BURST` devices whose claims ride on
+a few paho connections, re-sent with the same request_id, as PROTOCOL.md §6 tells devices, when an
+answer says `retry_after` or when their connection came back. Only waits on conditions, never on
+durations; every process a test starts is gone when it ends.
+
+On Mosquitto the bridge runs with `broker.dynsec = false` (no token mirroring): Mosquitto 2.0's
+dynamic-security plugin costs O(mirrored devices) per claim (docs/BENCHMARKS.md), which would make a
+2,000-claim burst take minutes. The delivery path under test (persistent session, QoS 1, manual
+acknowledgement after the answer) is the same with and without the mirror.
+
+Figures measured here (counts, recovery times) are logged as `FAULTS ...` lines, informational only.
+"""
+
+import fcntl
+import functools
+import heapq
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge import keyfiles, secrets
+from bridge.config import Settings
+from bridge.edge import BridgeCore, claim_handlers
+from bridge.service import BridgeService
+from bridge.store import Store
+from device_sim.device import DeviceIdentity, build_claim, open_answer
+from provwire import topics
+from provwire.models import to_json
+from tests.mosquitto import RunningMosquitto, config_toml, external_settings, mosquitto_for, run_cli, wait_for
+
+log = logging.getLogger("tests.faults")
+
+BURST = 2000  # devices in a crash or restart burst (the issue's size)
+SMALL_BURST = 1000  # the database faults, where the bridge runs inside the test process
+LANES = 8  # MQTT connections the fleet's claims are multiplexed over
+LONG = 120.0  # generous: a condition that does not hold by then is a failure, not slowness
+RETRYABLE = frozenset({"rate_limited", "internal_error"})
+# Every bridge subprocess: a device told to retry comes back after 1 s (default 2) to keep the file short.
+BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1"}
+# External mode: no dynamic-security mirroring (see the module docstring).
+EXTERNAL_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__DYNSEC": "false"}
+SERVING = "bridge serving claims"
+WORKER_RE = r"claim worker running \(pid (\d+)\)"
+CHILD_RE = r"started bridge process \d+ of \d+ \(pid (\d+)\)"
+
+
+def figure(name: str, **values: object) -> None:
+    """An informational measurement, printed for docs/RELIABILITY.md (`pytest -s` or the log)."""
+    line = "FAULTS " + name + " " + " ".join(f"{k}={v}" for k, v in values.items())
+    log.warning(line)
+    print(line)
+
+
+# --- the devices ------------------------------------------------------------------------------
+
+
+@dataclass
+class FleetDevice:
+    identity: DeviceIdentity
+    request_id: str
+    payload: bytes = field(repr=False)
+    lane: int
+    sends: int = 0
+    answers: list[bytes] = field(default_factory=list)  # every answer to this request_id, in order
+    retry_pending: bool = False
+    final: bytes | None = None  # the first answer that is not "retry later"
+
+    def retryable_answers(self) -> list[dict[str, Any]]:
+        docs = [json.loads(a) for a in self.answers]
+        return [d for d in docs if d.get("status") == "error" and d.get("code") in RETRYABLE]
+
+    def final_answers(self) -> list[bytes]:
+        return [a for a in self.answers if not _is_retryable(a)]
+
+
+def _is_retryable(raw: bytes) -> bool:
+    doc = json.loads(raw)
+    return bool(doc.get("status") == "error" and doc.get("code") in RETRYABLE)
+
+
+class Fleet:
+    """Devices claiming over `lanes` paho connections that reconnect by themselves.
+
+    A claim is re-sent, with the same request_id and payload, when an answer says retry later
+    (after its retry_after plus up to 25 % jitter) and, if `resend_on_reconnect`, when its lane's
+    connection came back without its answer. Nothing else re-sends: a claim the broker took and
+    never answered stays unanswered, so a test sees lost claims.
+    """
+
+    def __init__(self, port: int, prefix: str, provision_key: str, *, lanes: int = LANES) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.provision_key = provision_key
+        self.tag = uuid.uuid4().hex[:6]
+        self.resend_on_reconnect = True
+        self.devices: list[FleetDevice] = []
+        self.by_request: dict[str, FleetDevice] = {}
+        self.stray: list[bytes] = []
+        self.refused: list[str] = []  # lanes whose SUBSCRIBE the broker refused
+        self.pubacks = 0
+        self.lane_ids = [f"fl-{self.tag}-{n}" for n in range(lanes)]
+        self.subscriptions = [0] * lanes  # SUBACKs per lane: 1 + its reconnections
+        self.connected = [False] * lanes
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._retries: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._closing = False
+        self._clients = [self._client(n) for n in range(lanes)]
+        self._retrier = threading.Thread(target=self._retry_loop, name="fleet-retry", daemon=True)
+
+    def _client(self, lane: int) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.lane_ids[lane], clean_session=True, userdata=lane)
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=2)
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        return c
+
+    def add(self, count: int) -> list[FleetDevice]:
+        """`count` more devices, spread over the lanes; nothing sent yet."""
+        added = []
+        for _ in range(count):
+            n = len(self.devices)
+            identity = DeviceIdentity.generate(f"hw-{self.tag}-{n:05d}")
+            request_id = f"{self.tag}.{n:05d}"
+            device = FleetDevice(
+                identity,
+                request_id,
+                to_json(build_claim(identity, self.provision_key, request_id)),
+                n % len(self._clients),
+            )
+            self.devices.append(device)
+            self.by_request[request_id] = device
+            added.append(device)
+        return added
+
+    # -- lifecycle --
+
+    def connect(self) -> None:
+        self._retrier.start()
+        for client in self._clients:
+            client.connect_async("127.0.0.1", self.port, keepalive=30)
+            client.loop_start()
+        assert wait_for(lambda: all(self.subscriptions), timeout=30), f"fleet lanes did not subscribe {self.refused}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
+        if self._retrier.is_alive():
+            self._retrier.join(10)
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- sending --
+
+    def send(self, devices: list[FleetDevice], copies: int = 1) -> None:
+        for device in devices:
+            for _ in range(copies):
+                self._publish(device)
+
+    def _publish(self, device: FleetDevice) -> None:
+        with self._lock:
+            device.sends += 1
+        self._clients[device.lane].publish(
+            topics.claim_topic(self.prefix, self.lane_ids[device.lane]), device.payload, 1
+        )
+
+    def _retry_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and (not self._retries or self._retries[0][0] > time.monotonic()):
+                    timeout = None if not self._retries else self._retries[0][0] - time.monotonic()
+                    self._changed.wait(timeout)
+                if self._closing:
+                    return
+                _, _, request_id = heapq.heappop(self._retries)
+                device = self.by_request[request_id]
+                device.retry_pending = False
+                due = device.final is None
+            if due:
+                self._publish(device)
+
+    # -- paho callbacks (each lane's network thread) --
+
+    def _on_connect(self, client: mqtt.Client, lane: int, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(topics.response_topic(self.prefix, self.lane_ids[lane]), 1)
+
+    def _on_subscribe(self, _c: mqtt.Client, lane: int, _mid: int, codes: Any, _p: Any) -> None:
+        if any(code.is_failure for code in codes):
+            self.refused.append(f"lane {lane}: SUBSCRIBE refused")
+            return
+        with self._lock:
+            self.subscriptions[lane] += 1
+            self.connected[lane] = True
+            again = [d for d in self.devices if d.lane == lane and d.sends and d.final is None]
+        if self.resend_on_reconnect and self.subscriptions[lane] > 1:
+            for device in again:  # the connection came back: answers sent meanwhile are gone
+                self._publish(device)
+
+    def _on_disconnect(self, _c: mqtt.Client, lane: int, _f: Any, _r: Any, _p: Any) -> None:
+        with self._lock:
+            self.connected[lane] = False
+
+    def _on_publish(self, _c: mqtt.Client, _lane: int, _mid: int, _r: Any, _p: Any) -> None:
+        with self._lock:
+            self.pubacks += 1
+
+    def _on_message(self, _c: mqtt.Client, _lane: int, message: mqtt.MQTTMessage) -> None:
+        raw = bytes(message.payload)
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = {}
+        with self._lock:
+            device = self.by_request.get(str(doc.get("request_id"))) if isinstance(doc, dict) else None
+            if device is None:
+                self.stray.append(raw)
+                return
+            device.answers.append(raw)
+            if device.final is not None:
+                return
+            if doc.get("status") == "error" and doc.get("code") in RETRYABLE:
+                if not device.retry_pending:
+                    device.retry_pending = True
+                    delay = float(doc.get("retry_after") or 1) * (1 + random.random() / 4)
+                    heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), device.request_id))
+                    self._changed.notify_all()
+                return
+            device.final = raw
+
+    # -- what happened --
+
+    def finals(self) -> int:
+        with self._lock:
+            return sum(d.final is not None for d in self.devices)
+
+    def all_final(self) -> bool:
+        return self.finals() == len(self.devices)
+
+    def sends(self) -> int:
+        with self._lock:
+            return sum(d.sends for d in self.devices)
+
+    def lanes_up(self) -> int:
+        with self._lock:
+            return sum(self.connected)
+
+    def count(self, code: str) -> int:
+        with self._lock:
+            devices = list(self.devices)
+        return sum(1 for d in devices for a in d.retryable_answers() if a["code"] == code)
+
+
+def _retry_after_everywhere(fleet: Fleet) -> None:
+    for device in fleet.devices:
+        for answer in device.retryable_answers():
+            assert answer.get("retry_after"), answer
+
+
+# --- the invariants ---------------------------------------------------------------------------
+
+
+def check_invariants(settings: Settings, fleets: list[Fleet], others: int = 0) -> None:
+    """Every fleet device: one row, its final answer opens with its key and is the stored answer, every
+    answer it got is that one; nothing half-written anywhere. `others`: devices made outside the fleets."""
+    keys = keyfiles.load_keys(settings.data_dir)
+    cloud: dict[str, ec.EllipticCurvePublicKey] = {kid: k.public_key() for kid, k in keys.cloud.items()}
+    db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        total = 0
+        for fleet in fleets:
+            for d in fleet.devices:
+                assert d.final is not None, f"{d.request_id}: no final answer (lost)"
+                assert d.final_answers() == [d.final] * len(d.final_answers()), f"{d.request_id}: answers differ"
+                kid = json.loads(d.final)["cloud_key_id"]
+                result = open_answer(d.final, d.identity, cloud[kid], d.request_id)  # raises unless ok and sealed to it
+                assert result.created and result.credentials.api_key
+                stored = db.execute(
+                    "SELECT answer FROM answers WHERE client_id = ? AND request_id = ?",
+                    (fleet.lane_ids[d.lane], d.request_id),
+                ).fetchall()
+                assert [bytes(r[0]) for r in stored] == [d.final], f"{d.request_id}: not the stored answer"
+                rows = db.execute(
+                    "SELECT id, api_key_hash FROM devices WHERE hardware_id = ?", (d.identity.hardware_id,)
+                ).fetchall()
+                assert len(rows) == 1, f"{d.identity.hardware_id}: {len(rows)} rows"
+                assert rows[0][0] == result.device_id
+                assert bytes(rows[0][1]) == secrets.digest(result.credentials.api_key)
+            assert not fleet.stray, fleet.stray[:3]
+            total += len(fleet.devices)
+        devices = db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+        assert devices == total + others, (devices, total, others)
+        uses = db.execute("SELECT SUM(registrations) FROM provision_keys").fetchone()[0]
+        assert uses == devices  # every key use spent has its device, and no device without it
+        provisioned = db.execute("SELECT COUNT(*) FROM events WHERE event = 'device.provisioned'").fetchone()[0]
+        assert provisioned == devices
+        orphans = db.execute(
+            "SELECT COUNT(*) FROM devices d WHERE length(d.api_key_hash) != 32"
+            " OR NOT EXISTS (SELECT 1 FROM provision_keys k WHERE k.id = d.key_id)"
+        ).fetchone()[0]
+        assert orphans == 0
+    finally:
+        db.close()
+
+
+def _consistent_snapshot(settings: Settings) -> tuple[int, int, int]:
+    """Devices, key uses and device.provisioned events, read in one snapshot: equal when nothing is half-written."""
+    db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+    try:
+        db.execute("BEGIN")
+        devices = db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+        uses = db.execute("SELECT SUM(registrations) FROM provision_keys").fetchone()[0]
+        events = db.execute("SELECT COUNT(*) FROM events WHERE event = 'device.provisioned'").fetchone()[0]
+        db.execute("COMMIT")
+        return int(devices), int(uses), int(events)
+    finally:
+        db.close()
+
+
+# --- the bridge as a subprocess ---------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _gone(pid: int) -> bool:
+    return not _alive(pid)
+
+
+class ServeProcess:
+    """`provbridge serve [--processes N]` as a subprocess: started, killed with SIGKILL, restarted.
+
+    Every pid it reported (claim workers, bridge processes) is gone after `close`.
+    """
+
+    def __init__(self, settings: Settings, env: dict[str, str], processes: int = 1) -> None:
+        self.settings = settings
+        self.env = {**os.environ, **env}
+        self.processes = processes
+        self.log_file = settings.data_dir.parent / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = self.settings.data_dir.parent / "serve.toml"
+        config.write_text(config_toml(self.settings))
+        before = self.log().count(SERVING)
+        argv = [sys.executable, "-m", "bridge.cli", "--config", str(config), "--data-dir", str(self.settings.data_dir)]
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(
+                [*argv, "serve", "--processes", str(self.processes)], stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
+        assert wait_for(lambda: self.log().count(SERVING) >= before + self.processes, timeout=60), self.log()[-3000:]
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)  # our own child, by its pid
+        self.process.wait(30)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def reported_pids(self) -> set[int]:
+        text = self.log()
+        return {int(p) for p in re.findall(WORKER_RE, text)} | {int(p) for p in re.findall(CHILD_RE, text)}
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            self.process = None
+        for pid in self.reported_pids():
+            if not wait_for(functools.partial(_gone, pid), timeout=30):
+                os.kill(pid, signal.SIGKILL)  # only a pid our bridge reported starting
+        assert not any(_alive(pid) for pid in self.reported_pids())
+
+    def __enter__(self) -> "ServeProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _first_key(initialised: tuple[Settings, str]) -> str:
+    return initialised[1]
+
+
+def _wait_all(fleet: Fleet, what: str) -> float:
+    start = time.monotonic()
+    assert wait_for(fleet.all_final, timeout=LONG), f"{what}: {len(fleet.devices) - fleet.finals()} unanswered"
+    return time.monotonic() - start
+
+
+# --- 1. the bridge killed mid-burst -----------------------------------------------------------
+
+
+def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[Settings, str]) -> None:
+    """kill -9 of `provbridge serve` (external mode): the claims it held and those published while it was
+    down wait in its persistent session and are answered after it returns; no device needs to re-send."""
+    settings = external_settings(initialised[0])
+    with (
+        mosquitto_for(settings),
+        ServeProcess(settings, EXTERNAL_ENV) as serve,
+        Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
+    ):
+        fleet.resend_on_reconnect = False  # the broker stays up: only "retry later" answers are re-sent
+        fleet.connect()
+        burst = fleet.add(BURST)
+        fleet.send(burst)
+        assert wait_for(lambda: fleet.finals() >= BURST // 4, timeout=LONG)
+        serve.kill()
+        answered_at_kill = fleet.finals()
+        late = fleet.add(200)  # published while the bridge is down: Mosquitto takes and queues them
+        fleet.send(late)
+        assert wait_for(lambda: fleet.pubacks >= fleet.sends(), timeout=LONG)
+        assert all(d.final is None for d in late)
+        start = time.monotonic()
+        serve.start()
+        recovered = _wait_all(fleet, "after the restart") + (time.monotonic() - start)
+        assert run_cli(settings, "doctor") == 0  # the installation checks out after the crash
+    for d in fleet.devices:  # nothing was lost: every send beyond the first was asked for by "retry later"
+        assert d.sends <= 1 + len(d.retryable_answers()), (d.request_id, d.sends, d.answers)
+    _retry_after_everywhere(fleet)
+    check_invariants(settings, [fleet])
+    redelivered = sum(len(d.final_answers()) > 1 for d in fleet.devices)
+    figure(
+        "bridge-kill-mosquitto",
+        devices=len(fleet.devices),
+        answered_at_kill=answered_at_kill,
+        published_while_down=len(late),
+        answered_twice_identically=redelivered,
+        rate_limited=fleet.count("rate_limited"),
+        seconds_restart_to_last_answer=f"{recovered:.1f}",
+    )
+
+
+def test_bridge_killed_mid_burst_embedded_replays_committed_answers(initialised: tuple[Settings, str]) -> None:
+    """kill -9 of `provbridge serve` with its embedded broker: devices reconnect when it is back and
+    re-send with the same request_id; claims committed before the kill get their stored answer."""
+    settings = initialised[0]
+    with (
+        ServeProcess(settings, BASE_ENV) as serve,
+        Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
+    ):
+        fleet.connect()
+        burst = fleet.add(BURST)
+        fleet.send(burst)
+        assert wait_for(lambda: fleet.finals() >= BURST // 4, timeout=LONG)
+        serve.kill()
+        answered_at_kill = [d for d in burst if d.final is not None]
+        assert wait_for(lambda: fleet.lanes_up() == 0, timeout=LONG)  # the broker died with the process
+        # The orphaned claim worker stops at its next answer (the socket to the dead broker is gone).
+        assert wait_for(lambda: not any(_alive(pid) for pid in serve.reported_pids()), timeout=LONG)
+        db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+        try:
+            committed = {r[0] for r in db.execute("SELECT request_id FROM answers")}
+        finally:
+            db.close()
+        # Committed before the kill, never delivered: their re-sent claims must get the stored answer.
+        undelivered = committed - {d.request_id for d in answered_at_kill}
+        start = time.monotonic()
+        serve.start()
+        recovered = _wait_all(fleet, "after the restart") + (time.monotonic() - start)
+        # A device that did get its answer and asks again (a lost PUBACK on its side) gets the same bytes.
+        sample = answered_at_kill[:100]
+        fleet.send(sample)
+        assert wait_for(lambda: all(len(d.final_answers()) >= 2 for d in sample), timeout=LONG)
+        assert run_cli(settings, "doctor") == 0  # the installation checks out after the crash
+    asked_again = {d.request_id for d in sample}
+    resent = [d for d in burst if d.sends > 1 + len(d.retryable_answers()) and d.request_id not in asked_again]
+    _retry_after_everywhere(fleet)
+    check_invariants(settings, [fleet])
+    figure(
+        "bridge-kill-embedded",
+        devices=len(fleet.devices),
+        answered_at_kill=len(answered_at_kill),
+        resent_after_reconnect=len(resent),
+        committed_at_kill=len(committed),
+        committed_but_undelivered_then_replayed=len(undelivered),
+        replayed_on_request=len(sample),
+        seconds_restart_to_last_answer=f"{recovered:.1f}",
+    )
+
+
+# --- 2. the broker restarted mid-burst --------------------------------------------------------
+
+
+def _restart(broker: RunningMosquitto, how: str) -> None:
+    if how == "sigterm":
+        broker.stop()  # SIGTERM: Mosquitto writes its persistence file on the way out
+    else:
+        assert broker.process is not None
+        broker.process.kill()  # kill -9: only what the last autosave wrote survives
+        broker.process.wait(30)
+        broker.process = None
+    broker.start()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], how: str) -> None:
+    """Mosquitto (persistence on) restarted mid-burst: the bridge and the devices reconnect by themselves,
+    every device is answered once with one row, answers to repeated deliveries are identical."""
+    settings = external_settings(initialised[0])
+    conf = settings.data_dir.parent / "mosquitto" / "mosquitto.conf"
+    with (
+        mosquitto_for(settings) as broker,
+        ServeProcess(settings, EXTERNAL_ENV) as serve,
+        Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
+    ):
+        assert "persistence true" in conf.read_text().splitlines()
+        fleet.connect()
+        burst = fleet.add(BURST)
+        fleet.send(burst)
+        assert wait_for(lambda: fleet.finals() >= BURST // 4, timeout=LONG)
+        answered_before = fleet.finals()
+        start = time.monotonic()
+        _restart(broker, how)
+        assert wait_for(lambda: serve.log().count("bridge subscriptions confirmed") >= 2, timeout=LONG), serve.log()
+        bridge_back = time.monotonic() - start
+        recovered = _wait_all(fleet, "after the broker restart") + (time.monotonic() - start)
+    _retry_after_everywhere(fleet)
+    check_invariants(settings, [fleet])
+    figure(
+        f"broker-restart-{how}",
+        devices=len(fleet.devices),
+        answered_before_restart=answered_before,
+        sends=fleet.sends(),
+        answered_twice_identically=sum(len(d.final_answers()) > 1 for d in fleet.devices),
+        seconds_to_bridge_resubscribed=f"{bridge_back:.1f}",
+        seconds_restart_to_last_answer=f"{recovered:.1f}",
+    )
+
+
+# --- 3. database trouble ----------------------------------------------------------------------
+
+
+class FaultyStore(Store):
+    """A real SQLite store with two faults a test can switch: a busy timeout of `busy_ms` (the bridge's
+    own is 10 s, which a test would wait out for every refused claim), and a full disk
+    (`PRAGMA max_page_count` pinned at the current size, so a write that needs a new page meets
+    SQLite's real `database or disk is full`)."""
+
+    def __init__(self, path: Path, busy_ms: int) -> None:
+        self.busy_ms = busy_ms
+        self.full = threading.Event()
+        self.no_limit: int | None = None
+        super().__init__(path)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = super()._connection()
+        if not getattr(self._local, "tuned", False):
+            conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+            self.no_limit = self.no_limit or int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+            self._local.tuned = True
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        if self.full.is_set():
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+        else:
+            conn.execute(f"PRAGMA max_page_count = {self.no_limit}")
+        with super().transaction() as db:
+            yield db
+
+
+@contextmanager
+def bridge_in_this_process(settings: Settings, store: Store) -> Iterator[None]:
+    """The paho bridge (`BridgeService`, as `serve` builds it in external mode) on `store`, in this process."""
+    service = BridgeService(BridgeCore(settings), claim_handlers(settings, store))
+    service.start()
+    try:
+        assert service.wait_connected(30), "bridge did not connect to Mosquitto"
+        yield
+    finally:
+        service.stop()
+        store.close()
+
+
+@pytest.mark.parametrize("fault", ["locked", "disk_full"])
+def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Settings, str], fault: str) -> None:
+    """The SQLite file locked by another writer, or full: claims get `internal_error` with `retry_after`,
+    nothing is half-written, and once the fault is gone the retried claims are all served."""
+    settings = external_settings(initialised[0], dynsec=False)
+    settings = settings.model_copy(update={"claims": settings.claims.model_copy(update={"retry_after_seconds": 1})})
+    store = FaultyStore(settings.database_file, busy_ms=200)
+    blocker: sqlite3.Connection | None = None
+    with (
+        mosquitto_for(settings),
+        bridge_in_this_process(settings, store),
+        Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
+    ):
+        fleet.connect()
+        burst = fleet.add(SMALL_BURST)
+        fleet.send(burst)
+        assert wait_for(lambda: fleet.finals() >= SMALL_BURST // 5, timeout=LONG)
+        if fault == "locked":
+            blocker = sqlite3.connect(settings.database_file, timeout=30, isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+        else:
+            store.full.set()
+        at_fault = _consistent_snapshot(settings)
+        assert wait_for(lambda: fleet.count("internal_error") >= 20, timeout=LONG)
+        during = _consistent_snapshot(settings)
+        start = time.monotonic()
+        if blocker is not None:
+            assert during == at_fault  # nothing written while another writer held it
+            blocker.rollback()
+            blocker.close()
+        else:
+            store.full.clear()
+        recovered = _wait_all(fleet, f"after the {fault} fault") + (time.monotonic() - start)
+    assert len(set(during)) == 1, during  # devices == key uses == provisioned events, mid-fault
+    assert fleet.count("internal_error") >= 20
+    _retry_after_everywhere(fleet)
+    check_invariants(settings, [fleet])
+    figure(
+        f"database-{fault}",
+        devices=len(fleet.devices),
+        rows_when_fault_began=at_fault[0],
+        rows_written_during_fault=during[0] - at_fault[0],
+        internal_error_answers=fleet.count("internal_error"),
+        seconds_fault_cleared_to_last_answer=f"{recovered:.1f}",
+    )
+
+
+# --- 4. duplicate delivery --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["embedded", "mosquitto-2-processes"])
+def test_the_same_claim_delivered_twice_makes_one_device(initialised: tuple[Settings, str], layout: str) -> None:
+    """Every claim of a burst published twice back to back (on Mosquitto, with two bridge processes
+    sharing the claims, so the copies race in two processes): one device each, identical answers."""
+    settings = initialised[0]
+    broker: AbstractContextManager[object]
+    if layout == "embedded":
+        serve = ServeProcess(settings, BASE_ENV)
+        broker = _nothing()
+    else:
+        settings = external_settings(settings)
+        serve = ServeProcess(settings, EXTERNAL_ENV, processes=2)
+        broker = mosquitto_for(settings)
+    count = 400  # 800 messages: under claims.max_in_flight, so copies are rarely told to retry instead
+    with broker, serve, Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet:
+        fleet.connect()
+        devices = fleet.add(count)
+        fleet.send(devices, copies=2)
+        assert wait_for(lambda: fleet.all_final() and all(len(d.answers) >= 2 for d in devices), timeout=LONG)
+        log_text = serve.log()
+    check_invariants(settings, [fleet])  # one row each; every answer to a request_id the same bytes
+    twice = sum(len(d.final_answers()) == 2 for d in devices)
+    assert twice >= count // 2, twice  # most copies were both answered, and identically
+    figure(
+        f"duplicate-delivery-{layout}",
+        devices=count,
+        messages=2 * count,
+        both_copies_answered_identically=twice,
+        processes_answering=len(set(re.findall(r"provbridge\.service#(\d+)[^:]*: claim on ", log_text))),
+    )
+
+
+@contextmanager
+def _nothing() -> Iterator[object]:
+    yield None
+
+
+# --- 5. slow consumers ------------------------------------------------------------------------
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n // 128, n % 128
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + _remaining_length(len(body)) + body
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def raw_connect(port: int, client_id: str, rcvbuf: int | None = None) -> socket.socket:
+    """A bare MQTT 3.1.1 client: CONNECT (clean session, no keepalive), and nothing read back."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: a tiny window
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(_packet(0x10, _utf8("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 0) + _utf8(client_id)))
+    return sock
+
+
+def raw_subscribe(sock: socket.socket, topic: str) -> None:
+    sock.sendall(_packet(0x82, struct.pack(">H", 1) + _utf8(topic) + bytes([1])))
+
+
+def raw_publish(sock: socket.socket, topic: str, payload: bytes) -> None:
+    sock.sendall(_packet(0x30, _utf8(topic) + payload))  # QoS 0: no PUBACK to read
+
+
+@pytest.mark.parametrize("broker_mode", ["embedded", "mosquitto"])
+def test_slow_and_vanishing_consumers_do_not_block_other_devices(
+    initialised: tuple[Settings, str], broker_mode: str
+) -> None:
+    """A device that never reads its socket (a tiny receive window and hundreds of answers due), one that
+    never acknowledges its QoS 1 answers, and devices that disconnect right after claiming: the rest of a
+    burst is answered all the same; the vanished devices get their stored answer when they come back."""
+    settings, key = initialised
+    broker: AbstractContextManager[object]
+    if broker_mode == "embedded":
+        serve, broker = ServeProcess(settings, BASE_ENV), _nothing()
+    else:
+        settings = external_settings(settings)
+        serve, broker = ServeProcess(settings, EXTERNAL_ENV), mosquitto_for(settings)
+    port, prefix = settings.broker.port, settings.topic_prefix
+    stuck_claims = 300
+    with broker, serve:
+        # Never reads: subscribes, then publishes many claims of one device (distinct request_ids).
+        stuck_identity = DeviceIdentity.generate(f"hw-stuck-{uuid.uuid4().hex[:6]}")
+        stuck = raw_connect(port, "stuck-device", rcvbuf=1024)
+        raw_subscribe(stuck, topics.response_topic(prefix, "stuck-device"))
+        # Never acknowledges: paho with manual acknowledgement, never given.
+        mute_identity = DeviceIdentity.generate(f"hw-mute-{uuid.uuid4().hex[:6]}")
+        mute = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mute-device", clean_session=True, manual_ack=True)
+        mute_got: list[bytes] = []
+        mute_subscribed = threading.Event()
+        mute.on_message = lambda _c, _u, m: mute_got.append(bytes(m.payload))
+        mute.on_subscribe = lambda *_a: mute_subscribed.set()
+        mute.connect("127.0.0.1", port)
+        mute.loop_start()
+        vanished = Fleet(port, prefix, key, lanes=4)  # their claims go out on bare sockets that close at once
+        try:
+            mute.subscribe(topics.response_topic(prefix, "mute-device"), 1)
+            assert mute_subscribed.wait(30)
+            for n in range(stuck_claims):
+                claim = build_claim(stuck_identity, key, f"stuck.{n:05d}")
+                raw_publish(stuck, topics.claim_topic(prefix, "stuck-device"), to_json(claim))
+            for n in range(50):
+                claim = build_claim(mute_identity, key, f"mute.{n:05d}")
+                mute.publish(topics.claim_topic(prefix, "mute-device"), to_json(claim), 1)
+            for device in vanished.add(100):
+                sock = raw_connect(port, vanished.lane_ids[device.lane])
+                sock.settimeout(30)
+                assert sock.recv(4)[:1] == b"\x20"  # CONNACK: the broker took the session
+                raw_publish(sock, topics.claim_topic(prefix, vanished.lane_ids[device.lane]), device.payload)
+                sock.sendall(_packet(0xE0, b""))  # DISCONNECT, before any answer could arrive
+                sock.close()
+                device.sends += 1
+            with Fleet(port, prefix, key) as fleet:
+                fleet.connect()
+                fleet.send(fleet.add(500))
+                took = _wait_all(fleet, "beside the slow consumers")
+            # The vanished devices come back and ask again with the same request_id.
+            vanished.connect()
+            vanished.send(vanished.devices)
+            _wait_all(vanished, "the returning devices")
+            assert wait_for(lambda: len(mute_got) >= 1, timeout=LONG)  # it is being answered, it just never acks
+            unread = struct.unpack("i", fcntl.ioctl(stuck.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            stuck_created = wait_for(lambda: _device_exists(settings, stuck_identity.hardware_id), timeout=LONG)
+            mute_created = wait_for(lambda: _device_exists(settings, mute_identity.hardware_id), timeout=LONG)
+        finally:
+            vanished.close()
+            mute.disconnect()
+            mute.loop_stop()
+            stuck.close()
+    assert stuck_created and mute_created
+    check_invariants(settings, [fleet, vanished], others=2)
+    figure(
+        f"slow-consumers-{broker_mode}",
+        devices=len(fleet.devices),
+        seconds_to_answer_all=f"{took:.1f}",
+        stuck_claims=stuck_claims,
+        bytes_unread_in_stuck_socket=unread,
+        unacked_answers_received=len(mute_got),
+        vanished_replayed=len(vanished.devices),
+    )
+
+
+def _device_exists(settings: Settings, hardware_id: str) -> bool:
+    db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT 1 FROM devices WHERE hardware_id = ?", (hardware_id,)).fetchone() is not None
+    finally:
+        db.close()
