@@ -232,6 +232,10 @@ def retryable_error(settings: Settings, request_id: str | None, message: str) ->
     )
 
 
+def new_event(name: str, now: float, tenant: str, **fields: Any) -> Event:
+    return Event(event=name, time=rfc3339(now), tenant=tenant, **fields)
+
+
 def record_events_safely(store: Store, events: list[Event]) -> None:
     """Store events outside a transaction (refusals that change nothing else); a failure only costs the events."""
     try:
@@ -256,16 +260,16 @@ class Provisioner:
         logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
         now = time.time() if now is None else now
         client_id = topics.client_id_of_claim_topic(self.prefix, topic)
-        if client_id is None or not topics.is_valid_client_id(client_id):
-            event = self._event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")
-            self._record_events_safely([event])
+        if client_id is None:  # not a claim topic, or its client id is invalid: nobody to answer
+            event = new_event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")
+            record_events_safely(self.store, [event])
             return Outcome(None, None, [event], "dropped: invalid client id in topic")
         reply_to = topics.response_topic(self.prefix, client_id)
 
         parsed = parse_claim(payload)
         logs.bind_request_id(parsed.request_id)
         if isinstance(parsed, ClaimError):
-            event = self._event(
+            event = new_event(
                 "claim.rejected",
                 now,
                 NO_TENANT,
@@ -273,7 +277,7 @@ class Provisioner:
                 request_id=parsed.request_id,
                 reason="validation_error",
             )
-            self._record_events_safely([event])
+            record_events_safely(self.store, [event])
             return Outcome(reply_to, to_json(parsed), [event], "validation_error")
 
         ctx = _Context(client_id, parsed, now, current_ring(self.keys))
@@ -302,7 +306,7 @@ class Provisioner:
         cloud_key = ctx.keys.cloud.get(cloud_kid)
         if cloud_key is None:
             ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason="unknown_cloud_key"))
-            self._record_events_safely(ctx.events)
+            record_events_safely(self.store, ctx.events)
             return self._error(
                 ctx,
                 ErrorCode.VALIDATION_ERROR,
@@ -411,11 +415,8 @@ class Provisioner:
             ctx.events.append(self._key_event(ctx, "claim.rejected", key, None, reason=reason.value))
         return self._error(ctx, ErrorCode.PERMISSION_DENIED, DENIED_MESSAGE)
 
-    def _event(self, name: str, now: float, tenant: str, **fields: Any) -> Event:
-        return Event(event=name, time=rfc3339(now), tenant=tenant, **fields)
-
     def _ctx_event(self, ctx: _Context, name: str, tenant: str, **fields: Any) -> Event:
-        return self._event(
+        return new_event(
             name,
             ctx.now,
             tenant,
@@ -435,9 +436,6 @@ class Provisioner:
             key_id_prefix=key.id[:12],
             **fields,
         )
-
-    def _record_events_safely(self, events: list[Event]) -> None:
-        record_events_safely(self.store, events)
 
 
 def device_key(store: Store, keys: KeyRing | KeySource, device_id: str) -> bytes:

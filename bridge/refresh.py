@@ -32,12 +32,12 @@ from bridge.credentials import issue_credentials, sealed_answer, shared_secret
 from bridge.errors import ProvbridgeError, StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
-from bridge.provisioning import NO_TENANT, Outcome, parse_request, record_events_safely, retryable_error
+from bridge.provisioning import NO_TENANT, Outcome, new_event, parse_request, record_events_safely, retryable_error
 from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
-from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, rfc3339, to_json
+from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, to_json
 
 log = logging.getLogger("provbridge.refresh")
 
@@ -121,7 +121,7 @@ class Refresher:
         now = time.time() if now is None else now
         client_id = topics.client_id_of_token_topic(self.prefix, topic)
         if client_id is None:
-            event = self._event(REJECTED, now, NO_TENANT, reason=Refusal.INVALID_CLIENT_ID.value)
+            event = new_event(REJECTED, now, NO_TENANT, reason=Refusal.INVALID_CLIENT_ID.value)
             record_events_safely(self.store, [event])
             return Outcome(None, None, [event], "dropped: invalid client id in topic")
         reply_to = topics.response_topic(self.prefix, client_id)
@@ -129,7 +129,7 @@ class Refresher:
         parsed = parse_request(TokenRefresh, payload, MAX_REFRESH_BYTES, "token refresh")
         logs.bind_request_id(parsed.request_id)
         if isinstance(parsed, ClaimError):
-            event = self._event(
+            event = new_event(
                 REJECTED,
                 now,
                 NO_TENANT,
@@ -204,7 +204,7 @@ class Refresher:
 
     def _rejected(self, ctx: _Context, refused: _Refused) -> Event:
         if refused.device is None:
-            return self._event(
+            return new_event(
                 REJECTED,
                 ctx.now,
                 NO_TENANT,
@@ -216,7 +216,7 @@ class Refresher:
         return self._device_event(ctx, REJECTED, refused.device, reason=refused.reason.value)
 
     def _device_event(self, ctx: _Context, name: str, device: Device, **fields: Any) -> Event:
-        return self._event(
+        return new_event(
             name,
             ctx.now,
             device.tenant_name,
@@ -226,6 +226,3 @@ class Refresher:
             device_id=device.id,
             **fields,
         )
-
-    def _event(self, name: str, now: float, tenant: str, **fields: Any) -> Event:
-        return Event(event=name, time=rfc3339(now), tenant=tenant, **fields)
