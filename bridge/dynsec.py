@@ -212,6 +212,11 @@ class DynsecMirror:
     def grant(self, device_id: str, grant: TokenGrant) -> None:
         role = device_role_for(device_id, grant)
         with self._stripe(device_id):
+            with self._lock:
+                # A create that times out may still be applied by Mosquitto later: known before it is sent,
+                # the orphan is removed by the janitor at this expiry. (A known device keeps its current
+                # expiry until the broker confirms, so a failed grant never extends an old token's life.)
+                self._expiry.setdefault(device_id, grant.expires_at)
             self._apply(device_id, grant, role)
             with self._lock:
                 self._expiry[device_id] = grant.expires_at
