@@ -64,6 +64,9 @@ def _env(data_dir: DataDir, port: int, log_level: str, **extra: str) -> dict[str
         "PROVBRIDGE_LOG_LEVEL": log_level,
         # Plain MQTT only: a TLS listener would take the fixed tls_port, which parallel runs share.
         "PROVBRIDGE_BROKER__TLS_LISTEN": "off",
+        # The load generator multiplexes thousands of devices over 32 client ids (real devices have
+        # one each): per-client flood limits would measure the limiter, not the bridge.
+        "PROVBRIDGE_CLAIMS__RATE_LIMITS": "false",
         **extra,
     }
 

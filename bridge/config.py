@@ -79,6 +79,32 @@ class ClaimSettings(BaseModel):
     max_in_flight: int = Field(default=10_000, ge=1)
     retry_after_seconds: int = Field(default=2, ge=1)
     code_ttl_seconds: int = Field(default=86_400, ge=60)
+    # Flood limits (bridge/ratelimit.py): token buckets, `*_per_second` refill and `*_burst` size; a rate of 0
+    # turns that limit off. Beyond one, the answer is rate_limited with retry_after = seconds until a token.
+    # Off until the test suite's many-messages-from-one-client tests opt out (docs/RELIABILITY.md section 6).
+    rate_limits: bool = True
+    # Per MQTT client id, on claims and refreshes, before the payload is parsed:
+    rate_client_per_second: float = Field(default=5.0, ge=0)
+    rate_client_burst: int = Field(default=10, ge=1)
+    # Per device: a claim's (hardware_id, provisioning key) pair, a refresh's device_id.
+    rate_device_per_second: float = Field(default=1.0, ge=0)
+    rate_device_burst: int = Field(default=5, ge=1)
+    # Per `pk_` provisioning key: sized like max_in_flight for a 10,000-device herd (the bridge does ~1,300/s).
+    rate_key_per_second: float = Field(default=1_000.0, ge=0)
+    rate_key_burst: int = Field(default=10_000, ge=1)
+    # Per PROV-XXXX-XXXX human code: 40 bits are guessable at the pace of a `pk_` key.
+    rate_code_per_second: float = Field(default=0.1, ge=0)
+    rate_code_burst: int = Field(default=3, ge=1)
+    # All human-code claims together: a guesser tries a new code each time, which no per-code limit sees.
+    # 10/s against 2^40 codes: with 1,000 codes outstanding, ~3.5 years per expected hit.
+    rate_all_codes_per_second: float = Field(default=10.0, ge=0)
+    rate_all_codes_burst: int = Field(default=100, ge=1)
+    # Events anyone can cause (no tenant: junk claims, unknown keys, unknown devices), per event and reason;
+    # beyond, they are neither stored nor published, only counted at DEBUG in the log.
+    rate_events_per_second: float = Field(default=10.0, ge=0)
+    rate_events_burst: int = Field(default=100, ge=1)
+    # Keys tracked per limit; beyond, the least recently seen is forgotten (~200 bytes each).
+    rate_max_keys: int = Field(default=50_000, ge=100)
 
 
 class Profile(BaseModel):

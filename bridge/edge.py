@@ -128,7 +128,10 @@ class ClaimHandlers:
     def __init__(self, settings: Settings, provisioner: Provisioner) -> None:
         self.settings = settings
         self.provisioner = provisioner
-        self.refresher = Refresher(settings, provisioner.store, provisioner.keys, provisioner.mirror)
+        # One set of flood limits: a client id's budget covers its claims and its refreshes.
+        self.refresher = Refresher(
+            settings, provisioner.store, provisioner.keys, provisioner.mirror, provisioner.limits
+        )
         prefix = settings.topic_prefix
         self.routes: dict[str, Handler] = {
             topics.claim_subscription(prefix): provisioner.handle,

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from bridge.credentials import device_key_of, issue_credentials, sealed_answer
 from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
+from bridge.ratelimit import FloodLimits, RateLimiter, check
 from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, ProvisionKey, Store
 from provwire import crypto, topics
@@ -45,6 +47,7 @@ log = logging.getLogger("provbridge.claims")
 NO_TENANT = "_"
 M = TypeVar("M", bound=BaseModel)
 DENIED_MESSAGE = "provisioning key not accepted"
+RATE_LIMITED = "claim.rate_limited"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,64}")
 
 
@@ -245,14 +248,65 @@ def record_events_safely(store: Store, events: list[Event]) -> None:
         log.warning("could not record %d event(s): %s", len(events), exc)
 
 
+def sampled(limits: FloodLimits, events: list[Event], now: float) -> list[Event]:
+    """The events to store and publish: those with no tenant (anyone can cause them at will: junk, unknown keys)
+    pass a budget per (event, reason), `claims.rate_events_*`, so a flood from ever-fresh client ids that no
+    per-client limit catches still cannot add one row per message. Tenant events are bounded by the key limits."""
+    kept = [
+        e for e in events if e.tenant != NO_TENANT or check([(limits.events, f"{e.event}:{e.reason}")], now) is None
+    ]
+    if len(kept) < len(events):
+        log.debug("%d event(s) beyond the events budget were dropped", len(events) - len(kept))
+    return kept
+
+
+def rate_limited(
+    store: Store,
+    limits: FloodLimits,
+    event: str,
+    request: tuple[str, str, Callable[[], str | None]],
+    checks: list[tuple[RateLimiter, str]],
+    now: float,
+) -> Outcome | None:
+    """None when every (limiter, key) of `checks` has a token (then all are spent), else the rate_limited answer.
+
+    `request` is (reply topic, client id, its request id: called only on a refusal, as it may need a parse).
+    The refusal creates nothing; its `event` is stored and published at most once per key and minute
+    (ratelimit.REPORT_INTERVAL_SECONDS), so that a flood of refused messages is not a flood of event rows.
+    """
+    hit = check(checks, now)
+    if hit is None:
+        return None
+    limiter, _, refusal = hit
+    reply_to, client_id, request_id_of = request
+    request_id = request_id_of()
+    events: list[Event] = []
+    if refusal.report:
+        reason = limits.name(limiter)
+        events.append(new_event(event, now, NO_TENANT, client_id=client_id, request_id=request_id, reason=reason))
+        record_events_safely(store, events)
+        if refusal.suppressed:
+            log.warning("%s: %d more refusals by the %s limit were not reported", event, refusal.suppressed, reason)
+    answer = ClaimError(
+        request_id=request_id, code=ErrorCode.RATE_LIMITED, message="too many requests", retry_after=refusal.retry_after
+    )
+    return Outcome(reply_to, to_json(answer), events, "rate_limited")
+
+
 class Provisioner:
     def __init__(
-        self, settings: Settings, store: Store, keys: KeyRing | KeySource, mirror: TokenMirror | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        keys: KeyRing | KeySource,
+        mirror: TokenMirror | None = None,
+        limits: FloodLimits | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys  # a KeySource (`rotation.LiveKeyRing`) follows key rotations without a restart
         self.mirror: TokenMirror = mirror or NoMirror()
+        self.limits = limits or FloodLimits(settings.claims)
         self.prefix = settings.topic_prefix
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
@@ -261,10 +315,17 @@ class Provisioner:
         now = time.time() if now is None else now
         client_id = topics.client_id_of_claim_topic(self.prefix, topic)
         if client_id is None:  # not a claim topic, or its client id is invalid: nobody to answer
-            event = new_event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")
-            record_events_safely(self.store, [event])
-            return Outcome(None, None, [event], "dropped: invalid client id in topic")
+            events = sampled(
+                self.limits, [new_event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")], now
+            )
+            record_events_safely(self.store, events)
+            return Outcome(None, None, events, "dropped: invalid client id in topic")
         reply_to = topics.response_topic(self.prefix, client_id)
+        # Before parsing: a flood from one client id (guessed keys, junk) costs a dict lookup per message.
+        request = (reply_to, client_id, lambda: readable_request_id(payload))
+        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, [(self.limits.client, client_id)], now)
+        if limited is not None:
+            return limited
 
         parsed = parse_claim(payload)
         logs.bind_request_id(parsed.request_id)
@@ -277,12 +338,26 @@ class Provisioner:
                 request_id=parsed.request_id,
                 reason="validation_error",
             )
-            record_events_safely(self.store, [event])
-            return Outcome(reply_to, to_json(parsed), [event], "validation_error")
+            events = sampled(self.limits, [event], now)
+            record_events_safely(self.store, events)
+            return Outcome(reply_to, to_json(parsed), events, "validation_error")
+
+        # Before the ECDH and the write lock. Unknown keys are limited like known ones: nothing is looked up yet.
+        # The device limit is keyed by (hardware_id, key): someone without the key cannot use up a device's budget.
+        key_hash = secrets.digest(secrets.normalise_key(parsed.provision_key))
+        checks = [(self.limits.device, f"{parsed.hardware_id}\n{key_hash.hex()}")]
+        if secrets.is_human_code(parsed.provision_key):
+            checks += [(self.limits.code, key_hash.hex()), (self.limits.all_codes, "all")]
+        else:
+            checks.append((self.limits.key, key_hash.hex()))
+        request = (reply_to, client_id, lambda: parsed.request_id)
+        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, checks, now)
+        if limited is not None:
+            return limited
 
         ctx = _Context(client_id, parsed, now, current_ring(self.keys))
         try:
-            answer = self._provision(ctx)
+            answer = self._provision(ctx, key_hash)
         except (StorageError, sqlite3.Error) as exc:
             log.error("claim %s: storage failure: %s", parsed.request_id, exc)
             return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
@@ -300,12 +375,13 @@ class Provisioner:
     def _error(self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None) -> bytes:
         return to_json(ClaimError(request_id=ctx.claim.request_id, code=code, message=message, errors=errors))
 
-    def _provision(self, ctx: _Context) -> bytes:
+    def _provision(self, ctx: _Context, key_hash: bytes) -> bytes:
         claim = ctx.claim
         cloud_kid = claim.cloud_key_id or ctx.keys.active_cloud
         cloud_key = ctx.keys.cloud.get(cloud_kid)
         if cloud_key is None:
             ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason="unknown_cloud_key"))
+            ctx.events = sampled(self.limits, ctx.events, ctx.now)
             record_events_safely(self.store, ctx.events)
             return self._error(
                 ctx,
@@ -316,7 +392,6 @@ class Provisioner:
         # The expensive, side-effect-free work happens before the write lock is taken.
         device_public = crypto.public_key_from_sec1(claim.public_key_sec1)
         shared = crypto.shared_secret(cloud_key, device_public)
-        key_hash = secrets.digest(secrets.normalise_key(claim.provision_key))
         digest = claim_digest(claim)
         retention = self.settings.claims.response_retention_seconds
 
@@ -332,6 +407,7 @@ class Provisioner:
                     [FieldError(field="request_id", message="already used for a different claim")],
                 )
             answer = self._decide(db, ctx, key_hash, shared, cloud_kid)
+            ctx.events = sampled(self.limits, ctx.events, ctx.now)
             for event in ctx.events:
                 Store.insert_event(db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True))
             return answer

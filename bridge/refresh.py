@@ -32,7 +32,18 @@ from bridge.credentials import issue_credentials, sealed_answer, shared_secret
 from bridge.errors import ProvbridgeError, StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
-from bridge.provisioning import NO_TENANT, Outcome, new_event, parse_request, record_events_safely, retryable_error
+from bridge.provisioning import (
+    NO_TENANT,
+    Outcome,
+    new_event,
+    parse_request,
+    rate_limited,
+    readable_request_id,
+    record_events_safely,
+    retryable_error,
+    sampled,
+)
+from bridge.ratelimit import FloodLimits
 from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, Store
 from provwire import crypto, topics
@@ -44,6 +55,7 @@ log = logging.getLogger("provbridge.refresh")
 DENIED_MESSAGE = "token refresh not accepted"
 REFRESHED = "token.refreshed"
 REJECTED = "token.refresh_rejected"
+RATE_LIMITED = "token.refresh_rate_limited"
 
 
 class Refusal(StrEnum):
@@ -107,12 +119,18 @@ class Refresher:
     """Answers token-refresh messages. `handle` is the route for `topics.token_subscription(prefix)`."""
 
     def __init__(
-        self, settings: Settings, store: Store, keys: KeyRing | KeySource, mirror: TokenMirror | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        keys: KeyRing | KeySource,
+        mirror: TokenMirror | None = None,
+        limits: FloodLimits | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
         self.mirror: TokenMirror = mirror or NoMirror()
+        self.limits = limits or FloodLimits(settings.claims)
         self.prefix = settings.topic_prefix
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
@@ -121,10 +139,16 @@ class Refresher:
         now = time.time() if now is None else now
         client_id = topics.client_id_of_token_topic(self.prefix, topic)
         if client_id is None:
-            event = new_event(REJECTED, now, NO_TENANT, reason=Refusal.INVALID_CLIENT_ID.value)
-            record_events_safely(self.store, [event])
-            return Outcome(None, None, [event], "dropped: invalid client id in topic")
+            events = sampled(
+                self.limits, [new_event(REJECTED, now, NO_TENANT, reason=Refusal.INVALID_CLIENT_ID.value)], now
+            )
+            record_events_safely(self.store, events)
+            return Outcome(None, None, events, "dropped: invalid client id in topic")
         reply_to = topics.response_topic(self.prefix, client_id)
+        request = (reply_to, client_id, lambda: readable_request_id(payload))
+        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, [(self.limits.client, client_id)], now)
+        if limited is not None:  # before parsing, as for claims
+            return limited
 
         parsed = parse_request(TokenRefresh, payload, MAX_REFRESH_BYTES, "token refresh")
         logs.bind_request_id(parsed.request_id)
@@ -137,15 +161,24 @@ class Refresher:
                 request_id=parsed.request_id,
                 reason=Refusal.VALIDATION_ERROR.value,
             )
-            record_events_safely(self.store, [event])
-            return Outcome(reply_to, to_json(parsed), [event], "validation_error")
+            events = sampled(self.limits, [event], now)
+            record_events_safely(self.store, events)
+            return Outcome(reply_to, to_json(parsed), events, "validation_error")
+
+        # Before the device lookup and the ECDH: forged refreshes for one device id are limited too.
+        request = (reply_to, client_id, lambda: parsed.request_id)
+        limited = rate_limited(
+            self.store, self.limits, RATE_LIMITED, request, [(self.limits.device, parsed.device_id)], now
+        )
+        if limited is not None:
+            return limited
 
         ctx = _Context(client_id, parsed, now, current_ring(self.keys))
         request_id = parsed.request_id
         try:
             answer = self._refresh(ctx)
         except _Refused as refused:
-            ctx.events = [self._rejected(ctx, refused)]
+            ctx.events = sampled(self.limits, [self._rejected(ctx, refused)], now)
             record_events_safely(self.store, ctx.events)
             denied = ClaimError(request_id=request_id, code=ErrorCode.PERMISSION_DENIED, message=DENIED_MESSAGE)
             return Outcome(reply_to, to_json(denied), ctx.events, f"refused: {refused.reason.value}")

@@ -32,7 +32,10 @@ def free_port() -> int:
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     base = load_settings(None)
     broker = base.broker.model_copy(update={"port": free_port()})
-    return base.model_copy(update={"data_dir": data_dir, "broker": broker, **overrides})
+    # Most tests send many messages from one client id on purpose; tests/test_floods.py turns the
+    # flood limits back on (they are on by default).
+    claims = base.claims.model_copy(update={"rate_limits": False})
+    return base.model_copy(update={"data_dir": data_dir, "broker": broker, "claims": claims, **overrides})
 
 
 @dataclass

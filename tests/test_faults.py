@@ -69,7 +69,8 @@ LANES = 8  # MQTT connections the fleet's claims are multiplexed over
 LONG = 120.0  # generous: a condition that does not hold by then is a failure, not slowness
 RETRYABLE = frozenset({"rate_limited", "internal_error"})
 # Every bridge subprocess: a device told to retry comes back after 1 s (default 2) to keep the file short.
-BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1"}
+# The fleets here multiplex thousands of devices over a few client ids: no per-client flood limits.
+BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1", "PROVBRIDGE_CLAIMS__RATE_LIMITS": "false"}
 # External mode: no dynamic-security mirroring (see the module docstring).
 EXTERNAL_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__DYNSEC": "false"}
 SERVING = "bridge serving claims"
