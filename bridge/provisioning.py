@@ -293,7 +293,9 @@ def rate_limited(
     return Outcome(reply_to, to_json(answer), events, "rate_limited")
 
 
-class Provisioner:
+class RequestHandler:
+    """What claims and token refreshes share: their state, and what happens before the payload is parsed."""
+
     def __init__(
         self,
         settings: Settings,
@@ -309,23 +311,39 @@ class Provisioner:
         self.limits = limits or FloodLimits(settings.claims)
         self.prefix = settings.topic_prefix
 
-    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
-        """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+    def _admit(
+        self,
+        client_id: str | None,
+        payload: bytes,
+        now: float,
+        rejected_event: str,
+        rate_limited_event: str,
+    ) -> tuple[str, str] | Outcome:
+        """(client id, response topic) of a message to answer, or the Outcome of one dropped or rate limited."""
         logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
-        now = time.time() if now is None else now
-        client_id = topics.client_id_of_claim_topic(self.prefix, topic)
-        if client_id is None:  # not a claim topic, or its client id is invalid: nobody to answer
-            events = sampled(
-                self.limits, [new_event("claim.rejected", now, NO_TENANT, reason="invalid_client_id")], now
-            )
+        if client_id is None:  # not our topic, or its client id is invalid: nobody to answer
+            events = sampled(self.limits, [new_event(rejected_event, now, NO_TENANT, reason="invalid_client_id")], now)
             record_events_safely(self.store, events)
             return Outcome(None, None, events, "dropped: invalid client id in topic")
         reply_to = topics.response_topic(self.prefix, client_id)
         # Before parsing: a flood from one client id (guessed keys, junk) costs a dict lookup per message.
         request = (reply_to, client_id, lambda: readable_request_id(payload))
-        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, [(self.limits.client, client_id)], now)
-        if limited is not None:
-            return limited
+        limited = rate_limited(
+            self.store, self.limits, rate_limited_event, request, [(self.limits.client, client_id)], now
+        )
+        return limited if limited is not None else (client_id, reply_to)
+
+
+class Provisioner(RequestHandler):
+    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
+        """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+        now = time.time() if now is None else now
+        admitted = self._admit(
+            topics.client_id_of_claim_topic(self.prefix, topic), payload, now, "claim.rejected", RATE_LIMITED
+        )
+        if isinstance(admitted, Outcome):
+            return admitted
+        client_id, reply_to = admitted
 
         parsed = parse_claim(payload)
         logs.bind_request_id(parsed.request_id)

@@ -27,24 +27,22 @@ from enum import StrEnum
 from typing import Any
 
 from bridge import logs
-from bridge.config import Settings
 from bridge.credentials import issue_credentials, sealed_answer, shared_secret
 from bridge.errors import ProvbridgeError, StorageError
 from bridge.keyfiles import KeyRing
-from bridge.mirror import MirrorError, NoMirror, TokenMirror
+from bridge.mirror import MirrorError
 from bridge.provisioning import (
     NO_TENANT,
     Outcome,
+    RequestHandler,
     new_event,
     parse_request,
     rate_limited,
-    readable_request_id,
     record_events_safely,
     retryable_error,
     sampled,
 )
-from bridge.ratelimit import FloodLimits
-from bridge.rotation import KeySource, current_ring
+from bridge.rotation import current_ring
 from bridge.store import Device, Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
@@ -115,40 +113,18 @@ class _Refused(ProvbridgeError):
         self.device = device
 
 
-class Refresher:
+class Refresher(RequestHandler):
     """Answers token-refresh messages. `handle` is the route for `topics.token_subscription(prefix)`."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        keys: KeyRing | KeySource,
-        mirror: TokenMirror | None = None,
-        limits: FloodLimits | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.keys = keys
-        self.mirror: TokenMirror = mirror or NoMirror()
-        self.limits = limits or FloodLimits(settings.claims)
-        self.prefix = settings.topic_prefix
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one refresh message. Never raises: every failure becomes an answer or a drop."""
-        logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
         now = time.time() if now is None else now
-        client_id = topics.client_id_of_token_topic(self.prefix, topic)
-        if client_id is None:
-            events = sampled(
-                self.limits, [new_event(REJECTED, now, NO_TENANT, reason=Refusal.INVALID_CLIENT_ID.value)], now
-            )
-            record_events_safely(self.store, events)
-            return Outcome(None, None, events, "dropped: invalid client id in topic")
-        reply_to = topics.response_topic(self.prefix, client_id)
-        request = (reply_to, client_id, lambda: readable_request_id(payload))
-        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, [(self.limits.client, client_id)], now)
-        if limited is not None:  # before parsing, as for claims
-            return limited
+        admitted = self._admit(
+            topics.client_id_of_token_topic(self.prefix, topic), payload, now, REJECTED, RATE_LIMITED
+        )
+        if isinstance(admitted, Outcome):
+            return admitted
+        client_id, reply_to = admitted
 
         parsed = parse_request(TokenRefresh, payload, MAX_REFRESH_BYTES, "token refresh")
         logs.bind_request_id(parsed.request_id)
