@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,9 @@ def settings(initialised: tuple[Settings, str]) -> Settings:
     return initialised[0]
 
 
-@pytest.fixture
-def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
-    settings, first_key = initialised
+@contextmanager
+def serving(settings: Settings) -> Iterator[None]:
+    """`serve()` on its own thread and event loop until the block ends (SIGINT-free, as tests need)."""
     ready = threading.Event()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -86,7 +87,7 @@ def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(serve(settings, stop=stop, ready=ready))
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # surfaced by the assertions below
             errors.append(exc)
             ready.set()
 
@@ -94,12 +95,24 @@ def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
     thread.start()
     assert ready.wait(30), "bridge did not become ready"
     assert not errors, errors
-    store = Store(settings.database_file)
-    yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(30)
-    store.close()
-    assert not errors, errors
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+        assert not errors, errors
+
+
+@pytest.fixture
+def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
+    settings, first_key = initialised
+    with serving(settings):
+        store = Store(settings.database_file)
+        try:
+            yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
+        finally:
+            store.close()
 
 
 class Device:

@@ -5,7 +5,6 @@ Mosquitto tests are skipped only when the binary is missing and CI is not set; u
 `make test` installs it) a missing Mosquitto fails them.
 """
 
-import asyncio
 import os
 import queue
 import shutil
@@ -28,9 +27,8 @@ from paho.mqtt.properties import Properties
 
 from bridge import cli, keyfiles
 from bridge.config import Settings
-from bridge.serve import serve
 from bridge.store import Store
-from tests.conftest import Bridge, free_port
+from tests.conftest import Bridge, free_port, serving
 
 TIMEOUT = 10.0
 SBIN_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -163,35 +161,6 @@ def mosquitto_for(settings: Settings) -> Iterator[RunningMosquitto]:
 @dataclass
 class MosquittoBridge(Bridge):
     mosquitto: RunningMosquitto
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[None]:
-    """`serve()` on its own thread and event loop, as conftest's `bridge` fixture runs it."""
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(serve(settings, stop=stop, ready=ready))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-            ready.set()
-
-    thread = threading.Thread(target=run, name="serve-mosquitto", daemon=True)
-    thread.start()
-    assert ready.wait(30), "bridge did not connect to Mosquitto"
-    assert not errors, errors
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        loop.close()
-        assert not errors, errors
 
 
 @contextmanager

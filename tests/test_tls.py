@@ -11,7 +11,6 @@ import os
 import socket
 import ssl
 import stat
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,7 @@ from bridge.serve import embedded_broker_settings, serve
 from broker.embedded import broker_config
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token
 from device_sim.errors import ConnectError
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, make_settings, serving
 from tests.mosquitto import mosquitto_bridge
 
 TIMEOUT = 10.0
@@ -59,27 +58,8 @@ def initialise(settings: Settings, tls_files: bool = True) -> str:
 @contextmanager
 def running(settings: Settings) -> Iterator[Settings]:
     """`provbridge serve` on its own thread until the block ends; yields the settings it resolved."""
-    ready, stop, errors = threading.Event(), asyncio.Event(), []
-    loop = asyncio.new_event_loop()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(serve(settings, stop=stop, ready=ready))
-        except BaseException as exc:  # surfaced by the assertions below
-            errors.append(exc)
-            ready.set()
-
-    thread = threading.Thread(target=run, name="serve-tls", daemon=True)
-    thread.start()
-    assert ready.wait(30), "bridge did not become ready"
-    assert not errors, errors
-    try:
+    with serving(settings):
         yield tls.resolve(settings)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        assert not errors, errors
 
 
 def files_of(settings: Settings) -> tls.TlsFiles:
