@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto
+.PHONY: run demo test test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto bench-flood
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ mosquitto:
 	sh broker/mosquitto/install-mosquitto.sh
 	@$(MAKE) -s -C broker/mosquitto_jwt || { [ -z "$$CI" ] && echo "provbridge_jwt plugin not built: its tests will be skipped"; }
 
-## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto)
+# The suite's temp files (every log and database it leaves), kept for the secret scan; pytest empties it first.
+TEST_TMP := build/test-tmp
+
+## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto), then a scan of
+## everything it left (logs, events, databases) for any raw secret (tests/secret_scan.py)
 test: $(STAMP) mosquitto
-	$(BIN)/python -m pytest -q
+	@mkdir -p $(dir $(TEST_TMP))
+	$(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)
+	$(BIN)/python -m tests.secret_scan $(TEST_TMP)
 
 ## test-long: the hostile-input properties at length: over 10,000 generated examples (a few minutes)
 test-long: $(STAMP)
@@ -60,7 +66,11 @@ bench: $(BENCH_STAMP) bench-mosquitto
 bench-quick: $(BENCH_STAMP) bench-mosquitto
 	PROVBENCH_COMMAND="make bench-quick" $(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
+## bench-flood: legitimate-claim latency while one client id floods 10,000 guessed keys (about 7 minutes)
+bench-flood: $(BENCH_STAMP)
+	PROVBENCH_COMMAND="make bench-flood" $(BIN)/python -m bench.flood $(BENCH_ARGS)
+
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(TEST_TMP)

@@ -13,6 +13,7 @@ Frames are a 4-byte big-endian length, then a kind byte and its body:
 
     broker -> worker   S  the settings (pickled), first
                        Q  a message: seq (u64), topic length (u16), topic, payload
+                       E  events to store, made by the edge (a refusal by the client-id limit): a JSON array
     worker -> broker   R  ready, once
                        A  its answer: seq (u64), count (u16), per publish: topic length (u16), topic,
                           payload length (u32), payload
@@ -35,8 +36,9 @@ from bridge import logs
 from bridge.config import Settings
 from bridge.edge import BridgeCore, Publish, claim_handlers
 from bridge.store import Store
+from provwire.models import Event, to_json
 
-SETTINGS, REQUEST, READY, ANSWER, LOG = b"S", b"Q", b"R", b"A", b"L"
+SETTINGS, REQUEST, EVENTS, READY, ANSWER, LOG = b"S", b"Q", b"E", b"R", b"A", b"L"
 _LENGTH = struct.Struct(">I")
 _REQUEST = struct.Struct(">QH")
 _ANSWER = struct.Struct(">QH")
@@ -60,6 +62,14 @@ def decode_request(body: bytes) -> tuple[int, str, bytes]:
     seq, size = _REQUEST.unpack_from(body)
     start = _REQUEST.size
     return seq, body[start : start + size].decode("utf-8", _TEXT), body[start + size :]
+
+
+def encode_events(events: list[Event]) -> bytes:
+    return frame(EVENTS, b"[" + b",".join(to_json(e) for e in events) + b"]")
+
+
+def decode_events(body: bytes) -> list[Event]:
+    return [Event.model_validate(e) for e in json.loads(body)]
 
 
 def encode_answer(seq: int, publishes: list[Publish]) -> bytes:
@@ -167,6 +177,9 @@ def serve_claims(channel: socket.socket) -> None:
             handlers.start_purge(stopping)
             channel.sendall(frame(READY))
             while (message := _read_frame(stream)) is not None:
+                if message[0] == EVENTS:
+                    handlers.record_events(decode_events(message[1]))
+                    continue
                 seq, topic, payload = decode_request(message[1])
                 answer = encode_answer(seq, core.publishes(handlers.handle(topic, payload)))
                 with send_lock:

@@ -376,10 +376,13 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_ops_user_create(args: argparse.Namespace, settings: Settings) -> None:
     keyfiles.load_keys(settings.data_dir)
-    password = admin.create_ops_user(settings, args.name)
     from bridge.mosquitto_files import ops_user_created  # its dynamic-security hash, for Mosquitto
 
-    mosquitto = ops_user_created(settings, args.name, password)
+    # Both files are read, changed and rewritten: concurrent runs take turns. The lock also covers the
+    # running Mosquitto's copy, so that it sees creates and deletes in the files' order.
+    with keyfiles.ops_users_locked(settings.data_dir):
+        password = admin.create_ops_user(settings, args.name)
+        mosquitto = ops_user_created(settings, args.name, password)
     text = (
         f"created ops user {args.name}: it may read {settings.topic_prefix}/events/# and status topics\n"
         + (f"Mosquitto: {mosquitto}\n" if mosquitto else "")
@@ -394,10 +397,12 @@ def cmd_ops_user_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_ops_user_delete(args: argparse.Namespace, settings: Settings) -> None:
-    admin.delete_ops_user(settings, args.name)
+    keyfiles.load_keys(settings.data_dir)  # an uninitialised data dir is refused, not created by the lock
     from bridge.mosquitto_files import ops_user_deleted
 
-    mosquitto = ops_user_deleted(settings, args.name)
+    with keyfiles.ops_users_locked(settings.data_dir):  # as in create
+        admin.delete_ops_user(settings, args.name)
+        mosquitto = ops_user_deleted(settings, args.name)
     text = f"deleted ops user {args.name}" + (f"\nMosquitto: {mosquitto}" if mosquitto else "")
     _emit(args, {"deleted": args.name}, text)
 

@@ -16,9 +16,34 @@ from pydantic_settings import (
 )
 
 from bridge.errors import ConfigError
+from provwire import topics
+from provwire.models import MAX_CLAIM_BYTES
 
 DEFAULT_CONFIG_FILE = Path("config/provbridge.toml")
 TOKEN_TTL_CAP_SECONDS = 86_400
+# A claim of MAX_CLAIM_BYTES plus room for its topic, the packet's headers and MQTT 5 properties
+# (Response Topic, Correlation Data).
+PACKET_HEADROOM_BYTES = 4096
+DEFAULT_MAX_PACKET_BYTES = MAX_CLAIM_BYTES + PACKET_HEADROOM_BYTES
+MQTT_MAX_PACKET_BYTES = 268_435_460  # 1 type byte + 4 remaining-length bytes + 268,435,455
+MAX_CLIENT_ID_LENGTH = 64  # provwire.topics.CLIENT_ID_RE
+
+
+def claim_packet_bytes(prefix: str) -> int:
+    """The size of the largest valid MQTT 3.1.1 claim packet: a MAX_CLAIM_BYTES payload on a 64-character
+    client id's claim topic, QoS 1."""
+    topic = len(topics.claim_topic(prefix, "x" * MAX_CLIENT_ID_LENGTH).encode("utf-8"))
+    remaining = 2 + topic + 2 + MAX_CLAIM_BYTES  # topic length, topic, packet id, payload
+    return 1 + len(_varint(remaining)) + remaining
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 class BrokerSettings(BaseModel):
@@ -51,6 +76,10 @@ class BrokerSettings(BaseModel):
     dynsec_janitor_seconds: float = Field(default=30.0, gt=0)
     # With claims.processes > 1: the shared-subscription group, `$share/<group>/<prefix>/claim/+`.
     share_group: str = Field(default="provbridge", pattern=r"^[^/+#\s]+$")
+    # External Mosquitto: `max_packet_size`, the largest MQTT packet any client may send (else it is
+    # disconnected). Mosquitto's default is no limit (256 MB, before authentication). It bounds devices'
+    # own messages too: raise it when they publish more than ~20 KiB.
+    max_packet_bytes: int = Field(default=DEFAULT_MAX_PACKET_BYTES, le=MQTT_MAX_PACKET_BYTES)
 
 
 class TokenSettings(BaseModel):
@@ -69,6 +98,8 @@ class TokenSettings(BaseModel):
 
 class ClaimSettings(BaseModel):
     response_retention_seconds: int = Field(default=86_400, ge=60)
+    # Rows of the `events` table older than this are deleted by the periodic purge; 0 keeps them forever.
+    event_retention_days: int = Field(default=30, ge=0, le=36_500)
     # Claim worker threads of a paho bridge process. One is fastest when no broker round trip sits in the
     # claim (they share one GIL: measured, 4 threads answered ~15 % fewer claims/s than 1); for more
     # cores, run more processes (`processes`).
@@ -86,6 +117,9 @@ class ClaimSettings(BaseModel):
     # Per MQTT client id, on claims and refreshes, before the payload is parsed:
     rate_client_per_second: float = Field(default=5.0, ge=0)
     rate_client_burst: int = Field(default=10, ge=1)
+    # Embedded broker: after a refusal by the client-id limit, read nothing more from that client for up
+    # to this long (until its next token, at most this): a flood then waits in the flooder's own buffers.
+    rate_client_pause_seconds: float = Field(default=0.1, ge=0, le=10)
     # Per device: a claim's (hardware_id, provisioning key) pair, a refresh's device_id.
     rate_device_per_second: float = Field(default=1.0, ge=0)
     rate_device_burst: int = Field(default=5, ge=1)
@@ -171,4 +205,7 @@ def load_settings(config_file: Path | None = None) -> Settings:
         Settings._config_file = None
     if "default" not in settings.profiles:
         raise ConfigError("profiles must define a 'default' profile")
+    needed = claim_packet_bytes(settings.topic_prefix)
+    if settings.broker.max_packet_bytes < needed:
+        raise ConfigError(f"broker.max_packet_bytes must be at least {needed}: the largest valid claim is that big")
     return settings

@@ -39,6 +39,7 @@ from bridge.mirror import MirrorError
 from bridge.tokens import TokenGrant
 from broker import mosquitto_conf as mc
 from broker.errors import ConnectRefused
+from provwire.models import MAX_CLAIM_BYTES
 
 log = logging.getLogger("provbridge.dynsec")
 
@@ -113,6 +114,26 @@ def check(response: dict[str, Any], tolerated: tuple[str, ...] = ()) -> None:
 # --- the request/response channel -----------------------------------------------------------
 
 
+# A command message's size, under any allowed `broker.max_packet_bytes` (at least a maximal claim packet,
+# whose payload alone is MAX_CLAIM_BYTES). A single larger command is sent alone.
+MAX_BATCH_BYTES = MAX_CLAIM_BYTES - 256  # the control topic and the packet's headers
+_PER_COMMAND_BYTES = 64  # `, "correlationData": "<16 hex>:<index>"` and the separator
+
+
+def _batches(commands: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = len(b'{"commands": []}')
+    for command in commands:
+        grows = len(json.dumps(command).encode()) + _PER_COMMAND_BYTES
+        if batch and size + grows > MAX_BATCH_BYTES:
+            yield batch
+            batch, size = [], len(b'{"commands": []}')
+        batch.append(command)
+        size += grows
+    if batch:
+        yield batch
+
+
 @dataclass
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
@@ -147,7 +168,18 @@ class DynsecChannel:
             pending.done.set()
 
     def call(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send a batch and block until its answer: one response per command, in order."""
+        """Send the commands and block until they are answered: one response per command, in order.
+
+        In messages of at most MAX_BATCH_BYTES: Mosquitto disconnects a client whose packet is over its
+        `max_packet_size` (`broker.max_packet_bytes`), the bridge too (a janitor pass over a herd's
+        expired tokens is ~400 bytes a device).
+        """
+        responses: list[dict[str, Any]] = []
+        for batch in _batches(commands):
+            responses += self._call_batch(batch)
+        return responses
+
+    def _call_batch(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = secrets.token_hex(8)
         batch = [{**command, "correlationData": f"{key}:{n}"} for n, command in enumerate(commands)]
         pending = _Pending()
@@ -278,13 +310,17 @@ class DynsecMirror:
     def _janitor_loop(self) -> None:
         while not self._stop.wait(self.settings.broker.dynsec_janitor_seconds):
             try:
-                removed = self.sweep()
+                removed = self.janitor_pass()
                 if removed:
                     log.info("janitor removed %d expired device token(s) from Mosquitto", removed)
             except MirrorError as exc:
                 log.warning("janitor pass skipped: %s", exc)
             except Exception:  # the janitor must outlive anything the broker answers
                 log.exception("janitor pass failed")
+
+    def janitor_pass(self) -> int:
+        """What the janitor does every `dynsec_janitor_seconds`; returns how many tokens it removed."""
+        return self.sweep()
 
     def load(self) -> int:
         """Read back the expiry of every device client Mosquitto holds (Mosquitto is the record)."""

@@ -4,10 +4,12 @@ Two edges move claims and token refreshes in and answers out: `bridge.service` (
 an external broker) and `bridge.inprocess` (inside the embedded amqtt broker, no client at all).
 Both take from here:
 
-* `BridgeCore`: the topics the bridge takes, the bound on claims in flight with its `rate_limited`
-  answer, the turning of an `Outcome` into messages, the status payloads. Cheap, non-blocking.
+* `BridgeCore`: the topics the bridge takes, the per-client-id flood limit and the bound on claims in
+  flight with their `rate_limited` answers, the turning of an `Outcome` into messages, the status
+  payloads. Cheap, non-blocking.
 * `ClaimHandlers`: the blocking part, run on a worker (a thread, or the claim-worker process): the
-  route from a topic to `Provisioner.handle` / `Refresher.handle`, and the purge of stored answers.
+  route from a topic to `Provisioner.handle` / `Refresher.handle`, and the purge of stored answers
+  and old events.
 """
 
 import logging
@@ -18,13 +20,15 @@ from dataclasses import dataclass
 
 from bridge.config import Settings
 from bridge.mirror import TokenMirror
-from bridge.provisioning import Outcome, Provisioner, readable_request_id
+from bridge.provisioning import RATE_LIMITED, Outcome, Provisioner, readable_request_id, record_events_safely, refused
+from bridge.ratelimit import check, client_limiter
+from bridge.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
 from bridge.refresh import Refresher
 from bridge.rotation import LiveKeyRing
 from bridge.store import Store
 from provwire import topics
 from provwire.errors import ErrorCode
-from provwire.models import BridgeStatus, ClaimError, to_json
+from provwire.models import BridgeStatus, ClaimError, Event, to_json
 
 log = logging.getLogger("provbridge.service")
 
@@ -43,6 +47,14 @@ class Publish:
     correlation: bytes | None = None  # MQTT 5 Correlation Data echoed to the requester
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A message refused by the client-id limit: its answer, and the seconds until the client has a token."""
+
+    outcome: Outcome
+    wait: float
+
+
 class BridgeCore:
     """The transport-independent bookkeeping of an edge. Thread-safe."""
 
@@ -50,8 +62,31 @@ class BridgeCore:
         self.settings = settings
         self.prefix = settings.topic_prefix
         self.filters = [topics.claim_subscription(self.prefix), topics.token_subscription(self.prefix)]
+        self.client_limit = client_limiter(settings.claims)
         self._in_flight = 0
         self._lock = threading.Lock()
+
+    # --- the client-id limit ---------------------------------------------------------------
+
+    def screen(self, topic: str, payload: bytes, now: float | None = None) -> Refused | None:
+        """The `rate_limited` answer to a message beyond its client id's budget, or None to take it.
+
+        Here rather than in the claim worker: a flood from one client id (guessed keys, junk) is then
+        answered at the cost of a dict lookup, and never queues in front of other devices' claims. The
+        refusal's event, at most one per client id and minute, is the edge's to record (`record_events`).
+        """
+        client_id = topics.client_id_of_claim_topic(self.prefix, topic)
+        event = RATE_LIMITED
+        if client_id is None:
+            client_id, event = topics.client_id_of_token_topic(self.prefix, topic), REFRESH_RATE_LIMITED
+        if client_id is None:
+            return None  # nobody to answer: the worker drops it, with its sampled event
+        now = time.time() if now is None else now
+        hit = check([(self.client_limit, client_id)], now)
+        if hit is None:
+            return None
+        request = (topics.response_topic(self.prefix, client_id), client_id, lambda: readable_request_id(payload))
+        return Refused(refused("client_id", hit[2], event, request, now), hit[2].wait)
 
     # --- the in-flight bound ---------------------------------------------------------------
 
@@ -148,6 +183,10 @@ class ClaimHandlers:
         log.info("claim on %s: %s", topic, outcome.summary)
         return outcome
 
+    def record_events(self, events: list[Event]) -> None:
+        """Store events made at the edge (a refusal by the client-id limit). A failure costs only them."""
+        record_events_safely(self.provisioner.store, events)
+
     def _route(self, topic: str) -> Handler:
         for topic_filter, handler in self.routes.items():
             if topics.topic_matches(topic_filter, topic):
@@ -155,15 +194,27 @@ class ClaimHandlers:
         return self.provisioner.handle  # cannot happen: edges deliver the routes' topics only
 
     def start_purge(self, stopping: threading.Event) -> None:
-        """Drop stored answers older than the retention window, every 10 minutes until `stopping` is set."""
+        """Run `purge` every 10 minutes until `stopping` is set."""
         threading.Thread(target=self._purge_loop, args=(stopping,), name="answer-purge", daemon=True).start()
 
     def _purge_loop(self, stopping: threading.Event) -> None:
-        retention = self.settings.claims.response_retention_seconds
         while not stopping.wait(PURGE_INTERVAL_SECONDS):
-            try:
-                purged = self.provisioner.store.purge_answers(int(time.time()) - retention)
-                if purged:
-                    log.info("purged %d answers older than the retention window", purged)
-            except Exception as exc:
-                log.warning("answer purge failed: %s", exc)
+            self.purge(int(time.time()))
+
+    def purge(self, now: int) -> None:
+        """One round of the periodic purge: stored answers past their retention, then old events."""
+        store, claims = self.provisioner.store, self.settings.claims
+        try:
+            purged = store.purge_answers(now - claims.response_retention_seconds)
+            if purged:
+                log.info("purged %d answers older than the retention window", purged)
+        except Exception as exc:
+            log.warning("answer purge failed: %s", exc)
+        if claims.event_retention_days == 0:
+            return  # 0: events are kept forever
+        try:
+            purged = store.purge_events(now - claims.event_retention_days * 86_400)
+            if purged:
+                log.info("purged %d events older than %d days", purged, claims.event_retention_days)
+        except Exception as exc:
+            log.warning("event purge failed: %s", exc)

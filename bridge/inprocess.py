@@ -30,6 +30,7 @@ from bridge.claimworker import (
     SETTINGS,
     decode_answer,
     emit_record,
+    encode_events,
     encode_request,
     frame,
     split_frames,
@@ -179,16 +180,26 @@ class InProcessBridge:
 
     # --- event loop: must not block --------------------------------------------------------
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> float:
+        """Take one message; return how long the broker should wait before reading more from its sender."""
         if self._stopping:
-            return
+            return 0.0
+        refused = self.core.screen(topic, payload)
+        if refused is not None:  # answered here: a flood from one client id never reaches the worker's queue
+            self._send(self.core.publishes(refused.outcome))
+            if refused.outcome.events and self._worker is not None:  # else lost with a restarting worker: one event
+                self._worker.transport.write(encode_events(refused.outcome.events))
+            # Its sender is read again when its budget has a token, or after `rate_client_pause_seconds`: a
+            # pause of seconds would hold up its PINGREQs and PUBACKs too.
+            return min(refused.wait, self.core.settings.claims.rate_client_pause_seconds)
         if not self.core.admit():
             self._send(self.core.publishes(self.core.overloaded(topic, payload)))
-            return
+            return 0.0
         seq = next(self._seq)
         self._pending[seq] = (topic, payload)
         if self._worker is not None:  # else it goes with the others once the worker is back
             self._worker.transport.write(encode_request(seq, topic, payload))
+        return 0.0
 
     def answered(self, seq: int, publishes: list[Publish]) -> None:
         if self._pending.pop(seq, None) is None:

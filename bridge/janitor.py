@@ -12,14 +12,26 @@ it, the janitor reads each candidate's current expiry back from Mosquitto (`getC
 `textdescription` every grant writes), deletes those still expired, and learns the newer expiry of
 the others. Every device stays known to at least one process: the one that granted it last, or,
 after restarts, every process (each reads all expiries back from Mosquitto when it starts).
+
+Orphans. A claim mirrors its new device's token before its transaction commits. A bridge killed in
+between (or a grant Mosquitto applied after the claim gave up on it and rolled back) leaves a device
+client for a device id the database never got. Its token was never sent to anyone, and nobody
+without the token key can make it (Mosquitto keeps only a PBKDF2 hash), so it is harmless; but it
+would stay until that token's expiry and cost Mosquitto a little on every command. So the first
+pass after a start, when the orphans of a crash exist, deletes every device client whose device
+has no row, deciding under the write lock too: no claim anywhere is then between its grant and its
+commit. (One database per Mosquitto: a device client is the database's, or nobody's.)
 """
 
+import logging
 import time
 from typing import Any
 
 from bridge.config import Settings
 from bridge.dynsec import NOT_FOUND, DynsecMirror, check, parse_expiry, revoke_commands
 from bridge.store import Store
+
+log = logging.getLogger("provbridge.dynsec")
 
 # Devices decided per transaction: the write lock is held for two round trips to Mosquitto per batch.
 SWEEP_BATCH = 100
@@ -29,6 +41,18 @@ class SharedDynsecMirror(DynsecMirror):
     def __init__(self, settings: Settings, store: Store) -> None:
         super().__init__(settings)
         self._store = store
+        self._orphans_checked = False
+
+    def janitor_pass(self) -> int:
+        """The first pass after a start removes the orphans (module docstring); every pass sweeps."""
+        if not self._orphans_checked:
+            if not self._loaded:
+                self.load()
+            orphans = self.remove_orphans()
+            if orphans:
+                log.info("janitor removed %d device client(s) whose claim never committed", orphans)
+            self._orphans_checked = True
+        return self.sweep()
 
     def sweep(self, now: float | None = None) -> int:
         """One janitor pass: disable and delete every device client whose token expired. Returns how many."""
@@ -60,6 +84,27 @@ class SharedDynsecMirror(DynsecMirror):
                     else:
                         self._expiry[device_id] = renewed  # re-granted by another process since
         return len(expired)
+
+    def remove_orphans(self) -> int:
+        """Delete the device clients (and roles) Mosquitto holds for devices the database does not have,
+        among those `load` found. Returns how many."""
+        with self._lock:
+            candidates = sorted(self._expiry)
+        removed = 0
+        for start in range(0, len(candidates), SWEEP_BATCH):
+            if self._stop.is_set():
+                break
+            batch = candidates[start : start + SWEEP_BATCH]
+            with self._store.transaction() as db:  # no claim is between its grant and its commit meanwhile
+                orphans = [device_id for device_id in batch if Store.device_by_id(db, device_id) is None]
+                if orphans:
+                    for answer in self._call([command for d in orphans for command in revoke_commands(d)]):
+                        check(answer, NOT_FOUND)
+                    with self._lock:
+                        for device_id in orphans:
+                            self._expiry.pop(device_id, None)
+            removed += len(orphans)
+        return removed
 
     def _expiries_at_broker(self, devices: list[str]) -> dict[str, int | None]:
         """Device id -> the expiry Mosquitto holds for it now (None: no such device client)."""

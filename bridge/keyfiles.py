@@ -9,9 +9,13 @@ data/jwks.json              public token keys, for brokers and backends that ver
 data/bridge.secret          the bridge's broker password
 """
 
+import contextlib
 import json
 import os
 import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,19 +23,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.errors import NotInitialised
+from bridge.filelock import locked
 from bridge.tokens import jwk
 from provwire import crypto
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Create a file readable by its owner only; never widen an existing file's mode."""
+    """Create or replace a file readable by its owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)  # readers (the broker) never see a half-written secret
+    # A fresh temp file (mkstemp: 0600, never an existing file's wider mode) per write, so that two
+    # writers never write into the same one; fsynced so the rename cannot outlive its content in a crash.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers (the broker, another CLI run) never see a half-written file
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_public(path: Path, data: bytes) -> None:
@@ -124,6 +136,14 @@ def jwks(ring: KeyRing) -> dict[str, list[dict[str, str]]]:
 
 def ops_users_file(data_dir: Path) -> Path:
     return data_dir / "ops_users.json"
+
+
+@contextmanager
+def ops_users_locked(data_dir: Path) -> Iterator[None]:
+    """Hold the ops users' lock: `ops-user create` / `delete` read, change and rewrite ops_users.json and
+    mosquitto_ops_users.json, and two runs at once would otherwise each drop the other's change."""
+    with locked(ops_users_file(data_dir).with_name("ops_users.json.lock")):
+        yield
 
 
 def read_ops_users(data_dir: Path) -> dict[str, str]:

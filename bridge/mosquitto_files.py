@@ -205,6 +205,7 @@ def write_mosquitto_config(
         allow_anonymous=broker.allow_anonymous_provisioning,
         user=user or _current_user(),
         jwt=jwt,
+        max_packet_size=broker.max_packet_bytes,
     )
     conf_path = outdir / mc.CONF_FILE
     acl_path = outdir / mc.ACL_FILE

@@ -26,7 +26,7 @@ from bridge.credentials import device_key_of, issue_credentials, sealed_answer
 from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
-from bridge.ratelimit import FloodLimits, RateLimiter, check
+from bridge.ratelimit import FloodLimits, RateLimiter, Refusal, check
 from bridge.rotation import KeySource, current_ring
 from bridge.store import Device, ProvisionKey, Store
 from provwire import crypto, topics
@@ -261,7 +261,6 @@ def sampled(limits: FloodLimits, events: list[Event], now: float) -> list[Event]
 
 
 def rate_limited(
-    store: Store,
     limits: FloodLimits,
     event: str,
     request: tuple[str, str, Callable[[], str | None]],
@@ -271,20 +270,27 @@ def rate_limited(
     """None when every (limiter, key) of `checks` has a token (then all are spent), else the rate_limited answer.
 
     `request` is (reply topic, client id, its request id: called only on a refusal, as it may need a parse).
-    The refusal creates nothing; its `event` is stored and published at most once per key and minute
-    (ratelimit.REPORT_INTERVAL_SECONDS), so that a flood of refused messages is not a flood of event rows.
     """
     hit = check(checks, now)
     if hit is None:
         return None
     limiter, _, refusal = hit
+    return refused(limits.name(limiter), refusal, event, request, now)
+
+
+def refused(
+    reason: str, refusal: Refusal, event: str, request: tuple[str, str, Callable[[], str | None]], now: float
+) -> Outcome:
+    """The `rate_limited` answer to a refusal by the limit named `reason`. Creates nothing.
+
+    Its `event` (for the caller to store and publish) comes at most once per key and minute
+    (ratelimit.REPORT_INTERVAL_SECONDS), so that a flood of refused messages is not a flood of event rows.
+    """
     reply_to, client_id, request_id_of = request
     request_id = request_id_of()
     events: list[Event] = []
     if refusal.report:
-        reason = limits.name(limiter)
         events.append(new_event(event, now, NO_TENANT, client_id=client_id, request_id=request_id, reason=reason))
-        record_events_safely(store, events)
         if refusal.suppressed:
             log.warning("%s: %d more refusals by the %s limit were not reported", event, refusal.suppressed, reason)
     answer = ClaimError(
@@ -311,36 +317,22 @@ class RequestHandler:
         self.limits = limits or FloodLimits(settings.claims)
         self.prefix = settings.topic_prefix
 
-    def _admit(
-        self,
-        client_id: str | None,
-        payload: bytes,
-        now: float,
-        rejected_event: str,
-        rate_limited_event: str,
-    ) -> tuple[str, str] | Outcome:
-        """(client id, response topic) of a message to answer, or the Outcome of one dropped or rate limited."""
+    def _admit(self, client_id: str | None, now: float, rejected_event: str) -> tuple[str, str] | Outcome:
+        """(client id, response topic) of a message to answer, or the Outcome of one dropped."""
         logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
         if client_id is None:  # not our topic, or its client id is invalid: nobody to answer
             events = sampled(self.limits, [new_event(rejected_event, now, NO_TENANT, reason="invalid_client_id")], now)
             record_events_safely(self.store, events)
             return Outcome(None, None, events, "dropped: invalid client id in topic")
-        reply_to = topics.response_topic(self.prefix, client_id)
-        # Before parsing: a flood from one client id (guessed keys, junk) costs a dict lookup per message.
-        request = (reply_to, client_id, lambda: readable_request_id(payload))
-        limited = rate_limited(
-            self.store, self.limits, rate_limited_event, request, [(self.limits.client, client_id)], now
-        )
-        return limited if limited is not None else (client_id, reply_to)
+        # The client-id limit was applied by the edge (`BridgeCore.screen`), before the message came here.
+        return client_id, topics.response_topic(self.prefix, client_id)
 
 
 class Provisioner(RequestHandler):
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
         now = time.time() if now is None else now
-        admitted = self._admit(
-            topics.client_id_of_claim_topic(self.prefix, topic), payload, now, "claim.rejected", RATE_LIMITED
-        )
+        admitted = self._admit(topics.client_id_of_claim_topic(self.prefix, topic), now, "claim.rejected")
         if isinstance(admitted, Outcome):
             return admitted
         client_id, reply_to = admitted
@@ -369,8 +361,9 @@ class Provisioner(RequestHandler):
         else:
             checks.append((self.limits.key, key_hash.hex()))
         request = (reply_to, client_id, lambda: parsed.request_id)
-        limited = rate_limited(self.store, self.limits, RATE_LIMITED, request, checks, now)
+        limited = rate_limited(self.limits, RATE_LIMITED, request, checks, now)
         if limited is not None:
+            record_events_safely(self.store, limited.events)
             return limited
 
         ctx = _Context(client_id, parsed, now, current_ring(self.keys))

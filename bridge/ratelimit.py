@@ -39,6 +39,7 @@ class _Bucket:
 @dataclass(frozen=True)
 class Refusal:
     retry_after: int  # whole seconds, >= 1
+    wait: float  # the exact seconds until a token is available
     report: bool  # True at most once per key per REPORT_INTERVAL_SECONDS
     suppressed: int  # refusals of this key not reported since the previous report
 
@@ -96,7 +97,7 @@ class RateLimiter:
             else:
                 bucket.suppressed += 1
             self._store(key, bucket, now)
-        return Refusal(retry_after=max(1, math.ceil(wait)), report=report, suppressed=suppressed)
+        return Refusal(retry_after=max(1, math.ceil(wait)), wait=wait, report=report, suppressed=suppressed)
 
     def _store(self, key: str, bucket: _Bucket, now: float) -> None:
         self._buckets[key] = bucket
@@ -130,29 +131,35 @@ def check(limits: list[tuple[RateLimiter, str]], now: float) -> tuple[RateLimite
     return None
 
 
+def limiter(claims: ClaimSettings, per_second: float, burst: int) -> RateLimiter:
+    """A limiter of `claims.rate_*`, disabled when `claims.rate_limits` is off."""
+    return RateLimiter(Rate(per_second if claims.rate_limits else 0.0, burst), claims.rate_max_keys)
+
+
+def client_limiter(claims: ClaimSettings) -> RateLimiter:
+    """The per-client-id limit. The edge applies it (`edge.BridgeCore.screen`), before a message is queued."""
+    return limiter(claims, claims.rate_client_per_second, claims.rate_client_burst)
+
+
 class FloodLimits:
-    """The bridge's limits (`claims.rate_*`), shared by the claim and refresh routes of one process."""
+    """The limits the claim worker applies once a message is parsed, shared by its claim and refresh routes."""
 
     def __init__(self, claims: ClaimSettings) -> None:
-        def limiter(per_second: float, burst: int) -> RateLimiter:
-            return RateLimiter(Rate(per_second if claims.rate_limits else 0.0, burst), claims.rate_max_keys)
-
-        self.client = limiter(claims.rate_client_per_second, claims.rate_client_burst)
-        self.device = limiter(claims.rate_device_per_second, claims.rate_device_burst)
-        self.key = limiter(claims.rate_key_per_second, claims.rate_key_burst)
-        self.code = limiter(claims.rate_code_per_second, claims.rate_code_burst)
-        self.all_codes = limiter(claims.rate_all_codes_per_second, claims.rate_all_codes_burst)  # one key
-        self.events = limiter(claims.rate_events_per_second, claims.rate_events_burst)
+        c = claims
+        self.device = limiter(c, c.rate_device_per_second, c.rate_device_burst)
+        self.key = limiter(c, c.rate_key_per_second, c.rate_key_burst)
+        self.code = limiter(c, c.rate_code_per_second, c.rate_code_burst)
+        self.all_codes = limiter(c, c.rate_all_codes_per_second, c.rate_all_codes_burst)  # one key
+        self.events = limiter(c, c.rate_events_per_second, c.rate_events_burst)
 
     def tracked(self) -> int:
-        """Buckets held over all limits: bounded by 5 × `claims.rate_max_keys` + 1."""
-        limits = (self.client, self.device, self.key, self.code, self.all_codes, self.events)
+        """Buckets held over all limits: bounded by 4 × `claims.rate_max_keys` + 1."""
+        limits = (self.device, self.key, self.code, self.all_codes, self.events)
         return sum(len(limiter) for limiter in limits)
 
     def name(self, limiter: RateLimiter) -> str:
         """Which limit refused, for the event's `reason`."""
         names = {
-            id(self.client): "client_id",
             id(self.device): "device",
             id(self.key): "provision_key",
             id(self.code): "human_code",

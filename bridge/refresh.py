@@ -119,9 +119,7 @@ class Refresher(RequestHandler):
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one refresh message. Never raises: every failure becomes an answer or a drop."""
         now = time.time() if now is None else now
-        admitted = self._admit(
-            topics.client_id_of_token_topic(self.prefix, topic), payload, now, REJECTED, RATE_LIMITED
-        )
+        admitted = self._admit(topics.client_id_of_token_topic(self.prefix, topic), now, REJECTED)
         if isinstance(admitted, Outcome):
             return admitted
         client_id, reply_to = admitted
@@ -143,10 +141,9 @@ class Refresher(RequestHandler):
 
         # Before the device lookup and the ECDH: forged refreshes for one device id are limited too.
         request = (reply_to, client_id, lambda: parsed.request_id)
-        limited = rate_limited(
-            self.store, self.limits, RATE_LIMITED, request, [(self.limits.device, parsed.device_id)], now
-        )
+        limited = rate_limited(self.limits, RATE_LIMITED, request, [(self.limits.device, parsed.device_id)], now)
         if limited is not None:
+            record_events_safely(self.store, limited.events)
             return limited
 
         ctx = _Context(client_id, parsed, now, current_ring(self.keys))

@@ -88,7 +88,9 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
         raise ProvbridgeError(f"unknown key kind {kind!r}")
     with locked(keyfiles.keys_dir(data_dir) / _LOCK_FILE):
         doc = read_active(data_dir)
-        keyfiles.load_keys(data_dir)  # refuses a broken key directory before anything is written
+        ring = keyfiles.load_keys(data_dir)  # refuses a broken key directory before anything is written
+        _remove_leftovers(data_dir)
+        _adopt_strays(doc, ring, now)  # written with active.json below
         old_kid = str(doc[kind])
         new_kid = keyfiles.store_private_key(data_dir, kind, crypto.generate_private_key())
         # The JWKS first: a broker must know the new token key before any token carries its kid.
@@ -105,10 +107,37 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
 def prune(data_dir: Path, now: int) -> tuple[str, ...]:
     """Remove the retired token keys whose tokens have all expired; returns their kids."""
     with locked(keyfiles.keys_dir(data_dir) / _LOCK_FILE):
-        pruned = _prune(data_dir, read_active(data_dir), now)
+        _remove_leftovers(data_dir)
+        doc = read_active(data_dir)
+        if _adopt_strays(doc, keyfiles.load_keys(data_dir), now):
+            _write_active(data_dir, doc)
+        pruned = _prune(data_dir, doc, now)
         if pruned:
             keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
     return pruned
+
+
+def _remove_leftovers(data_dir: Path) -> None:
+    """Delete the temporary files a run killed half-way left in the key directory (one may hold a private
+    key). Called under the rotation lock: only rotation writes there after `init`."""
+    for path in keyfiles.keys_dir(data_dir).iterdir():
+        if path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted key rotation", path.name)
+
+
+def _adopt_strays(doc: dict[str, Any], ring: KeyRing, now: int) -> list[str]:
+    """Record as retired at `now` every key on disk that is neither active nor recorded: a rotation killed
+    after writing its new key and before active.json named it. Nothing ever signed with such a token key,
+    but unrecorded it would stay in jwks.json for good, never pruned. Returns their kids."""
+    strays = []
+    for kind, kids in (("cloud", ring.cloud), ("token", ring.token)):
+        for kid in kids:
+            if kid != doc[kind] and kid not in doc["retired"][kind]:
+                doc["retired"][kind][kid] = now
+                strays.append(kid)
+                log.info("%s key %s was never made active (an interrupted rotation): recorded as retired", kind, kid)
+    return strays
 
 
 def _prune(data_dir: Path, doc: dict[str, Any], now: int) -> tuple[str, ...]:

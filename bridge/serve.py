@@ -44,6 +44,7 @@ def embedded_broker_settings(settings: Settings) -> EmbeddedBrokerSettings:
         bridge_username=settings.broker.username,
         bridge_secret_file=settings.bridge_secret_file,
         allow_anonymous_provisioning=settings.broker.allow_anonymous_provisioning,
+        max_packet_bytes=settings.broker.max_packet_bytes,
     )
 
 

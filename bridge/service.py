@@ -25,6 +25,7 @@ from bridge.edge import BridgeCore, ClaimHandlers, Publish
 from bridge.provisioning import Outcome
 from bridge.sessions import Shard, bridge_client
 from bridge.tls import bridge_endpoint
+from provwire.models import Event
 
 log = logging.getLogger("provbridge.service")
 
@@ -49,7 +50,7 @@ class BridgeService:
         self.settings = settings = core.settings
         self.shard = shard or Shard()
         # Unbounded: the core's in-flight bound decides what is refused, before anything is queued.
-        self._queue: queue.Queue[_Work | None] = queue.Queue()
+        self._queue: queue.Queue[_Work | list[Event] | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -157,7 +158,12 @@ class BridgeService:
             reply_to if self.core.is_reply_topic(reply_to, message.topic) else None,
             bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
         )
-        if self.core.admit():
+        refused = self.core.screen(work.topic, work.payload)
+        if refused is not None:  # an external broker cannot be asked to slow the client down: answer only
+            self._answer(work, refused.outcome, admitted=False)
+            if refused.outcome.events:
+                self._queue.put(refused.outcome.events)  # stored by a worker: no SQLite on the network thread
+        elif self.core.admit():
             self._queue.put(work)
         else:
             self._answer(work, self.core.overloaded(work.topic, work.payload), admitted=False)
@@ -166,10 +172,13 @@ class BridgeService:
 
     def _work(self) -> None:
         while True:
-            work = self._queue.get()
-            if work is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            self._answer(work, self.handlers.handle(work.topic, work.payload), admitted=True)
+            if isinstance(item, list):
+                self.handlers.record_events(item)
+            else:
+                self._answer(item, self.handlers.handle(item.topic, item.payload), admitted=True)
 
     def _answer(self, work: _Work, outcome: Outcome, admitted: bool) -> None:
         try:

@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +17,13 @@ from typing import Any
 
 from bridge.errors import NotFound, StorageError, UsageError
 from bridge.filelock import locked
+from provwire.models import rfc3339
 
 BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
+# Old events are deleted this many rows per transaction, with a pause between transactions: claims
+# queue on the same write lock, so a purge of a huge backlog must not hold it for long at a time.
+EVENT_PURGE_BATCH = 1000
+EVENT_PURGE_PAUSE_SECONDS = 0.01
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -79,6 +85,7 @@ CREATE TABLE IF NOT EXISTS events (
     event TEXT NOT NULL,
     body TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE TABLE IF NOT EXISTS refresh_requests (
     device_id TEXT NOT NULL,
     request_id TEXT NOT NULL,
@@ -466,6 +473,28 @@ class Store:
     def add_event(self, time: str, tenant: str, event: str, body: str) -> None:
         with self.transaction() as db:
             self.insert_event(db, time, tenant, event, body)
+
+    def purge_events(
+        self, before: int, batch: int = EVENT_PURGE_BATCH, pause: float = EVENT_PURGE_PAUSE_SECONDS
+    ) -> int:
+        """Delete the events whose time is before `before` (Unix seconds); returns how many.
+
+        In transactions of at most `batch` rows, the write lock released for `pause` seconds between
+        them, so that claims waiting for it (in this process or another) get in: releasing alone is not
+        enough, since neither a thread lock nor an flock hands over to a waiter.
+        """
+        cutoff = rfc3339(before)  # `time` is RFC 3339 UTC with milliseconds: it sorts as text
+        purged = 0
+        while True:
+            with self.transaction() as db:
+                deleted = db.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?)",
+                    (cutoff, batch),
+                ).rowcount
+            purged += deleted
+            if deleted < batch:
+                return purged
+            time.sleep(pause)
 
     def events(self, tenant: str | None = None, event: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         clauses, args = [], []

@@ -49,6 +49,8 @@ class EmbeddedBrokerSettings:
     # With a certificate: None makes the one listener (on `port`) TLS; a port adds a second listener,
     # TLS, there. Python's server context refuses anything older than TLS 1.2.
     tls_port: int | None = None
+    # The largest MQTT packet a client may send (else it is disconnected); amqtt itself has no bound.
+    max_packet_bytes: int = 20_480
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -113,7 +115,7 @@ async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeB
     """A started broker. Stop it with `stop_embedded_broker`."""
     quiet_amqtt_logging()
     try:
-        broker = ProvbridgeBroker(broker_config(settings))
+        broker = ProvbridgeBroker(broker_config(settings), max_packet_bytes=settings.max_packet_bytes)
         await broker.start()
     except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
         raise BrokerStartError(f"cannot start the MQTT broker: {exc}") from exc

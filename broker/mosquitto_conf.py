@@ -345,6 +345,7 @@ class ConfSettings:
     allow_anonymous: bool
     user: str | None = None
     jwt: JwtPlugin | None = None  # device tokens verified in Mosquitto instead of mirrored
+    max_packet_size: int | None = None  # bytes; None: Mosquitto's default, no limit
 
 
 _NO_SPACE = re.compile(r"\S+")
@@ -399,6 +400,13 @@ def mosquitto_conf_text(conf: ConfSettings) -> str:
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         "# Small request/answer exchanges otherwise stall on Nagle + delayed ACK.",
         "set_tcp_nodelay true",
+    ]
+    if conf.max_packet_size is not None:
+        lines += [
+            "# Any client, even before its CONNECT is accepted, may otherwise send a packet of up to 256 MB.",
+            f"max_packet_size {conf.max_packet_size}",
+        ]
+    lines += [
         "",
         "log_dest stderr",
         "log_type error",

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -24,6 +25,31 @@ from provwire.models import Claim, ClaimError, ClaimOk, Credentials, to_json
 from tests.mqtt_client import MqttClient
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The session log below needs every record, so the root logger is opened to DEBUG; pytest's own
+    # capture (caplog, failure reports) is kept at WARNING, where the closed root logger used to cut.
+    if config.getoption("log_level") is None and not config.getini("log_level"):
+        config.option.log_level = "WARNING"
+    logging.getLogger().setLevel(logging.DEBUG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every log record of the pytest process, DEBUG up, in `<basetemp>/session-log/pytest.log`: what
+    tests/secret_scan.py scans after the whole suite (records of claim workers arrive here too)."""
+    path = tmp_path_factory.mktemp("session-log", numbered=False) / "pytest.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +62,9 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     # Most tests send many messages from one client id on purpose; tests/test_floods.py turns the
     # flood limits back on (they are on by default).
     claims = base.claims.model_copy(update={"rate_limits": False})
-    return base.model_copy(update={"data_dir": data_dir, "broker": broker, "claims": claims, **overrides})
+    # DEBUG: claim workers and `serve` subprocesses log everything, for the whole-suite secret scan.
+    update = {"data_dir": data_dir, "broker": broker, "claims": claims, "log_level": "DEBUG", **overrides}
+    return base.model_copy(update=update)
 
 
 @dataclass

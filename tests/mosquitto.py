@@ -79,6 +79,7 @@ def config_toml(settings: Settings) -> str:
     return "\n".join(
         [
             f'topic_prefix = "{settings.topic_prefix}"',
+            f'log_level = "{settings.log_level}"',
             "[broker]",
             f'mode = "{b.mode}"',
             f'host = "{b.host}"',

@@ -636,11 +636,12 @@ def test_run_broker_forever_stops_cleanly_on_sigterm(data_dir: Path, tmp_path: P
     script = (
         "import logging, sys; from pathlib import Path;"
         "from broker.embedded import EmbeddedBrokerSettings, run_broker_forever;"
-        "logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr);"
         f"run_broker_forever(EmbeddedBrokerSettings(data_dir=Path({str(data_dir)!r}), port={free_port}))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    with open(tmp_path / "broker.log", "wb") as log:  # kept for the whole-suite secret scan
+        process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + TIMEOUT * 2  # a cold interpreter imports amqtt first
         while True:

@@ -13,10 +13,13 @@ a few paho connections, re-sent with the same request_id, as PROTOCOL.md §6 tel
 answer says `retry_after` or when their connection came back. Only waits on conditions, never on
 durations; every process a test starts is gone when it ends.
 
-On Mosquitto the bridge runs with `broker.dynsec = false` (no token mirroring): Mosquitto 2.0's
-dynamic-security plugin costs O(mirrored devices) per claim (docs/BENCHMARKS.md), which would make a
-2,000-claim burst take minutes. The delivery path under test (persistent session, QoS 1, manual
-acknowledgement after the answer) is the same with and without the mirror.
+On Mosquitto the crash tests run with device authentication on: the 2,000-claim bursts with
+`broker.mosquitto_auth = "jwt"` (the provbridge_jwt plugin verifies every device token in Mosquitto;
+devices then connect with their tokens), and a smaller burst with the dynamic-security mirror
+(`broker.dynsec`, the default), whose cost grows with the devices mirrored (docs/BENCHMARKS.md). The
+other Mosquitto tests (database faults, duplicates, slow consumers) run with `broker.dynsec = false`:
+they are about the delivery path (persistent session, QoS 1, acknowledgement after the answer), which
+is the same whoever checks device tokens.
 
 Figures measured here (counts, recovery times) are logged as `FAULTS ...` lines, informational only.
 """
@@ -53,13 +56,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge import keyfiles, secrets
 from bridge.config import Settings
+from bridge.dynsec import DynsecChannel, admin_channel, check
 from bridge.edge import BridgeCore, claim_handlers
 from bridge.service import BridgeService
 from bridge.store import Store
-from device_sim.device import DeviceIdentity, build_claim, open_answer
+from broker import mosquitto_conf as mc
+from device_sim.device import DeviceIdentity, build_claim, connect_with_token, open_answer
 from provwire import topics
-from provwire.models import to_json
+from provwire.models import Credentials, to_json
 from tests.mosquitto import RunningMosquitto, config_toml, external_settings, mosquitto_for, run_cli, wait_for
+from tests.test_mosquitto_jwt import require_plugin
 
 log = logging.getLogger("tests.faults")
 
@@ -73,6 +79,12 @@ RETRYABLE = frozenset({"rate_limited", "internal_error"})
 BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1", "PROVBRIDGE_CLAIMS__RATE_LIMITS": "false"}
 # External mode: no dynamic-security mirroring (see the module docstring).
 EXTERNAL_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__DYNSEC": "false"}
+# External mode, device tokens verified by the provbridge_jwt plugin in Mosquitto (the `jwt_auth` fixture).
+JWT_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__MOSQUITTO_AUTH": "jwt"}
+# External mode, every token mirrored into dynamic security (the defaults): ~8 ms of Mosquitto per claim
+# once a few hundred devices are mirrored, so a smaller burst.
+DYNSEC_ENV = BASE_ENV
+DYNSEC_BURST = 300
 SERVING = "bridge serving claims"
 WORKER_RE = r"claim worker running \(pid (\d+)\)"
 CHILD_RE = r"started bridge process \d+ of \d+ \(pid (\d+)\)"
@@ -366,6 +378,57 @@ def _consistent_snapshot(settings: Settings) -> tuple[int, int, int]:
         db.close()
 
 
+def _credentials(settings: Settings, device: FleetDevice) -> Credentials:
+    """What a fleet device opens from its final answer (its token among them)."""
+    assert device.final is not None
+    cloud = keyfiles.load_keys(settings.data_dir).cloud[json.loads(device.final)["cloud_key_id"]].public_key()
+    return open_answer(device.final, device.identity, cloud, device.request_id).credentials
+
+
+def connack(port: int, client_id: str, username: str, password: str) -> int:
+    """A bare MQTT 3.1.1 CONNECT with a username and password: the broker's CONNACK return code (0 = accepted)."""
+    body = _utf8("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30) + _utf8(client_id) + _utf8(username)
+    body += _utf8(password)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(_packet(0x10, body))
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(4 - len(reply))
+            if not chunk:
+                return -1  # closed without a CONNACK
+            reply += chunk
+        if reply[3] == 0:
+            sock.sendall(_packet(0xE0, b""))  # DISCONNECT
+    assert reply[0] == 0x20, reply
+    return reply[3]
+
+
+def check_tokens_work(settings: Settings, fleet: Fleet, every: int = 1, sample: int = 10) -> int:
+    """Every `every`-th fleet device connects to the broker with the token of its final answer (client id =
+    username = device id); `sample` of them, spread over the burst, also publish on their own topic and get
+    it back (`connect_with_token`), and a device's token is refused under another device's id. Returns how
+    many connected."""
+    port = settings.broker.port
+    creds = [_credentials(settings, d) for d in fleet.devices[::every]]
+    for c in creds:  # (the return code first: an assertion must not print a token)
+        code = connack(port, c.mqtt.client_id, c.mqtt.username, c.mqtt.token)
+        assert code == 0, f"{c.mqtt.client_id}: CONNACK {code}"
+    for c in creds[:: max(1, len(creds) // sample)]:
+        connect_with_token("127.0.0.1", port, c, timeout=30)  # publish, subscribe, its own message back
+    a, b = creds[0], creds[-1]
+    code = connack(port, a.mqtt.client_id, a.mqtt.username, b.mqtt.token)
+    assert code != 0, "a token was accepted under another device's id"  # the broker does check tokens
+    return len(creds)
+
+
+@pytest.fixture
+def jwt_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mosquitto verifies device tokens with the provbridge_jwt plugin (skipped when it cannot be built,
+    except under CI). The CLI run in this process (`mosquitto-config`, `doctor`) reads it from the environment."""
+    require_plugin()
+    monkeypatch.setenv("PROVBRIDGE_BROKER__MOSQUITTO_AUTH", "jwt")
+
+
 # --- the bridge as a subprocess ---------------------------------------------------------------
 
 
@@ -453,13 +516,14 @@ def _wait_all(fleet: Fleet, what: str) -> float:
 # --- 1. the bridge killed mid-burst -----------------------------------------------------------
 
 
-def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[Settings, str]) -> None:
-    """kill -9 of `provbridge serve` (external mode): the claims it held and those published while it was
-    down wait in its persistent session and are answered after it returns; no device needs to re-send."""
-    settings = external_settings(initialised[0])
+def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[Settings, str], jwt_auth: None) -> None:
+    """kill -9 of `provbridge serve` (external mode, tokens verified in Mosquitto): the claims it held and those
+    published while it was down wait in its persistent session and are answered after it returns; no device
+    needs to re-send; tokens minted before and after the kill connect."""
+    settings = external_settings(initialised[0], mosquitto_auth="jwt")
     with (
         mosquitto_for(settings),
-        ServeProcess(settings, EXTERNAL_ENV) as serve,
+        ServeProcess(settings, JWT_ENV) as serve,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         fleet.resend_on_reconnect = False  # the broker stays up: only "retry later" answers are re-sent
@@ -475,8 +539,10 @@ def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[S
         assert all(d.final is None for d in late)
         start = time.monotonic()
         serve.start()
-        recovered = _wait_all(fleet, "after the restart") + (time.monotonic() - start)
+        _wait_all(fleet, "after the restart")
+        recovered = time.monotonic() - start
         assert run_cli(settings, "doctor") == 0  # the installation checks out after the crash
+        connected = check_tokens_work(settings, fleet, every=20)
     for d in fleet.devices:  # nothing was lost: every send beyond the first was asked for by "retry later"
         assert d.sends <= 1 + len(d.retryable_answers()), (d.request_id, d.sends, d.answers)
     _retry_after_everywhere(fleet)
@@ -489,6 +555,7 @@ def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[S
         published_while_down=len(late),
         answered_twice_identically=redelivered,
         rate_limited=fleet.count("rate_limited"),
+        connected_with_token=connected,
         seconds_restart_to_last_answer=f"{recovered:.1f}",
     )
 
@@ -519,7 +586,8 @@ def test_bridge_killed_mid_burst_embedded_replays_committed_answers(initialised:
         undelivered = committed - {d.request_id for d in answered_at_kill}
         start = time.monotonic()
         serve.start()
-        recovered = _wait_all(fleet, "after the restart") + (time.monotonic() - start)
+        _wait_all(fleet, "after the restart")
+        recovered = time.monotonic() - start
         # A device that did get its answer and asks again (a lost PUBACK on its side) gets the same bytes.
         sample = answered_at_kill[:100]
         fleet.send(sample)
@@ -541,6 +609,116 @@ def test_bridge_killed_mid_burst_embedded_replays_committed_answers(initialised:
     )
 
 
+def _mirrored(channel: DynsecChannel) -> tuple[set[str], set[str]]:
+    """The device clients and the devices with a role in Mosquitto's dynamic security, asked over `channel`."""
+    clients, roles = channel.call([{"command": "listClients", "verbose": True}, {"command": "listRoles"}])
+    check(clients)
+    check(roles)
+    prefix = mc.device_role_name("")
+    names = [r if isinstance(r, str) else r["rolename"] for r in roles["data"]["roles"]]
+    return (
+        {str(c["username"]) for c in clients["data"]["clients"] if mc.is_device_client(c)},
+        {str(r).removeprefix(prefix) for r in names if str(r).startswith(prefix)},
+    )
+
+
+def _device_ids(settings: Settings) -> set[str]:
+    db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+    try:
+        return {str(r[0]) for r in db.execute("SELECT id FROM devices")}
+    finally:
+        db.close()
+
+
+def _orphans(settings: Settings, channel: DynsecChannel) -> set[str]:
+    """Device clients Mosquitto holds for devices the database does not have."""
+    clients, _ = _mirrored(channel)
+    return clients - _device_ids(settings)
+
+
+def _kill_between_grant_and_commit(
+    serve: ServeProcess, settings: Settings, channel: DynsecChannel, fleet: Fleet
+) -> tuple[int, set[str]]:
+    """SIGKILL the bridge while a claim's token is in Mosquitto and its transaction not committed.
+
+    Freeze the bridge (SIGSTOP) mid-burst; if Mosquitto then holds (or, applying the batch the bridge sent
+    just before, comes to hold) a device client whose device has no row, the kill lands there: SIGKILL the
+    frozen process. Else let it go on (SIGCONT) for a few more answers and try again. Returns the attempt
+    it landed at and the orphaned device ids."""
+    assert serve.process is not None
+    pid = serve.process.pid
+    for attempt in range(1, 41):
+        os.kill(pid, signal.SIGSTOP)  # our own child, by its pid
+        landed = False
+        try:
+            landed = wait_for(lambda: bool(_orphans(settings, channel)), timeout=1.0)
+        finally:
+            if not landed:
+                os.kill(pid, signal.SIGCONT)
+        if landed:
+            serve.kill()  # SIGKILL: delivered to the stopped process
+            return attempt, _orphans(settings, channel)
+        more = fleet.finals() + 3
+        assert wait_for(lambda more=more: fleet.finals() >= more, timeout=LONG)
+    raise AssertionError("no kill landed between a mirrored token and its commit in 40 attempts")
+
+
+def test_bridge_killed_between_a_mirrored_token_and_its_commit(initialised: tuple[Settings, str]) -> None:
+    """The dynamic-security mirror on (Mosquitto's defaults): kill -9 of `provbridge serve` while Mosquitto
+    holds a claim's token and the claim's transaction has not committed. After the restart every device is
+    answered once (the invariants), every device's token connects to Mosquitto, the orphaned client (a token
+    no device was ever sent) is removed by the janitor, and Mosquitto mirrors exactly the devices of the
+    database."""
+    settings = external_settings(initialised[0])
+    assert settings.broker.dynsec and settings.broker.mosquitto_auth == "dynsec"
+    with (
+        mosquitto_for(settings),
+        ServeProcess(settings, DYNSEC_ENV) as serve,
+        admin_channel(settings) as channel,  # the bridge account under a client id of its own
+        Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
+    ):
+        fleet.resend_on_reconnect = False  # the broker stays up: the claims wait in the bridge's session
+        fleet.connect()
+        burst = fleet.add(DYNSEC_BURST)
+        fleet.send(burst)
+        assert wait_for(lambda: fleet.finals() >= DYNSEC_BURST // 5, timeout=LONG)
+        attempts, orphans = _kill_between_grant_and_commit(serve, settings, channel, fleet)
+        answered_at_kill = fleet.finals()
+        late = fleet.add(DYNSEC_BURST // 10)  # published while the bridge is down
+        fleet.send(late)
+        assert wait_for(lambda: fleet.pubacks >= fleet.sends(), timeout=LONG)
+        start = time.monotonic()
+        serve.start()
+        _wait_all(fleet, "after the restart")
+        recovered = time.monotonic() - start
+        # The janitor removes the orphans: Mosquitto then mirrors exactly the database's devices.
+        mirrored = lambda: _mirrored(channel) == (_device_ids(settings),) * 2  # noqa: E731
+        assert wait_for(mirrored, timeout=LONG), (orphans, _orphans(settings, channel))
+        cleaned = time.monotonic() - start
+        connected = check_tokens_work(settings, fleet)  # every device, with the token it was sent
+        assert run_cli(settings, "doctor") == 0
+    check_invariants(settings, [fleet])
+    # The orphans' tokens were never delivered: no device was told their ids, none is stored in an answer.
+    told = {json.loads(a).get("device_id") for d in fleet.devices for a in d.answers}
+    assert not orphans & told
+    db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
+    try:
+        stored = {json.loads(bytes(r[0])).get("device_id") for r in db.execute("SELECT answer FROM answers")}
+    finally:
+        db.close()
+    assert not orphans & stored
+    figure(
+        "bridge-kill-dynsec",
+        devices=len(fleet.devices),
+        answered_at_kill=answered_at_kill,
+        kill_attempts=attempts,
+        orphaned_clients=len(orphans),
+        connected_with_token=connected,
+        seconds_restart_to_last_answer=f"{recovered:.1f}",
+        seconds_restart_to_orphans_removed=f"{cleaned:.1f}",
+    )
+
+
 # --- 2. the broker restarted mid-burst --------------------------------------------------------
 
 
@@ -556,14 +734,15 @@ def _restart(broker: RunningMosquitto, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], how: str) -> None:
-    """Mosquitto (persistence on) restarted mid-burst: the bridge and the devices reconnect by themselves,
-    every device is answered once with one row, answers to repeated deliveries are identical."""
-    settings = external_settings(initialised[0])
+def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_auth: None, how: str) -> None:
+    """Mosquitto (persistence on, tokens verified by its jwt plugin) restarted mid-burst: the bridge and the
+    devices reconnect by themselves, every device is answered once with one row, answers to repeated
+    deliveries are identical, and tokens connect to the restarted broker."""
+    settings = external_settings(initialised[0], mosquitto_auth="jwt")
     conf = settings.data_dir.parent / "mosquitto" / "mosquitto.conf"
     with (
         mosquitto_for(settings) as broker,
-        ServeProcess(settings, EXTERNAL_ENV) as serve,
+        ServeProcess(settings, JWT_ENV) as serve,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         assert "persistence true" in conf.read_text().splitlines()
@@ -576,7 +755,9 @@ def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], how: str)
         _restart(broker, how)
         assert wait_for(lambda: serve.log().count("bridge subscriptions confirmed") >= 2, timeout=LONG), serve.log()
         bridge_back = time.monotonic() - start
-        recovered = _wait_all(fleet, "after the broker restart") + (time.monotonic() - start)
+        _wait_all(fleet, "after the broker restart")
+        recovered = time.monotonic() - start
+        connected = check_tokens_work(settings, fleet, every=20)
     _retry_after_everywhere(fleet)
     check_invariants(settings, [fleet])
     figure(
@@ -585,6 +766,7 @@ def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], how: str)
         answered_before_restart=answered_before,
         sends=fleet.sends(),
         answered_twice_identically=sum(len(d.final_answers()) > 1 for d in fleet.devices),
+        connected_with_token=connected,
         seconds_to_bridge_resubscribed=f"{bridge_back:.1f}",
         seconds_restart_to_last_answer=f"{recovered:.1f}",
     )
@@ -670,7 +852,8 @@ def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Se
             blocker.close()
         else:
             store.full.clear()
-        recovered = _wait_all(fleet, f"after the {fault} fault") + (time.monotonic() - start)
+        _wait_all(fleet, f"after the {fault} fault")
+        recovered = time.monotonic() - start
     assert len(set(during)) == 1, during  # devices == key uses == provisioned events, mid-fault
     assert fleet.count("internal_error") >= 20
     _retry_after_everywhere(fleet)

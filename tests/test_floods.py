@@ -9,10 +9,10 @@ import json
 import os
 import socket
 import statistics
-import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,16 @@ import pytest
 
 from bridge import admin, keyfiles
 from bridge.config import Settings
+from bridge.edge import BridgeCore
+from bridge.filelock import locked
 from bridge.provisioning import Provisioner
 from bridge.store import Store
 from device_sim.device import build_token_refresh
 from provwire import topics
 from provwire.errors import ErrorCode
-from provwire.models import ClaimError, ClaimOk, to_json
-from tests.conftest import Bridge, Device, make_settings
+from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk, to_json
+from tests.conftest import Bridge, Device, make_settings, serving
+from tests.mosquitto import mosquitto_bridge, require_mosquitto, wait_for
 
 SLOW = 0.01  # tokens per second: none comes back within a test
 
@@ -138,6 +141,62 @@ def test_token_refreshes_are_limited_per_device_id_and_per_client_id(bridge: Bri
     assert reasons == ["client_id", "device"]
 
 
+@pytest.fixture(params=["embedded", "mosquitto"])
+def either_bridge(initialised: tuple[Settings, str], request: pytest.FixtureRequest) -> Iterator[Bridge]:
+    """The embedded broker with the in-process edge, or Mosquitto with the paho edge."""
+    settings, first_key = initialised
+    if request.param == "embedded":
+        with serving(settings):
+            store = Store(settings.database_file)
+            try:
+                yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
+            finally:
+                store.close()
+    else:
+        require_mosquitto()
+        with mosquitto_bridge(settings, first_key) as running:
+            yield running
+
+
+@limits(rate_client_per_second=SLOW, rate_client_burst=3)
+def test_a_client_beyond_its_limit_is_answered_at_the_edge_while_the_claim_worker_is_stuck(
+    either_bridge: Bridge,
+) -> None:
+    """The client-id limit is applied before a message is queued for the claim worker (`BridgeCore.screen`)."""
+    bridge = either_bridge
+    writer_lock = bridge.settings.database_file.with_name(bridge.settings.database_file.name + "-writer.lock")
+    with Device(bridge) as stuck, Device(bridge) as attacker:
+        with locked(writer_lock):  # another writer holds the database: the worker's first write waits for it
+            stuck.conn.publish(
+                topics.claim_topic(bridge.prefix, stuck.client_id), stuck.claim_payload(bridge.provision_key)
+            )
+            attack = topics.claim_topic(bridge.prefix, attacker.client_id)
+            for _ in range(6):  # 3 within the budget (they queue behind the stuck claim), 3 beyond it
+                attacker.conn.publish(attack, attacker.claim_payload(guessed_key()))
+            beyond = [ClaimError.model_validate_json(attacker.conn.next_message()[1]) for _ in range(3)]
+            assert [rate_limited(a).code for a in beyond] == [ErrorCode.RATE_LIMITED] * 3
+            assert stuck.conn.messages.empty()  # answered while the worker is still stuck: not queued behind it
+        assert isinstance(ClaimOk.model_validate_json(stuck.conn.next_message()[1]), ClaimOk)
+        within = [json.loads(attacker.conn.next_message()[1])["code"] for _ in range(3)]
+        assert within == ["permission_denied"] * 3
+    assert bridge.store.count("devices") == 1
+    # The edge's refusal event, stored by the worker once it is free (queued behind the claims it had).
+    assert wait_for(lambda: len(limited_events(bridge)) > 0)
+    (event,) = limited_events(bridge)
+    assert event["reason"] == "client_id" and event["client_id"] == attacker.client_id
+
+
+def test_the_edge_tracks_at_most_its_cap_of_client_ids_whatever_the_flood(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    claims = settings.claims.model_copy(update={"rate_limits": True, "rate_max_keys": 100, "rate_client_burst": 1})
+    core = BridgeCore(settings.model_copy(update={"claims": claims}))
+    for i in range(20_000):  # 20,000 fresh client ids, each beyond its budget of one, all in the same second
+        topic = topics.claim_topic(settings.topic_prefix, f"fresh-{i}")
+        assert core.screen(topic, b"{}", now=1_000.0) is None
+        assert core.screen(topic, b"{}", now=1_000.0) is not None
+        assert len(core.client_limit) <= 100
+
+
 # --- floods ------------------------------------------------------------------------------
 
 
@@ -168,23 +227,38 @@ def test_ten_thousand_guessed_keys_from_one_client_id_get_nowhere(bridge: Bridge
     with Device(bridge) as attacker:
         topic = topics.claim_topic(bridge.prefix, attacker.client_id)
         payloads = [attacker.claim_payload(guessed_key()) for _ in range(guesses)]
-        during: list[float] = []
-        legit = threading.Thread(target=lambda: during.extend(_claim_latency(bridge, 30)))
         flood_start = time.perf_counter()
-        infos = [attacker.conn.client.publish(topic, p, 1) for p in payloads[:1000]]  # the flood is under way ...
-        legit.start()  # ... when the legitimate devices claim
-        infos += [attacker.conn.client.publish(topic, p, 1) for p in payloads[1000:]]
-        codes = Counter(json.loads(attacker.conn.next_message(60)[1])["code"] for _ in range(guesses))
+        # All handed to paho at once: it sends them as fast as the broker reads them.
+        infos = [attacker.conn.client.publish(topic, p, 1) for p in payloads]
+        during = _claim_latency(bridge, 30)
+        codes = Counter(json.loads(attacker.conn.next_message()[1])["code"] for _ in range(100))
+        while not attacker.conn.messages.empty():
+            codes[json.loads(attacker.conn.messages.get()[1])["code"]] += 1
         flood_seconds = time.perf_counter() - flood_start
-        legit.join(120)
-        assert all(info.is_published() for info in infos)
+    # The connection ends with most of the flood still in the attacker's own buffers: after its first
+    # refusal, the broker read it no faster than its budget refills (`rate_client_pause_seconds`).
+    read = sum(info.is_published() for info in infos)
+    assert sum(codes.values()) < guesses and read < guesses
     # Denied guesses: the burst (10) plus 5/s while the flood lasts; the rest never reach the key lookup.
     assert set(codes) <= {"permission_denied", "rate_limited"} and codes["rate_limited"] > 0, codes
     assert bridge.store.count("devices") == 60  # the legitimate ones only
     assert 1 <= len(limited_events(bridge)) <= 2 + flood_seconds / 60  # one a minute, not one a refusal
-    print(f"\nflood: {guesses} guesses answered in {flood_seconds:.1f} s: {dict(codes)}")
+    print(f"\nflood: {guesses} guesses queued; in {flood_seconds:.1f} s the broker took {read}: {dict(codes)}")
     print(f"legitimate claim latency idle:         {_summary(idle)}")
     print(f"legitimate claim latency during flood: {_summary(during)}")
+
+
+@limits(rate_client_per_second=SLOW, rate_client_burst=2, rate_client_pause_seconds=5.0)
+def test_the_embedded_broker_stops_reading_a_client_beyond_its_limit(bridge: Bridge) -> None:
+    """Backpressure: after a refusal the flooder's next message waits in its own buffers, not in front of others."""
+    with Device(bridge) as attacker, Device(bridge) as device:
+        for expected in ("permission_denied", "permission_denied", "rate_limited"):
+            assert json.loads(attacker.send(attacker.claim_payload(guessed_key())))["code"] == expected
+        # Not waited for: the broker will not read it (nor acknowledge it) for up to 5 s.
+        attacker.conn.client.publish(topics.claim_topic(bridge.prefix, attacker.client_id), b"{}", 1)
+        assert isinstance(device.claim(bridge.provision_key), ClaimOk)  # published after it, answered first
+        assert attacker.conn.messages.empty()
+        assert json.loads(attacker.conn.next_message()[1])["code"] == "rate_limited"  # read once the pause is over
 
 
 def _rss_kib(pid: int) -> int:
@@ -265,3 +339,23 @@ def test_the_limiter_tracks_at_most_its_cap_of_keys_whatever_the_flood(tmp_path:
         assert store.count("events") <= events_before + settings.claims.rate_events_burst
     finally:
         store.close()
+
+
+def test_the_embedded_broker_closes_a_connection_announcing_a_packet_over_its_bound(bridge: Bridge) -> None:
+    """Stock amqtt reads a PUBLISH of any announced size (256 MB) into memory, before its ACL check."""
+    length, remaining = 100 * 1024 * 1024, b""
+    while True:
+        length, digit = divmod(length, 128)
+        remaining += bytes([digit | (0x80 if length else 0)])
+        if not length:
+            break
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as s:
+        # An anonymous provisioning client, accepted, then announcing a 100 MB PUBLISH.
+        s.sendall(_packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + _mqtt_string(b"big-sender")))
+        assert s.recv(4)[:1] == b"\x20"
+        s.sendall(b"\x30" + remaining + _mqtt_string(b"prov/v1/claim/big-sender") + b"x" * 4096)
+        assert s.recv(1) == b""  # closed by the broker, not waiting for 100 MB
+    with Device(bridge) as device:  # the largest claim the bridge takes still passes the broker
+        answer = json.loads(device.send(b'{"pad":"' + b"x" * (MAX_CLAIM_BYTES - 11) + b'"}'))
+        assert answer["code"] == "validation_error"
+        assert isinstance(device.claim(bridge.provision_key), ClaimOk)

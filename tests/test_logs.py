@@ -211,6 +211,7 @@ def test_the_cli_logs_json_lines_when_log_format_is_json(settings: Settings) -> 
     env = {**os.environ, "PROVBRIDGE_LOG_FORMAT": "json", "PROVBRIDGE_LOG_LEVEL": "DEBUG"}
     args = [sys.executable, "-m", "bridge.cli", "--data-dir", str(settings.data_dir), "keys", "rotate", "--token"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
+    (settings.data_dir.parent / "cli.log").write_text(done.stdout + done.stderr)  # for the whole-suite secret scan
     log_lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert any(r["logger"] == "provbridge.keys" and r["message"].startswith("rotated") for r in log_lines)
     assert "token key" in done.stdout  # the command's own output is still there, after the log

@@ -3,6 +3,7 @@ the mirror fails when the broker does not confirm."""
 
 import json
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bridge import admin, keyfiles
-from bridge.config import Settings
-from bridge.dynsec import revoke_on_mosquitto
+from bridge.config import DEFAULT_MAX_PACKET_BYTES, Settings, claim_packet_bytes, load_settings
+from bridge.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
+from bridge.errors import ConfigError
 from bridge.mirror import MirrorError
 from bridge.mosquitto_files import ops_user_created, write_mosquitto_config
 from bridge.store import Store
@@ -20,17 +22,21 @@ from broker import acl
 from broker import mosquitto_conf as mc
 from provwire import topics
 from provwire.errors import ErrorCode
-from provwire.models import ClaimError, ClaimOk
+from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk
 from tests.conftest import Device
 from tests.mosquitto import (
+    TIMEOUT,
     Client,
     MosquittoBridge,
     RunningMosquitto,
     external_settings,
     mosquitto_bridge,
+    mosquitto_for,
+    request_properties,
     require_mosquitto,
     run_cli,
     serving,
+    wait_for,
 )
 
 PREFIXES = ["prov/v1", "acme/provisioning/v2"]
@@ -148,6 +154,7 @@ def test_generated_files_modes_accounts_and_directives(
         f"persistence_location {outdir}/",
         "max_queued_messages 100000",
         "set_tcp_nodelay true",
+        f"max_packet_size {settings.broker.max_packet_bytes}",
     ):
         assert line in conf, line
     assert not any(line.startswith("listener") and str(settings.broker.tls_port) in line for line in conf)
@@ -193,6 +200,112 @@ def test_config_refuses_what_mosquitto_could_not_read(tmp_path: Path) -> None:
     from tests.conftest import make_settings
 
     assert run_cli(make_settings(settings_dir), "mosquitto-config", str(tmp_path / "out")) == 1
+
+
+# --- the packet size bound ---------------------------------------------------------------------------
+
+
+def test_the_packet_bound_is_a_maximal_claim_plus_headroom(tmp_path: Path) -> None:
+    defaults = load_settings(None).broker.max_packet_bytes
+    assert defaults == DEFAULT_MAX_PACKET_BYTES == MAX_CLAIM_BYTES + 4096
+    assert claim_packet_bytes("prov/v1") == 1 + 3 + 2 + len("prov/v1/claim/") + 64 + 2 + MAX_CLAIM_BYTES
+    long_prefix = "p" * 5000
+    assert claim_packet_bytes(long_prefix) > defaults  # such a prefix needs a larger bound, and is told so
+    config = tmp_path / "small.toml"
+    config.write_text(f'topic_prefix = "{long_prefix}"\n')
+    with pytest.raises(ConfigError, match="max_packet_bytes must be at least"):
+        load_settings(config)
+    config.write_text("[broker]\nmax_packet_bytes = 16384\n")  # a claim alone, without its topic
+    with pytest.raises(ConfigError, match=f"at least {claim_packet_bytes('prov/v1')}"):
+        load_settings(config)
+
+
+def padded_to(payload: bytes, size: int) -> bytes:
+    """The same JSON object, `size` bytes long: spaces after its opening brace."""
+    assert payload.startswith(b"{") and len(payload) <= size
+    return b"{" + b" " * (size - len(payload)) + payload[1:]
+
+
+def client_events(store: Store, client_id: str) -> list[dict[str, object]]:
+    return [e for e in store.events(limit=1000) if e.get("client_id") == client_id]
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_mosquitto_disconnects_a_client_whose_packet_is_over_the_bound(initialised: tuple[Settings, str]) -> None:
+    """`max_packet_size` in the generated mosquitto.conf: a claim of the largest valid size on the longest
+    client id passes (3.1.1, and MQTT 5 with a Response Topic and 1 KiB of Correlation Data); a larger
+    packet gets its client disconnected and never reaches the bridge; a CONNECT announcing 100 MB is cut off
+    after its first bytes, before anyone authenticated."""
+    settings, key = initialised
+    with mosquitto_bridge(settings, key, dynsec=False) as bridge:
+        limit = bridge.settings.broker.max_packet_bytes
+        prefix = bridge.prefix
+
+        # The largest valid claim, on a 64-character client id (the largest claim packet there is).
+        with Device(bridge, client_id="c" * 64) as device:
+            payload = padded_to(device.claim_payload(key), MAX_CLAIM_BYTES)
+            answer = json.loads(device.send(payload))
+            assert answer["status"] == "ok", answer
+        with Device(bridge, client_id="m" * 64) as device, Client(bridge.port, device.client_id, v5=True) as v5:
+            assert v5.connect()
+            assert v5.subscribe(topics.response_topic(prefix, device.client_id)) == [1]
+            payload = padded_to(device.claim_payload(key), MAX_CLAIM_BYTES)
+            reply_to = topics.response_topic(prefix, device.client_id)
+            props = request_properties(reply_to, b"c" * 1024)
+            assert v5.publish(topics.claim_topic(prefix, device.client_id), payload, props) in (0x00, 0x10)
+            _topic, raw, _props = v5.next_message()
+            assert json.loads(raw)["status"] == "ok"
+
+        # Over the claim limit but under the packet bound: it reaches the bridge, which answers and records
+        # it (so the check below would see an oversized claim that got through).
+        with Device(bridge, client_id="c-control") as device:
+            answer = json.loads(device.send(padded_to(device.claim_payload(key), MAX_CLAIM_BYTES + 1)))
+            assert answer["code"] == ErrorCode.VALIDATION_ERROR.value
+        assert wait_for(lambda: client_events(bridge.store, "c-control") != [])
+
+        # Over the packet bound: disconnected, no PUBACK, nothing handled.
+        with Client(bridge.port, "c-oversized") as big:
+            assert big.connect()
+            big.client.publish(topics.claim_topic(prefix, "c-oversized"), b"{" + b" " * limit + b"}", 1)
+            assert big.disconnected.wait(TIMEOUT), "Mosquitto kept a client that sent an oversized packet"
+        assert "disconnected due to oversize packet" in bridge.mosquitto.log()
+        with Device(bridge) as after:  # handled after the oversized message, had it been delivered
+            assert isinstance(after.claim(key), ClaimOk)
+        assert client_events(bridge.store, "c-oversized") == []
+
+        # Before CONNECT: a header announcing a 100 MB CONNECT is refused at once, not buffered.
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"\x10" + varint(100_000_000) + b"\x00\x04MQTT")
+            try:
+                assert sock.recv(1) == b"", "Mosquitto answered instead of closing"
+            except ConnectionResetError:
+                pass  # closed with unread bytes: a reset
+            except TimeoutError:
+                pytest.fail("Mosquitto waited for the rest of a 100 MB CONNECT")
+
+
+def test_the_bridges_own_command_batches_fit_the_packet_bound(initialised: tuple[Settings, str]) -> None:
+    """The bridge account is bound by `max_packet_size` too: a janitor pass over a herd's expired tokens
+    (here 150 devices, 450 commands, about 40 KB as one message) is sent in messages under the bound, and
+    answered command by command, in order, on a connection Mosquitto keeps."""
+    settings = external_settings(initialised[0])
+    devices = [f"dev_{n:026d}" for n in range(150)]
+    commands = [command for device in devices for command in revoke_commands(device)]
+    assert len(json.dumps({"commands": commands})) > settings.broker.max_packet_bytes
+    with mosquitto_for(settings) as running, admin_channel(settings) as channel:
+        answers = channel.call(commands)
+        assert [a["command"] for a in answers] == [c["command"] for c in commands]
+        assert all(a.get("error") in NOT_FOUND for a in answers), answers[:3]
+        assert channel.call([{"command": "listClients"}])[0].get("error") is None  # still connected
+    assert "oversize" not in running.log()
 
 
 # --- TLS, and failures ----------------------------------------------------------------------------

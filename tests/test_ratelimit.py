@@ -1,7 +1,7 @@
 """The token-bucket limiter on its own: injected time, no broker."""
 
 from bridge.config import ClaimSettings
-from bridge.ratelimit import REPORT_INTERVAL_SECONDS, FloodLimits, Rate, RateLimiter, check
+from bridge.ratelimit import REPORT_INTERVAL_SECONDS, FloodLimits, Rate, RateLimiter, check, client_limiter
 
 
 def take(limiter: RateLimiter, key: str, now: float) -> bool:
@@ -94,9 +94,10 @@ def test_idle_buckets_are_forgotten() -> None:
 
 
 def test_the_bridge_limits_follow_the_settings() -> None:
-    assert FloodLimits(ClaimSettings(rate_limits=False)).client.rate == Rate(0.0, 10)  # off unless `rate_limits`
+    assert client_limiter(ClaimSettings(rate_limits=False)).rate == Rate(0.0, 10)  # off unless `rate_limits`
+    assert FloodLimits(ClaimSettings(rate_limits=False)).code.rate == Rate(0.0, 3)
+    assert client_limiter(ClaimSettings(rate_limits=True)).rate == Rate(5.0, 10)
     limits = FloodLimits(ClaimSettings(rate_limits=True))
-    assert limits.client.rate == Rate(5.0, 10)
     assert limits.code.rate == Rate(0.1, 3)
-    assert limits.name(limits.client) == "client_id" and limits.name(limits.code) == "human_code"
+    assert limits.name(limits.code) == "human_code" and limits.name(limits.all_codes) == "all_human_codes"
     assert limits.tracked() == 0

@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,16 @@ def _provbridge_available() -> bool:
 
 
 @pytest.mark.skipif(not _provbridge_available(), reason="the provbridge command is not installed")
-def test_demo_provisions_every_device_and_stops_the_bridge(capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(["--devices", "5", "--concurrency", "3", "--timeout", "5"]) == 0
+def test_demo_provisions_every_device_and_stops_the_bridge(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Its temp dir (serve.log, data, sim-data) and output kept under the basetemp, every record logged, for
+    # the whole-suite secret scan.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PROVBRIDGE_LOG_LEVEL", "DEBUG")
+    assert demo.main(["--devices", "5", "--concurrency", "3", "--timeout", "5", "--keep"]) == 0
     out, err = capsys.readouterr()
+    (tmp_path / "demo-output.log").write_text(out + err)
     assert "5/5 devices ok (5 created), 0 failed" in out
     assert "bridge stopped (exit status 0)" in err
     assert "pk_" not in out + err  # the provisioning key init printed is never shown
