@@ -169,9 +169,11 @@ class MosquittoTarget(Target):
             return "`provbridge mosquitto-config` does not exist yet in this tree (being added in parallel)"
         return None
 
-    def _start_mosquitto(self, processes: Processes, data_dir: DataDir, logs: Path, port: int) -> Proc:
+    def _start_mosquitto(
+        self, processes: Processes, data_dir: DataDir, logs: Path, port: int, bridge_env: dict[str, str] | None = None
+    ) -> Proc:
         conf_dir = data_dir.path.parent / f"mosquitto-{port}"
-        env = _env(data_dir, port, "WARNING")
+        env = {**_env(data_dir, port, "WARNING"), **(bridge_env or {})}  # the config follows the bridge's settings
         out = subprocess.run(
             [venv_bin("provbridge"), "mosquitto-config", str(conf_dir)],
             cwd=REPO,
@@ -194,7 +196,7 @@ class MosquittoTarget(Target):
         self, processes: Processes, data_dir: DataDir, logs: Path, log_level: str, bridge_env: dict[str, str]
     ) -> System:
         port = free_port()
-        broker = self._start_mosquitto(processes, data_dir, logs, port)
+        broker = self._start_mosquitto(processes, data_dir, logs, port, bridge_env)
         env = {**_env(data_dir, port, log_level, PROVBRIDGE_BROKER__MODE="external"), **bridge_env}
         bridge = processes.start("bridge", [venv_bin("provbridge"), "serve"], logs / "serve.log", env)
         system = System(

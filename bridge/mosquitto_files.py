@@ -246,13 +246,31 @@ def _jwt_plugin(settings: Settings) -> mc.JwtPlugin:
     data_dir = settings.data_dir.absolute()
     if mosquitto_jwt.is_device_id(settings.broker.username):
         raise ConfigError("broker.username looks like a device id: the jwt plugin would take it for a device")
+    publish_rate, publish_burst = _publish_limit(settings)
     return mc.JwtPlugin(
         plugin=str(mosquitto_jwt.find_or_build_plugin()),
         jwks_file=str(data_dir / JWKS_FILE_NAME),
         denylist_file=str(data_dir / DENYLIST_FILE_NAME),
         audience=settings.token.audience,
         issuer=settings.token.issuer,
+        bridge_username=settings.broker.username,
+        publish_rate=publish_rate,
+        publish_burst=publish_burst,
     )
+
+
+# The jwt plugin's per-client-id publish limit, as a multiple of the bridge's own (claims.rate_client_*):
+# looser, so that a client beyond the bridge's limit is still answered rate_limited before Mosquitto
+# starts dropping its publishes. Off when the bridge's limit is.
+PUBLISH_LIMIT_FACTOR = 2
+
+
+def _publish_limit(settings: Settings) -> tuple[float, int]:
+    """(publishes a second, burst) per client id in the jwt plugin; (0, 0): no limit there."""
+    claims = settings.claims
+    if not claims.rate_limits or claims.rate_client_per_second <= 0:
+        return 0.0, 0
+    return PUBLISH_LIMIT_FACTOR * claims.rate_client_per_second, PUBLISH_LIMIT_FACTOR * claims.rate_client_burst
 
 
 def _hand_over(outdir: Path, files: list[Path], user: str, result: GeneratedConfig) -> None:

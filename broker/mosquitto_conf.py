@@ -322,15 +322,31 @@ class JwtPlugin:
     denylist_file: str
     audience: str
     issuer: str
+    # Publishes a second and burst per client id, for every client but the bridge (`bridge_username`);
+    # a rate of 0: no limit in Mosquitto. Looser than the bridge's own, which answers rate_limited first.
+    bridge_username: str = ""
+    publish_rate: float = 0.0
+    publish_burst: int = 0
 
     def lines(self) -> list[str]:
-        return [
+        lines = [
             f"plugin {_check_word('plugin', self.plugin)}",
             f"plugin_opt_jwks_file {_check_word('jwks file', self.jwks_file)}",
             f"plugin_opt_denylist_file {_check_word('denylist file', self.denylist_file)}",
             f"plugin_opt_audience {_check_word('token audience', self.audience)}",
             f"plugin_opt_issuer {_check_word('token issuer', self.issuer)}",
         ]
+        if self.bridge_username:
+            lines.append(f"plugin_opt_bridge_username {_check_word('bridge username', self.bridge_username)}")
+        if self.publish_rate > 0 and self.publish_burst >= 1:
+            if not self.bridge_username:
+                raise BrokerConfigError("a publish limit in the jwt plugin needs the bridge username (exempt from it)")
+            lines += [
+                "# Per client id, every client but the bridge: beyond, Mosquitto drops the publish (docs/SECURITY.md).",
+                f"plugin_opt_publish_rate {self.publish_rate:g}",
+                f"plugin_opt_publish_burst {self.publish_burst}",
+            ]
+        return lines
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,6 +137,8 @@ def test_token_refreshes_are_limited_per_device_id_and_per_client_id(bridge: Bri
         rate_limited(refresh(forger, victim))  # the device id's budget: 2
         assert refresh(forger, "dev_" + "b" * 26).code is ErrorCode.PERMISSION_DENIED
         rate_limited(refresh(forger, "dev_" + "c" * 26))  # the client id's budget: 4, refusals included
+    # The client-id refusal's event is stored by the worker after the edge answered: wait for it.
+    assert wait_for(lambda: len(limited_events(bridge, "token.refresh_rate_limited")) >= 2)
     reasons = sorted(e["reason"] for e in limited_events(bridge, "token.refresh_rate_limited"))
     assert reasons == ["client_id", "device"]
 

@@ -8,7 +8,9 @@ Skipped when Mosquitto is missing or the plugin cannot be built, except under CI
 import base64
 import json
 import os
+import queue
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bridge.config import Settings
 from broker import mosquitto_jwt
 from broker.errors import BrokerConfigError
+from broker.mosquitto_conf import JwtPlugin
 from provwire import topics
 from provwire.models import Credentials
 from tests import test_mosquitto_e2e as e2e
+from tests.conftest import Device
 from tests.mosquitto import (
     ACCEPTED,
     NOT_AUTHORIZED,
@@ -249,3 +253,122 @@ def test_refreshed_token_connects_and_nothing_is_mirrored(bridge: MosquittoBridg
     fresh: Credentials = device.open(answer)
     assert can_connect(bridge.port, fresh.mqtt.client_id, fresh.mqtt.client_id, fresh.mqtt.token)
     assert mirrored_devices(bridge) == []
+
+
+# --- the per-client-id publish limit (plugin_opt_publish_rate / _burst) -------------------------
+
+FLOOD = 300
+
+
+@pytest.fixture(params=[True, False], ids=["plugin-limit", "no-plugin-limit"])
+def limited(
+    request: pytest.FixtureRequest, initialised: tuple[Settings, str], jwt_mode: None
+) -> Iterator[MosquittoBridge]:
+    """The bridge's own flood limits on (claims.rate_limits, defaults 5/s burst 10), and with them the
+    plugin's publish limit (2x: 10/s, burst 20); the second parameter turns both off: no plugin limit."""
+    settings, key = initialised
+    settings = settings.model_copy(update={"claims": settings.claims.model_copy(update={"rate_limits": request.param})})
+    with mosquitto_bridge(settings, key, mosquitto_auth="jwt") as running:
+        yield running
+
+
+def plugin_limit(bridge: MosquittoBridge) -> tuple[float, int] | None:
+    options = dict(
+        line.split()[:2]
+        for line in (bridge.mosquitto.conf_dir / "mosquitto.conf").read_text().splitlines()
+        if line.startswith("plugin_opt_publish_")
+    )
+    if not options:
+        return None
+    return float(options["plugin_opt_publish_rate"]), int(options["plugin_opt_publish_burst"])
+
+
+def puback(conn: Client, mid: int) -> int:
+    """The PUBACK reason code of a message published through `conn.client` directly."""
+    acks: queue.Queue[int] = conn._pubacks.setdefault(mid, queue.Queue())
+    return acks.get(timeout=30)
+
+
+def test_a_flooding_client_is_cut_to_the_plugin_limit_and_nobody_else_is(limited: MosquittoBridge) -> None:
+    bridge = limited
+    limit = plugin_limit(bridge)
+    assert limit == ((10.0, 20) if bridge.settings.claims.rate_limits else None)  # 2x claims.rate_client_*
+    attacker = Device(bridge, client_id=f"flooder-{uuid.uuid4().hex[:8]}")
+    own = topics.claim_topic(bridge.prefix, attacker.client_id)
+    with Client(bridge.port, attacker.client_id, v5=True) as conn:
+        assert conn.connect()
+        assert conn.subscribe(topics.response_topic(bridge.prefix, attacker.client_id)) == [1]
+        payloads = [attacker.claim_payload("pk_" + uuid.uuid4().hex) for _ in range(FLOOD)]
+        start = time.monotonic()
+        # Handed to paho at once: it sends them as fast as its in-flight window lets it.
+        mids = [conn.client.publish(own, p, 1).mid for p in payloads]
+        codes = [puback(conn, mid) for mid in mids]
+        elapsed = time.monotonic() - start
+        passed = sum(code in ACCEPTED for code in codes)
+        # Another client id is untouched, even while the flooder is beyond its limit.
+        assert isinstance(e2e.provision(bridge)[1], Credentials)
+        # A last claim from the flooder once a token is back: answers to one client arrive in order,
+        # so when its answer is in, every earlier answer is too.
+        marker = attacker.claim_payload("pk_" + uuid.uuid4().hex)
+        assert wait_for(lambda: conn.publish(own, marker) in ACCEPTED, timeout=30)
+        answers = []
+        while True:
+            answer = json.loads(conn.next_message()[1])
+            if answer["request_id"] == json.loads(marker)["request_id"]:
+                break
+            answers.append(answer)
+    print(f"\n{FLOOD} claims in {elapsed:.2f} s, limit {limit}: {passed} passed Mosquitto, {len(answers)} answered")
+    assert len(answers) == passed  # what passed reached the bridge and was answered; nothing else did
+    if limit is None:
+        assert passed == FLOOD  # the control: without the plugin's limit every claim reaches the bridge
+        return
+    rate, burst = limit
+    assert set(codes) <= {*ACCEPTED, NOT_AUTHORIZED}
+    assert passed <= burst + rate * elapsed + 2, (passed, elapsed)
+    assert passed < FLOOD // 2
+    # The bridge answered rate_limited first: its own limit (5/s, burst 10) is the tighter one.
+    assert sum(a.get("code") == "rate_limited" for a in answers) > 0
+    assert f"client '{attacker.client_id}' beyond" in bridge.mosquitto.log()
+
+
+def test_the_bridge_answers_a_burst_of_claims_beyond_any_client_limit(limited: MosquittoBridge) -> None:
+    """The bridge's own publishes (answers, events: many a second) are never limited by the plugin."""
+    bridge = limited
+    devices = [Device(bridge) for _ in range(60)]
+    try:
+        for d in devices:
+            d.__enter__()
+        for d in devices:  # all published before any is answered
+            d.conn.client.publish(
+                topics.claim_topic(bridge.prefix, d.client_id), d.claim_payload(bridge.provision_key), 1
+            )
+        for d in devices:
+            _topic, raw = d.conn.next_message()
+            assert json.loads(raw)["status"] == "ok", raw
+    finally:
+        for d in devices:
+            d.__exit__()
+    assert bridge.store.count("devices") == 60
+
+
+def test_publish_limit_options_need_the_bridge_username_and_are_absent_when_off() -> None:
+    base = {"plugin": "/p.so", "jwks_file": "/j", "denylist_file": "/d", "audience": "a", "issuer": "i"}
+    lines = JwtPlugin(**base, bridge_username="bridge", publish_rate=10.0, publish_burst=20).lines()
+    assert "plugin_opt_publish_rate 10" in lines and "plugin_opt_publish_burst 20" in lines
+    assert "plugin_opt_bridge_username bridge" in lines
+    off = JwtPlugin(**base, bridge_username="bridge").lines()
+    assert not any(line.startswith("plugin_opt_publish_") for line in off)
+    with pytest.raises(BrokerConfigError):
+        JwtPlugin(**base, publish_rate=10.0, publish_burst=20).lines()  # the bridge would be limited too
+
+
+def test_devices_own_traffic_is_not_limited_by_the_plugin(limited: MosquittoBridge) -> None:
+    """A device holds a token the bridge issued (and can revoke): its publishes are its owner's to size."""
+    bridge = limited
+    _device_id, creds = e2e.provision(bridge)
+    mqtt_creds = creds.mqtt
+    own = mqtt_creds.publish[0].replace("#", "telemetry").replace("+", "x")
+    with Client(bridge.port, mqtt_creds.client_id, mqtt_creds.username, mqtt_creds.token, v5=True) as conn:
+        assert conn.connect()
+        mids = [conn.client.publish(own, b"%d" % n, 1).mid for n in range(3 * 20)]  # 3x the plugin's burst
+        assert all(puback(conn, mid) in ACCEPTED for mid in mids)

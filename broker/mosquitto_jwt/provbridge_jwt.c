@@ -8,6 +8,9 @@
  *   plugin_opt_denylist_file /data/denylist.json   revoked devices (re-read when changed)
  *   plugin_opt_audience provbridge-mqtt
  *   plugin_opt_issuer provbridge
+ *   plugin_opt_bridge_username provbridge-bridge   the bridge's account: never publish-limited
+ *   plugin_opt_publish_rate 10      publishes a second per client id (0 or absent: no limit)
+ *   plugin_opt_publish_burst 20     the bucket's size
  *
  * CONNECT with a username shaped like a device id (dev_ + 26 base32 letters): this plugin decides,
  * success or refusal, never deferring. The password must be an ES256 JWT whose header `kid` names a
@@ -21,6 +24,20 @@
  * once exp has passed or the device is denied. Once a second (on the broker's tick) the files are
  * checked for changes and sessions whose token expired or whose device was revoked are kicked.
  *
+ * Publish limit (plugin_opt_publish_rate > 0): every PUBLISH (MOSQ_ACL_WRITE) of a client that is
+ * neither the bridge's own account (plugin_opt_bridge_username) nor a device this plugin let in,
+ * i.e. provisioning clients (anyone may connect as one) and ops, takes a token from a bucket keyed by its client id (rate tokens a second, at most burst, on
+ * CLOCK_MONOTONIC); with none left the check says MOSQ_ERR_ACL_DENIED: Mosquitto drops the message
+ * (an MQTT 5 PUBACK says "not authorized") before anything else reads it. Mosquitto 2.0 has no
+ * per-client publish rate of its own: without this a flooder is read as fast as it sends, and the
+ * bridge's own, tighter limit (its rate_limited answer) only comes after the flood was carried.
+ * Delivery and SUBSCRIBE checks never take a token. A bucket is forgotten once it has refilled
+ * (a full bucket is the same as none): on DISCONNECT, and by the once-a-second sweep, so the table
+ * holds only clients that published in the last burst/rate seconds and a reconnect does not reset a
+ * debt. At most RATE_MAX_CLIENTS are tracked; beyond, a new client id is let through untracked
+ * (logged): refusing would hand whoever fills the table a way to silence every other client, and the
+ * bridge's own limit still answers such a client.
+ *
  * Tokens are never logged: only the device id and the reason.
  */
 
@@ -30,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -48,6 +66,11 @@
 #define MAX_FILE_BYTES (64L * 1024 * 1024)
 #define MAX_TOKEN_BYTES 16384
 #define DEVICE_ID_LEN 30 /* "dev_" + 26 */
+#define RATE_BUCKETS 4096
+#define RATE_MAX_CLIENTS 65536
+/* Client ids longer than this share a bucket with those of the same first bytes: no legitimate
+ * client's is this long (provisioning client ids are at most 64, device ids 30). */
+#define RATE_KEY_MAX 256
 
 /* --- state ------------------------------------------------------------------------------- */
 
@@ -81,10 +104,26 @@ struct session {
 	struct session *next;
 };
 
+/* A publish token bucket, keyed by client id (the first RATE_KEY_MAX bytes). */
+struct rate_entry {
+	struct rate_entry *next;
+	double tokens;
+	double last; /* CLOCK_MONOTONIC seconds of the last refill */
+	bool logged;
+	char client_id[]; /* NUL-terminated, at most RATE_KEY_MAX bytes before it */
+};
+
 struct plugin {
 	mosquitto_plugin_id_t *pid;
 	char *audience;
 	char *issuer;
+	char *bridge_username;
+	double publish_rate; /* tokens a second; 0: no publish limit */
+	double publish_burst;
+	uint32_t rate_seed;
+	size_t rate_count;
+	double rate_full_logged;
+	struct rate_entry *rate_buckets[RATE_BUCKETS];
 	struct watched jwks_file;
 	struct watched denylist_file;
 	struct key *keys;
@@ -102,6 +141,13 @@ static double now_seconds(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double monotonic_seconds(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
@@ -551,6 +597,109 @@ static void session_remove(struct plugin *p, const struct mosquitto *client)
 	}
 }
 
+/* --- publish limit: token buckets keyed by client id -------------------------------------- */
+
+static size_t rate_key_len(const char *client_id)
+{
+	size_t len = strlen(client_id);
+	return len > RATE_KEY_MAX ? RATE_KEY_MAX : len;
+}
+
+/* FNV-1a from a random basis, high bits folded in: client ids are chosen by clients, so which ids
+ * share a chain must not be predictable. */
+static size_t rate_bucket_of(const struct plugin *p, const char *key, size_t len)
+{
+	uint32_t h = p->rate_seed;
+	for(size_t i = 0; i < len; i++) h = (h ^ (unsigned char)key[i]) * 16777619u;
+	return (h ^ (h >> 16)) % RATE_BUCKETS;
+}
+
+static struct rate_entry **rate_link(struct plugin *p, const char *key, size_t len)
+{
+	struct rate_entry **link = &p->rate_buckets[rate_bucket_of(p, key, len)];
+	while(*link != NULL && !(strlen((*link)->client_id) == len && memcmp((*link)->client_id, key, len) == 0)){
+		link = &(*link)->next;
+	}
+	return link;
+}
+
+static void rate_refill(const struct plugin *p, struct rate_entry *e, double now)
+{
+	if(now > e->last){
+		e->tokens = fmin(p->publish_burst, e->tokens + (now - e->last) * p->publish_rate);
+		e->last = now;
+	}
+}
+
+static void rate_unlink(struct plugin *p, struct rate_entry **link)
+{
+	struct rate_entry *e = *link;
+	*link = e->next;
+	free(e);
+	p->rate_count--;
+}
+
+/* Whether this client may publish once more now; takes the token when it may. */
+static bool rate_take(struct plugin *p, const char *client_id)
+{
+	double now = monotonic_seconds();
+	size_t len = rate_key_len(client_id);
+	struct rate_entry **link = rate_link(p, client_id, len);
+	struct rate_entry *e = *link;
+	if(e == NULL){
+		if(p->rate_count >= RATE_MAX_CLIENTS){
+			if(p->rate_full_logged == 0 || now - p->rate_full_logged >= 10){
+				p->rate_full_logged = now;
+				mosquitto_log_printf(MOSQ_LOG_WARNING,
+						LOG_PREFIX "%d client ids publishing at once: new ones are not publish-limited", RATE_MAX_CLIENTS);
+			}
+			return true;
+		}
+		e = calloc(1, sizeof(*e) + len + 1);
+		if(e == NULL) return true;
+		memcpy(e->client_id, client_id, len);
+		e->tokens = p->publish_burst;
+		e->last = now;
+		*link = e;
+		p->rate_count++;
+	}
+	rate_refill(p, e, now);
+	if(e->tokens >= 1.0){
+		e->tokens -= 1.0;
+		return true;
+	}
+	if(!e->logged){
+		e->logged = true;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "client '%s' beyond %g publishes/s (burst %g): refusing them",
+				e->client_id, p->publish_rate, p->publish_burst);
+	}
+	return false;
+}
+
+/* Forget `client_id`'s bucket if it has refilled (NULL: every full bucket). A full bucket is the
+ * same as none, so forgetting it loses nothing, and a client in debt keeps it across reconnects. */
+static void rate_forget_full(struct plugin *p, const char *client_id)
+{
+	if(p->rate_count == 0) return;
+	double now = monotonic_seconds();
+	if(client_id != NULL){
+		size_t len = rate_key_len(client_id);
+		struct rate_entry **link = rate_link(p, client_id, len);
+		if(*link == NULL) return;
+		rate_refill(p, *link, now);
+		if((*link)->tokens >= p->publish_burst) rate_unlink(p, link);
+		return;
+	}
+	for(size_t b = 0; b < RATE_BUCKETS; b++){
+		struct rate_entry **link = &p->rate_buckets[b];
+		while(*link != NULL){
+			rate_refill(p, *link, now);
+			if((*link)->tokens >= p->publish_burst) rate_unlink(p, link);
+			else link = &(*link)->next;
+		}
+	}
+}
+
 /* --- token verification ------------------------------------------------------------------ */
 
 static bool es256_verify(EVP_PKEY *pkey, const char *input, size_t input_len, const unsigned char *raw_sig)
@@ -748,6 +897,15 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 
 	struct session *s = session_find(p, ed->client);
+	if(ed->access == MOSQ_ACL_WRITE && p->publish_rate > 0 && s == NULL){
+		/* Publishes of clients that are not devices: anyone may connect as a provisioning client.
+		 * Devices hold a token the bridge issued (and can revoke); their traffic is theirs to size.
+		 * Delivery (READ) and SUBSCRIBE checks never take a token. */
+		const char *client_id = mosquitto_client_id(ed->client);
+		const char *username = mosquitto_client_username(ed->client);
+		bool is_bridge = username != NULL && strcmp(username, p->bridge_username) == 0;
+		if(client_id != NULL && !is_bridge && !rate_take(p, client_id)) return MOSQ_ERR_ACL_DENIED;
+	}
 	if(s == NULL) return MOSQ_ERR_PLUGIN_DEFER; /* not a device this plugin let in */
 	long long now = (long long)time(NULL);
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS; /* harms no one */
@@ -772,8 +930,11 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 static int on_disconnect(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_disconnect *ed = event_data;
+	struct plugin *p = userdata;
 	(void)event;
-	session_remove(userdata, ed->client);
+	session_remove(p, ed->client);
+	const char *client_id = mosquitto_client_id(ed->client);
+	if(client_id != NULL) rate_forget_full(p, client_id);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -788,6 +949,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 	time_t now = time(NULL);
 	if(now == p->last_sweep) return MOSQ_ERR_SUCCESS;
 	p->last_sweep = now;
+	rate_forget_full(p, NULL);
 	refresh_files(p);
 	if(p->sessions == 0) return MOSQ_ERR_SUCCESS;
 
@@ -830,12 +992,16 @@ static void free_plugin(struct plugin *p)
 	for(size_t b = 0; b < BUCKETS; b++){
 		while(p->buckets[b] != NULL) session_remove(p, p->buckets[b]->client);
 	}
+	for(size_t b = 0; b < RATE_BUCKETS; b++){
+		while(p->rate_buckets[b] != NULL) rate_unlink(p, &p->rate_buckets[b]);
+	}
 	free_keys(p);
 	free_denied(p);
 	free((char *)p->jwks_file.path);
 	free((char *)p->denylist_file.path);
 	free(p->audience);
 	free(p->issuer);
+	free(p->bridge_username);
 	free(p);
 }
 
@@ -851,6 +1017,19 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 		else if(!strcmp(options[i].key, "denylist_file")) slot = (char **)&p->denylist_file.path;
 		else if(!strcmp(options[i].key, "audience")) slot = &p->audience;
 		else if(!strcmp(options[i].key, "issuer")) slot = &p->issuer;
+		else if(!strcmp(options[i].key, "bridge_username")) slot = &p->bridge_username;
+		else if(!strcmp(options[i].key, "publish_rate") || !strcmp(options[i].key, "publish_burst")){
+			char *end = NULL;
+			errno = 0;
+			double value = strtod(options[i].value, &end);
+			if(errno != 0 || end == options[i].value || *end != '\0' || !isfinite(value) || value < 0){
+				mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_%s must be a number >= 0", options[i].key);
+				free_plugin(p);
+				return MOSQ_ERR_INVAL;
+			}
+			if(!strcmp(options[i].key, "publish_rate")) p->publish_rate = value;
+			else p->publish_burst = floor(value);
+		}
 		if(slot != NULL){
 			free(*slot);
 			*slot = strdup(options[i].value);
@@ -861,6 +1040,19 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 				LOG_PREFIX "needs plugin_opt_jwks_file, plugin_opt_denylist_file, plugin_opt_audience, plugin_opt_issuer");
 		free_plugin(p);
 		return MOSQ_ERR_INVAL;
+	}
+	if(getrandom(&p->rate_seed, sizeof(p->rate_seed), GRND_NONBLOCK) != (ssize_t)sizeof(p->rate_seed)){
+		p->rate_seed = (uint32_t)(monotonic_seconds() * 1e9) ^ (uint32_t)(uintptr_t)p;
+	}
+	if(p->publish_burst < 1) p->publish_rate = 0; /* either one 0 or absent: no publish limit */
+	if(p->publish_rate > 0 && p->bridge_username == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_publish_rate needs plugin_opt_bridge_username");
+		free_plugin(p);
+		return MOSQ_ERR_INVAL;
+	}
+	if(p->publish_rate > 0){
+		mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "publishes limited to %g/s, burst %g, per client id (not %s)",
+				p->publish_rate, p->publish_burst, p->bridge_username);
 	}
 	refresh_files(p);
 	if(!p->jwks_file.present) load_jwks(p); /* says so in the log */
