@@ -20,7 +20,10 @@ without the token key can make it (Mosquitto keeps only a PBKDF2 hash), so it is
 would stay until that token's expiry and cost Mosquitto a little on every command. So the first
 pass after a start, when the orphans of a crash exist, deletes every device client whose device
 has no row, deciding under the write lock too: no claim anywhere is then between its grant and its
-commit. (One database per Mosquitto: a device client is the database's, or nobody's.)
+commit. (One database per Mosquitto: a device client is the database's, or nobody's.) A crash leaves
+at most one orphan per claim in flight; far more than that means the bridge runs on another database
+than the one that provisioned the fleet (restored from an old backup, the wrong data dir), and
+deleting them would lock that fleet out: then nothing is deleted, and the log says why.
 """
 
 import logging
@@ -35,6 +38,8 @@ log = logging.getLogger("provbridge.dynsec")
 
 # Devices decided per transaction: the write lock is held for two round trips to Mosquitto per batch.
 SWEEP_BATCH = 100
+# More orphans than this at a start is not a crash's leftovers but a database that is not the fleet's.
+MAX_ORPHANS = 100
 
 
 class SharedDynsecMirror(DynsecMirror):
@@ -89,7 +94,18 @@ class SharedDynsecMirror(DynsecMirror):
         """Delete the device clients (and roles) Mosquitto holds for devices the database does not have,
         among those `load` found. Returns how many."""
         with self._lock:
-            candidates = sorted(self._expiry)
+            known = sorted(self._expiry)
+        db = self._store.read()
+        candidates = [device_id for device_id in known if Store.device_by_id(db, device_id) is None]
+        if len(candidates) > MAX_ORPHANS:
+            log.error(
+                "%d of the %d device clients in Mosquitto have no row in the database: not removing them. A crash "
+                "leaves a few; this many means this database is not the one that provisioned them (a restored "
+                "backup, another data dir?). Start the bridge on the fleet's database.",
+                len(candidates),
+                len(known),
+            )
+            return 0
         removed = 0
         for start in range(0, len(candidates), SWEEP_BATCH):
             if self._stop.is_set():

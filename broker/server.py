@@ -24,9 +24,8 @@ client's PUBLISH only after the PUBLISH ACL allowed it (`_handle_message_deliver
 What an in-process subscriber publishes (`publish_in_process`) takes amqtt's broadcast path, so
 every receiving session is still checked against the RECEIVE ACL.
 
-And a bound on packets: stock amqtt reads a packet of any announced size (up to 256 MB) into memory,
-before authentication for a CONNECT and before the ACL check for a PUBLISH. Here a read larger than
-`max_packet_bytes` closes the connection instead.
+And a bound on packets (`broker.framing`): a packet longer than `max_packet_bytes` aborts its
+connection before amqtt reads any of it; stock amqtt has no bound.
 
 And backpressure: an in-process subscriber may ask the broker to read no more from the publisher for
 a while (a client beyond its flood limit). amqtt has one event loop for every connection, so a client
@@ -35,22 +34,20 @@ else's messages would queue behind its refusals; paused, its next packets wait i
 """
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import MQTTError, NoDataError
+from amqtt.errors import MQTTError
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
 from broker.acl import may_take_over, topic_matches
+from broker.framing import PacketReader
 from broker.plugin import GRANT_ATTRIBUTE, REFUSAL_ATTRIBUTE, grant_of
-
-logger = logging.getLogger(__name__)
 
 
 def bound_port(broker: Any) -> int:
@@ -61,37 +58,6 @@ def bound_port(broker: Any) -> int:
 # Called on the broker's event loop with a PUBLISH's topic and payload: it must not block. It returns
 # the seconds the broker should wait before reading the publisher's next packet (0: no pause).
 InProcessSubscriber = Callable[[str, bytes], float]
-
-
-class PausableReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
-    """A connection's reader that can be told to read nothing more until a given time, and that refuses
-    to read more than `max_bytes` at once (amqtt reads a packet's body in one read of its announced size).
-    """
-
-    def __init__(self, inner: ReaderAdapter, writer: Any, max_bytes: int | None) -> None:
-        self.inner = inner
-        self.writer = writer
-        self.max_bytes = max_bytes
-        self.resume_at = 0.0  # event-loop time
-
-    def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.resume_at = max(self.resume_at, loop.time() + seconds)
-
-    async def read(self, n: int = -1) -> bytes:
-        if self.max_bytes is not None and n > self.max_bytes:
-            # Closed, not skipped: the rest of the stream cannot be trusted. amqtt then sees the end of
-            # the stream (in its reader loop) or gives up the CONNECT (NoDataError, which it handles).
-            logger.warning("closing a connection that announced a packet of over %d bytes", self.max_bytes)
-            await self.writer.close()
-            raise NoDataError(f"packet over {self.max_bytes} bytes")
-        delay = self.resume_at - asyncio.get_running_loop().time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return bytes(await self.inner.read(n))
-
-    def feed_eof(self) -> None:
-        self.inner.feed_eof()
 
 
 class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
@@ -141,13 +107,18 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 if topic_matches(topic_filter, topic):
                     pause = deliver(topic, bytes(data))
                     handler = self._get_handler(session) if pause > 0 else None
-                    if handler is not None and isinstance(handler.reader, PausableReader):
+                    if handler is not None and isinstance(handler.reader, PacketReader):
                         handler.reader.pause(pause)
                     return
         await super()._broadcast_message(session, topic, data, force_qos)
 
-    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: Any) -> None:
-        await super()._client_connected(listener_name, PausableReader(reader, writer, self.max_packet_bytes), writer)
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        transport = writer.transport
+        assert isinstance(transport, asyncio.WriteTransport)  # a TCP (or TLS) stream's transport
+        framed = PacketReader(StreamReaderAdapter(reader), transport, self.max_packet_bytes)
+        await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

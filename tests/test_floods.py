@@ -5,6 +5,7 @@ assertions depend on counts, never on how fast the machine is. The flood tests p
 (latency, RSS) for docs/RELIABILITY.md section 6; they assert only on outcomes and structural bounds.
 """
 
+import asyncio
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from amqtt.adapters import StreamReaderAdapter
 
 from bridge import admin, keyfiles
 from bridge.config import Settings
@@ -24,6 +26,7 @@ from bridge.edge import BridgeCore
 from bridge.filelock import locked
 from bridge.provisioning import Provisioner
 from bridge.store import Store
+from broker.framing import PacketReader
 from device_sim.device import build_token_refresh
 from provwire import topics
 from provwire.errors import ErrorCode
@@ -343,21 +346,66 @@ def test_the_limiter_tracks_at_most_its_cap_of_keys_whatever_the_flood(tmp_path:
         store.close()
 
 
-def test_the_embedded_broker_closes_a_connection_announcing_a_packet_over_its_bound(bridge: Bridge) -> None:
-    """Stock amqtt reads a PUBLISH of any announced size (256 MB) into memory, before its ACL check."""
-    length, remaining = 100 * 1024 * 1024, b""
+def _remaining_length(length: int) -> bytes:
+    out = b""
     while True:
         length, digit = divmod(length, 128)
-        remaining += bytes([digit | (0x80 if length else 0)])
+        out += bytes([digit | (0x80 if length else 0)])
         if not length:
-            break
-    with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as s:
-        # An anonymous provisioning client, accepted, then announcing a 100 MB PUBLISH.
-        s.sendall(_packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + _mqtt_string(b"big-sender")))
+            return out
+
+
+def _oversized(kind: str) -> bytes:
+    """Packets over the default bound (20,480 bytes) that stock amqtt reads whole."""
+    if kind == "publish announcing 100 MB":  # read into memory in one piece, before the ACL check
+        return b"\x30" + _remaining_length(100 * 1024 * 1024) + _mqtt_string(b"x/y") + b"x" * 4096
+    if kind == "publish of 38 kB in two reads":  # a topic and a payload, each under the bound
+        return _packet(0x30, _mqtt_string(b"a/" + b"b" * 19_000) + b"x" * 19_000)
+    # 50,000 filters of 4 bytes, read as many small reads; its SUBACK costs amqtt quadratic time
+    return _packet(0x82, (1).to_bytes(2, "big") + (_mqtt_string(b"a") + b"\x00") * 50_000)
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    """What the broker sends before it closes the connection (aborted with data unread: a reset)."""
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@pytest.mark.parametrize("kind", ["publish announcing 100 MB", "publish of 38 kB in two reads", "subscribe of 200 kB"])
+def test_the_embedded_broker_closes_a_connection_announcing_a_packet_over_its_bound(bridge: Bridge, kind: str) -> None:
+    """Nothing of the packet is acted on, nor anything sent after it on that connection."""
+    with Device(bridge) as device:
+        smuggled = _packet(
+            0x30,
+            _mqtt_string(topics.claim_topic(bridge.prefix, device.client_id).encode())
+            + device.claim_payload(bridge.provision_key),
+        )
+        client_id = device.client_id.encode()
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=30) as s:
+        # An anonymous provisioning client, accepted, then the oversized packet, a claim and a PINGREQ.
+        s.sendall(_packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + _mqtt_string(client_id)))
         assert s.recv(4)[:1] == b"\x20"
-        s.sendall(b"\x30" + remaining + _mqtt_string(b"prov/v1/claim/big-sender") + b"x" * 4096)
-        assert s.recv(1) == b""  # closed by the broker, not waiting for 100 MB
+        s.sendall(_oversized(kind) + smuggled + _packet(0xC0, b""))
+        assert _until_closed(s) == b""  # closed by the broker: no SUBACK, no PINGRESP
     with Device(bridge) as device:  # the largest claim the bridge takes still passes the broker
         answer = json.loads(device.send(b'{"pad":"' + b"x" * (MAX_CLAIM_BYTES - 11) + b'"}'))
         assert answer["code"] == "validation_error"
         assert isinstance(device.claim(bridge.provision_key), ClaimOk)
+    assert bridge.store.count("devices") == 1  # the claim sent after the oversized packet was never read
+
+
+def test_a_shorter_pause_never_cuts_an_earlier_longer_one() -> None:
+    async def resume_times() -> tuple[float, float]:
+        reader = PacketReader(StreamReaderAdapter(asyncio.StreamReader()), None, None)  # type: ignore[arg-type]
+        reader.pause(10.0)
+        first = reader.resume_at
+        reader.pause(0.1)  # a later refusal whose client has a token sooner
+        return first, reader.resume_at
+
+    first, after = asyncio.run(resume_times())
+    assert after == first
