@@ -286,13 +286,17 @@ def _mqtt_string(value: bytes) -> bytes:
     return len(value).to_bytes(2, "big") + value
 
 
-def _packet(kind: int, body: bytes) -> bytes:
-    length, encoded = len(body), b""
+def _remaining_length(length: int) -> bytes:
+    out = b""
     while True:
         length, digit = divmod(length, 128)
-        encoded += bytes([digit | (0x80 if length else 0)])
+        out += bytes([digit | (0x80 if length else 0)])
         if not length:
-            return bytes([kind]) + encoded + body
+            return out
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + _remaining_length(len(body)) + body
 
 
 def _flood_from_fresh_client(port: int, topic_of: Any, per_client: int, payload: bytes) -> None:
@@ -344,15 +348,6 @@ def test_the_limiter_tracks_at_most_its_cap_of_keys_whatever_the_flood(tmp_path:
         assert store.count("events") <= events_before + settings.claims.rate_events_burst
     finally:
         store.close()
-
-
-def _remaining_length(length: int) -> bytes:
-    out = b""
-    while True:
-        length, digit = divmod(length, 128)
-        out += bytes([digit | (0x80 if length else 0)])
-        if not length:
-            return out
 
 
 def _oversized(kind: str) -> bytes:
