@@ -132,15 +132,21 @@ def serving(settings: Settings) -> Iterator[None]:
         assert not errors, errors
 
 
-@pytest.fixture
-def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
-    settings, first_key = initialised
+@contextmanager
+def serving_bridge(settings: Settings, first_key: str) -> Iterator[Bridge]:
+    """`serving`, with the handles tests use: a store on the same file, the keys, the first key."""
     with serving(settings):
         store = Store(settings.database_file)
         try:
             yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
         finally:
             store.close()
+
+
+@pytest.fixture
+def bridge(initialised: tuple[Settings, str]) -> Iterator[Bridge]:
+    with serving_bridge(*initialised) as running:
+        yield running
 
 
 class Device:

@@ -65,6 +65,7 @@ from device_sim.device import DeviceIdentity, build_claim, connect_with_token, o
 from provwire import topics
 from provwire.models import Credentials, to_json
 from tests.mosquitto import RunningMosquitto, config_toml, external_settings, mosquitto_for, run_cli, wait_for
+from tests.raw_mqtt import mqtt_string, packet
 from tests.test_mosquitto_jwt import require_plugin
 
 log = logging.getLogger("tests.faults")
@@ -387,10 +388,12 @@ def _credentials(settings: Settings, device: FleetDevice) -> Credentials:
 
 def connack(port: int, client_id: str, username: str, password: str) -> int:
     """A bare MQTT 3.1.1 CONNECT with a username and password: the broker's CONNACK return code (0 = accepted)."""
-    body = _utf8("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30) + _utf8(client_id) + _utf8(username)
-    body += _utf8(password)
+    body = (
+        mqtt_string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30) + mqtt_string(client_id) + mqtt_string(username)
+    )
+    body += mqtt_string(password)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(_packet(0x10, body))
+        sock.sendall(packet(0x10, body))
         reply = b""
         while len(reply) < 4:
             chunk = sock.recv(4 - len(reply))
@@ -398,7 +401,7 @@ def connack(port: int, client_id: str, username: str, password: str) -> int:
                 return -1  # closed without a CONNACK
             reply += chunk
         if reply[3] == 0:
-            sock.sendall(_packet(0xE0, b""))  # DISCONNECT
+            sock.sendall(packet(0xE0, b""))  # DISCONNECT
     assert reply[0] == 0x20, reply
     return reply[3]
 
@@ -911,40 +914,22 @@ def _nothing() -> Iterator[object]:
 # --- 5. slow consumers ------------------------------------------------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n // 128, n % 128
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _remaining_length(len(body)) + body
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
 def raw_connect(port: int, client_id: str, rcvbuf: int | None = None) -> socket.socket:
     """A bare MQTT 3.1.1 client: CONNECT (clean session, no keepalive), and nothing read back."""
     sock = socket.socket()
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: a tiny window
     sock.connect(("127.0.0.1", port))
-    sock.sendall(_packet(0x10, _utf8("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 0) + _utf8(client_id)))
+    sock.sendall(packet(0x10, mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 0) + mqtt_string(client_id)))
     return sock
 
 
 def raw_subscribe(sock: socket.socket, topic: str) -> None:
-    sock.sendall(_packet(0x82, struct.pack(">H", 1) + _utf8(topic) + bytes([1])))
+    sock.sendall(packet(0x82, struct.pack(">H", 1) + mqtt_string(topic) + bytes([1])))
 
 
 def raw_publish(sock: socket.socket, topic: str, payload: bytes) -> None:
-    sock.sendall(_packet(0x30, _utf8(topic) + payload))  # QoS 0: no PUBACK to read
+    sock.sendall(packet(0x30, mqtt_string(topic) + payload))  # QoS 0: no PUBACK to read
 
 
 @pytest.mark.parametrize("broker_mode", ["embedded", "mosquitto"])
@@ -992,7 +977,7 @@ def test_slow_and_vanishing_consumers_do_not_block_other_devices(
                 sock.settimeout(30)
                 assert sock.recv(4)[:1] == b"\x20"  # CONNACK: the broker took the session
                 raw_publish(sock, topics.claim_topic(prefix, vanished.lane_ids[device.lane]), device.payload)
-                sock.sendall(_packet(0xE0, b""))  # DISCONNECT, before any answer could arrive
+                sock.sendall(packet(0xE0, b""))  # DISCONNECT, before any answer could arrive
                 sock.close()
                 device.sends += 1
             with Fleet(port, prefix, key) as fleet:

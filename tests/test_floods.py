@@ -31,8 +31,9 @@ from device_sim.device import build_token_refresh
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk, to_json
-from tests.conftest import Bridge, Device, make_settings, serving
+from tests.conftest import Bridge, Device, make_settings, serving_bridge
 from tests.mosquitto import mosquitto_bridge, require_mosquitto, wait_for
+from tests.raw_mqtt import mqtt_string, packet, remaining_length
 
 SLOW = 0.01  # tokens per second: none comes back within a test
 
@@ -149,17 +150,12 @@ def test_token_refreshes_are_limited_per_device_id_and_per_client_id(bridge: Bri
 @pytest.fixture(params=["embedded", "mosquitto"])
 def either_bridge(initialised: tuple[Settings, str], request: pytest.FixtureRequest) -> Iterator[Bridge]:
     """The embedded broker with the in-process edge, or Mosquitto with the paho edge."""
-    settings, first_key = initialised
     if request.param == "embedded":
-        with serving(settings):
-            store = Store(settings.database_file)
-            try:
-                yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
-            finally:
-                store.close()
+        with serving_bridge(*initialised) as running:
+            yield running
     else:
         require_mosquitto()
-        with mosquitto_bridge(settings, first_key) as running:
+        with mosquitto_bridge(*initialised) as running:
             yield running
 
 
@@ -282,32 +278,15 @@ def _bridge_rss_kib() -> int:
     return _rss_kib(me) + sum(_rss_kib(pid) for pid in children)
 
 
-def _mqtt_string(value: bytes) -> bytes:
-    return len(value).to_bytes(2, "big") + value
-
-
-def _remaining_length(length: int) -> bytes:
-    out = b""
-    while True:
-        length, digit = divmod(length, 128)
-        out += bytes([digit | (0x80 if length else 0)])
-        if not length:
-            return out
-
-
-def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _remaining_length(len(body)) + body
-
-
 def _flood_from_fresh_client(port: int, topic_of: Any, per_client: int, payload: bytes) -> None:
     """A bare MQTT client that connects with a fresh id, publishes QoS 0 and leaves without reading answers."""
     client_id = f"flood-{uuid.uuid4().hex[:16]}"
-    connect = _packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + _mqtt_string(client_id.encode()))
-    publish = _packet(0x30, _mqtt_string(topic_of(client_id).encode()) + payload)
+    connect = packet(0x10, mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + mqtt_string(client_id.encode()))
+    publish = packet(0x30, mqtt_string(topic_of(client_id).encode()) + payload)
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(connect)
         assert s.recv(4)[:1] == b"\x20"  # CONNACK
-        s.sendall(publish * per_client + _packet(0xE0, b""))
+        s.sendall(publish * per_client + packet(0xE0, b""))
 
 
 @limits(rate_max_keys=100)
@@ -353,11 +332,11 @@ def test_the_limiter_tracks_at_most_its_cap_of_keys_whatever_the_flood(tmp_path:
 def _oversized(kind: str) -> bytes:
     """Packets over the default bound (20,480 bytes) that stock amqtt reads whole."""
     if kind == "publish announcing 100 MB":  # read into memory in one piece, before the ACL check
-        return b"\x30" + _remaining_length(100 * 1024 * 1024) + _mqtt_string(b"x/y") + b"x" * 4096
+        return b"\x30" + remaining_length(100 * 1024 * 1024) + mqtt_string(b"x/y") + b"x" * 4096
     if kind == "publish of 38 kB in two reads":  # a topic and a payload, each under the bound
-        return _packet(0x30, _mqtt_string(b"a/" + b"b" * 19_000) + b"x" * 19_000)
+        return packet(0x30, mqtt_string(b"a/" + b"b" * 19_000) + b"x" * 19_000)
     # 50,000 filters of 4 bytes, read as many small reads; its SUBACK costs amqtt quadratic time
-    return _packet(0x82, (1).to_bytes(2, "big") + (_mqtt_string(b"a") + b"\x00") * 50_000)
+    return packet(0x82, (1).to_bytes(2, "big") + (mqtt_string(b"a") + b"\x00") * 50_000)
 
 
 def _until_closed(s: socket.socket) -> bytes:
@@ -375,17 +354,17 @@ def _until_closed(s: socket.socket) -> bytes:
 def test_the_embedded_broker_closes_a_connection_announcing_a_packet_over_its_bound(bridge: Bridge, kind: str) -> None:
     """Nothing of the packet is acted on, nor anything sent after it on that connection."""
     with Device(bridge) as device:
-        smuggled = _packet(
+        smuggled = packet(
             0x30,
-            _mqtt_string(topics.claim_topic(bridge.prefix, device.client_id).encode())
+            mqtt_string(topics.claim_topic(bridge.prefix, device.client_id).encode())
             + device.claim_payload(bridge.provision_key),
         )
         client_id = device.client_id.encode()
     with socket.create_connection(("127.0.0.1", bridge.port), timeout=30) as s:
         # An anonymous provisioning client, accepted, then the oversized packet, a claim and a PINGREQ.
-        s.sendall(_packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + _mqtt_string(client_id)))
+        s.sendall(packet(0x10, mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + mqtt_string(client_id)))
         assert s.recv(4)[:1] == b"\x20"
-        s.sendall(_oversized(kind) + smuggled + _packet(0xC0, b""))
+        s.sendall(_oversized(kind) + smuggled + packet(0xC0, b""))
         assert _until_closed(s) == b""  # closed by the broker: no SUBACK, no PINGRESP
     with Device(bridge) as device:  # the largest claim the bridge takes still passes the broker
         answer = json.loads(device.send(b'{"pad":"' + b"x" * (MAX_CLAIM_BYTES - 11) + b'"}'))

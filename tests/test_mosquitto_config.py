@@ -38,6 +38,7 @@ from tests.mosquitto import (
     serving,
     wait_for,
 )
+from tests.raw_mqtt import remaining_length
 
 PREFIXES = ["prov/v1", "acme/provisioning/v2"]
 
@@ -230,15 +231,6 @@ def client_events(store: Store, client_id: str) -> list[dict[str, object]]:
     return [e for e in store.events(limit=1000) if e.get("client_id") == client_id]
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def test_mosquitto_disconnects_a_client_whose_packet_is_over_the_bound(initialised: tuple[Settings, str]) -> None:
     """`max_packet_size` in the generated mosquitto.conf: a claim of the largest valid size on the longest
     client id passes (3.1.1, and MQTT 5 with a Response Topic and 1 KiB of Correlation Data); a larger
@@ -283,7 +275,7 @@ def test_mosquitto_disconnects_a_client_whose_packet_is_over_the_bound(initialis
 
         # Before CONNECT: a header announcing a 100 MB CONNECT is refused at once, not buffered.
         with socket.create_connection(("127.0.0.1", bridge.port), timeout=TIMEOUT) as sock:
-            sock.sendall(b"\x10" + varint(100_000_000) + b"\x00\x04MQTT")
+            sock.sendall(b"\x10" + remaining_length(100_000_000) + b"\x00\x04MQTT")
             try:
                 assert sock.recv(1) == b"", "Mosquitto answered instead of closing"
             except ConnectionResetError:

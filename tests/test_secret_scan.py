@@ -23,7 +23,7 @@ from bridge.tokens import mint_token
 from provwire import crypto
 from provwire.models import ClaimOk
 from tests import secret_scan
-from tests.conftest import Bridge, Device, make_settings, serving
+from tests.conftest import Bridge, Device, make_settings, serving_bridge
 
 
 @pytest.fixture
@@ -44,13 +44,8 @@ def planted(scratch: Path) -> tuple[Settings, str]:
 @pytest.fixture
 def live(planted: tuple[Settings, str]) -> Iterator[Bridge]:
     """The bridge serving the scratch dir's data dir."""
-    settings, key = planted
-    with serving(settings):
-        store = Store(settings.database_file)
-        try:
-            yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), key)
-        finally:
-            store.close()
+    with serving_bridge(*planted) as running:
+        yield running
 
 
 def kinds(report: secret_scan.Report) -> dict[str, set[str]]:
