@@ -5,9 +5,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from bridge import keyfiles, secrets
+from bridge import hardware_pattern, keyfiles, secrets
 from bridge.config import Settings
-from bridge.errors import NotFound, UsageError
+from bridge.errors import AlreadyExists, NotFound, UsageError
 from bridge.store import ProvisionKey, Store
 
 OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -95,11 +95,10 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
         raise UsageError("max registrations must be at least 1 (leave it out for unlimited)")
     if spec.expires_at is not None and spec.expires_at <= now:
         raise UsageError("expiry must be in the future")
+    if spec.human_code:
+        _check_code_spec(spec, settings.claims.code_ttl_seconds, now)
     if spec.hardware_id_pattern is not None:
-        try:
-            re.compile(spec.hardware_id_pattern)
-        except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296} overflows, deep nesting recurses
-            raise UsageError(f"hardware id pattern is not a valid regular expression: {exc}") from exc
+        hardware_pattern.compile_pattern(spec.hardware_id_pattern)  # InvalidPattern says why RE2 refuses it
     tenant_id = store.tenant_id(spec.tenant)
     expires_at, max_registrations = spec.expires_at, spec.max_registrations
     if spec.human_code:
@@ -131,6 +130,21 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
     return key, raw
 
 
+def _check_code_spec(spec: KeySpec, code_ttl_seconds: int, now: int) -> None:
+    """Short codes are guessable at scale: always one-time and short-lived, so options that say otherwise are
+    refused rather than silently overridden."""
+    if spec.max_registrations not in (None, 1):
+        raise UsageError(
+            f"a human code is always one-time: it cannot allow {spec.max_registrations} registrations"
+            " (use a pk_ key for several devices)"
+        )
+    if spec.expires_at is not None and spec.expires_at > now + code_ttl_seconds:
+        raise UsageError(
+            f"a human code lives at most {code_ttl_seconds} s (claims.code_ttl_seconds): give a shorter expiry,"
+            " or use a pk_ key for a longer one"
+        )
+
+
 def create_ops_user(settings: Settings, name: str) -> str:
     """A read-only broker account for events and status; returns its password, which is never stored."""
     reserved = {"provision", settings.broker.username}
@@ -138,7 +152,7 @@ def create_ops_user(settings: Settings, name: str) -> str:
         raise UsageError("ops user name must be 1-64 of A-Z a-z 0-9 . _ -, not 'provision', the bridge's, or dev_*")
     users = keyfiles.read_ops_users(settings.data_dir)
     if name in users:
-        raise UsageError(f"ops user {name!r} already exists (delete it first to reset its password)")
+        raise AlreadyExists(f"ops user {name!r} already exists (delete it first to reset its password)")
     password = secrets.new_ops_password()
     users[name] = hashlib.sha256(password.encode("utf-8")).hexdigest()
     keyfiles.write_ops_users(settings.data_dir, users)

@@ -1,7 +1,8 @@
 """The claim-worker process of the embedded broker, and the frames it exchanges with the broker's process.
 
-`python -m bridge.claimworker FD`: FD is one end of a socket pair whose other end the broker's event
-loop holds (`bridge.inprocess`). The worker reads the settings, builds the claim handlers (SQLite,
+`python -m bridge.claimworker FD PARENT_PID`: FD is one end of a socket pair whose other end the
+broker's event loop holds (`bridge.inprocess`), PARENT_PID the pid of that process. The worker ties
+its life to its parent's (`bridge.lifeline`), reads the settings, builds the claim handlers (SQLite,
 keys), says it is ready, then answers one message at a time, in order, until the socket closes.
 
 Why a process: the handlers are blocking (SQLite, crypto) and amqtt is CPU-bound Python. On threads
@@ -32,7 +33,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from bridge import logs
+from bridge import lifeline, logs
 from bridge.config import Settings
 from bridge.edge import BridgeCore, Publish, claim_handlers
 from bridge.store import Store
@@ -190,6 +191,9 @@ def serve_claims(channel: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # First: a worker busy in a long step would never read the end of its socket if the broker's
+    # process were killed; the kernel kills it instead.
+    lifeline.die_with_parent(int(argv[1]))
     # The broker's process decides when to stop (it closes the socket); Ctrl-C reaches it, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve_claims(socket.socket(fileno=int(argv[0])))

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridge import cli_admin, cli_keys, cli_ops, cli_run, cli_tls, doctor, logs
-from bridge.cli_common import add_command, emit
+from bridge.cli_common import add_command, emit, reader_gone
 from bridge.config import load_settings
-from bridge.errors import ProvbridgeError
+from bridge.errors import ProvbridgeError, UsageError
 
 EPILOG = """\
 quick start:
@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 failed (the reason on stderr), 2 bad arguments, 141 the reader of stdout went away."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not in a warning at interpreter exit
+    except BrokenPipeError:
+        return reader_gone()
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     unreadable = _unreadable_argument(argv)
     if unreadable is not None:
@@ -95,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings.model_copy(update={"data_dir": args.data_dir})
         logs.configure(settings.log_level, settings.log_format)
         args.func(args, settings)
+    except UsageError as exc:
+        print(f"provbridge: error: {exc}", file=sys.stderr)
+        return 2  # like argparse's own usage errors
     except ProvbridgeError as exc:
         print(f"provbridge: error: {exc}", file=sys.stderr)
         return 1

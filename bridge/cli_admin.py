@@ -194,7 +194,12 @@ def add_commands(commands: Any) -> None:
     create.add_argument("--tenant", default="default", help="tenant name (default: default)")
     create.add_argument("--name", required=True, help="a name for people, e.g. the production line")
     create.add_argument("--profile", default="default", help="topic profile from the config (default: default)")
-    create.add_argument("--hardware-id-pattern", metavar="REGEX", help="hardware ids must fully match this")
+    create.add_argument(
+        "--hardware-id-pattern",
+        metavar="REGEX",
+        help="hardware ids must fully match this RE2 regular expression (matched in linear time; no backreferences"
+        " or look-around)",
+    )
     create.add_argument("--expires-in", metavar="DURATION", help="e.g. 12h, 30d")
     create.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
     limit = create.add_mutually_exclusive_group()
@@ -213,7 +218,8 @@ def add_commands(commands: Any) -> None:
     create.add_argument(
         "--code",
         action="store_true",
-        help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (default TTL 24h)",
+        help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (valid 24h, claims.code_ttl_seconds;"
+        " --expires-in may shorten it, not lengthen it)",
     )
     add_command(key, "list", cmd_key_list, "list provisioning keys").add_argument("--tenant")
     add_command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument("key_id")

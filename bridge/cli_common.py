@@ -1,11 +1,16 @@
 """What the `provbridge` command modules share: declaring a subcommand, a count argument, printing results."""
 
 import argparse
+import io
 import json
+import os
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+# What a shell reports for a command killed by SIGPIPE (128 + 13), as `yes | head -1` does.
+EXIT_READER_GONE = 141
 # What SQLite stores: larger numbers would fail there with a traceback, not a reason.
 MAX_COUNT = 2**31 - 1
 
@@ -50,3 +55,17 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def reader_gone() -> int:
+    """Stop quietly when the reader of stdout went away (`provbridge device list | head -1`).
+
+    Python would try to flush the dead pipe once more at exit and print a warning: point stdout at
+    /dev/null first. Returns the exit code, EXIT_READER_GONE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (a test's StringIO)
+        pass
+    return EXIT_READER_GONE

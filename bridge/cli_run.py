@@ -10,7 +10,7 @@ from bridge import admin, keyfiles, tls
 from bridge.cli_common import add_command, emit
 from bridge.cli_tls import tls_text
 from bridge.config import Settings
-from bridge.errors import UsageError
+from bridge.errors import NotInitialised, UsageError
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> None:
@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     from bridge.serve import serve
 
     if not keyfiles.is_initialised(settings.data_dir):
-        raise UsageError(f"{settings.data_dir} is not initialised: run `provbridge init` first")
+        raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     processes = settings.claims.processes if args.processes is None else args.processes
     if processes < 1:
         raise UsageError("--processes must be at least 1")
@@ -57,7 +57,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> None:
     from broker.embedded import run_broker_forever
 
     if not keyfiles.is_initialised(settings.data_dir):
-        raise UsageError(f"{settings.data_dir} is not initialised: run `provbridge init` first")
+        raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     run_broker_forever(embedded_broker_settings(settings))
 
 

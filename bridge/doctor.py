@@ -12,6 +12,8 @@ creates no other file, so it is safe next to a running bridge.
     active keys   the active cloud and token keys load; jwks.json and cloud_public.pem match them
     database      `PRAGMA integrity_check` is ok and the bridge's tables are there
     references    every device's cloud key is on disk; every profile keys and devices use is configured
+    patterns      every active key's hardware-id pattern runs in RE2; one written for Python's `re` (before
+                  RE2) is not read otherwise by RE2, as far as its devices and a few built examples show
     broker        a TCP connection (and TLS handshake when the bridge uses TLS) to where the bridge connects
     broker tls    the TLS listener devices are told about, with the CA devices pin
     clock         the system clock is not before the newest record in the database or key directory
@@ -32,9 +34,9 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge import keyfiles, tls
+from bridge import hardware_pattern, keyfiles, tls
 from bridge.config import DEFAULT_CONFIG_FILE, Settings, load_settings
-from bridge.errors import ConfigError, NotInitialised, ProvbridgeError
+from bridge.errors import ConfigError, InvalidPattern, NotInitialised, ProvbridgeError
 from bridge.keyfiles import KeyRing
 from bridge.mosquitto_files import ops_hashes_file
 from bridge.tokens import fill_scope
@@ -46,6 +48,18 @@ Status = Literal["ok", "fail", "skipped"]
 CONNECT_TIMEOUT_SECONDS = 3.0
 # File systems stamp mtimes from a coarse clock; a record a moment "ahead" of time.time() is no finding.
 CLOCK_TOLERANCE_SECONDS = 5
+CHECKS = (
+    "config",
+    "data dir",
+    "key files",
+    "active keys",
+    "database",
+    "references",
+    "patterns",
+    "broker",
+    "broker tls",
+    "clock",
+)
 BRIDGE_TABLES = ("tenants", "provision_keys", "devices", "answers", "events", "refresh_requests")
 _SAMPLE_DEVICE_ID = "dev_" + "a" * 26  # to fill `{device_id}` when checking profiles
 
@@ -127,7 +141,7 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
         return f"{_config_source(config_file)}; profiles {', '.join(sorted(r.settings.profiles))}"
 
     if not r.run("config", config):
-        for name in ("data dir", "key files", "active keys", "database", "references", "broker", "broker tls", "clock"):
+        for name in CHECKS[1:]:
             r.run(name, lambda: "", blocked_by="the configuration does not load")
         return Report(r.checks)
     settings = r.settings
@@ -145,6 +159,11 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
     database_ok = r.run("database", lambda: check_database(settings.database_file), not_init)
     blocked = not_init or (None if keys_ok and database_ok else "needs the active keys and the database")
     r.run("references", lambda: check_references(settings, r.ring), blocked)
+    r.run(
+        "patterns",
+        lambda: check_patterns(settings.database_file),
+        not_init or (None if database_ok else "needs the database"),
+    )
     endpoint = tls.bridge_endpoint(settings)
     r.run("broker", lambda: check_listener(endpoint.host, endpoint.port, endpoint.tls, endpoint.ca_file))
     r.run("broker tls", lambda: check_tls_listener(settings), _tls_not_separate(settings))
@@ -327,6 +346,45 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
     if problems:
         raise Problem("; ".join(problems))
     return f"{len(cloud_kids)} cloud key(s) in use, all on disk; every profile in use is configured"
+
+
+def check_patterns(database: Path) -> str:
+    with _read_only(database) as db:
+        columns = {str(row[1]) for row in db.execute("PRAGMA table_info(provision_keys)")}
+        # No column: a database no bridge of this version has opened yet, so every pattern predates RE2.
+        syntax = "pattern_syntax" if "pattern_syntax" in columns else "NULL"
+        keys = db.execute(
+            f"SELECT id, name, hardware_id_pattern, {syntax} FROM provision_keys"
+            " WHERE status = 'active' AND hardware_id_pattern IS NOT NULL ORDER BY created_at"
+        ).fetchall()
+        problems: list[str] = []
+        for key_id, name, pattern, written_for in keys:
+            if written_for == "re2":
+                found = hardware_pattern.differences(pattern)[:1] if _refused(pattern) else []
+            else:
+                ids = (str(row[0]) for row in db.execute("SELECT hardware_id FROM devices WHERE key_id = ?", (key_id,)))
+                found = hardware_pattern.differences(pattern, ids)
+            if found:
+                problems.append(f"key {key_id} ({name}), pattern {pattern!r}: {'; '.join(found)}")
+    if problems:
+        raise Problem(
+            "hardware-id patterns are matched by RE2 (linear time; before, by Python's re), and RE2 does not match"
+            f" these as they were meant: {' | '.join(problems)}: create a key whose pattern says the same in RE2"
+            " syntax (docs/SECURITY.md), then revoke the old one (until then its claims are matched by RE2 as shown,"
+            " or refused when RE2 cannot run the pattern)"
+        )
+    legacy = sum(1 for key in keys if key[3] != "re2")
+    return (
+        f"{len(keys)} active key(s) with a hardware-id pattern, all run by RE2 as meant ({legacy} written before RE2)"
+    )
+
+
+def _refused(pattern: str) -> bool:
+    try:
+        hardware_pattern.compile_pattern(pattern)
+    except InvalidPattern:
+        return True
+    return False
 
 
 def check_listener(host: str, port: int, use_tls: bool, ca_file: Path | None) -> str:

@@ -2,7 +2,16 @@
 
 from provwire.errors import ProvbridgeError
 
-__all__ = ["ConfigError", "NotFound", "NotInitialised", "ProvbridgeError", "StorageError", "UsageError"]
+__all__ = [
+    "AlreadyExists",
+    "ConfigError",
+    "InvalidPattern",
+    "NotFound",
+    "NotInitialised",
+    "ProvbridgeError",
+    "StorageError",
+    "UsageError",
+]
 
 
 class ConfigError(ProvbridgeError):
@@ -18,7 +27,15 @@ class NotFound(ProvbridgeError):
 
 
 class UsageError(ProvbridgeError):
-    """An admin command was given arguments that cannot work."""
+    """An admin command was given arguments that cannot work: contradictory, out of range, malformed (exit 2)."""
+
+
+class AlreadyExists(ProvbridgeError):
+    """A tenant or ops user of that name exists already."""
+
+
+class InvalidPattern(UsageError):
+    """A hardware-id pattern the linear-time engine (RE2) cannot run (bridge/hardware_pattern.py)."""
 
 
 class StorageError(ProvbridgeError):

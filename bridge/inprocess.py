@@ -12,11 +12,15 @@ On the wire nothing changes: answers and events reach subscribers as the paho br
 non-retained publishes did, the status is retained, `rate_limited` answers the claims beyond
 `claims.max_in_flight`. A message handed to the worker stays here until its answer is back; if the
 worker dies it is restarted and given them again (a claim's replay then returns its stored answer).
+
+The worker never outlives this process: it dies with it however it ends (`bridge.lifeline`), and
+`stop` gives it `STOP_GRACE_SECONDS` to answer its claims and exit, then kills it.
 """
 
 import asyncio
 import itertools
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -44,7 +48,9 @@ log = logging.getLogger("provbridge.service")
 
 WORKER_START_TIMEOUT_SECONDS = 60.0
 WORKER_RESTART_DELAY_SECONDS = 1.0
-STOP_TIMEOUT_SECONDS = 10.0
+# From `stop` to the worker gone: its claims answered, then its exit; a worker still there is killed.
+# As long as SQLite's busy timeout (bridge.store), so a claim waiting on a busy database still gets its answer.
+STOP_GRACE_SECONDS = 10.0
 
 
 class WorkerError(ProvbridgeError):
@@ -90,6 +96,7 @@ class InProcessBridge:
         self._worker: _Worker | None = None
         self._restarting: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_deadline: float | None = None  # the end of stop's grace period, on the loop's clock
         self._drained = asyncio.Event()
 
     @property
@@ -99,13 +106,23 @@ class InProcessBridge:
 
     async def start(self) -> None:
         """Start the claim worker, then take claims and say online. On the broker's event loop."""
-        self._worker = await self._spawn()
-        self.broker.subscribe_in_process(self.core.filters, self._on_message)
-        await self._retain(self.core.status(online=True))
+        worker = self._worker = await self._spawn()
+        try:
+            self.broker.subscribe_in_process(self.core.filters, self._on_message)
+            await self._retain(self.core.status(online=True))
+        except BaseException:  # no worker may outlive a start that did not finish
+            self._stopping = True
+            self._worker = None  # first: its end must not look like a crash to restart from
+            await self._end(worker)
+            raise
 
     async def stop(self) -> None:
-        """Stop taking claims, let the worker answer those it has, stop it, say offline."""
+        """Stop taking claims, let the worker answer those it has, stop it, say offline.
+
+        The worker is gone within `STOP_GRACE_SECONDS`: one still busy then is killed and reaped.
+        """
         self._stopping = True
+        self._stop_deadline = asyncio.get_running_loop().time() + STOP_GRACE_SECONDS
         self.broker.unsubscribe_in_process()
         if self._restarting is not None:  # no worker now: what it would answer stays unanswered
             self._restarting.cancel()
@@ -113,7 +130,7 @@ class InProcessBridge:
         if self._pending and self._worker is not None:
             self._drained.clear()
             try:
-                await asyncio.wait_for(self._drained.wait(), STOP_TIMEOUT_SECONDS)
+                await asyncio.wait_for(self._drained.wait(), self._grace())
             except TimeoutError:
                 log.warning("stopping with %d claims unanswered", len(self._pending))
         if self._worker is not None:
@@ -126,11 +143,16 @@ class InProcessBridge:
     async def _spawn(self) -> _Worker:
         """A started claim worker that said it is ready."""
         ours, theirs = socket.socketpair()
+        # Started on the broker's event loop, restarts too (tasks on it, never an executor thread): in
+        # `provbridge serve` the main thread, which lasts as long as the process. The worker's parent-death
+        # signal fires when the thread that started it ends (bridge.lifeline).
         with theirs:
             process = subprocess.Popen(
-                [sys.executable, "-m", "bridge.claimworker", str(theirs.fileno())],
+                [sys.executable, "-m", "bridge.claimworker", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),),
-                start_new_session=True,  # Ctrl-C reaches the broker's process, which stops the worker
+                # Ctrl-C reaches the broker's process, which stops the worker, and not the worker still
+                # starting, before it ignores SIGINT. Its life is tied to ours by its parent-death signal.
+                start_new_session=True,
             )
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
@@ -147,13 +169,23 @@ class InProcessBridge:
         log.info("claim worker running (pid %d)", process.pid)
         return worker
 
+    def _grace(self) -> float:
+        """How long a worker may take to stop: `STOP_GRACE_SECONDS`, or what is left of them once stopping."""
+        if self._stop_deadline is None:
+            return STOP_GRACE_SECONDS
+        return max(0.0, self._stop_deadline - asyncio.get_running_loop().time())
+
     async def _end(self, worker: _Worker) -> None:
+        """Ask the worker to stop, give it its grace period, then kill it; reaped either way."""
         worker.transport.close()  # the worker reads the end of its input and exits
         try:
-            await asyncio.to_thread(worker.process.wait, STOP_TIMEOUT_SECONDS)
+            await asyncio.to_thread(worker.process.wait, self._grace())
         except subprocess.TimeoutExpired:
-            worker.process.kill()
-            await asyncio.to_thread(worker.process.wait)
+            log.warning("the claim worker (pid %d) did not stop in time; killing it", worker.process.pid)
+        finally:
+            if worker.process.poll() is None:  # not stopped in time, or this wait was cancelled (stop)
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.wait)
 
     def worker_lost(self, protocol: _WorkerProtocol) -> None:
         if self._worker is None or self._worker.protocol is not protocol:

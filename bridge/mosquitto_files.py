@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bridge import dynsec, keyfiles, tls
 from bridge.config import Settings
-from bridge.errors import ConfigError, UsageError
+from bridge.errors import ConfigError, NotInitialised
 from bridge.mirror import MirrorError
 from broker import mosquitto_conf as mc
 from broker import mosquitto_jwt
@@ -164,7 +164,7 @@ def write_mosquitto_config(
     rewrites dynamic-security.json from memory on every change.
     """
     if not keyfiles.is_initialised(settings.data_dir):
-        raise UsageError(f"{settings.data_dir} is not initialised: run `provbridge init` first")
+        raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     outdir = outdir.absolute()
     outdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     seen_dir = (broker_dir or str(outdir)).rstrip("/") or "/"

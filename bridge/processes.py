@@ -8,9 +8,11 @@ IMMEDIATE transactions keep every claim atomic across processes as they do acros
 
 This parent process only supervises: it restarts a process that exits (Mosquitto keeps queueing a
 shared subscription's share for a disconnected member, so a dead process must come back, and then
-answers what waited for it), and on SIGINT/SIGTERM it stops them all. A process whose parent dies
-stops itself. The retained status is process 0's (`Shard.owns_status`): while process 0 restarts it
-says offline; while another one restarts, the claims handed to it wait until it is back.
+answers what waited for it), and on SIGINT/SIGTERM it stops them all (SIGTERM, then SIGKILL after
+`STOP_TIMEOUT_SECONDS`). If this process dies, whatever kills it, the kernel kills them with it
+(`bridge.lifeline`): what they had not answered waits in their broker sessions, as after any crash.
+The retained status is process 0's (`Shard.owns_status`): while process 0 restarts it says offline;
+while another one restarts, the claims handed to it wait until it is back.
 """
 
 import asyncio
@@ -24,7 +26,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from bridge import logs, tls
+from bridge import lifeline, logs, tls
 from bridge.config import Settings
 from bridge.serve import serve
 from bridge.sessions import Shard, check_processes
@@ -33,6 +35,8 @@ log = logging.getLogger("provbridge.processes")
 
 RESTART_DELAY_SECONDS = 1.0
 MAX_RESTART_DELAY_SECONDS = 30.0
+# A bridge asked to stop has this long before it is killed: its own stop takes up to 10 s for its claims
+# (BridgeService.stop) and 2 s for the offline status.
 STOP_TIMEOUT_SECONDS = 20.0
 
 
@@ -79,8 +83,10 @@ class _Supervisor:
             self._start(index)
 
     def _start(self, index: int) -> None:
+        # Always on the main thread (`run_processes`, restarts included), which lasts as long as this
+        # process: a child's parent-death signal fires when the thread that started it ends (bridge.lifeline).
         process = self._context.Process(
-            target=run_child, args=(self.settings, index, self.count), name=f"bridge-{index}", daemon=False
+            target=run_child, args=(self.settings, index, self.count, os.getpid()), name=f"bridge-{index}", daemon=False
         )
         process.start()
         self._running[index] = process
@@ -128,13 +134,16 @@ class _Supervisor:
         self._running.clear()
 
 
-def run_child(settings: Settings, index: int, count: int) -> None:
-    """A bridge process: `serve` as shard `index` of `count`, until SIGTERM or its parent is gone."""
+def run_child(settings: Settings, index: int, count: int, parent_pid: int) -> None:
+    """A bridge process: `serve` as shard `index` of `count`, until SIGTERM or its parent (`parent_pid`) is gone."""
+    armed = lifeline.die_with_parent(parent_pid)
     logs.configure(settings.log_level, settings.log_format)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ProcessTag(index))
     parent = multiprocessing.parent_process()
-    if parent is not None:
+    if not armed and parent is not None:
+        # No parent-death signal on this platform: a thread watches the parent instead (it cannot run
+        # while a long step holds the GIL, hence the signal where there is one).
         threading.Thread(target=_stop_with, args=(parent,), name="parent-watch", daemon=True).start()
     asyncio.run(serve(settings, shard=Shard(index, count)))
 

@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from bridge import logs, secrets
+from bridge import hardware_pattern, logs, secrets
 from bridge.config import Settings
 from bridge.credentials import device_key_of, issue_credentials, sealed_answer
-from bridge.errors import StorageError
+from bridge.errors import InvalidPattern, StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
 from bridge.ratelimit import FloodLimits, RateLimiter, Refusal, check
@@ -59,6 +59,7 @@ class Denial(StrEnum):
     KEY_EXPIRED = "key_expired"
     KEY_EXHAUSTED = "key_exhausted"
     HARDWARE_ID_MISMATCH = "hardware_id_mismatch"
+    HARDWARE_ID_PATTERN_INVALID = "hardware_id_pattern_invalid"  # stored before RE2, and RE2 cannot run it
     DEVICE_REVOKED = "device_revoked"
 
 
@@ -96,6 +97,10 @@ def _members(pairs: list[tuple[str, Any]]) -> _Members:
     return obj
 
 
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
+
+
 def _decode(payload: bytes) -> tuple[Any, bool]:
     """The payload with every object a `_Members` (None when it is not JSON), and whether any object
     had a member twice (so that the search for where is skipped for the usual claim)."""
@@ -108,9 +113,13 @@ def _decode(payload: bytes) -> tuple[Any, bool]:
         return obj
 
     try:
-        return json.loads(payload, object_pairs_hook=hook), bool(twice)
+        # parse_constant: Python's json (like pydantic's parser) reads NaN, Infinity and -Infinity; RFC 8259 does not.
+        return json.loads(payload, object_pairs_hook=hook, parse_constant=_not_json), bool(twice)
     except (ValueError, RecursionError):
         return None, False
+
+
+NOT_JSON = FieldError(field="", message="Invalid JSON: NaN, Infinity and -Infinity are not JSON numbers")
 
 
 def duplicate_members(document: Any) -> list[str]:
@@ -165,7 +174,12 @@ def parse_request(model: type[M], payload: bytes, max_bytes: int, what: str) -> 
         problems = exc.errors(include_url=False, include_input=False)
     # Not JSON (to the parser that decides) or not an object: no request_id can be trusted from it, even
     # one a more lenient parser would read (Python's json takes lone surrogates, a BOM, UTF-16).
-    document, twice = (None, False) if any(not e["loc"] for e in problems) else _decode(payload)
+    if any(not e["loc"] for e in problems):
+        document, twice = None, False
+    else:
+        document, twice = _decode(payload)
+        if document is None:  # pydantic read it and strict JSON does not: NaN or an infinity
+            return ClaimError(code=ErrorCode.VALIDATION_ERROR, message=f"{what} is not valid", errors=[NOT_JSON])
     duplicates = duplicate_members(document) if twice else []
     if parsed is not None and not duplicates:
         return parsed
@@ -187,8 +201,12 @@ def key_denial(key: ProvisionKey | None, hardware_id: str, now: float) -> Denial
         return Denial.KEY_REVOKED
     if key.expires_at is not None and now >= key.expires_at:
         return Denial.KEY_EXPIRED
-    if key.hardware_id_pattern and re.fullmatch(key.hardware_id_pattern, hardware_id) is None:
-        return Denial.HARDWARE_ID_MISMATCH
+    if key.hardware_id_pattern:
+        try:
+            if not hardware_pattern.fullmatch(key.hardware_id_pattern, hardware_id):
+                return Denial.HARDWARE_ID_MISMATCH
+        except InvalidPattern:  # fail closed: `provbridge doctor` names the key
+            return Denial.HARDWARE_ID_PATTERN_INVALID
     return None
 
 

@@ -3,7 +3,8 @@
     database      the device row becomes `revoked`: re-claims and token refreshes are refused
                   (permission_denied; reason `device_revoked` in the ops events)
     denylist      <data_dir>/denylist.json lists the device until every token it may hold has expired;
-                  the embedded broker refuses its CONNECT and each packet of a live session
+                  the embedded broker refuses its CONNECT and ends its live sessions within about a
+                  second (refusing their packets until then)
     external      Mosquitto ("dynsec" mode) cannot read the denylist: its side is the dynamic-security plugin
                   (below); in "jwt" mode its provbridge_jwt plugin reads it and ends the live session
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import NotFound, StorageError, UsageError
+from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.filelock import locked
 from provwire.models import rfc3339
 
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS provision_keys (
     reclaim_policy TEXT NOT NULL CHECK (reclaim_policy IN ('reject', 'rotate')),
     status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
     created_at INTEGER NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    pattern_syntax TEXT  -- 're2'; NULL: a pattern written for Python's re, before RE2 (doctor compares them)
 );
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
@@ -201,6 +202,18 @@ class Store:
             # It holds key hashes and device records: owner-only, like the key files beside it.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._connection().executescript(SCHEMA)  # idempotent; executescript commits on its own
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an earlier version up to SCHEMA (`CREATE ... IF NOT EXISTS` adds no column)."""
+        conn = self._connection()
+        columns = {row["name"] for row in conn.execute("PRAGMA table_info(provision_keys)")}
+        if "pattern_syntax" not in columns:
+            try:
+                conn.execute("ALTER TABLE provision_keys ADD COLUMN pattern_syntax TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -260,7 +273,7 @@ class Store:
     def create_tenant(self, tenant_id: str, name: str, now: int) -> None:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
-                raise UsageError(f"tenant {name!r} already exists")
+                raise AlreadyExists(f"tenant {name!r} already exists")
             db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, name, now))
 
     def tenants(self) -> list[dict[str, Any]]:
@@ -285,7 +298,7 @@ class Store:
             db.execute(
                 "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
                 " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
-                " reclaim_policy, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " reclaim_policy, status, created_at, pattern_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.id,
                     key.tenant_id,
@@ -302,6 +315,7 @@ class Store:
                     key.reclaim_policy,
                     "active",
                     key.created_at,
+                    None if key.hardware_id_pattern is None else "re2",
                 ),
             )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from broker.errors import BrokerConfigError, ConnectRefused
+from broker.errors import CONNACK_IDENTIFIER_REJECTED, BrokerConfigError, ConnectRefused
 from provwire.topics import (
     SHARED_PREFIX,
     claim_subscription,
@@ -150,7 +150,8 @@ def provisioning_grant(prefix: str, client_id: str) -> Grant:
     Every provisioning client is the same anonymous principal.
     """
     if not is_valid_client_id(client_id):
-        raise ConnectRefused("client id is not a valid provisioning client id")
+        # MQTT 3.1.1 [MQTT-3.1.3-9]: a client id the server does not allow gets "identifier rejected".
+        raise ConnectRefused("client id is not a valid provisioning client id", CONNACK_IDENTIFIER_REJECTED)
     own_response = response_topic(prefix, client_id)
     return Grant(
         role=Role.PROVISIONING,

@@ -91,6 +91,10 @@ class Authenticator:
             return False
         return self._denylist.denies(str(grant.claims.get("sub", "")), now)
 
+    def revoked_devices(self, now: float) -> list[str]:
+        """The devices the denylist refuses at `now`, whose live sessions the broker must end."""
+        return [] if self._denylist is None else self._denylist.denied(now)
+
     def authenticate(self, *, client_id: str, username: str | None, password: str | None) -> acl.Grant:
         """The grant of this CONNECT, or ConnectRefused saying why (never echoing a credential)."""
         s = self.settings

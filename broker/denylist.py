@@ -2,12 +2,14 @@
 
 A device token cannot be recalled, so `provbridge device revoke` (bridge/revocation.py) lists the
 device here until the latest moment any token it was given can expire. The broker refuses that
-device's CONNECT and every PUBLISH, SUBSCRIBE and delivery of a session it already has.
+device's CONNECT, ends the sessions it already has, and refuses their PUBLISH, SUBSCRIBE and
+deliveries until they are ended.
 
     <data_dir>/denylist.json   {"devices": {"dev_...": until (unix seconds)}}
 
 Written atomically (rename) by the bridge side, read here through a `WatchedFile`, so a revocation
-applies to live sessions at their next packet without a broker restart. Entries expire by themselves.
+applies without a broker restart: the broker ends the device's live sessions within about a second
+(`ProvbridgeBroker`, broker/server.py) and refuses their packets until then. Entries expire by themselves.
 """
 
 import json
@@ -42,7 +44,14 @@ class Denylist:
         self._entries: WatchedFile[dict[str, int]] = WatchedFile(path, parse_denylist, {})
 
     def denies(self, device_id: str, now: float) -> bool:
-        if not self.path.exists():  # not an error: WatchedFile would log it as one
-            return False
-        until = self._entries.get().get(device_id)
+        until = self._current().get(device_id)
         return until is not None and now < until
+
+    def denied(self, now: float) -> list[str]:
+        """Every device refused at `now`: those revoked within the token lifetime cap, usually few."""
+        return [device_id for device_id, until in self._current().items() if now < until]
+
+    def _current(self) -> dict[str, int]:
+        if not self.path.exists():  # not an error: WatchedFile would log it as one
+            return {}
+        return self._entries.get()

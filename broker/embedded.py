@@ -2,7 +2,8 @@
 
 One plain TCP listener, made TLS when a certificate and key are given, or a second TLS listener
 beside it when a `tls_port` is given too; no websockets, no `$SYS`, and `ProvbridgeAclPlugin` as the
-only plugin. amqtt speaks MQTT 3.1.1 only.
+only plugin. amqtt speaks MQTT 3.1.1 only: a CONNECT of MQTT 5 (or 3.1) gets the CONNACK `20 02 00 01`
+("unacceptable protocol version") and the connection is closed (broker/server.py).
 """
 
 import asyncio
@@ -20,7 +21,7 @@ from broker.acl import check_prefix
 from broker.auth import DEFAULT_AUDIENCE, DEFAULT_BRIDGE_USERNAME, DEFAULT_ISSUER, check_bridge_username
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.plugin import ProvbridgeAclPlugin
-from broker.server import ProvbridgeBroker
+from broker.server import DEFAULT_REVOCATION_CHECK_SECONDS, ProvbridgeBroker
 from provwire.topics import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,16 @@ class EmbeddedBrokerSettings:
     tls_port: int | None = None
     # The largest MQTT packet a client may send (else it is disconnected); amqtt itself has no bound.
     max_packet_bytes: int = 20_480
+    # How often the broker looks for live sessions of revoked devices (denylist.json) and ends them.
+    revocation_check_seconds: float = DEFAULT_REVOCATION_CHECK_SECONDS
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
         check_bridge_username(self.bridge_username)
         if not 0 <= self.port <= 65535:
             raise BrokerConfigError(f"port {self.port} is out of range")
+        if not self.revocation_check_seconds > 0:
+            raise BrokerConfigError(f"revocation_check_seconds must be positive, not {self.revocation_check_seconds}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise BrokerConfigError("TLS needs both a certificate file and a key file")
         if self.tls_port is not None:
@@ -115,7 +120,11 @@ async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeB
     """A started broker. Stop it with `stop_embedded_broker`."""
     quiet_amqtt_logging()
     try:
-        broker = ProvbridgeBroker(broker_config(settings), max_packet_bytes=settings.max_packet_bytes)
+        broker = ProvbridgeBroker(
+            broker_config(settings),
+            max_packet_bytes=settings.max_packet_bytes,
+            revocation_check_seconds=settings.revocation_check_seconds,
+        )
         await broker.start()
     except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
         raise BrokerStartError(f"cannot start the MQTT broker: {exc}") from exc

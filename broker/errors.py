@@ -7,12 +7,21 @@ class BrokerConfigError(ProvbridgeError, ValueError):
     """A broker setting is unusable: a bad prefix, port or TLS file pair."""
 
 
-class ConnectRefused(ProvbridgeError):
-    """A CONNECT must be refused. `reason` is safe to log: it never holds a password or token."""
+# MQTT 3.1.1 CONNACK return codes (section 3.2.2.3) the broker refuses a CONNECT with.
+CONNACK_IDENTIFIER_REJECTED = 0x02  # the client id itself is not allowed [MQTT-3.1.3-9]
+CONNACK_NOT_AUTHORIZED = 0x05  # everything else: credentials, roles, a revoked device
 
-    def __init__(self, reason: str) -> None:
+
+class ConnectRefused(ProvbridgeError):
+    """A CONNECT must be refused. `reason` is safe to log: it never holds a password or token.
+
+    `return_code` is the CONNACK return code the client is sent.
+    """
+
+    def __init__(self, reason: str, return_code: int = CONNACK_NOT_AUTHORIZED) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.return_code = return_code
 
 
 class BrokerStartError(ProvbridgeError):

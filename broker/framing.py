@@ -10,10 +10,16 @@ malformed packet: the connection is aborted too.
 
 Between packets the reader can be told to wait (`pause`): the broker's backpressure on a client
 beyond its flood limit. A pause never cuts a packet in two, and never shortens an earlier pause.
+
+The broker may also look at the next packet before amqtt parses it (`peek`): amqtt parses a CONNECT
+as MQTT 3.1.1 before it checks the protocol level, so an MQTT 5 CONNECT with properties makes it
+read garbage instead of refusing the version; `connect_protocol` tells the broker what a CONNECT
+asks for, so it can refuse the version first (broker/server.py).
 """
 
 import asyncio
 import logging
+import struct
 
 from amqtt.adapters import ReaderAdapter
 
@@ -21,6 +27,27 @@ logger = logging.getLogger(__name__)
 
 _CONTINUES = 0x80  # a remaining-length byte with this bit set is followed by another
 _MAX_LENGTH_BYTES = 4  # MQTT: the remaining length takes 1 to 4 bytes
+_CONNECT = 1  # the packet type in the first byte's high nibble
+
+
+def connect_protocol(packet: bytes) -> tuple[str, int] | None:
+    """The protocol name and level a whole CONNECT packet announces, or None if it is not a CONNECT
+    or too short to say. MQTT 3.1 sends ("MQIsdp", 3), 3.1.1 ("MQTT", 4), 5 ("MQTT", 5)."""
+    if not packet or packet[0] >> 4 != _CONNECT:
+        return None
+    # The fixed header: the type byte, then a remaining length of 1 to 4 bytes, all but its last with
+    # _CONTINUES set. `body` is where the variable header starts.
+    body = 2
+    while body <= _MAX_LENGTH_BYTES and body <= len(packet) and packet[body - 1] & _CONTINUES:
+        body += 1
+    if len(packet) < body + 2:
+        return None
+    (name_length,) = struct.unpack_from(">H", packet, body)
+    level_at = body + 2 + name_length
+    if len(packet) <= level_at:
+        return None
+    name = packet[body + 2 : level_at].decode("utf-8", errors="replace")
+    return name, packet[level_at]
 
 
 class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
@@ -49,6 +76,15 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         chunk = bytes(self._packet[:n])
         del self._packet[:n]
         return chunk
+
+    async def peek(self) -> bytes:
+        """The whole next packet, fixed header included, left for `read`; b"" if the stream ends first."""
+        if not self._packet and not self._aborted:
+            try:
+                await self._next_packet()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return b""  # amqtt's own read then meets the same end of stream
+        return bytes(self._packet)
 
     def feed_eof(self) -> None:
         self.inner.feed_eof()

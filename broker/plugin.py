@@ -43,6 +43,7 @@ from provwire.topics import DEFAULT_PREFIX
 
 GRANT_ATTRIBUTE = "provbridge.grant"
 REFUSAL_ATTRIBUTE = "provbridge.refusal"
+REFUSAL_CODE_ATTRIBUTE = "provbridge.refusal_code"  # the CONNACK return code of a refused CONNECT
 logger = logging.getLogger(__name__)
 
 
@@ -88,6 +89,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         # A resumed session object is reused by amqtt: never let an earlier grant survive a new CONNECT.
         session.attributes.pop(GRANT_ATTRIBUTE, None)
         session.attributes.pop(REFUSAL_ATTRIBUTE, None)
+        session.attributes.pop(REFUSAL_CODE_ATTRIBUTE, None)
         try:
             grant = self.authenticator.authenticate(
                 client_id=session.client_id or "", username=session.username, password=session.password
@@ -97,6 +99,7 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
                 raise ConnectRefused("will topic is not one this client may publish to")
         except ConnectRefused as exc:
             session.attributes[REFUSAL_ATTRIBUTE] = exc.reason
+            session.attributes[REFUSAL_CODE_ATTRIBUTE] = exc.return_code
             logger.debug("CONNECT refused for client id %r: %s", session.client_id, exc.reason)
             return False
         session.attributes[GRANT_ATTRIBUTE] = grant

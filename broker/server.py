@@ -16,6 +16,15 @@ Stock amqtt 0.12.1 (read `amqtt/broker.py`), and what this subclass changes:
    [MQTT-3.1.4-2] requires.
 4. Wills are published without a PUBLISH check. The plugin refuses a CONNECT whose will topic
    is not allowed; here the will is dropped if the grant no longer allows it at disconnect.
+5. Other MQTT versions. amqtt speaks MQTT 3.1.1 only, but parses a CONNECT as 3.1.1 before it
+   checks the protocol level: an MQTT 5 CONNECT carrying properties (most do) is misread and the
+   connection reset without a CONNACK. Here the level is read first, and a CONNECT of any other
+   MQTT version (3.1, 5) gets the MQTT 3.1.1 refusal [MQTT-3.1.2-2], exactly `20 02 00 01`
+   (CONNACK, return code 0x01 "unacceptable protocol version"), and the connection is closed.
+   paho-mqtt with MQTTv5 reports that as reason 0x84 "Unsupported Protocol Version".
+6. amqtt answers every CONNECT its plugin refuses with 0x05 "not authorized". Here a client id the
+   broker does not allow gets 0x02 "identifier rejected", as [MQTT-3.1.3-9] requires
+   (`ConnectRefused.return_code`).
 
 And one addition: in-process subscribers (`subscribe_in_process`), for a bridge that runs inside the
 broker's process without an MQTT connection of its own. amqtt calls `_broadcast_message` for a
@@ -31,9 +40,18 @@ And backpressure: an in-process subscriber may ask the broker to read no more fr
 a while (a client beyond its flood limit). amqtt has one event loop for every connection, so a client
 publishing back to back would otherwise take as much of it as the broker can give, and everyone
 else's messages would queue behind its refusals; paused, its next packets wait in its own TCP buffers.
+
+And revocation ends live sessions: every `revocation_check_seconds` the broker ends the connected
+sessions of the devices the denylist (broker/denylist.py) refuses, as Mosquitto does. A device session's
+client id is its device id, so this looks up each denied device, not each session: one `stat` of
+the denylist file and a few dictionary lookups a second, none of it on the claim path. Until its
+session is ended, the plugin refuses a revoked device's every PUBLISH, SUBSCRIBE and delivery.
 """
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,13 +59,25 @@ from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import MQTTError
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
-from broker.acl import may_take_over, topic_matches
-from broker.framing import PacketReader
-from broker.plugin import GRANT_ATTRIBUTE, REFUSAL_ATTRIBUTE, grant_of
+from broker.acl import Role, may_take_over, topic_matches
+from broker.auth import Authenticator
+from broker.errors import CONNACK_NOT_AUTHORIZED
+from broker.framing import PacketReader, connect_protocol
+from broker.plugin import GRANT_ATTRIBUTE, REFUSAL_ATTRIBUTE, REFUSAL_CODE_ATTRIBUTE, ProvbridgeAclPlugin, grant_of
+
+logger = logging.getLogger(__name__)
+
+MQTT_3_1_1_LEVEL = 4  # the one protocol level amqtt speaks
+MQTT_PROTOCOL_NAMES = ("MQTT", "MQIsdp")  # 3.1.1 and 5; 3.1
+# CONNACK, remaining length 2, no session present, return code 0x01 "unacceptable protocol version":
+# what an MQTT 3.1.1 server answers any other protocol level [MQTT-3.1.2-2].
+UNACCEPTABLE_PROTOCOL_VERSION_CONNACK = bytes([0x20, 0x02, 0x00, 0x01])
+DEFAULT_REVOCATION_CHECK_SECONDS = 1.0
 
 
 def bound_port(broker: Any) -> int:
@@ -60,15 +90,89 @@ def bound_port(broker: Any) -> int:
 InProcessSubscriber = Callable[[str, bytes], float]
 
 
+def unsupported_protocol(packet: bytes) -> int | None:
+    """The protocol level of a CONNECT for an MQTT version other than 3.1.1, else None.
+
+    A protocol name that is not MQTT's is left to amqtt, which closes the connection without a
+    CONNACK, as MQTT 3.1.1 allows [MQTT-3.1.2-1].
+    """
+    protocol = connect_protocol(packet)
+    if protocol is None or protocol[0] not in MQTT_PROTOCOL_NAMES or protocol[1] == MQTT_3_1_1_LEVEL:
+        return None
+    return protocol[1]
+
+
 class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
-    def __init__(self, *args: Any, max_packet_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_packet_bytes: int | None = None,
+        revocation_check_seconds: float = DEFAULT_REVOCATION_CHECK_SECONDS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_packet_bytes = max_packet_bytes
+        self.revocation_check_seconds = revocation_check_seconds
         self._in_process: list[tuple[str, InProcessSubscriber]] = []
+        self._revocation_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
         return bound_port(self)
+
+    # --- lifecycle: the revocation check runs while the broker does --------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        if self._authenticator() is not None:
+            self._revocation_task = asyncio.create_task(self._end_revoked_sessions_forever())
+
+    async def shutdown(self) -> None:
+        if self._revocation_task is not None:
+            self._revocation_task.cancel()
+            await asyncio.gather(self._revocation_task, return_exceptions=True)
+            self._revocation_task = None
+        await super().shutdown()
+
+    def _authenticator(self) -> Authenticator | None:
+        """The ACL plugin's authenticator (None for a configuration without it: then nothing is revoked)."""
+        plugins = self.plugins_manager.plugins
+        return next((p.authenticator for p in plugins if isinstance(p, ProvbridgeAclPlugin)), None)
+
+    # --- revocation ends live sessions -------------------------------------------------------
+
+    async def _end_revoked_sessions_forever(self) -> None:
+        while True:
+            try:
+                await self.end_revoked_sessions(time.time())
+            except Exception:  # a failed check must not stop the next ones
+                logger.exception("checking for revoked device sessions failed")
+            await asyncio.sleep(self.revocation_check_seconds)
+
+    async def end_revoked_sessions(self, now: float) -> int:
+        """Close the connection of every device session the denylist refuses at `now`; returns how many."""
+        authenticator = self._authenticator()
+        if authenticator is None:
+            return 0
+        ended = 0
+        for device_id in authenticator.revoked_devices(now):
+            # A device session's client id is its device id (broker/auth.py), so one lookup finds it.
+            session, handler = self._sessions.get(device_id, (None, None))
+            grant = None if session is None else grant_of(session)
+            if grant is None or grant.role is not Role.DEVICE or handler is None:
+                continue  # not connected, or an anonymous provisioning client using the id
+            if session.transitions.is_connected() and authenticator.is_revoked(grant, now):
+                logger.info("ending the session of %s: device is revoked", device_id)
+                await self._close_connection(handler)
+                ended += 1
+        return ended
+
+    @staticmethod
+    async def _close_connection(handler: Any) -> None:
+        """End a live session as a lost connection would: amqtt's client loop then cleans up after it
+        (the will is vetted again in `_handle_disconnect`), and the socket is closed."""
+        await handler.handle_connection_closed()
+        await handler.stop()
 
     # --- in-process subscribers ------------------------------------------------------------
 
@@ -123,6 +227,8 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[Any, Any]:
+        if isinstance(reader, PacketReader):
+            await self._refuse_other_protocol_versions(reader, writer)
         try:
             handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
@@ -133,11 +239,23 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         refusal = await self._admit(session)
         if refusal is not None:
             handler.attach(session, reader, writer)
-            await handler.mqtt_connack_authorize(False)
+            code = session.attributes.get(REFUSAL_CODE_ATTRIBUTE, CONNACK_NOT_AUTHORIZED)
+            await ConnackPacket.build(0, code).to_stream(writer)
             await writer.close()
             # amqtt's connection handler logs this once, as a warning, and releases the connection.
             raise MQTTError(f"CONNECT refused for client id {session.client_id!r}: {refusal}")
         return handler, await self._bind_session(session)
+
+    @staticmethod
+    async def _refuse_other_protocol_versions(reader: PacketReader, writer: Any) -> None:
+        """Answer a CONNECT of another MQTT version `20 02 00 01` and close, before amqtt misreads it."""
+        level = unsupported_protocol(await reader.peek())
+        if level is None:
+            return
+        with contextlib.suppress(ConnectionError):  # the client may be gone already: nothing to tell
+            writer.write(UNACCEPTABLE_PROTOCOL_VERSION_CONNACK)
+            await writer.close()  # drains first, so the CONNACK goes out before the FIN
+        raise MQTTError(f"MQTT protocol level {level} refused: this broker speaks MQTT 3.1.1 (level 4) only")
 
     async def _admit(self, session: Any) -> str | None:
         """Why this CONNECT is refused, or None. Touches no other session."""
@@ -153,8 +271,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         holder, holder_handler = self._sessions.get(session.client_id, (None, None))
         if session.clean_session:
             if holder is not None and holder.transitions.is_connected():
-                await holder_handler.handle_connection_closed()
-                await holder_handler.stop()
+                await self._close_connection(holder_handler)
             await self._delete_session(session.client_id)
             session.parent = 0
         elif holder is not None:

@@ -141,7 +141,7 @@ SCALARS = st.one_of(
     st.booleans(),
     st.integers(),
     st.integers(min_value=2**63 - 2, max_value=10**400) | st.integers(max_value=-(2**63)),
-    st.floats(),  # NaN and the infinities included: Python writes them, both parsers read them
+    st.floats(),  # NaN and the infinities included: Python writes them, but they are not JSON (RFC 8259)
     edge_text(),
 )
 JSON_VALUES = st.recursive(
@@ -165,6 +165,18 @@ NOT_STRINGS = st.one_of(
     st.dictionaries(edge_text(max_size=8), SCALARS, max_size=3),
 )
 NOT_OBJECTS = st.one_of(st.booleans(), st.integers(), st.floats(), edge_text(), st.lists(SCALARS, max_size=3))
+
+
+def with_non_json_number(good: bytes) -> st.SearchStrategy[bytes]:
+    """`good` (a JSON object) with NaN, Infinity or -Infinity as a member's value, top-level or nested: what
+    Python's json.dumps writes for such floats and lenient parsers read, but not JSON."""
+    literal = st.sampled_from([b"NaN", b"Infinity", b"-Infinity"])
+    name = edge_text(1, 12, surrogates=False).map(lambda n: json.dumps(n).encode())
+    member = st.one_of(
+        st.tuples(name, literal).map(lambda m: m[0] + b": " + m[1]),
+        literal.map(lambda lit: b'"hardware": {"cpu_cores": ' + lit + b"}"),  # where a number belongs
+    )
+    return member.map(lambda m: good[:-1] + b", " + m + b"}")
 
 
 def encode(value: Any, ascii_only: bool = True) -> bytes:
@@ -413,6 +425,7 @@ def hostile_claims(
                 st.integers(300, 8000).map(lambda n: b'{"hardware": ' + b"[" * n + b"]" * n + b"}"),
                 st.integers(16385 - len(good), 40000).map(lambda n: good[:-1] + b', "x": "' + b"a" * n + b'"}'),
                 st.binary(max_size=300).filter(lambda b: not b.strip().startswith(b"{")),
+                with_non_json_number(good),
             )
         )
         return Hostile(payload, VALIDATION, "not a JSON object", "")
@@ -525,6 +538,7 @@ def hostile_refreshes(
                 st.integers(1025 - len(good), 5000).map(lambda n: good[:-1] + b', "x": "' + b"a" * n + b'"}'),
                 NOT_OBJECTS.map(encode),
                 st.binary(max_size=200).filter(lambda b: not b.strip().startswith(b"{")),
+                with_non_json_number(good),
             )
         )
         return Hostile(payload, VALIDATION, "not a JSON object", "")

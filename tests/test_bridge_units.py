@@ -142,7 +142,7 @@ def test_key_creation_refuses_what_cannot_work(settings: Settings) -> None:
     now = int(time.time())
     for spec, message in [
         (admin.KeySpec(tenant="default", name="x", profile="nope"), "unknown profile"),
-        (admin.KeySpec(tenant="default", name="x", hardware_id_pattern="("), "regular expression"),
+        (admin.KeySpec(tenant="default", name="x", hardware_id_pattern="("), "RE2 syntax"),
         (admin.KeySpec(tenant="default", name="x", max_registrations=0), "at least 1"),
         (admin.KeySpec(tenant="default", name="x", expires_at=now - 1), "future"),
         (admin.KeySpec(tenant="nobody", name="x"), "no tenant"),
@@ -162,7 +162,7 @@ def test_cli_errors_are_one_line_and_non_zero(
     assert capsys.readouterr().err == "provbridge: error: no device 'dev_missing'\n"
     assert cli_main(["--data-dir", str(tmp_path / "empty"), "key", "list"]) == 1
     assert "provbridge init" in capsys.readouterr().err
-    assert cli_main([*data, "key", "create", "--name", "x", "--expires-in", "soon"]) == 1
+    assert cli_main([*data, "key", "create", "--name", "x", "--expires-in", "soon"]) == 2  # a usage error
     assert capsys.readouterr().err.count("\n") == 1
 
 

@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 from paho.mqtt.enums import CallbackAPIVersion
 
+from broker.denylist import DENYLIST_FILE_NAME, render_denylist
 from broker.embedded import (
     EmbeddedBrokerSettings,
     broker_config,
@@ -48,6 +49,7 @@ TIMEOUT = 5.0
 SECRET = "bridge-secret-for-tests"
 BRIDGE = "provbridge-bridge"
 NOT_AUTHORIZED = 0x87  # paho 2 reports MQTT 3.1.1 CONNACK code 5 as the v5 reason code 0x87
+IDENTIFIER_REJECTED = 0x85  # and code 2, "identifier rejected", as 0x85 "client identifier not valid"
 SUBACK_FAILURE = 0x80
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -426,7 +428,7 @@ def test_provision_username_is_a_provisioning_client(port: int, clients: Any) ->
 
 @pytest.mark.parametrize("client_id", ["has space", "x" * 65, "a/b", "plus+"])
 def test_provisioning_client_id_must_be_topic_safe(port: int, clients: Any, client_id: str) -> None:
-    assert clients(port, client_id).connect() == NOT_AUTHORIZED
+    assert clients(port, client_id).connect() == IDENTIFIER_REJECTED  # [MQTT-3.1.3-9]
 
 
 def test_will_on_a_topic_the_client_may_not_publish_is_refused(port: int, clients: Any) -> None:
@@ -549,6 +551,44 @@ def test_clean_session_takeover_by_the_same_device_closes_the_old_connection(por
     assert second.subscribe("devices/dev-t/#") == [0]
 
 
+# --- revocation ----------------------------------------------------------------------------------
+
+
+def test_a_revoked_device_is_refused_until_the_check_ends_its_session_and_its_will_is_dropped(
+    tmp_path: Path, clients: Any
+) -> None:
+    """The denylist refuses a live session's packets at once; the revocation check then ends it.
+
+    The periodic check is set far apart here and run by hand, so the refusals in between can be seen
+    (tests/test_broker_promises.py shows a revocation ending the session with the default period).
+    """
+    data = make_data_dir(tmp_path)
+    running = ours(settings_for(data, revocation_check_seconds=3600))
+    try:
+        watcher = observer(clients, running.port)
+        token = mint("dev-rv", pub=["devices/dev-rv/#"], sub=["devices/dev-rv/#"])
+        revoked = connected(clients, running.port, "dev-rv", "dev-rv", token, will=("devices/dev-rv/status", b"gone"))
+        control = device(clients, running.port, "dev-ok", pub=["devices/dev-ok/#"])
+        assert revoked.subscribe("devices/dev-rv/a") == [0]
+        (data / DENYLIST_FILE_NAME).write_bytes(render_denylist({"dev-rv": int(time.time()) + 3600}))
+
+        assert revoked.subscribe("devices/dev-rv/b") == [SUBACK_FAILURE]
+        revoked.publish("devices/dev-rv/up", b"after")  # MQTT 3.1.1: acknowledged, then dropped by the ACL
+        control.publish("devices/dev-ok/marker")  # queued after "after" would have been
+        assert watcher.expect().topic == "devices/dev-ok/marker"
+        assert not revoked.disconnected.is_set()
+
+        ended = asyncio.run_coroutine_threadsafe(running.broker.end_revoked_sessions(time.time()), running.loop)
+        assert ended.result(TIMEOUT) == 1 and revoked.disconnected.wait(TIMEOUT)
+        wait_until_disconnected(running, "dev-rv")  # the will would have been queued by now
+        control.publish("devices/dev-ok/marker")
+        assert watcher.expect().topic == "devices/dev-ok/marker"
+        assert watcher.received_topics() == []  # neither "after" nor the revoked device's will
+        assert clients(running.port, "dev-rv", "dev-rv", mint("dev-rv", pub=[], sub=[])).connect() == NOT_AUTHORIZED
+    finally:
+        running.close()
+
+
 # --- lifecycle and hygiene ---------------------------------------------------------------------
 
 
@@ -559,6 +599,7 @@ def test_clean_session_takeover_by_the_same_device_closes_the_old_connection(por
         {"prefix": "prov/#"},
         {"bridge_username": "provision"},
         {"tls_cert_file": Path("c.pem")},
+        {"revocation_check_seconds": 0},
     ],
 )
 def test_settings_are_checked_up_front(data_dir: Path, bad: dict[str, Any]) -> None:

@@ -255,16 +255,6 @@ def test_revoke_on_mosquitto_ends_the_session_and_refuses_the_device(bridge: Mos
     provision(bridge)
 
 
-def test_cli_device_revoke_kicks_the_live_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
-    device_id, creds = provision(bridge)
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
-        assert live.connect()
-        assert run_cli(bridge.settings, "device", "revoke", device_id) == 0  # its own process's view: the CLI
-        assert live.disconnected.wait(10), "revocation must end the live session"
-    assert not can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
-    assert bridge.store.device(device_id).status == "revoked"
-
-
 def test_mqtt5_answer_on_the_response_topic_with_the_correlation_data(bridge_v5: MosquittoBridge) -> None:
     bridge = bridge_v5
     device = Device(bridge)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ValidationError
 
 import provwire
-from bridge.config import TokenSettings
+from bridge.config import ClaimSettings, TokenSettings
+from bridge.mosquitto_files import PUBLISH_LIMIT_FACTOR
+from bridge.provisioning import parse_claim, parse_request
 from bridge.refresh import Refusal
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode, InvalidPublicKey, SealError
@@ -336,6 +339,23 @@ def test_invalid_claim_is_refused_on_its_field(name: str) -> None:
     assert fields == {field}
 
 
+UNREADABLE = sorted(name for name in V if name.startswith(("unreadable_claim.", "unreadable_refresh.")))
+
+
+@pytest.mark.parametrize("name", UNREADABLE)
+def test_nan_and_infinity_vectors_are_answered_as_not_json(name: str) -> None:
+    base = V["claim_json"] if name.startswith("unreadable_claim.") else V["refresh_json"]
+    patch = V[name]
+    assert re.search(r"\b(NaN|Infinity)\b", patch), patch  # the vector holds what JSON does not have
+    payload = json.dumps(json.loads(base) | json.loads(patch)).encode()  # Python writes them back as they were
+    if name.startswith("unreadable_claim."):
+        answer = parse_claim(payload)
+    else:
+        answer = parse_request(models.TokenRefresh, payload, models.MAX_REFRESH_BYTES, "token refresh")
+    assert isinstance(answer, models.ClaimError) and answer.code is ErrorCode.VALIDATION_ERROR
+    assert answer.request_id is None and [e.field for e in answer.errors or []] == [""]
+
+
 def test_key_formats() -> None:
     assert re.fullmatch(r"pk_[A-Za-z0-9_-]{43}", V["provision_key"])
     assert _b64url_decode(V["provision_key"][3:]) == _fixed("provisioning key")
@@ -353,6 +373,88 @@ def test_key_formats() -> None:
     suffix = V["device_id"][4:].upper() + "======"
     assert base64.b32decode(suffix) == _fixed("device id")[:16]
     assert json.loads(V["token_claims_json"])["jti"] == _fixed("jti")[:16].hex()
+
+
+def _vector_named(cell: str) -> str:
+    """The value a row of the fixed-data table names: a vector line, or a member of one."""
+    name = _code(cell)
+    if name == "jti":
+        return str(json.loads(V["token_claims_json"])["jti"])
+    if name == "key_id_prefix":
+        return str(json.loads(V["event_device_provisioned_json"])["key_id_prefix"])
+    return V[name]
+
+
+def _made_from(label: str, rule: str) -> str:
+    """A rule of the fixed-data table applied as an outsider reads it: which bytes, which encoding, prefix."""
+    data = _fixed(label)
+    count = re.search(r"\b(?:all (\d+)|the first (\d+)) bytes", rule)
+    assert count, rule
+    data = data[: int(count.group(1) or count.group(2))]
+    if "base64url" in rule:
+        text = base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+    elif "Crockford base32" in rule:
+        alphabet_match = re.search(r"alphabet `([0-9A-Z]{32})`", rule)
+        assert alphabet_match, rule
+        alphabet, number, bits = alphabet_match.group(1), int.from_bytes(data, "big"), 8 * len(data)
+        digits = "".join(alphabet[(number >> (bits - 5 * (i + 1))) & 31] for i in range(bits // 5))
+        assert "then `PROV-` + digits 1–4 + `-` + digits 5–8" in rule
+        text = f"PROV-{digits[:4]}-{digits[4:]}"
+    elif "lowercase base32" in rule:
+        text = base64.b32encode(data).decode("ascii").rstrip("=").lower()
+    elif "lowercase hex" in rule:
+        text = data.hex()
+    else:
+        raise AssertionError(f"no encoding in {rule!r}")
+    stated = re.search(r"(\d+) characters(?: after `[a-z]+_`|, no prefix)", rule)
+    if stated:
+        assert len(text) == int(stated.group(1)), rule
+    prefix = re.match(r"`([a-z]+_)` \+ ", rule)
+    text = (prefix.group(1) if prefix else "") + text
+    truncated = re.search(r"the first (\d+) characters", rule)
+    return text[: int(truncated.group(1))] if truncated else text
+
+
+def test_fixed_data_table_says_how_each_value_is_made() -> None:
+    """Section 15's table of fixed data, applied literally, reproduces the vectors."""
+    rows = _table("fixed-data")
+    assert [_code(row["vector"]) for row in rows] == [
+        "provision_key",
+        "api_key",
+        "device_id",
+        "jti",
+        "human_code",
+        "key_id_prefix",
+    ]
+    assert f'`SHA-256("{LABEL}" ‖ label)`' in DOC
+    for row in rows:
+        assert _made_from(_code(row["label"]), row["made from `f(label)`"]) == _vector_named(row["vector"]), row
+
+
+def test_flood_limit_table_matches_the_config_defaults() -> None:
+    """Section 7.4's table and notes give the defaults of bridge/config.py, so the two cannot drift."""
+    defaults = ClaimSettings()
+    rows = _table("flood-limits")
+    covered = set()
+    for row in rows:
+        per_second, burst = re.findall(r"`claims\.(rate_\w+)`", row["settings"])
+        assert per_second == burst.replace("_burst", "_per_second"), row
+        rate, size = getattr(defaults, per_second), getattr(defaults, burst)
+        assert float(row["rate (per second)"]) == rate, row
+        assert int(row["burst"]) == size, row
+        assert int(row["longest `retry_after` (s)"]) == max(1, math.ceil(1 / rate)), row
+        covered.add(per_second)
+    # Every limit a device's own requests count against (the events budget counts the bridge's events).
+    limits = {name for name in ClaimSettings.model_fields if name.endswith("_per_second")} - {"rate_events_per_second"}
+    assert covered == limits
+    assert defaults.rate_limits
+    assert f"`claims.max_in_flight` ({defaults.max_in_flight})" in DOC
+    assert f"`claims.retry_after_seconds` ({defaults.retry_after_seconds})" in DOC
+    assert f"`claims.rate_client_pause_seconds` ({defaults.rate_client_pause_seconds:g} s)" in DOC
+    plugin_rate = PUBLISH_LIMIT_FACTOR * defaults.rate_client_per_second
+    plugin_burst = PUBLISH_LIMIT_FACTOR * defaults.rate_client_burst
+    assert f"twice the client-id limit ({plugin_rate:g} per second, burst {plugin_burst})" in DOC
+    assert PUBLISH_LIMIT_FACTOR == 2
 
 
 REJECTED_KEYS = sorted(name for name in V if name.startswith("reject_") and name.endswith("_public_key_hex"))

@@ -225,7 +225,7 @@ def test_cli_init_tls_tls_init_and_tls_show(tmp_path: Path, capsys: pytest.Captu
 
     assert cli.main(["--data-dir", str(tmp_path / "other"), "tls", "init"]) == 1
     assert "provbridge init --tls" in capsys.readouterr().err
-    assert cli.main(["--data-dir", str(data_dir), "init", "--tls-san", "x.example"]) == 1
+    assert cli.main(["--data-dir", str(data_dir), "init", "--tls-san", "x.example"]) == 2  # a usage error
     assert "--tls-san needs --tls" in capsys.readouterr().err
 
 

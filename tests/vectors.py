@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -409,6 +410,15 @@ def build() -> list[Section]:
         (
             "token refreshes answered validation_error: <field> <JSON members that replace those of refresh_json>",
             [(f"invalid_refresh.{name}", f"{field} {compact(patch)}") for name, field, patch in invalid_refreshes],
+        ),
+        (
+            "claims and refreshes that are not JSON (RFC 8259 has no NaN or Infinity), answered validation_error"
+            ' with one error on field "" and no request_id: <members that replace those of claim_json or refresh_json>',
+            [
+                ("unreadable_claim.cpu_cores_nan", compact({"hardware": {"cpu_cores": math.nan}})),
+                ("unreadable_claim.ram_mb_infinity", compact({"hardware": {"ram_mb": math.inf}})),
+                ("unreadable_refresh.timestamp_minus_infinity", compact({"timestamp": -math.inf})),
+            ],
         ),
         (
             "other messages, exactly as serialised on the wire",

@@ -1,0 +1,204 @@
+"""Hardware-id patterns run in RE2: linear time whatever the admin wrote (issue 9, item 1).
+
+A pattern like `([A-Z0-9]+-?)+` backtracks exponentially in Python's `re` on `"A" * n + "!"`: one claim
+with such a hardware id used to stall every claim behind it. These tests send that claim through the real
+broker, create keys through the real CLI, and run the real doctor on databases shaped as older versions
+left them.
+"""
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from bridge import admin, cli, hardware_pattern
+from bridge.config import Settings
+from bridge.errors import InvalidPattern
+from bridge.provisioning import Denial, key_denial
+from bridge.store import ProvisionKey, Store
+from provwire.errors import ErrorCode
+from provwire.models import ClaimError, ClaimOk
+from tests.conftest import Bridge, Device
+
+SEGMENTS = r"([A-Z0-9]+-?)+"  # an ordinary admin pattern, exponential in a backtracking engine
+HOSTILE_ID = "A" * 127 + "!"  # 128 characters, the most a hardware id may have
+
+
+def _key(pattern: str) -> ProvisionKey:
+    return ProvisionKey(
+        id="key_x",
+        tenant_id="t",
+        tenant_name="default",
+        name="k",
+        kind="key",
+        key_hash=b"",
+        profile="default",
+        hardware_id_pattern=pattern,
+        expires_at=None,
+        max_registrations=None,
+        registrations=0,
+        labels={},
+        groups=[],
+        reclaim_policy="reject",
+        status="active",
+        created_at=0,
+    )
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hardware_id", "matches"),
+    [("SN-4711-0042", True), ("A", True), ("AB-CD-", True), ("-AB", False), ("ab-12", False), (HOSTILE_ID, False)],
+)
+def test_the_segments_pattern_is_accepted_and_matched_as_written(hardware_id: str, matches: bool) -> None:
+    assert hardware_pattern.fullmatch(SEGMENTS, hardware_id) is matches
+    expected = None if matches else Denial.HARDWARE_ID_MISMATCH
+    assert key_denial(_key(SEGMENTS), hardware_id, now=0) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        (r"(a)\1", "invalid escape sequence"),  # a backreference
+        (r"(?=SN)SN-\d+", "invalid perl operator"),  # look-ahead
+        (r"SN-\d+\Z", "invalid escape sequence"),  # Python's \Z (RE2 spells it \z)
+        ("a{,2}", "literal text"),  # Python repeats {,2}; RE2 would match the text "a{,2}"
+        ("a{4294967296}", "literal text"),
+        ("x" * (hardware_pattern.MAX_PATTERN_LENGTH + 1), "longer than"),
+    ],
+)
+def test_patterns_re2_cannot_run_as_meant_are_refused_with_the_reason(pattern: str, why: str) -> None:
+    with pytest.raises(InvalidPattern, match=why):
+        hardware_pattern.compile_pattern(pattern)
+    # A stored one (from before RE2) refuses every claim rather than being matched some other way.
+    assert key_denial(_key(pattern), "SN-1", now=0) is Denial.HARDWARE_ID_PATTERN_INVALID
+
+
+def test_differences_find_what_python_re_matched_and_re2_does_not() -> None:
+    assert hardware_pattern.differences(SEGMENTS) == []
+    assert hardware_pattern.differences(r"[0-9A-F]{8}") == []
+    # RE2's \d, \w and \s are ASCII; Python's are Unicode.
+    assert "'SN-٣' matched before" in hardware_pattern.differences(r"SN-\d")[0]
+    assert hardware_pattern.differences(r"\w+")
+    # POSIX classes: a set of characters to Python, a class to RE2.
+    assert hardware_pattern.differences("[[:alpha:]]+")
+    # A device Python's re let in that RE2 would refuse is named with the count.
+    found = hardware_pattern.differences(r"SN-\d+", ["SN-1", "SN-٣", "SN-٤"])
+    assert found[0] == "2 of its devices' hardware ids no longer match, e.g. 'SN-٣'"
+
+
+# --- through the broker --------------------------------------------------------------------------
+
+
+def test_a_hostile_hardware_id_is_answered_and_claims_keep_flowing(bridge: Bridge) -> None:
+    key = bridge.create_key(hardware_id_pattern=SEGMENTS)
+    with (
+        Device(bridge, hardware_id=HOSTILE_ID, client_id="c-hostile") as hostile,
+        Device(bridge, hardware_id="SN-4711-0042") as normal,
+    ):
+        hostile.conn.publish(f"{bridge.prefix}/claim/{hostile.client_id}", hostile.claim_payload(key))
+        # Sent after the hostile claim, to the same single claim worker: answered only if that one ended.
+        ok = normal.claim(key)
+        _, raw = hostile.conn.next_message()
+    assert isinstance(ok, ClaimOk) and ok.created
+    refused = ClaimError.model_validate_json(raw)
+    assert refused.code is ErrorCode.PERMISSION_DENIED
+    rejected = [e for e in bridge.store.events(event="claim.rejected") if e.get("hardware_id") == HOSTILE_ID]
+    assert [e["reason"] for e in rejected] == ["hardware_id_mismatch"]
+
+
+# --- key creation --------------------------------------------------------------------------------
+
+
+def test_the_cli_accepts_the_segments_pattern_and_refuses_a_backreference(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data-dir", str(settings.data_dir)]
+    assert cli.main([*data, "key", "create", "--name", "seg", "--hardware-id-pattern", SEGMENTS, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "seg"
+    keys_before = len(Store(settings.database_file).keys())
+    assert cli.main([*data, "key", "create", "--name", "br", "--hardware-id-pattern", r"(a)\1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("provbridge: error: hardware id pattern is not one the linear-time engine") and "\\1" in err
+    assert len(Store(settings.database_file).keys()) == keys_before
+
+
+# --- patterns stored before RE2, and the doctor ----------------------------------------------------
+
+
+def _legacy(store: Store, key_id: str, pattern: str) -> None:
+    """Make a key look as an older version stored it: a pattern for Python's re, no syntax recorded."""
+    with store.transaction() as db:
+        db.execute(
+            "UPDATE provision_keys SET hardware_id_pattern = ?, pattern_syntax = NULL WHERE id = ?", (pattern, key_id)
+        )
+
+
+def _doctor_patterns_line(settings: Settings, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(["--data-dir", str(settings.data_dir), "doctor"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("patterns: "))
+    return code, line
+
+
+def test_doctor_names_stored_patterns_re2_refuses_or_reads_otherwise(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, now = bridge.store, int(time.time())
+    spec = admin.KeySpec
+    digits, _ = admin.create_key(store, bridge.settings, spec("default", "digits", hardware_id_pattern="SN-.+"), now)
+    backref, _ = admin.create_key(store, bridge.settings, spec("default", "backref"), now)
+    modern, _ = admin.create_key(store, bridge.settings, spec("default", "modern", hardware_id_pattern=r"SN-\d+"), now)
+    code, line = _doctor_patterns_line(bridge.settings, capsys)
+    assert line.startswith("patterns: ok (2 active key(s)"), line  # RE2-era \d is RE2's \d: nothing to flag
+
+    _legacy(store, digits.id, r"SN-\d+")
+    _legacy(store, backref.id, r"(SN)-\1")
+    code, line = _doctor_patterns_line(bridge.settings, capsys)
+    assert code == 1 and line.startswith("patterns: FAIL: "), line
+    assert f"key {digits.id} (digits)" in line and "'SN-٣' matched before and no longer does" in line
+    assert f"key {backref.id} (backref)" in line and "invalid escape sequence" in line
+    assert modern.id not in line
+
+
+def test_doctor_names_devices_of_a_legacy_pattern_that_re2_would_refuse(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = bridge.create_key(name="line", hardware_id_pattern="SN-.+")
+    with Device(bridge, hardware_id="SN-٣٤", client_id="c-legacy") as device:
+        assert isinstance(device.claim(key), ClaimOk)
+    key_id = next(k.id for k in bridge.store.keys(None) if k.name == "line")
+    _legacy(bridge.store, key_id, r"SN-\d+")  # what Python's re matched when the device claimed
+    _, line = _doctor_patterns_line(bridge.settings, capsys)
+    assert "1 of its devices' hardware ids no longer match, e.g. 'SN-٣٤'" in line, line
+
+
+def test_a_database_from_before_the_pattern_syntax_column_opens_and_is_upgraded(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store(settings.database_file)
+    admin.create_key(store, settings, admin.KeySpec("default", "old", hardware_id_pattern=r"\w+"), int(time.time()))
+    store.close()
+    with sqlite3.connect(settings.database_file) as db:  # the table as earlier versions created it
+        db.execute("ALTER TABLE provision_keys DROP COLUMN pattern_syntax")
+    _, line = _doctor_patterns_line(settings, capsys)  # read-only: it finds no column, so all are legacy
+    assert line.startswith("patterns: FAIL: ") and "(old)" in line, line
+
+    reopened = Store(settings.database_file)
+    try:
+        columns = [row["name"] for row in reopened.read().execute("PRAGMA table_info(provision_keys)")]
+        assert columns[-1] == "pattern_syntax"
+        syntax = reopened.read().execute("SELECT pattern_syntax FROM provision_keys WHERE name = 'old'").fetchone()
+        assert syntax[0] is None  # stays marked as written for Python's re
+    finally:
+        reopened.close()
+
+
+def test_doctor_passes_when_no_key_has_a_pattern(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    _, line = _doctor_patterns_line(settings, capsys)
+    assert (
+        line
+        == "patterns: ok (0 active key(s) with a hardware-id pattern, all run by RE2 as meant (0 written before RE2))"
+    )
