@@ -19,7 +19,7 @@ from bridge import admin, keyfiles
 from bridge.config import Settings, load_settings
 from bridge.keyfiles import KeyRing
 from bridge.serve import serve
-from bridge.store import Store
+from bridge.store import ProvisionKey, Store
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimError, ClaimOk, Credentials, to_json
 from tests.mqtt_client import MqttClient
@@ -87,6 +87,29 @@ class Bridge:
         spec.setdefault("name", f"k-{uuid.uuid4().hex[:6]}")
         _, raw = admin.create_key(self.store, self.settings, admin.KeySpec(**spec), int(time.time()))  # type: ignore[arg-type]
         return raw
+
+
+def provision_key_row(**overrides: object) -> ProvisionKey:
+    """A provisioning key as the store returns it, for the pure decisions' unit tests."""
+    fields: dict[str, object] = dict(
+        id="key_1",
+        tenant_id="ten_1",
+        tenant_name="t",
+        name="k",
+        kind="key",
+        key_hash=b"h",
+        profile="default",
+        hardware_id_pattern=None,
+        expires_at=None,
+        max_registrations=None,
+        registrations=0,
+        labels={},
+        groups=[],
+        reclaim_policy="reject",
+        status="active",
+        created_at=0,
+    )
+    return ProvisionKey(**(fields | overrides))  # type: ignore[arg-type]
 
 
 @pytest.fixture

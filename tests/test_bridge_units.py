@@ -13,31 +13,10 @@ from bridge.cli import main as cli_main
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, UsageError
 from bridge.provisioning import Action, Denial, key_denial, parse_claim, reclaim_action
-from bridge.store import Device, ProvisionKey
+from bridge.store import Device
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError
-
-
-def _key(**overrides: object) -> ProvisionKey:
-    fields: dict[str, object] = dict(
-        id="key_1",
-        tenant_id="ten_1",
-        tenant_name="t",
-        name="k",
-        kind="key",
-        key_hash=b"h",
-        profile="default",
-        hardware_id_pattern=None,
-        expires_at=None,
-        max_registrations=None,
-        registrations=0,
-        labels={},
-        groups=[],
-        reclaim_policy="reject",
-        status="active",
-        created_at=0,
-    )
-    return ProvisionKey(**(fields | overrides))  # type: ignore[arg-type]
+from tests.conftest import provision_key_row
 
 
 def _device(public_key: bytes = b"pk", status: str = "active") -> Device:
@@ -65,22 +44,25 @@ def _device(public_key: bytes = b"pk", status: str = "active") -> Device:
 def test_key_denial_reasons() -> None:
     now = time.time()
     assert key_denial(None, "hw", now) is Denial.UNKNOWN_KEY
-    assert key_denial(_key(status="revoked"), "hw", now) is Denial.KEY_REVOKED
-    assert key_denial(_key(expires_at=int(now) - 1), "hw", now) is Denial.KEY_EXPIRED
-    assert key_denial(_key(hardware_id_pattern=r"line-\d+"), "line-7x", now) is Denial.HARDWARE_ID_MISMATCH
-    assert key_denial(_key(hardware_id_pattern=r"line-\d+"), "line-7", now) is None
-    assert key_denial(_key(expires_at=int(now) + 60), "hw", now) is None
+    assert key_denial(provision_key_row(status="revoked"), "hw", now) is Denial.KEY_REVOKED
+    assert key_denial(provision_key_row(expires_at=int(now) - 1), "hw", now) is Denial.KEY_EXPIRED
+    assert key_denial(provision_key_row(hardware_id_pattern=r"line-\d+"), "line-7x", now) is Denial.HARDWARE_ID_MISMATCH
+    assert key_denial(provision_key_row(hardware_id_pattern=r"line-\d+"), "line-7", now) is None
+    assert key_denial(provision_key_row(expires_at=int(now) + 60), "hw", now) is None
 
 
 def test_reclaim_action_protects_known_devices() -> None:
-    reject, rotate = _key(), _key(reclaim_policy="rotate")
+    reject, rotate = provision_key_row(), provision_key_row(reclaim_policy="rotate")
     assert reclaim_action(None, b"pk", reject) is Action.CREATE
     assert reclaim_action(_device(b"pk"), b"pk", reject) is Action.RECLAIM
     assert reclaim_action(_device(b"pk"), b"other", reject) is Action.EXISTS
     assert reclaim_action(_device(b"pk"), b"other", rotate) is Action.ROTATE
     assert reclaim_action(_device(b"pk", status="revoked"), b"pk", rotate) is Action.REVOKED
     # Another key of the tenant, even a rotate one, cannot replace the public key of a device it did not create.
-    assert reclaim_action(_device(b"pk"), b"other", _key(id="key_2", reclaim_policy="rotate")) is Action.EXISTS
+    assert (
+        reclaim_action(_device(b"pk"), b"other", provision_key_row(id="key_2", reclaim_policy="rotate"))
+        is Action.EXISTS
+    )
 
 
 def test_parse_claim_reports_fields_without_echoing_input() -> None:

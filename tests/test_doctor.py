@@ -24,18 +24,7 @@ from provwire.models import Claim, ClaimOk, to_json
 from tests.conftest import Bridge
 from tests.test_tls import initialise, running, tls_settings
 
-CHECKS = [
-    "config",
-    "data dir",
-    "key files",
-    "active keys",
-    "database",
-    "references",
-    "patterns",
-    "broker",
-    "broker tls",
-    "clock",
-]
+CHECKS = list(doctor.CHECKS)
 
 
 def config_file(settings: Settings, extra: str = "") -> Path:

@@ -16,34 +16,13 @@ from bridge import admin, cli, hardware_pattern
 from bridge.config import Settings
 from bridge.errors import InvalidPattern
 from bridge.provisioning import Denial, key_denial
-from bridge.store import ProvisionKey, Store
+from bridge.store import Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Bridge, Device
+from tests.conftest import Bridge, Device, provision_key_row
 
 SEGMENTS = r"([A-Z0-9]+-?)+"  # an ordinary admin pattern, exponential in a backtracking engine
 HOSTILE_ID = "A" * 127 + "!"  # 128 characters, the most a hardware id may have
-
-
-def _key(pattern: str) -> ProvisionKey:
-    return ProvisionKey(
-        id="key_x",
-        tenant_id="t",
-        tenant_name="default",
-        name="k",
-        kind="key",
-        key_hash=b"",
-        profile="default",
-        hardware_id_pattern=pattern,
-        expires_at=None,
-        max_registrations=None,
-        registrations=0,
-        labels={},
-        groups=[],
-        reclaim_policy="reject",
-        status="active",
-        created_at=0,
-    )
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -56,7 +35,7 @@ def _key(pattern: str) -> ProvisionKey:
 def test_the_segments_pattern_is_accepted_and_matched_as_written(hardware_id: str, matches: bool) -> None:
     assert hardware_pattern.fullmatch(SEGMENTS, hardware_id) is matches
     expected = None if matches else Denial.HARDWARE_ID_MISMATCH
-    assert key_denial(_key(SEGMENTS), hardware_id, now=0) is expected
+    assert key_denial(provision_key_row(hardware_id_pattern=SEGMENTS), hardware_id, now=0) is expected
 
 
 @pytest.mark.parametrize(
@@ -74,7 +53,9 @@ def test_patterns_re2_cannot_run_as_meant_are_refused_with_the_reason(pattern: s
     with pytest.raises(InvalidPattern, match=why):
         hardware_pattern.compile_pattern(pattern)
     # A stored one (from before RE2) refuses every claim rather than being matched some other way.
-    assert key_denial(_key(pattern), "SN-1", now=0) is Denial.HARDWARE_ID_PATTERN_INVALID
+    assert (
+        key_denial(provision_key_row(hardware_id_pattern=pattern), "SN-1", now=0) is Denial.HARDWARE_ID_PATTERN_INVALID
+    )
 
 
 def test_differences_find_what_python_re_matched_and_re2_does_not() -> None:
