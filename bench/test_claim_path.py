@@ -27,7 +27,8 @@ from bridge import admin, secrets
 from bridge.config import Settings, load_settings
 from bridge.keyfiles import KeyRing, load_keys
 from bridge.provisioning import Provisioner, parse_claim
-from bridge.store import Device, Store
+from bridge.records import Device
+from bridge.store import Store
 from bridge.tokens import fill_scope, mint_token
 from provwire import crypto, topics
 from provwire.models import (

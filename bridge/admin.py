@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from bridge import hardware_pattern, keyfiles, secrets
 from bridge.config import Settings
 from bridge.errors import AlreadyExists, NotFound, UsageError
-from bridge.store import ProvisionKey, Store
+from bridge.records import ProvisionKey
+from bridge.store import Store
 
 OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never "_", the no-tenant marker

@@ -11,7 +11,7 @@ from bridge import admin, revocation
 from bridge.cli_common import add_command, count, emit, table, when
 from bridge.config import Settings
 from bridge.errors import UsageError
-from bridge.store import Device, ProvisionKey
+from bridge.records import Device, ProvisionKey
 from provwire import crypto
 
 # What SQLite stores and `when` prints: a later expiry would fail there with a traceback, not a reason.

@@ -66,6 +66,7 @@ def reader_gone() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (a test's StringIO)
         pass
     return EXIT_READER_GONE

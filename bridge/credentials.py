@@ -7,7 +7,7 @@ gets the same token scope, the same Credentials and the same sealed ClaimOk from
 from bridge.config import Settings
 from bridge.keyfiles import KeyRing
 from bridge.mirror import TokenMirror
-from bridge.store import Device
+from bridge.records import Device
 from bridge.tls import device_endpoint
 from bridge.tokens import fill_scope, mint_token
 from provwire import crypto

@@ -23,6 +23,8 @@ import json
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +50,9 @@ Status = Literal["ok", "fail", "skipped"]
 CONNECT_TIMEOUT_SECONDS = 3.0
 # File systems stamp mtimes from a coarse clock; a record a moment "ahead" of time.time() is no finding.
 CLOCK_TOLERANCE_SECONDS = 5
+# How long Python's `re` may take over a legacy pattern's probes (bridge/hardware_pattern.py) before the
+# doctor gives up on comparing it: a sound pattern takes milliseconds.
+PYTHON_MATCH_TIMEOUT_SECONDS = 10.0
 CHECKS = (
     "config",
     "data dir",
@@ -360,10 +365,10 @@ def check_patterns(database: Path) -> str:
         problems: list[str] = []
         for key_id, name, pattern, written_for in keys:
             if written_for == "re2":
-                found = hardware_pattern.differences(pattern)[:1] if _refused(pattern) else []
+                found = _refusal(pattern)
             else:
                 ids = (str(row[0]) for row in db.execute("SELECT hardware_id FROM devices WHERE key_id = ?", (key_id,)))
-                found = hardware_pattern.differences(pattern, ids)
+                found = hardware_pattern.differences(pattern, python_matches, ids)
             if found:
                 problems.append(f"key {key_id} ({name}), pattern {pattern!r}: {'; '.join(found)}")
     if problems:
@@ -379,12 +384,44 @@ def check_patterns(database: Path) -> str:
     )
 
 
-def _refused(pattern: str) -> bool:
+def _refusal(pattern: str) -> list[str]:
     try:
         hardware_pattern.compile_pattern(pattern)
-    except InvalidPattern:
-        return True
-    return False
+    except InvalidPattern as exc:
+        return [str(exc)]
+    return []
+
+
+# Python's matcher, run on the doctor's behalf in a child process it can kill.
+_PYTHON_MATCHER = """
+import json, re, sys, warnings
+warnings.simplefilter("ignore")
+job = json.load(sys.stdin)
+pattern = re.compile(job["pattern"])
+json.dump([pattern.fullmatch(text) is not None for text in job["texts"]], sys.stdout)
+"""
+
+
+def python_matches(pattern: str, texts: list[str]) -> list[bool] | None:
+    """Whether Python's `re` fully matches each text, or None when it did not answer within
+    PYTHON_MATCH_TIMEOUT_SECONDS: a pattern written for it may backtrack for ever (why RE2 runs them now),
+    and the doctor must finish all the same, so the matching runs in a child process that is killed then."""
+    job = json.dumps({"pattern": pattern, "texts": texts})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PYTHON_MATCHER],
+            input=job,
+            capture_output=True,
+            text=True,
+            timeout=PYTHON_MATCH_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:  # Python's re cannot compile it either
+        return None
+    answers: list[bool] = json.loads(done.stdout)
+    return answers
 
 
 def check_listener(host: str, port: int, use_tls: bool, ca_file: Path | None) -> str:

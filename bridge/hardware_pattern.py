@@ -13,7 +13,7 @@ Patterns made before RE2 were Python `re` patterns; `differences` finds the ones
 import functools
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import re2
@@ -34,7 +34,29 @@ def _options() -> Any:
 
 _OPTIONS = _options()
 # Braces RE2 reads as literal text where Perl and Python repeat: {,n}, and counts too large to parse.
-_LITERAL_REPEAT = re.compile(r"(?<!\\)\{(?:,[0-9]+|[0-9]{10,}(?:,[0-9]*)?|[0-9]+,[0-9]{10,})\}")
+_LITERAL_REPEAT = re.compile(r"\{(?:,[0-9]+|[0-9]{10,}(?:,[0-9]*)?|[0-9]+,[0-9]{10,})\}")
+
+
+def _literal_repeat(pattern: str) -> str | None:
+    """The first brace group outside a character class and not escaped that RE2 reads as literal text."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2  # an escape: whatever follows is not syntax
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            i += 1
+            i += pattern.startswith("^", i)
+            i += pattern.startswith("]", i)  # a "]" first in a class is a member, not its end
+            continue
+        elif ch == "{" and (braces := _LITERAL_REPEAT.match(pattern, i)) is not None:
+            return braces[0]
+        i += 1
+    return None
 
 
 @functools.lru_cache(maxsize=256)  # keys are few and their patterns fixed: compile each once per process
@@ -42,10 +64,10 @@ def compile_pattern(pattern: str) -> Any:
     """The compiled pattern (re2's, untyped), or InvalidPattern saying why RE2 cannot run it."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise InvalidPattern(f"hardware id pattern is longer than {MAX_PATTERN_LENGTH} characters")
-    braces = _LITERAL_REPEAT.search(pattern)
+    braces = _literal_repeat(pattern)
     if braces is not None:
         raise InvalidPattern(
-            f"hardware id pattern: RE2 would read {braces[0]!r} as literal text, not as a repetition; it repeats"
+            f"hardware id pattern: RE2 would read {braces!r} as literal text, not as a repetition; it repeats"
             " x{n}, x{n,} and x{n,m} with n and m at most 1000 (write {0,m} for {,m})"
         )
     try:
@@ -70,6 +92,8 @@ def fullmatch(pattern: str, hardware_id: str) -> bool:
 _ASCII = [chr(c) for c in range(0x21, 0x7F)] + [" "]
 _NON_ASCII = ["é", "ß", "٣", "Ω", "\u2003", "\u212a", "ſ", "İ"]
 MAX_WITNESS_LENGTH = 64
+# What probes put in a witness's place: a few ASCII characters of each kind, then the non-ASCII ones.
+_PROBE_CHARACTERS = ["a", "Z", "0", "9", "-", "_", ".", " ", "!", "{", "}", ",", "[", "]", ":", *_NON_ASCII]
 _CATEGORIES: dict[str, Callable[[str], bool]] = {
     "CATEGORY_DIGIT": str.isdecimal,
     "CATEGORY_SPACE": str.isspace,
@@ -143,34 +167,55 @@ def _witnesses(nodes: Any, choice: tuple[bool, bool, bool]) -> str:
     return "".join(out)
 
 
-def _python_witnesses(pattern: str) -> Iterator[str]:
-    """A few strings Python's `re` fully matches with this pattern, built from its parse tree."""
+def _witnesses_of(pattern: str) -> list[str]:
+    """A few strings built from Python's parse tree of the pattern, most of which Python's `re` matches.
+
+    Only parsed here, never matched: Python's matcher may backtrack for ever on an admin's pattern.
+    """
     try:
         with warnings.catch_warnings():  # "possible nested set" and the like: the pattern is the admin's, not ours
             warnings.simplefilter("ignore")
             parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]
-            compiled = re.compile(pattern)
     except (re.error, OverflowError, RecursionError, AttributeError):
-        return
-    seen: set[str] = set()
+        return []
+    found: list[str] = []
     for choice in _CHOICES:
         try:
             text = _witnesses(parsed.data, choice)
         except (_Unsupported, RecursionError):
-            return
-        # Short witnesses only: Python's backtracking is fast on strings that match, and these should.
-        if text not in seen and 0 < len(text) <= MAX_WITNESS_LENGTH and compiled.fullmatch(text):
-            seen.add(text)
-            yield text
+            return found
+        if text not in found and 0 < len(text) <= MAX_WITNESS_LENGTH:
+            found.append(text)
+    return found
 
 
-def differences(pattern: str, known_matches: Iterable[str] = ()) -> list[str]:
+def probes(pattern: str) -> list[str]:
+    """Strings on which to ask both engines: the witnesses, and each with one character replaced by one
+    of `_PROBE_CHARACTERS` or left out, so that a class, a category or a repetition that the engines
+    read otherwise shows on one side or the other."""
+    out: dict[str, None] = {}
+    for witness in _witnesses_of(pattern):
+        out[witness] = None
+        for i in range(len(witness)):
+            out[witness[:i] + witness[i + 1 :]] = None
+            for ch in _PROBE_CHARACTERS:
+                out[witness[:i] + ch + witness[i + 1 :]] = None
+    out.pop("", None)
+    return list(out)
+
+
+# Asks Python's `re` whether the pattern fully matches each text; None when it could not say in time.
+PythonMatcher = Callable[[str, list[str]], list[bool] | None]
+
+
+def differences(pattern: str, python_matches: PythonMatcher, known_matches: Iterable[str] = ()) -> list[str]:
     """Why RE2 reads a pattern stored for Python's `re` otherwise: [] when no difference was found.
 
     `known_matches` are hardware ids Python's `re` matched (the devices the key created): each one RE2 does
-    not match is a device whose re-claim would now be refused. Beyond those, a few strings are built from
-    the pattern that Python matches (with ASCII and with non-ASCII characters, so that `\\d`, `\\w`, `\\s`
-    and `{,n}` show their differences) and RE2 is asked the same; a difference found is a difference, but
+    not match is a device whose re-claim would now be refused. Beyond those, both engines are asked about
+    `probes(pattern)`, in both directions: a string Python matched that RE2 does not (a device refused now),
+    and one Python refused that RE2 matches (an allow-list that lets more in). `python_matches` runs
+    Python's matcher where it cannot stall the caller (see doctor). A difference found is a difference;
     finding none proves no equivalence.
     """
     try:
@@ -181,8 +226,18 @@ def differences(pattern: str, known_matches: Iterable[str] = ()) -> list[str]:
     lost = [hid for hid in known_matches if compiled.fullmatch(hid) is None]
     if lost:
         found.append(f"{len(lost)} of its devices' hardware ids no longer match, e.g. {lost[0]!r}")
-    for witness in _python_witnesses(pattern):
-        if compiled.fullmatch(witness) is None:
-            found.append(f"{witness!r} matched before and no longer does")
-            break
+    texts = probes(pattern)
+    before = python_matches(pattern, texts)
+    if before is None:
+        found.append(
+            "Python's re did not answer in time on strings built from it (it backtracks), so it cannot be compared"
+        )
+        return found
+    now = [compiled.fullmatch(text) is not None for text in texts]
+    refused = next((t for t, b, n in zip(texts, before, now, strict=True) if b and not n), None)
+    admitted = next((t for t, b, n in zip(texts, before, now, strict=True) if n and not b), None)
+    if refused is not None:
+        found.append(f"{refused!r} matched before and no longer does")
+    if admitted is not None:
+        found.append(f"{admitted!r} did not match before and now does")
     return found

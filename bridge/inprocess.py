@@ -186,6 +186,7 @@ class InProcessBridge:
             if worker.process.poll() is None:  # not stopped in time, or this wait was cancelled (stop)
                 worker.process.kill()
                 await asyncio.to_thread(worker.process.wait)
+            log.info("the claim worker (pid %d) ended with status %s", worker.process.pid, worker.process.returncode)
 
     def worker_lost(self, protocol: _WorkerProtocol) -> None:
         if self._worker is None or self._worker.protocol is not protocol:

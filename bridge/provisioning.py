@@ -15,60 +15,47 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from bridge import hardware_pattern, logs, secrets
+from bridge import logs, secrets
+from bridge.claim_decision import (
+    NO_TENANT,
+    Action,
+    Answered,
+    ClaimFacts,
+    ClaimRequest,
+    Fresh,
+    Granted,
+    claim_event,
+    decide,
+    new_event,
+)
 from bridge.config import Settings
 from bridge.credentials import device_key_of, issue_credentials, sealed_answer
-from bridge.errors import InvalidPattern, StorageError
+from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError, NoMirror, TokenMirror
 from bridge.ratelimit import FloodLimits, RateLimiter, Refusal, check
 from bridge.rotation import KeySource, current_ring
-from bridge.store import Device, ProvisionKey, Store
+from bridge.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import (
     MAX_CLAIM_BYTES,
     Claim,
     ClaimError,
-    ClaimOk,
     Event,
     FieldError,
-    rfc3339,
     to_json,
 )
 
 log = logging.getLogger("provbridge.claims")
 
-NO_TENANT = "_"
 M = TypeVar("M", bound=BaseModel)
-DENIED_MESSAGE = "provisioning key not accepted"
 RATE_LIMITED = "claim.rate_limited"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,64}")
-
-
-class Denial(StrEnum):
-    """Why a key was refused. Only ops see this; the device gets one uniform permission_denied."""
-
-    UNKNOWN_KEY = "unknown_key"
-    KEY_REVOKED = "key_revoked"
-    KEY_EXPIRED = "key_expired"
-    KEY_EXHAUSTED = "key_exhausted"
-    HARDWARE_ID_MISMATCH = "hardware_id_mismatch"
-    HARDWARE_ID_PATTERN_INVALID = "hardware_id_pattern_invalid"  # stored before RE2, and RE2 cannot run it
-    DEVICE_REVOKED = "device_revoked"
-
-
-class Action(StrEnum):
-    CREATE = "create"
-    RECLAIM = "reclaim"
-    ROTATE = "rotate"
-    EXISTS = "exists"
-    REVOKED = "revoked"
 
 
 @dataclass(frozen=True)
@@ -193,53 +180,11 @@ def parse_request(model: type[M], payload: bytes, max_bytes: int, what: str) -> 
     )
 
 
-def key_denial(key: ProvisionKey | None, hardware_id: str, now: float) -> Denial | None:
-    """Whether a key may be used at all (exhaustion is checked only when a device is created)."""
-    if key is None:
-        return Denial.UNKNOWN_KEY
-    if key.status != "active":
-        return Denial.KEY_REVOKED
-    if key.expires_at is not None and now >= key.expires_at:
-        return Denial.KEY_EXPIRED
-    if key.hardware_id_pattern:
-        try:
-            if not hardware_pattern.fullmatch(key.hardware_id_pattern, hardware_id):
-                return Denial.HARDWARE_ID_MISMATCH
-        except InvalidPattern:  # fail closed: `provbridge doctor` names the key
-            return Denial.HARDWARE_ID_PATTERN_INVALID
-    return None
-
-
-def is_exhausted(key: ProvisionKey) -> bool:
-    return key.max_registrations is not None and key.registrations >= key.max_registrations
-
-
-def reclaim_action(device: Device | None, public_key: bytes, key: ProvisionKey) -> Action:
-    if device is None:
-        return Action.CREATE
-    if device.status != "active":
-        return Action.REVOKED
-    if device.public_key == public_key:
-        return Action.RECLAIM
-    # A leaked provisioning key must not let anyone take over a device: only the key that created it
-    # may replace its public key, and only if the operator opted in.
-    return Action.ROTATE if key.reclaim_policy == "rotate" and device.key_id == key.id else Action.EXISTS
-
-
 def claim_digest(claim: Claim) -> bytes:
     return hashlib.sha256(claim.model_dump_json().encode("utf-8")).digest()
 
 
 # --- the orchestration ----------------------------------------------------------------------
-
-
-@dataclass
-class _Context:
-    client_id: str
-    claim: Claim
-    now: float
-    keys: KeyRing  # one snapshot per claim: a rotation mid-claim must not mix a key with another kid
-    events: list[Event] = field(default_factory=list)
 
 
 def retryable_error(settings: Settings, request_id: str | None, message: str) -> bytes:
@@ -251,10 +196,6 @@ def retryable_error(settings: Settings, request_id: str | None, message: str) ->
             retry_after=settings.claims.retry_after_seconds,
         )
     )
-
-
-def new_event(name: str, now: float, tenant: str, **fields: Any) -> Event:
-    return Event(event=name, time=rfc3339(now), tenant=tenant, **fields)
 
 
 def record_events_safely(store: Store, events: list[Event]) -> None:
@@ -384,9 +325,9 @@ class Provisioner(RequestHandler):
             record_events_safely(self.store, limited.events)
             return limited
 
-        ctx = _Context(client_id, parsed, now, current_ring(self.keys))
+        keys = current_ring(self.keys)  # one snapshot per claim: a rotation mid-claim must not mix kids
         try:
-            answer = self._provision(ctx, key_hash)
+            outcome = self._provision(client_id, parsed, key_hash, keys, now)
         except (StorageError, sqlite3.Error) as exc:
             log.error("claim %s: storage failure: %s", parsed.request_id, exc)
             return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
@@ -396,151 +337,75 @@ class Provisioner(RequestHandler):
         except Exception:
             log.exception("claim %s: unexpected failure", parsed.request_id)
             return Outcome(reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error")
-        return Outcome(reply_to, answer, ctx.events, ctx.events[0].event if ctx.events else "replayed")
+        answer, events = outcome
+        return Outcome(reply_to, answer, events, events[0].event if events else "replayed")
 
     def _retryable(self, request_id: str | None, message: str) -> bytes:
         return retryable_error(self.settings, request_id, message)
 
-    def _error(self, ctx: _Context, code: ErrorCode, message: str, errors: list[FieldError] | None = None) -> bytes:
-        return to_json(ClaimError(request_id=ctx.claim.request_id, code=code, message=message, errors=errors))
-
-    def _provision(self, ctx: _Context, key_hash: bytes) -> bytes:
-        claim = ctx.claim
-        cloud_kid = claim.cloud_key_id or ctx.keys.active_cloud
-        cloud_key = ctx.keys.cloud.get(cloud_kid)
+    def _provision(
+        self, client_id: str, claim: Claim, key_hash: bytes, keys: KeyRing, now: float
+    ) -> tuple[bytes, list[Event]]:
+        """edge → parse (done) → read → decide → apply: the answer and the events stored with it."""
+        cloud_kid = claim.cloud_key_id or keys.active_cloud
+        request = ClaimRequest(client_id, claim, claim_digest(claim), key_hash, cloud_kid, now)
+        cloud_key = keys.cloud.get(cloud_kid)
         if cloud_key is None:
-            ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason="unknown_cloud_key"))
-            ctx.events = sampled(self.limits, ctx.events, ctx.now)
-            record_events_safely(self.store, ctx.events)
-            return self._error(
-                ctx,
-                ErrorCode.VALIDATION_ERROR,
-                "claim is not valid",
-                [FieldError(field="cloud_key_id", message="unknown cloud key id")],
+            rejected = claim_event(request, "claim.rejected", NO_TENANT, reason="unknown_cloud_key")
+            events = sampled(self.limits, [rejected], now)
+            record_events_safely(self.store, events)
+            unknown = [FieldError(field="cloud_key_id", message="unknown cloud key id")]
+            error = ClaimError(
+                request_id=claim.request_id,
+                code=ErrorCode.VALIDATION_ERROR,
+                message="claim is not valid",
+                errors=unknown,
             )
+            return to_json(error), events
         # The expensive, side-effect-free work happens before the write lock is taken.
-        device_public = crypto.public_key_from_sec1(claim.public_key_sec1)
-        shared = crypto.shared_secret(cloud_key, device_public)
-        digest = claim_digest(claim)
-        retention = self.settings.claims.response_retention_seconds
+        shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
+        fresh = Fresh(device_id=secrets.new_device_id(), api_key=secrets.new_api_key())
 
         with self.store.transaction() as db:
-            stored = Store.stored_answer(db, ctx.client_id, claim.request_id, int(ctx.now) - retention)
-            if stored is not None:
-                if secrets.digests_equal(stored[0], digest):
-                    return stored[1]
-                return self._error(
-                    ctx,
-                    ErrorCode.VALIDATION_ERROR,
-                    "request_id was already used for a different claim",
-                    [FieldError(field="request_id", message="already used for a different claim")],
-                )
-            answer = self._decide(db, ctx, key_hash, shared, cloud_kid)
-            ctx.events = sampled(self.limits, ctx.events, ctx.now)
-            for event in ctx.events:
+            verdict = decide(request, self._read(db, request), fresh)
+            answer = (
+                verdict.answer if isinstance(verdict, Answered) else self._grant(db, request, verdict, keys, shared)
+            )
+            events = sampled(self.limits, verdict.events, now)
+            for event in events:
                 Store.insert_event(db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True))
-            return answer
+            return answer, events
 
-    def _decide(self, db: sqlite3.Connection, ctx: _Context, key_hash: bytes, shared: bytes, cloud_kid: str) -> bytes:
-        claim = ctx.claim
-        key = Store.key_by_hash(db, key_hash)
-        if key is not None and not secrets.digests_equal(key.key_hash, key_hash):
-            key = None
-        denial = key_denial(key, claim.hardware_id, ctx.now)
-        if denial is not None or key is None:
-            return self._deny(ctx, key, denial or Denial.UNKNOWN_KEY)
+    def _read(self, db: sqlite3.Connection, request: ClaimRequest) -> ClaimFacts:
+        """What `decide` needs, read inside the transaction (a replay needs nothing more)."""
+        not_before = int(request.now) - self.settings.claims.response_retention_seconds
+        stored = Store.stored_answer(db, request.client_id, request.claim.request_id, not_before)
+        if stored is not None:
+            return ClaimFacts(stored, None, None)
+        key = Store.key_by_hash(db, request.key_hash)
+        device = None if key is None else Store.device_by_hardware_id(db, key.tenant_id, request.claim.hardware_id)
+        return ClaimFacts(None, key, device)
 
-        device = Store.device_by_hardware_id(db, key.tenant_id, claim.hardware_id)
-        action = reclaim_action(device, claim.public_key_sec1, key)
-        if action is Action.REVOKED:
-            return self._deny(ctx, key, Denial.DEVICE_REVOKED)
-        if action is Action.EXISTS:
-            ctx.events.append(self._key_event(ctx, "claim.rejected", key, device, reason="public_key_mismatch"))
-            return self._error(ctx, ErrorCode.DEVICE_EXISTS, "a device with this hardware_id already exists")
-        # Uses count created devices; an exhausted key still re-claims the devices it created.
-        if is_exhausted(key) and (device is None or device.key_id != key.id):
-            return self._deny(ctx, key, Denial.KEY_EXHAUSTED)
-
-        api_key = "" if action is Action.RECLAIM else secrets.new_api_key()
-        now = int(ctx.now)
-        if action is Action.CREATE:
-            device = self._new_device(ctx, key, cloud_kid)
-            Store.insert_device(db, device, secrets.digest(api_key))
-            if Store.spend_key_use(db, key.id) == key.max_registrations:
-                ctx.events.append(self._key_event(ctx, "key.exhausted", key, None))
-            ctx.events.insert(0, self._key_event(ctx, "device.provisioned", key, device))
-        elif action is Action.ROTATE:
-            assert device is not None
-            Store.rotate_device_key(db, device.id, claim.public_key_sec1, cloud_kid, secrets.digest(api_key), now)
-            ctx.events.append(self._key_event(ctx, "device.reprovisioned", key, device))
-        else:
-            assert device is not None
-            ctx.events.append(self._key_event(ctx, "device.reclaimed", key, device))
-        assert device is not None
-
-        answer = to_json(self._success(ctx, device, action is Action.CREATE, api_key, shared, cloud_kid))
-        Store.store_answer(db, ctx.client_id, claim.request_id, claim_digest(claim), answer, now)
+    def _grant(
+        self, db: sqlite3.Connection, request: ClaimRequest, granted: Granted, keys: KeyRing, shared: bytes
+    ) -> bytes:
+        """Write the granted device's rows, mint its token and seal its credentials; the answer, stored for replays."""
+        device, now = granted.device, int(request.now)
+        if granted.action is Action.CREATE:
+            Store.insert_device(db, device, secrets.digest(granted.api_key))
+            Store.spend_key_use(db, granted.key.id)
+        elif granted.action is Action.ROTATE:
+            api_key_hash = secrets.digest(granted.api_key)
+            Store.rotate_device_key(db, device.id, device.public_key, device.cloud_key_id, api_key_hash, now)
+        # Inside the transaction on purpose: with dynamic security the mirror tells Mosquitto the token here,
+        # and a MirrorError rolls the claim back, so no device holds a token its broker does not know; the
+        # janitor's invariant (bridge/janitor.py: no grant in flight while it holds the write lock) rests on it.
+        credentials = issue_credentials(self.settings, keys, self.mirror, device, granted.api_key, now)
+        created = granted.action is Action.CREATE
+        ok = sealed_answer(request.claim.request_id, device, created, request.cloud_kid, shared, credentials)
+        answer = to_json(ok)
+        Store.store_answer(db, request.client_id, request.claim.request_id, request.digest, answer, now)
         return answer
-
-    def _new_device(self, ctx: _Context, key: ProvisionKey, cloud_kid: str) -> Device:
-        claim, now = ctx.claim, int(ctx.now)
-        return Device(
-            id=secrets.new_device_id(),
-            tenant_id=key.tenant_id,
-            tenant_name=key.tenant_name,
-            hardware_id=claim.hardware_id,
-            name=claim.device_name,
-            public_key=claim.public_key_sec1,
-            cloud_key_id=cloud_kid,
-            labels=key.labels,
-            groups=key.groups,
-            profile=key.profile,
-            hardware=claim.hardware.model_dump(exclude_none=True) if claim.hardware else None,
-            network=claim.network.model_dump(exclude_none=True) if claim.network else None,
-            agent_version=claim.agent_version,
-            key_id=key.id,
-            status="active",
-            created_at=now,
-            updated_at=now,
-        )
-
-    def _success(
-        self, ctx: _Context, device: Device, created: bool, api_key: str, shared: bytes, cloud_kid: str
-    ) -> ClaimOk:
-        # Inside the transaction: no answer without a broker that knows the token (MirrorError rolls back).
-        credentials = issue_credentials(self.settings, ctx.keys, self.mirror, device, api_key, int(ctx.now))
-        return sealed_answer(ctx.claim.request_id, device, created, cloud_kid, shared, credentials)
-
-    # --- refusals and events --------------------------------------------------------------
-
-    def _deny(self, ctx: _Context, key: ProvisionKey | None, reason: Denial) -> bytes:
-        if key is None:
-            ctx.events.append(self._ctx_event(ctx, "claim.rejected", NO_TENANT, reason=reason.value))
-        else:
-            ctx.events.append(self._key_event(ctx, "claim.rejected", key, None, reason=reason.value))
-        return self._error(ctx, ErrorCode.PERMISSION_DENIED, DENIED_MESSAGE)
-
-    def _ctx_event(self, ctx: _Context, name: str, tenant: str, **fields: Any) -> Event:
-        return new_event(
-            name,
-            ctx.now,
-            tenant,
-            request_id=ctx.claim.request_id,
-            client_id=ctx.client_id,
-            hardware_id=ctx.claim.hardware_id,
-            **fields,
-        )
-
-    def _key_event(self, ctx: _Context, name: str, key: ProvisionKey, device: Device | None, **fields: Any) -> Event:
-        return self._ctx_event(
-            ctx,
-            name,
-            key.tenant_name,
-            device_id=device.id if device else None,
-            key_name=key.name,
-            key_id_prefix=key.id[:12],
-            **fields,
-        )
 
 
 def device_key(store: Store, keys: KeyRing | KeySource, device_id: str) -> bytes:

@@ -23,27 +23,27 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from bridge import logs
+from bridge.claim_decision import NO_TENANT, new_event
 from bridge.credentials import issue_credentials, sealed_answer, shared_secret
-from bridge.errors import ProvbridgeError, StorageError
+from bridge.errors import StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mirror import MirrorError
 from bridge.provisioning import (
-    NO_TENANT,
     Outcome,
     RequestHandler,
-    new_event,
     parse_request,
     rate_limited,
     record_events_safely,
     retryable_error,
     sampled,
 )
+from bridge.records import Device
+from bridge.refresh_decision import RefreshFacts, RefreshRefused, Refusal, decide_refresh
 from bridge.rotation import current_ring
-from bridge.store import Device, Store
+from bridge.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, to_json
@@ -56,40 +56,13 @@ REJECTED = "token.refresh_rejected"
 RATE_LIMITED = "token.refresh_rate_limited"
 
 
-class Refusal(StrEnum):
-    """Why a refresh was refused. Only ops see this (event `reason`)."""
-
-    INVALID_CLIENT_ID = "invalid_client_id"
-    VALIDATION_ERROR = "validation_error"
-    UNKNOWN_DEVICE = "unknown_device"
-    UNKNOWN_CLOUD_KEY = "unknown_cloud_key"
-    BAD_MAC = "bad_mac"
-    DEVICE_REVOKED = "device_revoked"
-    STALE_TIMESTAMP = "stale_timestamp"
-    REPLAYED = "replayed"
-
-
 # --- pure decisions -------------------------------------------------------------------------
-
-
-def within_skew(timestamp: int, now: int, skew_seconds: int) -> bool:
-    return abs(now - timestamp) <= skew_seconds
-
-
-def replay_expiry(timestamp: int, skew_seconds: int) -> int:
-    """Until when a request id must be remembered: after that its timestamp is stale, so it is refused anyway."""
-    return timestamp + skew_seconds
 
 
 def mac_matches(device_key: bytes, request: TokenRefresh) -> bool:
     return crypto.refresh_mac_matches(
         device_key, request.device_id, request.request_id, request.timestamp, request.mac_bytes
     )
-
-
-def same_keys(a: Device, b: Device) -> bool:
-    """Whether the device still has the keys its MAC was checked with (a `rotate` re-claim may change them)."""
-    return a.public_key == b.public_key and a.cloud_key_id == b.cloud_key_id
 
 
 # --- the orchestration ----------------------------------------------------------------------
@@ -102,15 +75,6 @@ class _Context:
     now: float
     keys: KeyRing  # one snapshot per refresh, as for claims
     events: list[Event] = field(default_factory=list)
-
-
-class _Refused(ProvbridgeError):
-    """Internal control flow: this refresh is refused for `reason` (the device only sees permission_denied)."""
-
-    def __init__(self, reason: Refusal, device: Device | None) -> None:
-        super().__init__(reason.value)
-        self.reason = reason
-        self.device = device
 
 
 class Refresher(RequestHandler):
@@ -150,11 +114,6 @@ class Refresher(RequestHandler):
         request_id = parsed.request_id
         try:
             answer = self._refresh(ctx)
-        except _Refused as refused:
-            ctx.events = sampled(self.limits, [self._rejected(ctx, refused)], now)
-            record_events_safely(self.store, ctx.events)
-            denied = ClaimError(request_id=request_id, code=ErrorCode.PERMISSION_DENIED, message=DENIED_MESSAGE)
-            return Outcome(reply_to, to_json(denied), ctx.events, f"refused: {refused.reason.value}")
         except (StorageError, sqlite3.Error) as exc:
             log.error("refresh %s: storage failure: %s", request_id, exc)
             return Outcome(
@@ -168,47 +127,52 @@ class Refresher(RequestHandler):
         except Exception:
             log.exception("refresh %s: unexpected failure", request_id)
             return Outcome(reply_to, retryable_error(self.settings, request_id, "internal error"), [], "internal_error")
+        if isinstance(answer, RefreshRefused):
+            ctx.events = sampled(self.limits, [self._rejected(ctx, answer)], now)
+            record_events_safely(self.store, ctx.events)
+            denied = ClaimError(request_id=request_id, code=ErrorCode.PERMISSION_DENIED, message=DENIED_MESSAGE)
+            return Outcome(reply_to, to_json(denied), ctx.events, f"refused: {answer.reason.value}")
         return Outcome(reply_to, answer, ctx.events, REFRESHED)
 
-    def _refresh(self, ctx: _Context) -> bytes:
+    def _refresh(self, ctx: _Context) -> bytes | RefreshRefused:
+        """edge → parse (done) → authenticate → read → decide → apply: the answer, or why it is refused."""
         request, now = ctx.request, int(ctx.now)
-        skew = self.settings.token.refresh_skew_seconds
         # Authenticate before the write lock: the ECDH is the expensive part, and forgeries never lock.
         device = Store.device_by_id(self.store.read(), request.device_id)
         if device is None:
-            raise _Refused(Refusal.UNKNOWN_DEVICE, None)
+            return RefreshRefused(Refusal.UNKNOWN_DEVICE, None)
         try:
             shared = shared_secret(ctx.keys, device.cloud_key_id, device.public_key)
         except KeyError:
             log.error("device %s was provisioned with cloud key %s, which is missing", device.id, device.cloud_key_id)
-            raise _Refused(Refusal.UNKNOWN_CLOUD_KEY, device) from None
+            return RefreshRefused(Refusal.UNKNOWN_CLOUD_KEY, device)
         if not mac_matches(crypto.derive_device_key(shared), request):
-            raise _Refused(Refusal.BAD_MAC, device)
+            return RefreshRefused(Refusal.BAD_MAC, device)
 
         with self.store.transaction() as db:
-            current = Store.device_by_id(db, device.id)
-            if current is None or not same_keys(device, current):
-                raise _Refused(Refusal.BAD_MAC, device)  # re-provisioned with a new key pair meanwhile
-            if current.status != "active":
-                raise _Refused(Refusal.DEVICE_REVOKED, current)
-            if not within_skew(request.timestamp, now, skew):
-                raise _Refused(Refusal.STALE_TIMESTAMP, current)
             Store.purge_refreshes(db, now)
-            if Store.refresh_seen(db, current.id, request.request_id, now):
-                raise _Refused(Refusal.REPLAYED, current)
-            Store.remember_refresh(db, current.id, request.request_id, replay_expiry(request.timestamp, skew))
-            credentials = issue_credentials(self.settings, ctx.keys, self.mirror, current, "", now)
-            answer = to_json(
-                sealed_answer(request.request_id, current, False, current.cloud_key_id, shared, credentials)
+            current = Store.device_by_id(db, device.id)
+            seen = current is not None and Store.refresh_seen(db, current.id, request.request_id, now)
+            verdict = decide_refresh(
+                request, device, RefreshFacts(current, seen), now, self.settings.token.refresh_skew_seconds
             )
-            ctx.events.append(self._device_event(ctx, REFRESHED, current))
+            if isinstance(verdict, RefreshRefused):
+                return verdict  # the purge above is kept: it only drops what no replay check needs
+            granted = verdict.device
+            Store.remember_refresh(db, granted.id, request.request_id, verdict.remember_until)
+            # Inside the transaction, as for claims: a MirrorError rolls the refresh back (bridge/provisioning.py).
+            credentials = issue_credentials(self.settings, ctx.keys, self.mirror, granted, "", now)
+            answer = to_json(
+                sealed_answer(request.request_id, granted, False, granted.cloud_key_id, shared, credentials)
+            )
+            ctx.events.append(self._device_event(ctx, REFRESHED, granted))
             for e in ctx.events:
                 Store.insert_event(db, e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
             return answer
 
     # --- events ---------------------------------------------------------------------------
 
-    def _rejected(self, ctx: _Context, refused: _Refused) -> Event:
+    def _rejected(self, ctx: _Context, refused: RefreshRefused) -> Event:
         if refused.device is None:
             return new_event(
                 REJECTED,

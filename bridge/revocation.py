@@ -21,7 +21,8 @@ from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
 from bridge.dynsec import revoke_on_mosquitto
 from bridge.filelock import locked
 from bridge.mirror import MirrorError
-from bridge.store import Device, Store
+from bridge.records import Device
+from bridge.store import Store
 from broker.denylist import DENYLIST_FILE_NAME, render_denylist
 
 

@@ -11,12 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.filelock import locked
+from bridge.records import Device, ProvisionKey
 from provwire.models import rfc3339
 
 BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
@@ -95,47 +95,6 @@ CREATE TABLE IF NOT EXISTS refresh_requests (
 );
 CREATE INDEX IF NOT EXISTS refresh_requests_expiry ON refresh_requests (expires_at);
 """
-
-
-@dataclass(frozen=True)
-class ProvisionKey:
-    id: str
-    tenant_id: str
-    tenant_name: str
-    name: str
-    kind: str
-    key_hash: bytes
-    profile: str
-    hardware_id_pattern: str | None
-    expires_at: int | None
-    max_registrations: int | None
-    registrations: int
-    labels: dict[str, str]
-    groups: list[str]
-    reclaim_policy: str
-    status: str
-    created_at: int
-
-
-@dataclass(frozen=True)
-class Device:
-    id: str
-    tenant_id: str
-    tenant_name: str
-    hardware_id: str
-    name: str | None
-    public_key: bytes
-    cloud_key_id: str
-    labels: dict[str, str]
-    groups: list[str]
-    profile: str
-    hardware: dict[str, Any] | None
-    network: dict[str, Any] | None
-    agent_version: str | None
-    key_id: str
-    status: str
-    created_at: int
-    updated_at: int
 
 
 _KEY_SELECT = "SELECT k.*, t.name AS tenant_name FROM provision_keys k JOIN tenants t ON t.id = k.tenant_id"

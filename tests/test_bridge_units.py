@@ -9,36 +9,14 @@ from pathlib import Path
 import pytest
 
 from bridge import admin, secrets
+from bridge.claim_decision import Action, Denial, key_denial, reclaim_action
 from bridge.cli import main as cli_main
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, UsageError
-from bridge.provisioning import Action, Denial, key_denial, parse_claim, reclaim_action
-from bridge.store import Device
+from bridge.provisioning import parse_claim
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError
-from tests.conftest import provision_key_row
-
-
-def _device(public_key: bytes = b"pk", status: str = "active") -> Device:
-    return Device(
-        id="dev_1",
-        tenant_id="ten_1",
-        tenant_name="t",
-        hardware_id="hw",
-        name=None,
-        public_key=public_key,
-        cloud_key_id="c",
-        labels={},
-        groups=[],
-        profile="default",
-        hardware=None,
-        network=None,
-        agent_version=None,
-        key_id="key_1",
-        status=status,
-        created_at=0,
-        updated_at=0,
-    )
+from tests.helpers.bridge import device_row, provision_key_row
 
 
 def test_key_denial_reasons() -> None:
@@ -54,13 +32,13 @@ def test_key_denial_reasons() -> None:
 def test_reclaim_action_protects_known_devices() -> None:
     reject, rotate = provision_key_row(), provision_key_row(reclaim_policy="rotate")
     assert reclaim_action(None, b"pk", reject) is Action.CREATE
-    assert reclaim_action(_device(b"pk"), b"pk", reject) is Action.RECLAIM
-    assert reclaim_action(_device(b"pk"), b"other", reject) is Action.EXISTS
-    assert reclaim_action(_device(b"pk"), b"other", rotate) is Action.ROTATE
-    assert reclaim_action(_device(b"pk", status="revoked"), b"pk", rotate) is Action.REVOKED
+    assert reclaim_action(device_row(public_key=b"pk"), b"pk", reject) is Action.RECLAIM
+    assert reclaim_action(device_row(public_key=b"pk"), b"other", reject) is Action.EXISTS
+    assert reclaim_action(device_row(public_key=b"pk"), b"other", rotate) is Action.ROTATE
+    assert reclaim_action(device_row(public_key=b"pk", status="revoked"), b"pk", rotate) is Action.REVOKED
     # Another key of the tenant, even a rotate one, cannot replace the public key of a device it did not create.
     assert (
-        reclaim_action(_device(b"pk"), b"other", provision_key_row(id="key_2", reclaim_policy="rotate"))
+        reclaim_action(device_row(public_key=b"pk"), b"other", provision_key_row(id="key_2", reclaim_policy="rotate"))
         is Action.EXISTS
     )
 

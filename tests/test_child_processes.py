@@ -25,9 +25,11 @@ from bridge.inprocess import STOP_GRACE_SECONDS
 from bridge.lifeline import ORPHANED_EXIT_STATUS
 from bridge.store import Store
 from provwire import topics
-from tests.conftest import Bridge, Device
-from tests.mosquitto import external_settings, mosquitto_for, wait_for
-from tests.test_multiprocess import ServeProcesses, _alive
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.mosquitto import external_settings, mosquitto_for
+from tests.helpers.processes import ServeProcesses, alive
+from tests.helpers.waiting import wait_for
 
 GONE_TIMEOUT = 10.0  # generous: the kernel ends a child at once when its parent dies
 STOP_MARGIN = 5.0  # beyond the grace period: saying offline and closing the broker after the worker is gone
@@ -66,7 +68,7 @@ def descendants(root: int) -> dict[int, bytes]:
 
 
 def survivors(processes: dict[int, bytes]) -> dict[int, bytes]:
-    return {pid: cmd for pid, cmd in processes.items() if _alive(pid)}
+    return {pid: cmd for pid, cmd in processes.items() if alive(pid)}
 
 
 def kill_leftovers(processes: dict[int, bytes]) -> None:
@@ -143,8 +145,10 @@ def test_sigterm_of_serve_ends_its_blocked_claim_worker_within_the_grace_period(
             status = None
         assert status == 0, f"serve did not exit within {STOP_GRACE_SECONDS} s + {STOP_MARGIN} s\n{serve.log()[-3000:]}"
         serve.process = None
-        assert not survivors(children), survivors(children)  # reaped by serve, not left to init
+        assert not survivors(children), survivors(children)
         assert f"the claim worker (pid {worker}) did not stop in time; killing it" in serve.log()
+        # Reaped by serve, not left to init: only a wait gives serve the status it logs.
+        assert f"the claim worker (pid {worker}) ended with status -{signal.SIGKILL.value}" in serve.log()
 
 
 # --- `serve --processes 2`: the bridge processes, frozen ----------------------------------------

@@ -12,8 +12,9 @@ from bridge import keyfiles
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Bridge, Device, race_one_time_key
-from tests.mqtt_client import MqttClient
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device, race_one_time_key
+from tests.helpers.mqtt import MqttClient
 
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:

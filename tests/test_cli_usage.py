@@ -14,7 +14,7 @@ from bridge.cli_common import EXIT_READER_GONE
 from bridge.config import Settings
 from bridge.store import Store
 from device_sim import cli as sim_cli
-from tests.conftest import Bridge
+from tests.helpers.bridge import Bridge
 
 
 def _keys(settings: Settings) -> int:

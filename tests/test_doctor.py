@@ -21,8 +21,8 @@ from bridge.provisioning import Provisioner
 from bridge.store import Store
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimOk, to_json
-from tests.conftest import Bridge
-from tests.test_tls import initialise, running, tls_settings
+from tests.helpers.bridge import Bridge
+from tests.helpers.tls import initialise, running, tls_settings
 
 CHECKS = list(doctor.CHECKS)
 

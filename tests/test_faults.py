@@ -25,11 +25,9 @@ Figures measured here (counts, recovery times) are logged as `FAULTS ...` lines,
 """
 
 import fcntl
-import functools
 import heapq
 import itertools
 import json
-import logging
 import os
 import random
 import re
@@ -37,8 +35,6 @@ import signal
 import socket
 import sqlite3
 import struct
-import subprocess
-import sys
 import termios
 import threading
 import time
@@ -64,11 +60,13 @@ from broker import mosquitto_conf as mc
 from device_sim.device import DeviceIdentity, build_claim, connect_with_token, open_answer
 from provwire import topics
 from provwire.models import Credentials, to_json
-from tests.mosquitto import RunningMosquitto, config_toml, external_settings, mosquitto_for, run_cli, wait_for
-from tests.raw_mqtt import mqtt_string, packet
-from tests.test_mosquitto_jwt import require_plugin
-
-log = logging.getLogger("tests.faults")
+from tests.helpers.cli import run_cli
+from tests.helpers.figures import figure
+from tests.helpers.mosquitto import RunningMosquitto, external_settings, mosquitto_for
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.processes import ServeProcesses, alive
+from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet
+from tests.helpers.waiting import wait_for
 
 BURST = 2000  # devices in a crash or restart burst (the issue's size)
 SMALL_BURST = 1000  # the database faults, where the bridge runs inside the test process
@@ -80,22 +78,12 @@ RETRYABLE = frozenset({"rate_limited", "internal_error"})
 BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1", "PROVBRIDGE_CLAIMS__RATE_LIMITS": "false"}
 # External mode: no dynamic-security mirroring (see the module docstring).
 EXTERNAL_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__DYNSEC": "false"}
-# External mode, device tokens verified by the provbridge_jwt plugin in Mosquitto (the `jwt_auth` fixture).
+# External mode, device tokens verified by the provbridge_jwt plugin in Mosquitto (the `jwt_mode` fixture).
 JWT_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__MOSQUITTO_AUTH": "jwt"}
 # External mode, every token mirrored into dynamic security (the defaults): ~8 ms of Mosquitto per claim
 # once a few hundred devices are mirrored, so a smaller burst.
 DYNSEC_ENV = BASE_ENV
 DYNSEC_BURST = 300
-SERVING = "bridge serving claims"
-WORKER_RE = r"claim worker running \(pid (\d+)\)"
-CHILD_RE = r"started bridge process \d+ of \d+ \(pid (\d+)\)"
-
-
-def figure(name: str, **values: object) -> None:
-    """An informational measurement, printed for docs/RELIABILITY.md (`pytest -s` or the log)."""
-    line = "FAULTS " + name + " " + " ".join(f"{k}={v}" for k, v in values.items())
-    log.warning(line)
-    print(line)
 
 
 # --- the devices ------------------------------------------------------------------------------
@@ -388,12 +376,8 @@ def _credentials(settings: Settings, device: FleetDevice) -> Credentials:
 
 def connack(port: int, client_id: str, username: str, password: str) -> int:
     """A bare MQTT 3.1.1 CONNECT with a username and password: the broker's CONNACK return code (0 = accepted)."""
-    body = (
-        mqtt_string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30) + mqtt_string(client_id) + mqtt_string(username)
-    )
-    body += mqtt_string(password)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(packet(0x10, body))
+        sock.sendall(connect_packet(client_id, username=username, password=password))
         reply = b""
         while len(reply) < 4:
             chunk = sock.recv(4 - len(reply))
@@ -424,88 +408,6 @@ def check_tokens_work(settings: Settings, fleet: Fleet, every: int = 1, sample: 
     return len(creds)
 
 
-@pytest.fixture
-def jwt_auth(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mosquitto verifies device tokens with the provbridge_jwt plugin (skipped when it cannot be built,
-    except under CI). The CLI run in this process (`mosquitto-config`, `doctor`) reads it from the environment."""
-    require_plugin()
-    monkeypatch.setenv("PROVBRIDGE_BROKER__MOSQUITTO_AUTH", "jwt")
-
-
-# --- the bridge as a subprocess ---------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _gone(pid: int) -> bool:
-    return not _alive(pid)
-
-
-class ServeProcess:
-    """`provbridge serve [--processes N]` as a subprocess: started, killed with SIGKILL, restarted.
-
-    Every pid it reported (claim workers, bridge processes) is gone after `close`.
-    """
-
-    def __init__(self, settings: Settings, env: dict[str, str], processes: int = 1) -> None:
-        self.settings = settings
-        self.env = {**os.environ, **env}
-        self.processes = processes
-        self.log_file = settings.data_dir.parent / "serve.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        config = self.settings.data_dir.parent / "serve.toml"
-        config.write_text(config_toml(self.settings))
-        before = self.log().count(SERVING)
-        argv = [sys.executable, "-m", "bridge.cli", "--config", str(config), "--data-dir", str(self.settings.data_dir)]
-        with open(self.log_file, "ab") as out:
-            self.process = subprocess.Popen(
-                [*argv, "serve", "--processes", str(self.processes)], stdout=out, stderr=subprocess.STDOUT, env=self.env
-            )
-        assert wait_for(lambda: self.log().count(SERVING) >= before + self.processes, timeout=60), self.log()[-3000:]
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)  # our own child, by its pid
-        self.process.wait(30)
-        self.process = None
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-    def reported_pids(self) -> set[int]:
-        text = self.log()
-        return {int(p) for p in re.findall(WORKER_RE, text)} | {int(p) for p in re.findall(CHILD_RE, text)}
-
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-            self.process = None
-        for pid in self.reported_pids():
-            if not wait_for(functools.partial(_gone, pid), timeout=30):
-                os.kill(pid, signal.SIGKILL)  # only a pid our bridge reported starting
-        assert not any(_alive(pid) for pid in self.reported_pids())
-
-    def __enter__(self) -> "ServeProcess":
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
 def _first_key(initialised: tuple[Settings, str]) -> str:
     return initialised[1]
 
@@ -519,14 +421,14 @@ def _wait_all(fleet: Fleet, what: str) -> float:
 # --- 1. the bridge killed mid-burst -----------------------------------------------------------
 
 
-def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[Settings, str], jwt_auth: None) -> None:
+def test_bridge_killed_mid_burst_on_mosquitto_loses_nothing(initialised: tuple[Settings, str], jwt_mode: None) -> None:
     """kill -9 of `provbridge serve` (external mode, tokens verified in Mosquitto): the claims it held and those
     published while it was down wait in its persistent session and are answered after it returns; no device
     needs to re-send; tokens minted before and after the kill connect."""
     settings = external_settings(initialised[0], mosquitto_auth="jwt")
     with (
         mosquitto_for(settings),
-        ServeProcess(settings, JWT_ENV) as serve,
+        ServeProcesses(settings, env=JWT_ENV) as serve,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         fleet.resend_on_reconnect = False  # the broker stays up: only "retry later" answers are re-sent
@@ -568,7 +470,7 @@ def test_bridge_killed_mid_burst_embedded_replays_committed_answers(initialised:
     re-send with the same request_id; claims committed before the kill get their stored answer."""
     settings = initialised[0]
     with (
-        ServeProcess(settings, BASE_ENV) as serve,
+        ServeProcesses(settings, env=BASE_ENV) as serve,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         fleet.connect()
@@ -579,7 +481,7 @@ def test_bridge_killed_mid_burst_embedded_replays_committed_answers(initialised:
         answered_at_kill = [d for d in burst if d.final is not None]
         assert wait_for(lambda: fleet.lanes_up() == 0, timeout=LONG)  # the broker died with the process
         # The orphaned claim worker stops at its next answer (the socket to the dead broker is gone).
-        assert wait_for(lambda: not any(_alive(pid) for pid in serve.reported_pids()), timeout=LONG)
+        assert wait_for(lambda: not any(alive(pid) for pid in serve.reported_pids()), timeout=LONG)
         db = sqlite3.connect(f"file:{settings.database_file}?mode=ro", uri=True)
         try:
             committed = {r[0] for r in db.execute("SELECT request_id FROM answers")}
@@ -640,7 +542,7 @@ def _orphans(settings: Settings, channel: DynsecChannel) -> set[str]:
 
 
 def _kill_between_grant_and_commit(
-    serve: ServeProcess, settings: Settings, channel: DynsecChannel, fleet: Fleet
+    serve: ServeProcesses, settings: Settings, channel: DynsecChannel, fleet: Fleet
 ) -> tuple[int, set[str]]:
     """SIGKILL the bridge while a claim's token is in Mosquitto and its transaction not committed.
 
@@ -676,7 +578,7 @@ def test_bridge_killed_between_a_mirrored_token_and_its_commit(initialised: tupl
     assert settings.broker.dynsec and settings.broker.mosquitto_auth == "dynsec"
     with (
         mosquitto_for(settings),
-        ServeProcess(settings, DYNSEC_ENV) as serve,
+        ServeProcesses(settings, env=DYNSEC_ENV) as serve,
         admin_channel(settings) as channel,  # the bridge account under a client id of its own
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
@@ -737,7 +639,7 @@ def _restart(broker: RunningMosquitto, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_auth: None, how: str) -> None:
+def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_mode: None, how: str) -> None:
     """Mosquitto (persistence on, tokens verified by its jwt plugin) restarted mid-burst: the bridge and the
     devices reconnect by themselves, every device is answered once with one row, answers to repeated
     deliveries are identical, and tokens connect to the restarted broker."""
@@ -745,7 +647,7 @@ def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_auth:
     conf = settings.data_dir.parent / "mosquitto" / "mosquitto.conf"
     with (
         mosquitto_for(settings) as broker,
-        ServeProcess(settings, JWT_ENV) as serve,
+        ServeProcesses(settings, env=JWT_ENV) as serve,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         assert "persistence true" in conf.read_text().splitlines()
@@ -881,11 +783,11 @@ def test_the_same_claim_delivered_twice_makes_one_device(initialised: tuple[Sett
     settings = initialised[0]
     broker: AbstractContextManager[object]
     if layout == "embedded":
-        serve = ServeProcess(settings, BASE_ENV)
+        serve = ServeProcesses(settings, env=BASE_ENV)
         broker = _nothing()
     else:
         settings = external_settings(settings)
-        serve = ServeProcess(settings, EXTERNAL_ENV, processes=2)
+        serve = ServeProcesses(settings, 2, env=EXTERNAL_ENV)
         broker = mosquitto_for(settings)
     count = 400  # 800 messages: under claims.max_in_flight, so copies are rarely told to retry instead
     with broker, serve, Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet:
@@ -920,7 +822,7 @@ def raw_connect(port: int, client_id: str, rcvbuf: int | None = None) -> socket.
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: a tiny window
     sock.connect(("127.0.0.1", port))
-    sock.sendall(packet(0x10, mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 0) + mqtt_string(client_id)))
+    sock.sendall(connect_packet(client_id, keepalive=0))
     return sock
 
 
@@ -942,10 +844,10 @@ def test_slow_and_vanishing_consumers_do_not_block_other_devices(
     settings, key = initialised
     broker: AbstractContextManager[object]
     if broker_mode == "embedded":
-        serve, broker = ServeProcess(settings, BASE_ENV), _nothing()
+        serve, broker = ServeProcesses(settings, env=BASE_ENV), _nothing()
     else:
         settings = external_settings(settings)
-        serve, broker = ServeProcess(settings, EXTERNAL_ENV), mosquitto_for(settings)
+        serve, broker = ServeProcesses(settings, env=EXTERNAL_ENV), mosquitto_for(settings)
     port, prefix = settings.broker.port, settings.topic_prefix
     stuck_claims = 300
     with broker, serve:
@@ -955,23 +857,17 @@ def test_slow_and_vanishing_consumers_do_not_block_other_devices(
         raw_subscribe(stuck, topics.response_topic(prefix, "stuck-device"))
         # Never acknowledges: paho with manual acknowledgement, never given.
         mute_identity = DeviceIdentity.generate(f"hw-mute-{uuid.uuid4().hex[:6]}")
-        mute = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="mute-device", clean_session=True, manual_ack=True)
-        mute_got: list[bytes] = []
-        mute_subscribed = threading.Event()
-        mute.on_message = lambda _c, _u, m: mute_got.append(bytes(m.payload))
-        mute.on_subscribe = lambda *_a: mute_subscribed.set()
-        mute.connect("127.0.0.1", port)
-        mute.loop_start()
+        mute = MqttClient(port, "mute-device", manual_ack=True)
+        mute.connect()
         vanished = Fleet(port, prefix, key, lanes=4)  # their claims go out on bare sockets that close at once
         try:
-            mute.subscribe(topics.response_topic(prefix, "mute-device"), 1)
-            assert mute_subscribed.wait(30)
+            assert mute.subscribe(topics.response_topic(prefix, "mute-device"))  # its SUBACK came
             for n in range(stuck_claims):
                 claim = build_claim(stuck_identity, key, f"stuck.{n:05d}")
                 raw_publish(stuck, topics.claim_topic(prefix, "stuck-device"), to_json(claim))
             for n in range(50):
                 claim = build_claim(mute_identity, key, f"mute.{n:05d}")
-                mute.publish(topics.claim_topic(prefix, "mute-device"), to_json(claim), 1)
+                mute.client.publish(topics.claim_topic(prefix, "mute-device"), to_json(claim), 1)
             for device in vanished.add(100):
                 sock = raw_connect(port, vanished.lane_ids[device.lane])
                 sock.settimeout(30)
@@ -988,14 +884,14 @@ def test_slow_and_vanishing_consumers_do_not_block_other_devices(
             vanished.connect()
             vanished.send(vanished.devices)
             _wait_all(vanished, "the returning devices")
-            assert wait_for(lambda: len(mute_got) >= 1, timeout=LONG)  # it is being answered, it just never acks
+            # It is being answered, it just never acks.
+            assert wait_for(lambda: mute.messages.qsize() >= 1, timeout=LONG)
             unread = struct.unpack("i", fcntl.ioctl(stuck.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
             stuck_created = wait_for(lambda: _device_exists(settings, stuck_identity.hardware_id), timeout=LONG)
             mute_created = wait_for(lambda: _device_exists(settings, mute_identity.hardware_id), timeout=LONG)
         finally:
             vanished.close()
-            mute.disconnect()
-            mute.loop_stop()
+            mute.close()
             stuck.close()
     assert stuck_created and mute_created
     check_invariants(settings, [fleet, vanished], others=2)
@@ -1005,7 +901,7 @@ def test_slow_and_vanishing_consumers_do_not_block_other_devices(
         seconds_to_answer_all=f"{took:.1f}",
         stuck_claims=stuck_claims,
         bytes_unread_in_stuck_socket=unread,
-        unacked_answers_received=len(mute_got),
+        unacked_answers_received=mute.messages.qsize(),
         vanished_replayed=len(vanished.devices),
     )
 

@@ -31,9 +31,11 @@ from device_sim.device import build_token_refresh
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk, to_json
-from tests.conftest import Bridge, Device, make_settings, serving_bridge
-from tests.mosquitto import mosquitto_bridge, require_mosquitto, wait_for
-from tests.raw_mqtt import mqtt_string, packet, remaining_length
+from tests.helpers.bridge import Bridge, make_settings
+from tests.helpers.brokers import DYNSEC, EMBEDDED, bridge_on
+from tests.helpers.devices import Device
+from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet, remaining_length
+from tests.helpers.waiting import wait_for
 
 SLOW = 0.01  # tokens per second: none comes back within a test
 
@@ -147,16 +149,13 @@ def test_token_refreshes_are_limited_per_device_id_and_per_client_id(bridge: Bri
     assert reasons == ["client_id", "device"]
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
-def either_bridge(initialised: tuple[Settings, str], request: pytest.FixtureRequest) -> Iterator[Bridge]:
+@pytest.fixture(params=[EMBEDDED, DYNSEC], ids=["embedded", "mosquitto"])
+def either_bridge(
+    initialised: tuple[Settings, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Bridge]:
     """The embedded broker with the in-process edge, or Mosquitto with the paho edge."""
-    if request.param == "embedded":
-        with serving_bridge(*initialised) as running:
-            yield running
-    else:
-        require_mosquitto()
-        with mosquitto_bridge(*initialised) as running:
-            yield running
+    with bridge_on(request.param, initialised, monkeypatch) as running:
+        yield running
 
 
 @limits(rate_client_per_second=SLOW, rate_client_burst=3)
@@ -281,7 +280,7 @@ def _bridge_rss_kib() -> int:
 def _flood_from_fresh_client(port: int, topic_of: Any, per_client: int, payload: bytes) -> None:
     """A bare MQTT client that connects with a fresh id, publishes QoS 0 and leaves without reading answers."""
     client_id = f"flood-{uuid.uuid4().hex[:16]}"
-    connect = packet(0x10, mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + mqtt_string(client_id.encode()))
+    connect = connect_packet(client_id, keepalive=60)
     publish = packet(0x30, mqtt_string(topic_of(client_id).encode()) + payload)
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(connect)
@@ -359,10 +358,10 @@ def test_the_embedded_broker_closes_a_connection_announcing_a_packet_over_its_bo
             mqtt_string(topics.claim_topic(bridge.prefix, device.client_id).encode())
             + device.claim_payload(bridge.provision_key),
         )
-        client_id = device.client_id.encode()
+        client_id = device.client_id
     with socket.create_connection(("127.0.0.1", bridge.port), timeout=30) as s:
         # An anonymous provisioning client, accepted, then the oversized packet, a claim and a PINGREQ.
-        s.sendall(packet(0x10, mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60]) + mqtt_string(client_id)))
+        s.sendall(connect_packet(client_id, keepalive=60))
         assert s.recv(4)[:1] == b"\x20"
         s.sendall(_oversized(kind) + smuggled + packet(0xC0, b""))
         assert _until_closed(s) == b""  # closed by the broker: no SUBACK, no PINGRESP

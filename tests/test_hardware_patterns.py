@@ -12,14 +12,15 @@ import time
 
 import pytest
 
-from bridge import admin, cli, hardware_pattern
+from bridge import admin, cli, doctor, hardware_pattern
+from bridge.claim_decision import Denial, key_denial
 from bridge.config import Settings
 from bridge.errors import InvalidPattern
-from bridge.provisioning import Denial, key_denial
 from bridge.store import Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Bridge, Device, provision_key_row
+from tests.helpers.bridge import Bridge, provision_key_row
+from tests.helpers.devices import Device
 
 SEGMENTS = r"([A-Z0-9]+-?)+"  # an ordinary admin pattern, exponential in a backtracking engine
 HOSTILE_ID = "A" * 127 + "!"  # 128 characters, the most a hardware id may have
@@ -58,17 +59,42 @@ def test_patterns_re2_cannot_run_as_meant_are_refused_with_the_reason(pattern: s
     )
 
 
+def _differences(pattern: str, known: list[str] | None = None) -> list[str]:
+    return hardware_pattern.differences(pattern, doctor.python_matches, known or [])
+
+
 def test_differences_find_what_python_re_matched_and_re2_does_not() -> None:
-    assert hardware_pattern.differences(SEGMENTS) == []
-    assert hardware_pattern.differences(r"[0-9A-F]{8}") == []
+    assert _differences(SEGMENTS) == []
+    assert _differences(r"[0-9A-F]{8}") == []
     # RE2's \d, \w and \s are ASCII; Python's are Unicode.
-    assert "'SN-٣' matched before" in hardware_pattern.differences(r"SN-\d")[0]
-    assert hardware_pattern.differences(r"\w+")
+    assert "'SN-٣' matched before and no longer does" in _differences(r"SN-\d")
+    assert any("matched before and no longer does" in found for found in _differences(r"\w+"))
     # POSIX classes: a set of characters to Python, a class to RE2.
-    assert hardware_pattern.differences("[[:alpha:]]+")
+    assert _differences("[[:alpha:]]+")
     # A device Python's re let in that RE2 would refuse is named with the count.
-    found = hardware_pattern.differences(r"SN-\d+", ["SN-1", "SN-٣", "SN-٤"])
+    found = _differences(r"SN-\d+", ["SN-1", "SN-٣", "SN-٤"])
     assert found[0] == "2 of its devices' hardware ids no longer match, e.g. 'SN-٣'"
+
+
+@pytest.mark.parametrize("pattern", [r"ID-\D{4}", r"[^\s]+", r"\W"])
+def test_differences_find_what_re2_lets_in_that_python_re_refused(pattern: str) -> None:
+    # The allow-list grew: a non-ASCII digit, space or letter is not \d, \s, \w to RE2.
+    assert any("did not match before and now does" in found for found in _differences(pattern)), pattern
+
+
+def test_a_pattern_python_re_backtracks_on_cannot_stall_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "PYTHON_MATCH_TIMEOUT_SECONDS", 1.0)
+    # RE2 runs it; Python's re takes 2^40 steps on the probe "a" * 40 (\b\B never holds).
+    assert _differences(r"(a|a){40}\b\B") == [
+        "Python's re did not answer in time on strings built from it (it backtracks), so it cannot be compared"
+    ]
+
+
+def test_braces_in_classes_and_escaped_braces_are_not_repetitions() -> None:
+    assert hardware_pattern.fullmatch(r"[{,5}]", ",")  # a class holding "{", ",", "5" and "}"
+    assert hardware_pattern.fullmatch(r"\{,5}", "{,5}")
+    with pytest.raises(InvalidPattern, match="literal text"):
+        hardware_pattern.compile_pattern(r"\\{,5}")  # an escaped backslash, then a brace RE2 takes literally
 
 
 # --- through the broker --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ record, no changed row. Nothing raises.
 
 The bulk drives `Provisioner.handle` / `Refresher.handle` directly, on a real SQLite file with real
 keys (fast); `test_hostile_input_over_mqtt_then_good_claims` sends a sample through the embedded broker
-and shows the bridge still serves the next good claim and refresh. Profiles: see tests/strategies.py
+and shows the bridge still serves the next good claim and refresh. Profiles: see tests/helpers/strategies.py
 (`make test` runs the short one, `make test-long` more than 10,000 examples).
 """
 
@@ -37,9 +37,11 @@ from bridge.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, MAX_REFRESH_BYTES, Claim, ClaimError, ClaimOk, Event, to_json
-from tests.conftest import Bridge, Device, free_port, make_settings
-from tests.mqtt_client import MqttClient
-from tests.strategies import (
+from tests.helpers.bridge import Bridge, make_settings
+from tests.helpers.devices import Device
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.network import free_port
+from tests.helpers.strategies import (
     BAD_KEYS,
     CLAIM_MEMBERS,
     CLIENT_IDS,

@@ -19,9 +19,10 @@ from bridge.store import Store
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Bridge, Device
-from tests.mosquitto import wait_for
-from tests.mqtt_client import MqttClient
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.waiting import wait_for
 
 
 @dataclass

@@ -11,7 +11,7 @@ from bridge.dynsec import admin_channel, device_client, device_role_for
 from bridge.janitor import MAX_ORPHANS, SharedDynsecMirror
 from bridge.store import Store
 from bridge.tokens import TokenGrant
-from tests.mosquitto import external_settings, mosquitto_for
+from tests.helpers.mosquitto import external_settings, mosquitto_for
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 

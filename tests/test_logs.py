@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,34 +21,28 @@ from bridge.refresh import Refresher
 from bridge.store import Store
 from provwire import crypto, topics
 from provwire.models import ClaimError, ClaimOk, Credentials
-from tests.conftest import Bridge, Device
-from tests.mqtt_client import MqttClient
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.waiting import wait_for
 
 WAIT_SECONDS = 10.0
 
 
 class Lines(logging.Handler):
-    """The formatted lines a handler built by `logs.make_handler` writes, and a way to wait for one."""
+    """The formatted lines a handler built by `logs.make_handler` writes."""
 
     def __init__(self, log_format: logs.LogFormat) -> None:
         super().__init__(logging.DEBUG)
         self.stream = io.StringIO()
         self.inner = logs.make_handler(log_format, self.stream)
-        self.changed = threading.Condition()
 
     def emit(self, record: logging.LogRecord) -> None:
         self.inner.handle(record)  # its filter, its formatter, its stream: the real path
-        with self.changed:
-            self.changed.notify_all()
 
     @property
     def lines(self) -> list[str]:
         return self.stream.getvalue().splitlines()
-
-    def wait_for(self, found: Callable[[list[str]], bool]) -> None:
-        # The edge may log a claim's outcome just after the device got its answer: wait for the line.
-        with self.changed:
-            assert self.changed.wait_for(lambda: found(self.lines), WAIT_SECONDS), self.lines
 
 
 @contextmanager
@@ -104,7 +98,8 @@ def test_every_line_of_a_claims_life_carries_its_request_id_as_json(bridge: Brid
             parsed = [json.loads(line) for line in lines]  # every line is one JSON object
             return [p for p in parsed if any(f"/{cid}:" in p["message"] for cid in sent.values())]
 
-        capture.wait_for(lambda lines: len(claim_lines(lines)) >= len(sent))
+        # The edge may log a claim's outcome just after the device got its answer: wait for the line.
+        assert wait_for(lambda: len(claim_lines(capture.lines)) >= len(sent), timeout=WAIT_SECONDS), capture.lines
 
     records = [json.loads(line) for line in capture.lines]
     for record in records:

@@ -23,22 +23,20 @@ from broker import mosquitto_conf as mc
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk
-from tests.conftest import Device
-from tests.mosquitto import (
-    TIMEOUT,
-    Client,
+from tests.helpers.bridge import make_settings, serving
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import Device
+from tests.helpers.mosquitto import (
     MosquittoBridge,
-    RunningMosquitto,
     external_settings,
     mosquitto_bridge,
     mosquitto_for,
-    request_properties,
     require_mosquitto,
-    run_cli,
-    serving,
-    wait_for,
+    running_mosquitto,
 )
-from tests.raw_mqtt import remaining_length
+from tests.helpers.mqtt import TIMEOUT, MqttClient, request_properties
+from tests.helpers.raw_mqtt import remaining_length
+from tests.helpers.waiting import wait_for
 
 PREFIXES = ["prov/v1", "acme/provisioning/v2"]
 
@@ -198,8 +196,6 @@ def test_config_refuses_what_mosquitto_could_not_read(tmp_path: Path) -> None:
             mc.ConfSettings(bind="127.0.0.1", port=None, tls=None, broker_dir="/a", plugin="p", allow_anonymous=True)
         )
     settings_dir = tmp_path / "not-initialised"
-    from tests.conftest import make_settings
-
     assert run_cli(make_settings(settings_dir), "mosquitto-config", str(tmp_path / "out")) == 1
 
 
@@ -246,14 +242,14 @@ def test_mosquitto_disconnects_a_client_whose_packet_is_over_the_bound(initialis
             payload = padded_to(device.claim_payload(key), MAX_CLAIM_BYTES)
             answer = json.loads(device.send(payload))
             assert answer["status"] == "ok", answer
-        with Device(bridge, client_id="m" * 64) as device, Client(bridge.port, device.client_id, v5=True) as v5:
+        with Device(bridge, client_id="m" * 64) as device, MqttClient(bridge.port, device.client_id, v5=True) as v5:
             assert v5.connect()
             assert v5.subscribe(topics.response_topic(prefix, device.client_id)) == [1]
             payload = padded_to(device.claim_payload(key), MAX_CLAIM_BYTES)
             reply_to = topics.response_topic(prefix, device.client_id)
             props = request_properties(reply_to, b"c" * 1024)
             assert v5.publish(topics.claim_topic(prefix, device.client_id), payload, props) in (0x00, 0x10)
-            _topic, raw, _props = v5.next_message()
+            _topic, raw = v5.next_message()
             assert json.loads(raw)["status"] == "ok"
 
         # Over the claim limit but under the packet bound: it reaches the bridge, which answers and records
@@ -264,7 +260,7 @@ def test_mosquitto_disconnects_a_client_whose_packet_is_over_the_bound(initialis
         assert wait_for(lambda: client_events(bridge.store, "c-control") != [])
 
         # Over the packet bound: disconnected, no PUBACK, nothing handled.
-        with Client(bridge.port, "c-oversized") as big:
+        with MqttClient(bridge.port, "c-oversized") as big:
             assert big.connect()
             big.client.publish(topics.claim_topic(prefix, "c-oversized"), b"{" + b" " * limit + b"}", 1)
             assert big.disconnected.wait(TIMEOUT), "Mosquitto kept a client that sent an oversized packet"
@@ -322,7 +318,7 @@ def test_tls_listener_from_the_data_dirs_certificate(tls_bridge: MosquittoBridge
     creds = device.open(answer).mqtt
     assert creds.tls and creds.port == bridge.settings.broker.tls_port  # devices are sent to TLS
     ca = bridge.settings.data_dir / "tls" / "ca.pem"
-    with Client(creds.port, creds.client_id, creds.username, creds.token, ca_file=ca) as conn:
+    with MqttClient(creds.port, creds.client_id, creds.username, creds.token, ca_file=ca) as conn:
         assert conn.connect()
         assert conn.subscribe(f"devices/{creds.client_id}/#") == [1]
 
@@ -346,22 +342,17 @@ def test_a_broker_that_never_confirms_rolls_the_claim_back(initialised: tuple[Se
                 if not (a["topic"].startswith("$CONTROL/dynamic") and a["acltype"] == "publishClientSend")
             ]
     keyfiles.write_private(state_file, json.dumps(state).encode())
-    broker = RunningMosquitto(require_mosquitto(), conf_dir, settings.broker.port)
-    broker.start()
-    try:
-        with serving(settings):
-            store = Store(settings.database_file)
-            try:
-                bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), key, broker)
-                with Device(bridge) as device:
-                    answer = device.claim(key)
-                assert isinstance(answer, ClaimError) and answer.code is ErrorCode.INTERNAL_ERROR
-                assert answer.retry_after
-                assert store.count("devices") == 0  # the claim's transaction rolled back
-            finally:
-                store.close()
-    finally:
-        broker.stop()
+    with running_mosquitto(conf_dir, settings.broker.port) as broker, serving(settings):
+        store = Store(settings.database_file)
+        try:
+            bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), key, broker)
+            with Device(bridge) as device:
+                answer = device.claim(key)
+            assert isinstance(answer, ClaimError) and answer.code is ErrorCode.INTERNAL_ERROR
+            assert answer.retry_after
+            assert store.count("devices") == 0  # the claim's transaction rolled back
+        finally:
+            store.close()
     assert "dev_" not in state_file.read_text()
 
 

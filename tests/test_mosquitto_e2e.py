@@ -4,7 +4,6 @@ bridge in external mode mirroring tokens into dynamic security. Real SQLite, rea
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 
 import jwt
@@ -14,19 +13,17 @@ from bridge.config import Settings
 from bridge.dynsec import DynsecMirror, admin_channel, revoke_on_mosquitto
 from bridge.tokens import mint_token
 from provwire import topics
-from provwire.models import ClaimError, ClaimOk, Credentials
-from tests.conftest import Device, race_one_time_key
-from tests.mosquitto import (
-    ACCEPTED,
-    NOT_AUTHORIZED,
-    Client,
-    MosquittoBridge,
-    can_connect,
-    mosquitto_bridge,
-    request_properties,
-    run_cli,
-    wait_for,
+from provwire.models import ClaimError, ClaimOk
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import Device, answer_of, provision, race_one_time_key
+from tests.helpers.mosquitto import MosquittoBridge, mosquitto_bridge
+from tests.helpers.mosquitto_checks import (
+    ops_user_reads_events_and_status_and_publishes_nothing,
+    provisioning_client_is_held_to_its_own_client_id,
 )
+from tests.helpers.mqtt import ACCEPTED, NOT_AUTHORIZED, MqttClient, can_connect, request_properties
+from tests.helpers.refresh import RefreshingDevice
+from tests.helpers.waiting import wait_for
 
 
 @pytest.fixture
@@ -50,13 +47,6 @@ def short_lived(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
         yield running
 
 
-def provision(bridge: MosquittoBridge, device: Device | None = None) -> tuple[str, Credentials]:
-    with device or Device(bridge) as d:
-        answer = d.claim(bridge.provision_key)
-    assert isinstance(answer, ClaimOk), answer
-    return answer.device_id, d.open(answer)
-
-
 def claim_v5(
     bridge: MosquittoBridge,
     device: Device,
@@ -65,16 +55,14 @@ def claim_v5(
     key: str | None = None,
 ) -> tuple[str, ClaimOk | ClaimError, object]:
     """A claim from an MQTT 5 client; returns the topic, the answer and the answer's properties."""
-    with Client(bridge.port, device.client_id, v5=True) as conn:
+    with MqttClient(bridge.port, device.client_id, v5=True) as conn:
         assert conn.connect()
         assert conn.subscribe(topics.response_topic(bridge.prefix, device.client_id)) == [1]
         payload = device.claim_payload(key or bridge.provision_key)
         properties = request_properties(response_topic, correlation)
         assert conn.publish(topics.claim_topic(bridge.prefix, device.client_id), payload, properties) == 0
-        topic, raw, answer_properties = conn.next_message()
-    data = json.loads(raw)
-    answer = ClaimOk.model_validate(data) if data["status"] == "ok" else ClaimError.model_validate(data)
-    return topic, answer, answer_properties
+        topic, raw, answer_properties = conn.next_message_with_properties()
+    return topic, answer_of(raw), answer_properties
 
 
 @pytest.mark.parametrize("v5", [False, True], ids=["device-mqtt3.1.1", "device-mqtt5"])
@@ -89,7 +77,7 @@ def test_claim_then_token_connect_then_publish(bridge: MosquittoBridge, v5: bool
         device_id, creds = provision(bridge, device)
     scope = f"devices/{device_id}/#"
     assert creds.mqtt.publish == [scope] and creds.mqtt.port == bridge.port
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token, v5=v5) as conn:
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token, v5=v5) as conn:
         assert conn.connect()
         assert conn.subscribe(scope) == [1]
         assert conn.publish(f"devices/{device_id}/telemetry", b"hello") == 0
@@ -105,70 +93,21 @@ def test_claim_then_token_connect_then_publish(bridge: MosquittoBridge, v5: bool
 def test_provisioning_client_is_held_to_its_own_client_id(
     bridge: MosquittoBridge, login: tuple[str | None, str | None]
 ) -> None:
-    prefix = bridge.prefix
-    attacker = Device(bridge, client_id=f"attacker-{uuid.uuid4().hex[:6]}")
-    victim = Device(bridge, client_id=f"victim-{uuid.uuid4().hex[:6]}")
-    with Client(bridge.port, attacker.client_id, *login, v5=True) as conn:
-        assert conn.connect()
-        for forbidden in (f"{prefix}/events/#", f"{prefix}/status/#", f"{prefix}/res/#", "#", f"{prefix}/claim/+"):
-            assert conn.subscribe(forbidden) == [NOT_AUTHORIZED], forbidden
-        # Mosquitto's acl_file cannot refuse a SUBSCRIBE, so this one is accepted ...
-        assert conn.subscribe(topics.response_topic(prefix, victim.client_id)) == [1]
-        assert conn.subscribe(topics.response_topic(prefix, attacker.client_id)) == [1]
-        # ... and a claim under another client id is refused at PUBLISH.
-        forged = topics.claim_topic(prefix, f"ghost-{uuid.uuid4().hex[:6]}")
-        assert conn.publish(forged, attacker.claim_payload(bridge.provision_key)) == NOT_AUTHORIZED
-        assert conn.publish(f"{prefix}/events/default/device.provisioned", b"{}") == NOT_AUTHORIZED
-
-        victim_id, _ = provision(bridge, victim)  # the victim's answer is published while we listen
-        own = topics.claim_topic(prefix, attacker.client_id)
-        assert conn.publish(own, attacker.claim_payload(bridge.provision_key)) == 0
-        # ... but nothing is delivered but our own answer: messages to one client arrive in order,
-        # so the victim's answer, published first, would have come first.
-        topic, raw, _ = conn.next_message()
-        assert topic == topics.response_topic(prefix, attacker.client_id)
-        assert json.loads(raw)["status"] == "ok"
-        assert conn.messages.empty()
-    assert victim_id
-    ghosts = [e for e in bridge.store.events(limit=1000) if str(e.get("client_id", "")).startswith("ghost-")]
-    assert ghosts == []
+    provisioning_client_is_held_to_its_own_client_id(bridge, login)
 
 
 def test_ops_user_reads_events_and_status_and_publishes_nothing(
     bridge: MosquittoBridge, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    capsys.readouterr()
-    assert run_cli(bridge.settings, "ops-user", "create", "night-shift", "--json") == 0
-    password = json.loads(capsys.readouterr().out)["password"]  # added live, through the bridge account
-    prefix = bridge.prefix
-    with Client(bridge.port, "ops-console", "night-shift", password, v5=True) as ops:
-        assert ops.connect()
-        assert ops.subscribe(f"{prefix}/status/#") == [1]
-        topic, raw, _ = ops.next_message()  # the bridge's retained status
-        assert topic == topics.status_topic(prefix) and json.loads(raw)["status"] == "online"
-        assert ops.subscribe(f"{prefix}/events/#") == [1]
-        assert ops.subscribe(f"{prefix}/claim/+") == [NOT_AUTHORIZED]
-        assert ops.subscribe("devices/#") == [NOT_AUTHORIZED]
-        assert ops.publish(f"{prefix}/events/default/x", b"{}") == NOT_AUTHORIZED
-        assert ops.publish(topics.status_topic(prefix), b"{}") == NOT_AUTHORIZED
-        assert ops.publish(topics.claim_topic(prefix, "ops-console"), b"{}") == NOT_AUTHORIZED
-        device_id, _ = provision(bridge)
-        topic, raw, _ = ops.next_message()
-        assert topic == f"{prefix}/events/default/device.provisioned"
-        assert json.loads(raw)["device_id"] == device_id
-
-        assert run_cli(bridge.settings, "ops-user", "delete", "night-shift") == 0
-        assert ops.disconnected.wait(10), "deleting the ops user must end its session"
-    assert not can_connect(bridge.port, "ops-console", "night-shift", password)
-    assert not can_connect(bridge.port, "ops-console", "night-shift", "wrong")
+    ops_user_reads_events_and_status_and_publishes_nothing(bridge, capsys)
 
 
 def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
     a_id, a = provision(bridge)
     b_id, b = provision(bridge)
     with (
-        Client(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
-        Client(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
+        MqttClient(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
+        MqttClient(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
     ):
         assert bconn.connect() and aconn.connect()
         assert bconn.subscribe(f"devices/{b_id}/#") == [1]
@@ -204,7 +143,7 @@ def test_wrong_client_id_and_tokens_never_mirrored_are_refused(bridge: Mosquitto
     assert not can_connect(bridge.port, device_id, device_id, "not-a-jwt")
     assert can_connect(bridge.port, device_id, device_id, creds.mqtt.token)
     # Anonymous under a device's client id is only a provisioning client: none of the device's rights.
-    with Client(bridge.port, device_id, v5=True) as squatter:
+    with MqttClient(bridge.port, device_id, v5=True) as squatter:
         assert squatter.connect()
         assert squatter.subscribe(f"devices/{device_id}/#") == [NOT_AUTHORIZED]
         assert squatter.publish(f"devices/{device_id}/x", b"x") == NOT_AUTHORIZED
@@ -213,7 +152,7 @@ def test_wrong_client_id_and_tokens_never_mirrored_are_refused(bridge: Mosquitto
 def test_reclaim_replaces_the_token_and_ends_the_old_session(bridge: MosquittoBridge) -> None:
     device = Device(bridge)
     device_id, first = provision(bridge, device)
-    with Client(bridge.port, device_id, device_id, first.mqtt.token) as live:
+    with MqttClient(bridge.port, device_id, device_id, first.mqtt.token) as live:
         assert live.connect()
         same = Device(bridge, hardware_id=device.hardware_id)
         same.private_key = device.private_key  # the same board, re-claiming after a reboot
@@ -231,7 +170,7 @@ def test_expired_tokens_are_removed_by_the_janitor(short_lived: MosquittoBridge)
     bridge = short_lived
     device_id, creds = provision(bridge)
     assert creds.mqtt.expires_at - int(time.time()) <= 2
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token) as live:
         # The token may already have expired and been removed by now: then the CONNECT is refused.
         if live.connect():
             assert live.disconnected.wait(30), "the janitor must end the session of an expired token"
@@ -243,7 +182,7 @@ def test_expired_tokens_are_removed_by_the_janitor(short_lived: MosquittoBridge)
 def test_revoke_on_mosquitto_ends_the_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
     device_id, creds = provision(bridge)
     other_id, other = provision(bridge)
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token) as live:
         assert live.connect()
         revoke_on_mosquitto(bridge.settings, device_id)  # what `provbridge device revoke` calls, from its process
         assert live.disconnected.wait(10), "revocation must end the live session"
@@ -302,8 +241,6 @@ def test_regenerating_the_config_keeps_devices_and_the_bridge_session(bridge: Mo
 
 
 def test_token_refresh_is_mirrored(bridge: MosquittoBridge) -> None:
-    from tests.test_refresh import RefreshingDevice
-
     with RefreshingDevice(bridge) as device:
         first = device.provision()
         answer = device.send_refresh(device.refresh_payload())  # on {prefix}/token/<client id>, provisioning rights

@@ -7,8 +7,6 @@ Skipped when Mosquitto is missing or the plugin cannot be built, except under CI
 
 import base64
 import json
-import os
-import queue
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,40 +17,22 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import Settings
-from broker import mosquitto_jwt
 from broker.errors import BrokerConfigError
 from broker.mosquitto_conf import JwtPlugin
 from provwire import topics
-from provwire.models import Credentials
-from tests import test_mosquitto_e2e as e2e
-from tests.conftest import Device
-from tests.mosquitto import (
-    ACCEPTED,
-    NOT_AUTHORIZED,
-    Client,
-    MosquittoBridge,
-    can_connect,
-    mosquitto_bridge,
-    run_cli,
-    wait_for,
+from provwire.models import ClaimOk, Credentials
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import Device, provision
+from tests.helpers.mosquitto import MosquittoBridge, mosquitto_bridge
+from tests.helpers.mosquitto_checks import (
+    ops_user_reads_events_and_status_and_publishes_nothing,
+    provisioning_client_is_held_to_its_own_client_id,
 )
+from tests.helpers.mqtt import ACCEPTED, NOT_AUTHORIZED, MqttClient, can_connect
+from tests.helpers.refresh import RefreshingDevice
+from tests.helpers.waiting import wait_for
 
-
-def require_plugin() -> None:
-    try:
-        mosquitto_jwt.find_or_build_plugin()
-    except BrokerConfigError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"the provbridge_jwt plugin cannot be built but CI is set: {exc}")
-        pytest.skip(f"the provbridge_jwt plugin cannot be built here: {exc}")
-
-
-@pytest.fixture
-def jwt_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    require_plugin()
-    # The CLI (mosquitto-config, device revoke) reads a config file written from the settings: the
-    # environment puts it in jwt mode too.
-    monkeypatch.setenv("PROVBRIDGE_BROKER__MOSQUITTO_AUTH", "jwt")
+# `jwt_mode` (tests/conftest.py): Mosquitto verifies device tokens with the provbridge_jwt plugin.
 
 
 @pytest.fixture
@@ -93,9 +73,9 @@ def test_claim_then_token_connect_then_publish_with_nothing_mirrored(bridge: Mos
     conf = (bridge.mosquitto.conf_dir / "mosquitto.conf").read_text()
     plugins = [line.split()[1] for line in conf.splitlines() if line.startswith("plugin ")]
     assert len(plugins) == 2 and plugins[0].endswith("provbridge_jwt.so")  # before dynamic security
-    device_id, creds = e2e.provision(bridge)
+    device_id, creds = provision(bridge)
     scope = f"devices/{device_id}/#"
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token, v5=True) as conn:
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token, v5=True) as conn:
         assert conn.connect()
         assert conn.subscribe(scope) == [1]
         assert conn.publish(f"devices/{device_id}/telemetry", b"hello") == 0
@@ -106,11 +86,11 @@ def test_claim_then_token_connect_then_publish_with_nothing_mirrored(bridge: Mos
 
 
 def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
-    a_id, a = e2e.provision(bridge)
-    b_id, b = e2e.provision(bridge)
+    a_id, a = provision(bridge)
+    b_id, b = provision(bridge)
     with (
-        Client(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
-        Client(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
+        MqttClient(bridge.port, b_id, b_id, b.mqtt.token, v5=True) as bconn,
+        MqttClient(bridge.port, a_id, a_id, a.mqtt.token, v5=True) as aconn,
     ):
         assert bconn.connect() and aconn.connect()
         assert bconn.subscribe(f"devices/{b_id}/#") == [1]
@@ -127,8 +107,8 @@ def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
         assert bconn.messages.empty()
     # MQTT 3.1.1 cannot tell a refused publish: it is silently dropped, the next one delivered.
     with (
-        Client(bridge.port, b_id, b_id, b.mqtt.token) as bconn,
-        Client(bridge.port, a_id, a_id, a.mqtt.token) as aconn,
+        MqttClient(bridge.port, b_id, b_id, b.mqtt.token) as bconn,
+        MqttClient(bridge.port, a_id, a_id, a.mqtt.token) as aconn,
     ):
         assert bconn.connect() and aconn.connect()
         assert bconn.subscribe(f"devices/{b_id}/#") == [1]
@@ -139,7 +119,7 @@ def test_device_is_held_to_its_token_scope(bridge: MosquittoBridge) -> None:
 
 
 def test_bad_tokens_and_client_ids_are_refused(bridge: MosquittoBridge) -> None:
-    device_id, creds = e2e.provision(bridge)
+    device_id, creds = provision(bridge)
     token = creds.mqtt.token
     real = claims_of(token)
     now = int(time.time())
@@ -178,16 +158,16 @@ def test_bad_tokens_and_client_ids_are_refused(bridge: MosquittoBridge) -> None:
     assert f"refused {device_id}: token algorithm must be ES256" in log
     assert token not in log and token.split(".")[2] not in log  # reasons and device ids only
     # Anonymous under a device's client id is only a provisioning client: none of the device's rights.
-    with Client(bridge.port, device_id, v5=True) as squatter:
+    with MqttClient(bridge.port, device_id, v5=True) as squatter:
         assert squatter.connect()
         assert squatter.subscribe(f"devices/{device_id}/#") == [NOT_AUTHORIZED]
         assert squatter.publish(f"devices/{device_id}/x", b"x") == NOT_AUTHORIZED
 
 
 def test_cli_device_revoke_kicks_the_live_session_and_refuses_the_device(bridge: MosquittoBridge) -> None:
-    device_id, creds = e2e.provision(bridge)
-    other_id, other = e2e.provision(bridge)
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+    device_id, creds = provision(bridge)
+    other_id, other = provision(bridge)
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token) as live:
         assert live.connect()
         assert run_cli(bridge.settings, "device", "revoke", device_id) == 0  # writes denylist.json only
         assert live.disconnected.wait(15), "the plugin must end the revoked device's live session"
@@ -200,25 +180,25 @@ def test_cli_device_revoke_kicks_the_live_session_and_refuses_the_device(bridge:
 
 def test_expired_token_session_is_ended(short_lived: MosquittoBridge) -> None:
     bridge = short_lived
-    device_id, creds = e2e.provision(bridge)
-    with Client(bridge.port, device_id, device_id, creds.mqtt.token) as live:
+    device_id, creds = provision(bridge)
+    with MqttClient(bridge.port, device_id, device_id, creds.mqtt.token) as live:
         if live.connect():  # the token may already have expired: then the CONNECT is refused
             assert live.disconnected.wait(30), "the plugin must end the session of an expired token"
     assert wait_for(lambda: not can_connect(bridge.port, device_id, device_id, creds.mqtt.token), timeout=30)
 
 
 def test_token_key_rotation_old_and_new_tokens_connect(bridge: MosquittoBridge) -> None:
-    old_id, old = e2e.provision(bridge)
+    old_id, old = provision(bridge)
     old_kid = jwt.get_unverified_header(old.mqtt.token)["kid"]
     assert run_cli(bridge.settings, "keys", "rotate", "--token") == 0
-    new_id, new = e2e.provision(bridge)  # the bridge signs with the new key from now on
+    new_id, new = provision(bridge)  # the bridge signs with the new key from now on
     assert jwt.get_unverified_header(new.mqtt.token)["kid"] != old_kid  # the plugin re-read jwks.json
     assert can_connect(bridge.port, new_id, new_id, new.mqtt.token)
     assert can_connect(bridge.port, old_id, old_id, old.mqtt.token)  # the old key is still in the JWKS
 
 
 def test_jwks_without_the_key_refuses_its_tokens(bridge: MosquittoBridge) -> None:
-    device_id, creds = e2e.provision(bridge)
+    device_id, creds = provision(bridge)
     jwks_file = bridge.settings.data_dir / "jwks.json"
     original = jwks_file.read_bytes()
     jwks_file.write_text(json.dumps({"keys": []}))
@@ -233,18 +213,15 @@ def test_jwks_without_the_key_refuses_its_tokens(bridge: MosquittoBridge) -> Non
 def test_provisioning_clients_behave_as_in_dynsec_mode(
     bridge: MosquittoBridge, login: tuple[str | None, str | None]
 ) -> None:
-    e2e.test_provisioning_client_is_held_to_its_own_client_id(bridge, login)
+    provisioning_client_is_held_to_its_own_client_id(bridge, login)
 
 
 def test_ops_user_behaves_as_in_dynsec_mode(bridge: MosquittoBridge, capsys: pytest.CaptureFixture[str]) -> None:
-    e2e.test_ops_user_reads_events_and_status_and_publishes_nothing(bridge, capsys)
+    ops_user_reads_events_and_status_and_publishes_nothing(bridge, capsys)
     assert mirrored_devices(bridge) == []
 
 
 def test_refreshed_token_connects_and_nothing_is_mirrored(bridge: MosquittoBridge) -> None:
-    from provwire.models import ClaimOk
-    from tests.test_refresh import RefreshingDevice
-
     device = RefreshingDevice(bridge)
     with device:
         device.provision()
@@ -283,30 +260,24 @@ def plugin_limit(bridge: MosquittoBridge) -> tuple[float, int] | None:
     return float(options["plugin_opt_publish_rate"]), int(options["plugin_opt_publish_burst"])
 
 
-def puback(conn: Client, mid: int) -> int:
-    """The PUBACK reason code of a message published through `conn.client` directly."""
-    acks: queue.Queue[int] = conn._pubacks.setdefault(mid, queue.Queue())
-    return acks.get(timeout=30)
-
-
 def test_a_flooding_client_is_cut_to_the_plugin_limit_and_nobody_else_is(limited: MosquittoBridge) -> None:
     bridge = limited
     limit = plugin_limit(bridge)
     assert limit == ((10.0, 20) if bridge.settings.claims.rate_limits else None)  # 2x claims.rate_client_*
     attacker = Device(bridge, client_id=f"flooder-{uuid.uuid4().hex[:8]}")
     own = topics.claim_topic(bridge.prefix, attacker.client_id)
-    with Client(bridge.port, attacker.client_id, v5=True) as conn:
+    with MqttClient(bridge.port, attacker.client_id, v5=True) as conn:
         assert conn.connect()
         assert conn.subscribe(topics.response_topic(bridge.prefix, attacker.client_id)) == [1]
         payloads = [attacker.claim_payload("pk_" + uuid.uuid4().hex) for _ in range(FLOOD)]
         start = time.monotonic()
         # Handed to paho at once: it sends them as fast as its in-flight window lets it.
         mids = [conn.client.publish(own, p, 1).mid for p in payloads]
-        codes = [puback(conn, mid) for mid in mids]
+        codes = [conn.puback(mid, timeout=30) for mid in mids]
         elapsed = time.monotonic() - start
         passed = sum(code in ACCEPTED for code in codes)
         # Another client id is untouched, even while the flooder is beyond its limit.
-        assert isinstance(e2e.provision(bridge)[1], Credentials)
+        assert isinstance(provision(bridge)[1], Credentials)
         # A last claim from the flooder once a token is back: answers to one client arrive in order,
         # so when its answer is in, every earlier answer is too.
         marker = attacker.claim_payload("pk_" + uuid.uuid4().hex)
@@ -365,10 +336,10 @@ def test_publish_limit_options_need_the_bridge_username_and_are_absent_when_off(
 def test_devices_own_traffic_is_not_limited_by_the_plugin(limited: MosquittoBridge) -> None:
     """A device holds a token the bridge issued (and can revoke): its publishes are its owner's to size."""
     bridge = limited
-    _device_id, creds = e2e.provision(bridge)
+    _device_id, creds = provision(bridge)
     mqtt_creds = creds.mqtt
     own = mqtt_creds.publish[0].replace("#", "telemetry").replace("+", "x")
-    with Client(bridge.port, mqtt_creds.client_id, mqtt_creds.username, mqtt_creds.token, v5=True) as conn:
+    with MqttClient(bridge.port, mqtt_creds.client_id, mqtt_creds.username, mqtt_creds.token, v5=True) as conn:
         assert conn.connect()
         mids = [conn.client.publish(own, b"%d" % n, 1).mid for n in range(3 * 20)]  # 3x the plugin's burst
-        assert all(puback(conn, mid) in ACCEPTED for mid in mids)
+        assert all(conn.puback(mid, timeout=30) in ACCEPTED for mid in mids)

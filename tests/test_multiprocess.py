@@ -5,17 +5,12 @@ subscriptions. The core concurrency guarantees must hold across processes as the
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -28,107 +23,31 @@ from bridge.sessions import bridge_client, client_ids, recorded_client_ids, reti
 from bridge.store import Store
 from bridge.tokens import TokenGrant
 from provwire import topics
-from provwire.models import ClaimError, ClaimOk
-from tests.conftest import Device, race_one_time_key
-from tests.mosquitto import (
-    MosquittoBridge,
-    can_connect,
-    config_toml,
-    external_settings,
-    mosquitto_for,
-    wait_for,
-)
+from provwire.models import ClaimOk
+from tests.helpers.devices import Device, answer_of, race_one_time_key
+from tests.helpers.mosquitto import MosquittoBridge, external_settings, mosquitto_for
+from tests.helpers.mqtt import can_connect
+from tests.helpers.processes import ServeProcesses
+from tests.helpers.waiting import wait_for
 
 PROCESSES = 2
-STARTED_RE = re.compile(r"started bridge process (\d+) of \d+ \(pid (\d+)\)")
 
 
 @dataclass
 class MultiBridge(MosquittoBridge):
-    serve: "ServeProcesses"
-
-
-class ServeProcesses:
-    """`provbridge serve --processes N` as a subprocess; every process it started is gone after `stop`."""
-
-    def __init__(self, settings: Settings, count: int) -> None:
-        self.settings = settings
-        self.count = count
-        self.log_file = settings.data_dir.parent / "serve.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.seen_pids: set[int] = set()
-
-    def start(self) -> None:
-        config = self.settings.data_dir.parent / "serve.toml"
-        config.write_text(config_toml(self.settings))
-        argv = [sys.executable, "-m", "bridge.cli", "--config", str(config), "--data-dir", str(self.settings.data_dir)]
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [*argv, "serve", "--processes", str(self.count)], stdout=log, stderr=subprocess.STDOUT
-            )
-        assert wait_for(lambda: self.log().count("bridge serving claims") >= self.count, timeout=60), self.log()
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-    def children(self) -> dict[int, int]:
-        """Process index -> pid of its latest start."""
-        found = {int(index): int(pid) for index, pid in STARTED_RE.findall(self.log())}
-        self.seen_pids |= set(found.values())
-        return found
-
-    def answered_by(self) -> set[int]:
-        return {int(index) for index in re.findall(r"provbridge\.service#(\d+)(?: \[[^]]*\])?: claim on ", self.log())}
-
-    def stop(self) -> None:
-        self.children()
-        if self.process is not None:
-            self.process.terminate()  # the supervisor, by its own handle: it stops its processes
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-            self.process = None
-        for pid in self.seen_pids:
-            if not wait_for(lambda pid=pid: not _alive(pid), timeout=30):
-                os.kill(pid, signal.SIGKILL)  # only a pid our supervisor reported starting
-        assert not any(_alive(pid) for pid in self.seen_pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-@contextmanager
-def serving_processes(settings: Settings, count: int) -> Iterator[ServeProcesses]:
-    running = ServeProcesses(settings, count)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
+    serve: ServeProcesses
 
 
 @pytest.fixture
 def bridge(initialised: tuple[Settings, str]) -> Iterator[MultiBridge]:
     settings, first_key = initialised
     settings = external_settings(settings)
-    with mosquitto_for(settings) as mosquitto, serving_processes(settings, PROCESSES) as serve:
+    with mosquitto_for(settings) as mosquitto, ServeProcesses(settings, PROCESSES) as serve:
         store = Store(settings.database_file)
         try:
             yield MultiBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, mosquitto, serve)
         finally:
             store.close()
-
-
-def _answer(raw: bytes) -> ClaimOk | ClaimError:
-    data = json.loads(raw)
-    return ClaimOk.model_validate(data) if data["status"] == "ok" else ClaimError.model_validate(data)
 
 
 # --- the core concurrency guarantees, across two processes ------------------------------------
@@ -158,7 +77,7 @@ def test_reclaim_with_same_public_key_is_idempotent(bridge: MultiBridge) -> None
     assert can_connect(bridge.port, last.client_id, last.username, last.token)
 
 
-def test_same_request_id_gets_the_byte_identical_answer(bridge: MultiBridge) -> None:
+def test_same_request_id_gets_the_byte_identicalanswer_of(bridge: MultiBridge) -> None:
     with Device(bridge) as device:
         payload = device.claim_payload(bridge.provision_key)
         # All at once: copies are handled by both processes concurrently, racing for the same request_id.
@@ -167,7 +86,7 @@ def test_same_request_id_gets_the_byte_identical_answer(bridge: MultiBridge) -> 
         answers = [device.conn.next_message()[1] for _ in range(4 * PROCESSES)]
         answers.append(device.send(payload))  # and once more, later
     assert len(set(answers)) == 1
-    answer = _answer(answers[0])
+    answer = answer_of(answers[0])
     assert isinstance(answer, ClaimOk) and answer.created and device.open(answer).api_key
     assert bridge.store.count("devices") == 1
     row = bridge.store.read().execute("SELECT COUNT(*) FROM answers WHERE client_id = ?", (device.client_id,))
@@ -187,7 +106,7 @@ def test_a_killed_process_is_restarted_and_answers_what_waited_for_it(bridge: Mu
     for d in devices:
         d.conn.client.publish(topics.claim_topic(bridge.prefix, d.client_id), d.claim_payload(bridge.provision_key), 1)
     assert wait_for(lambda: bridge.serve.children()[1] != victim, timeout=30), bridge.serve.log()
-    answers = [_answer(d.conn.next_message(timeout=30)[1]) for d in devices]
+    answers = [answer_of(d.conn.next_message(timeout=30)[1]) for d in devices]
     for d in devices:
         d.__exit__()
     assert all(isinstance(a, ClaimOk) for a in answers), answers

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from provwire.models import ClaimOk
-from tests.conftest import Bridge, Device
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
 
 
 def test_no_secret_appears_in_logs_events_or_database(bridge: Bridge, caplog: pytest.LogCaptureFixture) -> None:

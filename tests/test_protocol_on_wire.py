@@ -2,7 +2,7 @@
 
 * §10.3, a publish and a subscription outside the token's scope. A device connects with its token and
   publishes QoS 1 to another device's topic, then subscribes to it. The packets are written and read
-  as bytes here (tests/raw_mqtt.py), so the test records exactly what the broker answers, on every
+  as bytes here (tests/helpers/raw_mqtt.py), so the test records exactly what the broker answers, on every
   broker and MQTT version provbridge supports: the embedded broker (MQTT 3.1.1 only), and Mosquitto
   2.0 from `provbridge mosquitto-config`, with tokens mirrored into dynamic security (`dynsec`) or
   verified by the provbridge_jwt plugin (`jwt`), over MQTT 3.1.1 and 5. After the refusals the same
@@ -25,12 +25,13 @@ import pytest
 
 from bridge.config import Settings
 from provwire import topics
-from provwire.models import MAX_CLAIM_BYTES, MAX_REFRESH_BYTES, ClaimError, ClaimOk, Credentials
-from tests.conftest import Bridge, Device, serving_bridge
-from tests.mosquitto import Client, mosquitto_bridge, request_properties
-from tests.mqtt_client import MqttClient
-from tests.raw_mqtt import mqtt_string, packet, remaining_length
-from tests.test_mosquitto_jwt import require_plugin
+from provwire.models import MAX_CLAIM_BYTES, MAX_REFRESH_BYTES, ClaimError, Credentials
+from tests.helpers.bridge import Bridge
+from tests.helpers.brokers import bridge_on
+from tests.helpers.devices import provision
+from tests.helpers.mosquitto import mosquitto_bridge
+from tests.helpers.mqtt import MqttClient, request_properties
+from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet, remaining_length
 
 TIMEOUT = 10.0
 PUBLISH_QOS1 = 0x32
@@ -48,12 +49,11 @@ class RawDevice:
         self.v5 = version == "5"
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         mqtt = credentials.mqtt
-        flags = 0x80 | 0x40 | 0x02  # username, password, clean session / clean start
-        header = mqtt_string("MQTT") + bytes([5 if self.v5 else 4, flags]) + struct.pack(">H", 30)
-        if self.v5:
-            header += b"\x00"  # no properties
-        body = header + mqtt_string(mqtt.client_id) + mqtt_string(mqtt.username) + mqtt_string(mqtt.token)
-        self.sock.sendall(packet(0x10, body))
+        level, properties = (5, b"\x00") if self.v5 else (4, b"")  # MQTT 5: no properties
+        connect = connect_packet(
+            mqtt.client_id, username=mqtt.username, password=mqtt.token, level=level, properties=properties
+        )
+        self.sock.sendall(connect)
         kind, connack = self.read()
         assert kind == 0x20 and connack[1] == 0x00, f"CONNACK {connack.hex()}: the token was refused"
 
@@ -140,24 +140,8 @@ def running(
     request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Bridge]:
     case: Case = request.param
-    if case.broker == "embedded":
-        with serving_bridge(*initialised) as bridge:
-            yield bridge
-    elif case.broker == "mosquitto-dynsec":
-        with mosquitto_bridge(*initialised) as mosquitto:
-            yield mosquitto
-    else:
-        require_plugin()
-        monkeypatch.setenv("PROVBRIDGE_BROKER__MOSQUITTO_AUTH", "jwt")  # the CLI's view (mosquitto-config)
-        with mosquitto_bridge(*initialised, mosquitto_auth="jwt") as mosquitto:
-            yield mosquitto
-
-
-def provision(bridge: Bridge) -> Credentials:
-    with Device(bridge) as device:
-        answer = device.claim(bridge.provision_key)
-        assert isinstance(answer, ClaimOk), answer
-        return device.open(answer)
+    with bridge_on(case.broker, initialised, monkeypatch) as bridge:
+        yield bridge
 
 
 @pytest.mark.parametrize(
@@ -167,9 +151,9 @@ def provision(bridge: Bridge) -> Credentials:
     indirect=["running"],
 )
 def test_a_publish_and_a_subscription_outside_the_token_scope(running: Bridge, case: Case) -> None:
-    a, b = provision(running), provision(running)
+    (_, a), (_, b) = provision(running), provision(running)
     a_id, b_id = a.mqtt.client_id, b.mqtt.client_id
-    with Client(running.port, b_id, b_id, b.mqtt.token) as watcher:
+    with MqttClient(running.port, b_id, b_id, b.mqtt.token) as watcher:
         assert watcher.connect()
         assert watcher.subscribe(f"devices/{b_id}/#") in ([0], [1])
         device = RawDevice(running.port, a, case.version)
@@ -254,14 +238,14 @@ def test_correlation_data_comes_back_only_through_an_mqtt5_bridge(
             (topics.claim_topic(running.prefix, client_id), MAX_CLAIM_BYTES, OVERSIZED_CLAIM_ANSWER),
             (topics.token_topic(running.prefix, client_id), MAX_REFRESH_BYTES, OVERSIZED_REFRESH_ANSWER),
         ]
-        with Client(running.port, client_id, v5=True) as conn:
+        with MqttClient(running.port, client_id, v5=True) as conn:
             assert conn.connect()
             assert conn.subscribe(response) == [1]
             for n, (topic, max_bytes, documented) in enumerate(requests):
                 correlation = b"corr-\x00\xff-" + bytes([n])
                 properties = request_properties(elsewhere, correlation)
                 assert conn.publish(topic, oversized(max_bytes), properties) == 0
-                answer_topic, answer, answer_properties = conn.next_message()
+                answer_topic, answer, answer_properties = conn.next_message_with_properties()
                 assert (answer_topic, answer) == (response, documented)
                 expected = correlation if bridge_protocol == "5" else None
                 assert getattr(answer_properties, "CorrelationData", None) == expected

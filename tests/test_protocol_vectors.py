@@ -25,7 +25,7 @@ import provwire
 from bridge.config import ClaimSettings, TokenSettings
 from bridge.mosquitto_files import PUBLISH_LIMIT_FACTOR
 from bridge.provisioning import parse_claim, parse_request
-from bridge.refresh import Refusal
+from bridge.refresh_decision import Refusal
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode, InvalidPublicKey, SealError
 

@@ -15,7 +15,6 @@ from bridge.refresh import Refresher
 from bridge.tokens import TokenGrant
 from device_sim.device import (
     DeviceIdentity,
-    build_token_refresh,
     claim_over_mqtt,
     connect_with_token,
     device_key_for,
@@ -26,45 +25,10 @@ from device_sim.fleet import FleetConfig, run_fleet
 from device_sim.vault import Vault
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
-from provwire.models import ClaimError, ClaimOk, Credentials, to_json
-from tests.conftest import Bridge, Device
-from tests.mqtt_client import MqttClient
-
-
-class RefreshingDevice(Device):
-    """A conftest Device that, once provisioned, also speaks the token-refresh message."""
-
-    device_id = ""
-
-    def provision(self) -> Credentials:
-        answer = self.claim(self.bridge.provision_key)
-        assert isinstance(answer, ClaimOk)
-        self.device_id = answer.device_id
-        self.cloud_kid = answer.cloud_key_id
-        return self.open(answer)
-
-    @property
-    def device_key(self) -> bytes:
-        cloud = self.bridge.keys.cloud[self.cloud_kid].public_key()
-        return crypto.derive_device_key(crypto.shared_secret(self.private_key, cloud))
-
-    def refresh_payload(
-        self, *, device_id: str | None = None, timestamp: int | None = None, key: bytes | None = None
-    ) -> bytes:
-        request = build_token_refresh(
-            device_id or self.device_id,
-            key or self.device_key,
-            f"r-{uuid.uuid4().hex}",
-            int(time.time()) if timestamp is None else timestamp,
-        )
-        return to_json(request)
-
-    def send_refresh(self, payload: bytes) -> ClaimOk | ClaimError:
-        self.conn.publish(topics.token_topic(self.bridge.prefix, self.client_id), payload)
-        topic, raw = self.conn.next_message()
-        assert topic == topics.response_topic(self.bridge.prefix, self.client_id)
-        data = json.loads(raw)
-        return ClaimOk.model_validate(data) if data["status"] == "ok" else ClaimError.model_validate(data)
+from provwire.models import ClaimError, ClaimOk, Credentials
+from tests.helpers.bridge import Bridge
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.refresh import RefreshingDevice
 
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:

@@ -3,8 +3,6 @@ real SQLite file, keeps the rest (all of them with 0), and deletes in batches th
 
 import json
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -12,6 +10,7 @@ from bridge.config import Settings, load_settings
 from bridge.edge import claim_handlers
 from bridge.store import Store
 from provwire.models import rfc3339
+from tests.helpers.waiting import wait_for
 
 DAY = 86_400
 NOW = 1_900_000_000  # a fixed "now": the purge takes it as an argument
@@ -88,13 +87,6 @@ def old_remaining(store: Store, cutoff: int) -> int:
     return int(row[0])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the purge made no progress"
-        time.sleep(0.001)
-
-
 @pytest.mark.parametrize("writer", ["another-thread", "another-process"])
 def test_the_purge_deletes_in_batches_and_lets_other_writers_in(settings: Settings, writer: str) -> None:
     """While a purge of a large backlog runs, another writer (a claim on another worker thread of the same
@@ -127,7 +119,8 @@ def test_the_purge_deletes_in_batches_and_lets_other_writers_in(settings: Settin
                 if left == 0:
                     break
                 # Write again once the purge has committed another batch, not before.
-                wait_until(lambda n=left: old_remaining(other, cutoff) < n or not purge.is_alive())
+                progressed = lambda n=left: old_remaining(other, cutoff) < n or not purge.is_alive()  # noqa: E731
+                assert wait_for(progressed, timeout=60.0, interval=0.001), "the purge made no progress"
                 if not purge.is_alive() and old_remaining(other, cutoff) == left:
                     break  # the purge failed: the asserts below say so
         finally:

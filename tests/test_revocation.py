@@ -12,10 +12,11 @@ from bridge.revocation import denylist_file, publish_denylist, revoke_device
 from broker.denylist import Denylist, parse_denylist
 from provwire import topics
 from provwire.errors import ErrorCode
-from provwire.models import ClaimError, ClaimOk, Credentials
-from tests.conftest import Bridge, Device
-from tests.mqtt_client import MqttClient
-from tests.test_refresh import RefreshingDevice
+from provwire.models import ClaimError, ClaimOk
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.mqtt import MqttClient, token_session
+from tests.helpers.refresh import provisioned
 
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
@@ -26,24 +27,9 @@ def _cli(bridge: Bridge, *args: str) -> int:
     return cli.main(["--data-dir", str(bridge.settings.data_dir), *args])
 
 
-def _provisioned(bridge: Bridge, key: str | None = None) -> tuple[RefreshingDevice, Credentials]:
-    device = RefreshingDevice(bridge)
-    with device:
-        answer = device.claim(key or bridge.provision_key)
-        assert isinstance(answer, ClaimOk)
-        device.device_id, device.cloud_kid = answer.device_id, answer.cloud_key_id
-    return device, device.open(answer)
-
-
-def _session(bridge: Bridge, creds: Credentials) -> MqttClient:
-    conn = MqttClient(bridge.port, creds.mqtt.client_id, creds.mqtt.username, creds.mqtt.token)
-    assert conn.connect()
-    return conn
-
-
 def test_revoked_device_loses_refresh_reclaim_and_reconnect(bridge: Bridge) -> None:
     """Its live session ends too: tests/test_broker_promises.py, the same test on every broker."""
-    device, creds = _provisioned(bridge)
+    device, creds = provisioned(bridge)
     assert _cli(bridge, "device", "revoke", device.device_id) == 0
 
     # Its token, still unexpired, no longer connects.
@@ -65,10 +51,10 @@ def test_revoked_device_loses_refresh_reclaim_and_reconnect(bridge: Bridge) -> N
 
 
 def test_other_devices_are_untouched_by_a_revocation(bridge: Bridge) -> None:
-    revoked, _ = _provisioned(bridge)
-    kept, kept_creds = _provisioned(bridge)
+    revoked, _ = provisioned(bridge)
+    kept, kept_creds = provisioned(bridge)
     revoke_device(bridge.settings, bridge.store, revoked.device_id)
-    with _session(bridge, kept_creds) as conn:
+    with token_session(bridge.port, kept_creds.mqtt) as conn:
         assert conn.subscribe(f"devices/{kept.device_id}/#") == [1]
         conn.publish(f"devices/{kept.device_id}/up", b"still here")
         assert conn.next_message() == (f"devices/{kept.device_id}/up", b"still here")
@@ -97,7 +83,7 @@ def test_revoking_an_unknown_device_fails_with_a_reason(bridge: Bridge, capsys: 
 
 
 def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridge: Bridge) -> None:
-    device, _ = _provisioned(bridge)
+    device, _ = provisioned(bridge)
     revoked_at = int(time.time())
     revoke_device(bridge.settings, bridge.store, device.device_id, now=revoked_at)
     path = denylist_file(bridge.settings)
@@ -113,7 +99,7 @@ def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridg
 
 def test_revocation_reaches_a_device_session_of_a_token_minted_for_another_client_id(bridge: Bridge) -> None:
     """The denylist is by token `sub`, so a revoked device cannot escape it under another client id."""
-    device, creds = _provisioned(bridge)
+    device, creds = provisioned(bridge)
     revoke_device(bridge.settings, bridge.store, device.device_id)
     with MqttClient(bridge.port, f"x-{uuid.uuid4().hex[:6]}", device.device_id, creds.mqtt.token) as conn:
         assert not conn.connect()
@@ -122,7 +108,7 @@ def test_revocation_reaches_a_device_session_of_a_token_minted_for_another_clien
 
 
 def test_provisioning_clients_of_a_revoked_device_can_still_ask_and_be_told_no(bridge: Bridge) -> None:
-    device, _ = _provisioned(bridge)
+    device, _ = provisioned(bridge)
     revoke_device(bridge.settings, bridge.store, device.device_id)
     with MqttClient(bridge.port, device.client_id) as conn:  # anonymous provisioning connection
         assert conn.connect()

@@ -16,9 +16,10 @@ from bridge.rotation import LiveKeyRing
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token, refresh_over_mqtt
 from provwire import crypto
 from provwire.models import ClaimOk, Credentials
-from tests.conftest import Bridge, Device
-from tests.mqtt_client import MqttClient
-from tests.test_refresh import RefreshingDevice
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.mqtt import can_connect
+from tests.helpers.refresh import RefreshingDevice
 
 
 def _cli_json(bridge: Bridge, capsys: pytest.CaptureFixture[str], *args: str) -> object:
@@ -36,8 +37,7 @@ def _jwks_kids(settings: Settings) -> set[str]:
 
 
 def _connects(bridge: Bridge, creds: Credentials) -> bool:
-    with MqttClient(bridge.port, creds.mqtt.client_id, creds.mqtt.username, creds.mqtt.token) as conn:
-        return conn.connect()
+    return can_connect(bridge.port, creds.mqtt.client_id, creds.mqtt.username, creds.mqtt.token)
 
 
 def _claim(bridge: Bridge, device: Device, **extra: object) -> ClaimOk:

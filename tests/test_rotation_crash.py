@@ -36,9 +36,9 @@ from bridge.rotation import Kind, LiveKeyRing
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token, refresh_over_mqtt
 from provwire import crypto
 from provwire.models import Credentials
-from tests.conftest import serving
-from tests.mosquitto import config_toml, run_cli
-from tests.test_faults import figure
+from tests.helpers.bridge import serving
+from tests.helpers.cli import config_toml, run_cli
+from tests.helpers.figures import figure
 
 TIMEOUT = 30.0  # generous: an exchange that takes longer is a failure, not slowness
 

@@ -23,7 +23,8 @@ from bridge.tokens import mint_token
 from provwire import crypto
 from provwire.models import ClaimOk
 from tests import secret_scan
-from tests.conftest import Bridge, Device, make_settings, serving_bridge
+from tests.helpers.bridge import Bridge, make_settings, serving_bridge
+from tests.helpers.devices import Device
 
 
 @pytest.fixture

@@ -10,9 +10,12 @@ from bridge.config import Settings
 from bridge.store import Store
 from provwire import topics
 from provwire.models import ClaimOk
-from tests.conftest import Device
-from tests.mosquitto import Client, MosquittoBridge, external_settings, mosquitto_for, run_cli, wait_for
-from tests.test_multiprocess import ServeProcesses
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import Device
+from tests.helpers.mosquitto import MosquittoBridge, external_settings, mosquitto_for
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.processes import ServeProcesses
+from tests.helpers.waiting import wait_for
 
 
 @pytest.fixture
@@ -63,9 +66,9 @@ def test_sigterm_finishes_in_flight_claims_says_offline_and_exits_0(
     finally:
         store.close()
         serve.stop()
-    with Client(settings.broker.port, "watch-1", "watch", password) as ops:
+    with MqttClient(settings.broker.port, "watch-1", "watch", password) as ops:
         assert ops.connect()
         assert ops.subscribe(topics.status_topic(settings.topic_prefix)) == [1]
-        topic, payload, _ = ops.next_message()
+        topic, payload = ops.next_message()
     assert topic == topics.status_topic(settings.topic_prefix)
     assert json.loads(payload) == {"status": "offline"}  # retained: what the bridge said on its way out

@@ -29,30 +29,13 @@ from provwire.models import (
     Credentials,
     FieldError,
     Hardware,
-    MqttCredentials,
     Network,
     Sealed,
     to_json,
 )
+from tests.helpers.credentials import sample_credentials
 
 REQUEST_ID = "r-0123456789abcdef"
-
-
-def _credentials(api_key: str = "ak_secret") -> Credentials:
-    return Credentials(
-        api_key=api_key,
-        mqtt=MqttCredentials(
-            host="127.0.0.1",
-            port=1883,
-            tls=False,
-            client_id="dev-42",
-            username="dev-42",
-            token="tok_secret",
-            expires_at=2_000_000_000,
-            publish=["devices/dev-42/up/#"],
-            subscribe=["devices/dev-42/down/#"],
-        ),
-    )
 
 
 def cloud_answer(
@@ -66,7 +49,7 @@ def cloud_answer(
     """What the bridge does for an accepted claim, written from protocol v1 with provwire only."""
     device_pub = crypto.public_key_from_sec1(claim.public_key_sec1)
     seal_key = crypto.derive_seal_key(crypto.shared_secret(cloud, device_pub), claim.request_id)
-    body = plaintext if plaintext is not None else to_json(credentials or _credentials())
+    body = plaintext if plaintext is not None else to_json(credentials or sample_credentials("dev-42"))
     box = crypto.seal(seal_key, body, claim.request_id)
     return to_json(
         ClaimOk(
@@ -175,7 +158,7 @@ def test_identity_persists_in_its_state_dir(tmp_path: Path) -> None:
 def test_open_answer_opens_what_the_cloud_sealed(device: DeviceIdentity, cloud: ec.EllipticCurvePrivateKey) -> None:
     claim = _claim(device)
     result = open_answer(cloud_answer(claim, cloud), device, cloud.public_key(), REQUEST_ID)
-    assert result.credentials == _credentials()
+    assert result.credentials == sample_credentials("dev-42")
     assert (result.device_id, result.created, result.profile) == ("dev-42", True, "default")
     assert result.labels == {"site": "lab"} and result.groups == ("sensors",)
     assert result.cloud_key_id == crypto.key_id(cloud.public_key())
@@ -329,10 +312,10 @@ def test_retryable_error_without_retry_after_stays_retryable(
 
 
 def test_reclaim_keeps_the_first_api_key() -> None:
-    first, reclaim = _credentials("ak_first"), _credentials("")
+    first, reclaim = sample_credentials("dev-42", "ak_first"), sample_credentials("dev-42", "")
     assert merge_reclaim(first, reclaim).api_key == "ak_first"
     assert merge_reclaim(None, reclaim).api_key == ""
-    assert merge_reclaim(first, _credentials("ak_rotated")).api_key == "ak_rotated"
+    assert merge_reclaim(first, sample_credentials("dev-42", "ak_rotated")).api_key == "ak_rotated"
     assert merge_reclaim(first, reclaim).mqtt == reclaim.mqtt
 
 

@@ -5,7 +5,6 @@ device's I/O - SUBACK before claim, same request_id on re-sends, retry_after, st
 connect - without the real bridge. End-to-end tests against the bridge live elsewhere.
 """
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -19,7 +18,6 @@ import pytest
 from amqtt.broker import Broker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim import cli
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token
@@ -29,47 +27,31 @@ from device_sim.vault import Vault
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import Claim, ClaimError, ClaimOk, Credentials, MqttCredentials, Sealed, to_json
+from tests.helpers.amqtt import BrokerThread
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.network import free_port
 
 PREFIX = topics.DEFAULT_PREFIX
 PROVISION_KEY = "pk_test_secret_value"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def stock_amqtt(allow_anonymous: bool = True) -> BrokerThread:
+    """Stock amqtt on a free loopback port, on its own event loop thread."""
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}},
+    }
 
+    async def start() -> Broker:
+        broker = Broker(config)
+        await broker.start()
+        return broker
 
-class BrokerThread:
-    """An amqtt broker on its own event loop thread, on a free loopback port."""
+    async def stop(broker: Broker) -> None:
+        with contextlib.suppress(Exception):
+            await broker.shutdown()
 
-    def __init__(self, allow_anonymous: bool = True) -> None:
-        self.port = _free_port()
-        self.config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": allow_anonymous}},
-        }
-        self.loop = asyncio.new_event_loop()
-        self.broker: Broker | None = None
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "BrokerThread":
-        self.thread.start()
-
-        async def start() -> Broker:
-            broker = Broker(self.config)
-            await broker.start()
-            return broker
-
-        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(15)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.broker is not None:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+    return BrokerThread(start, stop)
 
 
 class FakeBridge:
@@ -84,18 +66,13 @@ class FakeBridge:
         self.answers: dict[str, bytes] = {}  # replay cache: one answer per request_id
         self.devices: dict[bytes, str] = {}  # public key -> device id
         self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-bridge", protocol=mqtt.MQTTv311)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.on_connect = lambda c, *_a: c.subscribe(topics.claim_subscription(PREFIX), qos=1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert subscribed.wait(10), "fake bridge did not subscribe"
+        self.conn = MqttClient(port, "fake-bridge")
+        self.conn.client.on_message = self._on_message  # claims answered on paho's thread, as they come
+        assert self.conn.connect(), "fake bridge did not connect"
+        self.conn.subscribe(topics.claim_subscription(PREFIX))  # asserts its SUBACK came
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.conn.close()
 
     @property
     def cloud_public(self) -> ec.EllipticCurvePublicKey:
@@ -162,7 +139,7 @@ class FakeBridge:
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[BrokerThread]:
-    with BrokerThread() as b:
+    with stock_amqtt() as b:
         yield b
 
 
@@ -287,12 +264,9 @@ def test_timeout_after_max_attempts(bridge: FakeBridge) -> None:
 
 
 def _publish_retained(port: int, topic: str, payload: bytes) -> None:
-    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="retainer", protocol=mqtt.MQTTv311)
-    publisher.connect("127.0.0.1", port)
-    publisher.loop_start()
-    publisher.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
-    publisher.disconnect()
-    publisher.loop_stop()
+    with MqttClient(port, "retainer") as publisher:
+        assert publisher.connect()
+        publisher.publish(topic, payload, retain=True)
 
 
 def test_cancel_stops_a_waiting_claim_promptly(bridge: FakeBridge) -> None:
@@ -334,7 +308,7 @@ def test_reclaim_with_the_same_key_is_idempotent(bridge: FakeBridge, tmp_path: P
 
 
 def test_unreachable_broker_is_a_connect_error() -> None:
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     started = time.monotonic()
     with pytest.raises(ConnectError):
         claim_over_mqtt(
@@ -350,7 +324,7 @@ def test_unreachable_broker_is_a_connect_error() -> None:
 
 
 def test_broker_refusal_is_final_and_fast() -> None:
-    with BrokerThread(allow_anonymous=False) as closed:
+    with stock_amqtt(allow_anonymous=False) as closed:
         started = time.monotonic()
         with pytest.raises(BrokerRefused):
             claim_over_mqtt(

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import Settings
 from device_sim.device import DeviceIdentity, ProvisionResult, claim_over_mqtt
-from tests.mosquitto import mosquitto_bridge, wait_for
+from tests.helpers.mosquitto import mosquitto_bridge
+from tests.helpers.waiting import wait_for
 
 
 def test_the_simulator_claims_through_a_broker_that_was_down_and_restarted(initialised: tuple[Settings, str]) -> None:

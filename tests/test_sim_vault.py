@@ -9,24 +9,7 @@ import pytest
 from device_sim import vault as vault_mod
 from device_sim.vault import Vault, VaultError, load_or_create_private_key
 from provwire import crypto
-from provwire.models import Credentials, MqttCredentials
-
-
-def _credentials(api_key: str = "ak_secret") -> Credentials:
-    return Credentials(
-        api_key=api_key,
-        mqtt=MqttCredentials(
-            host="127.0.0.1",
-            port=1883,
-            tls=False,
-            client_id="dev-1",
-            username="dev-1",
-            token="tok_secret",
-            expires_at=2_000_000_000,
-            publish=["devices/dev-1/up/#"],
-            subscribe=["devices/dev-1/down/#"],
-        ),
-    )
+from tests.helpers.credentials import sample_credentials
 
 
 def _mode(path: Path) -> int:
@@ -37,8 +20,8 @@ def test_round_trip_and_file_modes(tmp_path: Path) -> None:
     state = tmp_path / "dev"
     v = Vault(state)
     assert v.load() is None  # nothing stored yet
-    v.store(_credentials())
-    assert Vault(state).load() == _credentials()
+    v.store(sample_credentials("dev-1"))
+    assert Vault(state).load() == sample_credentials("dev-1")
     assert _mode(state) == 0o700
     assert _mode(state / vault_mod.VAULT_KEY_FILE) == 0o600
     assert _mode(state / vault_mod.VAULT_FILE) == 0o600
@@ -46,16 +29,16 @@ def test_round_trip_and_file_modes(tmp_path: Path) -> None:
 
 
 def test_vault_file_holds_no_plaintext_secret(tmp_path: Path) -> None:
-    Vault(tmp_path).store(_credentials())
+    Vault(tmp_path).store(sample_credentials("dev-1"))
     blob = (tmp_path / vault_mod.VAULT_FILE).read_bytes()
     assert b"ak_secret" not in blob and b"tok_secret" not in blob and b"dev-1" not in blob
 
 
 def test_store_overwrites_and_reuses_the_key(tmp_path: Path) -> None:
     v = Vault(tmp_path)
-    v.store(_credentials("first"))
+    v.store(sample_credentials("dev-1", "first"))
     key = (tmp_path / vault_mod.VAULT_KEY_FILE).read_bytes()
-    v.store(_credentials("second"))
+    v.store(sample_credentials("dev-1", "second"))
     assert (tmp_path / vault_mod.VAULT_KEY_FILE).read_bytes() == key
     loaded = v.load()
     assert loaded is not None and loaded.api_key == "second"
@@ -64,7 +47,7 @@ def test_store_overwrites_and_reuses_the_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("offset", [0, len(vault_mod.MAGIC), len(vault_mod.MAGIC) + 12, -1])
 def test_tampered_vault_fails(tmp_path: Path, offset: int) -> None:
-    Vault(tmp_path).store(_credentials())
+    Vault(tmp_path).store(sample_credentials("dev-1"))
     path = tmp_path / vault_mod.VAULT_FILE
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
@@ -74,7 +57,7 @@ def test_tampered_vault_fails(tmp_path: Path, offset: int) -> None:
 
 
 def test_truncated_vault_and_foreign_key_fail(tmp_path: Path) -> None:
-    Vault(tmp_path).store(_credentials())
+    Vault(tmp_path).store(sample_credentials("dev-1"))
     path = tmp_path / vault_mod.VAULT_FILE
     good = path.read_bytes()
     path.write_bytes(good[:20])
@@ -87,14 +70,14 @@ def test_truncated_vault_and_foreign_key_fail(tmp_path: Path) -> None:
 
 
 def test_missing_key_is_an_error_not_an_empty_vault(tmp_path: Path) -> None:
-    Vault(tmp_path).store(_credentials())
+    Vault(tmp_path).store(sample_credentials("dev-1"))
     (tmp_path / vault_mod.VAULT_KEY_FILE).unlink()
     with pytest.raises(VaultError, match="key"):
         Vault(tmp_path).load()
 
 
 def test_group_readable_secret_is_refused(tmp_path: Path) -> None:
-    Vault(tmp_path).store(_credentials())
+    Vault(tmp_path).store(sample_credentials("dev-1"))
     os.chmod(tmp_path / vault_mod.VAULT_KEY_FILE, 0o640)
     with pytest.raises(VaultError, match="group or others"):
         Vault(tmp_path).load()
@@ -103,7 +86,7 @@ def test_group_readable_secret_is_refused(tmp_path: Path) -> None:
 def test_secret_files_are_0600_even_with_a_permissive_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        Vault(tmp_path).store(_credentials())
+        Vault(tmp_path).store(sample_credentials("dev-1"))
         load_or_create_private_key(tmp_path)
     finally:
         os.umask(old)

@@ -11,8 +11,6 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
@@ -24,42 +22,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bridge import admin, cli, keyfiles, tls
+from bridge import cli, keyfiles, tls
 from bridge.config import Settings
 from bridge.errors import ConfigError, NotInitialised, UsageError
 from bridge.serve import embedded_broker_settings, serve
 from broker.embedded import broker_config
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token
 from device_sim.errors import ConnectError
-from tests.conftest import free_port, make_settings, serving
-from tests.mosquitto import mosquitto_bridge
+from tests.helpers.mosquitto import mosquitto_bridge
+from tests.helpers.raw_mqtt import connect_packet
+from tests.helpers.tls import initialise, running, tls_settings
 
 TIMEOUT = 10.0
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def tls_settings(data_dir: Path, **broker: object) -> Settings:
-    settings = make_settings(data_dir)
-    updated = settings.broker.model_copy(update={"tls_port": free_port(), **broker})
-    return settings.model_copy(update={"broker": updated})
-
-
-def initialise(settings: Settings, tls_files: bool = True) -> str:
-    """`provbridge init` (+ `--tls`); returns the first provisioning key."""
-    result = admin.init_data_dir(settings)
-    assert result.provision_key is not None
-    if tls_files:
-        tls.ensure_tls(settings)
-    return result.provision_key
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[Settings]:
-    """`provbridge serve` on its own thread until the block ends; yields the settings it resolved."""
-    with serving(settings):
-        yield tls.resolve(settings)
 
 
 def files_of(settings: Settings) -> tls.TlsFiles:
@@ -399,9 +376,7 @@ def test_clients_that_do_not_trust_the_ca_or_speak_plain_mqtt_are_refused(tmp_pa
             handshake(port, legacy)
         # Plain MQTT on the TLS port: the CONNECT is not TLS, so no CONNACK ever comes back.
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
-            raw.sendall(
-                bytes([0x10, 0x10, 0x00, 0x04]) + b"MQTT" + bytes([0x04, 0x02, 0x00, 0x1E, 0x00, 0x04]) + b"hw-p"
-            )
+            raw.sendall(connect_packet("hw-p"))
             reply = _read_until_closed(raw)
         assert not reply.startswith(b"\x20")  # 0x20 is CONNACK; a TLS alert (0x15) or nothing at all
         with pytest.raises(ConnectError):

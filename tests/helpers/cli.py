@@ -1,0 +1,35 @@
+"""`provbridge` as an operator runs it: the settings as a config file, and the CLI in this process."""
+
+from bridge import cli
+from bridge.config import Settings
+
+
+def config_toml(settings: Settings) -> str:
+    """The settings `mosquitto-config` must see, as an operator's config file."""
+    b = settings.broker
+    return "\n".join(
+        [
+            f'topic_prefix = "{settings.topic_prefix}"',
+            f'log_level = "{settings.log_level}"',
+            "[broker]",
+            f'mode = "{b.mode}"',
+            f'host = "{b.host}"',
+            f"port = {b.port}",
+            f"tls_port = {b.tls_port}",
+            f'tls_listen = "{b.tls_listen}"',
+            f'username = "{b.username}"',
+            f"allow_anonymous_provisioning = {'true' if b.allow_anonymous_provisioning else 'false'}",
+            f'protocol = "{b.protocol}"',
+            f"dynsec_janitor_seconds = {b.dynsec_janitor_seconds}",
+            "[claims]",
+            f"rate_limits = {'true' if settings.claims.rate_limits else 'false'}",
+            "",
+        ]
+    )
+
+
+def run_cli(settings: Settings, *argv: str) -> int:
+    """`provbridge --config <settings as TOML> --data-dir <data dir> ARGV...`, in this process."""
+    config = settings.data_dir.parent / "provbridge-test.toml"
+    config.write_text(config_toml(settings))
+    return cli.main(["--config", str(config), "--data-dir", str(settings.data_dir), *argv])

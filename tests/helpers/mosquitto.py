@@ -1,0 +1,140 @@
+"""The one Mosquitto launcher: a real Mosquitto started from `provbridge mosquitto-config` output as is,
+and the bridge in external mode against it; `require_plugin` for the provbridge_jwt plugin.
+
+Mosquitto tests are skipped only when the binary (or the plugin) is missing and CI is not set; under CI
+(where `make test` installs it) a missing Mosquitto fails them.
+"""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bridge import keyfiles
+from bridge.config import Settings
+from bridge.store import Store
+from broker import mosquitto_jwt
+from broker.errors import BrokerConfigError
+from tests.helpers.bridge import Bridge, serving
+from tests.helpers.cli import run_cli
+from tests.helpers.network import accepts_connections, free_port
+from tests.helpers.processes import terminate
+from tests.helpers.waiting import wait_for
+
+SBIN_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((path for path in SBIN_CANDIDATES if os.access(path, os.X_OK)), None)
+
+
+def require_mosquitto() -> str:
+    binary = mosquitto_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Mosquitto is not installed but CI is set: `make test` (make mosquitto) installs it")
+        pytest.skip("Mosquitto is not installed (`make mosquitto`); under CI this fails instead")
+    return binary
+
+
+def require_plugin() -> None:
+    """The provbridge_jwt plugin, built if need be (skipped when it cannot be, except under CI)."""
+    try:
+        mosquitto_jwt.find_or_build_plugin()
+    except BrokerConfigError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the provbridge_jwt plugin cannot be built but CI is set: {exc}")
+        pytest.skip(f"the provbridge_jwt plugin cannot be built here: {exc}")
+
+
+def external_settings(settings: Settings, **broker: object) -> Settings:
+    """`settings` pointed at an external Mosquitto on its free port, with a fast janitor."""
+    update: dict[str, object] = {
+        "mode": "external",
+        "dynsec": True,
+        "tls_port": free_port(),
+        "tls_listen": "off",
+        "dynsec_janitor_seconds": 0.5,
+        **broker,
+    }
+    return settings.model_copy(update={"broker": settings.broker.model_copy(update=update)})
+
+
+class RunningMosquitto:
+    """Mosquitto from the config in `conf_dir`, listening on `port`; `start` and `stop` as often as wanted."""
+
+    def __init__(self, binary: str, conf_dir: Path, port: int) -> None:
+        self.binary = binary
+        self.conf_dir = conf_dir
+        self.port = port
+        self.log_file = conf_dir.parent / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_dir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+            )
+        if not wait_for(self._listening, timeout=15):
+            self.stop()
+            raise AssertionError(f"Mosquitto did not start:\n{self.log()}")
+
+    def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"Mosquitto exited with {self.process.returncode}:\n{self.log()}")
+        return accepts_connections(self.port)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        terminate(self.process, 10)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+@contextmanager
+def running_mosquitto(conf_dir: Path, port: int) -> Iterator[RunningMosquitto]:
+    """Mosquitto started from the config already in `conf_dir`; stopped when the block ends."""
+    broker = RunningMosquitto(require_mosquitto(), conf_dir, port)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@contextmanager
+def mosquitto_for(settings: Settings) -> Iterator[RunningMosquitto]:
+    """`provbridge mosquitto-config` into a temp dir, then Mosquitto started from it as is."""
+    require_mosquitto()
+    conf_dir = settings.data_dir.parent / "mosquitto"
+    assert run_cli(settings, "mosquitto-config", str(conf_dir)) == 0
+    with running_mosquitto(conf_dir, settings.broker.port) as broker:
+        yield broker
+
+
+@dataclass
+class MosquittoBridge(Bridge):
+    mosquitto: RunningMosquitto
+
+
+@contextmanager
+def mosquitto_bridge(settings: Settings, first_key: str, **broker: object) -> Iterator[MosquittoBridge]:
+    """Mosquitto from the generated config, and the bridge in external mode against it."""
+    settings = external_settings(settings, **broker)
+    with mosquitto_for(settings) as running, serving(settings):
+        store = Store(settings.database_file)
+        try:
+            yield MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, running)
+        finally:
+            store.close()

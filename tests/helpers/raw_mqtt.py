@@ -1,0 +1,47 @@
+"""MQTT packets as bytes, for tests that must send what no client library would (or only just)."""
+
+import struct
+
+
+def remaining_length(n: int) -> bytes:
+    """The fixed header's variable-length integer: 7 bits a byte, high bit = more follows."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(kind: int, body: bytes) -> bytes:
+    """A whole packet: the first byte (type and flags), its remaining length, the body."""
+    return bytes([kind]) + remaining_length(len(body)) + body
+
+
+def mqtt_string(value: str | bytes) -> bytes:
+    """A length-prefixed UTF-8 string, as topics, client ids and credentials are sent."""
+    raw = value.encode() if isinstance(value, str) else value
+    return struct.pack(">H", len(raw)) + raw
+
+
+def connect_packet(
+    client_id: str | bytes,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    level: int = 4,
+    name: str = "MQTT",
+    keepalive: int = 30,
+    properties: bytes = b"",
+) -> bytes:
+    """A clean-session CONNECT: protocol `name` and `level` (4 = 3.1.1, 5, 3 with "MQIsdp"), `keepalive`
+    seconds, then `properties` as given (MQTT 5 needs at least their length byte), the client id and the
+    credentials given. No will."""
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = mqtt_string(name) + bytes([level, flags]) + struct.pack(">H", keepalive) + properties
+    body += mqtt_string(client_id)
+    if username is not None:
+        body += mqtt_string(username)
+    if password is not None:
+        body += mqtt_string(password)
+    return packet(0x10, body)

@@ -1,0 +1,61 @@
+"""`decide_refresh`, table-driven: the checks after the MAC (PROTOCOL.md §10.1), with no database or broker."""
+
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bridge import refresh_decision
+from bridge.refresh_decision import RefreshFacts, RefreshGranted, RefreshRefused, Refusal, decide_refresh
+from provwire import crypto
+from provwire.models import TokenRefresh
+from tests.helpers.bridge import device_row
+
+NOW = 1_800_000_000
+SKEW = 300
+DEVICE = device_row(
+    id="dev_" + "a" * 26, hardware_id="SN-1", public_key=b"\x04" + b"\x01" * 64, cloud_key_id="cloudkid00000000"
+)
+REQUEST = TokenRefresh(
+    request_id="r-refresh-0001", device_id=DEVICE.id, timestamp=NOW - 10, mac=crypto.b64encode(b"\0" * 32)
+)
+
+CASES: dict[str, tuple[RefreshFacts, Refusal | None]] = {
+    "deleted since the MAC check": (RefreshFacts(None, False), Refusal.BAD_MAC),
+    "re-keyed since the MAC check": (
+        RefreshFacts(replace(DEVICE, public_key=b"\x04" + b"\x02" * 64), False),
+        Refusal.BAD_MAC,
+    ),
+    "moved to another cloud key": (
+        RefreshFacts(replace(DEVICE, cloud_key_id="cloudkid00000001"), False),
+        Refusal.BAD_MAC,
+    ),
+    "revoked": (RefreshFacts(replace(DEVICE, status="revoked"), True), Refusal.DEVICE_REVOKED),
+    "replayed": (RefreshFacts(DEVICE, True), Refusal.REPLAYED),
+    "granted": (RefreshFacts(DEVICE, False), None),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decide_refresh(name: str) -> None:
+    facts, reason = CASES[name]
+    verdict = decide_refresh(REQUEST, DEVICE, facts, NOW, SKEW)
+    if reason is None:
+        assert verdict == RefreshGranted(DEVICE, REQUEST.timestamp + SKEW)
+    else:
+        assert isinstance(verdict, RefreshRefused) and verdict.reason is reason
+
+
+@pytest.mark.parametrize("timestamp", [NOW - SKEW - 1, NOW + SKEW + 1])
+def test_a_timestamp_beyond_the_skew_is_stale_and_checked_before_the_replay(timestamp: int) -> None:
+    stale = REQUEST.model_copy(update={"timestamp": timestamp})
+    verdict = decide_refresh(stale, DEVICE, RefreshFacts(DEVICE, True), NOW, SKEW)
+    assert isinstance(verdict, RefreshRefused) and verdict.reason is Refusal.STALE_TIMESTAMP
+
+
+def test_the_refresh_decision_imports_nothing_that_does_io() -> None:
+    tree = ast.parse(Path(refresh_decision.__file__).read_text())
+    modules = {str(node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert modules <= {"dataclasses", "enum", "bridge.records", "provwire.models"}, modules
