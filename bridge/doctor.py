@@ -10,7 +10,7 @@ creates no other file, so it is safe next to a running bridge.
     data dir      exists and is initialised
     key files     private keys and secrets are 0600 (no group or other access) and parse
     active keys   the active cloud and token keys load; jwks.json and cloud_public.pem match them
-    database      `PRAGMA integrity_check` is ok and the bridge's tables are there
+    database      SQLite's integrity check is ok and the bridge's tables are there
     references    every device's cloud key is on disk; every profile keys and devices use is configured
     patterns      every active key's hardware-id pattern runs in RE2; one written for Python's `re` (before
                   RE2) is not read otherwise by RE2, as far as its devices and a few built examples show
@@ -21,15 +21,12 @@ creates no other file, so it is safe next to a running bridge.
 
 import json
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge import hardware_pattern, keyfiles, tls
 from bridge.config import DEFAULT_CONFIG_FILE, Settings, load_settings
-from bridge.errors import ConfigError, InvalidPattern, NotInitialised, ProvbridgeError
+from bridge.errors import ConfigError, InvalidPattern, NotInitialised, ProvbridgeError, StorageError
 from bridge.keyfiles import KeyRing
 from bridge.mosquitto_files import ops_hashes_file
+from bridge.store_readonly import ReadOnlyDatabase
 from bridge.tokens import fill_scope
 from provwire import crypto, topics
 from provwire.models import rfc3339
@@ -297,32 +295,20 @@ def check_active_keys(data_dir: Path) -> tuple[KeyRing, str]:
     return ring, f"cloud {ring.active_cloud}, token {ring.active_token}; jwks.json and cloud_public.pem match"
 
 
-@contextmanager
-def _read_only(database: Path) -> Iterator[sqlite3.Connection]:
-    # mode=ro: the doctor must not create a missing database (Store would) nor write to a damaged one.
-    db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        yield db
-    finally:
-        db.close()
-
-
 def check_database(database: Path) -> str:
     if not database.is_file():
         raise Problem(f"{database} is missing: restore it from a backup (every device and key is in it)")
     restore = f"stop the bridge and restore {database} from a backup (`sqlite3 {database} .recover` may save rows)"
     try:
-        with _read_only(database) as db:
-            # The first row starts with a "*** in database main ***" banner: the finding is after it.
-            findings = [str(row[0]).split("***")[-1].strip() for row in db.execute("PRAGMA integrity_check")]
+        with ReadOnlyDatabase(database) as db:
+            findings = db.integrity_findings()
             if findings != ["ok"]:
                 raise Problem(f"integrity_check found {len(findings)} problem(s), first: {findings[0]}: {restore}")
-            tables = {str(row[0]) for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            missing = [t for t in BRIDGE_TABLES if t not in tables]
+            missing = [t for t in BRIDGE_TABLES if t not in db.tables()]
             if missing:
                 raise Problem(f"it lacks the tables {', '.join(missing)}: not the bridge's database? {restore}")
-            devices = int(db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
-    except sqlite3.Error as exc:
+            devices = db.device_count()
+    except StorageError as exc:
         raise Problem(f"{database} cannot be read ({exc}): {restore}") from exc
     return f"integrity ok, {devices} devices"
 
@@ -330,19 +316,16 @@ def check_database(database: Path) -> str:
 def check_references(settings: Settings, ring: KeyRing | None) -> str:
     assert ring is not None
     problems: list[str] = []
-    with _read_only(settings.database_file) as db:
-        cloud_kids = db.execute("SELECT cloud_key_id, COUNT(*) FROM devices GROUP BY cloud_key_id").fetchall()
-        profiles = db.execute(
-            "SELECT profile FROM provision_keys WHERE status = 'active'"
-            " UNION SELECT profile FROM devices WHERE status = 'active'"
-        ).fetchall()
+    with ReadOnlyDatabase(settings.database_file) as db:
+        cloud_kids = db.devices_per_cloud_key()
+        profiles = db.profiles_in_use()
     for kid, count in cloud_kids:
         if kid not in ring.cloud:
             problems.append(
                 f"{count} device(s) were provisioned with cloud key {kid}, which is not in"
                 f" {keyfiles.keys_dir(settings.data_dir)}: they cannot refresh tokens; restore cloud-{kid}.pem"
             )
-    for (profile,) in profiles:
+    for profile in profiles:
         if profile not in settings.profiles:
             problems.append(
                 f"profile {profile!r} is used by keys or devices but not configured: their tokens get the default"
@@ -354,23 +337,16 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
 
 
 def check_patterns(database: Path) -> str:
-    with _read_only(database) as db:
-        columns = {str(row[1]) for row in db.execute("PRAGMA table_info(provision_keys)")}
-        # No column: a database no bridge of this version has opened yet, so every pattern predates RE2.
-        syntax = "pattern_syntax" if "pattern_syntax" in columns else "NULL"
-        keys = db.execute(
-            f"SELECT id, name, hardware_id_pattern, {syntax} FROM provision_keys"
-            " WHERE status = 'active' AND hardware_id_pattern IS NOT NULL ORDER BY created_at"
-        ).fetchall()
+    with ReadOnlyDatabase(database) as db:
+        keys = db.patterned_keys()
         problems: list[str] = []
-        for key_id, name, pattern, written_for in keys:
-            if written_for == "re2":
-                found = _refusal(pattern)
+        for key in keys:
+            if key.syntax == "re2":
+                found = _refusal(key.pattern)
             else:
-                ids = (str(row[0]) for row in db.execute("SELECT hardware_id FROM devices WHERE key_id = ?", (key_id,)))
-                found = hardware_pattern.differences(pattern, python_matches, ids)
+                found = hardware_pattern.differences(key.pattern, python_matches, db.hardware_ids_of_key(key.id))
             if found:
-                problems.append(f"key {key_id} ({name}), pattern {pattern!r}: {'; '.join(found)}")
+                problems.append(f"key {key.id} ({key.name}), pattern {key.pattern!r}: {'; '.join(found)}")
     if problems:
         raise Problem(
             "hardware-id patterns are matched by RE2 (linear time; before, by Python's re), and RE2 does not match"
@@ -378,7 +354,7 @@ def check_patterns(database: Path) -> str:
             " syntax (docs/SECURITY.md), then revoke the old one (until then its claims are matched by RE2 as shown,"
             " or refused when RE2 cannot run the pattern)"
         )
-    legacy = sum(1 for key in keys if key[3] != "re2")
+    legacy = sum(1 for key in keys if key.syntax != "re2")
     return (
         f"{len(keys)} active key(s) with a hardware-id pattern, all run by RE2 as meant ({legacy} written before RE2)"
     )
@@ -461,32 +437,13 @@ def check_tls_listener(settings: Settings) -> str:
     return check_listener(endpoint.host, settings.broker.tls_port, True, ca_file if ca_file.is_file() else None)
 
 
-def _newest_records(database: Path) -> list[tuple[str, float]]:
-    columns = [
-        ("tenants", "created_at"),
-        ("provision_keys", "created_at"),
-        ("provision_keys", "revoked_at"),
-        ("devices", "updated_at"),
-        ("answers", "created_at"),
-    ]
-    found: list[tuple[str, float]] = []
-    with _read_only(database) as db:
-        for table, column in columns:
-            value = db.execute(f"SELECT MAX({column}) FROM {table}").fetchone()[0]
-            if value is not None:
-                found.append((f"{table}.{column}", float(value)))
-        newest_event = db.execute("SELECT MAX(time) FROM events").fetchone()[0]
-    if newest_event is not None:
-        found.append(("events.time", datetime.fromisoformat(str(newest_event)).timestamp()))
-    return found
-
-
 def check_clock(settings: Settings, now: float, database_ok: bool) -> str:
     data_dir = settings.data_dir
     files = [*keyfiles.keys_dir(data_dir).iterdir(), data_dir / "jwks.json", settings.bridge_secret_file]
     records = [(str(p), p.stat().st_mtime) for p in files if p.is_file()]
     if database_ok:  # a damaged database has no trustworthy times; its own check says so
-        records += _newest_records(settings.database_file)
+        with ReadOnlyDatabase(settings.database_file) as db:
+            records += db.newest_records()
     if not records:
         return f"{rfc3339(now)}; nothing to compare it with"
     what, newest = max(records, key=lambda record: record[1])

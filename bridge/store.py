@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bridge import migrations
 from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.filelock import locked
 from bridge.records import Device, ProvisionKey
@@ -24,77 +25,6 @@ BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it
 # queue on the same write lock, so a purge of a huge backlog must not hold it for long at a time.
 EVENT_PURGE_BATCH = 1000
 EVENT_PURGE_PAUSE_SECONDS = 0.01
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS provision_keys (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL REFERENCES tenants(id),
-    name TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('key', 'code')),
-    key_hash BLOB NOT NULL UNIQUE,
-    profile TEXT NOT NULL,
-    hardware_id_pattern TEXT,
-    expires_at INTEGER,
-    max_registrations INTEGER,
-    registrations INTEGER NOT NULL DEFAULT 0,
-    labels TEXT NOT NULL,
-    groups_ TEXT NOT NULL,
-    reclaim_policy TEXT NOT NULL CHECK (reclaim_policy IN ('reject', 'rotate')),
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    created_at INTEGER NOT NULL,
-    revoked_at INTEGER,
-    pattern_syntax TEXT  -- 're2'; NULL: a pattern written for Python's re, before RE2 (doctor compares them)
-);
-CREATE TABLE IF NOT EXISTS devices (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL REFERENCES tenants(id),
-    hardware_id TEXT NOT NULL,
-    name TEXT,
-    public_key BLOB NOT NULL,
-    cloud_key_id TEXT NOT NULL,
-    api_key_hash BLOB NOT NULL,
-    labels TEXT NOT NULL,
-    groups_ TEXT NOT NULL,
-    profile TEXT NOT NULL,
-    hardware TEXT,
-    network TEXT,
-    agent_version TEXT,
-    key_id TEXT NOT NULL REFERENCES provision_keys(id),
-    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    UNIQUE (tenant_id, hardware_id)
-);
-CREATE TABLE IF NOT EXISTS answers (
-    client_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    claim_digest BLOB NOT NULL,
-    answer BLOB NOT NULL,
-    created_at INTEGER NOT NULL,
-    PRIMARY KEY (client_id, request_id)
-);
-CREATE INDEX IF NOT EXISTS answers_created ON answers (created_at);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    event TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_time ON events (time);
-CREATE TABLE IF NOT EXISTS refresh_requests (
-    device_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    PRIMARY KEY (device_id, request_id)
-);
-CREATE INDEX IF NOT EXISTS refresh_requests_expiry ON refresh_requests (expires_at);
-"""
 
 
 _KEY_SELECT = "SELECT k.*, t.name AS tenant_name FROM provision_keys k JOIN tenants t ON t.id = k.tenant_id"
@@ -160,19 +90,9 @@ class Store:
         if not path.exists():
             # It holds key hashes and device records: owner-only, like the key files beside it.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._connection().executescript(SCHEMA)  # idempotent; executescript commits on its own
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """Bring a database made by an earlier version up to SCHEMA (`CREATE ... IF NOT EXISTS` adds no column)."""
-        conn = self._connection()
-        columns = {row["name"] for row in conn.execute("PRAGMA table_info(provision_keys)")}
-        if "pattern_syntax" not in columns:
-            try:
-                conn.execute("ALTER TABLE provision_keys ADD COLUMN pattern_syntax TEXT")
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
+        if migrations.version(self._connection()) != migrations.LATEST:  # an up-to-date database takes no lock
+            with self.transaction() as db:  # one upgrade at a time, whichever process opens it first
+                migrations.upgrade(db)
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

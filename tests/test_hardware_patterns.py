@@ -7,7 +7,6 @@ left them.
 """
 
 import json
-import sqlite3
 import time
 
 import pytest
@@ -180,27 +179,6 @@ def test_doctor_names_devices_of_a_legacy_pattern_that_re2_would_refuse(
     _legacy(bridge.store, key_id, r"SN-\d+")  # what Python's re matched when the device claimed
     _, line = _doctor_patterns_line(bridge.settings, capsys)
     assert "1 of its devices' hardware ids no longer match, e.g. 'SN-٣٤'" in line, line
-
-
-def test_a_database_from_before_the_pattern_syntax_column_opens_and_is_upgraded(
-    settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:
-    store = Store(settings.database_file)
-    admin.create_key(store, settings, admin.KeySpec("default", "old", hardware_id_pattern=r"\w+"), int(time.time()))
-    store.close()
-    with sqlite3.connect(settings.database_file) as db:  # the table as earlier versions created it
-        db.execute("ALTER TABLE provision_keys DROP COLUMN pattern_syntax")
-    _, line = _doctor_patterns_line(settings, capsys)  # read-only: it finds no column, so all are legacy
-    assert line.startswith("patterns: FAIL: ") and "(old)" in line, line
-
-    reopened = Store(settings.database_file)
-    try:
-        columns = [row["name"] for row in reopened.read().execute("PRAGMA table_info(provision_keys)")]
-        assert columns[-1] == "pattern_syntax"
-        syntax = reopened.read().execute("SELECT pattern_syntax FROM provision_keys WHERE name = 'old'").fetchone()
-        assert syntax[0] is None  # stays marked as written for Python's re
-    finally:
-        reopened.close()
 
 
 def test_doctor_passes_when_no_key_has_a_pattern(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,134 @@
+"""The database schema, versioned: `PRAGMA user_version` counts the MIGRATIONS a database has had.
+
+`Store` runs `upgrade` inside a write transaction each time it opens a database, so a database made
+by any earlier version is brought up to date in place, and a new one is made by the same steps. A
+step never edits an earlier one: a change to the schema is a new step at the end.
+"""
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.errors import StorageError
+
+# The tables as the first release made them. Databases made before versioning (user_version 0) have
+# them already: IF NOT EXISTS makes step 1 a no-op there.
+TABLES_V1 = """
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS provision_keys (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('key', 'code')),
+    key_hash BLOB NOT NULL UNIQUE,
+    profile TEXT NOT NULL,
+    hardware_id_pattern TEXT,
+    expires_at INTEGER,
+    max_registrations INTEGER,
+    registrations INTEGER NOT NULL DEFAULT 0,
+    labels TEXT NOT NULL,
+    groups_ TEXT NOT NULL,
+    reclaim_policy TEXT NOT NULL CHECK (reclaim_policy IN ('reject', 'rotate')),
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    hardware_id TEXT NOT NULL,
+    name TEXT,
+    public_key BLOB NOT NULL,
+    cloud_key_id TEXT NOT NULL,
+    api_key_hash BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    groups_ TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    hardware TEXT,
+    network TEXT,
+    agent_version TEXT,
+    key_id TEXT NOT NULL REFERENCES provision_keys(id),
+    status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (tenant_id, hardware_id)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    client_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    claim_digest BLOB NOT NULL,
+    answer BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (client_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS answers_created ON answers (created_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+CREATE TABLE IF NOT EXISTS refresh_requests (
+    device_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (device_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS refresh_requests_expiry ON refresh_requests (expires_at);
+"""
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    for statement in TABLES_V1.split(";"):  # not executescript: it would commit the upgrade's transaction
+        if statement.strip():
+            db.execute(statement)
+
+
+def _add_pattern_syntax(db: sqlite3.Connection) -> None:
+    # 're2' for patterns written since RE2 runs them; NULL for those written for Python's re (doctor compares them).
+    columns = {row[1] for row in db.execute("PRAGMA table_info(provision_keys)")}
+    if "pattern_syntax" not in columns:  # development databases of this version may have it already
+        db.execute("ALTER TABLE provision_keys ADD COLUMN pattern_syntax TEXT")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    what: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+MIGRATIONS = (
+    Migration(1, "the tables of the first release", _create_tables),
+    Migration(
+        2, "provision_keys.pattern_syntax: the engine a hardware-id pattern was written for", _add_pattern_syntax
+    ),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def upgrade(db: sqlite3.Connection) -> list[int]:
+    """Apply the steps `db` has not had, inside the caller's transaction; returns their versions."""
+    current = version(db)
+    if current > LATEST:
+        raise StorageError(
+            f"the database is at schema version {current}, newer than this provbridge knows ({LATEST}):"
+            " it was written by a newer version; run that one, or restore a backup made before the upgrade"
+        )
+    applied = []
+    for step in MIGRATIONS:
+        if step.version > current:
+            step.apply(db)
+            db.execute(f"PRAGMA user_version = {step.version}")  # an int from MIGRATIONS, not input
+            applied.append(step.version)
+    return applied

@@ -1,0 +1,107 @@
+"""The schema is versioned: a database made by an earlier release opens and is upgraded in place.
+
+`tests/fixtures/provbridge-3d2a41d.db` was made by the release before versioning (commit 3d2a41d):
+`provbridge init`, a key `line-7` with the hardware-id pattern `SN-\\d+` (written for Python's re), and
+two devices claimed with it.
+"""
+
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge import admin, doctor, keyfiles, migrations
+from bridge.config import Settings
+from bridge.errors import StorageError
+from bridge.provisioning import Provisioner
+from bridge.store import Store
+from provwire import crypto, topics
+from provwire.models import Claim, ClaimOk, to_json
+from tests.helpers.bridge import make_settings
+
+FIXTURE = Path(__file__).parent / "fixtures" / "provbridge-3d2a41d.db"
+
+
+@pytest.fixture
+def old_database(tmp_path: Path) -> Settings:
+    """A data dir with the old release's database and a fresh key ring (the fixture carries no keys)."""
+    settings = make_settings(tmp_path / "data")
+    settings.data_dir.mkdir(mode=0o700)
+    shutil.copy(FIXTURE, settings.database_file)
+    keyfiles.create_keys(settings.data_dir)
+    return settings
+
+
+def _user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def test_the_fixture_is_from_before_versioning() -> None:
+    assert _user_version(FIXTURE) == 0
+
+
+def test_a_database_of_the_first_release_is_upgraded_in_place_and_keeps_its_rows(old_database: Settings) -> None:
+    store = Store(old_database.database_file)
+    try:
+        assert migrations.version(store.read()) == migrations.LATEST
+        keys = {k.name: k for k in store.keys(None)}
+        assert set(keys) == {"first-key", "line-7"}
+        assert keys["line-7"].hardware_id_pattern == r"SN-\d+" and keys["line-7"].registrations == 2
+        assert keys["line-7"].labels == {"site": "ber"}
+        assert sorted(d.hardware_id for d in store.devices(None, limit=10)) == ["SN-0", "SN-1"]
+        row = store.read().execute("SELECT pattern_syntax FROM provision_keys WHERE name = 'line-7'").fetchone()
+        assert row[0] is None  # written for Python's re: the doctor compares it with RE2
+
+        # The upgraded database takes new keys and claims as a new one would.
+        _, raw = admin.create_key(store, old_database, admin.KeySpec("default", "after-upgrade"), int(time.time()))
+        device = crypto.generate_private_key()
+        claim = Claim(
+            request_id="r-after-upgrade-1",
+            provision_key=raw,
+            hardware_id="SN-2",
+            public_key=crypto.b64encode(crypto.sec1(device.public_key())),
+        )
+        provisioner = Provisioner(old_database, store, keyfiles.load_keys(old_database.data_dir))
+        outcome = provisioner.handle(topics.claim_topic("prov/v1", "c-after-upgrade"), to_json(claim))
+        assert ClaimOk.model_validate_json(outcome.answer or b"").created
+    finally:
+        store.close()
+    assert _user_version(old_database.database_file) == migrations.LATEST
+
+
+def test_the_doctor_names_the_old_releases_pattern_before_and_after_the_upgrade(old_database: Settings) -> None:
+    # Read-only, before any bridge opened it: no pattern_syntax column, so every pattern is Python's.
+    with pytest.raises(doctor.Problem, match=r"key key_\w+ \(line-7\).*'SN-٣' matched before"):
+        doctor.check_patterns(old_database.database_file)
+    Store(old_database.database_file).close()
+    with pytest.raises(doctor.Problem, match=r"\(line-7\)"):
+        doctor.check_patterns(old_database.database_file)
+
+
+def test_opening_an_upgraded_database_again_changes_nothing(old_database: Settings) -> None:
+    Store(old_database.database_file).close()
+    before = old_database.database_file.read_bytes()
+    Store(old_database.database_file).close()  # up to date: no write transaction at all
+    assert _user_version(old_database.database_file) == migrations.LATEST
+    assert old_database.database_file.read_bytes() == before
+
+
+def test_a_database_from_a_newer_release_is_refused_with_the_reason(old_database: Settings) -> None:
+    with sqlite3.connect(old_database.database_file) as db:
+        db.execute(f"PRAGMA user_version = {migrations.LATEST + 1}")
+    with pytest.raises(StorageError, match="newer than this provbridge knows"):
+        Store(old_database.database_file)
+    assert _user_version(old_database.database_file) == migrations.LATEST + 1
+
+
+def test_a_new_database_is_made_by_the_same_steps(tmp_path: Path) -> None:
+    store = Store(tmp_path / "new.db")
+    try:
+        assert migrations.version(store.read()) == migrations.LATEST
+        columns = [row["name"] for row in store.read().execute("PRAGMA table_info(provision_keys)")]
+        assert columns[-1] == "pattern_syntax"
+    finally:
+        store.close()
