@@ -184,8 +184,8 @@ def legit_config(system: System, data: DataDir, samples: int, rate: float, tag: 
 
 def make_pattern_key(data: DataDir) -> str:
     """A second key, as an admin would write it, whose pattern a backtracking engine takes exponential time on."""
-    from bridge import admin
     from bridge.config import load_settings
+    from bridge.ops import admin
 
     settings = load_settings(None).model_copy(update={"data_dir": data.path})
     store = admin.open_store(settings)

@@ -126,9 +126,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_data_dir(root: Path, name: str) -> DataDir:
-    """Initialise a data dir and create an unlimited key through bridge.admin (the CLI's own code)."""
-    from bridge import admin
+    """Initialise a data dir and create an unlimited key through bridge.ops.admin (the CLI's own code)."""
     from bridge.config import load_settings
+    from bridge.ops import admin
 
     path = root / name / "data"
     settings = load_settings(None).model_copy(update={"data_dir": path})

@@ -23,12 +23,13 @@ from typing import Any
 
 import pytest
 
-from bridge import admin, secrets
+from bridge.claims import identifiers
+from bridge.claims.provisioning import Provisioner, parse_claim
 from bridge.config import Settings, load_settings
-from bridge.keyfiles import KeyRing, load_keys
-from bridge.provisioning import Provisioner, parse_claim
-from bridge.records import Device
-from bridge.store import Store
+from bridge.ops import admin
+from bridge.storage.keyfiles import KeyRing, load_keys
+from bridge.storage.records import Device
+from bridge.storage.store import Store
 from bridge.tokens import fill_scope, mint_token
 from provwire import crypto, topics
 from provwire.models import (
@@ -93,7 +94,7 @@ def sample(env: Env) -> dict[str, Any]:
     assert isinstance(claim, Claim)
     cloud = env.keys.cloud_key
     shared = crypto.shared_secret(cloud, crypto.public_key_from_sec1(claim.public_key_sec1))
-    device_id = secrets.new_device_id()
+    device_id = identifiers.new_device_id()
     grant = _sign(env, device_id)
     credentials = _credentials(env, device_id, grant.token, grant.expires_at, grant.publish, grant.subscribe)
     return {
@@ -104,7 +105,7 @@ def sample(env: Env) -> dict[str, Any]:
         "seal_key": crypto.derive_seal_key(shared, request_id),
         "device_id": device_id,
         "credentials": credentials,
-        "key_hash": secrets.digest(secrets.normalise_key(claim.provision_key)),
+        "key_hash": identifiers.digest(identifiers.normalise_key(claim.provision_key)),
     }
 
 
@@ -137,7 +138,7 @@ def _credentials(env: Env, device_id: str, token: str, exp: int, pub: list[str],
         publish=pub,
         subscribe=sub,
     )
-    return Credentials(api_key=secrets.new_api_key(), mqtt=mqtt)
+    return Credentials(api_key=identifiers.new_api_key(), mqtt=mqtt)
 
 
 def _fresh(make: Callable[[], Any]) -> Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -160,7 +161,7 @@ def test_02_key_lookup(benchmark: Any, env: Env, sample: dict[str, Any]) -> None
     db = env.store.read()
 
     def lookup() -> Any:
-        return Store.key_by_hash(db, secrets.digest(secrets.normalise_key(claim.provision_key)))
+        return Store.key_by_hash(db, identifiers.digest(identifiers.normalise_key(claim.provision_key)))
 
     assert benchmark(lookup) is not None
 
@@ -235,7 +236,7 @@ def test_08_transaction(benchmark: Any, env: Env, sample: dict[str, Any]) -> Non
             assert key is not None
             assert Store.device_by_hardware_id(db, key.tenant_id, hardware_id) is None
             device = Device(
-                id=secrets.new_device_id(),
+                id=identifiers.new_device_id(),
                 tenant_id=key.tenant_id,
                 tenant_name=key.tenant_name,
                 hardware_id=hardware_id,
@@ -253,7 +254,7 @@ def test_08_transaction(benchmark: Any, env: Env, sample: dict[str, Any]) -> Non
                 created_at=now,
                 updated_at=now,
             )
-            Store.insert_device(db, device, secrets.digest(secrets.new_api_key()))
+            Store.insert_device(db, device, identifiers.digest(identifiers.new_api_key()))
             Store.spend_key_use(db, key.id)
             Store.store_answer(db, CLIENT_ID, request_id, b"d" * 32, answer, now)
             stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -50,7 +50,7 @@ class BrokerSettings(BaseModel):
     mode: Literal["embedded", "external"] = "embedded"
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
-    tls: bool = False  # the bridge's own connection; devices follow tls_listen (bridge/tls.py)
+    tls: bool = False  # the bridge's own connection; devices follow tls_listen (bridge/tls/certificates.py)
     ca_file: Path | None = None  # default: <data_dir>/tls/ca.pem when it exists
     # The broker's TLS listener: "auto" = when <data_dir>/tls/server.pem and server.key exist.
     tls_port: int = Field(default=8883, ge=1, le=65535)
@@ -66,7 +66,7 @@ class BrokerSettings(BaseModel):
     advertise_port: int | None = Field(default=None, ge=1, le=65535)
     # The bridge's own MQTT version. With "5" it answers a claim's Response Topic + Correlation Data.
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    # External mode: mirror each device token into Mosquitto's dynamic-security plugin (bridge/dynsec.py).
+    # External mode: mirror each device token into Mosquitto's dynamic-security plugin (bridge/mosquitto/dynsec.py).
     dynsec: bool = True
     # Who verifies device tokens on Mosquitto: "dynsec" = the bridge mirrors each one into dynamic security;
     # "jwt" = the provbridge_jwt plugin verifies them itself (broker/mosquitto_jwt), nothing is mirrored.
@@ -110,7 +110,7 @@ class ClaimSettings(BaseModel):
     max_in_flight: int = Field(default=10_000, ge=1)
     retry_after_seconds: int = Field(default=2, ge=1)
     code_ttl_seconds: int = Field(default=86_400, ge=60)
-    # Flood limits (bridge/ratelimit.py): token buckets, `*_per_second` refill and `*_burst` size; a rate of 0
+    # Flood limits (bridge/claims/ratelimit.py): token buckets, `*_per_second` refill and `*_burst` size; a rate of 0
     # turns that limit off. Beyond one, the answer is rate_limited with retry_after = seconds until a token.
     # Off until the test suite's many-messages-from-one-client tests opt out (docs/RELIABILITY.md section 6).
     rate_limits: bool = True

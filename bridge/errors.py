@@ -35,7 +35,7 @@ class AlreadyExists(ProvbridgeError):
 
 
 class InvalidPattern(UsageError):
-    """A hardware-id pattern the linear-time engine (RE2) cannot run (bridge/hardware_pattern.py)."""
+    """A hardware-id pattern the linear-time engine (RE2) cannot run (bridge/claims/hardware_pattern.py)."""
 
 
 class StorageError(ProvbridgeError):

@@ -1,6 +1,6 @@
 """Revoked devices whose tokens the embedded broker must refuse before those tokens expire.
 
-A device token cannot be recalled, so `provbridge device revoke` (bridge/revocation.py) lists the
+A device token cannot be recalled, so `provbridge device revoke` (bridge/ops/revocation.py) lists the
 device here until the latest moment any token it was given can expire. The broker refuses that
 device's CONNECT, ends the sessions it already has, and refuses their PUBLISH, SUBSCRIBE and
 deliveries until they are ended.

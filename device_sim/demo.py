@@ -47,7 +47,7 @@ def provbridge_command() -> list[str]:
     found = shutil.which("provbridge")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from bridge.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from bridge.cli.main import main; sys.exit(main())"]
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin
 from bridge.config import Settings
+from bridge.ops import admin
 from tests.helpers.bridge import Bridge, make_settings, serving_bridge
 from tests.helpers.brokers import use_jwt_plugin
 

@@ -13,7 +13,7 @@ Files that exist to hold a secret (PEM or `.key` files of private keys, `bridge.
 
 Two nets:
 
-- formats (bridge/secrets.py, bridge/tokens.py, PKCS#8): `pk_` provisioning keys (any presented key, a
+- formats (bridge/claims/identifiers.py, bridge/tokens.py, PKCS#8): `pk_` provisioning keys (any presented key, a
   guessed one included), `PROV-XXXX-XXXX` codes, `dk_` API keys, `op_` ops passwords, JWTs, PEM private
   keys and base64 P-256 private-key DER without its PEM armour;
 - exact values found on disk: the scalar of every private key in a key file (hex, base64, base64url; raw

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin, secrets
-from bridge.claim_decision import Action, Denial, key_denial, reclaim_action
-from bridge.cli import main as cli_main
+from bridge.claims import identifiers
+from bridge.claims.decision import Action, Denial, key_denial, reclaim_action
+from bridge.claims.provisioning import parse_claim
+from bridge.cli.main import main as cli_main
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, UsageError
-from bridge.provisioning import parse_claim
+from bridge.ops import admin
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError
 from tests.helpers.bridge import device_row, provision_key_row
@@ -53,14 +54,14 @@ def test_parse_claim_reports_fields_without_echoing_input() -> None:
 
 
 def test_secrets_have_their_documented_shapes() -> None:
-    assert secrets.new_provision_key().startswith("pk_") and len(secrets.new_provision_key()) == 46
-    assert secrets.new_api_key().startswith("dk_")
-    device_id = secrets.new_device_id()
+    assert identifiers.new_provision_key().startswith("pk_") and len(identifiers.new_provision_key()) == 46
+    assert identifiers.new_api_key().startswith("dk_")
+    device_id = identifiers.new_device_id()
     assert device_id.startswith("dev_") and len(device_id) == 30 and device_id == device_id.lower()
-    code = secrets.new_human_code()
-    assert secrets.CODE_RE.fullmatch(code)
-    assert secrets.normalise_key(code.lower().replace("-", "-")) == code
-    assert secrets.normalise_key("pk_abc") == "pk_abc"  # pk_ keys are case-sensitive
+    code = identifiers.new_human_code()
+    assert identifiers.CODE_RE.fullmatch(code)
+    assert identifiers.normalise_key(code.lower().replace("-", "-")) == code
+    assert identifiers.normalise_key("pk_abc") == "pk_abc"  # pk_ keys are case-sensitive
 
 
 def test_durations() -> None:
@@ -111,7 +112,7 @@ def test_key_creation_refuses_what_cannot_work(settings: Settings) -> None:
             admin.create_key(store, settings, spec, now)
     key, raw = admin.create_key(store, settings, admin.KeySpec(tenant="default", name="c", human_code=True), now)
     assert key.max_registrations == 1 and key.expires_at == now + settings.claims.code_ttl_seconds
-    assert key.key_hash == secrets.digest(raw)
+    assert key.key_hash == identifiers.digest(raw)
 
 
 def test_cli_errors_are_one_line_and_non_zero(

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from bridge import keyfiles
 from bridge.config import Settings
-from bridge.filelock import locked
-from bridge.inprocess import STOP_GRACE_SECONDS
-from bridge.lifeline import ORPHANED_EXIT_STATUS
-from bridge.store import Store
+from bridge.edges.inprocess import STOP_GRACE_SECONDS
+from bridge.edges.lifeline import ORPHANED_EXIT_STATUS
+from bridge.storage import keyfiles
+from bridge.storage.filelock import locked
+from bridge.storage.store import Store
 from provwire import topics
 from tests.helpers.bridge import Bridge
 from tests.helpers.devices import Device
@@ -93,7 +93,7 @@ def waits_for_lock(pid: int, lock_file: Path) -> bool:
 
 
 def writer_lock_file(settings: Settings) -> Path:
-    """The lock every writer of the database takes before its transaction (`bridge.store.Store`)."""
+    """The lock every writer of the database takes before its transaction (`bridge.storage.store.Store`)."""
     return settings.database_file.with_name(settings.database_file.name + "-writer.lock")
 
 
@@ -180,6 +180,6 @@ def test_sigkill_of_serve_processes_kills_its_frozen_bridge_processes(initialise
 def test_a_child_whose_parent_died_before_it_armed_the_signal_exits_at_once() -> None:
     """A parent dead before the child's `prctl` would never signal it: the child sees that its parent is
     not the one that started it (here: it is told to expect another pid than ours) and exits."""
-    code = f"from bridge.lifeline import die_with_parent; die_with_parent({os.getpid() + 1}); print('ran on')"
+    code = f"from bridge.edges.lifeline import die_with_parent; die_with_parent({os.getpid() + 1}); print('ran on')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert (done.returncode, done.stdout) == (ORPHANED_EXIT_STATUS, b""), done

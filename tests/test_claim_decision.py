@@ -4,16 +4,14 @@ Each case gives the rows the claim's transaction read (`ClaimFacts`) and checks 
 code, or the action granted, and the events with their reasons.
 """
 
-import ast
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
 
-from bridge import claim_decision
-from bridge.claim_decision import (
+from bridge.claims import decision as claim_decision
+from bridge.claims.decision import (
     Action,
     Answered,
     ClaimFacts,
@@ -22,10 +20,11 @@ from bridge.claim_decision import (
     Granted,
     decide,
 )
-from bridge.records import Device, ProvisionKey
+from bridge.storage.records import Device, ProvisionKey
 from provwire import crypto
 from provwire.models import Claim
 from tests.helpers.bridge import device_row, provision_key_row
+from tests.helpers.imports import imports_of
 
 NOW = 1_800_000_000.0
 KEY_HASH = hashlib.sha256(b"pk_test").digest()
@@ -185,21 +184,14 @@ PURE_IMPORTS = {
     "enum",
     "hmac",
     "typing",
-    "bridge.hardware_pattern",
+    "bridge.claims.hardware_pattern",
     "bridge.errors",
-    "bridge.records",
+    "bridge.storage.records",
     "provwire.errors",
     "provwire.models",
 }
 
 
 def test_the_decision_imports_nothing_that_does_io() -> None:
-    tree = ast.parse(Path(claim_decision.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {
-        f"{node.module}.{alias.name}" if node.module == "bridge" else str(node.module)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-        for alias in node.names
-    }
+    imported = imports_of(claim_decision)
     assert imported <= PURE_IMPORTS, imported - PURE_IMPORTS

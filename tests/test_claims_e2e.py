@@ -8,7 +8,7 @@ import uuid
 import jwt
 import pytest
 
-from bridge import keyfiles
+from bridge.storage import keyfiles
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
@@ -22,7 +22,7 @@ def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
 
 
 def _registrations(bridge: Bridge, raw_key: str) -> int:
-    from bridge.secrets import digest
+    from bridge.claims.identifiers import digest
 
     row = (
         bridge.store.read()
@@ -146,7 +146,7 @@ def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(brid
 
 @pytest.mark.parametrize("reason", ["key_expired", "key_revoked"])
 def test_expired_and_revoked_keys_are_denied_with_the_reason_in_the_event(bridge: Bridge, reason: str) -> None:
-    from bridge.secrets import digest
+    from bridge.claims.identifiers import digest
 
     key = bridge.create_key()
     with bridge.store.transaction() as db:
@@ -191,7 +191,7 @@ def test_rotate_policy_lets_a_factory_reset_device_reprovision(bridge: Bridge) -
     assert second.device_id == first.device_id and not second.created
     new_api_key = after.open(second).api_key
     assert new_api_key.startswith("dk_")
-    from bridge.secrets import digest
+    from bridge.claims.identifiers import digest
 
     assert bridge.store.api_key_hash(first.device_id) == digest(new_api_key) != old_hash
     assert bridge.store.device(first.device_id).public_key == crypto.b64decode(after.public_key_b64)
@@ -259,7 +259,7 @@ def test_bad_input_gets_a_documented_error_and_changes_nothing(bridge: Bridge) -
 
 
 def test_claim_on_a_topic_with_an_invalid_client_id_is_dropped_with_an_event(bridge: Bridge) -> None:
-    from bridge.provisioning import Provisioner
+    from bridge.claims.provisioning import Provisioner
 
     provisioner = Provisioner(bridge.settings, bridge.store, bridge.keys)
     outcome = provisioner.handle(f"{bridge.prefix}/claim/bad id!", b"{}")
@@ -289,8 +289,8 @@ def test_storage_failure_answers_internal_error_and_writes_nothing(bridge: Bridg
     blocker = sqlite3.connect(bridge.settings.database_file, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
     try:
-        from bridge.provisioning import Provisioner
-        from bridge.store import Store
+        from bridge.claims.provisioning import Provisioner
+        from bridge.storage.store import Store
 
         impatient = Store(bridge.settings.database_file)
         impatient.read().execute("PRAGMA busy_timeout = 50")
@@ -318,7 +318,7 @@ def test_unique_request_ids_are_not_confused_across_clients(bridge: Bridge) -> N
 
 
 def test_ops_user_watches_events_over_mqtt_and_can_do_nothing_else(bridge: Bridge) -> None:
-    from bridge import admin
+    from bridge.ops import admin
 
     password = admin.create_ops_user(bridge.settings, "night-shift")
     assert "night-shift" in keyfiles.read_ops_users(bridge.settings.data_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import cli
+from bridge.cli import main as cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cli_help.txt"
 COLUMNS = "100"  # argparse wraps to the terminal's width: pinned, so the text does not depend on it

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge import cli
-from bridge.cli_common import EXIT_READER_GONE
+from bridge.cli import main as cli
+from bridge.cli.common import EXIT_READER_GONE
 from bridge.config import Settings
-from bridge.store import Store
+from bridge.storage.store import Store
 from device_sim import cli as sim_cli
 from tests.helpers.bridge import Bridge
 
@@ -81,7 +81,7 @@ def _run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[byte
 
 @pytest.mark.parametrize("command", [["device", "list"], ["key", "list", "--json"], ["events"]])
 def test_a_reader_that_goes_away_ends_the_command_quietly(settings: Settings, command: list[str]) -> None:
-    argv = [sys.executable, "-m", "bridge.cli", "--data-dir", str(settings.data_dir), *command]
+    argv = [sys.executable, "-m", "bridge.cli.main", "--data-dir", str(settings.data_dir), *command]
     done = _run_into_a_closed_pipe(argv)
     assert done.stderr == b"", done.stderr.decode()
     assert done.returncode == EXIT_READER_GONE

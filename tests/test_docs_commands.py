@@ -3,7 +3,7 @@
 A *mention* is the program name `provbridge` (or `provbridge-sim`, the simulator's own entry point,
 device_sim/cli.py) standing as a word of its own and followed by white space, in a fenced code block,
 an inline code span or plain prose. The words after it are walked down the argparse tree that
-`bridge.cli.build_parser` (`device_sim.cli.build_parser`) builds:
+`bridge.cli.main.build_parser` (`device_sim.cli.build_parser`) builds:
 
 * a word that is a subcommand of the current parser descends into it;
 * where the current parser has subcommands and the next word is none of them, that is drift: the
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import cli
+from bridge.cli import main as cli
 from device_sim import cli as sim_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin, cli, doctor, keyfiles, rotation, tls
+from bridge.claims.provisioning import Provisioner
+from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.provisioning import Provisioner
-from bridge.store import Store
+from bridge.ops import admin, doctor
+from bridge.storage import keyfiles, rotation
+from bridge.storage.store import Store
+from bridge.tls import certificates as tls
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimOk, to_json
 from tests.helpers.bridge import Bridge

@@ -50,12 +50,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge import keyfiles, secrets
+from bridge.claims import identifiers
 from bridge.config import Settings
-from bridge.dynsec import DynsecChannel, admin_channel, check
-from bridge.edge import BridgeCore, claim_handlers
-from bridge.service import BridgeService
-from bridge.store import Store
+from bridge.edges.core import BridgeCore, claim_handlers
+from bridge.edges.paho import BridgeService
+from bridge.mosquitto.dynsec import DynsecChannel, admin_channel, check
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from broker import mosquitto_conf as mc
 from device_sim.device import DeviceIdentity, build_claim, connect_with_token, open_answer
 from provwire import topics
@@ -335,7 +336,7 @@ def check_invariants(settings: Settings, fleets: list[Fleet], others: int = 0) -
                 ).fetchall()
                 assert len(rows) == 1, f"{d.identity.hardware_id}: {len(rows)} rows"
                 assert rows[0][0] == result.device_id
-                assert bytes(rows[0][1]) == secrets.digest(result.credentials.api_key)
+                assert bytes(rows[0][1]) == identifiers.digest(result.credentials.api_key)
             assert not fleet.stray, fleet.stray[:3]
             total += len(fleet.devices)
         devices = db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]

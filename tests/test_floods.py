@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 from amqtt.adapters import StreamReaderAdapter
 
-from bridge import admin, keyfiles
+from bridge.claims.provisioning import Provisioner
 from bridge.config import Settings
-from bridge.edge import BridgeCore
-from bridge.filelock import locked
-from bridge.provisioning import Provisioner
-from bridge.store import Store
+from bridge.edges.core import BridgeCore
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.filelock import locked
+from bridge.storage.store import Store
 from broker.framing import PacketReader
 from device_sim.device import build_token_refresh
 from provwire import topics

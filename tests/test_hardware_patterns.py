@@ -11,11 +11,13 @@ import time
 
 import pytest
 
-from bridge import admin, cli, doctor, hardware_pattern
-from bridge.claim_decision import Denial, key_denial
+from bridge.claims import hardware_pattern
+from bridge.claims.decision import Denial, key_denial
+from bridge.cli import main as cli
 from bridge.config import Settings
 from bridge.errors import InvalidPattern
-from bridge.store import Store
+from bridge.ops import admin, doctor
+from bridge.storage.store import Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge, provision_key_row

@@ -28,12 +28,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bridge import admin, cli, keyfiles, provisioning, refresh
+from bridge.claims import provisioning, refresh
+from bridge.claims.provisioning import Provisioner
+from bridge.claims.refresh import Refresher
+from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.keyfiles import KeyRing
-from bridge.provisioning import Provisioner
-from bridge.refresh import Refresher
-from bridge.store import Store
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.keyfiles import KeyRing
+from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, MAX_REFRESH_BYTES, Claim, ClaimError, ClaimOk, Event, to_json

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from bridge import admin, keyfiles, tls
 from bridge.config import Settings
-from bridge.inprocess import InProcessBridge
-from bridge.serve import Running, start_bridge
-from bridge.store import Store
+from bridge.edges.inprocess import InProcessBridge
+from bridge.edges.serve import Running, start_bridge
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
+from bridge.tls import certificates as tls
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from bridge.config import Settings
-from bridge.dynsec import admin_channel, device_client, device_role_for
-from bridge.janitor import MAX_ORPHANS, SharedDynsecMirror
-from bridge.store import Store
+from bridge.mosquitto.dynsec import admin_channel, device_client, device_role_for
+from bridge.mosquitto.janitor import MAX_ORPHANS, SharedDynsecMirror
+from bridge.storage.store import Store
 from bridge.tokens import TokenGrant
 from tests.helpers.mosquitto import external_settings, mosquitto_for
 

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bridge import admin, keyfiles, logs
+from bridge import logs
+from bridge.claims.provisioning import Provisioner
+from bridge.claims.refresh import Refresher
 from bridge.config import Settings
-from bridge.provisioning import Provisioner
-from bridge.refresh import Refresher
-from bridge.store import Store
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.models import ClaimError, ClaimOk, Credentials
 from tests.helpers.bridge import Bridge
@@ -204,7 +206,7 @@ def test_json_lines_stay_one_ascii_line_whatever_the_message() -> None:
 
 def test_the_cli_logs_json_lines_when_log_format_is_json(settings: Settings) -> None:
     env = {**os.environ, "PROVBRIDGE_LOG_FORMAT": "json", "PROVBRIDGE_LOG_LEVEL": "DEBUG"}
-    args = [sys.executable, "-m", "bridge.cli", "--data-dir", str(settings.data_dir), "keys", "rotate", "--token"]
+    args = [sys.executable, "-m", "bridge.cli.main", "--data-dir", str(settings.data_dir), "keys", "rotate", "--token"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
     (settings.data_dir.parent / "cli.log").write_text(done.stdout + done.stderr)  # for the whole-suite secret scan
     log_lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

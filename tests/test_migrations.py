@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin, doctor, keyfiles, migrations
+from bridge.claims.provisioning import Provisioner
 from bridge.config import Settings
 from bridge.errors import StorageError
-from bridge.provisioning import Provisioner
-from bridge.store import Store
+from bridge.ops import admin, doctor
+from bridge.storage import keyfiles, migrations
+from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimOk, to_json
 from tests.helpers.bridge import make_settings

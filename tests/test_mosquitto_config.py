@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin, keyfiles
+from bridge.claims.mirror import MirrorError
 from bridge.config import DEFAULT_MAX_PACKET_BYTES, Settings, claim_packet_bytes, load_settings
-from bridge.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
 from bridge.errors import ConfigError
-from bridge.mirror import MirrorError
-from bridge.mosquitto_files import ops_user_created, write_mosquitto_config
-from bridge.store import Store
+from bridge.mosquitto.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
+from bridge.mosquitto.files import ops_user_created, write_mosquitto_config
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from broker import acl
 from broker import mosquitto_conf as mc
 from provwire import topics

@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from bridge.config import Settings
-from bridge.dynsec import DynsecMirror, admin_channel, revoke_on_mosquitto
+from bridge.mosquitto.dynsec import DynsecMirror, admin_channel, revoke_on_mosquitto
 from bridge.tokens import mint_token
 from provwire import topics
 from provwire.models import ClaimError, ClaimOk

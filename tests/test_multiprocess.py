@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 import pytest
 
-from bridge import cli, keyfiles
+from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.dynsec import admin_channel
-from bridge.janitor import SharedDynsecMirror
-from bridge.sessions import bridge_client, client_ids, recorded_client_ids, retire_stale_sessions
-from bridge.store import Store
+from bridge.edges.sessions import bridge_client, client_ids, recorded_client_ids, retire_stale_sessions
+from bridge.mosquitto.dynsec import admin_channel
+from bridge.mosquitto.janitor import SharedDynsecMirror
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from bridge.tokens import TokenGrant
 from provwire import topics
 from provwire.models import ClaimOk

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bridge import keyfiles
 from bridge.config import Settings
-from bridge.mosquitto_files import read_ops_hashes
+from bridge.mosquitto.files import read_ops_hashes
+from bridge.storage import keyfiles
 
 PROCESSES = 8
 # Rounds of PROCESSES runs at once: creates, then deletes and creates. Measured without the lock (2 cores):
@@ -23,7 +23,7 @@ ROUNDS = 2
 # Run in each process: wait on the pipe (fd argv[1]) once imported, then `provbridge ARGV[2:]`.
 CHILD = """
 import os, sys
-from bridge import cli
+from bridge.cli import main as cli
 print("ready", flush=True)
 os.read(int(sys.argv[1]), 1)
 sys.exit(cli.main(sys.argv[2:]))

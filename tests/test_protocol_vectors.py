@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ValidationError
 
 import provwire
+from bridge.claims.provisioning import parse_claim, parse_request
+from bridge.claims.refresh_decision import Refusal
 from bridge.config import ClaimSettings, TokenSettings
-from bridge.mosquitto_files import PUBLISH_LIMIT_FACTOR
-from bridge.provisioning import parse_claim, parse_request
-from bridge.refresh_decision import Refusal
+from bridge.mosquitto.files import PUBLISH_LIMIT_FACTOR
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode, InvalidPublicKey, SealError
 

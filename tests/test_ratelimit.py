@@ -1,7 +1,7 @@
 """The token-bucket limiter on its own: injected time, no broker."""
 
+from bridge.claims.ratelimit import REPORT_INTERVAL_SECONDS, FloodLimits, Rate, RateLimiter, check, client_limiter
 from bridge.config import ClaimSettings
-from bridge.ratelimit import REPORT_INTERVAL_SECONDS, FloodLimits, Rate, RateLimiter, check, client_limiter
 
 
 def take(limiter: RateLimiter, key: str, now: float) -> bool:

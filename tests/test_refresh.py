@@ -9,9 +9,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from bridge import admin
-from bridge.mirror import MirrorError
-from bridge.refresh import Refresher
+from bridge.claims.mirror import MirrorError
+from bridge.claims.refresh import Refresher
+from bridge.ops import admin
 from bridge.tokens import TokenGrant
 from device_sim.device import (
     DeviceIdentity,
@@ -192,7 +192,7 @@ def test_simulated_device_refreshes_and_connects_with_the_new_token(bridge: Brid
     topic = connect_with_token("127.0.0.1", bridge.port, refreshed.credentials, timeout=5)
     assert topic.startswith(f"devices/{claimed.device_id}/")
     # The simulator's device key is the bridge's: derived from the same ECDH, never sent.
-    from bridge.provisioning import device_key
+    from bridge.claims.provisioning import device_key
 
     assert device_key_for(identity, cloud) == device_key(bridge.store, bridge.keys, claimed.device_id)
 

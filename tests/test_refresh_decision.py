@@ -1,16 +1,15 @@
 """`decide_refresh`, table-driven: the checks after the MAC (PROTOCOL.md §10.1), with no database or broker."""
 
-import ast
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from bridge import refresh_decision
-from bridge.refresh_decision import RefreshFacts, RefreshGranted, RefreshRefused, Refusal, decide_refresh
+from bridge.claims import refresh_decision
+from bridge.claims.refresh_decision import RefreshFacts, RefreshGranted, RefreshRefused, Refusal, decide_refresh
 from provwire import crypto
 from provwire.models import TokenRefresh
 from tests.helpers.bridge import device_row
+from tests.helpers.imports import imports_of
 
 NOW = 1_800_000_000
 SKEW = 300
@@ -55,7 +54,5 @@ def test_a_timestamp_beyond_the_skew_is_stale_and_checked_before_the_replay(time
 
 
 def test_the_refresh_decision_imports_nothing_that_does_io() -> None:
-    tree = ast.parse(Path(refresh_decision.__file__).read_text())
-    modules = {str(node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert modules <= {"dataclasses", "enum", "bridge.records", "provwire.models"}, modules
+    modules = imports_of(refresh_decision)
+    assert modules <= {"dataclasses", "enum", "bridge.storage.records", "provwire.models"}, modules

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from bridge.config import Settings, load_settings
-from bridge.edge import claim_handlers
-from bridge.store import Store
+from bridge.edges.core import claim_handlers
+from bridge.storage.store import Store
 from provwire.models import rfc3339
 from tests.helpers.waiting import wait_for
 

@@ -6,9 +6,10 @@ import uuid
 
 import pytest
 
-from bridge import admin, cli
+from bridge.cli import main as cli
 from bridge.config import TOKEN_TTL_CAP_SECONDS
-from bridge.revocation import denylist_file, publish_denylist, revoke_device
+from bridge.ops import admin
+from bridge.ops.revocation import denylist_file, publish_denylist, revoke_device
 from broker.denylist import Denylist, parse_denylist
 from provwire import topics
 from provwire.errors import ErrorCode

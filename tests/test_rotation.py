@@ -10,9 +10,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge import cli, keyfiles, rotation
+from bridge.cli import main as cli
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
-from bridge.rotation import LiveKeyRing
+from bridge.storage import keyfiles, rotation
+from bridge.storage.rotation import LiveKeyRing
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token, refresh_over_mqtt
 from provwire import crypto
 from provwire.models import ClaimOk, Credentials

@@ -30,9 +30,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge import doctor, keyfiles, rotation
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
-from bridge.rotation import Kind, LiveKeyRing
+from bridge.ops import doctor
+from bridge.storage import keyfiles, rotation
+from bridge.storage.rotation import Kind, LiveKeyRing
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token, refresh_over_mqtt
 from provwire import crypto
 from provwire.models import Credentials
@@ -85,7 +86,7 @@ io.open = builtins.open = after_open(io.open, lambda mode="r", *a, **k: bool(set
 for name in ("replace", "rename", "remove", "unlink", "chmod"):
     setattr(os, name, before(getattr(os, name), name))
 
-from bridge.cli import main
+from bridge.cli.main import main
 
 code = main(sys.argv[3:])
 print("STEPS", steps, file=sys.stderr)

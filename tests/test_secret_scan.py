@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge import admin, keyfiles
 from bridge.config import Settings
-from bridge.store import Store
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from bridge.tokens import mint_token
 from provwire import crypto
 from provwire.models import ClaimOk

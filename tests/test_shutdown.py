@@ -5,9 +5,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge import keyfiles
 from bridge.config import Settings
-from bridge.store import Store
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from provwire import topics
 from provwire.models import ClaimOk
 from tests.helpers.cli import run_cli

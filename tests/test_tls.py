@@ -22,10 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bridge import cli, keyfiles, tls
+from bridge.cli import main as cli
 from bridge.config import Settings
+from bridge.edges.serve import embedded_broker_settings, serve
 from bridge.errors import ConfigError, NotInitialised, UsageError
-from bridge.serve import embedded_broker_settings, serve
+from bridge.storage import keyfiles
+from bridge.tls import certificates as tls
 from broker.embedded import broker_config
 from device_sim.device import DeviceIdentity, claim_over_mqtt, connect_with_token
 from device_sim.errors import ConnectError

@@ -10,12 +10,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge import admin, keyfiles
 from bridge.config import Settings, load_settings
-from bridge.keyfiles import KeyRing
-from bridge.records import Device, ProvisionKey
-from bridge.serve import serve
-from bridge.store import Store
+from bridge.edges.serve import serve
+from bridge.ops import admin
+from bridge.storage import keyfiles
+from bridge.storage.keyfiles import KeyRing
+from bridge.storage.records import Device, ProvisionKey
+from bridge.storage.store import Store
 from tests.helpers.network import free_port
 
 

@@ -1,6 +1,6 @@
 """`provbridge` as an operator runs it: the settings as a config file, and the CLI in this process."""
 
-from bridge import cli
+from bridge.cli import main as cli
 from bridge.config import Settings
 
 

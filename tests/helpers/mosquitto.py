@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge import keyfiles
 from bridge.config import Settings
-from bridge.store import Store
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
 from broker import mosquitto_jwt
 from broker.errors import BrokerConfigError
 from tests.helpers.bridge import Bridge, serving

@@ -57,7 +57,15 @@ class ServeProcesses:
         config = self.settings.data_dir.parent / "serve.toml"
         config.write_text(config_toml(self.settings))
         before = self.log().count(SERVING)
-        argv = [sys.executable, "-m", "bridge.cli", "--config", str(config), "--data-dir", str(self.settings.data_dir)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bridge.cli.main",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(self.settings.data_dir),
+        ]
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 [*argv, "serve", "--processes", str(self.count)], stdout=log, stderr=subprocess.STDOUT, env=self.env

@@ -4,8 +4,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bridge import admin, tls
 from bridge.config import Settings
+from bridge.ops import admin
+from bridge.tls import certificates as tls
 from tests.helpers.bridge import make_settings, serving
 from tests.helpers.network import free_port
 

@@ -1,0 +1,76 @@
+"""What becomes of an authenticated token refresh, decided over data: no database, broker or clock.
+
+`Refresher` (bridge/claims/refresh.py) checks the MAC before the write lock (it costs an ECDH), then reads
+the device's row and whether its request id was seen (`RefreshFacts`) inside the transaction, calls
+`decide_refresh` and applies the verdict: `RefreshRefused` (only its event is written) or
+`RefreshGranted` (remember the request id, mint the token, seal the answer).
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bridge.storage.records import Device
+from provwire.models import TokenRefresh
+
+
+class Refusal(StrEnum):
+    """Why a refresh was refused. Only ops see this (event `reason`)."""
+
+    INVALID_CLIENT_ID = "invalid_client_id"
+    VALIDATION_ERROR = "validation_error"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNKNOWN_CLOUD_KEY = "unknown_cloud_key"
+    BAD_MAC = "bad_mac"
+    DEVICE_REVOKED = "device_revoked"
+    STALE_TIMESTAMP = "stale_timestamp"
+    REPLAYED = "replayed"
+
+
+@dataclass(frozen=True)
+class RefreshFacts:
+    """What the decision reads inside the refresh's transaction."""
+
+    current: Device | None  # the device's row now (a re-claim may have changed it since the MAC check)
+    seen: bool  # the device already used this request_id within the window
+
+
+@dataclass(frozen=True)
+class RefreshRefused:
+    reason: Refusal
+    device: Device | None  # for the event's tenant and hardware id
+
+
+@dataclass(frozen=True)
+class RefreshGranted:
+    device: Device
+    remember_until: int  # keep its request_id until then, to refuse a replay
+
+
+def decide_refresh(
+    request: TokenRefresh, authenticated: Device, facts: RefreshFacts, now: int, skew_seconds: int
+) -> RefreshRefused | RefreshGranted:
+    """The checks after the MAC, in PROTOCOL.md §10.1's order. `authenticated`: the row the MAC was checked with."""
+    current = facts.current
+    if current is None or not same_keys(authenticated, current):
+        return RefreshRefused(Refusal.BAD_MAC, authenticated)  # re-provisioned with a new key pair meanwhile
+    if current.status != "active":
+        return RefreshRefused(Refusal.DEVICE_REVOKED, current)
+    if not within_skew(request.timestamp, now, skew_seconds):
+        return RefreshRefused(Refusal.STALE_TIMESTAMP, current)
+    if facts.seen:
+        return RefreshRefused(Refusal.REPLAYED, current)
+    return RefreshGranted(current, replay_expiry(request.timestamp, skew_seconds))
+
+
+def within_skew(timestamp: int, now: int, skew_seconds: int) -> bool:
+    return abs(now - timestamp) <= skew_seconds
+
+
+def replay_expiry(timestamp: int, skew_seconds: int) -> int:
+    """Until when a request id must be remembered: after that its timestamp is stale, so it is refused anyway."""
+    return timestamp + skew_seconds
+
+
+def same_keys(a: Device, b: Device) -> bool:
+    """Whether the device still has the keys its MAC was checked with (a `rotate` re-claim may change them)."""
+    return a.public_key == b.public_key and a.cloud_key_id == b.cloud_key_id

@@ -1,0 +1,239 @@
+"""`provbridge tenant|key|device|events`: administer what the database holds."""
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.cli.common import add_command, count, emit, table, when
+from bridge.config import Settings
+from bridge.errors import UsageError
+from bridge.ops import admin, revocation
+from bridge.storage.records import Device, ProvisionKey
+from provwire import crypto
+
+# What SQLite stores and `when` prints: a later expiry would fail there with a traceback, not a reason.
+MAX_TIMESTAMP = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+
+
+def _key_view(key: ProvisionKey) -> dict[str, Any]:
+    view = asdict(key)
+    view.pop("key_hash")
+    view.pop("tenant_id")
+    view["tenant"] = view.pop("tenant_name")
+    return view
+
+
+def _key_row(key: ProvisionKey) -> dict[str, Any]:
+    limit = "∞" if key.max_registrations is None else key.max_registrations
+    return {
+        "id": key.id,
+        "tenant": key.tenant_name,
+        "name": key.name,
+        "kind": key.kind,
+        "profile": key.profile,
+        "used": f"{key.registrations}/{limit}",
+        "expires": when(key.expires_at),
+        "reclaim": key.reclaim_policy,
+        "status": key.status,
+    }
+
+
+def _device_view(device: Device) -> dict[str, Any]:
+    view = asdict(device)
+    view["public_key"] = crypto.b64encode(device.public_key)
+    view.pop("tenant_id")
+    view["tenant"] = view.pop("tenant_name")
+    return view
+
+
+def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> None:
+    store = admin.open_store(settings)
+    tenant_id = admin.create_tenant(store, args.name, int(time.time()))
+    emit(args, {"id": tenant_id, "name": args.name}, f"created tenant {args.name} ({tenant_id})")
+
+
+def cmd_tenant_list(args: argparse.Namespace, settings: Settings) -> None:
+    rows = admin.open_store(settings).tenants()
+    for row in rows:
+        row["created"] = when(row.pop("created_at"))
+    emit(args, rows, table(rows, ["id", "name", "devices", "keys", "created"]))
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"label {pair!r} must look like name=value")
+        labels[name] = value
+    return labels
+
+
+def _expiry(args: argparse.Namespace, now: int) -> int | None:
+    if args.expires_in and args.expires_at:
+        raise UsageError("give --expires-in or --expires-at, not both")
+    if args.expires_in:
+        expires_at = now + admin.parse_duration(args.expires_in)
+    elif args.expires_at:
+        try:
+            moment = datetime.fromisoformat(args.expires_at)
+        except ValueError as exc:
+            raise UsageError(f"--expires-at {args.expires_at!r} is not an ISO 8601 time") from exc
+        expires_at = int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+    else:
+        return None
+    if expires_at > MAX_TIMESTAMP:
+        raise UsageError("expiry is after 9999-12-31: give an earlier one, or none for a key that never expires")
+    return expires_at
+
+
+def cmd_key_create(args: argparse.Namespace, settings: Settings) -> None:
+    store = admin.open_store(settings)
+    now = int(time.time())
+    spec = admin.KeySpec(
+        tenant=args.tenant,
+        name=args.name,
+        profile=args.profile,
+        hardware_id_pattern=args.hardware_id_pattern,
+        expires_at=_expiry(args, now),
+        max_registrations=1 if args.one_time else args.max_registrations,
+        labels=_labels(args.label),
+        groups=args.group,
+        reclaim_policy=args.reclaim,
+        human_code=args.code,
+    )
+    key, raw = admin.create_key(store, settings, spec, now)
+    text = (
+        f"created {key.kind} {key.id} ({key.name}) for tenant {key.tenant_name}\n"
+        f"shown once, keep it like a password:\n  {raw}"
+    )
+    emit(args, {**_key_view(key), "provision_key": raw}, text)
+
+
+def cmd_key_list(args: argparse.Namespace, settings: Settings) -> None:
+    store = admin.open_store(settings)
+    keys = store.keys(store.tenant_id(args.tenant) if args.tenant else None)
+    columns = ["id", "tenant", "name", "kind", "profile", "used", "expires", "reclaim", "status"]
+    emit(args, [_key_view(k) for k in keys], table([_key_row(k) for k in keys], columns))
+
+
+def cmd_key_revoke(args: argparse.Namespace, settings: Settings) -> None:
+    key = admin.open_store(settings).revoke_key(args.key_id, int(time.time()))
+    emit(args, _key_view(key), f"revoked {key.id} ({key.name}): new claims with it are refused")
+
+
+def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
+    store = admin.open_store(settings)
+    devices = store.devices(store.tenant_id(args.tenant) if args.tenant else None, limit=args.limit)
+    rows = [
+        {
+            "id": d.id,
+            "tenant": d.tenant_name,
+            "hardware_id": d.hardware_id,
+            "name": d.name or "",
+            "profile": d.profile,
+            "status": d.status,
+            "created": when(d.created_at),
+        }
+        for d in devices
+    ]
+    emit(
+        args,
+        [_device_view(d) for d in devices],
+        table(rows, ["id", "tenant", "hardware_id", "name", "profile", "status", "created"]),
+    )
+
+
+def cmd_device_show(args: argparse.Namespace, settings: Settings) -> None:
+    view = _device_view(admin.open_store(settings).device(args.device_id))
+    text = "\n".join(f"{k:>14}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in view.items())
+    emit(args, view, text)
+
+
+def cmd_device_revoke(args: argparse.Namespace, settings: Settings) -> None:
+    device = revocation.revoke_device(settings, admin.open_store(settings), args.device_id)
+    broker = (
+        "Mosquitto has disabled its account (live session ended)"
+        if settings.broker.mode == "external"
+        else "the embedded broker refuses its current token (connect, publish, subscribe, live session)"
+    )
+    text = f"revoked {device.id}: re-claims and token refreshes are refused, and {broker}"
+    emit(args, _device_view(device), text)
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
+    events = admin.open_store(settings).events(args.tenant, args.event, args.limit)
+    rows = [
+        {
+            "time": e["time"],
+            "tenant": e["tenant"],
+            "event": e["event"],
+            "device": e.get("device_id", ""),
+            "hardware_id": e.get("hardware_id", ""),
+            "reason": e.get("reason", ""),
+        }
+        for e in events
+    ]
+    emit(args, events, table(rows, ["time", "tenant", "event", "device", "hardware_id", "reason"]))
+
+
+def add_commands(commands: Any) -> None:
+    tenant = commands.add_parser("tenant", help="create and list tenants").add_subparsers(
+        dest="tenant_command", required=True, metavar="ACTION"
+    )
+    add_command(tenant, "create", cmd_tenant_create, "create a tenant").add_argument("name")
+    add_command(tenant, "list", cmd_tenant_list, "list tenants")
+
+    key = commands.add_parser("key", help="provisioning keys").add_subparsers(
+        dest="key_command", required=True, metavar="ACTION"
+    )
+    create = add_command(key, "create", cmd_key_create, "create a provisioning key; its raw value is printed once")
+    create.add_argument("--tenant", default="default", help="tenant name (default: default)")
+    create.add_argument("--name", required=True, help="a name for people, e.g. the production line")
+    create.add_argument("--profile", default="default", help="topic profile from the config (default: default)")
+    create.add_argument(
+        "--hardware-id-pattern",
+        metavar="REGEX",
+        help="hardware ids must fully match this RE2 regular expression (matched in linear time; no backreferences"
+        " or look-around)",
+    )
+    create.add_argument("--expires-in", metavar="DURATION", help="e.g. 12h, 30d")
+    create.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
+    limit = create.add_mutually_exclusive_group()
+    limit.add_argument(
+        "--max-registrations", type=count(0), metavar="N", help="devices it may create (default: no limit)"
+    )
+    limit.add_argument("--one-time", action="store_true", help="same as --max-registrations 1")
+    create.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="label for its devices")
+    create.add_argument("--group", action="append", default=[], metavar="GROUP", help="group for its devices")
+    create.add_argument(
+        "--reclaim",
+        choices=["reject", "rotate"],
+        default="reject",
+        help="a known hardware id with a new public key: reject (default) or rotate (factory reset)",
+    )
+    create.add_argument(
+        "--code",
+        action="store_true",
+        help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (valid 24h, claims.code_ttl_seconds;"
+        " --expires-in may shorten it, not lengthen it)",
+    )
+    add_command(key, "list", cmd_key_list, "list provisioning keys").add_argument("--tenant")
+    add_command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument("key_id")
+
+    device = commands.add_parser("device", help="provisioned devices").add_subparsers(
+        dest="device_command", required=True, metavar="ACTION"
+    )
+    dlist = add_command(device, "list", cmd_device_list, "list devices, newest first")
+    dlist.add_argument("--tenant")
+    dlist.add_argument("--limit", type=count(1), default=100)
+    add_command(device, "show", cmd_device_show, "show one device").add_argument("device_id")
+    add_command(device, "revoke", cmd_device_revoke, "revoke a device").add_argument("device_id")
+
+    events = add_command(commands, "events", cmd_events, "recent provisioning events, oldest first")
+    events.add_argument("--tenant")
+    events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")
+    events.add_argument("--limit", type=count(1), default=50)

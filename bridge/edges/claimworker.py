@@ -1,0 +1,205 @@
+"""The claim-worker process of the embedded broker, and the frames it exchanges with the broker's process.
+
+`python -m bridge.edges.claimworker FD PARENT_PID`: FD is one end of a socket pair whose other end the
+broker's event loop holds (`bridge.edges.inprocess`), PARENT_PID the pid of that process. The worker ties
+its life to its parent's (`bridge.edges.lifeline`), reads the settings, builds the claim handlers (SQLite,
+keys), says it is ready, then answers one message at a time, in order, until the socket closes.
+
+Why a process: the handlers are blocking (SQLite, crypto) and amqtt is CPU-bound Python. On threads
+they would share one GIL with the broker, and every release of it (each SQLite call, each syscall)
+hands it over with a context switch: measured, that doubled the CPU a claim costs. In a process of
+its own the claims run on the other core, and the broker's loop only moves bytes.
+
+Frames are a 4-byte big-endian length, then a kind byte and its body:
+
+    broker -> worker   S  the settings (pickled), first
+                       Q  a message: seq (u64), topic length (u16), topic, payload
+                       E  events to store, made by the edge (a refusal by the client-id limit): a JSON array
+    worker -> broker   R  ready, once
+                       A  its answer: seq (u64), count (u16), per publish: topic length (u16), topic,
+                          payload length (u32), payload
+                       L  a log record (JSON), re-emitted by the broker's process: one log output
+"""
+
+import json
+import logging
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from bridge import logs
+from bridge.config import Settings
+from bridge.edges import lifeline
+from bridge.edges.core import BridgeCore, Publish, claim_handlers
+from bridge.storage.store import Store
+from provwire.models import Event, to_json
+
+SETTINGS, REQUEST, EVENTS, READY, ANSWER, LOG = b"S", b"Q", b"E", b"R", b"A", b"L"
+_LENGTH = struct.Struct(">I")
+_REQUEST = struct.Struct(">QH")
+_ANSWER = struct.Struct(">QH")
+_PUBLISH = struct.Struct(">HI")
+_TEXT = "surrogatepass"  # a topic is whatever string amqtt decoded: carry it through unchanged
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+def frame(kind: bytes, body: bytes = b"") -> bytes:
+    return _LENGTH.pack(len(body) + 1) + kind + body
+
+
+def encode_request(seq: int, topic: str, payload: bytes) -> bytes:
+    raw = topic.encode("utf-8", _TEXT)
+    return frame(REQUEST, _REQUEST.pack(seq, len(raw)) + raw + payload)
+
+
+def decode_request(body: bytes) -> tuple[int, str, bytes]:
+    seq, size = _REQUEST.unpack_from(body)
+    start = _REQUEST.size
+    return seq, body[start : start + size].decode("utf-8", _TEXT), body[start + size :]
+
+
+def encode_events(events: list[Event]) -> bytes:
+    return frame(EVENTS, b"[" + b",".join(to_json(e) for e in events) + b"]")
+
+
+def decode_events(body: bytes) -> list[Event]:
+    return [Event.model_validate(e) for e in json.loads(body)]
+
+
+def encode_answer(seq: int, publishes: list[Publish]) -> bytes:
+    parts = [_ANSWER.pack(seq, len(publishes))]
+    for publish in publishes:
+        raw = publish.topic.encode("utf-8", _TEXT)
+        parts += [_PUBLISH.pack(len(raw), len(publish.payload)), raw, publish.payload]
+    return frame(ANSWER, b"".join(parts))
+
+
+def decode_answer(body: bytes) -> tuple[int, list[Publish]]:
+    seq, count = _ANSWER.unpack_from(body)
+    offset = _ANSWER.size
+    publishes = []
+    for _ in range(count):
+        topic_size, payload_size = _PUBLISH.unpack_from(body, offset)
+        offset += _PUBLISH.size
+        topic = body[offset : offset + topic_size].decode("utf-8", _TEXT)
+        offset += topic_size
+        publishes.append(Publish(topic, body[offset : offset + payload_size]))
+        offset += payload_size
+    return seq, publishes
+
+
+def split_frames(buffer: bytearray) -> Iterator[tuple[bytes, bytes]]:
+    """Take every complete frame off the front of `buffer`, as (kind, body); an incomplete one stays."""
+    while len(buffer) >= _LENGTH.size:
+        (size,) = _LENGTH.unpack_from(buffer)
+        end = _LENGTH.size + size
+        if len(buffer) < end:
+            return
+        kind, body = bytes(buffer[_LENGTH.size : _LENGTH.size + 1]), bytes(buffer[_LENGTH.size + 1 : end])
+        del buffer[:end]
+        yield kind, body
+
+
+def _read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None  # the broker's process closed its end: stop
+    (size,) = _LENGTH.unpack(head)
+    data = stream.read(size)
+    return (data[:1], data[1:]) if size and len(data) == size else None
+
+
+# --- log records, across the socket ---------------------------------------------------------
+
+
+def encode_record(record: logging.LogRecord) -> bytes:
+    message = record.getMessage()
+    if record.exc_info:
+        message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+    fields = {
+        "name": record.name,
+        "levelno": record.levelno,
+        "levelname": record.levelname,
+        "msg": message,
+        "created": record.created,
+        "request_id": getattr(record, "request_id", None),
+    }
+    return frame(LOG, json.dumps(fields).encode())
+
+
+def emit_record(body: bytes) -> None:
+    """Log a worker's record in this process, as if it had been logged here (its request_id kept)."""
+    fields: dict[str, Any] = json.loads(body)
+    record = logging.makeLogRecord({**fields, "args": None, "msecs": (fields["created"] % 1) * 1000})
+    logging.getLogger(record.name).handle(record)
+
+
+class _Forward(logging.Handler):
+    def __init__(self, channel: socket.socket, send_lock: threading.Lock) -> None:
+        super().__init__()
+        self.channel = channel
+        self.send_lock = send_lock
+        self.addFilter(logs.RequestIdFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = encode_record(record)
+            with self.send_lock:
+                self.channel.sendall(data)
+        except Exception:
+            self.handleError(record)
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+def serve_claims(channel: socket.socket) -> None:
+    with channel, channel.makefile("rb") as stream:
+        first = _read_frame(stream)
+        if first is None or first[0] != SETTINGS:
+            return
+        # Pickled, as multiprocessing passes arguments: it comes from our parent over a private socket
+        # pair, and validating it again would re-read the environment and config file (pydantic-settings).
+        settings: Settings = pickle.loads(first[1])
+        send_lock = threading.Lock()  # the purge thread may log while the main loop answers
+        logging.basicConfig(level=settings.log_level, handlers=[_Forward(channel, send_lock)])
+        store = Store(settings.database_file)
+        stopping = threading.Event()
+        try:
+            handlers = claim_handlers(settings, store)
+            core = BridgeCore(settings)
+            handlers.start_purge(stopping)
+            channel.sendall(frame(READY))
+            while (message := _read_frame(stream)) is not None:
+                if message[0] == EVENTS:
+                    handlers.record_events(decode_events(message[1]))
+                    continue
+                seq, topic, payload = decode_request(message[1])
+                answer = encode_answer(seq, core.publishes(handlers.handle(topic, payload)))
+                with send_lock:
+                    channel.sendall(answer)
+        finally:
+            stopping.set()
+            store.close()
+
+
+def main(argv: list[str]) -> int:
+    # First: a worker busy in a long step would never read the end of its socket if the broker's
+    # process were killed; the kernel kills it instead.
+    lifeline.die_with_parent(int(argv[1]))
+    # The broker's process decides when to stop (it closes the socket); Ctrl-C reaches it, not us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve_claims(socket.socket(fileno=int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

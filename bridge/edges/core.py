@@ -1,0 +1,227 @@
+"""What every MQTT edge of the bridge shares, whatever carries the messages.
+
+Two edges move claims and token refreshes in and answers out: `bridge.edges.paho` (a paho client, for
+an external broker) and `bridge.edges.inprocess` (inside the embedded amqtt broker, no client at all).
+Both take from here:
+
+* `BridgeCore`: the topics the bridge takes, the per-client-id flood limit and the bound on claims in
+  flight with their `rate_limited` answers, the turning of an `Outcome` into messages, the status
+  payloads. Cheap, non-blocking.
+* `ClaimHandlers`: the blocking part, run on a worker (a thread, or the claim-worker process): the
+  route from a topic to `Provisioner.handle` / `Refresher.handle`, and the purge of stored answers
+  and old events.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.claims.mirror import TokenMirror
+from bridge.claims.provisioning import (
+    RATE_LIMITED,
+    Outcome,
+    Provisioner,
+    readable_request_id,
+    record_events_safely,
+    refused,
+)
+from bridge.claims.ratelimit import check, client_limiter
+from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
+from bridge.claims.refresh import Refresher
+from bridge.config import Settings
+from bridge.storage.rotation import LiveKeyRing
+from bridge.storage.store import Store
+from provwire import topics
+from provwire.errors import ErrorCode
+from provwire.models import BridgeStatus, ClaimError, Event, to_json
+
+log = logging.getLogger("provbridge.service")
+
+PURGE_INTERVAL_SECONDS = 600.0
+
+Handler = Callable[[str, bytes], Outcome]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One message an edge must send. Answers and events are QoS 1; only the status is retained."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    correlation: bytes | None = None  # MQTT 5 Correlation Data echoed to the requester
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message refused by the client-id limit: its answer, and the seconds until the client has a token."""
+
+    outcome: Outcome
+    wait: float
+
+
+class BridgeCore:
+    """The transport-independent bookkeeping of an edge. Thread-safe."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = settings.topic_prefix
+        self.filters = [topics.claim_subscription(self.prefix), topics.token_subscription(self.prefix)]
+        self.client_limit = client_limiter(settings.claims)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    # --- the client-id limit ---------------------------------------------------------------
+
+    def screen(self, topic: str, payload: bytes, now: float | None = None) -> Refused | None:
+        """The `rate_limited` answer to a message beyond its client id's budget, or None to take it.
+
+        Here rather than in the claim worker: a flood from one client id (guessed keys, junk) is then
+        answered at the cost of a dict lookup, and never queues in front of other devices' claims. The
+        refusal's event, at most one per client id and minute, is the edge's to record (`record_events`).
+        """
+        client_id = topics.client_id_of_claim_topic(self.prefix, topic)
+        event = RATE_LIMITED
+        if client_id is None:
+            client_id, event = topics.client_id_of_token_topic(self.prefix, topic), REFRESH_RATE_LIMITED
+        if client_id is None:
+            return None  # nobody to answer: the worker drops it, with its sampled event
+        now = time.time() if now is None else now
+        hit = check([(self.client_limit, client_id)], now)
+        if hit is None:
+            return None
+        request = (topics.response_topic(self.prefix, client_id), client_id, lambda: readable_request_id(payload))
+        return Refused(refused("client_id", hit[2], event, request, now), hit[2].wait)
+
+    # --- the in-flight bound ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def admit(self) -> bool:
+        """Take a slot for one message, or False when `claims.max_in_flight` are taken (answer `overloaded`)."""
+        with self._lock:
+            if self._in_flight >= self.settings.claims.max_in_flight:
+                return False
+            self._in_flight += 1
+            return True
+
+    def release(self) -> None:
+        """Give the slot back once the message's answer has been handed to the transport."""
+        with self._lock:
+            self._in_flight -= 1
+
+    def overloaded(self, topic: str, payload: bytes) -> Outcome:
+        """The answer to a message that finds `claims.max_in_flight` taken: retry later. Cheap, non-blocking."""
+        client_id = topics.client_id_of_claim_topic(self.prefix, topic) or topics.client_id_of_token_topic(
+            self.prefix, topic
+        )
+        if client_id is None:
+            return Outcome(None, None, [], "dropped while overloaded")
+        answer = ClaimError(
+            request_id=readable_request_id(payload),
+            code=ErrorCode.RATE_LIMITED,
+            message="bridge is busy, retry later",
+            retry_after=self.settings.claims.retry_after_seconds,
+        )
+        return Outcome(topics.response_topic(self.prefix, client_id), to_json(answer), [], "rate_limited")
+
+    # --- what goes out ---------------------------------------------------------------------
+
+    def publishes(
+        self, outcome: Outcome, reply_to: str | None = None, correlation: bytes | None = None
+    ) -> list[Publish]:
+        """The answer, then the events. `reply_to`: an MQTT 5 Response Topic vetted by `is_reply_topic`."""
+        out: list[Publish] = []
+        if outcome.response_topic is not None and outcome.answer is not None:
+            out.append(Publish(reply_to or outcome.response_topic, outcome.answer, correlation=correlation))
+        for event in outcome.events:
+            out.append(Publish(topics.event_topic(self.prefix, event.tenant, event.event), to_json(event)))
+        return out
+
+    def is_reply_topic(self, topic: object, request_topic: str) -> bool:
+        """An MQTT 5 Response Topic is honoured only when it is the requester's own response topic.
+
+        Anything else would let a client make the bridge account write to another client's response
+        topic, or to events and status, which the bridge account may also write.
+        """
+        client_id = topics.client_id_of_claim_topic(self.prefix, request_topic) or topics.client_id_of_token_topic(
+            self.prefix, request_topic
+        )
+        return client_id is not None and topic == topics.response_topic(self.prefix, client_id)
+
+    def status(self, online: bool) -> Publish:
+        """The retained bridge status (PROTOCOL.md §12)."""
+        payload = to_json(BridgeStatus(status="online" if online else "offline"))
+        return Publish(topics.status_topic(self.prefix), payload, retain=True)
+
+
+def claim_handlers(settings: Settings, store: Store, mirror: TokenMirror | None = None) -> "ClaimHandlers":
+    keys = LiveKeyRing(settings.data_dir)  # `provbridge keys rotate` applies without a restart
+    return ClaimHandlers(settings, Provisioner(settings, store, keys, mirror=mirror))
+
+
+class ClaimHandlers:
+    """The blocking part: SQLite and crypto. Refreshes share the claims' store, keys and mirror."""
+
+    def __init__(self, settings: Settings, provisioner: Provisioner) -> None:
+        self.settings = settings
+        self.provisioner = provisioner
+        # One set of flood limits: a client id's budget covers its claims and its refreshes.
+        self.refresher = Refresher(
+            settings, provisioner.store, provisioner.keys, provisioner.mirror, provisioner.limits
+        )
+        prefix = settings.topic_prefix
+        self.routes: dict[str, Handler] = {
+            topics.claim_subscription(prefix): provisioner.handle,
+            topics.token_subscription(prefix): self.refresher.handle,
+        }
+
+    def handle(self, topic: str, payload: bytes) -> Outcome:
+        """Run the route for `topic`. Never raises: the bridge must survive anything a message can do."""
+        try:
+            outcome = self._route(topic)(topic, payload)
+        except Exception:
+            log.exception("claim on %s could not be handled", topic)
+            return Outcome(None, None, [], "failed")
+        log.info("claim on %s: %s", topic, outcome.summary)
+        return outcome
+
+    def record_events(self, events: list[Event]) -> None:
+        """Store events made at the edge (a refusal by the client-id limit). A failure costs only them."""
+        record_events_safely(self.provisioner.store, events)
+
+    def _route(self, topic: str) -> Handler:
+        for topic_filter, handler in self.routes.items():
+            if topics.topic_matches(topic_filter, topic):
+                return handler
+        return self.provisioner.handle  # cannot happen: edges deliver the routes' topics only
+
+    def start_purge(self, stopping: threading.Event) -> None:
+        """Run `purge` every 10 minutes until `stopping` is set."""
+        threading.Thread(target=self._purge_loop, args=(stopping,), name="answer-purge", daemon=True).start()
+
+    def _purge_loop(self, stopping: threading.Event) -> None:
+        while not stopping.wait(PURGE_INTERVAL_SECONDS):
+            self.purge(int(time.time()))
+
+    def purge(self, now: int) -> None:
+        """One round of the periodic purge: stored answers past their retention, then old events."""
+        store, claims = self.provisioner.store, self.settings.claims
+        try:
+            purged = store.purge_answers(now - claims.response_retention_seconds)
+            if purged:
+                log.info("purged %d answers older than the retention window", purged)
+        except Exception as exc:
+            log.warning("answer purge failed: %s", exc)
+        if claims.event_retention_days == 0:
+            return  # 0: events are kept forever
+        try:
+            purged = store.purge_events(now - claims.event_retention_days * 86_400)
+            if purged:
+                log.info("purged %d events older than %d days", purged, claims.event_retention_days)
+        except Exception as exc:
+            log.warning("event purge failed: %s", exc)

@@ -1,0 +1,147 @@
+"""`provbridge serve`: the bridge, inside the embedded broker's process or connected to an external one.
+
+Embedded (`broker.mode = "embedded"`): amqtt and the bridge share one process and the bridge needs no
+MQTT connection (`bridge.edges.inprocess`). External: the bridge is a paho client (`bridge.edges.paho`), one
+per bridge process (`bridge.edges.processes` runs N of them, each calling `serve` with its `Shard`).
+"""
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from bridge.config import Settings
+from bridge.edges.core import BridgeCore, claim_handlers
+from bridge.edges.inprocess import InProcessBridge
+from bridge.edges.paho import BridgeService
+from bridge.edges.sessions import Shard, check_processes, client_ids, retire_stale_sessions
+from bridge.mosquitto.dynsec import DynsecMirror, uses_dynsec
+from bridge.mosquitto.janitor import SharedDynsecMirror
+from bridge.ops.revocation import publish_denylist
+from bridge.storage.store import Store
+from bridge.tls import certificates as tls
+from broker.embedded import EmbeddedBrokerSettings, start_embedded_broker, stop_embedded_broker
+from broker.server import ProvbridgeBroker
+
+log = logging.getLogger("provbridge")
+
+CONNECT_TIMEOUT_SECONDS = 15.0
+
+
+def embedded_broker_settings(settings: Settings) -> EmbeddedBrokerSettings:
+    listeners = tls.embedded_listeners(settings)
+    return EmbeddedBrokerSettings(
+        host=settings.broker.host,
+        port=listeners.port,
+        tls_port=listeners.tls_port,
+        tls_cert_file=listeners.cert_file,
+        tls_key_file=listeners.key_file,
+        data_dir=settings.data_dir,
+        prefix=settings.topic_prefix,
+        audience=settings.token.audience,
+        issuer=settings.token.issuer,
+        bridge_username=settings.broker.username,
+        bridge_secret_file=settings.bridge_secret_file,
+        allow_anonymous_provisioning=settings.broker.allow_anonymous_provisioning,
+        max_packet_bytes=settings.broker.max_packet_bytes,
+    )
+
+
+@dataclass
+class Running:
+    """A started bridge: the embedded broker with the in-process edge, or the paho edge."""
+
+    core: BridgeCore
+    edge: InProcessBridge | BridgeService
+    broker: ProvbridgeBroker | None = None
+    mirror: DynsecMirror | None = None
+    store: Store | None = None  # the paho edge's; the in-process edge's is in its claim worker
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    async def wait_serving(self, timeout: float) -> bool:
+        if isinstance(self.edge, InProcessBridge):
+            return True
+        return await asyncio.to_thread(self.edge.wait_connected, timeout)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.stop)
+        if isinstance(self.edge, InProcessBridge):
+            await self.edge.stop()
+        else:
+            await asyncio.to_thread(self.edge.stop)
+        if self.broker is not None:
+            await self.broker.flush()  # the offline status, to whoever watches
+            await stop_embedded_broker(self.broker)
+        if self.store is not None:
+            self.store.close()
+
+
+async def start_bridge(settings: Settings, shard: Shard | None = None) -> Running:
+    """Start the bridge (and the embedded broker) for already `tls.resolve`d settings."""
+    shard = shard or Shard()
+    check_processes(settings, shard.count)
+    store = Store(settings.database_file)
+    publish_denylist(settings, store)  # repairs a missing or stale denylist.json before devices connect
+    if settings.broker.mode == "embedded":
+        store.close()  # the claim worker has its own
+        broker = await start_embedded_broker(embedded_broker_settings(settings))
+        log.info("embedded broker listening on %s", tls.embedded_listeners(settings).describe(settings.broker.host))
+        edge = InProcessBridge(settings, broker)
+        try:
+            await edge.start()
+        except BaseException:
+            await stop_embedded_broker(broker)
+            raise
+        return Running(edge.core, edge, broker)
+    # Mosquitto cannot verify tokens: each one is mirrored into its dynamic-security plugin.
+    # With broker.mosquitto_auth = "jwt" its provbridge_jwt plugin verifies them: nothing to mirror.
+    mirrors = uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"
+    mirror = SharedDynsecMirror(settings, store) if mirrors else None
+    core = BridgeCore(settings)
+    service = BridgeService(core, claim_handlers(settings, store, mirror), shard)
+    running = Running(core, service, mirror=mirror, store=store)
+    if shard.index == 0:  # one process speaks for the layout
+        current = client_ids(settings, shard.count)
+        threading.Thread(
+            target=retire_stale_sessions, args=(settings, current, running.stopping), name="retire", daemon=True
+        ).start()
+    if mirror is not None:
+        mirror.bind(service.client, service.network_routes)
+    service.start()
+    if mirror is not None:
+        mirror.start()
+    return running
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    ready: threading.Event | None = None,
+    shard: Shard | None = None,
+) -> None:
+    """Run until `stop` is set or SIGINT/SIGTERM arrives; then shut down cleanly.
+
+    `ready` is set once the bridge is taking claims (tests and the demo wait on it).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    # "auto" TLS pinned once: the listeners and what claims tell devices must not drift apart.
+    running = await start_bridge(tls.resolve(settings), shard)
+    try:
+        if await running.wait_serving(CONNECT_TIMEOUT_SECONDS):
+            log.info("bridge serving claims on %s/claim/+", settings.topic_prefix)
+            if ready is not None:
+                ready.set()
+        else:
+            log.warning("bridge not connected to the broker yet; it keeps retrying")
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await running.stop()

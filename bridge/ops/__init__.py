@@ -1,0 +1,1 @@
+"""What operators do: `admin` (init, tenants, keys, ops users), `revocation` (`device revoke`), `doctor`."""

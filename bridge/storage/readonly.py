@@ -1,0 +1,106 @@
+"""The database opened read-only, for `provbridge doctor`: it creates nothing and writes nothing.
+
+Every query the doctor needs is here, beside bridge/storage/store.py, so that no SQL lives outside the storage
+modules. A damaged or foreign file surfaces as StorageError with SQLite's own reason.
+"""
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+
+from bridge.errors import StorageError
+
+# Columns that date the installation: the doctor's clock check compares the newest with the clock.
+_TIMESTAMPS = (
+    ("tenants", "created_at"),
+    ("provision_keys", "created_at"),
+    ("provision_keys", "revoked_at"),
+    ("devices", "updated_at"),
+    ("answers", "created_at"),
+)
+
+
+@dataclass(frozen=True)
+class PatternedKey:
+    id: str
+    name: str
+    pattern: str
+    syntax: str | None  # 're2', or None: written for Python's re (or the database predates the column)
+
+
+class ReadOnlyDatabase:
+    """`with ReadOnlyDatabase(path) as db:` — mode=ro, so a missing database is not created (Store would)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> "ReadOnlyDatabase":
+        try:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        assert self._db is not None, "use ReadOnlyDatabase in a with block"
+        try:
+            return [tuple(row) for row in self._db.execute(sql, args)]
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    def integrity_findings(self) -> list[str]:
+        """`PRAGMA integrity_check`: ["ok"], or the problems found."""
+        # The first row starts with a "*** in database main ***" banner: the finding is after it.
+        return [str(row[0]).split("***")[-1].strip() for row in self._rows("PRAGMA integrity_check")]
+
+    def tables(self) -> set[str]:
+        return {str(row[0]) for row in self._rows("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def device_count(self) -> int:
+        return int(str(self._rows("SELECT COUNT(*) FROM devices")[0][0]))
+
+    def devices_per_cloud_key(self) -> list[tuple[str, int]]:
+        rows = self._rows("SELECT cloud_key_id, COUNT(*) FROM devices GROUP BY cloud_key_id")
+        return [(str(kid), int(str(count))) for kid, count in rows]
+
+    def profiles_in_use(self) -> list[str]:
+        rows = self._rows(
+            "SELECT profile FROM provision_keys WHERE status = 'active'"
+            " UNION SELECT profile FROM devices WHERE status = 'active'"
+        )
+        return [str(row[0]) for row in rows]
+
+    def patterned_keys(self) -> list[PatternedKey]:
+        """Active keys with a hardware-id pattern, oldest first."""
+        columns = {str(row[1]) for row in self._rows("PRAGMA table_info(provision_keys)")}
+        # No column: a database no bridge of this version has opened yet, so every pattern predates RE2.
+        syntax = "pattern_syntax" if "pattern_syntax" in columns else "NULL"
+        rows = self._rows(
+            f"SELECT id, name, hardware_id_pattern, {syntax} FROM provision_keys"
+            " WHERE status = 'active' AND hardware_id_pattern IS NOT NULL ORDER BY created_at"
+        )
+        return [PatternedKey(str(i), str(n), str(p), None if s is None else str(s)) for i, n, p, s in rows]
+
+    def hardware_ids_of_key(self, key_id: str) -> Iterator[str]:
+        """The hardware ids of the devices a key created."""
+        return (str(row[0]) for row in self._rows("SELECT hardware_id FROM devices WHERE key_id = ?", (key_id,)))
+
+    def newest_records(self) -> list[tuple[str, float]]:
+        """(table.column, unix time) of the newest value of each dated column, where there is one."""
+        found: list[tuple[str, float]] = []
+        for table, column in _TIMESTAMPS:  # names from _TIMESTAMPS, not input
+            value = self._rows(f"SELECT MAX({column}) FROM {table}")[0][0]
+            if value is not None:
+                found.append((f"{table}.{column}", float(str(value))))
+        newest_event = self._rows("SELECT MAX(time) FROM events")[0][0]
+        if newest_event is not None:
+            found.append(("events.time", datetime.fromisoformat(str(newest_event)).timestamp()))
+        return found

@@ -1,0 +1,46 @@
+"""The rows the claim path decides on, as plain data: no database here, so the decisions that take them
+(bridge/claims/decision.py) stay free of I/O. bridge/storage/store.py reads and writes them."""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ProvisionKey:
+    id: str
+    tenant_id: str
+    tenant_name: str
+    name: str
+    kind: str
+    key_hash: bytes
+    profile: str
+    hardware_id_pattern: str | None
+    expires_at: int | None
+    max_registrations: int | None
+    registrations: int
+    labels: dict[str, str]
+    groups: list[str]
+    reclaim_policy: str
+    status: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    tenant_id: str
+    tenant_name: str
+    hardware_id: str
+    name: str | None
+    public_key: bytes
+    cloud_key_id: str
+    labels: dict[str, str]
+    groups: list[str]
+    profile: str
+    hardware: dict[str, Any] | None
+    network: dict[str, Any] | None
+    agent_version: str | None
+    key_id: str
+    status: str
+    created_at: int
+    updated_at: int

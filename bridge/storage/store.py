@@ -1,0 +1,409 @@
+"""SQLite storage. One connection per thread; every claim is one IMMEDIATE transaction.
+
+Raw secrets never reach this module: provisioning and API keys arrive as SHA-256 digests,
+answers arrive already sealed to the device.
+"""
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
+from bridge.storage import migrations
+from bridge.storage.filelock import locked
+from bridge.storage.records import Device, ProvisionKey
+from provwire.models import rfc3339
+
+BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
+# Old events are deleted this many rows per transaction, with a pause between transactions: claims
+# queue on the same write lock, so a purge of a huge backlog must not hold it for long at a time.
+EVENT_PURGE_BATCH = 1000
+EVENT_PURGE_PAUSE_SECONDS = 0.01
+
+
+_KEY_SELECT = "SELECT k.*, t.name AS tenant_name FROM provision_keys k JOIN tenants t ON t.id = k.tenant_id"
+_DEVICE_SELECT = "SELECT d.*, t.name AS tenant_name FROM devices d JOIN tenants t ON t.id = d.tenant_id"
+
+
+def _key(row: sqlite3.Row) -> ProvisionKey:
+    return ProvisionKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        tenant_name=row["tenant_name"],
+        name=row["name"],
+        kind=row["kind"],
+        key_hash=row["key_hash"],
+        profile=row["profile"],
+        hardware_id_pattern=row["hardware_id_pattern"],
+        expires_at=row["expires_at"],
+        max_registrations=row["max_registrations"],
+        registrations=row["registrations"],
+        labels=json.loads(row["labels"]),
+        groups=json.loads(row["groups_"]),
+        reclaim_policy=row["reclaim_policy"],
+        status=row["status"],
+        created_at=row["created_at"],
+    )
+
+
+def _device(row: sqlite3.Row) -> Device:
+    return Device(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        tenant_name=row["tenant_name"],
+        hardware_id=row["hardware_id"],
+        name=row["name"],
+        public_key=row["public_key"],
+        cloud_key_id=row["cloud_key_id"],
+        labels=json.loads(row["labels"]),
+        groups=json.loads(row["groups_"]),
+        profile=row["profile"],
+        hardware=json.loads(row["hardware"]) if row["hardware"] else None,
+        network=json.loads(row["network"]) if row["network"] else None,
+        agent_version=row["agent_version"],
+        key_id=row["key_id"],
+        status=row["status"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class Store:
+    """The database. Safe to share between threads: each thread gets its own connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        # Writers queue on locks that wake the next one the moment the database is free: this process's
+        # threads on `_write_lock` (with the busy timeout), other bridge processes on an flock of
+        # `_writer_file`. Left to SQLite, a waiting writer polls with sleeps of 1, 2, 5, 10 ... ms (its
+        # busy handler): under load that costs more than the transaction itself. Other writers (the
+        # admin CLI) still meet SQLite's own lock, with its timeout.
+        self._write_lock = threading.Lock()
+        self._writer_file = path.with_name(path.name + "-writer.lock")
+        if not path.exists():
+            # It holds key hashes and device records: owner-only, like the key files beside it.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        if migrations.version(self._connection()) != migrations.LATEST:  # an up-to-date database takes no lock
+            with self.transaction() as db:  # one upgrade at a time, whichever process opens it first
+                migrations.upgrade(db)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken
+            # before the first read and key counts cannot race.
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: everything inside commits together or not at all."""
+        conn = self._connection()
+        with self._writer():
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"database unavailable: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"database write failed: {exc}") from exc
+                raise
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise StorageError("database unavailable: another write of this process did not finish")
+        try:
+            with locked(self._writer_file):
+                yield
+        finally:
+            self._write_lock.release()
+
+    def read(self) -> sqlite3.Connection:
+        return self._connection()
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- tenants -------------------------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str, name: str, now: int) -> None:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"tenant {name!r} already exists")
+            db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, name, now))
+
+    def tenants(self) -> list[dict[str, Any]]:
+        rows = self.read().execute(
+            "SELECT t.id, t.name, t.created_at,"
+            " (SELECT COUNT(*) FROM devices d WHERE d.tenant_id = t.id) AS devices,"
+            " (SELECT COUNT(*) FROM provision_keys k WHERE k.tenant_id = t.id) AS keys"
+            " FROM tenants t ORDER BY t.name"
+        )
+        return [dict(r) for r in rows]
+
+    def tenant_id(self, name: str) -> str:
+        row = self.read().execute("SELECT id FROM tenants WHERE name = ? OR id = ?", (name, name)).fetchone()
+        if row is None:
+            raise NotFound(f"no tenant {name!r}")
+        return str(row["id"])
+
+    # --- provisioning keys ---------------------------------------------------------------
+
+    def create_key(self, key: ProvisionKey) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
+                " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
+                " reclaim_policy, status, created_at, pattern_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key.id,
+                    key.tenant_id,
+                    key.name,
+                    key.kind,
+                    key.key_hash,
+                    key.profile,
+                    key.hardware_id_pattern,
+                    key.expires_at,
+                    key.max_registrations,
+                    0,
+                    json.dumps(key.labels),
+                    json.dumps(key.groups),
+                    key.reclaim_policy,
+                    "active",
+                    key.created_at,
+                    None if key.hardware_id_pattern is None else "re2",
+                ),
+            )
+
+    def keys(self, tenant_id: str | None = None) -> list[ProvisionKey]:
+        where, args = (" WHERE k.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
+        return [_key(r) for r in self.read().execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
+
+    def revoke_key(self, key_id: str, now: int) -> ProvisionKey:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE provision_keys SET status = 'revoked', revoked_at = ? WHERE id = ?", (now, key_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"no provisioning key {key_id!r}")
+            return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
+
+    @staticmethod
+    def key_by_hash(db: sqlite3.Connection, key_hash: bytes) -> ProvisionKey | None:
+        row = db.execute(_KEY_SELECT + " WHERE k.key_hash = ?", (key_hash,)).fetchone()
+        return None if row is None else _key(row)
+
+    @staticmethod
+    def spend_key_use(db: sqlite3.Connection, key_id: str) -> int:
+        """Count one registration; returns the new count. Called inside the claim's transaction."""
+        row = db.execute(
+            "UPDATE provision_keys SET registrations = registrations + 1 WHERE id = ? RETURNING registrations",
+            (key_id,),
+        ).fetchone()
+        return int(row[0])
+
+    # --- devices -------------------------------------------------------------------------
+
+    @staticmethod
+    def device_by_hardware_id(db: sqlite3.Connection, tenant_id: str, hardware_id: str) -> Device | None:
+        row = db.execute(
+            _DEVICE_SELECT + " WHERE d.tenant_id = ? AND d.hardware_id = ?", (tenant_id, hardware_id)
+        ).fetchone()
+        return None if row is None else _device(row)
+
+    @staticmethod
+    def insert_device(db: sqlite3.Connection, device: Device, api_key_hash: bytes) -> None:
+        db.execute(
+            "INSERT INTO devices (id, tenant_id, hardware_id, name, public_key, cloud_key_id, api_key_hash,"
+            " labels, groups_, profile, hardware, network, agent_version, key_id, status, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                device.id,
+                device.tenant_id,
+                device.hardware_id,
+                device.name,
+                device.public_key,
+                device.cloud_key_id,
+                api_key_hash,
+                json.dumps(device.labels),
+                json.dumps(device.groups),
+                device.profile,
+                json.dumps(device.hardware) if device.hardware else None,
+                json.dumps(device.network) if device.network else None,
+                device.agent_version,
+                device.key_id,
+                device.status,
+                device.created_at,
+                device.updated_at,
+            ),
+        )
+
+    @staticmethod
+    def rotate_device_key(
+        db: sqlite3.Connection,
+        device_id: str,
+        public_key: bytes,
+        cloud_key_id: str,
+        api_key_hash: bytes,
+        now: int,
+    ) -> None:
+        db.execute(
+            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ? WHERE id = ?",
+            (public_key, cloud_key_id, api_key_hash, now, device_id),
+        )
+
+    def device(self, device_id: str) -> Device:
+        row = self.read().execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no device {device_id!r}")
+        return _device(row)
+
+    def devices(self, tenant_id: str | None = None, limit: int = 1000) -> list[Device]:
+        where, args = (" WHERE d.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
+        sql = _DEVICE_SELECT + where + " ORDER BY d.created_at DESC, d.id LIMIT ?"
+        return [_device(r) for r in self.read().execute(sql, (*args, limit))]
+
+    def revoke_device(self, device_id: str, now: int) -> Device:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"no device {device_id!r}")
+        return self.device(device_id)
+
+    @staticmethod
+    def device_by_id(db: sqlite3.Connection, device_id: str) -> Device | None:
+        row = db.execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
+        return None if row is None else _device(row)
+
+    def revoked_devices(self, since: int) -> list[tuple[str, int]]:
+        """(device id, time of revocation) of the devices revoked at or after `since`.
+
+        A revoked row is never updated again (re-claims and refreshes of it are refused), so its
+        updated_at is the time it was revoked.
+        """
+        rows = self.read().execute(
+            "SELECT id, updated_at FROM devices WHERE status = 'revoked' AND updated_at >= ? ORDER BY id", (since,)
+        )
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def api_key_hash(self, device_id: str) -> bytes:
+        row = self.read().execute("SELECT api_key_hash FROM devices WHERE id = ?", (device_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no device {device_id!r}")
+        return bytes(row[0])
+
+    # --- answers (idempotency) -----------------------------------------------------------
+
+    @staticmethod
+    def stored_answer(
+        db: sqlite3.Connection, client_id: str, request_id: str, not_before: int
+    ) -> tuple[bytes, bytes] | None:
+        row = db.execute(
+            "SELECT claim_digest, answer FROM answers WHERE client_id = ? AND request_id = ? AND created_at >= ?",
+            (client_id, request_id, not_before),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    @staticmethod
+    def store_answer(
+        db: sqlite3.Connection, client_id: str, request_id: str, claim_digest: bytes, answer: bytes, now: int
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+            (client_id, request_id, claim_digest, answer, now),
+        )
+
+    def purge_answers(self, older_than: int) -> int:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM answers WHERE created_at < ?", (older_than,)).rowcount
+
+    # --- token refresh replay protection -------------------------------------------------
+
+    @staticmethod
+    def refresh_seen(db: sqlite3.Connection, device_id: str, request_id: str, now: int) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM refresh_requests WHERE device_id = ? AND request_id = ? AND expires_at >= ?",
+            (device_id, request_id, now),
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def remember_refresh(db: sqlite3.Connection, device_id: str, request_id: str, expires_at: int) -> None:
+        db.execute("INSERT OR REPLACE INTO refresh_requests VALUES (?, ?, ?)", (device_id, request_id, expires_at))
+
+    @staticmethod
+    def purge_refreshes(db: sqlite3.Connection, now: int) -> int:
+        """Forget request ids whose timestamps are outside the skew window by now: they are refused anyway."""
+        return db.execute("DELETE FROM refresh_requests WHERE expires_at < ?", (now,)).rowcount
+
+    # --- events --------------------------------------------------------------------------
+
+    @staticmethod
+    def insert_event(db: sqlite3.Connection, time: str, tenant: str, event: str, body: str) -> None:
+        db.execute("INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)", (time, tenant, event, body))
+
+    def add_event(self, time: str, tenant: str, event: str, body: str) -> None:
+        with self.transaction() as db:
+            self.insert_event(db, time, tenant, event, body)
+
+    def purge_events(
+        self, before: int, batch: int = EVENT_PURGE_BATCH, pause: float = EVENT_PURGE_PAUSE_SECONDS
+    ) -> int:
+        """Delete the events whose time is before `before` (Unix seconds); returns how many.
+
+        In transactions of at most `batch` rows, the write lock released for `pause` seconds between
+        them, so that claims waiting for it (in this process or another) get in: releasing alone is not
+        enough, since neither a thread lock nor an flock hands over to a waiter.
+        """
+        cutoff = rfc3339(before)  # `time` is RFC 3339 UTC with milliseconds: it sorts as text
+        purged = 0
+        while True:
+            with self.transaction() as db:
+                deleted = db.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?)",
+                    (cutoff, batch),
+                ).rowcount
+            purged += deleted
+            if deleted < batch:
+                return purged
+            time.sleep(pause)
+
+    def events(self, tenant: str | None = None, event: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if tenant:
+            clauses.append("tenant = ?")
+            args.append(tenant)
+        if event:
+            clauses.append("event = ?")
+            args.append(event)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = (
+            self.read().execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        )
+        return [json.loads(r["body"]) for r in reversed(rows)]
+
+    def count(self, table: str) -> int:
+        if table not in ("devices", "tenants", "provision_keys", "answers", "events"):
+            raise UsageError(f"unknown table {table}")
+        return int(self.read().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

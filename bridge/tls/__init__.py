@@ -1,0 +1,1 @@
+"""TLS: the private CA, the broker's certificate, and who connects where (`certificates`)."""
