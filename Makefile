@@ -24,8 +24,8 @@ demo: $(STAMP)
 ## mosquitto: install Mosquitto from the distribution when missing (no system broker left running),
 ## and build its provbridge_jwt plugin into build/mosquitto_jwt (broker.mosquitto_auth = "jwt")
 mosquitto:
-	sh broker/mosquitto/install-mosquitto.sh
-	@$(MAKE) -s -C broker/mosquitto_jwt || { [ -z "$$CI" ] && echo "provbridge_jwt plugin not built: its tests will be skipped"; }
+	sh bridge/mosquitto/install-mosquitto.sh
+	@$(MAKE) -s -C bridge/mosquitto/jwt || { [ -z "$$CI" ] && echo "provbridge_jwt plugin not built: its tests will be skipped"; }
 
 # The suite's temp files (every log and database it leaves), kept for the secret scan; pytest empties it first.
 TEST_TMP := build/test-tmp
@@ -59,7 +59,7 @@ HOSTILE_ARGS := --guesses 3000
 
 # Mosquitto is one of the benchmark targets; without it that target is skipped, not failed.
 bench-mosquitto:
-	@sh broker/mosquitto/install-mosquitto.sh || echo "bench: Mosquitto not installed, its target will be skipped"
+	@sh bridge/mosquitto/install-mosquitto.sh || echo "bench: Mosquitto not installed, its target will be skipped"
 
 ## bench: full benchmark (K=10000, herd, growth to 1M devices; long): results in bench/results, figures in docs/BENCHMARKS.md
 bench: $(BENCH_STAMP) bench-mosquitto

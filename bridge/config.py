@@ -69,7 +69,7 @@ class BrokerSettings(BaseModel):
     # External mode: mirror each device token into Mosquitto's dynamic-security plugin (bridge/mosquitto/dynsec.py).
     dynsec: bool = True
     # Who verifies device tokens on Mosquitto: "dynsec" = the bridge mirrors each one into dynamic security;
-    # "jwt" = the provbridge_jwt plugin verifies them itself (broker/mosquitto_jwt), nothing is mirrored.
+    # "jwt" = the provbridge_jwt plugin verifies them itself (bridge/mosquitto/jwt), nothing is mirrored.
     mosquitto_auth: Literal["dynsec", "jwt"] = "dynsec"
     dynsec_timeout_seconds: float = Field(default=10.0, gt=0)
     # How often expired device tokens are removed from Mosquitto (the granularity of expiry there).

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,13 @@ def quiet_amqtt_logging() -> None:
             named.setLevel(logging.WARNING)
 
 
-async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeBroker:
-    """A started broker. Stop it with `stop_embedded_broker`."""
+async def start_embedded_broker(
+    settings: EmbeddedBrokerSettings, before_listening: Callable[[ProvbridgeBroker], None] | None = None
+) -> ProvbridgeBroker:
+    """A started broker. Stop it with `stop_embedded_broker`.
+
+    `before_listening` gets the broker before its first connection, to subscribe in process (the bridge).
+    """
     quiet_amqtt_logging()
     try:
         broker = ProvbridgeBroker(
@@ -125,6 +131,8 @@ async def start_embedded_broker(settings: EmbeddedBrokerSettings) -> ProvbridgeB
             max_packet_bytes=settings.max_packet_bytes,
             revocation_check_seconds=settings.revocation_check_seconds,
         )
+        if before_listening is not None:
+            before_listening(broker)
         await broker.start()
     except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
         raise BrokerStartError(f"cannot start the MQTT broker: {exc}") from exc

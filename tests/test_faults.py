@@ -54,10 +54,10 @@ from bridge.claims import identifiers
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, claim_handlers
 from bridge.edges.paho import BridgeService
+from bridge.mosquitto import conf as mc
 from bridge.mosquitto.dynsec import DynsecChannel, admin_channel, check
 from bridge.storage import keyfiles
 from bridge.storage.store import Store
-from broker import mosquitto_conf as mc
 from device_sim.device import DeviceIdentity, build_claim, connect_with_token, open_answer
 from provwire import topics
 from provwire.models import Credentials, to_json

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 from bridge.config import Settings
 from bridge.edges.inprocess import InProcessBridge
-from bridge.edges.serve import Running, start_bridge
+from bridge.edges.serve import Running, embedded_broker_settings, start_bridge
 from bridge.ops import admin
 from bridge.storage import keyfiles
 from bridge.storage.store import Store
 from bridge.tls import certificates as tls
+from broker.embedded import start_embedded_broker, stop_embedded_broker
+from broker.server import ProvbridgeBroker
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
@@ -125,3 +127,41 @@ def test_a_claim_in_a_worker_that_dies_is_answered_by_its_successor(initialised:
     assert topic == topics.response_topic(bridge.prefix, device.client_id)
     assert json.loads(answer)["status"] == "ok"
     assert bridge.store.count("devices") == 1
+
+
+def test_a_claim_sent_before_the_claim_worker_is_up_waits_for_it_and_is_answered(
+    initialised: tuple[Settings, str],
+) -> None:
+    """`serve` takes claims before its broker listens: one that arrives while the claim worker still starts
+    (about half a second) waits for it, instead of being acknowledged and reaching no subscriber."""
+    settings, first_key = initialised
+    settings = tls.resolve(settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="inprocess-test-loop", daemon=True)
+    thread.start()
+    edges: list[InProcessBridge] = []
+
+    def take_claims(broker: ProvbridgeBroker) -> None:
+        edges.append(InProcessBridge(settings, broker))
+        edges[0].take_claims()
+
+    start = start_embedded_broker(embedded_broker_settings(settings), before_listening=take_claims)
+    broker = asyncio.run_coroutine_threadsafe(start, loop).result(30)
+    store = Store(settings.database_file)
+    try:
+        bridge = Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
+        with Device(bridge) as device:
+            device.conn.publish(
+                topics.claim_topic(settings.topic_prefix, device.client_id), device.claim_payload(first_key)
+            )
+            assert wait_for(lambda: edges[0].core.in_flight == 1)  # taken, with no worker yet
+            asyncio.run_coroutine_threadsafe(edges[0].start(), loop).result(30)
+            _, answer = device.conn.next_message()
+        assert ClaimOk.model_validate_json(answer).created
+    finally:
+        asyncio.run_coroutine_threadsafe(edges[0].stop(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(stop_embedded_broker(broker), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+        store.close()

@@ -14,13 +14,13 @@ import pytest
 from bridge.claims.mirror import MirrorError
 from bridge.config import DEFAULT_MAX_PACKET_BYTES, Settings, claim_packet_bytes, load_settings
 from bridge.errors import ConfigError
+from bridge.mosquitto import conf as mc
 from bridge.mosquitto.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
 from bridge.mosquitto.files import ops_user_created, write_mosquitto_config
 from bridge.ops import admin
 from bridge.storage import keyfiles
 from bridge.storage.store import Store
 from broker import acl
-from broker import mosquitto_conf as mc
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk

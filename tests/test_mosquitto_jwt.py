@@ -1,4 +1,4 @@
-"""`broker.mosquitto_auth = "jwt"` on a real Mosquitto 2.0: the provbridge_jwt plugin (broker/mosquitto_jwt)
+"""`broker.mosquitto_auth = "jwt"` on a real Mosquitto 2.0: the provbridge_jwt plugin (bridge/mosquitto/jwt)
 verifies device tokens in Mosquitto, started from `provbridge mosquitto-config` output as is, and the
 bridge mirrors nothing. Provisioning, bridge and ops accounts stay on dynamic security + the acl_file.
 
@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import Settings
+from bridge.mosquitto.conf import JwtPlugin
 from broker.errors import BrokerConfigError
-from broker.mosquitto_conf import JwtPlugin
 from provwire import topics
 from provwire.models import ClaimOk, Credentials
 from tests.helpers.cli import run_cli

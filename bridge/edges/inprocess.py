@@ -96,6 +96,7 @@ class InProcessBridge:
         self._worker: _Worker | None = None
         self._restarting: asyncio.Task[None] | None = None
         self._stopping = False
+        self._taking = False  # subscribed to the claim topics (take_claims)
         self._stop_deadline: float | None = None  # the end of stop's grace period, on the loop's clock
         self._drained = asyncio.Event()
 
@@ -104,11 +105,28 @@ class InProcessBridge:
         """The claim-worker process, while one is running."""
         return None if self._worker is None else self._worker.process.pid
 
-    async def start(self) -> None:
-        """Start the claim worker, then take claims and say online. On the broker's event loop."""
-        worker = self._worker = await self._spawn()
-        try:
+    def take_claims(self) -> None:
+        """Take claims from now on: until `start` has a worker for them they wait in `_pending`.
+
+        `serve` calls it before the broker listens: a claim published between the broker's first
+        connection and the worker's start would otherwise be acknowledged and reach no subscriber.
+        """
+        if not self._taking:
             self.broker.subscribe_in_process(self.core.filters, self._on_message)
+            self._taking = True
+
+    async def start(self) -> None:
+        """Take claims, start the claim worker, hand it those taken so far, say online. On the broker's loop."""
+        self.take_claims()
+        try:
+            worker = await self._spawn()
+        except BaseException:
+            self._stopping = True  # what was taken is answered by nobody: the broker stops with this start
+            raise
+        try:
+            for seq, (topic, payload) in self._pending.items():
+                worker.transport.write(encode_request(seq, topic, payload))
+            self._worker = worker
             await self._retain(self.core.status(online=True))
         except BaseException:  # no worker may outlive a start that did not finish
             self._stopping = True

@@ -87,9 +87,15 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
     publish_denylist(settings, store)  # repairs a missing or stale denylist.json before devices connect
     if settings.broker.mode == "embedded":
         store.close()  # the claim worker has its own
-        broker = await start_embedded_broker(embedded_broker_settings(settings))
+        edges: list[InProcessBridge] = []
+
+        def take_claims(broker: ProvbridgeBroker) -> None:  # before the broker listens: no claim may go unheard
+            edges.append(InProcessBridge(settings, broker))
+            edges[0].take_claims()
+
+        broker = await start_embedded_broker(embedded_broker_settings(settings), before_listening=take_claims)
         log.info("embedded broker listening on %s", tls.embedded_listeners(settings).describe(settings.broker.host))
-        edge = InProcessBridge(settings, broker)
+        edge = edges[0]
         try:
             await edge.start()
         except BaseException:

@@ -2,7 +2,7 @@
 
 For each token the bridge mints, Mosquitto gets a client `username = device id`, `password = the
 token` (Mosquitto stores its PBKDF2 hash), bound to `client id = device id`, with one role holding
-exactly the token's scope (`broker.mosquitto_conf.device_role`). A client has one password, so a
+exactly the token's scope (`bridge.mosquitto.conf.device_role`). A client has one password, so a
 device's newest token replaces its previous one, and Mosquitto ends the session that used it. Commands go out on
 `$CONTROL/dynamic-security/v1` over the bridge's own MQTT connection; the plugin answers on
 `.../response`, which the bridge's network thread hands to `DynsecChannel.deliver`, so a claim
@@ -35,10 +35,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.claims.mirror import MirrorError
 from bridge.config import Settings
+from bridge.mosquitto import conf as mc
 from bridge.storage import keyfiles
 from bridge.tls import certificates as tls
 from bridge.tokens import TokenGrant
-from broker import mosquitto_conf as mc
 from broker.errors import ConnectRefused
 from provwire.models import MAX_CLAIM_BYTES
 

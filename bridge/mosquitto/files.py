@@ -1,6 +1,6 @@
 """`provbridge mosquitto-config`: the files of an external Mosquitto, from the settings and data dir.
 
-The content is decided by the pure functions of `broker.mosquitto_conf`; this module gathers their
+The content is decided by the pure functions of `bridge.mosquitto.conf`; this module gathers their
 inputs (bridge secret, ops accounts, TLS files) and writes the results:
 
     OUTDIR/mosquitto.conf          start Mosquitto with `mosquitto -c OUTDIR/mosquitto.conf`
@@ -10,7 +10,7 @@ inputs (bridge secret, ops accounts, TLS files) and writes the results:
     OUTDIR/mosquitto.db            Mosquitto's persistence, once it ran
 
 With `broker.mosquitto_auth = "jwt"` mosquitto.conf also loads the provbridge_jwt plugin (built from
-broker/mosquitto_jwt when needed), which verifies device tokens against <data_dir>/jwks.json and
+bridge/mosquitto/jwt when needed), which verifies device tokens against <data_dir>/jwks.json and
 <data_dir>/denylist.json: the bridge mirrors nothing.
 
 Ops accounts: `ops_users.json` keeps only a SHA-256 of each ops password, from which no PBKDF2 hash
@@ -31,11 +31,11 @@ from pathlib import Path
 from bridge.claims.mirror import MirrorError
 from bridge.config import Settings
 from bridge.errors import ConfigError, NotInitialised
+from bridge.mosquitto import conf as mc
 from bridge.mosquitto import dynsec
+from bridge.mosquitto import jwt as mosquitto_jwt
 from bridge.storage import keyfiles
 from bridge.tls import certificates as tls
-from broker import mosquitto_conf as mc
-from broker import mosquitto_jwt
 from broker.auth import JWKS_FILE_NAME
 from broker.denylist import DENYLIST_FILE_NAME
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from bridge.config import Settings
+from bridge.mosquitto import jwt as mosquitto_jwt
 from bridge.storage import keyfiles
 from bridge.storage.store import Store
-from broker import mosquitto_jwt
 from broker.errors import BrokerConfigError
 from tests.helpers.bridge import Bridge, serving
 from tests.helpers.cli import run_cli

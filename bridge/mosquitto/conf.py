@@ -311,7 +311,7 @@ class TlsListener:
 
 @dataclass(frozen=True, kw_only=True)
 class JwtPlugin:
-    """`broker.mosquitto_auth = "jwt"`: the provbridge_jwt plugin (broker/mosquitto_jwt) verifies device tokens.
+    """`broker.mosquitto_auth = "jwt"`: the provbridge_jwt plugin (bridge/mosquitto/jwt) verifies device tokens.
 
     Its `plugin` line comes before dynamic security's, so it decides every device CONNECT and ACL check
     and defers all other clients to dynamic security and the acl_file, as in "dynsec" mode.

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install Mosquitto from the distribution's packages when it is missing, for the test suite and
-# the benchmarks, with what building the provbridge_jwt plugin (broker/mosquitto_jwt) needs: a C
+# the benchmarks, with what building the provbridge_jwt plugin (bridge/mosquitto/jwt) needs: a C
 # compiler, the Mosquitto plugin headers, cJSON and OpenSSL headers. Never leaves a system Mosquitto running: `make run` needs 127.0.0.1:1883 for
 # the embedded broker, and the tests start their own Mosquitto from `provbridge mosquitto-config`.
 # When it cannot install, it fails under CI (CI=true) and otherwise only warns: the Mosquitto tests

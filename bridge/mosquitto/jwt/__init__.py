@@ -19,7 +19,7 @@ SOURCE = SOURCE_DIR / "provbridge_jwt.c"
 PLUGIN_NAME = "provbridge_jwt.so"
 # The usernames the plugin takes for devices (bridge/claims/identifiers.py `new_device_id`); it defers all others.
 DEVICE_ID_RE = re.compile(r"dev_[a-z2-7]{26}")
-BUILD_OUTPUT = SOURCE_DIR.parents[1] / "build" / "mosquitto_jwt" / PLUGIN_NAME
+BUILD_OUTPUT = SOURCE_DIR.parents[2] / "build" / "mosquitto_jwt" / PLUGIN_NAME
 INSTALLED_GLOBS = (
     f"/usr/local/lib/{PLUGIN_NAME}",
     f"/usr/local/lib/*/{PLUGIN_NAME}",
