@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from provwire.errors import ProvbridgeError
+
 DEVICE_COLUMNS = (
     "id",
     "tenant_id",
@@ -45,8 +47,8 @@ DEVICE_COLUMNS = (
 )
 
 
-class SeedError(Exception):
-    pass
+class SeedError(ProvbridgeError):
+    """The seed's arguments or target cannot work; the message is the one line to show."""
 
 
 def _rows(

@@ -1,16 +1,22 @@
-"""Errors of the bridge. All derive from the project's one root, `ProvbridgeError`."""
+"""Errors of the bridge. All derive from the project's one root, `ProvbridgeError`; `UsageError` is shared
+with the device simulator (provwire/errors.py)."""
 
-from provwire.errors import ProvbridgeError
+from provwire.errors import ProvbridgeError, UsageError
 
 __all__ = [
     "AlreadyExists",
+    "CheckFailed",
     "ConfigError",
+    "DoctorFailed",
     "InvalidPattern",
+    "MirrorError",
     "NotFound",
     "NotInitialised",
+    "PatternNotFollowed",
     "ProvbridgeError",
     "StorageError",
     "UsageError",
+    "WorkerError",
 ]
 
 
@@ -26,10 +32,6 @@ class NotFound(ProvbridgeError):
     """A tenant, key or device named by the operator does not exist."""
 
 
-class UsageError(ProvbridgeError):
-    """An admin command was given arguments that cannot work: contradictory, out of range, malformed (exit 2)."""
-
-
 class AlreadyExists(ProvbridgeError):
     """A tenant or ops user of that name exists already."""
 
@@ -40,3 +42,24 @@ class InvalidPattern(UsageError):
 
 class StorageError(ProvbridgeError):
     """The database failed; the operation changed nothing and may be retried."""
+
+
+class MirrorError(ProvbridgeError):
+    """The broker did not confirm a mirrored token or revocation; the caller may retry."""
+
+
+class WorkerError(ProvbridgeError):
+    """The claim-worker process could not be started."""
+
+
+class CheckFailed(ProvbridgeError):
+    """What is wrong and what to do: the FAIL line of the doctor check that raised it."""
+
+
+class DoctorFailed(ProvbridgeError):
+    """At least one doctor check failed (the CLI exits 1)."""
+
+
+class PatternNotFollowed(ProvbridgeError):
+    """A construct of Python's pattern syntax that the doctor's probe builder does not follow (RE2 refuses
+    nearly all of them anyway): bridge/claims/hardware_pattern.py."""

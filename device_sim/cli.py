@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim import hostinfo
 from device_sim.device import DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S
+from device_sim.errors import UsageError
 from device_sim.fleet import DeviceOutcome, FleetConfig, Summary, run_fleet, summarise
 from provwire import crypto, topics
 
@@ -25,10 +26,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_READER_GONE = 141  # stdout's reader went away (`provbridge-sim ... | head`), as for a tool killed by SIGPIPE
-
-
-class UsageError(Exception):
-    """A bad argument: reported as one line, exit code 2."""
 
 
 DESCRIPTION = """\

@@ -21,17 +21,13 @@ from pathlib import Path
 
 from device_sim import cli
 from device_sim.device import DEFAULT_TIMEOUT_S
-from device_sim.errors import ConnectError
+from device_sim.errors import ConnectError, DemoError
 from device_sim.session import Session
 from provwire import topics
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-
-
-class DemoError(Exception):
-    """A step of the demo failed; the message is the one line to show."""
 
 
 def log(message: str) -> None:

@@ -1,6 +1,19 @@
 """What can go wrong for one simulated device. All are ProvbridgeError, the project's one exception root."""
 
-from provwire.errors import ErrorCode, ProvbridgeError
+from provwire.errors import ErrorCode, ProvbridgeError, UsageError
+
+__all__ = [
+    "BrokerRefused",
+    "Cancelled",
+    "ClaimRejected",
+    "ClaimTimeout",
+    "ConnectError",
+    "ConnectionLost",
+    "DemoError",
+    "InvalidAnswer",
+    "UsageError",
+    "VaultError",
+]
 
 
 class ClaimRejected(ProvbridgeError):
@@ -61,3 +74,11 @@ class ConnectionLost(ConnectError):
 
 class Cancelled(ProvbridgeError):
     """The caller asked the device to stop (Ctrl-C of a fleet run)."""
+
+
+class VaultError(ProvbridgeError):
+    """A secret file is missing, unreadable, too widely readable, or fails to decrypt (tampered)."""
+
+
+class DemoError(ProvbridgeError):
+    """A step of `provbridge-sim demo` failed; the message is the one line to show."""

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
+from device_sim.errors import VaultError
 from provwire import crypto
-from provwire.errors import ProvbridgeError
 from provwire.models import Credentials
 
 PRIVATE_KEY_FILE = "device_key.pem"
@@ -34,10 +34,6 @@ VAULT_FILE = "credentials.vault"
 MAGIC = b"PBSIMV1\x00"  # also the associated data: a blob from another format or version never opens
 KEY_BYTES = 32
 NONCE_BYTES = 12
-
-
-class VaultError(ProvbridgeError):
-    """A secret file is missing, unreadable, too widely readable, or fails to decrypt (tampered)."""
 
 
 def ensure_private_dir(path: Path) -> Path:

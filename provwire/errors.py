@@ -7,6 +7,10 @@ class ProvbridgeError(Exception):
     """Root of every error provbridge raises on purpose."""
 
 
+class UsageError(ProvbridgeError):
+    """A command was given arguments that cannot work: contradictory, out of range, malformed (exit 2)."""
+
+
 class InvalidPublicKey(ProvbridgeError, ValueError):
     """A public key is not an uncompressed P-256 point on the curve."""
 

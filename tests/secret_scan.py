@@ -41,6 +41,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -135,13 +136,19 @@ def _alnum(data: bytes | mmap.mmap, at: int) -> bool:
     return 0 <= at < len(data) and data[at : at + 1].isalnum()
 
 
-def matches(data: bytes | mmap.mmap, registry: Registry, text: bool = True) -> Iterator[tuple[int, str, bytes]]:
+class Match(NamedTuple):
+    offset: int
+    kind: str
+    secret: bytes
+
+
+def matches(data: bytes | mmap.mmap, registry: Registry, text: bool = True) -> Iterator[Match]:
     """(offset, kind, secret) of every secret in `data`, by format and by exact value."""
     for kind, pattern in PATTERNS.items():
         for m in pattern.finditer(data):
             if text and kind in WORD_ONLY and (_alnum(data, m.start() - 1) or _alnum(data, m.end())):
                 continue
-            yield m.start(), kind, m.group()
+            yield Match(m.start(), kind, m.group())
     if registry.words:
         for run in RUN.finditer(data):
             text = run.group()
@@ -149,7 +156,7 @@ def matches(data: bytes | mmap.mmap, registry: Registry, text: bool = True) -> I
                 for m in word.finditer(text):
                     kind = registry.words.get(m.group())
                     if kind is not None:
-                        yield run.start() + m.start(), kind, m.group()
+                        yield Match(run.start() + m.start(), kind, m.group())
 
 
 def _grouped(path: str, hits: Iterable[tuple[str, str, bytes]]) -> list[Finding]:
@@ -316,7 +323,7 @@ def scan_bytes(path: Path, rel: str, registry: Registry, skip: set[bytes]) -> li
         return []
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         binary = b"\x00" in data[:4096]
-        found = sorted(hit for hit in matches(data, registry, text=not binary) if hit[2] not in skip)
+        found = sorted(hit for hit in matches(data, registry, text=not binary) if hit.secret not in skip)
         hits: list[tuple[str, str, bytes]] = []
         line, counted = 1, 0
         for offset, kind, secret in found:

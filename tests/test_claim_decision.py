@@ -20,7 +20,7 @@ from bridge.claims.decision import (
     Granted,
     decide,
 )
-from bridge.storage.records import Device, ProvisionKey
+from bridge.storage.records import Device, ProvisionKey, StoredAnswer
 from provwire import crypto
 from provwire.models import Claim
 from tests.helpers.bridge import device_row, provision_key_row
@@ -58,8 +58,8 @@ class Case:
 
 CASES = {
     # A replay comes before everything, even a key revoked since.
-    "replay, same claim": Case(ClaimFacts((b"digest", b"the stored answer"), key(status="revoked"), None)),
-    "replay, other claim": Case(ClaimFacts((b"other", b"x"), key(), None), code="validation_error"),
+    "replay, same claim": Case(ClaimFacts(StoredAnswer(b"digest", b"the stored answer"), key(status="revoked"), None)),
+    "replay, other claim": Case(ClaimFacts(StoredAnswer(b"other", b"x"), key(), None), code="validation_error"),
     "unknown key": Case(ClaimFacts(None, None, None), "permission_denied", events=[("claim.rejected", "unknown_key")]),
     "a row whose hash differs": Case(
         ClaimFacts(None, key(key_hash=b"\0" * 32), None),

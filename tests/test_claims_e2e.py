@@ -25,7 +25,7 @@ def _registrations(bridge: Bridge, raw_key: str) -> int:
     from bridge.claims.identifiers import digest
 
     row = (
-        bridge.store.read()
+        bridge.store.connection()
         .execute("SELECT registrations FROM provision_keys WHERE key_hash = ?", (digest(raw_key),))
         .fetchone()
     )
@@ -53,7 +53,7 @@ def test_happy_path_device_opens_answer_and_connects_with_its_token(bridge: Brid
     assert creds.mqtt.expires_at == claims["exp"]
 
     # The row stores the API key's hash, never the key.
-    row = bridge.store.read().execute("SELECT * FROM devices WHERE id = ?", (answer.device_id,)).fetchone()
+    row = bridge.store.connection().execute("SELECT * FROM devices WHERE id = ?", (answer.device_id,)).fetchone()
     assert row["hardware_id"] == device.hardware_id
     assert bytes(row["api_key_hash"]) != creds.api_key.encode()
 
@@ -138,7 +138,7 @@ def test_rejected_claims_spend_no_key_use(bridge: Bridge) -> None:
 def test_one_time_key_under_50_concurrent_claims_creates_exactly_one_device(bridge: Bridge) -> None:
     race_one_time_key(bridge)
     one_time = "SELECT registrations FROM provision_keys WHERE max_registrations = 1"
-    assert bridge.store.read().execute(one_time).fetchone()[0] == 1
+    assert bridge.store.connection().execute(one_time).fetchone()[0] == 1
     rejected = [e for e in _events(bridge, "claim.rejected") if e.get("reason") == "key_exhausted"]
     assert len(rejected) == 49
     assert len(_events(bridge, "key.exhausted")) == 1
@@ -149,7 +149,8 @@ def test_expired_and_revoked_keys_are_denied_with_the_reason_in_the_event(bridge
     from bridge.claims.identifiers import digest
 
     key = bridge.create_key()
-    with bridge.store.transaction() as db:
+    with bridge.store.transaction() as tx:
+        db = tx.connection
         if reason == "key_expired":
             db.execute(
                 "UPDATE provision_keys SET expires_at = ? WHERE key_hash = ?", (int(time.time()) - 1, digest(key))
@@ -293,7 +294,7 @@ def test_storage_failure_answers_internal_error_and_writes_nothing(bridge: Bridg
         from bridge.storage.store import Store
 
         impatient = Store(bridge.settings.database_file)
-        impatient.read().execute("PRAGMA busy_timeout = 50")
+        impatient.connection().execute("PRAGMA busy_timeout = 50")
         provisioner = Provisioner(bridge.settings, impatient, bridge.keys)
         with Device(bridge) as device:
             payload = device.claim_payload(bridge.provision_key)

@@ -262,8 +262,9 @@ def test_the_tls_listener_is_checked_with_the_ca_devices_pin(
 
 def test_a_clock_behind_the_newest_record_fails(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     store = Store(settings.database_file)
-    with store.transaction() as db:
-        db.execute("UPDATE provision_keys SET created_at = created_at + 86400")  # written by a clock a day ahead
+    with store.transaction() as tx:
+        # written by a clock a day ahead
+        tx.connection.execute("UPDATE provision_keys SET created_at = created_at + 86400")
     store.close()
     code, lines, _ = run_doctor(settings, capsys)
     assert code == 1

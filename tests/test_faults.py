@@ -57,7 +57,7 @@ from bridge.edges.paho import BridgeService
 from bridge.mosquitto import conf as mc
 from bridge.mosquitto.dynsec import DynsecChannel, admin_channel, check
 from bridge.storage import keyfiles
-from bridge.storage.store import Store
+from bridge.storage.store import Store, Transaction
 from device_sim.device import DeviceIdentity, build_claim, connect_with_token, open_answer
 from provwire import topics
 from provwire.models import Credentials, to_json
@@ -702,15 +702,15 @@ class FaultyStore(Store):
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Transaction]:
         conn = self._connection()
         if self.full.is_set():
             pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
             conn.execute(f"PRAGMA max_page_count = {pages}")
         else:
             conn.execute(f"PRAGMA max_page_count = {self.no_limit}")
-        with super().transaction() as db:
-            yield db
+        with super().transaction() as tx:
+            yield tx
 
 
 @contextmanager

@@ -139,8 +139,8 @@ def test_the_cli_accepts_the_segments_pattern_and_refuses_a_backreference(
 
 def _legacy(store: Store, key_id: str, pattern: str) -> None:
     """Make a key look as an older version stored it: a pattern for Python's re, no syntax recorded."""
-    with store.transaction() as db:
-        db.execute(
+    with store.transaction() as tx:
+        tx.connection.execute(
             "UPDATE provision_keys SET hardware_id_pattern = ?, pattern_syntax = NULL WHERE id = ?", (pattern, key_id)
         )
 

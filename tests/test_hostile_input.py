@@ -268,7 +268,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def snapshot(store: Store) -> dict[str, Any]:
     """Everything a refused message must leave alone (events are checked on their own)."""
-    db = store.read()
+    db = store.connection()
     state: dict[str, Any] = {
         table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         for table in ("tenants", "provision_keys", "devices", "answers", "refresh_requests", "events")

@@ -16,12 +16,16 @@ SQL = re.compile(r"\.execute(many|script)?\(|\b(SELECT|INSERT INTO|UPDATE|DELETE
 LAYERS = ["", "storage", "tls", "claims", "mosquitto", "ops", "edges", "cli"]
 
 
-def _bridge_modules() -> list[str]:
+def _modules(package: str) -> list[str]:
     names = []
-    for path in sorted((ROOT / "bridge").rglob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
+
+
+def _bridge_modules() -> list[str]:
+    return _modules("bridge")
 
 
 def _layer(module: str) -> int:
@@ -53,3 +57,39 @@ def test_no_sql_outside_the_storage_package() -> None:
 def test_the_rule_sees_sql() -> None:
     assert SQL.search('db.execute("SELECT 1")') and SQL.search("SELECT name FROM sqlite_master")
     assert not SQL.search("select a key, then update the row")
+
+
+@pytest.mark.parametrize("module", [m for m in _bridge_modules() if not m.startswith("bridge.storage")])
+def test_only_the_storage_package_touches_sqlite(module: str) -> None:
+    """The storage seam: outside bridge/storage/ code sees `Store`, `Transaction` and StorageError, never sqlite3."""
+    assert "sqlite3" not in imports_of(importlib.import_module(module))
+
+
+def test_every_exception_is_under_the_root_and_in_an_errors_module() -> None:
+    from provwire.errors import ProvbridgeError
+
+    misplaced = []
+    for package in ("provwire", "bridge", "broker", "device_sim"):
+        for name in _modules(package):
+            module = importlib.import_module(name)
+            for value in vars(module).values():
+                if not (isinstance(value, type) and issubclass(value, BaseException)) or value.__module__ != name:
+                    continue
+                if not issubclass(value, ProvbridgeError):
+                    misplaced.append(f"{name}.{value.__name__} is not a ProvbridgeError")
+                if not name.endswith(".errors"):
+                    misplaced.append(f"{name}.{value.__name__} is outside its package's errors module")
+    assert not misplaced, "\n".join(misplaced)
+
+
+def test_one_class_per_exception_name() -> None:
+    """No two packages define an exception of the same name (`UsageError` is one class, re-exported)."""
+    from provwire.errors import ProvbridgeError
+
+    seen: dict[str, set[type]] = {}
+    for package in ("provwire", "bridge", "broker", "device_sim"):
+        for name in _modules(package):
+            for value in vars(importlib.import_module(name)).values():
+                if isinstance(value, type) and issubclass(value, ProvbridgeError):
+                    seen.setdefault(value.__name__, set()).add(value)
+    assert {name: classes for name, classes in seen.items() if len(classes) > 1} == {}

@@ -14,7 +14,7 @@ import pytest
 
 from bridge.claims.provisioning import Provisioner
 from bridge.config import Settings
-from bridge.errors import StorageError
+from bridge.errors import CheckFailed, StorageError
 from bridge.ops import admin, doctor
 from bridge.storage import keyfiles, migrations
 from bridge.storage.store import Store
@@ -47,13 +47,13 @@ def test_the_fixture_is_from_before_versioning() -> None:
 def test_a_database_of_the_first_release_is_upgraded_in_place_and_keeps_its_rows(old_database: Settings) -> None:
     store = Store(old_database.database_file)
     try:
-        assert migrations.version(store.read()) == migrations.LATEST
+        assert migrations.version(store.connection()) == migrations.LATEST
         keys = {k.name: k for k in store.keys(None)}
         assert set(keys) == {"first-key", "line-7"}
         assert keys["line-7"].hardware_id_pattern == r"SN-\d+" and keys["line-7"].registrations == 2
         assert keys["line-7"].labels == {"site": "ber"}
         assert sorted(d.hardware_id for d in store.devices(None, limit=10)) == ["SN-0", "SN-1"]
-        row = store.read().execute("SELECT pattern_syntax FROM provision_keys WHERE name = 'line-7'").fetchone()
+        row = store.connection().execute("SELECT pattern_syntax FROM provision_keys WHERE name = 'line-7'").fetchone()
         assert row[0] is None  # written for Python's re: the doctor compares it with RE2
 
         # The upgraded database takes new keys and claims as a new one would.
@@ -75,10 +75,10 @@ def test_a_database_of_the_first_release_is_upgraded_in_place_and_keeps_its_rows
 
 def test_the_doctor_names_the_old_releases_pattern_before_and_after_the_upgrade(old_database: Settings) -> None:
     # Read-only, before any bridge opened it: no pattern_syntax column, so every pattern is Python's.
-    with pytest.raises(doctor.Problem, match=r"key key_\w+ \(line-7\).*'SN-٣' matched before"):
+    with pytest.raises(CheckFailed, match=r"key key_\w+ \(line-7\).*'SN-٣' matched before"):
         doctor.check_patterns(old_database.database_file)
     Store(old_database.database_file).close()
-    with pytest.raises(doctor.Problem, match=r"\(line-7\)"):
+    with pytest.raises(CheckFailed, match=r"\(line-7\)"):
         doctor.check_patterns(old_database.database_file)
 
 
@@ -101,8 +101,8 @@ def test_a_database_from_a_newer_release_is_refused_with_the_reason(old_database
 def test_a_new_database_is_made_by_the_same_steps(tmp_path: Path) -> None:
     store = Store(tmp_path / "new.db")
     try:
-        assert migrations.version(store.read()) == migrations.LATEST
-        columns = [row["name"] for row in store.read().execute("PRAGMA table_info(provision_keys)")]
+        assert migrations.version(store.connection()) == migrations.LATEST
+        columns = [row["name"] for row in store.connection().execute("PRAGMA table_info(provision_keys)")]
         assert columns[-1] == "pattern_syntax"
     finally:
         store.close()

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.claims.mirror import MirrorError
 from bridge.config import DEFAULT_MAX_PACKET_BYTES, Settings, claim_packet_bytes, load_settings
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, MirrorError
 from bridge.mosquitto import conf as mc
 from bridge.mosquitto.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
 from bridge.mosquitto.files import ops_user_created, write_mosquitto_config

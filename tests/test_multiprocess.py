@@ -17,10 +17,11 @@ import pytest
 
 from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.edges.sessions import bridge_client, client_ids, recorded_client_ids, retire_stale_sessions
+from bridge.edges.sessions import bridge_client, client_ids, retire_stale_sessions
 from bridge.mosquitto.dynsec import admin_channel
 from bridge.mosquitto.janitor import SharedDynsecMirror
 from bridge.storage import keyfiles
+from bridge.storage.statefiles import recorded_sessions
 from bridge.storage.store import Store
 from bridge.tokens import TokenGrant
 from provwire import topics
@@ -90,7 +91,7 @@ def test_same_request_id_gets_the_byte_identicalanswer_of(bridge: MultiBridge) -
     answer = answer_of(answers[0])
     assert isinstance(answer, ClaimOk) and answer.created and device.open(answer).api_key
     assert bridge.store.count("devices") == 1
-    row = bridge.store.read().execute("SELECT COUNT(*) FROM answers WHERE client_id = ?", (device.client_id,))
+    row = bridge.store.connection().execute("SELECT COUNT(*) FROM answers WHERE client_id = ?", (device.client_id,))
     assert row.fetchone()[0] == 1
 
 
@@ -149,7 +150,7 @@ def _session_present(settings: Settings, client_id: str) -> bool:
 def test_sessions_of_a_previous_layout_are_retired(initialised: tuple[Settings, str]) -> None:
     settings = external_settings(initialised[0])
     with mosquitto_for(settings):
-        assert recorded_client_ids(settings) == []
+        assert recorded_sessions(settings.data_dir) == []
         old = client_ids(settings, 3)
         retire_stale_sessions(settings, old, threading.Event())  # a bridge ran with 3 processes
         for client_id in old:
@@ -158,7 +159,7 @@ def test_sessions_of_a_previous_layout_are_retired(initialised: tuple[Settings, 
         retire_stale_sessions(settings, client_ids(settings, 2), threading.Event())  # now 2
         assert _session_present(settings, old[0]) and _session_present(settings, old[1])
         assert not _session_present(settings, old[2])  # gone: it would have swallowed its share of claims
-        assert recorded_client_ids(settings) == client_ids(settings, 2)
+        assert recorded_sessions(settings.data_dir) == client_ids(settings, 2)
 
 
 def test_janitors_of_two_processes_never_delete_a_token_the_other_renewed(initialised: tuple[Settings, str]) -> None:

@@ -32,7 +32,7 @@ def test_no_secret_appears_in_logs_events_or_database(bridge: Bridge, caplog: py
         secrets.append(der[36:68].hex())  # the raw scalar of a PKCS#8 P-256 key
     assert len([s for s in secrets if s.startswith("dk_")]) == 2
 
-    bridge.store.read().execute("PRAGMA wal_checkpoint(FULL)")
+    bridge.store.connection().execute("PRAGMA wal_checkpoint(FULL)")
     haystacks = {
         "logs": caplog.text,
         "events": json.dumps(bridge.store.events(limit=10_000)),

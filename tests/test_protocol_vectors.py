@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 import provwire
 from bridge.claims.provisioning import parse_claim, parse_request
-from bridge.claims.refresh_decision import Refusal
+from bridge.claims.refresh_decision import RefreshDenial
 from bridge.config import ClaimSettings, TokenSettings
 from bridge.mosquitto.files import PUBLISH_LIMIT_FACTOR
 from provwire import crypto, models, topics
@@ -620,8 +620,8 @@ def test_refresh_situation_table() -> None:
     reasons = {
         re.findall(r"`([a-z_]+)`", row["`reason` in the `token.refresh_rejected` event"])[0] for row in rows[:-2]
     }
-    assert reasons == {r.value for r in Refusal}
-    assert all(f"`{r.value}`" in DOC for r in Refusal)
+    assert reasons == {r.value for r in RefreshDenial}
+    assert all(f"`{r.value}`" in DOC for r in RefreshDenial)
 
 
 # --------------------------------------------------------------------------- the tables and constants

@@ -13,7 +13,7 @@ def test_a_burst_is_allowed_then_refused_with_the_seconds_until_a_token() -> Non
     assert [take(limiter, "k", 0.0) for _ in range(3)] == [True, True, True]
     hit = check([(limiter, "k")], 1.0)
     assert hit is not None
-    assert hit[2].retry_after == 9  # one token refills in 10 s; 1 s has passed
+    assert hit.retry_after == 9  # one token refills in 10 s; 1 s has passed
     assert take(limiter, "k", 10.0)
     assert not take(limiter, "k", 10.5)
 
@@ -22,7 +22,7 @@ def test_retry_after_is_rounded_up_and_at_least_one_second() -> None:
     limiter = RateLimiter(Rate(per_second=100.0, burst=1), max_keys=10)
     assert take(limiter, "k", 0.0)
     hit = check([(limiter, "k")], 0.0)
-    assert hit is not None and hit[2].retry_after == 1  # 10 ms, rounded up
+    assert hit is not None and hit.retry_after == 1  # 10 ms, rounded up
 
 
 def test_keys_are_independent() -> None:
@@ -37,7 +37,7 @@ def test_a_refusal_by_one_limit_spends_nothing_of_the_others() -> None:
     strict = RateLimiter(Rate(per_second=1.0, burst=1), max_keys=10)
     assert check([(loose, "x"), (strict, "y")], 0.0) is None
     hit = check([(loose, "x"), (strict, "y")], 0.0)
-    assert hit is not None and hit[0] is strict
+    assert hit is not None and hit.limiter is strict
     assert take(loose, "x", 0.0)  # its second token is still there
 
 
@@ -46,7 +46,7 @@ def test_the_longest_wait_is_the_one_reported() -> None:
     slow = RateLimiter(Rate(per_second=0.1, burst=1), max_keys=10)
     assert check([(fast, "k"), (slow, "k")], 0.0) is None
     hit = check([(fast, "k"), (slow, "k")], 0.0)
-    assert hit is not None and hit[0] is slow and hit[2].retry_after == 10
+    assert hit is not None and hit.limiter is slow and hit.retry_after == 10
 
 
 def test_a_rate_of_zero_turns_the_limit_off() -> None:
@@ -70,8 +70,8 @@ def test_refusals_are_reported_once_per_key_per_interval() -> None:
     for second in range(int(3 * REPORT_INTERVAL_SECONDS)):
         hit = check([(limiter, "k")], float(second))
         assert hit is not None
-        if hit[2].report:
-            reports.append((second, hit[2].suppressed))
+        if hit.report:
+            reports.append((second, hit.suppressed))
     interval = int(REPORT_INTERVAL_SECONDS)
     assert reports == [(0, 0), (interval, interval - 1), (2 * interval, interval - 1)]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from bridge.claims.mirror import MirrorError
 from bridge.claims.refresh import Refresher
+from bridge.errors import MirrorError
 from bridge.ops import admin
 from bridge.tokens import TokenGrant
 from device_sim.device import (
@@ -146,7 +146,7 @@ def test_replay_table_forgets_request_ids_once_their_timestamps_are_stale(bridge
         now = start + step * 10 * window
         outcome = refresher.handle(topic, device.refresh_payload(timestamp=now), now=now)
         assert outcome.answer is not None and json.loads(outcome.answer)["status"] == "ok"
-        rows = bridge.store.read().execute("SELECT COUNT(*) FROM refresh_requests").fetchone()[0]
+        rows = bridge.store.connection().execute("SELECT COUNT(*) FROM refresh_requests").fetchone()[0]
         assert rows == 1  # each refresh purged the previous one, whose timestamp left the window
 
 
@@ -169,7 +169,7 @@ def test_a_broker_that_does_not_take_the_token_gets_internal_error_and_nothing_i
     assert outcome.answer is not None
     error = ClaimError.model_validate_json(outcome.answer)
     assert error.code is ErrorCode.INTERNAL_ERROR and error.retry_after == bridge.settings.claims.retry_after_seconds
-    assert bridge.store.read().execute("SELECT COUNT(*) FROM refresh_requests").fetchone()[0] == 0
+    assert bridge.store.connection().execute("SELECT COUNT(*) FROM refresh_requests").fetchone()[0] == 0
     assert _events(bridge, "token.refreshed") == []
     # Rolled back, so the very same request succeeds once the broker is back.
     with MqttClient(bridge.port, device.client_id) as conn:

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from bridge.claims import refresh_decision
-from bridge.claims.refresh_decision import RefreshFacts, RefreshGranted, RefreshRefused, Refusal, decide_refresh
+from bridge.claims.refresh_decision import RefreshDenial, RefreshFacts, RefreshGranted, RefreshRefused, decide_refresh
 from provwire import crypto
 from provwire.models import TokenRefresh
 from tests.helpers.bridge import device_row
@@ -20,18 +20,18 @@ REQUEST = TokenRefresh(
     request_id="r-refresh-0001", device_id=DEVICE.id, timestamp=NOW - 10, mac=crypto.b64encode(b"\0" * 32)
 )
 
-CASES: dict[str, tuple[RefreshFacts, Refusal | None]] = {
-    "deleted since the MAC check": (RefreshFacts(None, False), Refusal.BAD_MAC),
+CASES: dict[str, tuple[RefreshFacts, RefreshDenial | None]] = {
+    "deleted since the MAC check": (RefreshFacts(None, False), RefreshDenial.BAD_MAC),
     "re-keyed since the MAC check": (
         RefreshFacts(replace(DEVICE, public_key=b"\x04" + b"\x02" * 64), False),
-        Refusal.BAD_MAC,
+        RefreshDenial.BAD_MAC,
     ),
     "moved to another cloud key": (
         RefreshFacts(replace(DEVICE, cloud_key_id="cloudkid00000001"), False),
-        Refusal.BAD_MAC,
+        RefreshDenial.BAD_MAC,
     ),
-    "revoked": (RefreshFacts(replace(DEVICE, status="revoked"), True), Refusal.DEVICE_REVOKED),
-    "replayed": (RefreshFacts(DEVICE, True), Refusal.REPLAYED),
+    "revoked": (RefreshFacts(replace(DEVICE, status="revoked"), True), RefreshDenial.DEVICE_REVOKED),
+    "replayed": (RefreshFacts(DEVICE, True), RefreshDenial.REPLAYED),
     "granted": (RefreshFacts(DEVICE, False), None),
 }
 
@@ -50,7 +50,7 @@ def test_decide_refresh(name: str) -> None:
 def test_a_timestamp_beyond_the_skew_is_stale_and_checked_before_the_replay(timestamp: int) -> None:
     stale = REQUEST.model_copy(update={"timestamp": timestamp})
     verdict = decide_refresh(stale, DEVICE, RefreshFacts(DEVICE, True), NOW, SKEW)
-    assert isinstance(verdict, RefreshRefused) and verdict.reason is Refusal.STALE_TIMESTAMP
+    assert isinstance(verdict, RefreshRefused) and verdict.reason is RefreshDenial.STALE_TIMESTAMP
 
 
 def test_the_refresh_decision_imports_nothing_that_does_io() -> None:

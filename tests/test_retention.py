@@ -1,7 +1,6 @@
 """Event retention: the periodic purge deletes events older than `claims.event_retention_days` from a
 real SQLite file, keeps the rest (all of them with 0), and deletes in batches that let claims in."""
 
-import json
 import threading
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from bridge.config import Settings, load_settings
 from bridge.edges.core import claim_handlers
 from bridge.storage.store import Store
-from provwire.models import rfc3339
+from provwire.models import Event, rfc3339
 from tests.helpers.waiting import wait_for
 
 DAY = 86_400
@@ -17,12 +16,11 @@ NOW = 1_900_000_000  # a fixed "now": the purge takes it as an argument
 
 
 def add_event(store: Store, at: float, name: str) -> None:
-    body = json.dumps({"event": name, "time": rfc3339(at), "tenant": "_"})
-    store.add_event(rfc3339(at), "_", name, body)
+    store.add_events([Event(event=name, time=rfc3339(at), tenant="_")])
 
 
 def event_names(store: Store) -> set[str]:
-    return {str(r[0]) for r in store.read().execute("SELECT event FROM events")}
+    return {str(r[0]) for r in store.connection().execute("SELECT event FROM events")}
 
 
 def with_retention(settings: Settings, days: int) -> Settings:
@@ -66,7 +64,7 @@ def test_a_purge_batch_reads_the_time_index_not_the_table(settings: Settings) ->
     with the table."""
     store = Store(settings.database_file)
     try:
-        plan = store.read().execute(
+        plan = store.connection().execute(
             "EXPLAIN QUERY PLAN SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?", ("x", 10)
         )
         details = " ".join(str(row["detail"]) for row in plan)
@@ -80,10 +78,11 @@ BATCH = 100
 
 
 COUNT_OLD = "SELECT COUNT(*) FROM events WHERE time < ?"
+INSERT_EVENT = "INSERT INTO events (time, tenant, event, body) VALUES (?, '_', ?, '{}')"
 
 
 def old_remaining(store: Store, cutoff: int) -> int:
-    row = store.read().execute(COUNT_OLD, (rfc3339(cutoff),)).fetchone()
+    row = store.connection().execute(COUNT_OLD, (rfc3339(cutoff),)).fetchone()
     return int(row[0])
 
 
@@ -101,10 +100,10 @@ def test_the_purge_deletes_in_batches_and_lets_other_writers_in(settings: Settin
     other = store if writer == "another-thread" else Store(settings.database_file)
     cutoff = NOW - 30 * DAY
     try:
-        with store.transaction() as db:
+        with store.transaction() as tx:
             for i in range(OLD_EVENTS):
                 at = rfc3339(cutoff - OLD_EVENTS + i)
-                db.execute("INSERT INTO events (time, tenant, event, body) VALUES (?, '_', 'old', '{}')", (at,))
+                tx.connection.execute(INSERT_EVENT, (at, "old"))
         result: list[int] = []
         purge = threading.Thread(target=lambda: result.append(store.purge_events(cutoff, batch=BATCH)))
 
@@ -112,9 +111,9 @@ def test_the_purge_deletes_in_batches_and_lets_other_writers_in(settings: Settin
         purge.start()
         try:
             while True:
-                with other.transaction() as db:
-                    left = int(db.execute(COUNT_OLD, (rfc3339(cutoff),)).fetchone()[0])
-                    Store.insert_event(db, rfc3339(NOW), "_", "claim", "{}")
+                with other.transaction() as tx:
+                    left = int(tx.connection.execute(COUNT_OLD, (rfc3339(cutoff),)).fetchone()[0])
+                    tx.connection.execute(INSERT_EVENT, (rfc3339(NOW), "claim"))
                 seen.append(left)
                 if left == 0:
                     break

@@ -9,7 +9,8 @@ import pytest
 from bridge.cli import main as cli
 from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.ops import admin
-from bridge.ops.revocation import denylist_file, publish_denylist, revoke_device
+from bridge.ops.revocation import publish_denylist, revoke_device
+from bridge.storage.statefiles import denylist_file
 from broker.denylist import Denylist, parse_denylist
 from provwire import topics
 from provwire.errors import ErrorCode
@@ -46,7 +47,7 @@ def test_revoked_device_loses_refresh_reclaim_and_reconnect(bridge: Bridge) -> N
     assert _events(bridge, "claim.rejected")[-1]["reason"] == "device_revoked"
     assert bridge.store.device(device.device_id).status == "revoked"
 
-    denied = parse_denylist(denylist_file(bridge.settings).read_bytes())
+    denied = parse_denylist(denylist_file(bridge.settings.data_dir).read_bytes())
     assert set(denied) == {device.device_id}
     assert denied[device.device_id] >= creds.mqtt.expires_at  # outlives every token it may hold
 
@@ -78,16 +79,15 @@ def test_a_claim_right_after_key_revoke_is_denied_while_the_bridge_runs(bridge: 
 def test_revoking_an_unknown_device_fails_with_a_reason(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(bridge, "device", "revoke", "dev_" + "a" * 26) == 1
     assert "no device" in capsys.readouterr().err
-    assert (
-        not denylist_file(bridge.settings).exists() or parse_denylist(denylist_file(bridge.settings).read_bytes()) == {}
-    )
+    path = denylist_file(bridge.settings.data_dir)
+    assert not path.exists() or parse_denylist(path.read_bytes()) == {}
 
 
 def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridge: Bridge) -> None:
     device, _ = provisioned(bridge)
     revoked_at = int(time.time())
     revoke_device(bridge.settings, bridge.store, device.device_id, now=revoked_at)
-    path = denylist_file(bridge.settings)
+    path = denylist_file(bridge.settings.data_dir)
     denylist = Denylist(path)
     until = revoked_at + TOKEN_TTL_CAP_SECONDS
     assert denylist.denies(device.device_id, until - 1) and not denylist.denies(device.device_id, until)

@@ -22,7 +22,7 @@ from bridge.storage import keyfiles
 from bridge.storage.store import Store
 from bridge.tokens import mint_token
 from provwire import crypto
-from provwire.models import ClaimOk
+from provwire.models import ClaimOk, Event
 from tests import secret_scan
 from tests.helpers.bridge import Bridge, make_settings, serving_bridge
 from tests.helpers.devices import Device
@@ -80,7 +80,7 @@ def test_a_raw_provisioning_key_in_an_event_row_is_found_with_its_table_column_a
     settings, key = planted
     store = Store(settings.database_file)
     try:
-        store.add_event("2026-01-01T00:00:00.000Z", "default", "claim.rejected", json.dumps({"key": key}))
+        store.add_events([Event(event="claim.rejected", time="2026-01-01T00:00:00.000Z", tenant="default", reason=key)])
     finally:
         store.close()
     report = secret_scan.scan(scratch)
@@ -187,7 +187,7 @@ def test_hashes_key_ids_public_keys_and_ids_are_not_secrets(live: Bridge, scratc
         "topic prov/v1/claim/hw-0123456789ab, prefix prov/v1, keys pk_..., api keys dk_...",
     ]
     (scratch / "public.log").write_text("\n".join(lines) + "\n")
-    live.store.read().execute("PRAGMA wal_checkpoint(PASSIVE)")
+    live.store.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
     report = secret_scan.scan(scratch)
     assert report.findings == []
     assert report.databases == 1 and report.cells > 20  # it did read the device, its answer, its events

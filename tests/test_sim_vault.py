@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from device_sim import vault as vault_mod
-from device_sim.vault import Vault, VaultError, load_or_create_private_key
+from device_sim.errors import VaultError
+from device_sim.vault import Vault, load_or_create_private_key
 from provwire import crypto
 from tests.helpers.credentials import sample_credentials
 

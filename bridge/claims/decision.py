@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.claims import hardware_pattern
 from bridge.errors import InvalidPattern
-from bridge.storage.records import Device, ProvisionKey
+from bridge.storage.records import Device, ProvisionKey, StoredAnswer
 from provwire.errors import ErrorCode
 from provwire.models import Claim, ClaimError, Event, FieldError, rfc3339, to_json
 
@@ -58,7 +58,7 @@ class ClaimRequest:
 class ClaimFacts:
     """What the decision reads, inside the claim's transaction."""
 
-    stored: tuple[bytes, bytes] | None  # (claim digest, answer) stored for this client id and request_id
+    stored: StoredAnswer | None  # stored for this client id and request_id
     key: ProvisionKey | None  # the key whose hash is the claim's
     device: Device | None  # the key's tenant's device with the claim's hardware id
 
@@ -93,9 +93,8 @@ class Granted:
 def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered | Granted:
     claim = request.claim
     if facts.stored is not None:
-        digest, answer = facts.stored
-        if hmac.compare_digest(digest, request.digest):
-            return Answered(answer, [])
+        if hmac.compare_digest(facts.stored.claim_digest, request.digest):
+            return Answered(facts.stored.answer, [])
         reused = [FieldError(field="request_id", message="already used for a different claim")]
         return _error(request, ErrorCode.VALIDATION_ERROR, "request_id was already used for a different claim", reused)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import re2
 
-from bridge.errors import InvalidPattern
+from bridge.errors import InvalidPattern, PatternNotFollowed
 
 MAX_PATTERN_LENGTH = 1024
 # RE2's default budget per compiled pattern; a pattern needing more is refused, not truncated.
@@ -135,10 +135,6 @@ def _accepts(op: str, av: Any, ch: str) -> bool:
     return False
 
 
-class _Unsupported(Exception):
-    """A construct the witness builder does not follow (RE2 refuses nearly all of them anyway)."""
-
-
 def _witnesses(nodes: Any, choice: tuple[bool, bool, bool]) -> str:
     """One string Python's pattern should match: (non-ASCII characters, one more repeat, last branch)."""
     non_ascii, more, last = choice
@@ -149,7 +145,7 @@ def _witnesses(nodes: Any, choice: tuple[bool, bool, bool]) -> str:
             palette = (_NON_ASCII + _ASCII) if non_ascii else (_ASCII + _NON_ASCII)
             ch = next((c for c in palette if _accepts(op, av, c)), None)
             if ch is None:
-                raise _Unsupported(op)
+                raise PatternNotFollowed(op)
             out.append(ch)
         elif op == "SUBPATTERN":
             out.append(_witnesses(av[3], choice))
@@ -163,7 +159,7 @@ def _witnesses(nodes: Any, choice: tuple[bool, bool, bool]) -> str:
         elif op == "AT":
             continue  # anchors and boundaries: the full-match check below keeps only real witnesses
         else:
-            raise _Unsupported(op)
+            raise PatternNotFollowed(op)
     return "".join(out)
 
 
@@ -182,7 +178,7 @@ def _witnesses_of(pattern: str) -> list[str]:
     for choice in _CHOICES:
         try:
             text = _witnesses(parsed.data, choice)
-        except (_Unsupported, RecursionError):
+        except (PatternNotFollowed, RecursionError):
             return found
         if text not in found and 0 < len(text) <= MAX_WITNESS_LENGTH:
             found.append(text)

@@ -8,12 +8,7 @@ device ever holds a token its broker does not know.
 
 from typing import Protocol
 
-from bridge.errors import ProvbridgeError
 from bridge.tokens import TokenGrant
-
-
-class MirrorError(ProvbridgeError):
-    """The broker did not confirm a mirrored token or revocation; the caller may retry."""
 
 
 class TokenMirror(Protocol):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,13 +33,13 @@ from bridge.claims.decision import (
     decide,
     new_event,
 )
-from bridge.claims.mirror import MirrorError, NoMirror, TokenMirror
-from bridge.claims.ratelimit import FloodLimits, RateLimiter, Refusal, check
+from bridge.claims.mirror import NoMirror, TokenMirror
+from bridge.claims.ratelimit import FloodLimits, LimitHit, RateLimiter, check
 from bridge.config import Settings
-from bridge.errors import StorageError
+from bridge.errors import MirrorError, StorageError
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.rotation import KeySource, current_ring
-from bridge.storage.store import Store
+from bridge.storage.store import Store, Transaction
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import (
@@ -201,10 +200,11 @@ def retryable_error(settings: Settings, request_id: str | None, message: str) ->
 
 def record_events_safely(store: Store, events: list[Event]) -> None:
     """Store events outside a transaction (refusals that change nothing else); a failure only costs the events."""
+    if not events:
+        return
     try:
-        for e in events:
-            store.add_event(e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
-    except (StorageError, sqlite3.Error) as exc:
+        store.add_events(events)
+    except StorageError as exc:
         log.warning("could not record %d event(s): %s", len(events), exc)
 
 
@@ -232,14 +232,11 @@ def rate_limited(
     `request` is (reply topic, client id, its request id: called only on a refusal, as it may need a parse).
     """
     hit = check(checks, now)
-    if hit is None:
-        return None
-    limiter, _, refusal = hit
-    return refused(limits.name(limiter), refusal, event, request, now)
+    return None if hit is None else rate_limited_answer(limits.name(hit.limiter), hit, event, request, now)
 
 
-def refused(
-    reason: str, refusal: Refusal, event: str, request: tuple[str, str, Callable[[], str | None]], now: float
+def rate_limited_answer(
+    reason: str, hit: LimitHit, event: str, request: tuple[str, str, Callable[[], str | None]], now: float
 ) -> Outcome:
     """The `rate_limited` answer to a refusal by the limit named `reason`. Creates nothing.
 
@@ -249,12 +246,12 @@ def refused(
     reply_to, client_id, request_id_of = request
     request_id = request_id_of()
     events: list[Event] = []
-    if refusal.report:
+    if hit.report:
         events.append(new_event(event, now, NO_TENANT, client_id=client_id, request_id=request_id, reason=reason))
-        if refusal.suppressed:
-            log.warning("%s: %d more refusals by the %s limit were not reported", event, refusal.suppressed, reason)
+        if hit.suppressed:
+            log.warning("%s: %d more refusals by the %s limit were not reported", event, hit.suppressed, reason)
     answer = ClaimError(
-        request_id=request_id, code=ErrorCode.RATE_LIMITED, message="too many requests", retry_after=refusal.retry_after
+        request_id=request_id, code=ErrorCode.RATE_LIMITED, message="too many requests", retry_after=hit.retry_after
     )
     return Outcome(reply_to, to_json(answer), events, "rate_limited")
 
@@ -329,7 +326,7 @@ class Provisioner(RequestHandler):
         keys = current_ring(self.keys)  # one snapshot per claim: a rotation mid-claim must not mix kids
         try:
             outcome = self._provision(client_id, parsed, key_hash, keys, now)
-        except (StorageError, sqlite3.Error) as exc:
+        except StorageError as exc:
             log.error("claim %s: storage failure: %s", parsed.request_id, exc)
             return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
         except MirrorError as exc:
@@ -367,37 +364,34 @@ class Provisioner(RequestHandler):
         shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
         fresh = Fresh(device_id=identifiers.new_device_id(), api_key=identifiers.new_api_key())
 
-        with self.store.transaction() as db:
-            verdict = decide(request, self._read(db, request), fresh)
+        with self.store.transaction() as tx:
+            verdict = decide(request, self._read(tx, request), fresh)
             answer = (
-                verdict.answer if isinstance(verdict, Answered) else self._grant(db, request, verdict, keys, shared)
+                verdict.answer if isinstance(verdict, Answered) else self._grant(tx, request, verdict, keys, shared)
             )
             events = sampled(self.limits, verdict.events, now)
             for event in events:
-                Store.insert_event(db, event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True))
+                tx.add_event(event)
             return answer, events
 
-    def _read(self, db: sqlite3.Connection, request: ClaimRequest) -> ClaimFacts:
+    def _read(self, tx: Transaction, request: ClaimRequest) -> ClaimFacts:
         """What `decide` needs, read inside the transaction (a replay needs nothing more)."""
         not_before = int(request.now) - self.settings.claims.response_retention_seconds
-        stored = Store.stored_answer(db, request.client_id, request.claim.request_id, not_before)
+        stored = tx.stored_answer(request.client_id, request.claim.request_id, not_before)
         if stored is not None:
             return ClaimFacts(stored, None, None)
-        key = Store.key_by_hash(db, request.key_hash)
-        device = None if key is None else Store.device_by_hardware_id(db, key.tenant_id, request.claim.hardware_id)
+        key = tx.key_by_hash(request.key_hash)
+        device = None if key is None else tx.device_by_hardware_id(key.tenant_id, request.claim.hardware_id)
         return ClaimFacts(None, key, device)
 
-    def _grant(
-        self, db: sqlite3.Connection, request: ClaimRequest, granted: Granted, keys: KeyRing, shared: bytes
-    ) -> bytes:
+    def _grant(self, tx: Transaction, request: ClaimRequest, granted: Granted, keys: KeyRing, shared: bytes) -> bytes:
         """Write the granted device's rows, mint its token and seal its credentials; the answer, stored for replays."""
         device, now = granted.device, int(request.now)
         if granted.action is Action.CREATE:
-            Store.insert_device(db, device, identifiers.digest(granted.api_key))
-            Store.spend_key_use(db, granted.key.id)
+            tx.insert_device(device, identifiers.digest(granted.api_key))
+            tx.spend_key_use(granted.key.id)
         elif granted.action is Action.ROTATE:
-            api_key_hash = identifiers.digest(granted.api_key)
-            Store.rotate_device_key(db, device.id, device.public_key, device.cloud_key_id, api_key_hash, now)
+            tx.rotate_device_key(device, identifiers.digest(granted.api_key), now)
         # Inside the transaction on purpose: with dynamic security the mirror tells Mosquitto the token here,
         # and a MirrorError rolls the claim back, so no device holds a token its broker does not know; the
         # janitor's invariant (bridge/mosquitto/janitor.py: no grant in flight while it holds the write lock)
@@ -406,7 +400,7 @@ class Provisioner(RequestHandler):
         created = granted.action is Action.CREATE
         ok = sealed_answer(request.claim.request_id, device, created, request.cloud_kid, shared, credentials)
         answer = to_json(ok)
-        Store.store_answer(db, request.client_id, request.claim.request_id, request.digest, answer, now)
+        tx.store_answer(request.client_id, request.claim.request_id, request.digest, answer, now)
         return answer
 
 

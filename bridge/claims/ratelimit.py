@@ -37,7 +37,11 @@ class _Bucket:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class LimitHit:
+    """A request one limit refused: which, for which key, and what to tell the requester."""
+
+    limiter: "RateLimiter"
+    key: str
     retry_after: int  # whole seconds, >= 1
     wait: float  # the exact seconds until a token is available
     report: bool  # True at most once per key per REPORT_INTERVAL_SECONDS
@@ -86,7 +90,7 @@ class RateLimiter:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
             self._store(key, bucket, now)
 
-    def refuse(self, key: str, wait: float, now: float) -> Refusal:
+    def refuse(self, key: str, wait: float, now: float) -> LimitHit:
         """Record a refusal of `key`; say whether it is the one to report this interval."""
         with self._lock:
             bucket = self._refilled(key, now)
@@ -97,7 +101,8 @@ class RateLimiter:
             else:
                 bucket.suppressed += 1
             self._store(key, bucket, now)
-        return Refusal(retry_after=max(1, math.ceil(wait)), wait=wait, report=report, suppressed=suppressed)
+        retry_after = max(1, math.ceil(wait))
+        return LimitHit(self, key, retry_after=retry_after, wait=wait, report=report, suppressed=suppressed)
 
     def _store(self, key: str, bucket: _Bucket, now: float) -> None:
         self._buckets[key] = bucket
@@ -116,7 +121,7 @@ class RateLimiter:
             del self._buckets[key]
 
 
-def check(limits: list[tuple[RateLimiter, str]], now: float) -> tuple[RateLimiter, str, Refusal] | None:
+def check(limits: list[tuple[RateLimiter, str]], now: float) -> LimitHit | None:
     """Take one token from each (limiter, key), or from none: the refusal of the limit that waits longest.
 
     All or nothing, so a request refused by one limit does not spend the budget of the others.
@@ -125,7 +130,7 @@ def check(limits: list[tuple[RateLimiter, str]], now: float) -> tuple[RateLimite
     longest = max(waits, default=None, key=lambda w: w[0])
     if longest is not None and longest[0] > 0:
         wait, limiter, key = longest
-        return limiter, key, limiter.refuse(key, wait, now)
+        return limiter.refuse(key, wait, now)
     for limiter, key in limits:
         limiter.take(key, now)
     return None

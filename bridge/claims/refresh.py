@@ -20,7 +20,6 @@ broker's knowledge of its token (the mirror) together or not at all.
 """
 
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,6 @@ from typing import Any
 from bridge import logs
 from bridge.claims.credentials import issue_credentials, sealed_answer, shared_secret
 from bridge.claims.decision import NO_TENANT, new_event
-from bridge.claims.mirror import MirrorError
 from bridge.claims.provisioning import (
     Outcome,
     RequestHandler,
@@ -38,12 +36,11 @@ from bridge.claims.provisioning import (
     retryable_error,
     sampled,
 )
-from bridge.claims.refresh_decision import RefreshFacts, RefreshRefused, Refusal, decide_refresh
-from bridge.errors import StorageError
+from bridge.claims.refresh_decision import RefreshDenial, RefreshFacts, RefreshRefused, decide_refresh
+from bridge.errors import MirrorError, StorageError
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.records import Device
 from bridge.storage.rotation import current_ring
-from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_REFRESH_BYTES, ClaimError, Event, TokenRefresh, to_json
@@ -97,7 +94,7 @@ class Refresher(RequestHandler):
                 NO_TENANT,
                 client_id=client_id,
                 request_id=parsed.request_id,
-                reason=Refusal.VALIDATION_ERROR.value,
+                reason=RefreshDenial.VALIDATION_ERROR.value,
             )
             events = sampled(self.limits, [event], now)
             record_events_safely(self.store, events)
@@ -114,7 +111,7 @@ class Refresher(RequestHandler):
         request_id = parsed.request_id
         try:
             answer = self._refresh(ctx)
-        except (StorageError, sqlite3.Error) as exc:
+        except StorageError as exc:
             log.error("refresh %s: storage failure: %s", request_id, exc)
             return Outcome(
                 reply_to, retryable_error(self.settings, request_id, "storage unavailable"), [], "internal_error"
@@ -138,28 +135,28 @@ class Refresher(RequestHandler):
         """edge → parse (done) → authenticate → read → decide → apply: the answer, or why it is refused."""
         request, now = ctx.request, int(ctx.now)
         # Authenticate before the write lock: the ECDH is the expensive part, and forgeries never lock.
-        device = Store.device_by_id(self.store.read(), request.device_id)
+        device = self.store.find_device(request.device_id)
         if device is None:
-            return RefreshRefused(Refusal.UNKNOWN_DEVICE, None)
+            return RefreshRefused(RefreshDenial.UNKNOWN_DEVICE, None)
         try:
             shared = shared_secret(ctx.keys, device.cloud_key_id, device.public_key)
         except KeyError:
             log.error("device %s was provisioned with cloud key %s, which is missing", device.id, device.cloud_key_id)
-            return RefreshRefused(Refusal.UNKNOWN_CLOUD_KEY, device)
+            return RefreshRefused(RefreshDenial.UNKNOWN_CLOUD_KEY, device)
         if not mac_matches(crypto.derive_device_key(shared), request):
-            return RefreshRefused(Refusal.BAD_MAC, device)
+            return RefreshRefused(RefreshDenial.BAD_MAC, device)
 
-        with self.store.transaction() as db:
-            Store.purge_refreshes(db, now)
-            current = Store.device_by_id(db, device.id)
-            seen = current is not None and Store.refresh_seen(db, current.id, request.request_id, now)
+        with self.store.transaction() as tx:
+            tx.purge_refreshes(now)
+            current = tx.device_by_id(device.id)
+            seen = current is not None and tx.refresh_seen(current.id, request.request_id, now)
             verdict = decide_refresh(
                 request, device, RefreshFacts(current, seen), now, self.settings.token.refresh_skew_seconds
             )
             if isinstance(verdict, RefreshRefused):
                 return verdict  # the purge above is kept: it only drops what no replay check needs
             granted = verdict.device
-            Store.remember_refresh(db, granted.id, request.request_id, verdict.remember_until)
+            tx.remember_refresh(granted.id, request.request_id, verdict.remember_until)
             # Inside the transaction, as for claims: a MirrorError rolls the refresh back
             # (bridge/claims/provisioning.py).
             credentials = issue_credentials(self.settings, ctx.keys, self.mirror, granted, "", now)
@@ -167,8 +164,8 @@ class Refresher(RequestHandler):
                 sealed_answer(request.request_id, granted, False, granted.cloud_key_id, shared, credentials)
             )
             ctx.events.append(self._device_event(ctx, REFRESHED, granted))
-            for e in ctx.events:
-                Store.insert_event(db, e.time, e.tenant, e.event, e.model_dump_json(exclude_none=True))
+            for event in ctx.events:
+                tx.add_event(event)
             return answer
 
     # --- events ---------------------------------------------------------------------------

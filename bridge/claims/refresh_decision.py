@@ -13,7 +13,7 @@ from bridge.storage.records import Device
 from provwire.models import TokenRefresh
 
 
-class Refusal(StrEnum):
+class RefreshDenial(StrEnum):
     """Why a refresh was refused. Only ops see this (event `reason`)."""
 
     INVALID_CLIENT_ID = "invalid_client_id"
@@ -36,7 +36,7 @@ class RefreshFacts:
 
 @dataclass(frozen=True)
 class RefreshRefused:
-    reason: Refusal
+    reason: RefreshDenial
     device: Device | None  # for the event's tenant and hardware id
 
 
@@ -52,13 +52,13 @@ def decide_refresh(
     """The checks after the MAC, in PROTOCOL.md §10.1's order. `authenticated`: the row the MAC was checked with."""
     current = facts.current
     if current is None or not same_keys(authenticated, current):
-        return RefreshRefused(Refusal.BAD_MAC, authenticated)  # re-provisioned with a new key pair meanwhile
+        return RefreshRefused(RefreshDenial.BAD_MAC, authenticated)  # re-provisioned with a new key pair meanwhile
     if current.status != "active":
-        return RefreshRefused(Refusal.DEVICE_REVOKED, current)
+        return RefreshRefused(RefreshDenial.DEVICE_REVOKED, current)
     if not within_skew(request.timestamp, now, skew_seconds):
-        return RefreshRefused(Refusal.STALE_TIMESTAMP, current)
+        return RefreshRefused(RefreshDenial.STALE_TIMESTAMP, current)
     if facts.seen:
-        return RefreshRefused(Refusal.REPLAYED, current)
+        return RefreshRefused(RefreshDenial.REPLAYED, current)
     return RefreshGranted(current, replay_expiry(request.timestamp, skew_seconds))
 
 

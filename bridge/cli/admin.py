@@ -56,9 +56,10 @@ def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_tenant_list(args: argparse.Namespace, settings: Settings) -> None:
-    rows = admin.open_store(settings).tenants()
-    for row in rows:
-        row["created"] = when(row.pop("created_at"))
+    rows = [
+        {"id": t.id, "name": t.name, "devices": t.devices, "keys": t.keys, "created": when(t.created_at)}
+        for t in admin.open_store(settings).tenants()
+    ]
     emit(args, rows, table(rows, ["id", "name", "devices", "keys", "created"]))
 
 

@@ -17,7 +17,7 @@ from bridge.cli import run as cli_run
 from bridge.cli import tls as cli_tls
 from bridge.cli.common import add_command, emit, reader_gone
 from bridge.config import load_settings
-from bridge.errors import ProvbridgeError, UsageError
+from bridge.errors import DoctorFailed, ProvbridgeError, UsageError
 from bridge.ops import doctor
 
 EPILOG = """\
@@ -57,7 +57,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     report = doctor.run_checks(args.config, args.data_dir)
     emit(args, report.as_dict(), "\n".join(check.line() for check in report.checks))
     if not report.ok:
-        raise doctor.DoctorFailed(f"{len(report.failed)} of {len(report.checks)} checks failed")
+        raise DoctorFailed(f"{len(report.failed)} of {len(report.checks)} checks failed")
 
 
 def build_parser() -> argparse.ArgumentParser:

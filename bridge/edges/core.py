@@ -23,9 +23,9 @@ from bridge.claims.provisioning import (
     RATE_LIMITED,
     Outcome,
     Provisioner,
+    rate_limited_answer,
     readable_request_id,
     record_events_safely,
-    refused,
 )
 from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
@@ -55,7 +55,7 @@ class Publish:
 
 
 @dataclass(frozen=True)
-class Refused:
+class Throttled:
     """A message refused by the client-id limit: its answer, and the seconds until the client has a token."""
 
     outcome: Outcome
@@ -75,7 +75,7 @@ class BridgeCore:
 
     # --- the client-id limit ---------------------------------------------------------------
 
-    def screen(self, topic: str, payload: bytes, now: float | None = None) -> Refused | None:
+    def screen(self, topic: str, payload: bytes, now: float | None = None) -> Throttled | None:
         """The `rate_limited` answer to a message beyond its client id's budget, or None to take it.
 
         Here rather than in the claim worker: a flood from one client id (guessed keys, junk) is then
@@ -93,7 +93,7 @@ class BridgeCore:
         if hit is None:
             return None
         request = (topics.response_topic(self.prefix, client_id), client_id, lambda: readable_request_id(payload))
-        return Refused(refused("client_id", hit[2], event, request, now), hit[2].wait)
+        return Throttled(rate_limited_answer("client_id", hit, event, request, now), hit.wait)
 
     # --- the in-flight bound ---------------------------------------------------------------
 

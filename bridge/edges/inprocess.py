@@ -41,7 +41,7 @@ from bridge.edges.claimworker import (
     split_frames,
 )
 from bridge.edges.core import BridgeCore, Publish
-from bridge.errors import ProvbridgeError
+from bridge.errors import WorkerError
 from broker.server import ProvbridgeBroker
 
 log = logging.getLogger("provbridge.service")
@@ -51,10 +51,6 @@ WORKER_RESTART_DELAY_SECONDS = 1.0
 # From `stop` to the worker gone: its claims answered, then its exit; a worker still there is killed.
 # As long as SQLite's busy timeout (bridge.storage.store), so a claim waiting on a busy database still gets its answer.
 STOP_GRACE_SECONDS = 10.0
-
-
-class WorkerError(ProvbridgeError):
-    """The claim-worker process could not be started."""
 
 
 @dataclass

@@ -8,22 +8,20 @@ so the broker hands each claim to one of them.
 A persistent session outlives its process, and Mosquitto keeps handing a shared subscription's
 share of the claims to a member that is disconnected (they queue in its session): a session of a
 previous layout (N was larger, or 1 became N) would swallow claims for good. So the client ids in
-use are recorded in `<data_dir>/bridge-sessions.json`, and sessions a previous layout left behind
-are retired (a clean-session CONNECT, which makes the broker drop the session, its subscriptions
-and its queue) when the bridge starts. Claims that were waiting in a retired session are dropped;
+use are recorded (`bridge-sessions.json`, bridge/storage/statefiles.py), and sessions a previous
+layout left behind are retired (a clean-session CONNECT, which makes the broker drop the session,
+its subscriptions and its queue) when the bridge starts. Claims that were waiting in a retired session are dropped;
 devices re-send them after their time-out (PROTOCOL.md §6).
 """
 
 import hashlib
 import hmac
-import json
 import logging
 import queue
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,13 +29,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import Settings
 from bridge.errors import ConfigError
-from bridge.storage import keyfiles
+from bridge.storage import keyfiles, statefiles
 from bridge.tls.certificates import bridge_endpoint
 from provwire import topics
 
 log = logging.getLogger("provbridge.sessions")
 
-SESSIONS_FILE_NAME = "bridge-sessions.json"
 RETIRE_TIMEOUT_SECONDS = 10.0
 RETIRE_RETRY_SECONDS = 5.0
 
@@ -118,22 +115,6 @@ def bridge_client(settings: Settings, client_id: str, persistent: bool, **option
 # --- retiring the sessions of a previous layout -----------------------------------------------
 
 
-def _sessions_file(settings: Settings) -> Path:
-    return settings.data_dir / SESSIONS_FILE_NAME
-
-
-def recorded_client_ids(settings: Settings) -> list[str]:
-    try:
-        recorded = json.loads(_sessions_file(settings).read_text())["client_ids"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [c for c in recorded if isinstance(c, str)] if isinstance(recorded, list) else []
-
-
-def _record(settings: Settings, ids: list[str]) -> None:
-    keyfiles.write_public(_sessions_file(settings), json.dumps({"client_ids": sorted(set(ids))}).encode())
-
-
 def retire_session(settings: Settings, client_id: str) -> None:
     """Make the broker drop `client_id`'s session: CONNECT with a clean session, then DISCONNECT.
 
@@ -161,8 +142,9 @@ def retire_stale_sessions(settings: Settings, current: list[str], stopping: thre
 
     Run it on a thread of its own: the broker may not be up yet.
     """
-    stale = [c for c in recorded_client_ids(settings) if c not in current]
-    _record(settings, current + stale)  # what is not retired yet is retried by the next start
+    stale = [c for c in statefiles.recorded_sessions(settings.data_dir) if c not in current]
+    # What is not retired yet is retried by the next start.
+    statefiles.record_sessions(settings.data_dir, current + stale)
     while stale:
         try:
             for client_id in list(stale):
@@ -173,4 +155,4 @@ def retire_stale_sessions(settings: Settings, current: list[str], stopping: thre
             log.warning("could not retire old bridge sessions yet (%s); retrying", exc)
             if stopping.wait(RETIRE_RETRY_SECONDS):
                 break
-        _record(settings, current + stale)
+        statefiles.record_sessions(settings.data_dir, current + stale)

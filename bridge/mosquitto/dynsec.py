@@ -33,8 +33,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.claims.mirror import MirrorError
 from bridge.config import Settings
+from bridge.errors import MirrorError
 from bridge.mosquitto import conf as mc
 from bridge.storage import keyfiles
 from bridge.tls import certificates as tls

@@ -28,9 +28,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.claims.mirror import MirrorError
 from bridge.config import Settings
-from bridge.errors import ConfigError, NotInitialised
+from bridge.errors import ConfigError, MirrorError, NotInitialised
 from bridge.mosquitto import conf as mc
 from bridge.mosquitto import dynsec
 from bridge.mosquitto import jwt as mosquitto_jwt

@@ -95,8 +95,7 @@ class SharedDynsecMirror(DynsecMirror):
         among those `load` found. Returns how many."""
         with self._lock:
             known = sorted(self._expiry)
-        db = self._store.read()
-        candidates = [device_id for device_id in known if Store.device_by_id(db, device_id) is None]
+        candidates = [device_id for device_id in known if self._store.find_device(device_id) is None]
         if len(candidates) > MAX_ORPHANS:
             log.error(
                 "%d of the %d device clients in Mosquitto have no row in the database: not removing them. A crash "
@@ -111,8 +110,8 @@ class SharedDynsecMirror(DynsecMirror):
             if self._stop.is_set():
                 break
             batch = candidates[start : start + SWEEP_BATCH]
-            with self._store.transaction() as db:  # no claim is between its grant and its commit meanwhile
-                orphans = [device_id for device_id in batch if Store.device_by_id(db, device_id) is None]
+            with self._store.transaction() as tx:  # no claim is between its grant and its commit meanwhile
+                orphans = [device_id for device_id in batch if tx.device_by_id(device_id) is None]
                 if orphans:
                     for answer in self._call([command for d in orphans for command in revoke_commands(d)]):
                         check(answer, NOT_FOUND)

@@ -66,7 +66,7 @@ def init_data_dir(settings: Settings) -> InitResult:
     store = Store(settings.database_file)
     try:
         now = int(time.time())
-        if not any(t["name"] == DEFAULT_TENANT for t in store.tenants()):
+        if not any(t.name == DEFAULT_TENANT for t in store.tenants()):
             create_tenant(store, DEFAULT_TENANT, now)
         key, raw = create_key(store, settings, KeySpec(tenant=DEFAULT_TENANT, name=FIRST_KEY_NAME), now)
     finally:

@@ -35,7 +35,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.claims import hardware_pattern
 from bridge.config import DEFAULT_CONFIG_FILE, Settings, load_settings
-from bridge.errors import ConfigError, InvalidPattern, NotInitialised, ProvbridgeError, StorageError
+from bridge.errors import (
+    CheckFailed,
+    ConfigError,
+    InvalidPattern,
+    NotInitialised,
+    StorageError,
+)
 from bridge.mosquitto.files import ops_hashes_file
 from bridge.storage import keyfiles
 from bridge.storage.keyfiles import KeyRing
@@ -67,14 +73,6 @@ CHECKS = (
 )
 BRIDGE_TABLES = ("tenants", "provision_keys", "devices", "answers", "events", "refresh_requests")
 _SAMPLE_DEVICE_ID = "dev_" + "a" * 26  # to fill `{device_id}` when checking profiles
-
-
-class Problem(ProvbridgeError):
-    """What is wrong and what to do: the FAIL line of the check that raised it."""
-
-
-class DoctorFailed(ProvbridgeError):
-    """At least one check failed (the CLI exits 1)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ class _Run:
             return False
         try:
             detail = check()
-        except Problem as exc:
+        except CheckFailed as exc:
             self.checks.append(Check(name, "fail", _one_line(str(exc))))
             return False
         except Exception as exc:  # a diagnostic tool reports what it did not foresee instead of crashing
@@ -176,7 +174,7 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
     return Report(r.checks)
 
 
-# --- the checks: each returns what it found, or raises Problem -------------------------------
+# --- the checks: each returns what it found, or raises CheckFailed -------------------------------
 
 
 def _config_source(config_file: Path | None) -> str:
@@ -192,12 +190,12 @@ def check_config(config_file: Path | None, data_dir: Path | None) -> Settings:
             settings = settings.model_copy(update={"data_dir": data_dir})
         tls.resolve(settings)  # the TLS settings `serve` would refuse
     except ConfigError as exc:
-        raise Problem(f"{exc}: fix the configuration file or the PROVBRIDGE_* variable") from exc
+        raise CheckFailed(f"{exc}: fix the configuration file or the PROVBRIDGE_* variable") from exc
     for name, profile in settings.profiles.items():
         for topic_filter in (*profile.publish, *profile.subscribe):
             filled = fill_scope([topic_filter], _SAMPLE_DEVICE_ID, "tenant")[0]
             if not topics.is_valid_filter(filled):
-                raise Problem(
+                raise CheckFailed(
                     f"profile {name!r}: {topic_filter!r} is not a valid MQTT topic filter, so its devices' tokens"
                     f" would be useless: fix [profiles.{name}] ('#' only as the last level, '+' as a whole level)"
                 )
@@ -206,9 +204,9 @@ def check_config(config_file: Path | None, data_dir: Path | None) -> Settings:
 
 def check_data_dir(data_dir: Path) -> str:
     if not data_dir.is_dir():
-        raise Problem(f"{data_dir} does not exist or is not a directory: run `provbridge init` (or fix data_dir)")
+        raise CheckFailed(f"{data_dir} does not exist or is not a directory: run `provbridge init` (or fix data_dir)")
     if not keyfiles.is_initialised(data_dir):
-        raise Problem(f"{data_dir} is not initialised (no keys/active.json): run `provbridge init`")
+        raise CheckFailed(f"{data_dir} is not initialised (no keys/active.json): run `provbridge init`")
     return str(data_dir)
 
 
@@ -262,7 +260,7 @@ def check_secret_files(settings: Settings) -> str:
         if problem is not None:
             problems.append(problem)
     if problems:
-        raise Problem("; ".join(problems))
+        raise CheckFailed("; ".join(problems))
     return f"{checked} files, owner-only and readable"
 
 
@@ -270,27 +268,26 @@ def check_active_keys(data_dir: Path) -> tuple[KeyRing, str]:
     try:
         ring = keyfiles.load_keys(data_dir)
     except (NotInitialised, ValueError, KeyError, OSError) as exc:
-        raise Problem(
+        raise CheckFailed(
             f"the key ring does not load ({exc}): restore {keyfiles.keys_dir(data_dir)} from a backup"
         ) from exc
     rewrite = "`provbridge keys rotate --token` rewrites it (tokens already issued stay valid)"
-    jwks_file = data_dir / "jwks.json"
+    jwks_file = keyfiles.jwks_file(data_dir)
     try:
-        kids = {k.get("kid") for k in json.loads(jwks_file.read_text())["keys"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Problem(f"{jwks_file} does not load ({exc}): brokers cannot verify device tokens; {rewrite}") from exc
+        kids = keyfiles.published_token_kids(data_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckFailed(f"{jwks_file} does not load ({exc}): brokers cannot verify device tokens; {rewrite}") from exc
     if ring.active_token not in kids:
-        raise Problem(
+        raise CheckFailed(
             f"{jwks_file} lacks the active token key {ring.active_token}: every new device token is refused; {rewrite}"
         )
-    public_file = data_dir / "cloud_public.pem"
+    public_file = keyfiles.cloud_public_file(data_dir)
     try:
-        public = serialization.load_pem_public_key(public_file.read_bytes())
+        public = keyfiles.published_cloud_key(data_dir)
     except (OSError, ValueError) as exc:
-        raise Problem(f"{public_file} does not load ({exc}): {rewrite}") from exc
-    active = crypto.sec1(ring.cloud_key.public_key())
-    if not isinstance(public, ec.EllipticCurvePublicKey) or crypto.sec1(public) != active:
-        raise Problem(
+        raise CheckFailed(f"{public_file} does not load ({exc}): {rewrite}") from exc
+    if public != crypto.sec1(ring.cloud_key.public_key()):
+        raise CheckFailed(
             f"{public_file} is not the active cloud key {ring.active_cloud}: firmware built from it would get"
             f" answers sealed with another key; {rewrite}"
         )
@@ -299,19 +296,19 @@ def check_active_keys(data_dir: Path) -> tuple[KeyRing, str]:
 
 def check_database(database: Path) -> str:
     if not database.is_file():
-        raise Problem(f"{database} is missing: restore it from a backup (every device and key is in it)")
+        raise CheckFailed(f"{database} is missing: restore it from a backup (every device and key is in it)")
     restore = f"stop the bridge and restore {database} from a backup (`sqlite3 {database} .recover` may save rows)"
     try:
         with ReadOnlyDatabase(database) as db:
             findings = db.integrity_findings()
             if findings != ["ok"]:
-                raise Problem(f"integrity_check found {len(findings)} problem(s), first: {findings[0]}: {restore}")
+                raise CheckFailed(f"integrity_check found {len(findings)} problem(s), first: {findings[0]}: {restore}")
             missing = [t for t in BRIDGE_TABLES if t not in db.tables()]
             if missing:
-                raise Problem(f"it lacks the tables {', '.join(missing)}: not the bridge's database? {restore}")
+                raise CheckFailed(f"it lacks the tables {', '.join(missing)}: not the bridge's database? {restore}")
             devices = db.device_count()
     except StorageError as exc:
-        raise Problem(f"{database} cannot be read ({exc}): {restore}") from exc
+        raise CheckFailed(f"{database} cannot be read ({exc}): {restore}") from exc
     return f"integrity ok, {devices} devices"
 
 
@@ -334,7 +331,7 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
                 f" scope; add [profiles.{profile}]"
             )
     if problems:
-        raise Problem("; ".join(problems))
+        raise CheckFailed("; ".join(problems))
     return f"{len(cloud_kids)} cloud key(s) in use, all on disk; every profile in use is configured"
 
 
@@ -350,7 +347,7 @@ def check_patterns(database: Path) -> str:
             if found:
                 problems.append(f"key {key.id} ({key.name}), pattern {key.pattern!r}: {'; '.join(found)}")
     if problems:
-        raise Problem(
+        raise CheckFailed(
             "hardware-id patterns are matched by RE2 (linear time; before, by Python's re), and RE2 does not match"
             f" these as they were meant: {' | '.join(problems)}: create a key whose pattern says the same in RE2"
             " syntax (docs/SECURITY.md), then revoke the old one (until then its claims are matched by RE2 as shown,"
@@ -412,12 +409,12 @@ def check_listener(host: str, port: int, use_tls: bool, ca_file: Path | None) ->
             with context.wrap_socket(sock, server_hostname=host) as tls_sock:
                 return f"{where} accepts connections, {tls_sock.version()} with a certificate the CA vouches for"
     except ssl.SSLError as exc:
-        raise Problem(
+        raise CheckFailed(
             f"TLS handshake with {where} failed ({exc}): check `provbridge tls show`; renew with"
             " `provbridge tls init --force` and restart the broker"
         ) from exc
     except OSError as exc:
-        raise Problem(
+        raise CheckFailed(
             f"nothing accepts connections on {where} ({exc}): start `provbridge serve` (embedded broker) or the"
             " external broker, or fix broker.host / broker.port"
         ) from exc
@@ -441,7 +438,7 @@ def check_tls_listener(settings: Settings) -> str:
 
 def check_clock(settings: Settings, now: float, database_ok: bool) -> str:
     data_dir = settings.data_dir
-    files = [*keyfiles.keys_dir(data_dir).iterdir(), data_dir / "jwks.json", settings.bridge_secret_file]
+    files = [*keyfiles.keys_dir(data_dir).iterdir(), keyfiles.jwks_file(data_dir), settings.bridge_secret_file]
     records = [(str(p), p.stat().st_mtime) for p in files if p.is_file()]
     if database_ok:  # a damaged database has no trustworthy times; its own check says so
         with ReadOnlyDatabase(settings.database_file) as db:
@@ -450,7 +447,7 @@ def check_clock(settings: Settings, now: float, database_ok: bool) -> str:
         return f"{rfc3339(now)}; nothing to compare it with"
     what, newest = max(records, key=lambda record: record[1])
     if newest > now + CLOCK_TOLERANCE_SECONDS:
-        raise Problem(
+        raise CheckFailed(
             f"the system clock ({rfc3339(now)}) is {int(newest - now)} s before {what} ({rfc3339(newest)}): set it"
             " right (NTP) before serving; key expiry, tokens and the refresh window all depend on it"
         )

@@ -14,20 +14,13 @@ or bridge start (`publish_denylist`).
 """
 
 import time
-from pathlib import Path
 
-from bridge.claims.mirror import MirrorError
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
+from bridge.errors import MirrorError
 from bridge.mosquitto.dynsec import revoke_on_mosquitto
-from bridge.storage import keyfiles
-from bridge.storage.filelock import locked
+from bridge.storage import statefiles
 from bridge.storage.records import Device
 from bridge.storage.store import Store
-from broker.denylist import DENYLIST_FILE_NAME, render_denylist
-
-
-def denylist_file(settings: Settings) -> Path:
-    return settings.data_dir / DENYLIST_FILE_NAME
 
 
 def denylist_entries(store: Store, now: int) -> dict[str, int]:
@@ -38,17 +31,15 @@ def denylist_entries(store: Store, now: int) -> dict[str, int]:
     every token it may still hold, whatever token.ttl_seconds was when they were minted.
     """
     revoked = store.revoked_devices(since=now - TOKEN_TTL_CAP_SECONDS)
-    return {device_id: revoked_at + TOKEN_TTL_CAP_SECONDS for device_id, revoked_at in revoked}
+    return {r.device_id: r.revoked_at + TOKEN_TTL_CAP_SECONDS for r in revoked}
 
 
 def publish_denylist(settings: Settings, store: Store, now: int | None = None) -> dict[str, int]:
     """Rewrite denylist.json from the database (expired entries fall out); returns what was written."""
     now = int(time.time()) if now is None else now
-    path = denylist_file(settings)
-    # Serialised: a writer that read the database before another revocation must not write last.
-    with locked(path.with_name(path.name + ".lock")):
+    with statefiles.denylist_update(settings.data_dir):
         entries = denylist_entries(store, now)
-        keyfiles.write_public(path, render_denylist(entries))
+        statefiles.write_denylist(settings.data_dir, entries)
     return entries
 
 

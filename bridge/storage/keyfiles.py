@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bridge.errors import NotInitialised
 from bridge.storage.filelock import locked
 from bridge.tokens import jwk
+from broker.auth import JWKS_FILE_NAME
 from provwire import crypto
 
 
@@ -122,12 +123,36 @@ def load_keys(data_dir: Path) -> KeyRing:
     return KeyRing(cloud, token, active["cloud"], active["token"])
 
 
+def jwks_file(data_dir: Path) -> Path:
+    return data_dir / JWKS_FILE_NAME
+
+
+def cloud_public_file(data_dir: Path) -> Path:
+    return data_dir / "cloud_public.pem"
+
+
 def publish_public_keys(data_dir: Path, ring: KeyRing) -> None:
     public = ring.cloud_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    write_public(data_dir / "cloud_public.pem", public)
-    write_public(data_dir / "jwks.json", json.dumps(jwks(ring), indent=2).encode() + b"\n")
+    write_public(cloud_public_file(data_dir), public)
+    write_public(jwks_file(data_dir), json.dumps(jwks(ring), indent=2).encode() + b"\n")
+
+
+def published_token_kids(data_dir: Path) -> set[str]:
+    """The token key ids jwks.json publishes. Raises OSError or ValueError when it does not load."""
+    try:
+        return {str(k["kid"]) for k in json.loads(jwks_file(data_dir).read_text())["keys"]}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a JWKS: {exc!r}") from exc
+
+
+def published_cloud_key(data_dir: Path) -> bytes:
+    """The SEC1 bytes of the cloud public key cloud_public.pem publishes. Raises OSError or ValueError."""
+    public = serialization.load_pem_public_key(cloud_public_file(data_dir).read_bytes())
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ValueError("not an elliptic-curve public key")
+    return crypto.sec1(public)
 
 
 def jwks(ring: KeyRing) -> dict[str, list[dict[str, str]]]:

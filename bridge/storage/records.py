@@ -44,3 +44,26 @@ class Device:
     status: str
     created_at: int
     updated_at: int
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """The answer given to a (client id, request_id), kept for replays, with the digest of its claim."""
+
+    claim_digest: bytes
+    answer: bytes
+
+
+@dataclass(frozen=True)
+class Revoked:
+    device_id: str
+    revoked_at: int
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    id: str
+    name: str
+    created_at: int
+    devices: int
+    keys: int

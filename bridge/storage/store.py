@@ -1,7 +1,13 @@
-"""SQLite storage. One connection per thread; every claim is one IMMEDIATE transaction.
+"""SQLite storage: the one storage API the claim path, the admin actions and the doctor use.
 
-Raw secrets never reach this module: provisioning and API keys arrive as SHA-256 digests,
-answers arrive already sealed to the device.
+Two objects make the seam a second backend implements:
+    Store         the database; each of its methods is one transaction or one read
+    Transaction   the reads and writes of one open transaction (`with store.transaction() as tx:`): what
+                  a claim or a refresh does between its read and its commit, all or nothing
+
+One connection per thread; every write is one IMMEDIATE transaction. Raw secrets never reach this
+module: provisioning and API keys arrive as SHA-256 digests, answers arrive already sealed to the device.
+SQLite's errors leave it as StorageError.
 """
 
 import json
@@ -17,8 +23,8 @@ from typing import Any
 from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.storage import migrations
 from bridge.storage.filelock import locked
-from bridge.storage.records import Device, ProvisionKey
-from provwire.models import rfc3339
+from bridge.storage.records import Device, ProvisionKey, Revoked, StoredAnswer, TenantSummary
+from provwire.models import Event, rfc3339
 
 BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
 # Old events are deleted this many rows per transaction, with a pause between transactions: claims
@@ -74,6 +80,113 @@ def _device(row: sqlite3.Row) -> Device:
     )
 
 
+class Transaction:
+    """The reads and writes of one open transaction. Only `Store.transaction()` makes one."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection  # for migrations and tests that set up rows no method writes
+
+    # --- provisioning keys ---------------------------------------------------------------
+
+    def key_by_hash(self, key_hash: bytes) -> ProvisionKey | None:
+        row = self.connection.execute(_KEY_SELECT + " WHERE k.key_hash = ?", (key_hash,)).fetchone()
+        return None if row is None else _key(row)
+
+    def spend_key_use(self, key_id: str) -> int:
+        """Count one registration; returns the new count."""
+        row = self.connection.execute(
+            "UPDATE provision_keys SET registrations = registrations + 1 WHERE id = ? RETURNING registrations",
+            (key_id,),
+        ).fetchone()
+        return int(row[0])
+
+    # --- devices -------------------------------------------------------------------------
+
+    def device_by_id(self, device_id: str) -> Device | None:
+        row = self.connection.execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
+        return None if row is None else _device(row)
+
+    def device_by_hardware_id(self, tenant_id: str, hardware_id: str) -> Device | None:
+        row = self.connection.execute(
+            _DEVICE_SELECT + " WHERE d.tenant_id = ? AND d.hardware_id = ?", (tenant_id, hardware_id)
+        ).fetchone()
+        return None if row is None else _device(row)
+
+    def insert_device(self, device: Device, api_key_hash: bytes) -> None:
+        self.connection.execute(
+            "INSERT INTO devices (id, tenant_id, hardware_id, name, public_key, cloud_key_id, api_key_hash,"
+            " labels, groups_, profile, hardware, network, agent_version, key_id, status, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                device.id,
+                device.tenant_id,
+                device.hardware_id,
+                device.name,
+                device.public_key,
+                device.cloud_key_id,
+                api_key_hash,
+                json.dumps(device.labels),
+                json.dumps(device.groups),
+                device.profile,
+                json.dumps(device.hardware) if device.hardware else None,
+                json.dumps(device.network) if device.network else None,
+                device.agent_version,
+                device.key_id,
+                device.status,
+                device.created_at,
+                device.updated_at,
+            ),
+        )
+
+    def rotate_device_key(self, device: Device, api_key_hash: bytes, now: int) -> None:
+        """Record `device`'s new public key (and the cloud key it was claimed with) and its new API key."""
+        self.connection.execute(
+            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ? WHERE id = ?",
+            (device.public_key, device.cloud_key_id, api_key_hash, now, device.id),
+        )
+
+    # --- answers (idempotency) -----------------------------------------------------------
+
+    def stored_answer(self, client_id: str, request_id: str, not_before: int) -> StoredAnswer | None:
+        row = self.connection.execute(
+            "SELECT claim_digest, answer FROM answers WHERE client_id = ? AND request_id = ? AND created_at >= ?",
+            (client_id, request_id, not_before),
+        ).fetchone()
+        return None if row is None else StoredAnswer(claim_digest=bytes(row[0]), answer=bytes(row[1]))
+
+    def store_answer(self, client_id: str, request_id: str, claim_digest: bytes, answer: bytes, now: int) -> None:
+        self.connection.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+            (client_id, request_id, claim_digest, answer, now),
+        )
+
+    # --- token refresh replay protection -------------------------------------------------
+
+    def refresh_seen(self, device_id: str, request_id: str, now: int) -> bool:
+        row = self.connection.execute(
+            "SELECT 1 FROM refresh_requests WHERE device_id = ? AND request_id = ? AND expires_at >= ?",
+            (device_id, request_id, now),
+        ).fetchone()
+        return row is not None
+
+    def remember_refresh(self, device_id: str, request_id: str, expires_at: int) -> None:
+        self.connection.execute(
+            "INSERT OR REPLACE INTO refresh_requests VALUES (?, ?, ?)", (device_id, request_id, expires_at)
+        )
+
+    def purge_refreshes(self, now: int) -> int:
+        """Forget request ids whose timestamps are outside the skew window by now: they are refused anyway."""
+        return self.connection.execute("DELETE FROM refresh_requests WHERE expires_at < ?", (now,)).rowcount
+
+    # --- events --------------------------------------------------------------------------
+
+    def add_event(self, event: Event) -> None:
+        self.connection.execute(
+            "INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)",
+            (event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True)),
+        )
+
+
 class Store:
     """The database. Safe to share between threads: each thread gets its own connection."""
 
@@ -90,9 +203,11 @@ class Store:
         if not path.exists():
             # It holds key hashes and device records: owner-only, like the key files beside it.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        if migrations.version(self._connection()) != migrations.LATEST:  # an up-to-date database takes no lock
-            with self.transaction() as db:  # one upgrade at a time, whichever process opens it first
-                migrations.upgrade(db)
+        with self._reading() as db:
+            current = migrations.version(db)
+        if current != migrations.LATEST:  # an up-to-date database takes no lock
+            with self.transaction() as tx:  # one upgrade at a time, whichever process opens it first
+                migrations.upgrade(tx.connection)
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -110,16 +225,16 @@ class Store:
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Transaction]:
         """One atomic write: everything inside commits together or not at all."""
-        conn = self._connection()
         with self._writer():
             try:
+                conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StorageError(f"database unavailable: {exc}") from exc
             try:
-                yield conn
+                yield Transaction(conn)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:
@@ -138,7 +253,16 @@ class Store:
         finally:
             self._write_lock.release()
 
-    def read(self) -> sqlite3.Connection:
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read outside any transaction (it sees the last commit)."""
+        try:
+            yield self._connection()
+        except sqlite3.Error as exc:
+            raise StorageError(f"database read failed: {exc}") from exc
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's raw connection, for tests and tools that inspect the file; the bridge uses the methods."""
         return self._connection()
 
     def close(self) -> None:
@@ -150,22 +274,25 @@ class Store:
     # --- tenants -------------------------------------------------------------------------
 
     def create_tenant(self, tenant_id: str, name: str, now: int) -> None:
-        with self.transaction() as db:
+        with self.transaction() as tx:
+            db = tx.connection
             if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
                 raise AlreadyExists(f"tenant {name!r} already exists")
             db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, name, now))
 
-    def tenants(self) -> list[dict[str, Any]]:
-        rows = self.read().execute(
-            "SELECT t.id, t.name, t.created_at,"
-            " (SELECT COUNT(*) FROM devices d WHERE d.tenant_id = t.id) AS devices,"
-            " (SELECT COUNT(*) FROM provision_keys k WHERE k.tenant_id = t.id) AS keys"
-            " FROM tenants t ORDER BY t.name"
-        )
-        return [dict(r) for r in rows]
+    def tenants(self) -> list[TenantSummary]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT t.id, t.name, t.created_at,"
+                " (SELECT COUNT(*) FROM devices d WHERE d.tenant_id = t.id) AS devices,"
+                " (SELECT COUNT(*) FROM provision_keys k WHERE k.tenant_id = t.id) AS keys"
+                " FROM tenants t ORDER BY t.name"
+            ).fetchall()
+        return [TenantSummary(r["id"], r["name"], r["created_at"], r["devices"], r["keys"]) for r in rows]
 
     def tenant_id(self, name: str) -> str:
-        row = self.read().execute("SELECT id FROM tenants WHERE name = ? OR id = ?", (name, name)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT id FROM tenants WHERE name = ? OR id = ?", (name, name)).fetchone()
         if row is None:
             raise NotFound(f"no tenant {name!r}")
         return str(row["id"])
@@ -173,8 +300,8 @@ class Store:
     # --- provisioning keys ---------------------------------------------------------------
 
     def create_key(self, key: ProvisionKey) -> None:
-        with self.transaction() as db:
-            db.execute(
+        with self.transaction() as tx:
+            tx.connection.execute(
                 "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
                 " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
                 " reclaim_policy, status, created_at, pattern_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -200,172 +327,75 @@ class Store:
 
     def keys(self, tenant_id: str | None = None) -> list[ProvisionKey]:
         where, args = (" WHERE k.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
-        return [_key(r) for r in self.read().execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
+        with self._reading() as db:
+            return [_key(r) for r in db.execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
 
     def revoke_key(self, key_id: str, now: int) -> ProvisionKey:
-        with self.transaction() as db:
+        with self.transaction() as tx:
+            db = tx.connection
             cur = db.execute("UPDATE provision_keys SET status = 'revoked', revoked_at = ? WHERE id = ?", (now, key_id))
             if cur.rowcount == 0:
                 raise NotFound(f"no provisioning key {key_id!r}")
             return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
 
-    @staticmethod
-    def key_by_hash(db: sqlite3.Connection, key_hash: bytes) -> ProvisionKey | None:
-        row = db.execute(_KEY_SELECT + " WHERE k.key_hash = ?", (key_hash,)).fetchone()
-        return None if row is None else _key(row)
-
-    @staticmethod
-    def spend_key_use(db: sqlite3.Connection, key_id: str) -> int:
-        """Count one registration; returns the new count. Called inside the claim's transaction."""
-        row = db.execute(
-            "UPDATE provision_keys SET registrations = registrations + 1 WHERE id = ? RETURNING registrations",
-            (key_id,),
-        ).fetchone()
-        return int(row[0])
-
     # --- devices -------------------------------------------------------------------------
 
-    @staticmethod
-    def device_by_hardware_id(db: sqlite3.Connection, tenant_id: str, hardware_id: str) -> Device | None:
-        row = db.execute(
-            _DEVICE_SELECT + " WHERE d.tenant_id = ? AND d.hardware_id = ?", (tenant_id, hardware_id)
-        ).fetchone()
-        return None if row is None else _device(row)
-
-    @staticmethod
-    def insert_device(db: sqlite3.Connection, device: Device, api_key_hash: bytes) -> None:
-        db.execute(
-            "INSERT INTO devices (id, tenant_id, hardware_id, name, public_key, cloud_key_id, api_key_hash,"
-            " labels, groups_, profile, hardware, network, agent_version, key_id, status, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                device.id,
-                device.tenant_id,
-                device.hardware_id,
-                device.name,
-                device.public_key,
-                device.cloud_key_id,
-                api_key_hash,
-                json.dumps(device.labels),
-                json.dumps(device.groups),
-                device.profile,
-                json.dumps(device.hardware) if device.hardware else None,
-                json.dumps(device.network) if device.network else None,
-                device.agent_version,
-                device.key_id,
-                device.status,
-                device.created_at,
-                device.updated_at,
-            ),
-        )
-
-    @staticmethod
-    def rotate_device_key(
-        db: sqlite3.Connection,
-        device_id: str,
-        public_key: bytes,
-        cloud_key_id: str,
-        api_key_hash: bytes,
-        now: int,
-    ) -> None:
-        db.execute(
-            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ? WHERE id = ?",
-            (public_key, cloud_key_id, api_key_hash, now, device_id),
-        )
+    def find_device(self, device_id: str) -> Device | None:
+        with self._reading() as db:
+            return Transaction(db).device_by_id(device_id)
 
     def device(self, device_id: str) -> Device:
-        row = self.read().execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
-        if row is None:
+        device = self.find_device(device_id)
+        if device is None:
             raise NotFound(f"no device {device_id!r}")
-        return _device(row)
+        return device
 
     def devices(self, tenant_id: str | None = None, limit: int = 1000) -> list[Device]:
         where, args = (" WHERE d.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
         sql = _DEVICE_SELECT + where + " ORDER BY d.created_at DESC, d.id LIMIT ?"
-        return [_device(r) for r in self.read().execute(sql, (*args, limit))]
+        with self._reading() as db:
+            return [_device(r) for r in db.execute(sql, (*args, limit))]
 
     def revoke_device(self, device_id: str, now: int) -> Device:
-        with self.transaction() as db:
-            cur = db.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id))
+        with self.transaction() as tx:
+            cur = tx.connection.execute(
+                "UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id)
+            )
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
         return self.device(device_id)
 
-    @staticmethod
-    def device_by_id(db: sqlite3.Connection, device_id: str) -> Device | None:
-        row = db.execute(_DEVICE_SELECT + " WHERE d.id = ?", (device_id,)).fetchone()
-        return None if row is None else _device(row)
-
-    def revoked_devices(self, since: int) -> list[tuple[str, int]]:
-        """(device id, time of revocation) of the devices revoked at or after `since`.
+    def revoked_devices(self, since: int) -> list[Revoked]:
+        """The devices revoked at or after `since`.
 
         A revoked row is never updated again (re-claims and refreshes of it are refused), so its
         updated_at is the time it was revoked.
         """
-        rows = self.read().execute(
-            "SELECT id, updated_at FROM devices WHERE status = 'revoked' AND updated_at >= ? ORDER BY id", (since,)
-        )
-        return [(str(r[0]), int(r[1])) for r in rows]
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT id, updated_at FROM devices WHERE status = 'revoked' AND updated_at >= ? ORDER BY id",
+                (since,),
+            ).fetchall()
+        return [Revoked(device_id=str(r[0]), revoked_at=int(r[1])) for r in rows]
 
     def api_key_hash(self, device_id: str) -> bytes:
-        row = self.read().execute("SELECT api_key_hash FROM devices WHERE id = ?", (device_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT api_key_hash FROM devices WHERE id = ?", (device_id,)).fetchone()
         if row is None:
             raise NotFound(f"no device {device_id!r}")
         return bytes(row[0])
 
-    # --- answers (idempotency) -----------------------------------------------------------
-
-    @staticmethod
-    def stored_answer(
-        db: sqlite3.Connection, client_id: str, request_id: str, not_before: int
-    ) -> tuple[bytes, bytes] | None:
-        row = db.execute(
-            "SELECT claim_digest, answer FROM answers WHERE client_id = ? AND request_id = ? AND created_at >= ?",
-            (client_id, request_id, not_before),
-        ).fetchone()
-        return None if row is None else (bytes(row[0]), bytes(row[1]))
-
-    @staticmethod
-    def store_answer(
-        db: sqlite3.Connection, client_id: str, request_id: str, claim_digest: bytes, answer: bytes, now: int
-    ) -> None:
-        db.execute(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
-            (client_id, request_id, claim_digest, answer, now),
-        )
+    # --- answers, events -----------------------------------------------------------------
 
     def purge_answers(self, older_than: int) -> int:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM answers WHERE created_at < ?", (older_than,)).rowcount
+        with self.transaction() as tx:
+            return tx.connection.execute("DELETE FROM answers WHERE created_at < ?", (older_than,)).rowcount
 
-    # --- token refresh replay protection -------------------------------------------------
-
-    @staticmethod
-    def refresh_seen(db: sqlite3.Connection, device_id: str, request_id: str, now: int) -> bool:
-        row = db.execute(
-            "SELECT 1 FROM refresh_requests WHERE device_id = ? AND request_id = ? AND expires_at >= ?",
-            (device_id, request_id, now),
-        ).fetchone()
-        return row is not None
-
-    @staticmethod
-    def remember_refresh(db: sqlite3.Connection, device_id: str, request_id: str, expires_at: int) -> None:
-        db.execute("INSERT OR REPLACE INTO refresh_requests VALUES (?, ?, ?)", (device_id, request_id, expires_at))
-
-    @staticmethod
-    def purge_refreshes(db: sqlite3.Connection, now: int) -> int:
-        """Forget request ids whose timestamps are outside the skew window by now: they are refused anyway."""
-        return db.execute("DELETE FROM refresh_requests WHERE expires_at < ?", (now,)).rowcount
-
-    # --- events --------------------------------------------------------------------------
-
-    @staticmethod
-    def insert_event(db: sqlite3.Connection, time: str, tenant: str, event: str, body: str) -> None:
-        db.execute("INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)", (time, tenant, event, body))
-
-    def add_event(self, time: str, tenant: str, event: str, body: str) -> None:
-        with self.transaction() as db:
-            self.insert_event(db, time, tenant, event, body)
+    def add_events(self, events: list[Event]) -> None:
+        """Store events in a transaction of their own (refusals that change nothing else)."""
+        with self.transaction() as tx:
+            for event in events:
+                tx.add_event(event)
 
     def purge_events(
         self, before: int, batch: int = EVENT_PURGE_BATCH, pause: float = EVENT_PURGE_PAUSE_SECONDS
@@ -379,8 +409,8 @@ class Store:
         cutoff = rfc3339(before)  # `time` is RFC 3339 UTC with milliseconds: it sorts as text
         purged = 0
         while True:
-            with self.transaction() as db:
-                deleted = db.execute(
+            with self.transaction() as tx:
+                deleted = tx.connection.execute(
                     "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?)",
                     (cutoff, batch),
                 ).rowcount
@@ -398,12 +428,12 @@ class Store:
             clauses.append("event = ?")
             args.append(event)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        rows = (
-            self.read().execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        )
+        with self._reading() as db:
+            rows = db.execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [json.loads(r["body"]) for r in reversed(rows)]
 
     def count(self, table: str) -> int:
         if table not in ("devices", "tenants", "provision_keys", "answers", "events"):
             raise UsageError(f"unknown table {table}")
-        return int(self.read().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        with self._reading() as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

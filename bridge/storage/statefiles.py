@@ -1,0 +1,56 @@
+"""The bridge's state kept in files under the data dir, other than the key rings (`keyfiles`, `rotation`).
+
+    denylist.json          revoked devices whose tokens brokers must refuse until they expire
+                           (written by `provbridge device revoke` and at start; read by both brokers)
+    bridge-sessions.json   the bridge's client ids on an external broker, so that sessions a previous
+                           layout left behind can be retired (bridge/edges/sessions.py)
+
+Everything reads and writes them through these functions: what bridges on several hosts must share
+can then move into a shared database behind the same names.
+"""
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from bridge.storage.filelock import locked
+from bridge.storage.keyfiles import write_public
+from broker.denylist import DENYLIST_FILE_NAME, render_denylist
+
+SESSIONS_FILE_NAME = "bridge-sessions.json"
+
+
+def denylist_file(data_dir: Path) -> Path:
+    return data_dir / DENYLIST_FILE_NAME
+
+
+@contextmanager
+def denylist_update(data_dir: Path) -> Iterator[None]:
+    """Hold the denylist's lock while computing and writing it: a writer that read the database before
+    another revocation must not write last."""
+    path = denylist_file(data_dir)
+    with locked(path.with_name(path.name + ".lock")):
+        yield
+
+
+def write_denylist(data_dir: Path, entries: Mapping[str, int]) -> None:
+    """Replace the denylist (device id -> until, Unix seconds) atomically; call it in `denylist_update()`."""
+    write_public(denylist_file(data_dir), render_denylist(entries))
+
+
+def _sessions_file(data_dir: Path) -> Path:
+    return data_dir / SESSIONS_FILE_NAME
+
+
+def recorded_sessions(data_dir: Path) -> list[str]:
+    """The bridge client ids recorded in use; none when the file is missing or unreadable."""
+    try:
+        recorded = json.loads(_sessions_file(data_dir).read_text())["client_ids"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [c for c in recorded if isinstance(c, str)] if isinstance(recorded, list) else []
+
+
+def record_sessions(data_dir: Path, client_ids: list[str]) -> None:
+    write_public(_sessions_file(data_dir), json.dumps({"client_ids": sorted(set(client_ids))}).encode())
