@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto bench-flood
+.PHONY: run demo test test-jwt-sanitized test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto bench-flood
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,10 +36,22 @@ test: $(STAMP) mosquitto
 	@mkdir -p $(dir $(TEST_TMP))
 	$(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)
+	$(MAKE) -s test-jwt-sanitized
 
-## test-long: the hostile-input properties at length: over 10,000 generated examples (a few minutes)
-test-long: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_hostile_input.py
+## test-jwt-sanitized: the provbridge_jwt plugin under gcc -fanalyzer, then the Mosquitto tests that load it
+## (jwt mode; the dynsec opt-in does not) with the plugin built with AddressSanitizer + UBSan (LeakSanitizer
+## on) and libasan preloaded into Mosquitto
+test-jwt-sanitized: $(STAMP) mosquitto
+	$(MAKE) -s -C bridge/mosquitto/jwt analyze
+	@mkdir -p $(dir $(TEST_TMP))
+	PROVBRIDGE_JWT_PLUGIN_SANITIZED=1 $(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)-sanitized \
+		tests/test_mosquitto_jwt.py tests/test_multiprocess.py tests/test_broker_promises.py -k "not dynsec"
+	$(BIN)/python -m tests.secret_scan $(TEST_TMP)-sanitized
+
+## test-long: the property tests at length: the hostile-input properties (over 10,000 generated examples)
+## and the provbridge_jwt plugin against its Python reference (a few minutes each)
+test-long: $(STAMP) mosquitto
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_hostile_input.py tests/test_jwt_plugin_differential.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -78,4 +90,4 @@ bench-flood: $(BENCH_STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(TEST_TMP)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(TEST_TMP) $(TEST_TMP)-sanitized

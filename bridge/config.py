@@ -68,9 +68,11 @@ class BrokerSettings(BaseModel):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     # External mode: mirror each device token into Mosquitto's dynamic-security plugin (bridge/mosquitto/dynsec.py).
     dynsec: bool = True
-    # Who verifies device tokens on Mosquitto: "dynsec" = the bridge mirrors each one into dynamic security;
-    # "jwt" = the provbridge_jwt plugin verifies them itself (bridge/mosquitto/jwt), nothing is mirrored.
-    mosquitto_auth: Literal["dynsec", "jwt"] = "dynsec"
+    # Who verifies device tokens on Mosquitto: "jwt" = the provbridge_jwt plugin verifies them itself
+    # (bridge/mosquitto/jwt), nothing is mirrored; "dynsec" = the bridge mirrors each one into dynamic
+    # security, an opt-in for small fleets: Mosquitto rewrites its whole state file per token, so each
+    # claim costs it time proportional to the devices holding a token (MIRRORED_FLEET_WARNING).
+    mosquitto_auth: Literal["dynsec", "jwt"] = "jwt"
     dynsec_timeout_seconds: float = Field(default=10.0, gt=0)
     # How often expired device tokens are removed from Mosquitto (the granularity of expiry there).
     dynsec_janitor_seconds: float = Field(default=30.0, gt=0)

@@ -6,8 +6,11 @@ from provwire.errors import ProvbridgeError, UsageError
 __all__ = [
     "AlreadyExists",
     "CheckFailed",
+    "CheckWarning",
     "ConfigError",
     "DoctorFailed",
+    "InvalidCertificate",
+    "InvalidCsr",
     "InvalidPattern",
     "MirrorError",
     "NotFound",
@@ -36,6 +39,16 @@ class AlreadyExists(ProvbridgeError):
     """A tenant or ops user of that name exists already."""
 
 
+class InvalidCsr(ProvbridgeError):
+    """A device's certificate signing request cannot be signed: not PKCS#10, too large, not a P-256 key, or its
+    self-signature (the proof that the device holds the key) does not verify (bridge/tls/device_ca.py)."""
+
+
+class InvalidCertificate(ProvbridgeError):
+    """A device certificate the device CA does not vouch for now (wrong issuer or signature, outside its
+    validity, not for client authentication), or whose scope extension is malformed (bridge/tls/device_ca.py)."""
+
+
 class InvalidPattern(UsageError):
     """A hardware-id pattern the linear-time engine (RE2) cannot run (bridge/claims/hardware_pattern.py)."""
 
@@ -54,6 +67,10 @@ class WorkerError(ProvbridgeError):
 
 class CheckFailed(ProvbridgeError):
     """What is wrong and what to do: the FAIL line of the doctor check that raised it."""
+
+
+class CheckWarning(ProvbridgeError):
+    """What will hurt without being wrong yet: the WARN line of the doctor check that raised it."""
 
 
 class DoctorFailed(ProvbridgeError):

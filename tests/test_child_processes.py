@@ -19,8 +19,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bridge.config import Settings
-from bridge.edges.inprocess import STOP_GRACE_SECONDS
 from bridge.edges.lifeline import ORPHANED_EXIT_STATUS
+from bridge.edges.workerlink import STOP_GRACE_SECONDS
 from bridge.storage import keyfiles
 from bridge.storage.filelock import locked
 from bridge.storage.store import Store

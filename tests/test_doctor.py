@@ -107,7 +107,7 @@ def test_a_key_file_others_can_read_fails_with_the_chmod_to_run(
     cloud.chmod(0o644)
     (settings.data_dir / "bridge.secret").chmod(0o640)
     code, lines, err = run_doctor(settings, capsys)
-    assert code == 1 and err == "provbridge: error: 2 of 10 checks failed\n"
+    assert code == 1 and err == f"provbridge: error: 2 of {len(CHECKS)} checks failed\n"
     assert_only_failures(lines, {"key files", "broker"})  # nothing listens: no bridge in this test
     assert f"{cloud} has mode 0644 (group or others may read it): run `chmod 600 {cloud}`" in lines["key files"]
     assert "bridge.secret has mode 0640" in lines["key files"]

@@ -16,7 +16,8 @@ durations; every process a test starts is gone when it ends.
 On Mosquitto the crash tests run with device authentication on: the 2,000-claim bursts with
 `broker.mosquitto_auth = "jwt"` (the provbridge_jwt plugin verifies every device token in Mosquitto;
 devices then connect with their tokens), and a smaller burst with the dynamic-security mirror
-(`broker.dynsec`, the default), whose cost grows with the devices mirrored (docs/BENCHMARKS.md). The
+(`broker.mosquitto_auth = "dynsec"`, the opt-in), whose cost grows with the devices mirrored
+(docs/BENCHMARKS.md). The
 other Mosquitto tests (database faults, duplicates, slow consumers) run with `broker.dynsec = false`:
 they are about the delivery path (persistent session, QoS 1, acknowledgement after the answer), which
 is the same whoever checks device tokens.
@@ -81,9 +82,9 @@ BASE_ENV = {"PROVBRIDGE_CLAIMS__RETRY_AFTER_SECONDS": "1", "PROVBRIDGE_CLAIMS__R
 EXTERNAL_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__DYNSEC": "false"}
 # External mode, device tokens verified by the provbridge_jwt plugin in Mosquitto (the `jwt_mode` fixture).
 JWT_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__MOSQUITTO_AUTH": "jwt"}
-# External mode, every token mirrored into dynamic security (the defaults): ~8 ms of Mosquitto per claim
-# once a few hundred devices are mirrored, so a smaller burst.
-DYNSEC_ENV = BASE_ENV
+# External mode, every token mirrored into dynamic security (the opt-in for small fleets): ~8 ms of
+# Mosquitto per claim once a few hundred devices are mirrored, so a smaller burst.
+DYNSEC_ENV = {**BASE_ENV, "PROVBRIDGE_BROKER__MOSQUITTO_AUTH": "dynsec"}
 DYNSEC_BURST = 300
 
 
@@ -575,7 +576,7 @@ def test_bridge_killed_between_a_mirrored_token_and_its_commit(initialised: tupl
     answered once (the invariants), every device's token connects to Mosquitto, the orphaned client (a token
     no device was ever sent) is removed by the janitor, and Mosquitto mirrors exactly the devices of the
     database."""
-    settings = external_settings(initialised[0])
+    settings = external_settings(initialised[0], mosquitto_auth="dynsec")
     assert settings.broker.dynsec and settings.broker.mosquitto_auth == "dynsec"
     with (
         mosquitto_for(settings),

@@ -24,7 +24,7 @@ def test_far_more_orphans_than_a_crash_leaves_are_kept_and_the_log_says_why(
     initialised: tuple[Settings, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A bridge started on the wrong database (a restored backup, another data dir) must not delete the fleet."""
-    settings = external_settings(initialised[0])
+    settings = external_settings(initialised[0], mosquitto_auth="dynsec")
     with mosquitto_for(settings), admin_channel(settings) as channel:
         fleet = [fake_device_id() for _ in range(MAX_ORPHANS + 1)]  # devices this database never had
         grant = TokenGrant("not-a-token", "jti", int(time.time()) + 3600, ["devices/x/#"], ["devices/x/#"])

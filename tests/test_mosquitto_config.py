@@ -14,6 +14,7 @@ import pytest
 from bridge.config import DEFAULT_MAX_PACKET_BYTES, Settings, claim_packet_bytes, load_settings
 from bridge.errors import ConfigError, MirrorError
 from bridge.mosquitto import conf as mc
+from bridge.mosquitto import jwt as mosquitto_jwt
 from bridge.mosquitto.dynsec import NOT_FOUND, admin_channel, revoke_commands, revoke_on_mosquitto
 from bridge.mosquitto.files import ops_user_created, write_mosquitto_config
 from bridge.ops import admin
@@ -327,7 +328,9 @@ def test_a_broker_that_never_confirms_rolls_the_claim_back(initialised: tuple[Se
     """A Mosquitto whose bridge role lost its $CONTROL rights silently drops the mirror's commands:
     the claim waits `dynsec_timeout_seconds`, answers a retryable error, and nothing was created."""
     settings, key = initialised
-    settings = external_settings(settings, dynsec_timeout_seconds=0.5, dynsec_janitor_seconds=60)
+    settings = external_settings(
+        settings, mosquitto_auth="dynsec", dynsec_timeout_seconds=0.5, dynsec_janitor_seconds=60
+    )
     conf_dir = settings.data_dir.parent / "mosquitto"
     assert run_cli(settings, "mosquitto-config", str(conf_dir)) == 0
     state_file = conf_dir / mc.DYNSEC_FILE
@@ -361,3 +364,23 @@ def test_revoke_on_mosquitto_without_a_broker_is_a_mirror_error(initialised: tup
     with pytest.raises(MirrorError, match=r"cannot reach|did not answer"):
         revoke_on_mosquitto(settings, "dev_nobody")
     assert topics.is_valid_client_id("dev_nobody")
+
+
+def test_without_the_plugins_build_tools_the_config_says_what_to_install_or_opt_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default (jwt) needs the provbridge_jwt plugin: on a machine with no build of it, none installed
+    and no `make`, `mosquitto-config` writes nothing and says what to install, or which opt-in avoids it."""
+    settings = external_settings(make_settings(tmp_path / "data"))
+    assert settings.broker.mosquitto_auth == "jwt"  # the default
+    assert run_cli(settings, "init") == 0
+    monkeypatch.setattr(mosquitto_jwt, "BUILD_OUTPUT", tmp_path / "no-build" / mosquitto_jwt.PLUGIN_NAME)
+    monkeypatch.setattr(mosquitto_jwt, "INSTALLED_GLOBS", ())
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    capsys.readouterr()
+    outdir = tmp_path / "mosquitto"
+    assert run_cli(settings, "mosquitto-config", str(outdir)) == 1
+    err = capsys.readouterr().err
+    assert "cannot build the provbridge_jwt Mosquitto plugin: no `make`" in err and "libcjson-dev" in err
+    assert 'broker.mosquitto_auth = "dynsec"' in err and "Traceback" not in err
+    assert not (outdir / "mosquitto.conf").exists()

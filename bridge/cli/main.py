@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "doctor",
         cmd_doctor,
-        "check config, data dir, key files, database, hardware-id patterns, broker and clock; one line per check,"
-        " exit 1 on a failure",
+        "check config, data dir, key files, database, hardware-id patterns, broker, the dynsec mirror's size and"
+        " clock; one line per check, exit 1 on a failure (a WARN line does not fail)",
     ).set_defaults(loads_settings=False)
     return parser
 

@@ -3,7 +3,10 @@
 `python -m bridge.edges.claimworker FD PARENT_PID`: FD is one end of a socket pair whose other end the
 broker's event loop holds (`bridge.edges.inprocess`), PARENT_PID the pid of that process. The worker ties
 its life to its parent's (`bridge.edges.lifeline`), reads the settings, builds the claim handlers (SQLite,
-keys), says it is ready, then answers one message at a time, in order, until the socket closes.
+keys), says it is ready, then answers messages in order until the socket closes. The messages that
+arrived together (at most MAX_BATCH) are handled in one database transaction, a group commit
+(`ClaimHandlers.handle_batch`): under load the fixed cost of a transaction is shared, and a lone claim
+is answered as soon as before.
 
 Why a process: the handlers are blocking (SQLite, crypto) and amqtt is CPU-bound Python. On threads
 they would share one GIL with the broker, and every release of it (each SQLite call, each syscall)
@@ -31,7 +34,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 from bridge import logs
 from bridge.config import Settings
@@ -46,6 +49,10 @@ _REQUEST = struct.Struct(">QH")
 _ANSWER = struct.Struct(">QH")
 _PUBLISH = struct.Struct(">HI")
 _TEXT = "surrogatepass"  # a topic is whatever string amqtt decoded: carry it through unchanged
+# Messages per group commit: the write lock is held for the batch (a few ms at most), which other bridge
+# processes and the admin CLI wait for.
+MAX_BATCH = 16
+_READ_BYTES = 1 << 16
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -108,15 +115,6 @@ def split_frames(buffer: bytearray) -> Iterator[tuple[bytes, bytes]]:
         yield kind, body
 
 
-def _read_frame(stream: BinaryIO) -> tuple[bytes, bytes] | None:
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        return None  # the broker's process closed its end: stop
-    (size,) = _LENGTH.unpack(head)
-    data = stream.read(size)
-    return (data[:1], data[1:]) if size and len(data) == size else None
-
-
 # --- log records, across the socket ---------------------------------------------------------
 
 
@@ -161,14 +159,25 @@ class _Forward(logging.Handler):
 # --- the worker -----------------------------------------------------------------------------
 
 
+def _frames(channel: socket.socket) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The frames that arrive, as many as came together each time; ends when the other side closes."""
+    buffer = bytearray()
+    while data := channel.recv(_READ_BYTES):
+        buffer += data
+        frames = list(split_frames(buffer))
+        if frames:
+            yield frames
+
+
 def serve_claims(channel: socket.socket) -> None:
-    with channel, channel.makefile("rb") as stream:
-        first = _read_frame(stream)
-        if first is None or first[0] != SETTINGS:
+    with channel:
+        arrivals = _frames(channel)
+        first = next(arrivals, [])  # the parent sends nothing else before we say we are ready
+        if len(first) != 1 or first[0][0] != SETTINGS:
             return
         # Pickled, as multiprocessing passes arguments: it comes from our parent over a private socket
         # pair, and validating it again would re-read the environment and config file (pydantic-settings).
-        settings: Settings = pickle.loads(first[1])
+        settings: Settings = pickle.loads(first[0][1])
         send_lock = threading.Lock()  # the purge thread may log while the main loop answers
         logging.basicConfig(level=settings.log_level, handlers=[_Forward(channel, send_lock)])
         store = Store(settings.database_file)
@@ -178,14 +187,22 @@ def serve_claims(channel: socket.socket) -> None:
             core = BridgeCore(settings)
             handlers.start_purge(stopping)
             channel.sendall(frame(READY))
-            while (message := _read_frame(stream)) is not None:
-                if message[0] == EVENTS:
-                    handlers.record_events(decode_events(message[1]))
-                    continue
-                seq, topic, payload = decode_request(message[1])
-                answer = encode_answer(seq, core.publishes(handlers.handle(topic, payload)))
-                with send_lock:
-                    channel.sendall(answer)
+            for frames in arrivals:
+                requests: list[tuple[int, str, bytes]] = []
+                for kind, body in frames:
+                    if kind == EVENTS:
+                        handlers.record_events(decode_events(body))
+                    elif kind == REQUEST:
+                        requests.append(decode_request(body))
+                for start in range(0, len(requests), MAX_BATCH):
+                    batch = requests[start : start + MAX_BATCH]
+                    outcomes = handlers.handle_batch([(topic, payload) for _, topic, payload in batch])
+                    answers = b"".join(
+                        encode_answer(seq, core.publishes(outcome))
+                        for (seq, _, _), outcome in zip(batch, outcomes, strict=True)
+                    )
+                    with send_lock:
+                        channel.sendall(answers)
         finally:
             stopping.set()
             store.close()

@@ -31,6 +31,7 @@ from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
 from bridge.claims.refresh import Refresher
 from bridge.config import Settings
+from bridge.errors import StorageError
 from bridge.storage.rotation import LiveKeyRing
 from bridge.storage.store import Store
 from provwire import topics
@@ -116,18 +117,7 @@ class BridgeCore:
 
     def overloaded(self, topic: str, payload: bytes) -> Outcome:
         """The answer to a message that finds `claims.max_in_flight` taken: retry later. Cheap, non-blocking."""
-        client_id = topics.client_id_of_claim_topic(self.prefix, topic) or topics.client_id_of_token_topic(
-            self.prefix, topic
-        )
-        if client_id is None:
-            return Outcome(None, None, [], "dropped while overloaded")
-        answer = ClaimError(
-            request_id=readable_request_id(payload),
-            code=ErrorCode.RATE_LIMITED,
-            message="bridge is busy, retry later",
-            retry_after=self.settings.claims.retry_after_seconds,
-        )
-        return Outcome(topics.response_topic(self.prefix, client_id), to_json(answer), [], "rate_limited")
+        return retry_later(self.settings, topic, payload, ErrorCode.RATE_LIMITED, "bridge is busy, retry later")
 
     # --- what goes out ---------------------------------------------------------------------
 
@@ -157,6 +147,21 @@ class BridgeCore:
         """The retained bridge status (PROTOCOL.md §12)."""
         payload = to_json(BridgeStatus(status="online" if online else "offline"))
         return Publish(topics.status_topic(self.prefix), payload, retain=True)
+
+
+def retry_later(settings: Settings, topic: str, payload: bytes, code: ErrorCode, message: str) -> Outcome:
+    """A retryable answer (`code`, with `claims.retry_after_seconds`) to a message nothing was done for."""
+    prefix = settings.topic_prefix
+    client_id = topics.client_id_of_claim_topic(prefix, topic) or topics.client_id_of_token_topic(prefix, topic)
+    if client_id is None:
+        return Outcome(None, None, [], f"dropped: {message}")
+    answer = ClaimError(
+        request_id=readable_request_id(payload),
+        code=code,
+        message=message,
+        retry_after=settings.claims.retry_after_seconds,
+    )
+    return Outcome(topics.response_topic(prefix, client_id), to_json(answer), [], code.value)
 
 
 def claim_handlers(settings: Settings, store: Store, mirror: TokenMirror | None = None) -> "ClaimHandlers":
@@ -189,6 +194,20 @@ class ClaimHandlers:
             return Outcome(None, None, [], "failed")
         log.info("claim on %s: %s", topic, outcome.summary)
         return outcome
+
+    def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[Outcome]:
+        """Several messages in one database transaction (`Store.batch`, a group commit): each one's writes
+        are a savepoint of it, and the answers are handed out only once it committed. If it cannot begin
+        or commit, nothing of the batch was written: every message is answered `internal_error`, retry."""
+        try:
+            with self.provisioner.store.batch():
+                return [self.handle(topic, payload) for topic, payload in messages]
+        except StorageError as exc:
+            log.error("a batch of %d messages was not committed: %s", len(messages), exc)
+            return [
+                retry_later(self.settings, topic, payload, ErrorCode.INTERNAL_ERROR, "storage unavailable")
+                for topic, payload in messages
+            ]
 
     def record_events(self, events: list[Event]) -> None:
         """Store events made at the edge (a refusal by the client-id limit). A failure costs only them."""

@@ -62,7 +62,7 @@ class BridgeService:
             offline = core.status(online=False)
             client.will_set(offline.topic, offline.payload, 1, retain=True)
         self.endpoint = bridge_endpoint(settings)  # TLS or not, which port, which CA: see bridge/tls/certificates.py
-        client.max_inflight_messages_set(256)
+        client.max_inflight_messages_set(0)  # unbounded here, bounded by the core: see bridge/edges/external.py
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect

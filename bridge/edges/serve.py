@@ -1,8 +1,12 @@
 """`provbridge serve`: the bridge, inside the embedded broker's process or connected to an external one.
 
 Embedded (`broker.mode = "embedded"`): amqtt and the bridge share one process and the bridge needs no
-MQTT connection (`bridge.edges.inprocess`). External: the bridge is a paho client (`bridge.edges.paho`), one
-per bridge process (`bridge.edges.processes` runs N of them, each calling `serve` with its `Shard`).
+MQTT connection (`bridge.edges.inprocess`). External: the bridge is a paho client, one per bridge process
+(`bridge.edges.processes` runs N of them, each calling `serve` with its `Shard`): driven by the event
+loop with the claim work in a worker process (`bridge.edges.external`), or, when tokens are mirrored
+into Mosquitto's dynamic security (the small-fleet opt-in), on threads beside the mirror
+(`bridge.edges.paho`: the mirror's commands travel on the bridge's connection, inside the claim's
+transaction).
 """
 
 import asyncio
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, claim_handlers
+from bridge.edges.external import ExternalBridge
 from bridge.edges.inprocess import InProcessBridge
 from bridge.edges.paho import BridgeService
 from bridge.edges.sessions import Shard, check_processes, client_ids, retire_stale_sessions
@@ -50,10 +55,10 @@ def embedded_broker_settings(settings: Settings) -> EmbeddedBrokerSettings:
 
 @dataclass
 class Running:
-    """A started bridge: the embedded broker with the in-process edge, or the paho edge."""
+    """A started bridge: the embedded broker with the in-process edge, or an external broker's edge."""
 
     core: BridgeCore
-    edge: InProcessBridge | BridgeService
+    edge: InProcessBridge | ExternalBridge | BridgeService
     broker: ProvbridgeBroker | None = None
     mirror: DynsecMirror | None = None
     store: Store | None = None  # the paho edge's; the in-process edge's is in its claim worker
@@ -62,13 +67,15 @@ class Running:
     async def wait_serving(self, timeout: float) -> bool:
         if isinstance(self.edge, InProcessBridge):
             return True
+        if isinstance(self.edge, ExternalBridge):
+            return await self.edge.wait_serving(timeout)
         return await asyncio.to_thread(self.edge.wait_connected, timeout)
 
     async def stop(self) -> None:
         self.stopping.set()
         if self.mirror is not None:
             await asyncio.to_thread(self.mirror.stop)
-        if isinstance(self.edge, InProcessBridge):
+        if isinstance(self.edge, InProcessBridge | ExternalBridge):
             await self.edge.stop()
         else:
             await asyncio.to_thread(self.edge.stop)
@@ -102,24 +109,36 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
             await stop_embedded_broker(broker)
             raise
         return Running(edge.core, edge, broker)
-    # Mosquitto cannot verify tokens: each one is mirrored into its dynamic-security plugin.
-    # With broker.mosquitto_auth = "jwt" its provbridge_jwt plugin verifies them: nothing to mirror.
-    mirrors = uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"
-    mirror = SharedDynsecMirror(settings, store) if mirrors else None
+    # With broker.mosquitto_auth = "jwt" (the default) Mosquitto's provbridge_jwt plugin verifies tokens:
+    # nothing to mirror. With the "dynsec" opt-in each one is mirrored into its dynamic-security plugin.
+    if not (uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"):
+        store.close()  # the claim worker has its own
+        external = ExternalBridge(settings, shard)
+        running = Running(external.core, external)
+        _retire_stale_sessions(settings, shard, running)
+        try:
+            await external.start()
+        except BaseException:
+            await external.stop()
+            raise
+        return running
+    mirror = SharedDynsecMirror(settings, store)
     core = BridgeCore(settings)
     service = BridgeService(core, claim_handlers(settings, store, mirror), shard)
     running = Running(core, service, mirror=mirror, store=store)
+    _retire_stale_sessions(settings, shard, running)
+    mirror.bind(service.client, service.network_routes)
+    service.start()
+    mirror.start()
+    return running
+
+
+def _retire_stale_sessions(settings: Settings, shard: Shard, running: Running) -> None:
     if shard.index == 0:  # one process speaks for the layout
         current = client_ids(settings, shard.count)
         threading.Thread(
             target=retire_stale_sessions, args=(settings, current, running.stopping), name="retire", daemon=True
         ).start()
-    if mirror is not None:
-        mirror.bind(service.client, service.network_routes)
-    service.start()
-    if mirror is not None:
-        mirror.start()
-    return running
 
 
 async def serve(

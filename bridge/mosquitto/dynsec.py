@@ -15,6 +15,11 @@ updated by every grant and revocation, and every `broker.dynsec_janitor_seconds`
 ends the live session) and deletes the clients whose token expired. Until the janitor's next pass an
 expired token still connects: the enforcement granularity is that interval.
 
+Cost: Mosquitto 2.0.11's plugin rewrites its whole state file on every command, so a claim costs
+Mosquitto CPU time that grows with the devices mirrored (about 4 ms + 0.05 ms per mirrored device on
+the 2-core bench machine, `python -m bench.dynsec_cost`). That is why this mode is an opt-in for small
+fleets, and why the janitor and `provbridge doctor` warn past MIRRORED_FLEET_WARNING devices.
+
 `revoke_on_mosquitto` does a revocation from another process (the admin CLI): it connects as the
 bridge account under a client id of its own, sends the commands, waits for the answer, disconnects.
 """
@@ -48,6 +53,23 @@ ROLE_EXISTS = "Role already exists"
 CLIENT_EXISTS = "Client already exists"
 NOT_FOUND = ("Client not found", "Role not found")
 _STRIPES = 64
+# Mirrored devices beyond which one claim costs Mosquitto more than 10 ms of CPU (measured with
+# `python -m bench.dynsec_cost --step 25`: 7.6 ms at 125, 10.8 ms at 150; docs/BENCHMARKS.md).
+MIRRORED_FLEET_WARNING = 150
+
+
+def mirrored_fleet_warning(mirrored: int) -> str | None:
+    """The warning `serve` logs and `doctor` prints once `mirrored` devices cost too much per claim."""
+    if mirrored <= MIRRORED_FLEET_WARNING:
+        return None
+    return (
+        f"{mirrored} devices are mirrored into Mosquitto's dynamic security: past {MIRRORED_FLEET_WARNING}, each"
+        " claim costs Mosquitto more than 10 ms of CPU, growing with the fleet; set broker.mosquitto_auth ="
+        ' "jwt" (the default: the provbridge_jwt plugin verifies tokens, nothing is mirrored) and re-run'
+        " `provbridge mosquitto-config`"
+    )
+
+
 _EXPIRY_NOTE = "token expires_at="
 
 
@@ -309,11 +331,16 @@ class DynsecMirror:
             self._janitor = None
 
     def _janitor_loop(self) -> None:
+        warned = False
         while not self._stop.wait(self.settings.broker.dynsec_janitor_seconds):
             try:
                 removed = self.janitor_pass()
                 if removed:
                     log.info("janitor removed %d expired device token(s) from Mosquitto", removed)
+                warning = mirrored_fleet_warning(len(self.mirrored()))
+                if warning is not None and not warned:
+                    log.warning(warning)
+                warned = warning is not None  # said once while the fleet stays large, again if it grows back
             except MirrorError as exc:
                 log.warning("janitor pass skipped: %s", exc)
             except Exception:  # the janitor must outlive anything the broker answers
@@ -420,6 +447,14 @@ def admin_channel(settings: Settings) -> Iterator[DynsecChannel]:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def count_mirrored_devices(settings: Settings) -> int:
+    """How many device clients Mosquitto's dynamic security holds now (`provbridge doctor`)."""
+    with admin_channel(settings) as channel:
+        (answer,) = channel.call([{"command": "listClients", "verbose": True}])
+    check(answer)
+    return sum(1 for client in answer.get("data", {}).get("clients", []) if mc.is_device_client(client))
 
 
 def revoke_on_mosquitto(settings: Settings, device_id: str) -> None:

@@ -37,6 +37,7 @@ from bridge.storage import keyfiles
 from bridge.tls import certificates as tls
 from broker.auth import JWKS_FILE_NAME
 from broker.denylist import DENYLIST_FILE_NAME
+from broker.errors import BrokerConfigError
 
 OPS_HASHES_FILE = "mosquitto_ops_users.json"
 # Where distributions put the plugin: Debian/Ubuntu (multiarch), then the eclipse-mosquitto image.
@@ -248,8 +249,16 @@ def _jwt_plugin(settings: Settings) -> mc.JwtPlugin:
     if mosquitto_jwt.is_device_id(settings.broker.username):
         raise ConfigError("broker.username looks like a device id: the jwt plugin would take it for a device")
     publish_rate, publish_burst = _publish_limit(settings)
+    try:
+        plugin = mosquitto_jwt.find_or_build_plugin()
+    except BrokerConfigError as exc:
+        raise ConfigError(
+            f"{exc}. Mosquitto verifies device tokens with this plugin by default (broker.mosquitto_auth ="
+            ' "jwt"); a small fleet (under 150 devices holding a token) may instead opt in to mirroring every'
+            ' token into dynamic security: broker.mosquitto_auth = "dynsec" (README, External Mosquitto)'
+        ) from exc
     return mc.JwtPlugin(
-        plugin=str(mosquitto_jwt.find_or_build_plugin()),
+        plugin=str(plugin),
         jwks_file=str(data_dir / JWKS_FILE_NAME),
         denylist_file=str(data_dir / DENYLIST_FILE_NAME),
         audience=settings.token.audience,

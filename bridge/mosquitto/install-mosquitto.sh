@@ -27,7 +27,8 @@ need /usr/include/mosquitto_broker.h mosquitto-dev
 need /usr/include/mosquitto.h libmosquitto-dev
 need /usr/include/cjson/cJSON.h libcjson-dev
 need /usr/include/openssl/evp.h libssl-dev
-if ! command -v cc >/dev/null 2>&1; then PACKAGES="$PACKAGES gcc libc6-dev"; fi
+# gcc itself, not any cc: the plugin's sanitizer build needs gcc's libasan and libubsan.
+if ! command -v gcc >/dev/null 2>&1; then PACKAGES="$PACKAGES gcc libc6-dev"; fi
 if [ -z "$PACKAGES" ]; then
     exit 0
 fi

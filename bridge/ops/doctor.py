@@ -1,4 +1,5 @@
 """`provbridge doctor`: can this installation serve? One line per check: ok, or what is wrong and what to do.
+A warning (`WARN`) says what will hurt without failing the doctor.
 
 The checks run in order and each one that others depend on gates them (no database check without an
 initialised data dir, nothing without a configuration that loads). The doctor only reads: it opens
@@ -16,6 +17,8 @@ creates no other file, so it is safe next to a running bridge.
                   RE2) is not read otherwise by RE2, as far as its devices and a few built examples show
     broker        a TCP connection (and TLS handshake when the bridge uses TLS) to where the bridge connects
     broker tls    the TLS listener devices are told about, with the CA devices pin
+    mirror        with the dynamic-security opt-in (`broker.mosquitto_auth = "dynsec"`): how many devices
+                  Mosquitto holds; a warning past the size where a claim costs Mosquitto over 10 ms of CPU
     clock         the system clock is not before the newest record in the database or key directory
 """
 
@@ -37,11 +40,14 @@ from bridge.claims import hardware_pattern
 from bridge.config import DEFAULT_CONFIG_FILE, Settings, load_settings
 from bridge.errors import (
     CheckFailed,
+    CheckWarning,
     ConfigError,
     InvalidPattern,
+    MirrorError,
     NotInitialised,
     StorageError,
 )
+from bridge.mosquitto import dynsec
 from bridge.mosquitto.files import ops_hashes_file
 from bridge.storage import keyfiles
 from bridge.storage.keyfiles import KeyRing
@@ -51,7 +57,7 @@ from bridge.tokens import fill_scope
 from provwire import crypto, topics
 from provwire.models import rfc3339
 
-Status = Literal["ok", "fail", "skipped"]
+Status = Literal["ok", "warn", "fail", "skipped"]
 
 CONNECT_TIMEOUT_SECONDS = 3.0
 # File systems stamp mtimes from a coarse clock; a record a moment "ahead" of time.time() is no finding.
@@ -69,6 +75,7 @@ CHECKS = (
     "patterns",
     "broker",
     "broker tls",
+    "mirror",
     "clock",
 )
 BRIDGE_TABLES = ("tenants", "provision_keys", "devices", "answers", "events", "refresh_requests")
@@ -82,8 +89,8 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        if self.status == "fail":
-            return f"{self.name}: FAIL: {self.detail}"
+        if self.status in ("fail", "warn"):
+            return f"{self.name}: {self.status.upper()}: {self.detail}"
         return f"{self.name}: {self.status} ({self.detail})"
 
 
@@ -127,6 +134,9 @@ class _Run:
         except CheckFailed as exc:
             self.checks.append(Check(name, "fail", _one_line(str(exc))))
             return False
+        except CheckWarning as exc:
+            self.checks.append(Check(name, "warn", _one_line(str(exc))))
+            return True
         except Exception as exc:  # a diagnostic tool reports what it did not foresee instead of crashing
             self.checks.append(Check(name, "fail", _one_line(f"unexpected {type(exc).__name__}: {exc}")))
             return False
@@ -170,6 +180,7 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
     endpoint = tls.bridge_endpoint(settings)
     r.run("broker", lambda: check_listener(endpoint.host, endpoint.port, endpoint.tls, endpoint.ca_file))
     r.run("broker tls", lambda: check_tls_listener(settings), _tls_not_separate(settings))
+    r.run("mirror", lambda: check_mirror(settings), _not_mirroring(settings))
     r.run("clock", lambda: check_clock(settings, now, database_ok), not_init)
     return Report(r.checks)
 
@@ -434,6 +445,25 @@ def check_tls_listener(settings: Settings) -> str:
     endpoint = tls.bridge_endpoint(settings)
     ca_file = settings.broker.ca_file or tls.TlsFiles.of(settings.data_dir).ca_cert
     return check_listener(endpoint.host, settings.broker.tls_port, True, ca_file if ca_file.is_file() else None)
+
+
+def _not_mirroring(settings: Settings) -> str | None:
+    if settings.broker.mode != "external":
+        return "the embedded broker verifies tokens itself"
+    if not dynsec.uses_dynsec(settings) or settings.broker.mosquitto_auth != "dynsec":
+        return "nothing is mirrored: Mosquitto verifies tokens with the provbridge_jwt plugin"
+    return None
+
+
+def check_mirror(settings: Settings) -> str:
+    try:
+        mirrored = dynsec.count_mirrored_devices(settings)
+    except MirrorError as exc:
+        raise CheckFailed(f"cannot count the devices mirrored in Mosquitto: {exc}") from exc
+    warning = dynsec.mirrored_fleet_warning(mirrored)
+    if warning is not None:
+        raise CheckWarning(warning)
+    return f"{mirrored} devices mirrored into dynamic security (a warning past {dynsec.MIRRORED_FLEET_WARNING})"
 
 
 def check_clock(settings: Settings, now: float, database_ok: bool) -> str:

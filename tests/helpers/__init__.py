@@ -15,6 +15,8 @@ pytest fixtures stay in tests/conftest.py.
   `mosquitto_bridge`, `external_settings`), `require_mosquitto` and `require_plugin`.
 - `brokers.py`: the bridge on each broker kind (`EMBEDDED`, `DYNSEC`, `JWT`): `bridge_on`, `use_jwt_plugin`.
 - `mosquitto_checks.py`: checks that hold on Mosquitto in both authentication modes.
+- `jwt_harness.py`: the provbridge_jwt plugin's C code driven directly (`bridge/mosquitto/jwt/harness.c`),
+  for the differential test against the Python reference.
 - `amqtt.py`: `BrokerThread`, an amqtt broker (ours or stock) on its own event loop thread.
 - `processes.py`: `provbridge serve` as a subprocess (`ServeProcesses`), `alive`, `terminate`.
 - `cli.py`: `run_cli` (the CLI in this process, with the settings as its config file), `config_toml`.

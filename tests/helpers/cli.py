@@ -20,6 +20,8 @@ def config_toml(settings: Settings) -> str:
             f'username = "{b.username}"',
             f"allow_anonymous_provisioning = {'true' if b.allow_anonymous_provisioning else 'false'}",
             f'protocol = "{b.protocol}"',
+            f"dynsec = {'true' if b.dynsec else 'false'}",
+            f'mosquitto_auth = "{b.mosquitto_auth}"',
             f"dynsec_janitor_seconds = {b.dynsec_janitor_seconds}",
             "[claims]",
             f"rate_limits = {'true' if settings.claims.rate_limits else 'false'}",

@@ -65,7 +65,49 @@ def external_settings(settings: Settings, **broker: object) -> Settings:
         "dynsec_janitor_seconds": 0.5,
         **broker,
     }
-    return settings.model_copy(update={"broker": settings.broker.model_copy(update=update)})
+    settings = settings.model_copy(update={"broker": settings.broker.model_copy(update=update)})
+    if settings.broker.mosquitto_auth == "jwt":  # the default: Mosquitto verifies tokens with our plugin
+        require_plugin()
+    return settings
+
+
+# --- the provbridge_jwt plugin's sanitizer build (PROVBRIDGE_JWT_PLUGIN_SANITIZED=1: `make test-jwt-sanitized`) ---
+#
+# Debian's mosquitto is not built with AddressSanitizer, so the ASan runtime is preloaded into it for the
+# plugin's ASan+UBSan build (bridge/mosquitto/jwt `make asan`). Reports go to files beside mosquitto.log, and
+# stopping Mosquitto fails the test when there is one: the plugin was built with -fno-sanitize-recover and
+# ASan halts on its first error, so a report also means Mosquitto died, which the test may not notice itself.
+# LeakSanitizer is on: Debian's Mosquitto 2.0.11 frees everything at its clean exit (SIGTERM) in these tests,
+# so a leak report at exit is the plugin's (a session, key or token bucket it lost). Should a broker-only leak
+# ever appear, suppress it by the broker function that allocates (LSAN_OPTIONS=suppressions=FILE, `leak:name`),
+# never by module: every stack passes through mosquitto's own frames, the plugin's too.
+
+SANITIZER_REPORTS = "sanitizer-report"
+
+
+def sanitizer_env(report_dir: Path) -> dict[str, str]:
+    """What Mosquitto's environment needs for the sanitizer build of the plugin; {} when it is not wanted."""
+    if not mosquitto_jwt.sanitized():
+        return {}
+    libasan = subprocess.run(
+        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        pytest.fail(f"PROVBRIDGE_JWT_PLUGIN_SANITIZED is set but gcc names no libasan.so ({libasan!r})")
+    reports = report_dir / SANITIZER_REPORTS
+    return {
+        "LD_PRELOAD": os.path.realpath(libasan),
+        "ASAN_OPTIONS": f"log_path={reports}:detect_leaks=1:halt_on_error=1:abort_on_error=0",
+        "UBSAN_OPTIONS": f"log_path={reports}:halt_on_error=1:print_stacktrace=1",
+    }
+
+
+def fail_on_sanitizer_reports(report_dir: Path) -> None:
+    """Fails the test when a sanitizer wrote a report (`<report_dir>/sanitizer-report.<pid>`)."""
+    reports = sorted(report_dir.glob(f"{SANITIZER_REPORTS}.*"))
+    if reports:
+        text = "\n".join(f"--- {r.name}\n{r.read_text(errors='replace')}" for r in reports)
+        pytest.fail(f"the sanitizers reported errors in Mosquitto with the provbridge_jwt plugin:\n{text}")
 
 
 class RunningMosquitto:
@@ -81,7 +123,10 @@ class RunningMosquitto:
     def start(self) -> None:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [self.binary, "-c", str(self.conf_dir / "mosquitto.conf")], stdout=log, stderr=subprocess.STDOUT
+                [self.binary, "-c", str(self.conf_dir / "mosquitto.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **sanitizer_env(self.conf_dir.parent)},  # {} unless the sanitizer build
             )
         if not wait_for(self._listening, timeout=15):
             self.stop()
@@ -89,6 +134,7 @@ class RunningMosquitto:
 
     def _listening(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
+            fail_on_sanitizer_reports(self.conf_dir.parent)  # the cause, when a sanitizer ended it
             raise AssertionError(f"Mosquitto exited with {self.process.returncode}:\n{self.log()}")
         return accepts_connections(self.port)
 
@@ -97,6 +143,7 @@ class RunningMosquitto:
             return
         terminate(self.process, 10)
         self.process = None
+        fail_on_sanitizer_reports(self.conf_dir.parent)
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

@@ -4,9 +4,14 @@ With `broker.mosquitto_auth = "jwt"`, Mosquitto verifies device tokens itself th
 instead of the bridge mirroring each token into dynamic security. `provbridge mosquitto-config`
 calls `find_or_build_plugin`: the `.so` built in this checkout (`build/mosquitto_jwt/`, rebuilt
 when the source is newer), else one installed system-wide, else it is built here with `make`.
+
+With PROVBRIDGE_JWT_PLUGIN_SANITIZED=1 (tests only: `make test-jwt-sanitized`) it is the build with
+AddressSanitizer and UBSan (`build/mosquitto_jwt_asan/`, `make -C bridge/mosquitto/jwt asan`), which
+Mosquitto can load only with libasan preloaded: tests/helpers/mosquitto.py starts it so.
 """
 
 import glob
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +25,8 @@ PLUGIN_NAME = "provbridge_jwt.so"
 # The usernames the plugin takes for devices (bridge/claims/identifiers.py `new_device_id`); it defers all others.
 DEVICE_ID_RE = re.compile(r"dev_[a-z2-7]{26}")
 BUILD_OUTPUT = SOURCE_DIR.parents[2] / "build" / "mosquitto_jwt" / PLUGIN_NAME
+SANITIZED_ENV = "PROVBRIDGE_JWT_PLUGIN_SANITIZED"
+SANITIZED_OUTPUT = SOURCE_DIR.parents[2] / "build" / "mosquitto_jwt_asan" / PLUGIN_NAME
 INSTALLED_GLOBS = (
     f"/usr/local/lib/{PLUGIN_NAME}",
     f"/usr/local/lib/*/{PLUGIN_NAME}",
@@ -37,6 +44,11 @@ def is_device_id(username: str) -> bool:
     return DEVICE_ID_RE.fullmatch(username) is not None
 
 
+def sanitized() -> bool:
+    """Whether this process wants the sanitizer build of the plugin (PROVBRIDGE_JWT_PLUGIN_SANITIZED=1)."""
+    return os.environ.get(SANITIZED_ENV, "") not in ("", "0")
+
+
 def _fresh(path: Path) -> bool:
     sources = [SOURCE, SOURCE_DIR / "Makefile"]
     if not path.is_file():
@@ -46,14 +58,14 @@ def _fresh(path: Path) -> bool:
     return path.stat().st_mtime >= max(s.stat().st_mtime for s in sources)
 
 
-def build_plugin(out: Path = BUILD_OUTPUT) -> Path:
-    """Compile the plugin into `out` with make (-Wall -Wextra -Werror); BrokerConfigError if it cannot."""
+def build_plugin(out: Path = BUILD_OUTPUT, *, with_sanitizers: bool = False) -> Path:
+    """Compile the plugin into `out` with make (-Wall -Wextra -Werror), with AddressSanitizer and UBSan
+    when asked (`make asan`); BrokerConfigError if it cannot."""
     make = shutil.which("make")
     if make is None:
         raise BrokerConfigError(f"cannot build the provbridge_jwt Mosquitto plugin: no `make`; {BUILD_HINT}")
-    done = subprocess.run(
-        [make, "-s", "-C", str(SOURCE_DIR), f"OUT={out}"], capture_output=True, text=True, check=False
-    )
+    target = ["asan", f"ASAN_OUT={out}"] if with_sanitizers else [f"OUT={out}"]
+    done = subprocess.run([make, "-s", "-C", str(SOURCE_DIR), *target], capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.is_file():
         detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise BrokerConfigError(
@@ -71,7 +83,10 @@ def find_installed() -> Path | None:
 
 
 def find_or_build_plugin() -> Path:
-    """The plugin's `.so`: this checkout's fresh build, else an installed one, else built now."""
+    """The plugin's `.so`: this checkout's fresh build, else an installed one, else built now.
+    The sanitizer build when `sanitized()`: this checkout's, built now unless fresh, never an installed one."""
+    if sanitized():
+        return SANITIZED_OUTPUT if _fresh(SANITIZED_OUTPUT) else build_plugin(SANITIZED_OUTPUT, with_sanitizers=True)
     if _fresh(BUILD_OUTPUT):
         return BUILD_OUTPUT
     installed = find_installed()

@@ -39,6 +39,15 @@
  * bridge's own limit still answers such a client.
  *
  * Tokens are never logged: only the device id and the reason.
+ *
+ * The reference is the embedded broker (PyJWT 2.x and broker/acl.py): every decision here, with its
+ * reason, must equal its decision. tests/test_jwt_plugin_differential.py checks that on generated
+ * tokens, JWKS and denylist files, topics and filters through harness.c, under AddressSanitizer,
+ * UBSan and LeakSanitizer; the few places where this plugin is deliberately stricter are listed
+ * there (JSON that is not JSON or holds a NUL, a time claim that is a string, passwords over
+ * MAX_TOKEN_BYTES), all but the last needing the signing key. Library calls do the work wherever they
+ * are exact: OpenSSL (keys, ECDSA), cJSON (parsing), libmosquitto (topic matching). What is left is
+ * hand-written because no library call gives the reference's exact answer; each part says why.
  */
 
 #include <errno.h>
@@ -72,10 +81,12 @@
  * client's is this long (provisioning client ids are at most 64, device ids 30). */
 #define RATE_KEY_MAX 256
 
+#define NOT_A_JWT "password is not a JWT"
+
 /* --- state ------------------------------------------------------------------------------- */
 
 struct watched {
-	const char *path;
+	char *path;
 	bool present;
 	dev_t dev;
 	ino_t ino;
@@ -124,6 +135,9 @@ struct plugin {
 	size_t rate_count;
 	double rate_full_logged;
 	struct rate_entry *rate_buckets[RATE_BUCKETS];
+	/* The last good content of each file stays loaded while the file is unparsable, as
+	 * broker/watched.py keeps it (a corrupt JWKS must not lock every device out, a corrupt denylist
+	 * must not un-revoke devices); it is not used while the file is missing (`present` false). */
 	struct watched jwks_file;
 	struct watched denylist_file;
 	struct key *keys;
@@ -160,6 +174,13 @@ static bool is_device_id(const char *s)
 	return true;
 }
 
+/* --- base64url ---------------------------------------------------------------------------
+ * Hand-written: the reference is PyJWT's `_decode_base64url_segment`, which takes unpadded
+ * base64url, or padded with one or two `=` when the padded length is a multiple of 4, and refuses
+ * any other character and any non-canonical encoding (unused low bits not zero, so a signature has
+ * exactly one spelling). OpenSSL's decoder (EVP_DecodeBlock) reads the standard alphabet, skips
+ * whitespace and ignores the unused bits: it would need every one of these checks around it. */
+
 static int b64url_value(char c)
 {
 	if(c >= 'A' && c <= 'Z') return c - 'A';
@@ -170,11 +191,17 @@ static int b64url_value(char c)
 	return -1;
 }
 
-/* Strict unpadded base64url. Returns a malloc'd, NUL-terminated buffer, or NULL. */
+/* Returns a malloc'd buffer of *out_len bytes followed by a NUL, or NULL if `in` is not one. */
 static unsigned char *b64url_decode(const char *in, size_t len, size_t *out_len)
 {
+	size_t padding = 0;
+	while(padding < len && in[len - 1 - padding] == '='){
+		if(++padding > 2) return NULL;
+	}
+	if(padding > 0 && len % 4 != 0) return NULL;
+	len -= padding;
 	if(len % 4 == 1) return NULL;
-	unsigned char *out = malloc(len * 3 / 4 + 2);
+	unsigned char *out = malloc(len / 4 * 3 + 3); /* 3 bytes per 4 characters, 2 for a tail, the NUL */
 	if(out == NULL) return NULL;
 	size_t n = 0;
 	unsigned int acc = 0;
@@ -185,30 +212,133 @@ static unsigned char *b64url_decode(const char *in, size_t len, size_t *out_len)
 			free(out);
 			return NULL;
 		}
-		acc = (acc << 6) | (unsigned int)v;
+		acc = ((acc << 6) | (unsigned int)v) & 0xFFFFFFu;
 		bits += 6;
 		if(bits >= 8){
 			bits -= 8;
 			out[n++] = (unsigned char)((acc >> bits) & 0xFF);
 		}
 	}
+	if((acc & ((1u << bits) - 1)) != 0){ /* non-canonical: the leftover bits must be zero */
+		free(out);
+		return NULL;
+	}
 	out[n] = '\0';
 	*out_len = n;
 	return out;
 }
 
-/* JSON from base64url, as a JSON object; NULL if not. A NUL inside (raw or \u0000) is refused:
- * cJSON strings end at NUL, where Python's would go on. */
-static cJSON *b64url_json_object(const char *in, size_t len)
+/* --- JSON ---------------------------------------------------------------------------------
+ * cJSON parses; this gate first refuses what Python's json.loads refuses but cJSON takes, so both
+ * sides read the same documents: bytes that are not strict UTF-8 (Python decodes first), control
+ * characters in strings, whitespace other than space, tab, CR, LF (cJSON skips any byte <= 32),
+ * numbers outside the JSON grammar (cJSON hands `+1`, `01`, `.5`, `1.` to strtod). Trailing data
+ * is refused by cJSON itself (require_null_terminated). Stricter than Python, deliberately: a NUL,
+ * raw or as \u0000 (cJSON strings end at NUL, so "dev_a\u0000x" would read as "dev_a"), numbers
+ * longer than JSON_NUMBER_MAX characters (cJSON before 1.7.16, unpatched, cannot read them: refusing
+ * them here keeps the answer the same whatever the cJSON build), and NaN/Infinity (not JSON, RFC 8259;
+ * cJSON refuses them anyway). */
+
+#define JSON_NUMBER_MAX 63
+
+/* The length of the strict UTF-8 sequence at s (as Python's decoder accepts it), 0 if invalid. */
+static size_t utf8_sequence(const unsigned char *s, size_t n)
 {
-	size_t n;
-	unsigned char *raw = b64url_decode(in, len, &n);
-	if(raw == NULL) return NULL;
-	cJSON *json = NULL;
-	if(memchr(raw, '\0', n) == NULL && strstr((char *)raw, "\\u0000") == NULL){
-		json = cJSON_ParseWithLength((char *)raw, n);
+	unsigned char c = s[0];
+	size_t len;
+	unsigned char lo = 0x80, hi = 0xBF; /* the range of the second byte */
+	if(c < 0x80) return 1;
+	if(c >= 0xC2 && c <= 0xDF) len = 2;
+	else if(c >= 0xE0 && c <= 0xEF){
+		len = 3;
+		if(c == 0xE0) lo = 0xA0;      /* overlong */
+		else if(c == 0xED) hi = 0x9F; /* UTF-16 surrogates */
+	}else if(c >= 0xF0 && c <= 0xF4){
+		len = 4;
+		if(c == 0xF0) lo = 0x90;      /* overlong */
+		else if(c == 0xF4) hi = 0x8F; /* beyond U+10FFFF */
+	}else return 0;
+	if(n < len || s[1] < lo || s[1] > hi) return 0;
+	for(size_t i = 2; i < len; i++){
+		if(s[i] < 0x80 || s[i] > 0xBF) return 0;
 	}
-	free(raw);
+	return len;
+}
+
+static bool is_number_char(unsigned char c)
+{
+	return (c >= '0' && c <= '9') || c == '+' || c == '-' || c == 'e' || c == 'E' || c == '.';
+}
+
+/* Whether s[0..n) is exactly a JSON number: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+static bool json_number(const unsigned char *s, size_t n)
+{
+	size_t i = 0;
+	if(i < n && s[i] == '-') i++;
+	if(i < n && s[i] == '0') i++;
+	else if(i < n && s[i] >= '1' && s[i] <= '9'){
+		while(i < n && s[i] >= '0' && s[i] <= '9') i++;
+	}else return false;
+	if(i < n && s[i] == '.'){
+		size_t digits = ++i;
+		while(i < n && s[i] >= '0' && s[i] <= '9') i++;
+		if(i == digits) return false;
+	}
+	if(i < n && (s[i] == 'e' || s[i] == 'E')){
+		i++;
+		if(i < n && (s[i] == '+' || s[i] == '-')) i++;
+		size_t digits = i;
+		while(i < n && s[i] >= '0' && s[i] <= '9') i++;
+		if(i == digits) return false;
+	}
+	return i == n;
+}
+
+static bool json_text_ok(const unsigned char *s, size_t n)
+{
+	bool in_string = false;
+	size_t i = 0;
+	while(i < n){
+		unsigned char c = s[i];
+		if(c >= 0x80){
+			size_t len = utf8_sequence(s + i, n - i);
+			if(len == 0) return false;
+			i += len;
+		}else if(in_string){
+			if(c < 0x20) return false;
+			if(c == '"') in_string = false;
+			if(c == '\\'){
+				if(i + 1 >= n || s[i + 1] >= 0x80) return false; /* cJSON would refuse it too */
+				if(s[i + 1] == 'u' && n - i >= 6 && memcmp(s + i + 2, "0000", 4) == 0) return false;
+				i++; /* the escaped character: `\"` does not end the string */
+			}
+			i++;
+		}else if(c == '"'){
+			in_string = true;
+			i++;
+		}else if(c == '-' || (c >= '0' && c <= '9')){
+			size_t start = i;
+			while(i < n && is_number_char(s[i])) i++;
+			if(i - start > JSON_NUMBER_MAX || !json_number(s + start, i - start)) return false;
+		}else{
+			if(c < 0x20 && c != '\t' && c != '\n' && c != '\r') return false;
+			i++;
+		}
+	}
+	return true;
+}
+
+/* The JSON document text[0..n), where text[n] is a NUL; NULL unless it is one (see above). */
+static cJSON *parse_json(const char *text, size_t n)
+{
+	if(!json_text_ok((const unsigned char *)text, n)) return NULL;
+	return cJSON_ParseWithLengthOpts(text, n + 1, NULL, true);
+}
+
+/* JSON from base64url, as a JSON object; NULL if not. */
+static cJSON *json_object_of(const unsigned char *raw, size_t n)
+{
+	cJSON *json = parse_json((const char *)raw, n);
 	if(json != NULL && !cJSON_IsObject(json)){
 		cJSON_Delete(json);
 		return NULL;
@@ -216,9 +346,20 @@ static cJSON *b64url_json_object(const char *in, size_t len)
 	return json;
 }
 
+/* The member `name` of `object`, the last one when a name repeats (Python's json keeps the last). */
 static const cJSON *member(const cJSON *object, const char *name)
 {
-	return cJSON_GetObjectItemCaseSensitive(object, name);
+	const cJSON *found = NULL, *item;
+	if(!cJSON_IsObject(object)) return NULL;
+	cJSON_ArrayForEach(item, object){
+		if(item->string != NULL && strcmp(item->string, name) == 0) found = item;
+	}
+	return found;
+}
+
+static bool string_is(const cJSON *value, const char *expected)
+{
+	return cJSON_IsString(value) && strcmp(value->valuestring, expected) == 0;
 }
 
 /* Python's int(x) of a JSON number: truncation toward zero, clamped to avoid overflow. */
@@ -229,7 +370,15 @@ static long long truncated(double value)
 	return (long long)value;
 }
 
-/* --- topics: provwire/topics.py and broker/acl.py ---------------------------------------- */
+/* --- topics: provwire/topics.py and broker/acl.py ----------------------------------------
+ * The validity rules are provwire's, hand-written because libmosquitto's mosquitto_sub_topic_check
+ * knows nothing of `$share/<group>/` (provwire needs a literal, non-empty group and a filter after
+ * it) and adds a 65535-byte limit the reference does not have. Matching a topic is libmosquitto's
+ * own mosquitto_topic_matches_sub (exported by the broker), exact for valid input: `a/#` matches
+ * `a`, `+` matches one level (an empty one too), wildcards in the first level skip `$` topics.
+ * Coverage of a filter by a filter is hand-written: Mosquitto 2.0 has no call for it
+ * (mosquitto_sub_matches_acl came with 2.1), and broker/acl.py `filter_covers` also has the
+ * shared-subscription rule. */
 
 static bool is_valid_topic(const char *topic)
 {
@@ -275,21 +424,9 @@ static bool level_is(const char *level, size_t len, const char *literal)
 
 static bool topic_matches(const char *filter, const char *topic)
 {
+	bool result = false;
 	if(!is_valid_filter(filter) || !is_valid_topic(topic)) return false;
-	if(topic[0] == '$' && (filter[0] == '+' || filter[0] == '#')) return false;
-	const char *f = filter, *t = topic;
-	for(;;){
-		size_t flen = level_len(f);
-		if(level_is(f, flen, "#")) return true; /* also matches the parent level */
-		if(t == NULL) return false;
-		size_t tlen = level_len(t);
-		if(!level_is(f, flen, "+") && (flen != tlen || memcmp(f, t, flen) != 0)) return false;
-		const char *fnext = f[flen] == '/' ? f + flen + 1 : NULL;
-		const char *tnext = t[tlen] == '/' ? t + tlen + 1 : NULL;
-		if(fnext == NULL) return tnext == NULL;
-		f = fnext;
-		t = tnext;
-	}
+	return mosquitto_topic_matches_sub(filter, topic, &result) == MOSQ_ERR_SUCCESS && result;
 }
 
 /* For `$share/<group>/<rest>`: the group and rest, else false. */
@@ -370,7 +507,8 @@ static cJSON *read_json(const char *path)
 		if(size >= 0 && size <= MAX_FILE_BYTES && fseek(f, 0, SEEK_SET) == 0){
 			buf = malloc((size_t)size + 1);
 			if(buf != NULL && fread(buf, 1, (size_t)size, f) == (size_t)size){
-				json = cJSON_ParseWithLength(buf, (size_t)size);
+				buf[size] = '\0';
+				json = parse_json(buf, (size_t)size);
 			}
 		}
 	}
@@ -379,15 +517,13 @@ static cJSON *read_json(const char *path)
 	return json;
 }
 
-static void free_keys(struct plugin *p)
+static void free_key_array(struct key *keys, size_t count)
 {
-	for(size_t i = 0; i < p->key_count; i++){
-		free(p->keys[i].kid);
-		EVP_PKEY_free(p->keys[i].pkey);
+	for(size_t i = 0; i < count; i++){
+		free(keys[i].kid);
+		EVP_PKEY_free(keys[i].pkey);
 	}
-	free(p->keys);
-	p->keys = NULL;
-	p->key_count = 0;
+	free(keys);
 }
 
 static bool coordinate(const cJSON *jwk, const char *name, unsigned char *out32)
@@ -400,11 +536,6 @@ static bool coordinate(const cJSON *jwk, const char *name, unsigned char *out32)
 	if(ok) memcpy(out32, raw, 32);
 	free(raw);
 	return ok;
-}
-
-static bool string_is(const cJSON *value, const char *expected)
-{
-	return cJSON_IsString(value) && strcmp(value->valuestring, expected) == 0;
 }
 
 /* An EC P-256 public key from a JWK (broker/tokens.py `_public_key`), or NULL with a reason. */
@@ -454,81 +585,95 @@ static EVP_PKEY *jwk_public_key(const cJSON *jwk, const char **reason)
 	return pkey;
 }
 
-static const struct key *find_key(const struct plugin *p, const char *kid)
+static const struct key *find_in(const struct key *keys, size_t count, const char *kid)
 {
-	for(size_t i = 0; i < p->key_count; i++){
-		if(strcmp(p->keys[i].kid, kid) == 0) return &p->keys[i];
+	for(size_t i = 0; i < count; i++){
+		if(strcmp(keys[i].kid, kid) == 0) return &keys[i];
 	}
 	return NULL;
 }
 
-/* Re-read the JWKS. Missing or unparsable: no keys (every token refused). */
+/* The key `kid` names; none while the JWKS file is missing (its last good keys wait for it). */
+static const struct key *find_key(const struct plugin *p, const char *kid)
+{
+	return p->jwks_file.present ? find_in(p->keys, p->key_count, kid) : NULL;
+}
+
+/* Re-read the JWKS (broker/tokens.py `parse_jwks`). Missing: no keys; unparsable: the last good
+ * keys are kept (broker/watched.py). Unusable keys are skipped with a warning. */
 static void load_jwks(struct plugin *p)
 {
-	free_keys(p);
 	if(!p->jwks_file.present){
 		mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "cannot read %s: no device can connect", p->jwks_file.path);
 		return;
 	}
 	cJSON *doc = read_json(p->jwks_file.path);
-	const cJSON *keys = cJSON_IsObject(doc) ? member(doc, "keys") : NULL;
-	if(!cJSON_IsArray(keys)){
-		mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "ignoring %s: a JWKS must be an object with a \"keys\" list",
+	const cJSON *keys = member(doc, "keys");
+	struct key *loaded = cJSON_IsArray(keys) ? calloc((size_t)cJSON_GetArraySize(keys) + 1, sizeof(struct key)) : NULL;
+	if(loaded == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				LOG_PREFIX "ignoring %s (keeping its last good content): a JWKS must be an object with a \"keys\" list",
 				p->jwks_file.path);
 		cJSON_Delete(doc);
 		return;
 	}
-	p->keys = calloc((size_t)cJSON_GetArraySize(keys) + 1, sizeof(struct key));
+	size_t count = 0;
 	int index = 0;
 	const cJSON *jwk;
 	cJSON_ArrayForEach(jwk, keys){
-		const cJSON *kid = cJSON_IsObject(jwk) ? member(jwk, "kid") : NULL;
+		const cJSON *kid = member(jwk, "kid");
 		const char *reason = NULL;
 		if(!cJSON_IsString(kid) || kid->valuestring[0] == '\0'){
 			mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key #%d has no kid: skipped", index);
-		}else if(find_key(p, kid->valuestring) != NULL){
+		}else if(find_in(loaded, count, kid->valuestring) != NULL){
 			mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key '%s' appears twice: the later one is skipped",
 					kid->valuestring);
-		}else if(p->keys != NULL){
+		}else{
 			EVP_PKEY *pkey = jwk_public_key(jwk, &reason);
-			if(pkey == NULL){
-				mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key '%s' skipped: %s", kid->valuestring, reason);
+			char *copy = pkey != NULL ? strdup(kid->valuestring) : NULL;
+			if(copy == NULL){
+				EVP_PKEY_free(pkey);
+				mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key '%s' skipped: %s", kid->valuestring,
+						reason != NULL ? reason : "out of memory");
 			}else{
-				p->keys[p->key_count].kid = strdup(kid->valuestring);
-				p->keys[p->key_count].pkey = pkey;
-				p->key_count++;
+				loaded[count].kid = copy;
+				loaded[count].pkey = pkey;
+				count++;
 			}
 		}
 		index++;
 	}
 	cJSON_Delete(doc);
+	free_key_array(p->keys, p->key_count);
+	p->keys = loaded;
+	p->key_count = count;
 	mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "%zu signing key(s) from %s", p->key_count, p->jwks_file.path);
 }
 
-static void free_denied(struct plugin *p)
+static void free_denied(struct denied *denied, size_t count)
 {
-	for(size_t i = 0; i < p->denied_count; i++) free(p->denied[i].device_id);
-	free(p->denied);
-	p->denied = NULL;
-	p->denied_count = 0;
+	for(size_t i = 0; i < count; i++) free(denied[i].device_id);
+	free(denied);
 }
 
+/* Until when `device_id` is refused (0: it is not); the last entry wins, as in a Python dict. */
 static long long denied_until(const struct plugin *p, const char *device_id)
 {
+	long long until = 0;
+	if(!p->denylist_file.present) return 0;
 	for(size_t i = 0; i < p->denied_count; i++){
-		if(strcmp(p->denied[i].device_id, device_id) == 0) return p->denied[i].until;
+		if(strcmp(p->denied[i].device_id, device_id) == 0) until = p->denied[i].until;
 	}
-	return 0;
+	return until;
 }
 
 /* Re-read the denylist: {"devices": {device id: until}}. Missing is the normal "nobody revoked";
- * an invalid file is ignored with a warning (broker/denylist.py does the same). */
+ * an invalid file is ignored with a warning, its last good content kept (broker/denylist.py). */
 static void load_denylist(struct plugin *p)
 {
-	free_denied(p);
 	if(!p->denylist_file.present) return;
 	cJSON *doc = read_json(p->denylist_file.path);
-	const cJSON *devices = cJSON_IsObject(doc) ? member(doc, "devices") : NULL;
+	const cJSON *devices = member(doc, "devices");
 	bool ok = cJSON_IsObject(devices);
 	const cJSON *entry;
 	if(ok){
@@ -536,21 +681,26 @@ static void load_denylist(struct plugin *p)
 			if(!cJSON_IsNumber(entry) || entry->valuedouble != floor(entry->valuedouble)) ok = false;
 		}
 	}
-	if(!ok){
-		mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "ignoring %s: expected {\"devices\": {device id: until}}",
+	struct denied *loaded = ok ? calloc((size_t)cJSON_GetArraySize(devices) + 1, sizeof(struct denied)) : NULL;
+	if(loaded == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				LOG_PREFIX "ignoring %s (keeping its last good content): expected {\"devices\": {device id: until}}",
 				p->denylist_file.path);
 		cJSON_Delete(doc);
 		return;
 	}
-	p->denied = calloc((size_t)cJSON_GetArraySize(devices) + 1, sizeof(struct denied));
-	if(p->denied != NULL){
-		cJSON_ArrayForEach(entry, devices){
-			p->denied[p->denied_count].device_id = strdup(entry->string);
-			p->denied[p->denied_count].until = truncated(entry->valuedouble);
-			p->denied_count++;
-		}
+	size_t count = 0;
+	cJSON_ArrayForEach(entry, devices){
+		char *copy = strdup(entry->string);
+		if(copy == NULL) continue;
+		loaded[count].device_id = copy;
+		loaded[count].until = truncated(entry->valuedouble);
+		count++;
 	}
 	cJSON_Delete(doc);
+	free_denied(p->denied, p->denied_count);
+	p->denied = loaded;
+	p->denied_count = count;
 }
 
 static void refresh_files(struct plugin *p)
@@ -597,7 +747,9 @@ static void session_remove(struct plugin *p, const struct mosquitto *client)
 	}
 }
 
-/* --- publish limit: token buckets keyed by client id -------------------------------------- */
+/* --- publish limit: token buckets keyed by client id --------------------------------------
+ * Hand-written: Mosquitto 2.0 has no per-client publish rate (see the top of this file), and a
+ * token bucket is a few lines of arithmetic; the table is a plain chained hash with a random seed. */
 
 static size_t rate_key_len(const char *client_id)
 {
@@ -700,7 +852,11 @@ static void rate_forget_full(struct plugin *p, const char *client_id)
 	}
 }
 
-/* --- token verification ------------------------------------------------------------------ */
+/* --- token verification ------------------------------------------------------------------
+ * The JWS split and the claim checks are hand-written against PyJWT 2.x, step for step and reason
+ * for reason (the reasons are broker/tokens.py's). A C JWT library (libjwt) decides differently
+ * on base64, `crit`, claim types and times, and would need the same checks around it. The
+ * signature itself is OpenSSL's. */
 
 static bool es256_verify(EVP_PKEY *pkey, const char *input, size_t input_len, const unsigned char *raw_sig)
 {
@@ -726,9 +882,15 @@ static bool es256_verify(EVP_PKEY *pkey, const char *input, size_t input_len, co
 	return ok;
 }
 
-/* A claim PyJWT converts with int(): here a JSON number (strings are refused). */
+/* A time claim as PyJWT reads it, int(value): a finite JSON number truncated, true 1, false 0.
+ * Strings are refused (a NumericDate is a JSON number, RFC 7519 §2; Python's int() would read
+ * "123"): the one place this is stricter than PyJWT, for tokens only the issuer could sign. */
 static bool int_claim(const cJSON *value, long long *out)
 {
+	if(cJSON_IsBool(value)){
+		*out = cJSON_IsTrue(value) ? 1 : 0;
+		return true;
+	}
 	if(!cJSON_IsNumber(value) || !isfinite(value->valuedouble)) return false;
 	*out = truncated(value->valuedouble);
 	return true;
@@ -754,7 +916,7 @@ static bool filters_ok(const cJSON *acl, const char *key)
 	return true;
 }
 
-/* The claims checks of broker/tokens.py (PyJWT) and broker/acl.py `device_grant`. */
+/* The claims checks of PyJWT `_validate_claims` (in its order) and broker/acl.py `device_grant`. */
 static const char *check_claims(const struct plugin *p, const cJSON *claims, const char *device_id, double now)
 {
 	static const char *required[] = {"exp", "iss", "aud", "sub"};
@@ -764,9 +926,15 @@ static const char *check_claims(const struct plugin *p, const cJSON *claims, con
 	}
 	long long t;
 	const cJSON *iat = member(claims, "iat"), *nbf = member(claims, "nbf"), *exp = member(claims, "exp");
-	if(iat != NULL && (!int_claim(iat, &t) || (double)t > now)) return "token not valid yet";
-	if(nbf != NULL && (!int_claim(nbf, &t) || (double)t > now)) return "token not valid yet";
-	if(!int_claim(exp, &t)) return "token exp is not a number";
+	if(iat != NULL){
+		if(!int_claim(iat, &t)) return "token invalid";
+		if((double)t > now) return "token not valid yet";
+	}
+	if(nbf != NULL){
+		if(!int_claim(nbf, &t)) return "token invalid";
+		if((double)t > now) return "token not valid yet";
+	}
+	if(!int_claim(exp, &t)) return "token invalid";
 	if((double)t <= now) return "token expired";
 	if(!string_is(member(claims, "iss"), p->issuer)) return "token issuer mismatch";
 	const cJSON *aud = member(claims, "aud");
@@ -783,55 +951,158 @@ static const char *check_claims(const struct plugin *p, const cJSON *claims, con
 	if(!string_is(member(claims, "sub"), device_id)) return "token subject is not the username";
 	const cJSON *jti = member(claims, "jti");
 	if(jti != NULL && !cJSON_IsString(jti)) return "token invalid";
-	const cJSON *acl = member(claims, "acl");
-	if(!cJSON_IsObject(acl)) return "token has no acl object";
-	if(!filters_ok(acl, "pub")) return "token acl.pub must be a list of topic filters";
-	if(!filters_ok(acl, "sub")) return "token acl.sub must be a list of topic filters";
+	/* broker/acl.py device_grant */
+	if(!cJSON_IsObject(member(claims, "acl"))) return "token has no acl object";
+	if(!cJSON_IsNumber(exp) || !isfinite(exp->valuedouble)) return "token exp is not a number";
+	if(!filters_ok(member(claims, "acl"), "sub")) return "token acl.sub must be a list of topic filters";
+	if(!filters_ok(member(claims, "acl"), "pub")) return "token acl.pub must be a list of topic filters";
 	return NULL;
 }
 
-/* Verify `token` for `device_id`. On success returns NULL and sets *claims_out (caller frees). */
+/* PyJWS `_validate_crit`: a non-empty list of extensions PyJWT supports (only b64), each present. */
+static bool crit_ok(const cJSON *header, const cJSON *crit)
+{
+	if(!cJSON_IsArray(crit) || crit->child == NULL) return false;
+	const cJSON *ext;
+	cJSON_ArrayForEach(ext, crit){
+		if(!string_is(ext, "b64") || member(header, "b64") == NULL) return false;
+	}
+	return true;
+}
+
+/* Verify `token` for `device_id` as broker/tokens.py `verify_device_token` does (PyJWT 2.x).
+ * On success returns NULL and sets *claims_out (the caller frees it); else the refusal reason. */
 static const char *verify_token(const struct plugin *p, const char *token, const char *device_id, double now,
 		cJSON **claims_out)
 {
 	if(token == NULL || token[0] == '\0') return "device password (token) missing";
 	size_t len = strlen(token);
-	if(len > MAX_TOKEN_BYTES) return "password is not a JWT";
-	const char *dot1 = strchr(token, '.');
-	const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
-	if(dot1 == NULL || dot2 == NULL || strchr(dot2 + 1, '.') != NULL) return "password is not a JWT";
+	if(len > MAX_TOKEN_BYTES) return NOT_A_JWT; /* deliberately bounded: a token is a few hundred bytes */
+	/* PyJWS `_load`: the signature after the last dot, the header before the first, the payload
+	 * between; all three must be base64url and the header a JSON object, before anything else. */
+	const char *dot1 = strchr(token, '.'), *dot2 = strrchr(token, '.');
+	if(dot1 == NULL || dot2 == dot1) return NOT_A_JWT;
+	const char *payload_seg = dot1 + 1, *sig_seg = dot2 + 1;
+	size_t payload_len = (size_t)(dot2 - payload_seg);
 
-	cJSON *header = b64url_json_object(token, (size_t)(dot1 - token));
-	if(header == NULL) return "password is not a JWT";
-	/* The algorithm is this code's, never the token's: anything but ES256 is refused. */
 	const char *reason = NULL;
-	const cJSON *kid = member(header, "kid");
+	unsigned char *header_raw = NULL, *payload_raw = NULL, *sig = NULL;
+	size_t header_n = 0, payload_n = 0, sig_n = 0;
+	cJSON *header = NULL, *claims = NULL;
+	const cJSON *kid = NULL, *crit = NULL;
 	const struct key *key = NULL;
+	bool detached = false;
+
+	header_raw = b64url_decode(token, (size_t)(dot1 - token), &header_n);
+	header = header_raw != NULL ? json_object_of(header_raw, header_n) : NULL;
+	if(header == NULL){
+		reason = NOT_A_JWT;
+		goto done;
+	}
+	/* b64: false (RFC 7797) means a detached payload: the segment must be empty, and PyJWT then
+	 * refuses the token for want of the payload (below, after the kid). */
+	detached = cJSON_IsFalse(member(header, "b64"));
+	if(detached){
+		if(payload_len != 0) reason = NOT_A_JWT;
+	}else{
+		payload_raw = b64url_decode(payload_seg, payload_len, &payload_n);
+		if(payload_raw == NULL) reason = NOT_A_JWT;
+	}
+	if(reason == NULL){
+		sig = b64url_decode(sig_seg, strlen(sig_seg), &sig_n);
+		if(sig == NULL) reason = NOT_A_JWT;
+	}
+	if(reason != NULL) goto done;
+	/* PyJWS `_validate_headers` */
+	kid = member(header, "kid");
+	crit = member(header, "crit");
+	if((kid != NULL && !cJSON_IsString(kid)) || (crit != NULL && !crit_ok(header, crit))){
+		reason = NOT_A_JWT;
+		goto done;
+	}
+	/* The algorithm is this code's, never the token's: anything but ES256 is refused. */
 	if(!string_is(member(header, "alg"), "ES256")){
 		reason = "token algorithm must be ES256";
-	}else if(member(header, "crit") != NULL || member(header, "b64") != NULL){
-		reason = "token header has unsupported parameters";
-	}else if(!cJSON_IsString(kid) || (key = find_key(p, kid->valuestring)) == NULL){
-		reason = "token kid names no key of the JWKS";
+		goto done;
 	}
-	cJSON_Delete(header);
-	if(reason != NULL) return reason;
-
-	size_t sig_len;
-	unsigned char *sig = b64url_decode(dot2 + 1, strlen(dot2 + 1), &sig_len);
-	bool signed_ok = sig != NULL && sig_len == 64 && es256_verify(key->pkey, token, (size_t)(dot2 - token), sig);
-	free(sig);
-	if(!signed_ok) return "token signature invalid";
-
-	cJSON *claims = b64url_json_object(dot1 + 1, (size_t)(dot2 - dot1 - 1));
-	if(claims == NULL) return "token invalid";
+	if(kid == NULL || (key = find_key(p, kid->valuestring)) == NULL){
+		reason = "token kid names no key of the JWKS";
+		goto done;
+	}
+	if(detached){
+		reason = "token invalid";
+		goto done;
+	}
+	if(sig_n != 64 || !es256_verify(key->pkey, token, (size_t)(dot2 - token), sig)){
+		reason = "token signature invalid";
+		goto done;
+	}
+	claims = json_object_of(payload_raw, payload_n);
+	if(claims == NULL){
+		reason = "token invalid";
+		goto done;
+	}
 	reason = check_claims(p, claims, device_id, now);
-	if(reason != NULL){
+	if(reason == NULL){
+		*claims_out = claims;
+		claims = NULL;
+	}
+done:
+	cJSON_Delete(claims);
+	cJSON_Delete(header);
+	free(sig);
+	free(payload_raw);
+	free(header_raw);
+	return reason;
+}
+
+/* The CONNECT decision for a device (broker/auth.py `Authenticator._device`): NULL when accepted,
+ * with the verified claims in *claims_out (the caller frees them) and the denylist's until in
+ * *until_out; else the reason it is refused. */
+static const char *authenticate_device(struct plugin *p, const char *device_id, const char *client_id,
+		const char *password, double now, cJSON **claims_out, long long *until_out)
+{
+	cJSON *claims = NULL;
+	const char *reason;
+	if(client_id == NULL || strcmp(client_id, device_id) != 0) return "client id must equal the device id";
+	reason = verify_token(p, password, device_id, now, &claims);
+	if(reason != NULL) return reason;
+	long long until = denied_until(p, device_id);
+	if(now < (double)until){
 		cJSON_Delete(claims);
-		return reason;
+		return "device is revoked";
 	}
 	*claims_out = claims;
+	*until_out = until;
 	return NULL;
+}
+
+/* The ACL decision for an authenticated device session (broker/acl.py `Grant.permits` and the
+ * denylist): `topic` is a filter for SUBSCRIBE, else a topic name. */
+static bool acl_allows(const struct session *s, int access, const char *topic, long long now)
+{
+	const cJSON *item;
+	if(access == MOSQ_ACL_UNSUBSCRIBE) return true; /* harms no one */
+	if(now >= s->exp || now < s->denied_until || topic == NULL) return false;
+	switch(access){
+		case MOSQ_ACL_WRITE:
+			cJSON_ArrayForEach(item, member(s->acl, "pub")){
+				if(topic_matches(item->valuestring, topic)) return true;
+			}
+			return false;
+		case MOSQ_ACL_READ:
+			cJSON_ArrayForEach(item, member(s->acl, "sub")){
+				if(topic_matches(item->valuestring, topic)) return true;
+			}
+			return false;
+		case MOSQ_ACL_SUBSCRIBE:
+			cJSON_ArrayForEach(item, member(s->acl, "sub")){
+				if(filter_covers(item->valuestring, topic)) return true;
+			}
+			return false;
+		default:
+			return false;
+	}
 }
 
 /* --- callbacks --------------------------------------------------------------------------- */
@@ -847,17 +1118,10 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 
 	refresh_files(p);
 	const char *device_id = ed->username;
-	const char *client_id = mosquitto_client_id(ed->client);
-	double now = now_seconds();
 	cJSON *claims = NULL;
-	const char *reason = NULL;
-	if(client_id == NULL || strcmp(client_id, device_id) != 0){
-		reason = "client id must equal the device id";
-	}else{
-		reason = verify_token(p, ed->password, device_id, now, &claims);
-	}
-	long long until = reason == NULL ? denied_until(p, device_id) : 0;
-	if(reason == NULL && now < (double)until) reason = "device is revoked";
+	long long until = 0;
+	const char *reason = authenticate_device(p, device_id, mosquitto_client_id(ed->client), ed->password,
+			now_seconds(), &claims, &until);
 	struct session *s = reason == NULL ? calloc(1, sizeof(*s)) : NULL;
 	if(reason == NULL && s == NULL) reason = "out of memory";
 	if(reason != NULL){
@@ -871,7 +1135,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	int_claim(member(claims, "exp"), &exp);
 	s->exp = exp;
 	s->denied_until = until;
-	s->acl = cJSON_DetachItemFromObjectCaseSensitive(claims, "acl");
+	s->acl = cJSON_DetachItemViaPointer(claims, (cJSON *)member(claims, "acl"));
 	cJSON_Delete(claims);
 	size_t b = bucket_of(ed->client);
 	s->next = p->buckets[b];
@@ -879,15 +1143,6 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	p->sessions++;
 	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted %s until %lld", device_id, exp);
 	return MOSQ_ERR_SUCCESS;
-}
-
-static bool any_filter(const cJSON *acl, const char *key, const char *topic, bool subscribe)
-{
-	const cJSON *item;
-	cJSON_ArrayForEach(item, member(acl, key)){
-		if(subscribe ? filter_covers(item->valuestring, topic) : topic_matches(item->valuestring, topic)) return true;
-	}
-	return false;
 }
 
 static int on_acl_check(int event, void *event_data, void *userdata)
@@ -907,24 +1162,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		if(client_id != NULL && !is_bridge && !rate_take(p, client_id)) return MOSQ_ERR_ACL_DENIED;
 	}
 	if(s == NULL) return MOSQ_ERR_PLUGIN_DEFER; /* not a device this plugin let in */
-	long long now = (long long)time(NULL);
-	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS; /* harms no one */
-	if(now >= s->exp || now < s->denied_until || ed->topic == NULL) return MOSQ_ERR_ACL_DENIED;
-	bool allowed = false;
-	switch(ed->access){
-		case MOSQ_ACL_WRITE:
-			allowed = any_filter(s->acl, "pub", ed->topic, false);
-			break;
-		case MOSQ_ACL_READ:
-			allowed = any_filter(s->acl, "sub", ed->topic, false);
-			break;
-		case MOSQ_ACL_SUBSCRIBE:
-			allowed = any_filter(s->acl, "sub", ed->topic, true);
-			break;
-		default:
-			break;
-	}
-	return allowed ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+	return acl_allows(s, ed->access, ed->topic, (long long)time(NULL)) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 }
 
 static int on_disconnect(int event, void *event_data, void *userdata)
@@ -995,51 +1233,63 @@ static void free_plugin(struct plugin *p)
 	for(size_t b = 0; b < RATE_BUCKETS; b++){
 		while(p->rate_buckets[b] != NULL) rate_unlink(p, &p->rate_buckets[b]);
 	}
-	free_keys(p);
-	free_denied(p);
-	free((char *)p->jwks_file.path);
-	free((char *)p->denylist_file.path);
+	free_key_array(p->keys, p->key_count);
+	free_denied(p->denied, p->denied_count);
+	free(p->jwks_file.path);
+	free(p->denylist_file.path);
 	free(p->audience);
 	free(p->issuer);
 	free(p->bridge_username);
 	free(p);
 }
 
-int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, struct mosquitto_opt *options,
-		int option_count)
+/* The string option `key` names, or NULL when it is not one. */
+static char **string_option(struct plugin *p, const char *key)
+{
+	if(!strcmp(key, "jwks_file")) return &p->jwks_file.path;
+	if(!strcmp(key, "denylist_file")) return &p->denylist_file.path;
+	if(!strcmp(key, "audience")) return &p->audience;
+	if(!strcmp(key, "issuer")) return &p->issuer;
+	if(!strcmp(key, "bridge_username")) return &p->bridge_username;
+	return NULL;
+}
+
+/* The plugin's state from its options, NULL (logged) when they are unusable. */
+static struct plugin *plugin_new(struct mosquitto_opt *options, int option_count, int *rc)
 {
 	struct plugin *p = calloc(1, sizeof(*p));
-	if(p == NULL) return MOSQ_ERR_NOMEM;
-	p->pid = identifier;
+	*rc = MOSQ_ERR_NOMEM;
+	if(p == NULL) return NULL;
 	for(int i = 0; i < option_count; i++){
-		char **slot = NULL;
-		if(!strcmp(options[i].key, "jwks_file")) slot = (char **)&p->jwks_file.path;
-		else if(!strcmp(options[i].key, "denylist_file")) slot = (char **)&p->denylist_file.path;
-		else if(!strcmp(options[i].key, "audience")) slot = &p->audience;
-		else if(!strcmp(options[i].key, "issuer")) slot = &p->issuer;
-		else if(!strcmp(options[i].key, "bridge_username")) slot = &p->bridge_username;
-		else if(!strcmp(options[i].key, "publish_rate") || !strcmp(options[i].key, "publish_burst")){
+		char **slot = string_option(p, options[i].key);
+		if(slot != NULL){
+			char *copy = strdup(options[i].value);
+			if(copy == NULL){
+				free_plugin(p);
+				return NULL;
+			}
+			free(*slot);
+			*slot = copy;
+		}else if(!strcmp(options[i].key, "publish_rate") || !strcmp(options[i].key, "publish_burst")){
 			char *end = NULL;
 			errno = 0;
 			double value = strtod(options[i].value, &end);
 			if(errno != 0 || end == options[i].value || *end != '\0' || !isfinite(value) || value < 0){
 				mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_%s must be a number >= 0", options[i].key);
 				free_plugin(p);
-				return MOSQ_ERR_INVAL;
+				*rc = MOSQ_ERR_INVAL;
+				return NULL;
 			}
 			if(!strcmp(options[i].key, "publish_rate")) p->publish_rate = value;
 			else p->publish_burst = floor(value);
 		}
-		if(slot != NULL){
-			free(*slot);
-			*slot = strdup(options[i].value);
-		}
 	}
+	*rc = MOSQ_ERR_INVAL;
 	if(!p->jwks_file.path || !p->denylist_file.path || !p->audience || !p->issuer){
 		mosquitto_log_printf(MOSQ_LOG_ERR,
 				LOG_PREFIX "needs plugin_opt_jwks_file, plugin_opt_denylist_file, plugin_opt_audience, plugin_opt_issuer");
 		free_plugin(p);
-		return MOSQ_ERR_INVAL;
+		return NULL;
 	}
 	if(getrandom(&p->rate_seed, sizeof(p->rate_seed), GRND_NONBLOCK) != (ssize_t)sizeof(p->rate_seed)){
 		p->rate_seed = (uint32_t)(monotonic_seconds() * 1e9) ^ (uint32_t)(uintptr_t)p;
@@ -1048,7 +1298,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 	if(p->publish_rate > 0 && p->bridge_username == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_publish_rate needs plugin_opt_bridge_username");
 		free_plugin(p);
-		return MOSQ_ERR_INVAL;
+		return NULL;
 	}
 	if(p->publish_rate > 0){
 		mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "publishes limited to %g/s, burst %g, per client id (not %s)",
@@ -1056,6 +1306,17 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 	}
 	refresh_files(p);
 	if(!p->jwks_file.present) load_jwks(p); /* says so in the log */
+	*rc = MOSQ_ERR_SUCCESS;
+	return p;
+}
+
+int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, struct mosquitto_opt *options,
+		int option_count)
+{
+	int rc;
+	struct plugin *p = plugin_new(options, option_count, &rc);
+	if(p == NULL) return rc;
+	p->pid = identifier;
 	if(mosquitto_callback_register(p->pid, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, p) != MOSQ_ERR_SUCCESS
 			|| mosquitto_callback_register(p->pid, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, p) != MOSQ_ERR_SUCCESS
 			|| mosquitto_callback_register(p->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, p) != MOSQ_ERR_SUCCESS

@@ -1,0 +1,280 @@
+/*
+ * harness.c: the provbridge_jwt plugin's decisions as a small program, for
+ * tests/test_jwt_plugin_differential.py, which holds them against the embedded broker's (PyJWT,
+ * broker/acl.py). It includes provbridge_jwt.c itself, so the very functions Mosquitto calls are
+ * the ones tested, static ones included; `make -C bridge/mosquitto/jwt harness` builds it with
+ * AddressSanitizer and UBSan (any report aborts it, and the test with it).
+ *
+ * A program rather than a shared library for ctypes: an ASan-instrumented library needs the ASan
+ * runtime preloaded into the process that loads it, i.e. into pytest and all it imports.
+ *
+ * Protocol on stdin/stdout, one request then one answer, until end of input. A request is one
+ * command byte, then its fields; an answer is one code byte, the number of its fields (4 bytes),
+ * then its fields. A field or a number is a 4-byte little-endian length and that many bytes. The plugin gets each field as a C string (Mosquitto
+ * hands it the password as one too): a field is cut at its first NUL byte.
+ *
+ *   P jwks_file denylist_file audience issuer   the plugin's options (a new plugin); answer '+'
+ *   R force                       re-read the files that changed ("1": both, as if both changed);
+ *                                 answer '+' and the usable kids, one field each
+ *   C username client_id password now         a CONNECT at `now` (unix seconds, a decimal), the
+ *                                 files re-read first if they changed, as on_basic_auth does:
+ *                                 answer 'A' (accepted: fields exp, acl as JSON), 'R' (refused:
+ *                                 field reason) or 'D' (deferred: not a device id)
+ *   S acl_json exp denied_until access topic now   an ACL check of a device session whose token
+ *                                 has this acl object; access "write", "read" or "subscribe":
+ *                                 answer 'Y' or 'N', 'E' when acl_json is not a valid acl object
+ *   M filter topic                topic_matches: 'Y' or 'N'
+ *   V allowed requested           filter_covers: 'Y' or 'N'
+ *   F filter                      is_valid_filter: 'Y' or 'N'
+ */
+
+#include <stdarg.h>
+
+#include "provbridge_jwt.c"
+
+/* --- stand-ins for what the broker exports to plugins ------------------------------------- */
+
+void mosquitto_log_printf(int level, const char *fmt, ...)
+{
+	/* Formatted all the same, so a bad argument (a NULL %s, a wrong type) shows under the sanitizers. */
+	char line[1024];
+	va_list args;
+	(void)level;
+	va_start(args, fmt);
+	vsnprintf(line, sizeof(line), fmt, args);
+	va_end(args);
+	if(getenv("PBJ_HARNESS_LOG") != NULL) fprintf(stderr, "%s\n", line);
+}
+
+const char *mosquitto_client_id(const struct mosquitto *client)
+{
+	(void)client;
+	return NULL;
+}
+
+const char *mosquitto_client_username(const struct mosquitto *client)
+{
+	(void)client;
+	return NULL;
+}
+
+int mosquitto_kick_client_by_username(const char *username, bool with_will)
+{
+	(void)username;
+	(void)with_will;
+	return MOSQ_ERR_SUCCESS;
+}
+
+int mosquitto_callback_register(mosquitto_plugin_id_t *identifier, int event, MOSQ_FUNC_generic_callback cb_func,
+		const void *event_data, void *userdata)
+{
+	(void)identifier;
+	(void)event;
+	(void)cb_func;
+	(void)event_data;
+	(void)userdata;
+	return MOSQ_ERR_SUCCESS;
+}
+
+int mosquitto_callback_unregister(mosquitto_plugin_id_t *identifier, int event, MOSQ_FUNC_generic_callback cb_func,
+		const void *event_data)
+{
+	(void)identifier;
+	(void)event;
+	(void)cb_func;
+	(void)event_data;
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* --- the protocol -------------------------------------------------------------------------- */
+
+#define MAX_FIELDS 6
+#define MAX_FIELD_BYTES (16u * 1024 * 1024)
+
+struct request {
+	char command;
+	char *field[MAX_FIELDS];
+};
+
+static bool read_exact(void *buf, size_t n)
+{
+	return n == 0 || fread(buf, 1, n, stdin) == n;
+}
+
+/* One field, NUL-terminated after its bytes (so cut at its first NUL when read as a C string). */
+static char *read_field(void)
+{
+	unsigned char len_bytes[4];
+	if(!read_exact(len_bytes, 4)) return NULL;
+	uint32_t len = (uint32_t)len_bytes[0] | (uint32_t)len_bytes[1] << 8 | (uint32_t)len_bytes[2] << 16
+		| (uint32_t)len_bytes[3] << 24;
+	if(len > MAX_FIELD_BYTES) return NULL;
+	char *field = malloc((size_t)len + 1);
+	if(field == NULL || !read_exact(field, len)){
+		free(field);
+		return NULL;
+	}
+	field[len] = '\0';
+	return field;
+}
+
+static void write_u32(size_t n)
+{
+	unsigned char bytes[4] = {
+		(unsigned char)(n & 0xFF), (unsigned char)(n >> 8 & 0xFF), (unsigned char)(n >> 16 & 0xFF),
+		(unsigned char)(n >> 24 & 0xFF)};
+	fwrite(bytes, 1, 4, stdout);
+}
+
+static void write_field(const char *bytes, size_t len)
+{
+	write_u32(len);
+	fwrite(bytes, 1, len, stdout);
+}
+
+/* An answer's code and how many fields follow. */
+static void answer(char code, size_t fields)
+{
+	fputc(code, stdout);
+	write_u32(fields);
+}
+
+static void write_string(const char *s)
+{
+	write_field(s, strlen(s));
+}
+
+static int fields_of(char command)
+{
+	switch(command){
+		case 'P': return 4;
+		case 'R': return 1;
+		case 'C': return 4;
+		case 'S': return 6;
+		case 'M': return 2;
+		case 'V': return 2;
+		case 'F': return 1;
+		default: return -1;
+	}
+}
+
+static struct plugin *configure(struct plugin *old, char **f)
+{
+	struct mosquitto_opt options[] = {
+		{.key = "jwks_file", .value = f[0]},
+		{.key = "denylist_file", .value = f[1]},
+		{.key = "audience", .value = f[2]},
+		{.key = "issuer", .value = f[3]},
+	};
+	int rc;
+	if(old != NULL) free_plugin(old);
+	return plugin_new(options, (int)(sizeof(options) / sizeof(options[0])), &rc);
+}
+
+static void refresh(struct plugin *p, const char *force)
+{
+	if(strcmp(force, "1") == 0){
+		/* As if both files had changed: the next stat sees them anew (or missing, as before). */
+		p->jwks_file.ino = 0;
+		p->jwks_file.size = -1;
+		p->denylist_file.ino = 0;
+		p->denylist_file.size = -1;
+	}
+	refresh_files(p);
+	size_t usable = p->jwks_file.present ? p->key_count : 0;
+	answer('+', usable);
+	for(size_t i = 0; i < usable; i++) write_string(p->keys[i].kid);
+}
+
+static void connect_device(struct plugin *p, char **f)
+{
+	const char *username = f[0], *client_id = f[1], *password = f[2];
+	double now = strtod(f[3], NULL);
+	/* As on_basic_auth: a non-device is deferred; a device's CONNECT first re-reads changed files. */
+	if(!is_device_id(username)){
+		answer('D', 0);
+		return;
+	}
+	refresh_files(p);
+	cJSON *claims = NULL;
+	long long until = 0;
+	const char *reason = authenticate_device(p, username, client_id, password, now, &claims, &until);
+	if(reason != NULL){
+		answer('R', 1);
+		write_string(reason);
+		return;
+	}
+	/* What on_basic_auth keeps of the claims for the session: exp and the acl object. */
+	long long exp = 0;
+	char exp_text[32];
+	int_claim(member(claims, "exp"), &exp);
+	snprintf(exp_text, sizeof(exp_text), "%lld", exp);
+	char *acl = cJSON_PrintUnformatted(member(claims, "acl"));
+	answer('A', 2);
+	write_string(exp_text);
+	write_string(acl != NULL ? acl : "");
+	cJSON_free(acl);
+	cJSON_Delete(claims);
+}
+
+static void acl_check(char **f)
+{
+	struct session s = {0};
+	const char *access = f[3];
+	s.exp = strtoll(f[1], NULL, 10);
+	s.denied_until = strtoll(f[2], NULL, 10);
+	s.acl = parse_json(f[0], strlen(f[0]));
+	if(!cJSON_IsObject(s.acl) || !filters_ok(s.acl, "pub") || !filters_ok(s.acl, "sub")){
+		cJSON_Delete(s.acl);
+		answer('E', 0);
+		return;
+	}
+	int kind = !strcmp(access, "write") ? MOSQ_ACL_WRITE
+		: !strcmp(access, "read") ? MOSQ_ACL_READ
+		: !strcmp(access, "subscribe") ? MOSQ_ACL_SUBSCRIBE : -1;
+	bool allowed = kind >= 0 && acl_allows(&s, kind, f[4], strtoll(f[5], NULL, 10));
+	cJSON_Delete(s.acl);
+	answer(allowed ? 'Y' : 'N', 0);
+}
+
+int main(void)
+{
+	struct plugin *p = NULL;
+	int command;
+	while((command = getchar()) != EOF){
+		struct request r = {.command = (char)command};
+		int count = fields_of(r.command);
+		bool ok = count >= 0;
+		for(int i = 0; ok && i < count; i++){
+			r.field[i] = read_field();
+			ok = r.field[i] != NULL;
+		}
+		if(!ok){
+			for(int i = 0; i < MAX_FIELDS; i++) free(r.field[i]);
+			fprintf(stderr, "harness: bad request (command %d)\n", command);
+			if(p != NULL) free_plugin(p);
+			return 2;
+		}
+		if((r.command == 'R' || r.command == 'C') && p == NULL){
+			answer('!', 0); /* no plugin configured yet */
+		}else{
+			switch(r.command){
+				case 'P':
+					p = configure(p, r.field);
+					answer(p != NULL ? '+' : '!', 0);
+					break;
+				case 'R': refresh(p, r.field[0]); break;
+				case 'C': connect_device(p, r.field); break;
+				case 'S': acl_check(r.field); break;
+				case 'M': answer(topic_matches(r.field[0], r.field[1]) ? 'Y' : 'N', 0); break;
+				case 'V': answer(filter_covers(r.field[0], r.field[1]) ? 'Y' : 'N', 0); break;
+				case 'F': answer(is_valid_filter(r.field[0]) ? 'Y' : 'N', 0); break;
+				default: break;
+			}
+		}
+		fflush(stdout);
+		for(int i = 0; i < MAX_FIELDS; i++) free(r.field[i]);
+	}
+	if(p != NULL) free_plugin(p);
+	return 0;
+}

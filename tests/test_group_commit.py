@@ -1,0 +1,116 @@
+"""The claim worker's group commit (`Store.batch`, `ClaimHandlers.handle_batch`): the messages that arrive
+together share one database transaction, each claim a savepoint of it, without changing any answer.
+Real SQLite, real crypto, the handlers the claim worker runs; no broker needed."""
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from bridge.config import Settings
+from bridge.edges.core import ClaimHandlers, claim_handlers
+from bridge.errors import StorageError
+from bridge.ops import admin
+from bridge.storage.store import Store
+from provwire import crypto, topics
+from provwire.errors import ErrorCode
+from provwire.models import Claim, ClaimError, ClaimOk, to_json
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    opened = Store(settings.database_file)
+    yield opened
+    opened.close()
+
+
+def claim(settings: Settings, key: str, hardware_id: str | None = None) -> tuple[str, bytes]:
+    """(topic, payload) of a claim by a new device."""
+    hardware_id = hardware_id or f"hw-{uuid.uuid4().hex[:12]}"
+    public_key = crypto.b64encode(crypto.sec1(crypto.generate_private_key().public_key()))
+    payload = Claim(request_id=uuid.uuid4().hex, provision_key=key, hardware_id=hardware_id, public_key=public_key)
+    return topics.claim_topic(settings.topic_prefix, hardware_id), to_json(payload)
+
+
+def statuses(handlers: ClaimHandlers, messages: list[tuple[str, bytes]]) -> list[str]:
+    return [json.loads(outcome.answer or b"{}").get("status", "") for outcome in handlers.handle_batch(messages)]
+
+
+def test_messages_of_a_batch_share_one_transaction_and_get_the_answers_they_would_alone(
+    initialised: tuple[Settings, str], store: Store
+) -> None:
+    settings, key = initialised
+    handlers = claim_handlers(settings, store)
+    one_time = admin.create_key(store, settings, admin.KeySpec("default", "once", max_registrations=1), 0)[1]
+    messages = [claim(settings, key) for _ in range(10)]
+    messages += [claim(settings, one_time), claim(settings, one_time)]  # the one-time key, twice in one batch
+    messages.append((messages[0][0], b"{not json"))
+    statements: list[str] = []
+    store.connection().set_trace_callback(statements.append)
+    try:
+        outcomes = handlers.handle_batch(messages)
+    finally:
+        store.connection().set_trace_callback(None)
+    answers = [json.loads(o.answer or b"{}") for o in outcomes]
+    assert [a["status"] for a in answers[:10]] == ["ok"] * 10
+    assert sorted(a["status"] for a in answers[10:12]) == ["error", "ok"]  # exactly one device for the key
+    assert answers[12]["code"] == ErrorCode.VALIDATION_ERROR
+    assert store.count("devices") == 11
+    assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+    assert sum(s.startswith("SAVEPOINT") for s in statements) >= 12  # each claim's writes, one savepoint each
+
+
+def test_a_failed_unit_of_a_batch_is_undone_alone(store: Store) -> None:
+    with store.batch():
+        store.create_tenant("t-1", "first", 0)
+        with pytest.raises(RuntimeError), store.transaction() as tx:
+            tx.connection.execute("INSERT INTO tenants VALUES ('t-2', 'second', 0)")
+            raise RuntimeError("this unit fails after writing")
+        store.create_tenant("t-3", "third", 0)
+    names = {t.name for t in store.tenants()}
+    assert {"first", "third"} <= names and "second" not in names
+
+
+def test_a_batch_that_cannot_begin_writes_nothing_and_answers_every_claim_retry(
+    initialised: tuple[Settings, str], store: Store
+) -> None:
+    settings, key = initialised
+    handlers = claim_handlers(settings, store)
+    store.connection().execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(settings.database_file)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+    try:
+        outcomes = handlers.handle_batch([claim(settings, key) for _ in range(3)])
+    finally:
+        blocker.rollback()
+        blocker.close()
+    for outcome in outcomes:
+        assert outcome.answer is not None
+        answer = ClaimError.model_validate_json(outcome.answer)
+        assert answer.code is ErrorCode.INTERNAL_ERROR and answer.retry_after and not outcome.events
+    assert store.count("devices") == 0
+    assert statuses(handlers, [claim(settings, key)]) == ["ok"]  # and the next batch goes through
+
+
+def test_a_claim_replayed_within_its_own_batch_gets_the_same_answer(
+    initialised: tuple[Settings, str], store: Store
+) -> None:
+    """The broker redelivers a claim while the first copy is in the same batch: one device, one answer."""
+    settings, key = initialised
+    handlers = claim_handlers(settings, store)
+    message = claim(settings, key)
+    first, again = handlers.handle_batch([message, message])
+    assert first.answer == again.answer and ClaimOk.model_validate_json(first.answer or b"").created
+    assert store.count("devices") == 1
+
+
+def test_outside_a_batch_a_transaction_commits_on_its_own(store: Store) -> None:
+    store.create_tenant("t-9", "alone", int(time.time()))
+    with pytest.raises(StorageError), store.batch():
+        store.create_tenant("t-10", "in-a-batch", 0)
+        store.connection().execute("INSERT INTO tenants VALUES ('t-9', 'duplicate id', 0)")
+    names = {t.name for t in store.tenants()}
+    assert "alone" in names and "in-a-batch" not in names  # the failed batch took its units with it

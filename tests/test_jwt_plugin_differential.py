@@ -1,0 +1,937 @@
+"""The provbridge_jwt Mosquitto plugin against the embedded broker, decision for decision (issue 11).
+
+bridge/mosquitto/jwt/provbridge_jwt.c is hand-written C that makes inside Mosquitto the decisions the
+embedded broker makes in Python: PyJWT verifying a device token (broker/tokens.py, through the real
+`Authenticator` of broker/auth.py, at a frozen `now`) and broker/acl.py holding a session to its token's
+`acl`. Both sides get the same generated input and must answer the same: accepted or refused with the same
+reason (what ops read in Mosquitto's log), the same session exp and acl, the same ACL answers, the same usable
+JWKS keys, the same denylist. The C side runs in bridge/mosquitto/jwt/harness.c (tests/helpers/jwt_harness.py),
+built with AddressSanitizer, UBSan and LeakSanitizer: a memory error or a leak on any input fails too.
+
+Inputs: what an attacker can make of a real token (every truncation, deletion and bit flip of one token, then
+generated mutations: re-encodings, segment and `alg` games, forged, unknown-kid and malleable signatures); what
+only the signing key's holder can make (any header, any claims, JSON at its edges); topics and filters over a
+few levels that collide often (wildcards anywhere, `$` topics, `$share/`, empty levels, non-ASCII); JWKS and
+denylist files.
+
+Where the plugin deliberately differs (`deliberate_difference`), each harmless:
+* Mosquitto hands a plugin the password as a C string: a valid token, a NUL and junk is read as the token.
+* A password over 16 KiB is refused unread (a token is a few hundred bytes).
+* JSON that Python reads but that is not JSON, or that cJSON cannot hold: NaN/Infinity, UTF-16/32 text, a lone
+  surrogate escape, \\u0000 in a string, a number longer than 63 characters. The plugin refuses such a header or
+  claims set. Only the key holder can sign one.
+* A time claim (iat, nbf, exp) that is a JSON string Python's int() reads ("123"): the plugin refuses it, a
+  NumericDate is a JSON number (RFC 7519 §2). Only the key holder can sign one.
+Not generated, also deliberate: nesting between ~850 and 1000 levels (Python's recursion limit against cJSON's
+1000); JWKS coordinates padded or with junk (PyJWT's JWK reader is lax, the plugin reads x and y as strictly as
+tokens; the bridge writes them canonical); a denylist `until` written as 1.0 (cJSON has no int/float).
+Python-side finding, not changed here: an `exp` integer beyond a float's range (10**400) makes broker/acl.py
+`device_grant` raise OverflowError instead of refusing (needs the signing key).
+
+Profiles (tests/helpers/strategies.py): `short` for `make test` (derandomized), HYPOTHESIS_PROFILE=long for more.
+"""
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import jwt
+import jwt.api_jwt
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from jwt.api_jws import PyJWS
+
+import broker.auth
+from bridge.tokens import jwk
+from broker import acl
+from broker.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, Authenticator, AuthSettings
+from broker.errors import ConnectRefused
+from broker.tokens import parse_jwks
+from broker.watched import WatchedFile
+from provwire import topics
+from tests.helpers.jwt_harness import Access, Connect, PluginHarness, harness_path
+from tests.helpers.strategies import examples
+
+AUDIENCE, ISSUER = DEFAULT_AUDIENCE, DEFAULT_ISSUER
+DEVICE = "dev_abcdefghijklmnopqrstuvwxyz"
+OTHER_DEVICE = "dev_234567abcdefghijklmnopqrst"  # in the denylist, but its entry has expired
+REVOKED = "dev_zzzzzzzzzzzzzzzzzzzzzzzzzz"  # in the denylist until long after any generated now
+BASE_NOW = 1_750_000_000
+MAX_TOKEN_BYTES = 16384  # provbridge_jwt.c
+CJSON_NUMBER_MAX = 63  # cJSON 1.7 reads at most 63 characters of a number
+K1, K2 = "k1", "k2"  # the JWKS's kids
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    k1: ec.EllipticCurvePrivateKey
+    k2: ec.EllipticCurvePrivateKey
+    outsider: ec.EllipticCurvePrivateKey  # in no JWKS
+
+
+KEYS = SigningKeys(*(ec.generate_private_key(ec.SECP256R1()) for _ in range(3)))
+
+
+# --- tokens, by hand: any header and claims bytes, any segment encoding ------------------------------------
+
+
+def b64url(raw: bytes, *, pad: bool = False) -> str:
+    text = base64.urlsafe_b64encode(raw).decode("ascii")
+    return text if pad else text.rstrip("=")
+
+
+def es256(key: ec.EllipticCurvePrivateKey, signing_input: bytes) -> bytes:
+    r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def jws(
+    key: ec.EllipticCurvePrivateKey, header: bytes, payload: bytes, *, pad: tuple[bool, bool, bool] = (False,) * 3
+) -> str:
+    signing_input = f"{b64url(header, pad=pad[0])}.{b64url(payload, pad=pad[1])}"
+    return f"{signing_input}.{b64url(es256(key, signing_input.encode()), pad=pad[2])}"
+
+
+def good_claims(now: float, sub: str = DEVICE) -> dict[str, Any]:
+    return {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": sub,
+        "tenant": "default",
+        "iat": math.floor(now) - 1,
+        "exp": math.floor(now) + 900,
+        "jti": "0123456789abcdef",
+        "acl": {"pub": [f"devices/{sub}/#"], "sub": [f"devices/{sub}/#"]},
+    }
+
+
+def good_token(now: float, sub: str = DEVICE, key: ec.EllipticCurvePrivateKey = KEYS.k1, kid: str = K1) -> str:
+    header = json.dumps({"alg": "ES256", "typ": "JWT", "kid": kid}).encode()
+    return jws(key, header, json.dumps(good_claims(now, sub)).encode())
+
+
+def exact_now(seconds: int, micros: int) -> float:
+    """A `now` PyJWT's datetime gives back unchanged (microseconds), so both sides compare with the same float."""
+    now = datetime.fromtimestamp(seconds + micros / 1e6, UTC).timestamp()
+    assert datetime.fromtimestamp(now, UTC).timestamp() == now
+    return now
+
+
+NOWS = st.builds(exact_now, st.integers(BASE_NOW - 10**6, BASE_NOW + 10**6), st.sampled_from([0, 1, 500_000, 999_999]))
+
+
+# --- the reference: the embedded broker's Authenticator at a frozen now ------------------------------------
+
+
+@contextmanager
+def frozen_time(now: float) -> Iterator[None]:
+    """PyJWT's clock (`datetime.now` in jwt.api_jwt) and broker/auth.py's (`time.time`) both at `now`."""
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> "Frozen":
+            return cls.fromtimestamp(now, tz)
+
+    with (
+        mock.patch.object(jwt.api_jwt, "datetime", Frozen),
+        mock.patch.object(broker.auth, "time", SimpleNamespace(time=lambda: now)),
+    ):
+        yield
+
+
+@dataclass(frozen=True)
+class Reference:
+    outcome: str  # "accepted" or "refused"
+    reason: str = ""
+    grant: acl.Grant | None = None
+
+
+def reference_connect(auth: Authenticator, username: str, client_id: str, password: str, now: float) -> Reference:
+    with frozen_time(now):
+        try:
+            grant = auth.authenticate(client_id=client_id, username=username, password=password)
+        except ConnectRefused as exc:
+            return Reference("refused", exc.reason)
+        except OverflowError:  # device_grant on an exp beyond a float (see the module doc): not accepted
+            return Reference("refused", "raised OverflowError")
+    return Reference("accepted", grant=grant)
+
+
+# --- where the plugin deliberately differs (see the module doc) --------------------------------------------
+
+
+class _NotStrict(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotStrict(name)
+
+
+def strict_json(raw: bytes) -> bool:
+    """False when Python reads `raw` as JSON but the plugin deliberately does not (NaN, UTF-16/32, a lone
+    surrogate or NUL in a string, a number cJSON cannot hold); True otherwise, refused by both included."""
+    if b"\0" in raw:
+        return False  # UTF-16/32 text (Python reads it), or a NUL Python refuses too
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True  # Python refuses it as well
+
+    def number(literal: str) -> int:
+        if len(literal) > CJSON_NUMBER_MAX:
+            raise _NotStrict(literal)
+        return 0
+
+    try:
+        value = json.loads(
+            text.removeprefix("\ufeff"), parse_int=number, parse_float=number, parse_constant=_reject_constant
+        )
+    except _NotStrict:
+        return False
+    except (ValueError, RecursionError):
+        return True
+    return _strict_strings(value)
+
+
+def _strict_strings(value: Any) -> bool:
+    strings: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            strings.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return not any("\0" in s or any(0xD800 <= ord(c) <= 0xDFFF for c in s) for s in strings)
+
+
+def _python_int(value: Any) -> bool:
+    try:
+        int(value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def deliberate_difference(token: str) -> str | None:
+    """Why the plugin may refuse `token` where the reference accepts it, or refuse it for another reason."""
+    if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
+        return "password over 16 KiB"
+    signing_input, _, _signature = token.rpartition(".")
+    header_segment, _, payload_segment = signing_input.partition(".")
+    decoded: list[bytes] = []
+    for segment in (header_segment, payload_segment):
+        try:
+            decoded.append(PyJWS._decode_base64url_segment(segment.encode("utf-8"), "segment"))
+        except jwt.DecodeError:
+            continue
+    if not all(strict_json(raw) for raw in decoded):
+        return "JSON the plugin does not read"
+    try:
+        claims = json.loads(decoded[1]) if len(decoded) == 2 else None
+    except (ValueError, RecursionError):
+        claims = None
+    if isinstance(claims, dict):
+        for name in ("iat", "nbf", "exp"):
+            if isinstance(claims.get(name), str) and _python_int(claims[name]):
+                return f"{name} a string Python's int() reads"
+    return None
+
+
+# --- the two sides side by side ----------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    harness: PluginHarness
+    auth: Authenticator
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The JWKS (k1, k2), a denylist (REVOKED for long, OTHER_DEVICE's entry expired), on both sides."""
+    folder = tmp_path_factory.mktemp("jwt-differential")
+    jwks_file, denylist_file = folder / "jwks.json", folder / "denylist.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk(KEYS.k1.public_key(), K1), jwk(KEYS.k2.public_key(), K2)]}))
+    denylist_file.write_text(json.dumps({"devices": {REVOKED: BASE_NOW + 10**7, OTHER_DEVICE: BASE_NOW - 10**7}}))
+    auth = Authenticator(
+        AuthSettings(jwks_file=jwks_file, bridge_secret_file=folder / "no-secret", denylist_file=denylist_file)
+    )
+    harness = PluginHarness(harness_path())
+    harness.configure(jwks_file=jwks_file, denylist_file=denylist_file, audience=AUDIENCE, issuer=ISSUER)
+    assert harness.refresh() == [K1, K2]
+    yield World(harness, auth)
+    harness.close()  # fails the module's last test on a leak or a report at exit
+
+
+def connect_both(w: World, token: str, now: float, *, username: str = DEVICE, client_id: str | None = None) -> None:
+    """The plugin's answer to this CONNECT must be the embedded broker's (or within a deliberate difference)."""
+    client_id = username if client_id is None else client_id
+    password = token.encode("utf-8")
+    plugin = w.harness.connect(username, client_id, password, now)
+    # Mosquitto hands the plugin the password as a C string: the reference gets what the plugin reads.
+    seen = token.split("\0", 1)[0]
+    ref = reference_connect(w.auth, username, client_id, seen, now)
+    why = deliberate_difference(seen)
+    context = f"token {seen!r} for {username}/{client_id} at {now!r}: plugin {plugin}, reference {ref}"
+    if why is not None:
+        assert plugin.outcome == "refused", f"{why}: the plugin must refuse; {context}"
+        return
+    assert (plugin.outcome, plugin.reason) == (ref.outcome, ref.reason), context
+    if ref.grant is not None:
+        assert_same_session(plugin, ref.grant, context)
+
+
+def assert_same_session(plugin: Connect, grant: acl.Grant, context: str) -> None:
+    assert plugin.acl_json is not None and grant.expires_at is not None
+    assert plugin.exp == max(-(9 * 10**18), min(grant.expires_at, 9 * 10**18)), context  # the C side clamps
+    session_acl = json.loads(plugin.acl_json)
+    assert (session_acl.get("pub", []), session_acl.get("sub", [])) == (list(grant.publish), list(grant.subscribe))
+
+
+# --- tokens an attacker can make from a real one -----------------------------------------------------------
+
+EXHAUSTIVE_NOW = exact_now(BASE_NOW, 500_000)
+
+
+def test_every_truncation_deletion_and_bit_flip_of_a_token(world: World) -> None:
+    token = good_token(EXHAUSTIVE_NOW)
+    connect_both(world, token, EXHAUSTIVE_NOW)
+    variants = [token[:i] for i in range(len(token))]
+    variants += [token[:i] + token[i + 1 :] for i in range(len(token))]
+    variants += [token[:i] + chr(ord(c) ^ (1 << bit)) + token[i + 1 :] for i, c in enumerate(token) for bit in range(7)]
+    for variant in variants:
+        connect_both(world, variant, EXHAUSTIVE_NOW)
+
+
+def _segments(token: str) -> list[str]:
+    return token.split(".")
+
+
+def _recode(segment: str, how: str) -> str:
+    """`segment` spelled another way: padded, standard alphabet, with whitespace, ..."""
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if how == "padded":
+        return b64url(raw, pad=True)
+    if how == "over-padded":
+        return segment + "==="
+    if how == "standard":
+        return base64.b64encode(raw).decode().rstrip("=")
+    if how == "standard-padded":
+        return base64.b64encode(raw).decode()
+    if how == "wrapped":
+        return segment[:10] + "\n" + segment[10:]
+    if how == "spaced":
+        return " " + segment + " "
+    if how == "non-canonical":  # the unused low bits of the last character set
+        if len(segment) % 4 in (2, 3):
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+            unused = 0b1111 if len(segment) % 4 == 2 else 0b11
+            return segment[:-1] + alphabet[alphabet.index(segment[-1]) | unused]
+        return segment
+    raise AssertionError(how)
+
+
+RECODINGS = ["padded", "over-padded", "standard", "standard-padded", "wrapped", "spaced", "non-canonical"]
+ALGS: list[Any] = ["none", "HS256", "RS256", "ES384", "ES512", "PS256", "es256", "", None, "ES256 "]
+
+
+def _header(**members: Any) -> str:
+    return b64url(json.dumps({"typ": "JWT", **members}).encode())
+
+
+def _high_s(signature_segment: str) -> str:
+    raw = base64.urlsafe_b64decode(signature_segment + "==")
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    if len(raw) != 64 or not 0 < s < P256_ORDER:
+        raise ValueError("not a signature")
+    return b64url(r.to_bytes(32, "big") + (P256_ORDER - s).to_bytes(32, "big"))
+
+
+@st.composite
+def attacker_tokens(draw: st.DrawFn) -> tuple[str, float, str]:
+    """(token, now, client id): a real token for DEVICE, then one to three mutations an attacker can make."""
+    now = draw(NOWS)
+    token = good_token(now)
+    client_id = DEVICE
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(
+            st.sampled_from(
+                [
+                    "truncate",
+                    "flip",
+                    "insert",
+                    "delete",
+                    "recode",
+                    "segments",
+                    "alg",
+                    "hs256-with-public-key",
+                    "forged",
+                    "unknown-kid",
+                    "high-s",
+                    "signature-values",
+                    "splice",
+                    "nul",
+                    "client-id",
+                ]
+            )
+        )
+        parts = _segments(token)
+        if kind == "truncate" and token:
+            token = token[: draw(st.integers(0, len(token) - 1))]
+        elif kind == "flip" and token:
+            i = draw(st.integers(0, len(token) - 1))
+            token = token[:i] + chr(ord(token[i]) ^ (1 << draw(st.integers(0, 6)))) + token[i + 1 :]
+        elif kind == "insert":
+            i = draw(st.integers(0, len(token)))
+            token = token[:i] + draw(st.sampled_from(["A", "=", ".", "+", "/", " ", "\n", "!", "é", "%3D"])) + token[i:]
+        elif kind == "delete" and token:
+            i = draw(st.integers(0, len(token) - 1))
+            token = token[:i] + token[i + 1 :]
+        elif kind == "recode" and len(parts) == 3:
+            j = draw(st.integers(0, 2))
+            how = draw(st.sampled_from(RECODINGS))
+            with contextlib.suppress(ValueError):  # an earlier mutation left the segment undecodable
+                parts[j] = _recode(parts[j], how)
+            token = ".".join(parts)
+        elif kind == "segments" and len(parts) == 3:
+            games: list[Callable[[list[str]], str]] = [
+                lambda p: ".".join(p[:2]) + ".",
+                lambda p: ".".join(p[:2]),
+                lambda p: ".".join([*p, p[-1]]),
+                lambda p: "." + ".".join(p[1:]),
+                lambda p: ".".join([p[1], p[0], *p[2:]]),
+                lambda p: "..".join(p),
+                lambda p: ".".join(p) + ".",
+                lambda p: "",
+            ]
+            token = draw(st.sampled_from(games))(parts)
+        elif kind == "alg" and len(parts) == 3:
+            alg = draw(st.sampled_from([*ALGS, "missing"]))
+            header = _header(kid=K1) if alg == "missing" else _header(alg=alg, kid=K1)
+            token = ".".join([header, parts[1], draw(st.sampled_from([parts[2], ""]))])
+        elif kind == "hs256-with-public-key" and len(parts) == 3:
+            # Key confusion: HMAC keyed with the verifier's public key, which anyone can read in the JWKS.
+            public = KEYS.k1.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            signing_input = f"{_header(alg='HS256', kid=K1)}.{parts[1]}"
+            mac = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
+            token = f"{signing_input}.{b64url(mac)}"
+        elif kind == "forged" and len(parts) == 3:
+            signing_input = f"{parts[0]}.{parts[1]}"
+            token = f"{signing_input}.{b64url(es256(KEYS.outsider, signing_input.encode()))}"
+        elif kind == "unknown-kid":
+            token = good_token(now, key=KEYS.outsider, kid=draw(st.sampled_from(["k3", "", "K1", "k1 ", "k1\u00e9"])))
+        elif kind == "high-s" and len(parts) == 3:
+            with contextlib.suppress(ValueError):  # an earlier mutation left the segment undecodable
+                parts[2] = _high_s(parts[2])  # the same signature's other valid form: accepted by both
+            token = ".".join(parts)
+        elif kind == "signature-values" and len(parts) == 3:
+            r = draw(st.sampled_from([0, 1, P256_ORDER, P256_ORDER - 1, 2**256 - 1]))
+            s = draw(st.sampled_from([0, 1, P256_ORDER, 2**256 - 1]))
+            token = ".".join([*parts[:2], b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))])
+        elif kind == "splice" and len(parts) == 3:
+            other = _segments(good_token(now, sub=OTHER_DEVICE))
+            token = ".".join(
+                draw(st.sampled_from([[other[0], parts[1], parts[2]], [parts[0], other[1], parts[2]], other]))
+            )
+        elif kind == "nul":
+            token = token + "\0" + draw(st.sampled_from(["", "junk", "." + token]))
+        elif kind == "client-id":
+            client_id = draw(st.sampled_from([OTHER_DEVICE, DEVICE.upper(), DEVICE + "x", ""]))
+    return token, now, client_id
+
+
+@settings(max_examples=examples(1500, 15_000))
+@given(attacker_tokens())
+@example((good_token(EXHAUSTIVE_NOW) + "\0junk", EXHAUSTIVE_NOW, DEVICE)).via("a NUL ends the password for a plugin")
+@example(("", EXHAUSTIVE_NOW, DEVICE)).via("no password")
+def test_tokens_an_attacker_can_make_get_the_embedded_brokers_answer(
+    world: World, case: tuple[str, float, str]
+) -> None:
+    token, now, client_id = case
+    connect_both(world, token, now, client_id=client_id)
+
+
+def _recoded_token(now: float, segment: int, how: str) -> str:
+    parts = _segments(good_token(now))
+    parts[segment] = _recode(parts[segment], how)
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize(
+    "segment,how,accepted",
+    [
+        (2, "padded", True),  # PyJWT takes `=` padding (some issuers pad): the plugin did not, now does
+        (2, "over-padded", False),
+        (2, "standard", None),  # `+` or `/` only where the signature has them
+        (2, "non-canonical", False),  # one signature, one spelling: the plugin took the unused bits, now refuses
+        (2, "wrapped", False),
+    ],
+)
+def test_signature_spellings(world: World, segment: int, how: str, accepted: bool | None) -> None:
+    """Found by the differential test: the plugin refused padded segments and accepted non-canonical ones."""
+    for micros in (0, 1, 500_000):
+        now = exact_now(BASE_NOW, micros)
+        token = _recoded_token(now, segment, how)
+        connect_both(world, token, now)
+        if accepted is not None:
+            assert (world.harness.connect(DEVICE, DEVICE, token.encode(), now).outcome == "accepted") is accepted
+
+
+def test_a_high_s_signature_is_accepted_by_both(world: World) -> None:
+    """ECDSA's other valid form of the same signature: neither side insists on low S, as PyJWT does not."""
+    parts = _segments(good_token(EXHAUSTIVE_NOW))
+    token = ".".join([*parts[:2], _high_s(parts[2])])
+    connect_both(world, token, EXHAUSTIVE_NOW)
+    assert world.harness.connect(DEVICE, DEVICE, token.encode(), EXHAUSTIVE_NOW).outcome == "accepted"
+
+
+# --- tokens only the key holder can make: any header, any claims, JSON at its edges ------------------------
+
+TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=12)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    TEXT,
+)
+JSON_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8
+)
+
+LEVELS = ["a", "b", "devices", DEVICE, "", "+", "#", "$SYS", "$share", "$x", "g", "é", "𝄞", "a+", "#a", "+b", " "]
+FILTERS = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=5).map("/".join)
+TOPICS = st.lists(
+    st.sampled_from([lv for lv in LEVELS if "+" not in lv and "#" not in lv]), min_size=1, max_size=5
+).map("/".join)
+
+
+def _time_values(now: float) -> st.SearchStrategy[Any]:
+    second = math.floor(now)
+    return st.one_of(
+        st.integers(-3, 3).map(lambda d: second + d),
+        st.sampled_from([-1.0, -0.5, -1e-6, 0.0, 1e-6, 0.5, 1.0]).map(lambda d: now + d),
+        st.sampled_from([0, -1, 10**18, -(10**18), 10**19, 2**63, 1e300, -1e300, 1.5, True, False]),
+        st.sampled_from([str(second + 100), str(second - 100), "abc", " 5 ", "1_000", "", "1e3", "१२"]),
+        st.sampled_from([None, [], {}, [second + 100]]),
+        JSON_VALUES,
+    )
+
+
+AUDIENCES = st.sampled_from(
+    [
+        AUDIENCE,
+        [AUDIENCE],
+        ["x", AUDIENCE],
+        ["x"],
+        [],
+        "",
+        0,
+        1,
+        0.0,
+        True,
+        False,
+        {},
+        {"a": 1},
+        [AUDIENCE, 1],
+        "other",
+        None,
+    ]
+)
+ISSUERS = st.sampled_from([ISSUER, "other", 1, None, [ISSUER], ISSUER.upper(), ""])
+SUBJECTS = st.sampled_from([DEVICE, OTHER_DEVICE, REVOKED, "", 1, None, [DEVICE], DEVICE.upper(), DEVICE + " "])
+ACLS = st.one_of(
+    st.fixed_dictionaries({}, optional={"pub": st.lists(FILTERS, max_size=3), "sub": st.lists(FILTERS, max_size=3)}),
+    st.fixed_dictionaries({"pub": st.one_of(JSON_VALUES, st.lists(FILTERS)), "sub": st.lists(FILTERS, max_size=2)}),
+    JSON_VALUES,
+)
+ABSENT = object()
+
+
+def _member(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A member's value, or ABSENT (left out), or null."""
+    return st.one_of(values, st.just(ABSENT), st.none())
+
+
+# Raw edits of a JSON object's text: what json.dumps never writes.
+RAW_EDITS: list[tuple[str, Callable[[str], str]]] = [
+    ("duplicate sub", lambda t: t[:-1] + f', "sub": "{OTHER_DEVICE}"}}'),
+    ("duplicate alg", lambda t: t[:-1] + ', "alg": "none"}'),
+    ("duplicate acl", lambda t: t[:-1] + ', "acl": {"pub": ["#"], "sub": ["#"]}}'),
+    ("trailing garbage", lambda t: t + "x"),
+    ("trailing object", lambda t: t + "{}"),
+    ("BOM", lambda t: "\ufeff" + t),
+    ("form feed", lambda t: "\f" + t),
+    ("vertical tab", lambda t: t + "\v"),
+    ("CR LF tab", lambda t: "\r\n\t" + t + " "),
+    ("control char in a string", lambda t: t[:-1] + ', "x": "a\x01b"}'),
+    ("raw tab in a string", lambda t: t[:-1] + ', "x": "a\tb"}'),
+    ("NaN", lambda t: t[:-1] + ', "x": NaN}'),
+    ("-Infinity", lambda t: t[:-1] + ', "x": -Infinity}'),
+    ("leading zero", lambda t: t[:-1] + ', "x": 01}'),
+    ("plus sign", lambda t: t[:-1] + ', "x": +1}'),
+    ("bare fraction", lambda t: t[:-1] + ', "x": .5}'),
+    ("trailing dot", lambda t: t[:-1] + ', "x": 1.}'),
+    ("exponent", lambda t: t[:-1] + ', "x": 1E+2}'),
+    ("negative zero", lambda t: t[:-1] + ', "x": -0.0e-0}'),
+    ("63-digit number", lambda t: t[:-1] + ', "x": ' + "9" * 63 + "}"),
+    ("64-digit number", lambda t: t[:-1] + ', "x": ' + "9" * 64 + "}"),
+    ("huge exp", lambda t: t[:-1] + ', "exp": 1' + "0" * 400 + "}"),
+    ("1e400 iat", lambda t: t[:-1] + ', "iat": 1e400}'),
+    ("lone surrogate", lambda t: t[:-1] + ', "x": "\\ud800"}'),
+    ("surrogate pair", lambda t: t[:-1] + ', "x": "\\ud834\\udd1e"}'),
+    ("NUL escape", lambda t: t[:-1] + ', "x": "a\\u0000b"}'),
+    ("escaped backslash then u0000", lambda t: t[:-1] + ', "x": "a\\\\u0000b"}'),
+    ("NUL escape in sub", lambda t: t[:-1] + f', "sub": "{DEVICE}\\u0000x"}}'),
+    ("escaped slash", lambda t: t[:-1] + ', "x": "a\\/b"}'),
+    ("bad escape", lambda t: t[:-1] + ', "x": "\\x41"}'),
+    ("trailing comma", lambda t: t[:-1] + ",}"),
+    ("single quotes", lambda t: t[:-1] + ", 'x': 1}"),
+    ("deep nesting 400", lambda t: t[:-1] + ', "x": ' + "[" * 400 + "]" * 400 + "}"),
+    ("deep nesting 3000", lambda t: t[:-1] + ', "x": ' + "[" * 3000 + "]" * 3000 + "}"),
+    ("huge string", lambda t: t[:-1] + ', "x": "' + "a" * 20000 + '"}'),
+    ("not an object", lambda t: "[" + t + "]"),
+    ("a string", lambda t: json.dumps(t)),
+]
+
+
+def _one_in(n: int, draw: st.DrawFn) -> bool:
+    """True about once in n + 1 draws, and never on Hypothesis's all-zero (simplest) data: the plain case."""
+    return draw(st.integers(0, n)) == n
+
+
+def _json_text(obj: dict[str, Any], draw: st.DrawFn) -> bytes:
+    text = json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")])),
+    )
+    if _one_in(5, draw):
+        _name, edit = draw(st.sampled_from(RAW_EDITS))
+        text = edit(text)
+    encoding = "utf-8"
+    if _one_in(19, draw):
+        encoding = draw(st.sampled_from(["utf-16", "utf-16-le", "utf-32", "utf-8-sig"]))
+    return text.encode(encoding)
+
+
+def _edit(obj: dict[str, Any], name: str, value: Any) -> None:
+    if value is ABSENT:
+        obj.pop(name, None)
+    else:
+        obj[name] = value
+
+
+@st.composite
+def signed_tokens(draw: st.DrawFn) -> tuple[str, float, str]:
+    """(token, now, username): any header and claims, signed by a key of the JWKS (or not)."""
+    now = draw(NOWS)
+    header: dict[str, Any] = {"alg": "ES256", "typ": "JWT", "kid": K1}
+    for name, values in [
+        ("alg", st.sampled_from(["ES256", *ALGS])),
+        ("kid", st.sampled_from([K1, K2, "k3", "", 1, None, [K1]])),
+        ("typ", st.sampled_from(["JWT", "at+jwt", 1])),
+        ("crit", st.sampled_from([["b64"], [], ["exp"], "b64", [1], ["b64", "b64"]])),
+        ("b64", st.sampled_from([False, True, 0, "false"])),
+        ("jku", st.just("https://evil.example/jwks")),
+    ]:
+        if _one_in(7, draw):
+            _edit(header, name, draw(_member(values)))
+    username = draw(st.sampled_from([DEVICE] * 6 + [REVOKED, OTHER_DEVICE]))
+    claims = good_claims(now, username)
+    edits: dict[str, st.SearchStrategy[Any]] = {
+        "iat": _time_values(now),
+        "nbf": _time_values(now),
+        "exp": _time_values(now),
+        "iss": ISSUERS,
+        "aud": AUDIENCES,
+        "sub": SUBJECTS,
+        "jti": st.sampled_from(["j", 1, [], ""]),
+        "acl": ACLS,
+        "tenant": JSON_VALUES,
+    }
+    # Few edits at a time (shrinking towards none): most tokens fail or pass on one claim.
+    for name in draw(st.lists(st.sampled_from(sorted(edits)), max_size=3, unique=True)):
+        _edit(claims, name, draw(_member(edits[name])))
+    header_raw, claims_raw = _json_text(header, draw), _json_text(claims, draw)
+    kid = header.get("kid")
+    key = {K1: KEYS.k1, K2: KEYS.k2}.get(kid, KEYS.k1) if isinstance(kid, str) else KEYS.k1
+    if _one_in(9, draw):
+        key = draw(st.sampled_from([KEYS.k1, KEYS.k2, KEYS.outsider]))
+    if header.get("b64") is False and draw(st.booleans()):  # RFC 7797's detached form: an empty payload segment
+        signing_input = f"{b64url(header_raw)}."
+        return f"{signing_input}.{b64url(es256(key, signing_input.encode()))}", now, username
+    pad = (_one_in(7, draw), _one_in(7, draw), _one_in(7, draw))
+    return jws(key, header_raw, claims_raw, pad=pad), now, username
+
+
+def _signed(now: float, header: dict[str, Any], claims: dict[str, Any] | str) -> tuple[str, float, str]:
+    payload = claims if isinstance(claims, str) else json.dumps(claims)
+    return jws(KEYS.k1, json.dumps(header).encode(), payload.encode()), now, DEVICE
+
+
+_EX_NOW = EXHAUSTIVE_NOW
+_EX_HEADER = {"alg": "ES256", "typ": "JWT", "kid": K1}
+_EX_CLAIMS = json.dumps(good_claims(_EX_NOW))
+
+
+@settings(max_examples=examples(1500, 15_000))
+@given(signed_tokens())
+# Found by this test, now explicit: the C side read the first of duplicate members, Python keeps the last.
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + f', "sub": "{OTHER_DEVICE}"}}')).via("duplicate sub")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "acl": {"pub": ["#"], "sub": ["#"]}}')).via("duplicate acl")
+# Found: cJSON took trailing data, whitespace bytes below 0x20, control characters in strings, `01` and `1.`
+# (`+1` it refuses itself: kept as a guard).
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS + "x")).via("trailing garbage")
+@example(_signed(_EX_NOW, _EX_HEADER, "\f" + _EX_CLAIMS)).via("form feed")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": "a\x01b"}')).via("control character")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": 01}')).via("leading zero")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": 1.}')).via("trailing dot")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": +1}')).via("plus sign")
+# Found: cJSON took bytes that are not UTF-8 (Python decodes the whole text first).
+@example(
+    (jws(KEYS.k1, json.dumps(_EX_HEADER).encode(), _EX_CLAIMS[:-1].encode() + b', "x": "\xff"}'), _EX_NOW, DEVICE)
+).via("not UTF-8")
+# Found: a kid that is not a string is "not a JWT" for PyJWT; an escaped backslash before u0000 is no NUL.
+@example(_signed(_EX_NOW, {**_EX_HEADER, "kid": 1}, _EX_CLAIMS)).via("kid a number")
+@example(_signed(_EX_NOW, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": "a\\\\u0000b"}')).via("escaped backslash")
+# Found: a boolean iat/nbf is int() 1 or 0 for PyJWT (accepted); `crit: ["b64"]` with b64 true is accepted.
+@example(_signed(_EX_NOW, _EX_HEADER, {**good_claims(_EX_NOW), "iat": True})).via("boolean iat")
+@example(_signed(_EX_NOW, {**_EX_HEADER, "crit": ["b64"], "b64": True}, _EX_CLAIMS)).via("crit b64")
+# Found: reasons in PyJWT's order (acl.sub before acl.pub, a bad iat/nbf is "token invalid").
+@example(_signed(_EX_NOW, _EX_HEADER, {**good_claims(_EX_NOW), "acl": {"pub": ["#/a"], "sub": ["+a"]}})).via(
+    "acl order"
+)
+@example(_signed(_EX_NOW, _EX_HEADER, {**good_claims(_EX_NOW), "nbf": []})).via("nbf a list")
+def test_tokens_the_key_holder_can_make_get_the_embedded_brokers_answer(
+    world: World, case: tuple[str, float, str]
+) -> None:
+    token, now, username = case
+    connect_both(world, token, now, username=username)
+
+
+def test_a_deliberate_difference_is_one_the_plugin_refuses(world: World) -> None:
+    """The exceptions `connect_both` allows are real: the reference accepts these, the plugin refuses them."""
+    now = EXHAUSTIVE_NOW
+    for token in [
+        _signed(now, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": NaN}')[0],
+        _signed(now, _EX_HEADER, _EX_CLAIMS[:-1] + ', "x": "a\\u0000b"}')[0],
+        _signed(now, _EX_HEADER, {**good_claims(now), "iat": str(math.floor(now))})[0],
+        jws(KEYS.k1, json.dumps(_EX_HEADER).encode("utf-16"), _EX_CLAIMS.encode()),
+    ]:
+        assert reference_connect(world.auth, DEVICE, DEVICE, token, now).outcome == "accepted"
+        assert deliberate_difference(token) is not None
+        assert world.harness.connect(DEVICE, DEVICE, token.encode(), now).outcome == "refused"
+
+
+# --- ACL decisions, topics and filters ---------------------------------------------------------------------
+
+ACCESS: dict[Access, acl.Access] = {
+    "write": acl.Access.PUBLISH,
+    "read": acl.Access.RECEIVE,
+    "subscribe": acl.Access.SUBSCRIBE,
+}
+
+
+@settings(max_examples=examples(2000, 20_000))
+@given(
+    acl_object=ACLS,
+    access=st.sampled_from(sorted(ACCESS)),
+    topic=st.one_of(TOPICS, FILTERS),
+    exp_offset=st.sampled_from([-1, 0, 1, 3600]),
+    denied_offset=st.sampled_from([None, -1, 0, 1]),
+)
+def test_acl_checks_of_a_device_session(
+    world: World, acl_object: Any, access: Access, topic: str, exp_offset: int, denied_offset: int | None
+) -> None:
+    now = BASE_NOW
+    exp, denied_until = now + exp_offset, 0 if denied_offset is None else now + denied_offset
+    plugin = world.harness.acl(
+        json.dumps(acl_object), exp=exp, denied_until=denied_until, access=access, topic=topic, now=now
+    )
+    try:
+        grant = acl.device_grant(DEVICE, {"acl": acl_object, "exp": exp})
+    except ConnectRefused:
+        assert plugin is None, "the plugin took an acl object the embedded broker refuses"
+        return
+    expected = grant.permits(ACCESS[access], topic, now) and not now < denied_until
+    assert plugin is expected, (acl_object, access, topic)
+
+
+@settings(max_examples=examples(3000, 30_000))
+@given(a=st.one_of(FILTERS, TOPICS), b=st.one_of(TOPICS, FILTERS))
+@example(a="a/+", b="a/b/c").via("+ is one level")
+@example(a="+/+", b="/").via("empty levels")
+@example(a="a/#", b="a").via("# matches the parent")
+@example(a="#", b="$SYS/x").via("$ topics escape wildcards")
+@example(a="$share/g/a/#", b="$share/g/a/b").via("shared")
+@example(a="$share/+/a/#", b="$share/g/a/b").via("shared, any group")
+def test_topic_matching_filter_coverage_and_filter_validity(world: World, a: str, b: str) -> None:
+    h = world.harness
+    assert h.topic_matches(a, b) is topics.topic_matches(a, b), ("topic_matches", a, b)
+    assert h.filter_covers(a, b) is acl.filter_covers(a, b), ("filter_covers", a, b)
+    assert h.is_valid_filter(a) is topics.is_valid_filter(a), ("is_valid_filter", a)
+
+
+def test_every_pair_of_short_filters(world: World) -> None:
+    """All filters of up to three levels over a small alphabet, each against each: no sampling gaps there."""
+    levels = ["a", "", "+", "#", "$s", "$share", "g"]
+    filters = ["/".join(p) for n in (1, 2, 3) for p in itertools.product(levels, repeat=n)]
+    pairs = list(itertools.product(filters, filters))
+    covers = world.harness.many_filter_covers(pairs)
+    assert [pair for pair, c in zip(pairs, covers, strict=True) if c is not acl.filter_covers(*pair)] == []
+    named = [(f, t) for f, t in pairs if "+" not in t and "#" not in t]
+    matches = world.harness.many_topic_matches(named)
+    assert [pair for pair, m in zip(named, matches, strict=True) if m is not topics.topic_matches(*pair)] == []
+
+
+# --- the JWKS and denylist files ---------------------------------------------------------------------------
+
+
+def replace_file(path: Path, content: bytes | None) -> None:
+    """New content under a new inode (as the bridge writes: rename), so both sides see a change; None removes it."""
+    if content is None:
+        path.unlink(missing_ok=True)
+        return
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def _good_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
+    return dict(jwk(key.public_key(), kid))
+
+
+_OFF_CURVE_Y = b64url(
+    (int.from_bytes(base64.urlsafe_b64decode(_good_jwk(KEYS.k1, K1)["y"] + "="), "big") ^ 1).to_bytes(32, "big")
+)
+
+
+JWK_VALUES: list[Any] = ["", "EC", "RSA", "P-256", "P-384", "ES256", "ES384", "sig", "enc", 1, True, [], "k1", "secret"]
+
+
+@st.composite
+def jwk_entries(draw: st.DrawFn) -> Any:
+    entry: Any = _good_jwk(
+        draw(st.sampled_from([KEYS.k1, KEYS.k2, KEYS.outsider])), draw(st.sampled_from([K1, K2, "k3"]))
+    )
+    if _one_in(2, draw):
+        name = draw(st.sampled_from(["kid", "kty", "crv", "alg", "use", "d", "x", "y"]))
+        value = draw(
+            _member(
+                st.sampled_from([*JWK_VALUES, b64url(bytes(31)), b64url(bytes(33)), b64url(bytes(32)), _OFF_CURVE_Y])
+            )
+        )
+        if value is ABSENT:
+            entry.pop(name, None)
+        else:
+            entry[name] = value
+    if _one_in(9, draw):
+        entry = draw(JSON_VALUES)
+    return entry
+
+
+JWKS_DOCUMENTS = st.one_of(
+    st.lists(jwk_entries(), max_size=4).map(lambda keys: json.dumps({"keys": keys}).encode()),
+    st.sampled_from([b"", b"{", b"[]", b'{"keys": {}}', b'{"keys": null}', b'{"keys": []} x', b"\xff", b"null"]),
+    st.none(),  # the file removed
+)
+
+
+@pytest.fixture(scope="module")
+def files_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PluginHarness, Path]]:
+    """A harness of its own for the file tests, which reconfigure the plugin for every example."""
+    harness = PluginHarness(harness_path())
+    yield harness, tmp_path_factory.mktemp("jwt-files")
+    harness.close()
+
+
+@settings(max_examples=examples(300, 3000))
+@given(document=JWKS_DOCUMENTS)
+@example(document=b'{"keys": []} x').via("trailing data: the last good keys stay (the C side dropped all keys)")
+@example(document=None).via("a missing JWKS: no key, on both sides")
+def test_jwks_files_give_the_same_keys(files_harness: tuple[PluginHarness, Path], document: bytes | None) -> None:
+    """After a good JWKS, the generated one: the same usable kids on both sides (the last good ones when the
+    new file cannot be parsed, as broker/watched.py keeps them)."""
+    harness, folder = files_harness
+    jwks_file = folder / "jwks.json"
+    good = json.dumps({"keys": [_good_jwk(KEYS.k2, K2)]}).encode()
+    replace_file(jwks_file, good)
+    watched: WatchedFile[Any] = WatchedFile(jwks_file, parse_jwks, {})
+    harness.configure(jwks_file=jwks_file, denylist_file=folder / "none", audience=AUDIENCE, issuer=ISSUER)
+    assert harness.refresh() == list(watched.get()) == [K2]
+    replace_file(jwks_file, document)
+    assert harness.refresh() == list(watched.get()), document
+
+
+DENYLISTS = st.one_of(
+    st.dictionaries(
+        st.sampled_from([DEVICE, OTHER_DEVICE, "dev_x"]),
+        st.one_of(st.integers(-2, 2).map(lambda d: BASE_NOW + d), st.sampled_from([0, 2**62, -(2**62)])),
+        max_size=3,
+    ).map(lambda devices: json.dumps({"devices": devices}).encode()),
+    st.sampled_from(
+        [
+            b'{"devices": {"%s": 1.5}}' % DEVICE.encode(),
+            b'{"devices": {"%s": true}}' % DEVICE.encode(),
+            b'{"devices": {"%s": "%d"}}' % (DEVICE.encode(), BASE_NOW + 100),
+            b'{"devices": []}',
+            b"{}",
+            b"garbage",
+            b'{"devices": {}} x',
+        ]
+    ),
+    st.none(),
+)
+
+
+@settings(max_examples=examples(200, 2000))
+@given(document=DENYLISTS, micros=st.sampled_from([0, 500_000]))
+def test_denylist_files_refuse_the_same_devices(
+    files_harness: tuple[PluginHarness, Path], document: bytes | None, micros: int
+) -> None:
+    """A denylist revoking DEVICE, then the generated one: DEVICE's CONNECT gets the same answer on both sides
+    (still refused when the new file cannot be parsed: a corrupt denylist must not un-revoke anyone)."""
+    harness, folder = files_harness
+    jwks_file, denylist_file = folder / "jwks.json", folder / "denylist.json"
+    replace_file(jwks_file, json.dumps({"keys": [_good_jwk(KEYS.k1, K1)]}).encode())
+    replace_file(denylist_file, json.dumps({"devices": {DEVICE: BASE_NOW + 10**6}}).encode())
+    auth = Authenticator(
+        AuthSettings(jwks_file=jwks_file, bridge_secret_file=folder / "none", denylist_file=denylist_file)
+    )
+    harness.configure(jwks_file=jwks_file, denylist_file=denylist_file, audience=AUDIENCE, issuer=ISSUER)
+    now = exact_now(BASE_NOW, micros)
+    token = good_token(now)
+    for step in ("revoked", "generated"):
+        if step == "generated":
+            replace_file(denylist_file, document)
+        plugin = harness.connect(DEVICE, DEVICE, token.encode(), now)
+        ref = reference_connect(auth, DEVICE, DEVICE, token, now)
+        assert (plugin.outcome, plugin.reason) == (ref.outcome, ref.reason), (step, document, plugin, ref)
+        if step == "revoked":
+            assert plugin.reason == "device is revoked"
