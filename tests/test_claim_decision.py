@@ -11,15 +11,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from bridge.claims import decision as claim_decision
-from bridge.claims.decision import (
-    Action,
-    Answered,
-    ClaimFacts,
-    ClaimRequest,
-    Fresh,
-    Granted,
-    decide,
-)
+from bridge.claims.decision import Action, Answered, ClaimFacts, ClaimRequest, Fresh, Granted, decide
 from bridge.storage.records import Device, ProvisionKey, StoredAnswer
 from provwire import crypto
 from provwire.models import Claim

@@ -108,28 +108,34 @@ def new_ca(now: datetime, validity: timedelta = CA_VALIDITY) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     # A random suffix keeps two installations' CAs apart in a trust store that looks CAs up by name.
     suffix = x509.random_serial_number().to_bytes(20, "big")[-4:].hex()
+    return Issued(self_signed_ca(key, f"provbridge CA {suffix}", now - BACKDATE, now + validity), key)
+
+
+def self_signed_ca(
+    key: ec.EllipticCurvePrivateKey, common_name: str, not_before: datetime, not_after: datetime
+) -> x509.Certificate:
+    """A CA certificate for `key` that may sign end-entity certificates only: CA:true, path length 0."""
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "provbridge"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"provbridge CA {suffix}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    certificate = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + validity)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return Issued(certificate, key)
 
 
 def new_server_certificate(

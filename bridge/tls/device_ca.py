@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from bridge.errors import ConfigError, InvalidCertificate, InvalidCsr, NotInitialised, UsageError
 from bridge.storage import keyfiles
 from bridge.storage.filelock import locked
-from bridge.tls.certificates import key_usage
+from bridge.tls.certificates import key_usage, self_signed_ca
 from provwire import crypto, topics
 
 # The device's scope, as a non-critical extension: a verifier that does not know it (OpenSSL in the
@@ -100,28 +100,8 @@ def new_device_ca(now: datetime) -> DeviceCa:
     """A device CA (EC P-256) that signs device certificates only: CA:true, path length 0."""
     key = ec.generate_private_key(ec.SECP256R1())
     # The key's kid in the name keeps two installations' device CAs apart, and tells which key it is.
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "provbridge"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"provbridge device CA {crypto.key_id(key.public_key())}"),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return DeviceCa(certificate, key)
+    name = f"provbridge device CA {crypto.key_id(key.public_key())}"
+    return DeviceCa(self_signed_ca(key, name, now - CLOCK_SKEW, now + CA_VALIDITY), key)
 
 
 def create_device_ca(data_dir: Path, now: datetime) -> DeviceCa:
