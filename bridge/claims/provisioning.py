@@ -285,9 +285,27 @@ class RequestHandler:
         return client_id, topics.response_topic(self.prefix, client_id)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A claim ready for its transaction (`Provisioner.prepare`): parsed, within its limits, its ECDH
+    done and its ids drawn, so that the write lock is held for the reads, the decision and the writes only."""
+
+    reply_to: str
+    request: ClaimRequest
+    keys: KeyRing
+    shared: bytes = field(repr=False)
+    fresh: Fresh = field(repr=False)
+
+
 class Provisioner(RequestHandler):
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
         """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+        step = self.prepare(topic, payload, now)
+        return step if isinstance(step, Outcome) else self.complete(step)
+
+    def prepare(self, topic: str, payload: bytes, now: float | None = None) -> Outcome | Prepared:
+        """edge → parse → limits → the ECDH: the answer when there is nothing to write (a refusal, a
+        malformed claim), else the claim `complete` finishes. Never raises."""
         now = time.time() if now is None else now
         admitted = self._admit(topics.client_id_of_claim_topic(self.prefix, topic), now, "claim.rejected")
         if isinstance(admitted, Outcome):
@@ -325,26 +343,34 @@ class Provisioner(RequestHandler):
 
         keys = current_ring(self.keys)  # one snapshot per claim: a rotation mid-claim must not mix kids
         try:
-            outcome = self._provision(client_id, parsed, key_hash, keys, now)
-        except StorageError as exc:
-            log.error("claim %s: storage failure: %s", parsed.request_id, exc)
-            return Outcome(reply_to, self._retryable(parsed.request_id, "storage unavailable"), [], "internal_error")
-        except MirrorError as exc:
-            log.error("claim %s: broker did not take the token: %s", parsed.request_id, exc)
-            return Outcome(reply_to, self._retryable(parsed.request_id, "broker unavailable"), [], "internal_error")
+            return self._prepare(reply_to, client_id, parsed, key_hash, keys, now)
         except Exception:
             log.exception("claim %s: unexpected failure", parsed.request_id)
             return Outcome(reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error")
-        answer, events = outcome
+
+    def complete(self, prepared: Prepared) -> Outcome:
+        """read → decide → apply, in one transaction (or a savepoint of `Store.batch`). Never raises."""
+        reply_to, request_id = prepared.reply_to, prepared.request.claim.request_id
+        logs.bind_request_id(request_id)  # others may have been prepared since (`ClaimHandlers.handle_batch`)
+        try:
+            answer, events = self._apply(prepared)
+        except StorageError as exc:
+            log.error("claim %s: storage failure: %s", request_id, exc)
+            return Outcome(reply_to, self._retryable(request_id, "storage unavailable"), [], "internal_error")
+        except MirrorError as exc:
+            log.error("claim %s: broker did not take the token: %s", request_id, exc)
+            return Outcome(reply_to, self._retryable(request_id, "broker unavailable"), [], "internal_error")
+        except Exception:
+            log.exception("claim %s: unexpected failure", request_id)
+            return Outcome(reply_to, self._retryable(request_id, "internal error"), [], "internal_error")
         return Outcome(reply_to, answer, events, events[0].event if events else "replayed")
 
     def _retryable(self, request_id: str | None, message: str) -> bytes:
         return retryable_error(self.settings, request_id, message)
 
-    def _provision(
-        self, client_id: str, claim: Claim, key_hash: bytes, keys: KeyRing, now: float
-    ) -> tuple[bytes, list[Event]]:
-        """edge → parse (done) → read → decide → apply: the answer and the events stored with it."""
+    def _prepare(
+        self, reply_to: str, client_id: str, claim: Claim, key_hash: bytes, keys: KeyRing, now: float
+    ) -> Outcome | Prepared:
         cloud_kid = claim.cloud_key_id or keys.active_cloud
         request = ClaimRequest(client_id, claim, claim_digest(claim), key_hash, cloud_kid, now)
         cloud_key = keys.cloud.get(cloud_kid)
@@ -359,13 +385,17 @@ class Provisioner(RequestHandler):
                 message="claim is not valid",
                 errors=unknown,
             )
-            return to_json(error), events
+            return Outcome(reply_to, to_json(error), events, "claim.rejected")
         # The expensive, side-effect-free work happens before the write lock is taken.
         shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
         fresh = Fresh(device_id=identifiers.new_device_id(), api_key=identifiers.new_api_key())
+        return Prepared(reply_to, request, keys, shared, fresh)
 
+    def _apply(self, prepared: Prepared) -> tuple[bytes, list[Event]]:
+        """read → decide → apply: the answer and the events stored with it."""
+        request, keys, shared, now = prepared.request, prepared.keys, prepared.shared, prepared.request.now
         with self.store.transaction() as tx:
-            verdict = decide(request, self._read(tx, request), fresh)
+            verdict = decide(request, self._read(tx, request), prepared.fresh)
             answer = (
                 verdict.answer if isinstance(verdict, Answered) else self._grant(tx, request, verdict, keys, shared)
             )

@@ -1,7 +1,9 @@
 """Where MQTT meets the claim path, and the processes that run it.
 
-`core` (what both edges share: routing, the in-flight bound, answers out), `paho` (the edge for an
-external broker), `inprocess` and `claimworker` (the edge inside the embedded broker and its worker
-process), `processes` and `sessions` (`serve --processes N`), `serve` (`provbridge serve`),
-`lifeline` (child processes die with their parent).
+`core` (what every edge shares: routing, the in-flight bound, answers out), `inprocess` (the edge
+inside the embedded broker), `external` (the default edge for an external broker: paho on the event
+loop), `paho` (the threaded edge beside the dynamic-security mirror), `pahoedge` (what those two
+share), `workerlink` and `claimworker` (the claim-worker process and its group commit), `processes`
+and `sessions` (`serve --processes N`), `serve` (`provbridge serve`), `lifeline` (child processes die
+with their parent).
 """

@@ -24,6 +24,7 @@ Frames are a 4-byte big-endian length, then a kind byte and its body:
                        L  a log record (JSON), re-emitted by the broker's process: one log output
 """
 
+import contextlib
 import json
 import logging
 import pickle
@@ -141,19 +142,33 @@ def emit_record(body: bytes) -> None:
 
 
 class _Forward(logging.Handler):
+    """Sends the worker's log records to the edge's process. Those of the main thread wait for its next
+    answers and leave with them in one write (a claim logs a line: a write each cost as much as its
+    ECDH); those of other threads (the purge) leave at once, as the main thread may be waiting."""
+
     def __init__(self, channel: socket.socket, send_lock: threading.Lock) -> None:
         super().__init__()
         self.channel = channel
         self.send_lock = send_lock
+        self.held: list[bytes] = []
         self.addFilter(logs.RequestIdFilter())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = encode_record(record)
+            if threading.current_thread() is threading.main_thread():
+                self.held.append(data)
+                return
             with self.send_lock:
                 self.channel.sendall(data)
         except Exception:
             self.handleError(record)
+
+    def send_with(self, data: bytes) -> None:
+        """Send the held records, then `data` (the answers they are about), in one write."""
+        held, self.held = self.held, []
+        with self.send_lock:
+            self.channel.sendall(b"".join(held) + data)
 
 
 # --- the worker -----------------------------------------------------------------------------
@@ -179,14 +194,15 @@ def serve_claims(channel: socket.socket) -> None:
         # pair, and validating it again would re-read the environment and config file (pydantic-settings).
         settings: Settings = pickle.loads(first[0][1])
         send_lock = threading.Lock()  # the purge thread may log while the main loop answers
-        logging.basicConfig(level=settings.log_level, handlers=[_Forward(channel, send_lock)])
+        forward = _Forward(channel, send_lock)
+        logging.basicConfig(level=settings.log_level, handlers=[forward])
         store = Store(settings.database_file)
         stopping = threading.Event()
         try:
             handlers = claim_handlers(settings, store)
             core = BridgeCore(settings)
             handlers.start_purge(stopping)
-            channel.sendall(frame(READY))
+            forward.send_with(frame(READY))
             for frames in arrivals:
                 requests: list[tuple[int, str, bytes]] = []
                 for kind, body in frames:
@@ -201,11 +217,14 @@ def serve_claims(channel: socket.socket) -> None:
                         encode_answer(seq, core.publishes(outcome))
                         for (seq, _, _), outcome in zip(batch, outcomes, strict=True)
                     )
-                    with send_lock:
-                        channel.sendall(answers)
+                    forward.send_with(answers)
+                if forward.held:  # logged without an answer to go with (storing edge events)
+                    forward.send_with(b"")
         finally:
             stopping.set()
             store.close()
+            with contextlib.suppress(OSError):
+                forward.send_with(b"")  # what was logged on the way out
 
 
 def main(argv: list[str]) -> int:

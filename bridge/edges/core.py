@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from bridge.claims.mirror import TokenMirror
 from bridge.claims.provisioning import (
@@ -42,7 +43,10 @@ log = logging.getLogger("provbridge.service")
 
 PURGE_INTERVAL_SECONDS = 600.0
 
-Handler = Callable[[str, bytes], Outcome]
+# What a message needs done in the write transaction, once the work before it is done (`ClaimHandlers.prepare`).
+Pending = Callable[[], Outcome]
+# A route: the answer when nothing is left to write, else what is.
+Preparer = Callable[[str, bytes], Outcome | Pending]
 
 
 @dataclass(frozen=True)
@@ -180,15 +184,32 @@ class ClaimHandlers:
             settings, provisioner.store, provisioner.keys, provisioner.mirror, provisioner.limits
         )
         prefix = settings.topic_prefix
-        self.routes: dict[str, Handler] = {
-            topics.claim_subscription(prefix): provisioner.handle,
-            topics.token_subscription(prefix): self.refresher.handle,
+        self.routes: dict[str, Preparer] = {
+            topics.claim_subscription(prefix): self._prepare_claim,
+            # A refresh is authenticated inside its transaction: refreshes are rare next to claims.
+            topics.token_subscription(prefix): lambda topic, payload: partial(self.refresher.handle, topic, payload),
         }
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Run the route for `topic`. Never raises: the bridge must survive anything a message can do."""
+        """Answer one message. Never raises: the bridge must survive anything a message can do."""
+        step = self.prepare(topic, payload)
+        return step if isinstance(step, Outcome) else self.complete(topic, step)
+
+    def prepare(self, topic: str, payload: bytes) -> Outcome | Pending:
+        """The work before the write lock (parsing, limits, the ECDH): the answer when nothing is left to write."""
         try:
-            outcome = self._route(topic)(topic, payload)
+            step = self._route(topic)(topic, payload)
+        except Exception:
+            log.exception("claim on %s could not be handled", topic)
+            return Outcome(None, None, [], "failed")
+        if isinstance(step, Outcome):
+            log.info("claim on %s: %s", topic, step.summary)
+        return step
+
+    def complete(self, topic: str, pending: Pending) -> Outcome:
+        """The rest, in the write transaction (or a savepoint of `Store.batch`)."""
+        try:
+            outcome = pending()
         except Exception:
             log.exception("claim on %s could not be handled", topic)
             return Outcome(None, None, [], "failed")
@@ -196,28 +217,43 @@ class ClaimHandlers:
         return outcome
 
     def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[Outcome]:
-        """Several messages in one database transaction (`Store.batch`, a group commit): each one's writes
-        are a savepoint of it, and the answers are handed out only once it committed. If it cannot begin
-        or commit, nothing of the batch was written: every message is answered `internal_error`, retry."""
+        """Several messages, their writes in one database transaction (`Store.batch`, a group commit).
+
+        What needs no lock (parsing, limits, the ECDH) is done for all of them first, so that another
+        bridge process may write meanwhile; then each one's reads, decision and writes are a savepoint of
+        the batch, and the answers are handed out only once it committed. If it cannot begin or commit,
+        none of those writes happened: each such message is answered `internal_error`, retry."""
+        steps = [self.prepare(topic, payload) for topic, payload in messages]
+        if all(isinstance(step, Outcome) for step in steps):
+            return [step for step in steps if isinstance(step, Outcome)]
         try:
             with self.provisioner.store.batch():
-                return [self.handle(topic, payload) for topic, payload in messages]
+                return [
+                    step if isinstance(step, Outcome) else self.complete(topic, step)
+                    for (topic, _), step in zip(messages, steps, strict=True)
+                ]
         except StorageError as exc:
             log.error("a batch of %d messages was not committed: %s", len(messages), exc)
             return [
-                retry_later(self.settings, topic, payload, ErrorCode.INTERNAL_ERROR, "storage unavailable")
-                for topic, payload in messages
+                step
+                if isinstance(step, Outcome)
+                else retry_later(self.settings, topic, payload, ErrorCode.INTERNAL_ERROR, "storage unavailable")
+                for (topic, payload), step in zip(messages, steps, strict=True)
             ]
+
+    def _prepare_claim(self, topic: str, payload: bytes) -> Outcome | Pending:
+        step = self.provisioner.prepare(topic, payload)
+        return step if isinstance(step, Outcome) else partial(self.provisioner.complete, step)
 
     def record_events(self, events: list[Event]) -> None:
         """Store events made at the edge (a refusal by the client-id limit). A failure costs only them."""
         record_events_safely(self.provisioner.store, events)
 
-    def _route(self, topic: str) -> Handler:
-        for topic_filter, handler in self.routes.items():
+    def _route(self, topic: str) -> Preparer:
+        for topic_filter, preparer in self.routes.items():
             if topics.topic_matches(topic_filter, topic):
-                return handler
-        return self.provisioner.handle  # cannot happen: edges deliver the routes' topics only
+                return preparer
+        return self._prepare_claim  # cannot happen: edges deliver the routes' topics only
 
     def start_purge(self, stopping: threading.Event) -> None:
         """Run `purge` every 10 minutes until `stopping` is set."""
