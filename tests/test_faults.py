@@ -716,7 +716,8 @@ class FaultyStore(Store):
 
 @contextmanager
 def bridge_in_this_process(settings: Settings, store: Store) -> Iterator[None]:
-    """The paho bridge (`BridgeService`, as `serve` builds it in external mode) on `store`, in this process."""
+    """The threaded paho bridge (`BridgeService`, as `serve` builds it beside the dynsec mirror) on `store`,
+    in this process."""
     service = BridgeService(BridgeCore(settings), claim_handlers(settings, store))
     service.start()
     try:
@@ -727,17 +728,30 @@ def bridge_in_this_process(settings: Settings, store: Store) -> Iterator[None]:
         store.close()
 
 
-@pytest.mark.parametrize("fault", ["locked", "disk_full"])
-def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Settings, str], fault: str) -> None:
+@pytest.mark.parametrize(
+    ("edge", "fault"),
+    [("threaded", "locked"), ("threaded", "disk_full"), ("default", "locked")],
+    ids=["threaded-locked", "threaded-disk_full", "default-locked"],
+)
+def test_database_trouble_mid_burst_is_retryable_and_heals(
+    initialised: tuple[Settings, str], edge: str, fault: str
+) -> None:
     """The SQLite file locked by another writer, or full: claims get `internal_error` with `retry_after`,
-    nothing is half-written, and once the fault is gone the retried claims are all served."""
+    nothing is half-written, and once the fault is gone the retried claims are all served. On the threaded
+    edge (beside the dynsec mirror) in this process, with a store whose faults the test switches; on the
+    default edge (`provbridge serve`: its claim worker's group commits wait out SQLite's busy timeout)
+    with another writer holding the file."""
     settings = external_settings(initialised[0], dynsec=False)
     settings = settings.model_copy(update={"claims": settings.claims.model_copy(update={"retry_after_seconds": 1})})
-    store = FaultyStore(settings.database_file, busy_ms=200)
     blocker: sqlite3.Connection | None = None
+    store: FaultyStore | None = None
+    bridge: AbstractContextManager[object] = ServeProcesses(settings, env=EXTERNAL_ENV)
+    if edge == "threaded":
+        store = FaultyStore(settings.database_file, busy_ms=200)
+        bridge = bridge_in_this_process(settings, store)
     with (
         mosquitto_for(settings),
-        bridge_in_this_process(settings, store),
+        bridge,
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         fleet.connect()
@@ -748,6 +762,7 @@ def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Se
             blocker = sqlite3.connect(settings.database_file, timeout=30, isolation_level=None)
             blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
         else:
+            assert store is not None
             store.full.set()
         at_fault = _consistent_snapshot(settings)
         assert wait_for(lambda: fleet.count("internal_error") >= 20, timeout=LONG)
@@ -758,6 +773,7 @@ def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Se
             blocker.rollback()
             blocker.close()
         else:
+            assert store is not None
             store.full.clear()
         _wait_all(fleet, f"after the {fault} fault")
         recovered = time.monotonic() - start
@@ -766,7 +782,7 @@ def test_database_trouble_mid_burst_is_retryable_and_heals(initialised: tuple[Se
     _retry_after_everywhere(fleet)
     check_invariants(settings, [fleet])
     figure(
-        f"database-{fault}",
+        f"database-{fault}-{edge}-edge",
         devices=len(fleet.devices),
         rows_when_fault_began=at_fault[0],
         rows_written_during_fault=during[0] - at_fault[0],

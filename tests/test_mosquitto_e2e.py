@@ -38,9 +38,10 @@ def bridge(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
         yield running
 
 
-@pytest.fixture
-def bridge_v5(initialised: tuple[Settings, str]) -> Iterator[MosquittoBridge]:
-    with mosquitto_bridge(*initialised, protocol="5", mosquitto_auth=DYNSEC) as running:
+@pytest.fixture(params=[DYNSEC, "jwt"], ids=["mosquitto-dynsec", "mosquitto-jwt"])
+def bridge_v5(initialised: tuple[Settings, str], request: pytest.FixtureRequest) -> Iterator[MosquittoBridge]:
+    """An MQTT 5 bridge on both edges: the threaded one beside the mirror, and the default (jwt) one."""
+    with mosquitto_bridge(*initialised, protocol="5", mosquitto_auth=request.param) as running:
         yield running
 
 
