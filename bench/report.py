@@ -208,23 +208,26 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
 
     # Growth
     if results.get("growth"):
-        w("### Growth: claims into a pre-seeded fleet (embedded broker)")
+        w("### Growth: claims into a pre-seeded fleet")
         w("")
         w(
-            "| devices already in the DB | claims | claims/s | p50 ms | p99 ms | RSS start MiB | RSS end MiB"
-            " | peak RSS MiB | DB MiB after |"
+            "| broker | devices already in the DB | claims | claims/s | p50 ms | p99 ms | CPU ms per claim"
+            " | bridge RSS start MiB | RSS end MiB | peak RSS MiB | DB MiB after |"
         )
-        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
         for g in results["growth"]:
+            broker = g.get("broker", "amqtt")
             if "phase" not in g:
-                w(f"| {g['seeded']:,} | failed: {g.get('reason', '')} | | | | | | | |")
+                w(f"| {broker} | {g['seeded']:,} | failed: {g.get('reason', '')} | | | | | | | | |")
                 continue
             p = g["phase"]
             lg, lat = p["loadgen"], p["loadgen"]["latency"]
-            proc = next(iter(p["processes"].values()))
+            roles = p["processes"]
+            proc = roles.get("bridge") or next(iter(roles.values()))
+            cpu = ", ".join(f"{role} {r['cpu_s_per_claim'] * 1000:.2f}" for role, r in roles.items())
             w(
-                f"| {g['seeded']:,} | {p['devices']:,} | {_f(lg['throughput_mid80'] or lg['throughput'])}"
-                f" | {_f(lat['p50_ms'])} | {_f(lat['p99_ms'])} | {_mib(proc['rss_kib']['start'])}"
+                f"| {broker} | {g['seeded']:,} | {p['devices']:,} | {_f(lg['throughput_mid80'] or lg['throughput'])}"
+                f" | {_f(lat['p50_ms'])} | {_f(lat['p99_ms'])} | {cpu} | {_mib(proc['rss_kib']['start'])}"
                 f" | {_mib(proc['rss_kib']['end'])} | {_mib(proc['vmhwm_kib'])} | {g['db_bytes_after'] / 2**20:,.0f} |"
             )
         w("")

@@ -49,7 +49,7 @@ from bench.common import (
 )
 from bench.loadgen import KEY_ENV
 from bench.seed import seed_devices
-from bench.targets import TARGETS, AmqttTarget, DataDir, System, Target
+from bench.targets import TARGETS, DataDir, System, Target
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -79,6 +79,7 @@ class Plan:
     micro_args: tuple[str, ...] = field(default_factory=tuple)
     target_devices: dict[str, int] = field(default_factory=dict)  # K per broker, where it differs
     herd_targets: tuple[str, ...] = ("amqtt", "mosquitto")
+    growth_targets: tuple[str, ...] = ("amqtt", "mosquitto")
     min_closed_seconds: float = 3.0  # the echo floor's closed loop is made at least this long
     procs_check: bool = True  # re-run the floor with two load generator processes
     bridge_env: dict[str, str] = field(default_factory=dict)  # extra PROVBRIDGE_* settings for `serve`
@@ -499,6 +500,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--herd-seconds", type=float, default=1.0, help="the herd publishes all its claims within this")
     p.add_argument("--growth", help="comma-separated pre-seeded fleet sizes ('' or 0: skip)")
     p.add_argument("--growth-claims", type=int, help="claims into each pre-seeded fleet")
+    p.add_argument(
+        "--growth-targets", default="amqtt,mosquitto", help="brokers that get the growth runs (default: both)"
+    )
     p.add_argument("--targets", default="amqtt,mosquitto", help=f"brokers, of: {', '.join(TARGETS)}")
     p.add_argument(
         "--target-devices",
@@ -549,6 +553,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         micro_args=preset["micro_args"],
         target_devices=dict(preset["target_devices"]) if args.target_devices is None else _pairs(args.target_devices),
         herd_targets=tuple(t for t in args.herd_targets.split(",") if t),
+        growth_targets=tuple(t for t in args.growth_targets.split(",") if t),
         min_closed_seconds=preset["min_closed_seconds"],
         procs_check=preset["procs_check"],
         bridge_env=dict(item.split("=", 1) for item in args.bridge_env),
@@ -606,7 +611,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in plan.targets:
                 results["targets"].append(run_target(runner, TARGETS[name], Path(tmp)))
             if plan.growth:
-                results["growth"] = run_growth(runner, AmqttTarget(), Path(tmp))
+                results["growth"] = []
+                for name in plan.growth_targets:
+                    target = TARGETS[name]
+                    if target.unavailable() is None:
+                        results["growth"] += run_growth(runner, target, Path(tmp))
         finally:
             results["meta"]["loadavg_end"] = loadavg()
             results["meta"]["duration_s"] = round(time.time() - started, 1)
