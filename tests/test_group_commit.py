@@ -110,10 +110,27 @@ def test_a_claim_replayed_within_its_own_batch_gets_the_same_answer(
     assert store.count("devices") == 1
 
 
-def test_outside_a_batch_a_transaction_commits_on_its_own(store: Store) -> None:
+def test_a_batch_that_fails_to_commit_takes_its_units_with_it(store: Store) -> None:
     store.create_tenant("t-9", "alone", int(time.time()))
     with pytest.raises(StorageError), store.batch():
         store.create_tenant("t-10", "in-a-batch", 0)
         store.connection().execute("INSERT INTO tenants VALUES ('t-9', 'duplicate id', 0)")
     names = {t.name for t in store.tenants()}
-    assert "alone" in names and "in-a-batch" not in names  # the failed batch took its units with it
+    assert "alone" in names and "in-a-batch" not in names
+
+
+def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(store: Store) -> None:
+    """A full disk makes SQLite roll the whole transaction back: a unit after that must fail too, not
+    become a transaction of its own that commits while the batch reports failure."""
+    conn = store.connection()
+    room = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+    with pytest.raises(StorageError), store.batch():
+        store.create_tenant("t-1", "first", 0)
+        conn.execute(f"PRAGMA max_page_count = {int(conn.execute('PRAGMA page_count').fetchone()[0])}")
+        with pytest.raises(StorageError), store.transaction() as tx:
+            tx.connection.execute("INSERT INTO tenants VALUES ('t-2', ?, 0)", ("x" * 100_000,))  # disk full
+        conn.execute(f"PRAGMA max_page_count = {room}")
+        with pytest.raises(StorageError):
+            store.create_tenant("t-3", "third", 0)
+    names = {t.name for t in store.tenants()}
+    assert "first" not in names and "third" not in names

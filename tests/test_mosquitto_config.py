@@ -371,7 +371,9 @@ def test_without_the_plugins_build_tools_the_config_says_what_to_install_or_opt_
 ) -> None:
     """The default (jwt) needs the provbridge_jwt plugin: on a machine with no build of it, none installed
     and no `make`, `mosquitto-config` writes nothing and says what to install, or which opt-in avoids it."""
-    settings = external_settings(make_settings(tmp_path / "data"))
+    settings = make_settings(tmp_path / "data")  # not external_settings: it would build the plugin first
+    broker = settings.broker.model_copy(update={"mode": "external", "tls_listen": "off"})
+    settings = settings.model_copy(update={"broker": broker})
     assert settings.broker.mosquitto_auth == "jwt"  # the default
     assert run_cli(settings, "init") == 0
     monkeypatch.setattr(mosquitto_jwt, "BUILD_OUTPUT", tmp_path / "no-build" / mosquitto_jwt.PLUGIN_NAME)

@@ -17,7 +17,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import Settings
+from bridge.edges.sessions import Shard
 from bridge.mosquitto.conf import JwtPlugin
+from bridge.storage import keyfiles
 from broker.errors import BrokerConfigError
 from provwire import topics
 from provwire.models import ClaimOk, Credentials
@@ -343,3 +345,21 @@ def test_devices_own_traffic_is_not_limited_by_the_plugin(limited: MosquittoBrid
         assert conn.connect()
         mids = [conn.client.publish(own, b"%d" % n, 1).mid for n in range(3 * 20)]  # 3x the plugin's burst
         assert all(conn.puback(mid, timeout=30) in ACCEPTED for mid in mids)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"], ids=["bridge-mqtt5", "bridge-mqtt3.1.1"])
+def test_the_bridge_comes_back_after_mosquitto_ends_its_session(
+    initialised: tuple[Settings, str], jwt_mode: None, protocol: str
+) -> None:
+    """Someone logs in with the bridge's client id (and its secret): Mosquitto closes the bridge's
+    connection. Once the intruder is gone the default edge reconnects by itself and answers the claims
+    that queued in its session meanwhile (a DISCONNECT packet instead: tests/test_external_edge.py)."""
+    with mosquitto_bridge(*initialised, protocol=protocol) as bridge:
+        settings = bridge.settings
+        secret = keyfiles.read_secret(settings.bridge_secret_file)
+        # Without a clean session: the bridge's session, and the claims that queue in it meanwhile, survive.
+        client_id = Shard().client_id(settings)
+        intruder = MqttClient(bridge.port, client_id, settings.broker.username, secret, clean_session=False)
+        with intruder:
+            assert intruder.connect()
+        provision(bridge)  # answered once the bridge is back (its first retry waits a second)

@@ -32,7 +32,6 @@ from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
 from bridge.claims.refresh import Refresher
 from bridge.config import Settings
-from bridge.errors import StorageError
 from bridge.storage.rotation import LiveKeyRing
 from bridge.storage.store import Store
 from provwire import topics
@@ -232,7 +231,7 @@ class ClaimHandlers:
                     step if isinstance(step, Outcome) else self.complete(topic, step)
                     for (topic, _), step in zip(messages, steps, strict=True)
                 ]
-        except StorageError as exc:
+        except Exception as exc:  # StorageError, or anything else: the claims are answered, the worker lives
             log.error("a batch of %d messages was not committed: %s", len(messages), exc)
             return [
                 step

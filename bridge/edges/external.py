@@ -13,6 +13,7 @@ same on both: `bridge.edges.pahoedge`.
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -39,6 +40,7 @@ class ExternalBridge(PahoEdge):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._reconnect_delay = RECONNECT_DELAY_SECONDS[0]  # grows while the broker refuses; reset on CONNACK
         client = self._client
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -91,10 +93,11 @@ class ExternalBridge(PahoEdge):
             self._reconnecting = self._loop.create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        delay, longest = RECONNECT_DELAY_SECONDS
-        while not self._stopping.is_set() and not self._client.is_connected():
-            await asyncio.sleep(delay)
-            delay = min(longest, delay * 2)
+        # paho closes its socket on a lost connection but may still say it is connected (a DISCONNECT
+        # from an MQTT 5 broker): no socket is what means "reconnect".
+        while not self._stopping.is_set() and self._client.socket() is None:
+            await asyncio.sleep(self._reconnect_delay)
+            self._reconnect_delay = min(RECONNECT_DELAY_SECONDS[1], self._reconnect_delay * 2)
             try:
                 self._client.reconnect()
                 return
@@ -114,7 +117,14 @@ class ExternalBridge(PahoEdge):
             # Without it, small request/answer exchanges stall 40-90 ms on Nagle + delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assert self._loop is not None
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._readable, client, sock)
+
+    @staticmethod
+    def _readable(client: mqtt.Client, sock: Any) -> None:
+        client.loop_read()
+        # TLS: bytes OpenSSL already decrypted make the socket no more readable; paho's own loop checks too.
+        while isinstance(sock, ssl.SSLSocket) and sock.pending() and client.socket() is not None:
+            client.loop_read()
 
     def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -128,6 +138,11 @@ class ExternalBridge(PahoEdge):
     def _on_socket_unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         assert self._loop is not None
         self._loop.remove_writer(sock)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            self._reconnect_delay = RECONNECT_DELAY_SECONDS[0]
+        super()._on_connect(client, userdata, flags, reason, props)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         super()._on_disconnect(client, userdata, flags, reason, props)

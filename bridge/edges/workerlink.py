@@ -156,7 +156,9 @@ class WorkerLink:
         if self._worker is None or self._worker.protocol is not protocol:
             return  # one that never became the worker (it failed to start), or one already replaced
         lost, self._worker = self._worker, None
-        if self._stopping:
+        if self._stopping:  # nobody will answer what it had: `stop` need not wait, the process is reaped
+            self._drained.set()
+            asyncio.get_running_loop().create_task(self._end(lost))
             return
         log.error("the claim worker exited; restarting it (%d claims in it are handed over again)", len(self.pending))
         self._restarting = asyncio.get_running_loop().create_task(self._restart(lost))

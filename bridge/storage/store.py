@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,10 @@ class Store:
     @contextmanager
     def _savepoint(self) -> Iterator[Transaction]:
         conn = self._connection()
+        if not conn.in_transaction:
+            # SQLite rolled the whole batch back (a full disk, an I/O error): a savepoint now would be a
+            # transaction of its own, committed at its release, while the batch reports failure.
+            raise StorageError("database write failed: the batch's transaction was rolled back")
         try:
             conn.execute("SAVEPOINT unit")
         except sqlite3.Error as exc:
@@ -292,7 +296,11 @@ class Store:
         if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
             raise StorageError("database unavailable: another write of this process did not finish")
         try:
-            with locked(self._writer_file):
+            with ExitStack() as stack:
+                try:
+                    stack.enter_context(locked(self._writer_file))
+                except OSError as exc:  # the lock file cannot be opened (permissions, no descriptors left)
+                    raise StorageError(f"database unavailable: {exc}") from exc
                 yield
         finally:
             self._write_lock.release()
