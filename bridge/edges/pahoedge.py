@@ -45,6 +45,7 @@ class Request:
     qos: int
     reply_to: str | None = None  # MQTT 5 Response Topic of the request, vetted
     correlation: bytes | None = field(default=None, repr=False)  # MQTT 5 Correlation Data, echoed
+    connection: int = 0  # which of the edge's connections it came on: its `mid` means nothing on another
 
 
 class PahoEdge:
@@ -54,6 +55,7 @@ class PahoEdge:
         self.shard = shard or Shard()
         self.endpoint = bridge_endpoint(self.settings)  # TLS or not, which port, which CA: bridge/tls/certificates.py
         self._serving = threading.Event()  # the broker confirmed every subscription
+        self._connection = 0  # counts the broker's CONNACKs: a message id is only valid on its own connection
         self._stopping = threading.Event()
         # Exact topic -> handler run where paho's callbacks run (must not block): dynamic-security answers.
         self.network_routes: dict[str, Callable[[bytes], None]] = {}
@@ -108,6 +110,7 @@ class PahoEdge:
         if reason.is_failure:
             log.error("broker refused the bridge: %s", reason)
             return
+        self._connection += 1
         filters = [self.shard.subscription(self.settings, f) for f in self.core.filters] + list(self.network_routes)
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         if self.shard.owns_status:
@@ -147,6 +150,7 @@ class PahoEdge:
             message.qos,
             reply_to if self.core.is_reply_topic(reply_to, message.topic) else None,
             bytes(correlation) if isinstance(correlation, bytes | bytearray) else None,
+            self._connection,
         )
         refused = self.core.screen(request.topic, request.payload)
         if refused is not None:  # an external broker cannot be asked to slow the client down: answer only
@@ -168,7 +172,9 @@ class PahoEdge:
         except Exception:  # a failed hand-over must not take the edge down
             log.exception("answer to %s could not be sent", request.topic)
         finally:
-            if request.qos > 0:
+            # A message taken on an earlier connection is not acknowledged on this one, where its id may
+            # already name another message: the broker redelivers it, and its stored answer is replayed.
+            if request.qos > 0 and request.connection == self._connection:
                 self._client.ack(request.mid, request.qos)
 
     def _publish(self, publish: Publish) -> mqtt.MQTTMessageInfo:
