@@ -12,7 +12,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.edges.external import ExternalBridge
-from tests.helpers.raw_mqtt import packet
+from tests.helpers.raw_mqtt import packet, read_packet
 
 CONNACK_V5 = packet(0x20, bytes([0, 0, 0]))  # no session present, success, no properties
 DISCONNECT_SESSION_TAKEN_OVER = packet(0xE0, bytes([0x8E, 0]))
@@ -41,30 +41,16 @@ class OneShotBroker:
                 with contextlib.suppress(OSError):  # the edge hung up: wait for the next connection
                     self._session(conn)
 
-    def _read_packet(self, conn: socket.socket) -> tuple[int, bytes]:
-        first = conn.recv(1)
-        length, shift = 0, 0
-        while True:
-            byte = conn.recv(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        body = b""
-        while len(body) < length:
-            body += conn.recv(length - len(body))
-        return first[0], body
-
     def _session(self, conn: socket.socket) -> None:
-        kind, _ = self._read_packet(conn)
+        kind, _ = read_packet(conn)
         assert kind >> 4 == 1  # CONNECT
         self.connects += 1
         if self.connects > 1:
             self.reconnected.set()
         conn.sendall(CONNACK_V5)
-        kind, body = self._read_packet(conn)
+        kind, body = read_packet(conn)
         while kind >> 4 != 8:  # the retained "online" status comes first: no PUBACK needed for this test
-            kind, body = self._read_packet(conn)
+            kind, body = read_packet(conn)
         conn.sendall(packet(0x90, body[:2] + bytes([0, 1, 1])))  # SUBACK: its id, no properties, QoS 1 twice
         conn.sendall(DISCONNECT_SESSION_TAKEN_OVER)
 

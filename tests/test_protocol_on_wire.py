@@ -31,7 +31,7 @@ from tests.helpers.brokers import bridge_on
 from tests.helpers.devices import provision
 from tests.helpers.mosquitto import mosquitto_bridge
 from tests.helpers.mqtt import MqttClient, request_properties
-from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet, remaining_length
+from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet, read_packet, remaining_length
 
 TIMEOUT = 10.0
 PUBLISH_QOS1 = 0x32
@@ -57,26 +57,9 @@ class RawDevice:
         kind, connack = self.read()
         assert kind == 0x20 and connack[1] == 0x00, f"CONNACK {connack.hex()}: the token was refused"
 
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("the broker closed the connection")
-            data += chunk
-        return data
-
     def read(self) -> tuple[int, bytes]:
         """The next packet: its first byte and its body."""
-        first = self._exactly(1)[0]
-        length, shift = 0, 0
-        while True:
-            digit = self._exactly(1)[0]
-            length |= (digit & 0x7F) << shift
-            shift += 7
-            if not digit & 0x80:
-                break
-        return first, self._exactly(length)
+        return read_packet(self.sock)
 
     def publish(self, topic: str, payload: bytes, packet_id: int) -> bytes:
         """PUBLISH QoS 1; returns the whole packet the broker answers with (a PUBACK, or a DISCONNECT)."""

@@ -3,7 +3,7 @@ pytest fixtures stay in tests/conftest.py.
 
 - `mqtt.py`: the one MQTT test client, `MqttClient` (3.1.1 or 5; CONNACK, SUBACK and PUBACK codes;
   never reconnects by itself), `can_connect`, `token_session`, `request_properties`, `NOT_AUTHORIZED`.
-- `raw_mqtt.py`: MQTT packets as bytes (`packet`, `mqtt_string`, `remaining_length`, `connect_packet`),
+- `raw_mqtt.py`: MQTT packets as bytes (`packet`, `mqtt_string`, `remaining_length`, `connect_packet`, `read_packet`),
   for what no client library would send.
 - `waiting.py`: the one `wait_for` (a condition, a timeout, an interval).
 - `network.py`: the one `free_port`, and `accepts_connections`.

@@ -1,5 +1,6 @@
 """MQTT packets as bytes, for tests that must send what no client library would (or only just)."""
 
+import socket
 import struct
 
 
@@ -45,3 +46,26 @@ def connect_packet(
     if password is not None:
         body += mqtt_string(password)
     return packet(0x10, body)
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        data += chunk
+    return data
+
+
+def read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """The next whole packet on `sock`: its first byte (type and flags) and its body."""
+    first = read_exactly(sock, 1)[0]
+    length, shift = 0, 0
+    while True:
+        digit = read_exactly(sock, 1)[0]
+        length |= (digit & 0x7F) << shift
+        shift += 7
+        if not digit & 0x80:
+            break
+    return first, read_exactly(sock, length)
