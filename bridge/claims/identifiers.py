@@ -5,7 +5,6 @@ Raw secrets are shown once and never stored: the database keeps SHA-256 digests.
 
 import base64
 import hashlib
-import hmac
 import re
 import secrets
 
@@ -64,7 +63,3 @@ def is_human_code(raw: str) -> bool:
 
 def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
-
-
-def digests_equal(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)

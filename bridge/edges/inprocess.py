@@ -14,14 +14,10 @@ non-retained publishes did, the status is retained, `rate_limited` answers the c
 restart of the worker (`bridge.edges.workerlink`).
 """
 
-import logging
-
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
 from bridge.edges.workerlink import WorkerLink
 from broker.server import ProvbridgeBroker
-
-log = logging.getLogger("provbridge.service")
 
 
 class InProcessBridge:
