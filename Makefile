@@ -45,7 +45,8 @@ test-jwt-sanitized: $(STAMP) mosquitto
 	$(MAKE) -s -C bridge/mosquitto/jwt analyze
 	@mkdir -p $(dir $(TEST_TMP))
 	PROVBRIDGE_JWT_PLUGIN_SANITIZED=1 $(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)-sanitized \
-		tests/test_mosquitto_jwt.py tests/test_multiprocess.py tests/test_broker_promises.py -k "not dynsec"
+		tests/test_mosquitto_jwt.py tests/test_multiprocess.py tests/test_broker_promises.py tests/test_certificate_auth.py \
+		-k "not dynsec"
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)-sanitized
 
 ## test-long: the property tests at length: the hostile-input properties (over 10,000 generated examples)

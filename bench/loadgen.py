@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import latency_summary, set_nodelay
-from device_sim.device import DeviceIdentity, build_claim, open_answer
+from device_sim.device import DeviceIdentity, build_claim, build_csr, open_answer
 from device_sim.errors import ClaimRejected
 from provwire import crypto, topics
 from provwire.models import Hardware, to_json
@@ -81,6 +81,7 @@ class Config:
     claim_username: str | None
     max_run_seconds: float = 900.0
     keepalive: int = 60
+    certificate: bool = False  # claims carry a CSR (a key that issues certificates, PROTOCOL.md section 10.4)
 
     def offered_rate(self) -> float | None:
         if self.mode == "open":
@@ -188,8 +189,9 @@ class Worker:
         for local, j in enumerate(self.global_ids):
             identity = DeviceIdentity.generate(f"{self.cfg.tag}-{j:07d}")
             request_id = f"{self.cfg.tag}.{j:07d}"
+            csr = build_csr(identity.private_key, identity.hardware_id) if self.cfg.certificate else None
             claim = build_claim(
-                identity, self.cfg.provision_key, request_id, hardware=BENCH_HARDWARE, cloud_key_id=cloud_kid
+                identity, self.cfg.provision_key, request_id, hardware=BENCH_HARDWARE, cloud_key_id=cloud_kid, csr=csr
             )
             lane = self.lanes[local % len(self.lanes)]
             self.devices.append(_Device(identity, request_id, to_json(claim), lane))
@@ -374,7 +376,8 @@ class Worker:
         except Exception as exc:  # a wrong seal, a malformed answer: each is a failed claim
             return f"error:{type(exc).__name__}"
         creds = result.credentials.mqtt
-        if not result.created or creds.client_id != result.device_id or not creds.token:
+        credential = creds.certificate if self.cfg.certificate else creds.token
+        if not result.created or creds.client_id != result.device_id or not credential:
             return "error:unexpected_answer"
         return "ok"
 
@@ -611,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=900.0, help="hard cap on the timed run")
     p.add_argument("--max-attempts", type=int, default=5, help="sends per claim, retryable errors included")
     p.add_argument("--claim-username", default=None, help="username for provisioning connections, if required")
+    p.add_argument(
+        "--certificate", action="store_true", help="claims carry a CSR: the key issues certificates, not tokens"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here (default: stdout)")
     p.add_argument("--sync", action="store_true", help="print READY, wait for a line on stdin, print DONE")
     args = p.parse_args(argv)
@@ -656,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         max_attempts=args.max_attempts,
         claim_username=args.claim_username,
         max_run_seconds=args.max_seconds,
+        certificate=args.certificate,
     )
     result = run(cfg, StdioHooks() if args.sync else None)
     text = json.dumps(result, indent=1)

@@ -126,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --- data dirs -----------------------------------------------------------------------------------
 
 
-def make_data_dir(root: Path, name: str) -> DataDir:
+def make_data_dir(root: Path, name: str, credential: str = "token") -> DataDir:
     """Initialise a data dir and create an unlimited key through bridge.ops.admin (the CLI's own code)."""
     from bridge.config import load_settings
     from bridge.ops import admin
@@ -136,10 +136,11 @@ def make_data_dir(root: Path, name: str) -> DataDir:
     admin.init_data_dir(settings)
     store = admin.open_store(settings)
     try:
-        _, raw = admin.create_key(store, settings, admin.KeySpec(tenant="default", name="bench"), int(time.time()))
+        spec = admin.KeySpec(tenant="default", name="bench", credential_type=credential)
+        _, raw = admin.create_key(store, settings, spec, int(time.time()))
     finally:
         store.close()
-    return DataDir(path, raw)
+    return DataDir(path, raw, credential)
 
 
 def count_devices(db: Path, tag: str) -> int:
@@ -185,6 +186,8 @@ class Runner:
         argv += ["--devices", str(devices), "--tag", tag, "--lanes", str(plan.lanes), "--inflight", str(plan.inflight)]
         argv += ["--procs", str(procs or plan.procs), "--expect", expect, "--drain-timeout", str(plan.drain)]
         argv += ["--max-attempts", str(max_attempts), "--out", str(out), "--sync"]
+        if system.data_dir.credential == "certificate":
+            argv.append("--certificate")
         if mode == "open":
             assert rate is not None
             argv += ["--rate", f"{rate:.3f}"]
@@ -331,7 +334,7 @@ def run_target(runner: Runner, target: Target, work: Path) -> dict[str, Any]:
     logs = runner.logs / target.name
     try:
         # provbridge first: its saturation rate sets the offered loads for both systems.
-        data = make_data_dir(work, f"{target.name}-provbridge")
+        data = make_data_dir(work, f"{target.name}-provbridge", target.credential)
         system = target.start_provbridge(runner.processes, data, logs / "provbridge", plan.log_level, plan.bridge_env)
         phases = []
         try:
@@ -360,7 +363,7 @@ def run_target(runner: Runner, target: Target, work: Path) -> dict[str, Any]:
         }
         reply_bytes = round(closed["loadgen"]["answer_bytes_mean"] or DEFAULT_REPLY_BYTES)
 
-        data_echo = make_data_dir(work, f"{target.name}-echo")
+        data_echo = make_data_dir(work, f"{target.name}-echo", target.credential)
         echo = target.start_echo(runner.processes, data_echo, logs / "echo", reply_bytes)
         echo_phases = []
         try:
@@ -503,7 +506,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     p.add_argument(
         "--growth-targets", default="amqtt,mosquitto", help="brokers that get the growth runs (default: both)"
     )
-    p.add_argument("--targets", default="amqtt,mosquitto", help=f"brokers, of: {', '.join(TARGETS)}")
+    p.add_argument(
+        "--targets",
+        default="amqtt,mosquitto,mosquitto-cert",
+        help=f"brokers, of: {', '.join(TARGETS)} (mosquitto-cert: certificate credentials)",
+    )
     p.add_argument(
         "--target-devices",
         default=None,

@@ -27,6 +27,7 @@ class DataDir:
 
     path: Path
     provision_key: str = field(repr=False)
+    credential: str = "token"  # what the key issues: "token" or "certificate" (the load generator sends CSRs)
 
     @property
     def cloud_key(self) -> Path:
@@ -91,6 +92,7 @@ def _echo(processes: Processes, data_dir: DataDir, port: int, reply_bytes: int, 
 class Target:
     name = "target"
     description = ""
+    credential = "token"  # what the run's provisioning key issues
 
     def unavailable(self) -> str | None:
         return None
@@ -216,4 +218,13 @@ class MosquittoTarget(Target):
         return _wait_answering(system, processes)
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (AmqttTarget(), MosquittoTarget())}
+class MosquittoCertificateTarget(MosquittoTarget):
+    """The Mosquitto target with a key of the certificate credential type: each claim carries a CSR and is
+    answered with a signed X.509 certificate instead of a token (PROTOCOL.md section 10.4)."""
+
+    name = "mosquitto-cert"
+    description = "Mosquitto, certificate credentials (a CSR in every claim, a certificate in every answer)"
+    credential = "certificate"
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (AmqttTarget(), MosquittoTarget(), MosquittoCertificateTarget())}

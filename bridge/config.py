@@ -56,6 +56,11 @@ class BrokerSettings(BaseModel):
     tls_port: int = Field(default=8883, ge=1, le=65535)
     tls_listen: Literal["auto", "on", "off"] = "auto"
     plain_listen: bool = True  # embedded broker: false = TLS only
+    # The listener for devices with a client certificate of the device CA (<data_dir>/tls/device-ca.pem),
+    # with the server certificate of the TLS listener: "auto" = when that TLS listener is on and the device
+    # CA exists (bridge/tls/certificates.py `certificate_listener_enabled`).
+    certificate_port: int = Field(default=8884, ge=1, le=65535)
+    certificate_listen: Literal["auto", "on", "off"] = "auto"
     username: str = "provbridge-bridge"
     password_file: Path | None = None  # default: <data_dir>/bridge.secret
     client_id: str = "provbridge-bridge"

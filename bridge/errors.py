@@ -1,7 +1,9 @@
 """Errors of the bridge. All derive from the project's one root, `ProvbridgeError`; `UsageError` is shared
-with the device simulator (provwire/errors.py)."""
+with the device simulator and `InvalidCsr` with the wire models (provwire/errors.py), `InvalidCertificate` with
+the broker, which reads device certificates (broker/errors.py)."""
 
-from provwire.errors import ProvbridgeError, UsageError
+from broker.errors import InvalidCertificate
+from provwire.errors import InvalidCsr, ProvbridgeError, UsageError
 
 __all__ = [
     "AlreadyExists",
@@ -37,16 +39,6 @@ class NotFound(ProvbridgeError):
 
 class AlreadyExists(ProvbridgeError):
     """A tenant or ops user of that name exists already."""
-
-
-class InvalidCsr(ProvbridgeError):
-    """A device's certificate signing request cannot be signed: not PKCS#10, too large, not a P-256 key, or its
-    self-signature (the proof that the device holds the key) does not verify (bridge/tls/device_ca.py)."""
-
-
-class InvalidCertificate(ProvbridgeError):
-    """A device certificate the device CA does not vouch for now (wrong issuer or signature, outside its
-    validity, not for client authentication), or whose scope extension is malformed (bridge/tls/device_ca.py)."""
 
 
 class InvalidPattern(UsageError):

@@ -1,11 +1,25 @@
-"""Minting the device's MQTT token: an ES256 JWT with an EMQX-style `acl` claim. Pure."""
+"""Minting the device's MQTT token: an ES256 JWT with an EMQX-style `acl` claim. Pure.
+
+The token is assembled here rather than by `jwt.encode` (PyJWT), whose generality (header and payload
+checks, the header serialised and encoded anew for every token, the algorithm looked up, the DER signature
+converted through generic helpers) adds about two thirds of the ECDSA signature's own cost to every claim
+(measured: 38 µs against 23 µs for the signature; 32 µs here). The bytes are the ones PyJWT makes (RFC 7515 compact
+serialisation): the header `{"alg":"ES256","kid":...,"typ":"JWT"}` with sorted keys and no spaces, the
+claims with no spaces in their given order, both base64url without padding, and the signature as the
+64-byte r || s (RFC 7518 §3.4); tests/test_tokens.py checks them against PyJWT and verifies with it.
+"""
 
 import base64
+import functools
+import json
 import secrets
 from dataclasses import dataclass, field
 
-import jwt
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+_ES256 = ec.ECDSA(hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,23 @@ def mint_token(
         "jti": jti,
         "acl": {"pub": publish, "sub": subscribe},
     }
-    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
-    return TokenGrant(token, jti, expires_at, publish, subscribe)
+    return TokenGrant(_es256_jwt(key, _header(kid), claims), jti, expires_at, publish, subscribe)
+
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+@functools.lru_cache(maxsize=16)
+def _header(kid: str) -> bytes:
+    """The encoded JOSE header for a token key: the same few bytes for every token it signs."""
+    return _b64url(json.dumps({"alg": "ES256", "kid": kid, "typ": "JWT"}, separators=(",", ":")).encode())
+
+
+def _es256_jwt(key: ec.EllipticCurvePrivateKey, header: bytes, claims: dict[str, object]) -> str:
+    signing_input = header + b"." + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    r, s = decode_dss_signature(key.sign(signing_input, _ES256))
+    return (signing_input + b"." + _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))).decode("ascii")
 
 
 def _b64url_int(value: int) -> str:

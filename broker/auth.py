@@ -9,6 +9,10 @@
     any other (the device id)   ES256 JWT, sub = device id    the device id         device, unless
                                                                                     denylist.json lists it
 
+On the certificate listener (a client certificate the device CA signed, verified in the TLS handshake)
+every CONNECT is a device's, by `authenticate_certificate`: username = client id = the certificate's CN,
+the scope from the certificate (broker/certificates.py), until its notAfter, unless denylist.json lists it.
+
 Everything else is refused.
 """
 
@@ -17,9 +21,11 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from broker import acl
+from broker.certificates import certificate_device
 from broker.denylist import Denylist
 from broker.errors import BrokerConfigError, ConnectRefused
 from broker.tokens import VerificationKeys, parse_jwks, verify_device_token
@@ -114,6 +120,27 @@ class Authenticator:
                 raise ConnectRefused("ops password does not match")
             return acl.ops_grant(s.prefix, username)
         return self._device(username, client_id, password)
+
+    def authenticate_certificate(self, *, client_id: str, username: str | None, certificate: bytes) -> acl.Grant:
+        """The grant of a CONNECT on the certificate listener, from its verified client certificate (DER).
+
+        The password, if any, is ignored: the certificate is the credential. The grant is a device's, with the
+        certificate's scope as its `acl` and its notAfter as its `exp`, so the ACL, expiry and denylist checks
+        of token devices apply unchanged.
+        """
+        now = time.time()
+        device = certificate_device(
+            certificate, username=username, client_id=client_id, now=datetime.fromtimestamp(now, UTC)
+        )
+        claims = {
+            "sub": device.device_id,
+            "exp": device.not_after,
+            "acl": {"pub": list(device.scope.publish), "sub": list(device.scope.subscribe)},
+        }
+        grant = acl.device_grant(device.device_id, claims)
+        if self.is_revoked(grant, now):
+            raise ConnectRefused("device is revoked")
+        return grant
 
     def _check_bridge_secret(self, password: str | None) -> None:
         secret = self._secret.get()

@@ -1,9 +1,11 @@
 """The embedded MQTT broker: settings, start, stop, and the blocking `provbridge broker` entry point.
 
 One plain TCP listener, made TLS when a certificate and key are given, or a second TLS listener
-beside it when a `tls_port` is given too; no websockets, no `$SYS`, and `ProvbridgeAclPlugin` as the
-only plugin. amqtt speaks MQTT 3.1.1 only: a CONNECT of MQTT 5 (or 3.1) gets the CONNACK `20 02 00 01`
-("unacceptable protocol version") and the connection is closed (broker/server.py).
+beside it when a `tls_port` is given too, and with a `certificate_port` and `device_ca_file` a TLS
+listener for devices with a client certificate of that CA (broker/server.py `CERTIFICATE_LISTENER`);
+no websockets, no `$SYS`, and `ProvbridgeAclPlugin` as the only plugin. amqtt speaks MQTT 3.1.1 only:
+a CONNECT of MQTT 5 (or 3.1) gets the CONNACK `20 02 00 01` ("unacceptable protocol version") and the
+connection is closed (broker/server.py).
 """
 
 import asyncio
@@ -22,7 +24,7 @@ from broker.acl import check_prefix
 from broker.auth import DEFAULT_AUDIENCE, DEFAULT_BRIDGE_USERNAME, DEFAULT_ISSUER, check_bridge_username
 from broker.errors import BrokerConfigError, BrokerStartError
 from broker.plugin import ProvbridgeAclPlugin
-from broker.server import DEFAULT_REVOCATION_CHECK_SECONDS, ProvbridgeBroker
+from broker.server import CERTIFICATE_LISTENER, DEFAULT_REVOCATION_CHECK_SECONDS, ProvbridgeBroker
 from provwire.topics import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class EmbeddedBrokerSettings:
     # With a certificate: None makes the one listener (on `port`) TLS; a port adds a second listener,
     # TLS, there. Python's server context refuses anything older than TLS 1.2.
     tls_port: int | None = None
+    # Devices with a client certificate of `device_ca_file` (and only of it): a TLS listener on this port,
+    # with the server certificate above, where a CONNECT is authenticated by the certificate alone.
+    certificate_port: int | None = None
+    device_ca_file: Path | None = None
     # The largest MQTT packet a client may send (else it is disconnected); amqtt itself has no bound.
     max_packet_bytes: int = 20_480
     # How often the broker looks for live sessions of revoked devices (denylist.json) and ends them.
@@ -70,6 +76,15 @@ class EmbeddedBrokerSettings:
                 raise BrokerConfigError("a TLS port needs a certificate file and a key file")
             if not 1 <= self.tls_port <= 65535 or self.tls_port == self.port:
                 raise BrokerConfigError(f"TLS port {self.tls_port} is out of range or the plain port")
+        if (self.certificate_port is None) != (self.device_ca_file is None):
+            raise BrokerConfigError("a certificate listener needs both its port and the device CA file")
+        if self.certificate_port is not None:
+            if self.tls_cert_file is None:
+                raise BrokerConfigError("a certificate listener needs the server certificate file and key file")
+            if not 1 <= self.certificate_port <= 65535 or self.certificate_port in (self.port, self.tls_port):
+                raise BrokerConfigError(
+                    f"certificate port {self.certificate_port} is out of range or the plain or TLS port"
+                )
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -90,6 +105,11 @@ def broker_config(settings: EmbeddedBrokerSettings) -> dict[str, Any]:
             listener |= tls
         else:
             listeners["tls"] = {"type": "tcp", "bind": _bind_address(settings.host, settings.tls_port)} | tls
+        if settings.certificate_port is not None and settings.device_ca_file is not None:
+            # `cafile` marks it: ProvbridgeBroker requires a client certificate of that CA there, and only there.
+            bind = _bind_address(settings.host, settings.certificate_port)
+            listener_ca = {"type": "tcp", "bind": bind, "cafile": str(settings.device_ca_file)}
+            listeners[CERTIFICATE_LISTENER] = listener_ca | tls
     plugin = {
         "data_dir": str(settings.data_dir),
         "jwks_file": _optional_path(settings.jwks_file),
@@ -139,6 +159,8 @@ async def start_embedded_broker(
     logger.info("MQTT broker listening on %s:%d", settings.host, broker.port)
     if settings.tls_port is not None:
         logger.info("MQTT broker listening with TLS on %s:%d", settings.host, settings.tls_port)
+    if settings.certificate_port is not None:
+        logger.info("MQTT broker listening for device certificates on %s:%d", settings.host, settings.certificate_port)
     return broker
 
 

@@ -24,5 +24,11 @@ class ConnectRefused(ProvbridgeError):
         self.return_code = return_code
 
 
+class InvalidCertificate(ProvbridgeError):
+    """A device certificate the device CA does not vouch for now (wrong issuer or signature, outside its
+    validity, not for client authentication), or whose scope extension is malformed (broker/certificates.py,
+    bridge/tls/device_ca.py). Defined here so the broker reads certificates without importing the bridge."""
+
+
 class BrokerStartError(ProvbridgeError):
     """The embedded broker could not start: the port is taken, a TLS file is missing..."""

@@ -44,6 +44,9 @@ from provwire.topics import DEFAULT_PREFIX
 GRANT_ATTRIBUTE = "provbridge.grant"
 REFUSAL_ATTRIBUTE = "provbridge.refusal"
 REFUSAL_CODE_ATTRIBUTE = "provbridge.refusal_code"  # the CONNACK return code of a refused CONNECT
+# Set by ProvbridgeBroker on every CONNECT: the DER client certificate of a connection on the certificate
+# listener (verified against the device CA in the handshake), None on every other listener.
+CERTIFICATE_ATTRIBUTE = "provbridge.client_certificate"
 logger = logging.getLogger(__name__)
 
 
@@ -90,10 +93,16 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         session.attributes.pop(GRANT_ATTRIBUTE, None)
         session.attributes.pop(REFUSAL_ATTRIBUTE, None)
         session.attributes.pop(REFUSAL_CODE_ATTRIBUTE, None)
+        certificate = session.attributes.get(CERTIFICATE_ATTRIBUTE)
         try:
-            grant = self.authenticator.authenticate(
-                client_id=session.client_id or "", username=session.username, password=session.password
-            )
+            if certificate is not None:  # the certificate listener: only devices by their certificate
+                grant = self.authenticator.authenticate_certificate(
+                    client_id=session.client_id or "", username=session.username, certificate=certificate
+                )
+            else:
+                grant = self.authenticator.authenticate(
+                    client_id=session.client_id or "", username=session.username, password=session.password
+                )
             # amqtt publishes a will without any ACL check, so vet it here, as Mosquitto does.
             if session.will_flag and not grant.permits(Access.PUBLISH, session.will_topic or "", time.time()):
                 raise ConnectRefused("will topic is not one this client may publish to")

@@ -41,6 +41,13 @@ a while (a client beyond its flood limit). amqtt has one event loop for every co
 publishing back to back would otherwise take as much of it as the broker can give, and everyone
 else's messages would queue behind its refusals; paused, its next packets wait in its own TCP buffers.
 
+And a listener for devices with a client certificate (`CERTIFICATE_LISTENER`, configured by
+broker/embedded.py): stock amqtt makes every TLS listener CERT_OPTIONAL against the system's CAs and never
+looks at the peer's certificate. That one requires a certificate verified against the device CA alone
+(CERT_REQUIRED: the handshake fails without one, or with one of another CA, the server CA's included), and
+hands the verified certificate (DER) to the plugin with the CONNECT, which authenticates by it alone
+(broker/auth.py `authenticate_certificate`).
+
 And revocation ends live sessions: every `revocation_check_seconds` the broker ends the connected
 sessions of the devices the denylist (broker/denylist.py) refuses, as Mosquitto does. A device session's
 client id is its device id, so this looks up each denied device, not each session: one `stat` of
@@ -51,6 +58,7 @@ session is ended, the plugin refuses a revoked device's every PUBLISH, SUBSCRIBE
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,7 +76,14 @@ from broker.acl import Role, may_take_over, topic_matches
 from broker.auth import Authenticator
 from broker.errors import CONNACK_NOT_AUTHORIZED
 from broker.framing import PacketReader, connect_protocol
-from broker.plugin import GRANT_ATTRIBUTE, REFUSAL_ATTRIBUTE, REFUSAL_CODE_ATTRIBUTE, ProvbridgeAclPlugin, grant_of
+from broker.plugin import (
+    CERTIFICATE_ATTRIBUTE,
+    GRANT_ATTRIBUTE,
+    REFUSAL_ATTRIBUTE,
+    REFUSAL_CODE_ATTRIBUTE,
+    ProvbridgeAclPlugin,
+    grant_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +93,8 @@ MQTT_PROTOCOL_NAMES = ("MQTT", "MQIsdp")  # 3.1.1 and 5; 3.1
 # what an MQTT 3.1.1 server answers any other protocol level [MQTT-3.1.2-2].
 UNACCEPTABLE_PROTOCOL_VERSION_CONNACK = bytes([0x20, 0x02, 0x00, 0x01])
 DEFAULT_REVOCATION_CHECK_SECONDS = 1.0
+# The listener whose clients authenticate by a client certificate of the device CA (its `cafile`).
+CERTIFICATE_LISTENER = "certificate"
 
 
 def bound_port(broker: Any) -> int:
@@ -100,6 +117,37 @@ def unsupported_protocol(packet: bytes) -> int | None:
     if protocol is None or protocol[0] not in MQTT_PROTOCOL_NAMES or protocol[1] == MQTT_3_1_1_LEVEL:
         return None
     return protocol[1]
+
+
+class _ListenerWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's writer, knowing which listener accepted the connection (amqtt does not tell the session)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, listener_name: str) -> None:
+        super().__init__(writer)
+        self.listener_name = listener_name
+
+
+def client_certificate(writer: Any) -> bytes | None:
+    """The verified client certificate (DER) of a connection on the certificate listener; b"" should the TLS
+    layer have none (so the CONNECT is refused, never taken for a token device's); None on other listeners."""
+    if getattr(writer, "listener_name", None) != CERTIFICATE_LISTENER:
+        return None
+    ssl_object = writer.get_ssl_info()
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der or b""
+
+
+def certificate_ssl_context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
+    """TLS 1.2+, the server certificate, and a client certificate required, verified against `cafile` only.
+
+    OpenSSL checks the chain, both validity windows and (a server verifying a client) the clientAuth purpose.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.load_verify_locations(cafile=cafile)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
@@ -138,6 +186,12 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         """The ACL plugin's authenticator (None for a configuration without it: then nothing is revoked)."""
         plugins = self.plugins_manager.plugins
         return next((p.authenticator for p in plugins if isinstance(p, ProvbridgeAclPlugin)), None)
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        # Only the certificate listener has a `cafile` (broker/embedded.py): the device CA.
+        if listener.get("cafile") is None:
+            return super()._create_ssl_context(listener)  # type: ignore[no-any-return]
+        return certificate_ssl_context(str(listener["cafile"]), str(listener["certfile"]), str(listener["keyfile"]))
 
     # --- revocation ends live sessions -------------------------------------------------------
 
@@ -222,7 +276,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         transport = writer.transport
         assert isinstance(transport, asyncio.WriteTransport)  # a TCP (or TLS) stream's transport
         framed = PacketReader(StreamReaderAdapter(reader), transport, self.max_packet_bytes)
-        await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, framed, _ListenerWriter(writer, listener_name))
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -236,6 +290,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             raise
         if session.clean_session and not session.client_id:
             session.client_id = gen_client_id()
+        session.attributes[CERTIFICATE_ATTRIBUTE] = client_certificate(writer)
         refusal = await self._admit(session)
         if refusal is not None:
             handler.attach(session, reader, writer)

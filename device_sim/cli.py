@@ -37,6 +37,11 @@ provisioning key, opens the sealed credentials the bridge answers with, stores t
 (AES-256-GCM) next to its key, then reconnects with its MQTT token and publishes one message on its
 own topic. A device counts as successful only when that publish is acknowledged.
 
+With --certificate (for a provisioning key made with `provbridge key create --credential certificate`)
+each claim also carries a CSR for the device's key; the device keeps the certificate chain it gets in
+its vault, and proves it by connecting with TLS and that certificate, no password, to the broker's
+certificate listener.
+
 Re-running with the same --state-dir re-claims the same devices with the same keys (the bridge
 answers created=no); use another --state-dir or --hardware-id-prefix for a fresh fleet.
 """
@@ -48,7 +53,7 @@ environment:
   {DATA_DIR_ENV}  the bridge's data dir; the default --cloud-key is read from it.
 
 exit status:
-  0  every device got credentials and connected with its token
+  0  every device got credentials and connected with its token or certificate
   1  at least one device failed (see the table or the "failures" of --json)
   2  usage error (bad argument, unreadable cloud key, missing provisioning key)
   130 interrupted
@@ -57,6 +62,8 @@ examples:
   {KEY_ENV}=pk_... provbridge-sim --devices 5
   provbridge-sim --cloud-key data/cloud_public.pem --devices 1000 --concurrency 64 --json
   provbridge-sim --devices 5 --refresh     the same 5 devices renew their tokens, no provisioning key
+  provbridge-sim --certificate --ca-file data/tls/ca.pem --devices 5
+                                           claim certificates, connect with them to port 8884
 """
 
 
@@ -143,8 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--refresh",
         action="store_true",
-        help="devices that hold credentials in --state-dir renew their token over the token topic (no provisioning "
-        "key needed; --cloud-key must be the one they claimed with) instead of re-claiming; the others claim",
+        help="devices that hold credentials in --state-dir renew their token, or their certificate (a CSR for the "
+        "same key), over the token topic (no provisioning key needed; --cloud-key must be the one they claimed "
+        "with) instead of re-claiming; the others claim",
+    )
+    parser.add_argument(
+        "--certificate",
+        action="store_true",
+        help="claim certificate credentials: each claim carries a CSR for the device's key, as a provisioning key "
+        "made with `--credential certificate` requires; devices then connect with TLS and the certificate "
+        "(--ca-file must name the broker's CA) to the certificate listener. With --refresh, devices renew "
+        "whatever they hold, token or certificate, with or without this flag",
+    )
+    parser.add_argument(
+        "--certificate-port",
+        type=int,
+        metavar="PORT",
+        help="where devices holding a certificate connect, the broker's certificate listener "
+        "(broker.certificate_port; default: the port their credentials name, 8884 unless configured)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout instead of text")
     return parser
@@ -201,6 +224,8 @@ def _provision_key(arg: str | None, refresh: bool = False) -> str:
 def _check(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port")
+    if args.certificate_port is not None and not 1 <= args.certificate_port <= 65535:
+        raise UsageError(f"--certificate-port {args.certificate_port} is not a TCP port")
     if args.devices < 1:
         raise UsageError("--devices must be at least 1")
     if args.concurrency < 1:
@@ -238,6 +263,8 @@ def _config(args: argparse.Namespace) -> FleetConfig:
         tls=args.tls,
         ca_file=args.ca_file,
         refresh=args.refresh,
+        certificate=args.certificate,
+        certificate_port=args.certificate_port,
         # Read once: every simulated device runs on this host, so they share its facts.
         hardware=hostinfo.hardware(),
         network=hostinfo.network(),
@@ -268,6 +295,8 @@ HINTS = {
     "rejected: permission_denied": "the provisioning key is wrong, revoked, expired or used up "
     "(`provbridge events` says which)",
     "claim timeout": "no answer: is `provbridge serve` running, with the same --prefix?",
+    "rejected: validation_error (csr)": "the provisioning key issues certificates and --certificate was not "
+    "given, or it issues tokens and --certificate was given",
 }
 
 

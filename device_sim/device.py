@@ -1,9 +1,11 @@
 """One device's side of protocol v1, as a small library.
 
 Pure steps (no I/O):  `build_claim` -> bytes on the wire -> `open_answer` -> `ProvisionResult`;
-                      `build_token_refresh` (the MAC'd refresh request; its answer opens the same way).
-Blocking I/O:         `claim_over_mqtt` (claim, with retries), `refresh_over_mqtt` (a fresh token, no
-                      provisioning key needed) and `connect_with_token` (prove the token).
+                      `build_token_refresh` (the MAC'd refresh request; its answer opens the same way);
+                      `build_csr` (the CSR of a claim or renewal for certificate credentials, section 10.4).
+Blocking I/O:         `claim_over_mqtt` (claim, with retries), `refresh_over_mqtt` (a fresh token or
+                      certificate, no provisioning key needed) and `connect_with_credentials` (prove the
+                      token, or the certificate over TLS; `connect_with_token` is its older name).
 
 Firmware authors can read this file next to docs/PROTOCOL.md: every protocol step is one function.
 """
@@ -20,7 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from device_sim.errors import (
@@ -35,7 +40,7 @@ from device_sim.errors import (
     StaleAnswer,
 )
 from device_sim.session import Session
-from device_sim.vault import load_or_create_private_key
+from device_sim.vault import client_certificate_files, load_or_create_private_key
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import (
@@ -140,8 +145,10 @@ def build_claim(
     network: Network | None = None,
     device_name: str | None = None,
     cloud_key_id: str | None = None,
+    csr: str | None = None,
 ) -> Claim:
-    """The claim message; the Claim model validates every field against the contract."""
+    """The claim message; the Claim model validates every field against the contract. `csr`: for a key that
+    issues certificates (`build_csr`)."""
     return Claim(
         request_id=request_id,
         provision_key=provision_key,
@@ -152,6 +159,7 @@ def build_claim(
         hardware=hardware,
         network=network,
         agent_version=AGENT_VERSION,
+        csr=csr,
     )
 
 
@@ -160,10 +168,23 @@ def device_key_for(identity: DeviceIdentity, cloud_public_key: ec.EllipticCurveP
     return crypto.derive_device_key(crypto.shared_secret(identity.private_key, cloud_public_key))
 
 
-def build_token_refresh(device_id: str, device_key: bytes, request_id: str, timestamp: int) -> TokenRefresh:
-    """A token-refresh request: the MAC proves the device key without sending any secret (section 10.1)."""
-    mac = crypto.refresh_mac(device_key, device_id, request_id, timestamp)
-    return TokenRefresh(request_id=request_id, device_id=device_id, timestamp=timestamp, mac=crypto.b64encode(mac))
+def build_token_refresh(
+    device_id: str, device_key: bytes, request_id: str, timestamp: int, csr: str | None = None
+) -> TokenRefresh:
+    """A token-refresh request: the MAC proves the device key without sending any secret (section 10.1); with
+    `csr` (certificate devices), a certificate renewal (section 10.4)."""
+    mac = crypto.refresh_mac(device_key, device_id, request_id, timestamp, csr)
+    return TokenRefresh(
+        request_id=request_id, device_id=device_id, timestamp=timestamp, mac=crypto.b64encode(mac), csr=csr
+    )
+
+
+def build_csr(private_key: ec.EllipticCurvePrivateKey, hardware_id: str) -> str:
+    """The `csr` member of a claim or renewal for certificate credentials (section 10.4): base64 of a DER
+    PKCS#10 request for the device key, subject CN = the hardware id, signed ECDSA-SHA256."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hardware_id)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(private_key, hashes.SHA256())
+    return crypto.b64encode(csr.public_bytes(serialization.Encoding.DER))
 
 
 @dataclass(frozen=True)
@@ -341,6 +362,7 @@ def claim_over_mqtt(
     tls: bool = False,
     ca_file: Path | None = None,
     cancel: threading.Event | None = None,
+    certificate: bool = False,
 ) -> ProvisionResult:
     """Claim over MQTT and open the answer. Blocking; safe to run on many threads at once.
 
@@ -351,6 +373,8 @@ def claim_over_mqtt(
     `username` is for brokers that require one to claim (PROTOCOL.md: `provision`, no password).
     Use `tls` whenever the broker offers it: the seal protects the credentials, not the provisioning key.
     Setting `cancel` (from another thread) ends the attempt promptly with Cancelled.
+    `certificate`: the claim carries a CSR for the device's key (`build_csr`), as a provisioning key that
+    issues certificates requires (section 10.4); the credentials then hold `mqtt.certificate`, no token.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -364,6 +388,7 @@ def claim_over_mqtt(
             network=network,
             device_name=device_name,
             cloud_key_id=crypto.key_id(cloud_public_key),
+            csr=build_csr(identity.private_key, identity.hardware_id) if certificate else None,
         )
     )
     return _exchange(
@@ -390,6 +415,7 @@ def refresh_over_mqtt(
     ca_file: Path | None = None,
     cancel: threading.Event | None = None,
     clock: Callable[[], float] = time.time,
+    certificate: bool = False,
 ) -> ProvisionResult:
     """Get a fresh token for a provisioned device over its token topic; no provisioning key needed.
 
@@ -399,14 +425,20 @@ def refresh_over_mqtt(
     request_id, timestamp and MAC): the bridge refuses a request_id it has seen, so a re-send of the same
     bytes could only be refused. An answer to any request sent is accepted. Same errors as claim_over_mqtt;
     `result.credentials.api_key` is "" (keep the stored one, `merge_reclaim`).
+
+    `certificate`: renew the certificate of a device that holds certificate credentials (section 10.4):
+    every request carries a CSR for the device's own key (the same key: its device key depends on it) and
+    the renewal MAC; the answer holds the new certificate. The bridge refuses a renewal from a token device
+    and a plain refresh from a certificate device (`permission_denied`).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     device_key = device_key_for(identity, cloud_public_key)
+    csr = build_csr(identity.private_key, identity.hardware_id) if certificate else None
 
     def next_request() -> tuple[str, bytes]:
         request_id = new_request_id()
-        return request_id, to_json(build_token_refresh(device_id, device_key, request_id, int(clock())))
+        return request_id, to_json(build_token_refresh(device_id, device_key, request_id, int(clock()), csr))
 
     return _exchange(
         _Exchange(
@@ -558,39 +590,63 @@ def _close(session: Session | None) -> None:
         session.close()
 
 
-def connect_with_token(
+def connect_with_credentials(
     host: str,
     port: int,
     credentials: Credentials,
     timeout: float = DEFAULT_TIMEOUT_S,
     *,
     ca_file: Path | None = None,
+    private_key: ec.EllipticCurvePrivateKey | None = None,
+    files_dir: Path | None = None,
     cancel: threading.Event | None = None,
 ) -> str:
     """Connect as the provisioned device and publish one QoS 1 message on its own topic.
 
+    Token credentials: client id and username the device id, password the token, TLS when
+    `credentials.mqtt.tls` says so. Certificate credentials (`mqtt.certificate`, section 10.4): TLS,
+    presenting the certificate chain and `private_key` (required: the device's own key), username the
+    device id and no password; `port` must then be the broker's certificate listener. The TLS library
+    reads the chain and key from files only: they are written to a 0700 directory under `files_dir` (the
+    device's state dir; the system's temporary directory when None), the key 0600, and removed before
+    the connection is made.
+
     Returns the topic once the broker acknowledged it (PUBACK). MQTT 3.1.1 has no negative PUBACK,
     so a broker may acknowledge a publish its ACL dropped: when one of the granted subscribe filters
     covers the topic, the device also subscribes and waits for its own message to come back, which
-    proves the token's publish and subscribe grants end to end.
+    proves the credentials' publish and subscribe grants end to end.
 
     `host`/`port` are where this simulator reaches the broker; `credentials.mqtt.host/port` are what
     the bridge advertises to devices, which from here may not be reachable (NAT, a public name).
     """
     mqtt_creds = credentials.mqtt
     if not mqtt_creds.publish:
-        raise ConnectError("credentials grant no publish topic to prove the token with")
+        raise ConnectError("credentials grant no publish topic to prove them with")
     topic = concrete_topic(mqtt_creds.publish[0])
     echo_filter = next((f for f in mqtt_creds.subscribe if topic_matches(f, topic)), None)
     payload = json.dumps({"hello": AGENT_VERSION, "nonce": secrets.token_hex(8)}).encode("utf-8")
-    session = Session(
-        mqtt_creds.client_id,
-        username=mqtt_creds.username,
-        password=mqtt_creds.token,
-        tls=mqtt_creds.tls,  # the bridge says whether the device port is TLS
-        ca_file=ca_file,
-        cancel=cancel,
-    )
+    if mqtt_creds.certificate is None:
+        session = Session(
+            mqtt_creds.client_id,
+            username=mqtt_creds.username,
+            password=mqtt_creds.token,
+            tls=mqtt_creds.tls,  # the bridge says whether the device port is TLS
+            ca_file=ca_file,
+            cancel=cancel,
+        )
+    else:
+        if private_key is None:
+            raise ValueError("certificate credentials need the device's private key to connect with")
+        check_certificate_key(mqtt_creds.certificate, private_key)
+        with client_certificate_files(private_key, mqtt_creds.certificate, files_dir) as files:
+            session = Session(
+                mqtt_creds.client_id,
+                username=mqtt_creds.username,  # the device id; brokers take it from the certificate anyway
+                tls=True,
+                ca_file=ca_file,
+                client_certificate=files,
+                cancel=cancel,
+            )
     try:
         deadline = time.monotonic() + timeout
         session.connect(host, port, deadline)
@@ -610,6 +666,31 @@ def connect_with_token(
         session.close()
 
 
+def connect_with_token(
+    host: str,
+    port: int,
+    credentials: Credentials,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    *,
+    ca_file: Path | None = None,
+    cancel: threading.Event | None = None,
+) -> str:
+    """`connect_with_credentials` for token credentials (its older name, kept for callers)."""
+    return connect_with_credentials(host, port, credentials, timeout, ca_file=ca_file, cancel=cancel)
+
+
+def check_certificate_key(certificate_chain: str, private_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The first certificate of a PEM chain (the device's own), checked to be for `private_key`
+    (ValueError otherwise: a TLS library would only say "key values mismatch")."""
+    try:
+        chain = x509.load_pem_x509_certificates(certificate_chain.encode("ascii"))
+    except ValueError as exc:
+        raise ValueError("mqtt.certificate is not a PEM certificate chain") from exc
+    if chain[0].public_key() != private_key.public_key():
+        raise ValueError("mqtt.certificate is not for this device's key")
+    return chain[0]
+
+
 def _echoed(session: Session, topic: str, payload: bytes, deadline: float) -> bool:
     while (message := session.next_message(deadline)) is not None:
         if message == (topic, payload):
@@ -621,10 +702,13 @@ __all__ = [
     "DeviceIdentity",
     "ProvisionResult",
     "build_claim",
+    "build_csr",
     "build_token_refresh",
+    "check_certificate_key",
     "claim_over_mqtt",
     "client_id_for",
     "concrete_topic",
+    "connect_with_credentials",
     "connect_with_token",
     "device_state_dir",
     "merge_reclaim",

@@ -18,7 +18,7 @@ from device_sim.device import (
     DEFAULT_TIMEOUT_S,
     DeviceIdentity,
     claim_over_mqtt,
-    connect_with_token,
+    connect_with_credentials,
     device_state_dir,
     merge_reclaim,
     refresh_over_mqtt,
@@ -47,9 +47,15 @@ class FleetConfig:
     claim_username: str | None = None  # None: claim anonymously
     tls: bool = False  # TLS for the claim connection; the token connection follows credentials.mqtt.tls
     ca_file: Path | None = None
-    # Devices holding credentials from an earlier run renew their token over the token topic (needs the
-    # cloud key they claimed with) instead of re-claiming; the others claim.
+    # Devices holding credentials from an earlier run renew their token (or certificate) over the token
+    # topic (needs the cloud key they claimed with) instead of re-claiming; the others claim.
     refresh: bool = False
+    # Claims carry a CSR, for a provisioning key that issues certificates (PROTOCOL.md section 10.4). What a
+    # refresh renews follows what the device holds, whatever this says.
+    certificate: bool = False
+    # Where devices holding a certificate connect (the broker's certificate listener, always TLS); None: the
+    # port their credentials name. Token devices connect to `port`.
+    certificate_port: int | None = None
 
 
 @dataclass
@@ -63,7 +69,8 @@ class DeviceOutcome:
     error: str | None = None  # the full reason of a failure
     device_id: str | None = None
     created: bool | None = None
-    refreshed: bool = False  # got its token by a token refresh, not a claim
+    refreshed: bool = False  # got its token (or certificate) by a token refresh, not a claim
+    credential: str | None = None  # "token" or "certificate", once it has credentials
     latency_ms: float | None = None
     attempts: int = 0
     topic: str | None = None
@@ -78,6 +85,7 @@ class DeviceOutcome:
             "device_id": self.device_id,
             "created": self.created,
             "refreshed": self.refreshed,
+            "credential": self.credential,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
             "attempts": self.attempts,
             "topic": self.topic,
@@ -109,6 +117,7 @@ def provision_device(config: FleetConfig, index: int, cancel: threading.Event | 
                 tls=config.tls,
                 ca_file=config.ca_file,
                 cancel=cancel,
+                certificate=stored.mqtt.certificate is not None,  # renew what the device holds
             )
             outcome.refreshed = True
         else:
@@ -130,24 +139,32 @@ def provision_device(config: FleetConfig, index: int, cancel: threading.Event | 
                 tls=config.tls,
                 ca_file=config.ca_file,
                 cancel=cancel,
+                certificate=config.certificate,
             )
         outcome.device_id = result.device_id
         outcome.created = result.created
         outcome.attempts = result.attempts
         outcome.latency_ms = None if result.latency_s is None else result.latency_s * 1000.0
+        mqtt_creds = result.credentials.mqtt
+        certificate = mqtt_creds.certificate is not None
+        outcome.credential = "certificate" if certificate else "token"
         stage = "vault"
         vault.store(merge_reclaim(stored or vault.load(), result.credentials))
         stage = "connect"
-        outcome.topic = connect_with_token(
+        outcome.topic = connect_with_credentials(
             config.host,
-            config.port,
+            (config.certificate_port or mqtt_creds.port) if certificate else config.port,
             result.credentials,
             config.timeout,
             ca_file=config.ca_file,
+            private_key=identity.private_key,
+            files_dir=identity.state_dir,
             cancel=cancel,
         )
     except ClaimRejected as exc:
-        return _failed(outcome, f"rejected: {exc.code}", str(exc))
+        # A CSR refused (missing, or not wanted) means the key issues the other credential type: worth a hint.
+        csr = any(name == "csr" for name, _ in exc.field_errors)
+        return _failed(outcome, f"rejected: {exc.code}" + (" (csr)" if csr else ""), str(exc))
     except ClaimTimeout as exc:
         return _failed(outcome, "claim timeout", str(exc))
     except ConnectError as exc:

@@ -38,8 +38,11 @@ class Session:
         password: str | None = None,
         tls: bool = False,
         ca_file: Path | None = None,
+        client_certificate: tuple[Path, Path] | None = None,
         cancel: threading.Event | None = None,
     ) -> None:
+        """`client_certificate`: (certificate chain, private key) PEM files to present in the TLS handshake;
+        they are read here, so the caller may delete them as soon as the Session exists."""
         self.client_id = client_id
         self.cancel = cancel  # when set, every wait ends at once with Cancelled
         self.client = mqtt.Client(
@@ -47,9 +50,18 @@ class Session:
         )
         if username is not None:
             self.client.username_pw_set(username, password)
+        if client_certificate is not None and not tls:
+            raise ValueError("a client certificate needs TLS")
         if tls:
-            # Verified TLS only: the system trust store, or the deployment's own CA.
-            self.client.tls_set(ca_certs=None if ca_file is None else str(ca_file), cert_reqs=ssl.CERT_REQUIRED)
+            # Verified TLS only: the system trust store, or the deployment's own CA. paho loads the
+            # certificate chain and key files right here (SSLContext.load_cert_chain).
+            cert_file, key_file = (None, None) if client_certificate is None else client_certificate
+            self.client.tls_set(
+                ca_certs=None if ca_file is None else str(ca_file),
+                certfile=None if cert_file is None else str(cert_file),
+                keyfile=None if key_file is None else str(key_file),
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
         self.client.on_socket_open = self._on_socket_open
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

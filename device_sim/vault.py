@@ -5,7 +5,12 @@ Layout of one device's state dir (0700):
     device_key.pem     P-256 private key, PKCS#8 PEM, 0600. Kept across runs: a re-run re-claims with the
                        same public key, which the bridge treats as the same device.
     vault.key          32 random bytes, 0600: the AES-256-GCM key of the vault.
-    credentials.vault  MAGIC || nonce (12) || AES-256-GCM(Credentials JSON, aad=MAGIC), 0600.
+    credentials.vault  MAGIC || nonce (12) || AES-256-GCM(Credentials JSON, aad=MAGIC), 0600. With certificate
+                       credentials (PROTOCOL.md section 10.4) the JSON holds the certificate chain too
+                       (`mqtt.certificate`), and no token.
+    .tls-*/            only while a certificate connection is being set up (`client_certificate_files`):
+                       the chain and a copy of the private key as PEM files for the TLS library, removed
+                       once it has read them.
 
 The vault key sits next to the vault, so this guards against a copied or misplaced vault file and
 against reading secrets by accident, not against someone who can read the whole directory. A real
@@ -14,8 +19,11 @@ device would keep `vault.key` in a secure element or TPM; the file layout makes 
 
 import contextlib
 import os
+import shutil
 import stat
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -116,6 +124,26 @@ def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise VaultError(f"{path} is not a P-256 private key")
     return key
+
+
+@contextlib.contextmanager
+def client_certificate_files(
+    private_key: ec.EllipticCurvePrivateKey, certificate_chain: str, parent: Path | None = None
+) -> Iterator[tuple[Path, Path]]:
+    """(certificate chain, private key) as PEM files for a TLS library that reads only files (paho's
+    `tls_set`), for the length of the block: in a fresh 0700 directory under `parent` (the device's
+    state dir; the system's temporary directory when None), the key 0600, all removed at the end."""
+    directory = Path(tempfile.mkdtemp(prefix=".tls-", dir=parent))  # mkdtemp makes it 0700
+    try:
+        cert_file, key_file = directory / "certificate.pem", directory / "key.pem"
+        key_pem = private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_secret_file(key_file, key_pem, exclusive=True)
+        write_secret_file(cert_file, certificate_chain.encode("ascii"), exclusive=True)
+        yield cert_file, key_file
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the credentials vault ------------------------------------------------------------------------------

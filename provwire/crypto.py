@@ -5,6 +5,8 @@
     seal_key    = HKDF-SHA256(ikm=shared, salt=none, info=SEAL_KEY_INFO + request_id, 32 bytes)
     sealed      = AES-256-GCM(seal_key, nonce 12 bytes, plaintext, aad=request_id)
     refresh mac = HMAC-SHA256(device_key, REFRESH_MAC_LABEL \n device_id \n request_id \n timestamp)
+    renewal mac = HMAC-SHA256(device_key, RENEWAL_MAC_LABEL \n device_id \n request_id \n timestamp \n csr)
+    csr         = DER PKCS#10 request for the device's own P-256 key (certificate credentials)
 
 The device computes the same `shared` from its private key and the cloud public key.
 """
@@ -15,17 +17,19 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
+from cryptography import x509
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from provwire.errors import InvalidPublicKey, SealError
+from provwire.errors import InvalidCsr, InvalidPublicKey, SealError
 
 DEVICE_KEY_INFO = b"provbridge v1 device key"
 SEAL_KEY_INFO = b"provbridge v1 response seal "
 REFRESH_MAC_LABEL = b"provbridge v1 token refresh"
+RENEWAL_MAC_LABEL = b"provbridge v1 certificate renewal"
 REFRESH_MAC_BYTES = 32
 NONCE_BYTES = 12
 SEC1_UNCOMPRESSED_LEN = 65
@@ -114,23 +118,62 @@ def open_sealed(key: bytes, box: SealedBox, request_id: str) -> bytes:
         raise SealError("sealed answer does not open with this key and request_id") from exc
 
 
-def refresh_mac_input(device_id: str, request_id: str, timestamp: int) -> bytes:
-    """The bytes a token-refresh MAC covers: label, device id, request id, decimal timestamp, newline-separated.
+def refresh_mac_input(device_id: str, request_id: str, timestamp: int, csr: str | None = None) -> bytes:
+    """The bytes a refresh MAC covers: label, device id, request id, decimal timestamp, newline-separated; for a
+    certificate renewal (`csr`, its base64 as on the wire) another label and the CSR last.
 
     The fields' patterns exclude newlines, so the encoding is unambiguous; the label (which carries the
-    protocol version) keeps a refresh MAC from ever being valid as any other MAC made with the device key.
+    protocol version) keeps a refresh MAC from ever being valid as any other MAC made with the device key,
+    a renewal's included.
     """
     if timestamp < 0:
         raise ValueError("timestamp must not be negative")
-    fields = (device_id.encode("ascii"), request_id.encode("ascii"), str(timestamp).encode("ascii"))
-    return b"\n".join((REFRESH_MAC_LABEL, *fields))
+    fields = [device_id.encode("ascii"), request_id.encode("ascii"), str(timestamp).encode("ascii")]
+    if csr is None:
+        return b"\n".join((REFRESH_MAC_LABEL, *fields))
+    return b"\n".join((RENEWAL_MAC_LABEL, *fields, csr.encode("ascii")))
 
 
-def refresh_mac(device_key: bytes, device_id: str, request_id: str, timestamp: int) -> bytes:
+def refresh_mac(device_key: bytes, device_id: str, request_id: str, timestamp: int, csr: str | None = None) -> bytes:
     """HMAC-SHA256 with the device key over `refresh_mac_input`: proves the request comes from the device."""
-    return hmac.new(device_key, refresh_mac_input(device_id, request_id, timestamp), hashlib.sha256).digest()
+    return hmac.new(device_key, refresh_mac_input(device_id, request_id, timestamp, csr), hashlib.sha256).digest()
 
 
-def refresh_mac_matches(device_key: bytes, device_id: str, request_id: str, timestamp: int, mac: bytes) -> bool:
+def refresh_mac_matches(
+    device_key: bytes, device_id: str, request_id: str, timestamp: int, mac: bytes, csr: str | None = None
+) -> bool:
     """Constant-time check of a refresh MAC, so response timing tells nothing about the expected value."""
-    return hmac.compare_digest(refresh_mac(device_key, device_id, request_id, timestamp), mac)
+    return hmac.compare_digest(refresh_mac(device_key, device_id, request_id, timestamp, csr), mac)
+
+
+def parse_csr_der(der: bytes) -> x509.CertificateSigningRequest:
+    """A DER PKCS#10 request for a P-256 key whose self-signature verifies: the device's proof that it holds
+    the key (InvalidCsr, a ValueError, otherwise). Its subject and requested extensions are not read: the
+    bridge decides what a certificate says."""
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        raise InvalidCsr("csr is not a DER PKCS#10 certificate request") from exc
+    try:
+        key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise InvalidCsr("csr is for a key of an unsupported type, not P-256") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise InvalidCsr("csr is not for a P-256 key")
+    try:
+        signed = csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError) as exc:  # e.g. a signature algorithm that is not ECDSA
+        raise InvalidCsr("csr signature algorithm is not supported: sign it with ECDSA-SHA256") from exc
+    if not signed:
+        raise InvalidCsr("csr signature does not verify: no proof of possession of the key")
+    if not isinstance(csr.signature_hash_algorithm, hashes.SHA256):
+        raise InvalidCsr("csr must be signed with ECDSA-SHA256")
+    return csr
+
+
+def csr_key_sec1(csr: x509.CertificateSigningRequest) -> bytes:
+    """The SEC1 point of the key of a CSR `parse_csr_der` accepted."""
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InvalidCsr("csr is not for a P-256 key")
+    return sec1(key)

@@ -15,6 +15,11 @@ class InvalidPublicKey(ProvbridgeError, ValueError):
     """A public key is not an uncompressed P-256 point on the curve."""
 
 
+class InvalidCsr(ProvbridgeError, ValueError):
+    """A device's certificate signing request cannot be signed: not PKCS#10, too large, not a P-256 key, or its
+    self-signature (the proof that the device holds the key) does not verify."""
+
+
 class SealError(ProvbridgeError):
     """A sealed box could not be opened: wrong key, wrong request_id or tampered bytes."""
 

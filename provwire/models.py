@@ -1,8 +1,10 @@
 """The JSON messages of protocol v1, as pydantic models. Field limits here are the contract."""
 
+import functools
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from cryptography import x509
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -10,6 +12,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     StringConstraints,
+    ValidationInfo,
     field_validator,
 )
 
@@ -17,6 +20,9 @@ from provwire import crypto
 from provwire.errors import ErrorCode
 
 MAX_CLAIM_BYTES = 16 * 1024
+# A P-256 CSR with a short subject is about 200 bytes of DER (270 base64 characters); 700 leaves room for a
+# subject of a few names and still lets a renewal fit the 1024 bytes of a refresh (PROTOCOL.md section 10.4).
+MAX_CSR_CHARS = 700
 
 
 def _printable(value: str) -> str:
@@ -30,6 +36,25 @@ RequestId = Annotated[str, StringConstraints(min_length=8, max_length=64, patter
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)]
 Text64 = Annotated[str, StringConstraints(max_length=64), AfterValidator(_printable)]
 Text32 = Annotated[str, StringConstraints(max_length=32), AfterValidator(_printable)]
+CsrText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CSR_CHARS)]
+
+
+@functools.lru_cache(maxsize=256)
+def _csr_of(value: str) -> x509.CertificateSigningRequest:
+    # Cached: the field validator checks a CSR and the model keeps it, and verifying its signature costs an ECDSA.
+    try:
+        der = crypto.b64decode(value)
+    except ValueError as exc:
+        raise ValueError("csr must be standard base64 of a DER PKCS#10 request") from exc
+    return crypto.parse_csr_der(der)  # InvalidCsr is a ValueError: a field error
+
+
+def _private(model: BaseModel, name: str) -> Any:
+    """A private attribute's value, read from pydantic's own dict of them: `model._name` goes through
+    `BaseModel.__getattr__`, 3 µs a read against 0.1 µs, and a claim reads its public key three times."""
+    private = model.__pydantic_private__
+    assert private is not None  # every model here declares its private attributes
+    return private[name]
 
 
 class _Strict(BaseModel):
@@ -75,8 +100,10 @@ class Claim(_Strict):
     agent_version: Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)] | None = (
         None
     )
+    csr: CsrText | None = None  # certificate credentials: a CSR for the key of `public_key`
 
     _public_key_sec1: bytes = PrivateAttr(default=b"")
+    _csr: x509.CertificateSigningRequest | None = PrivateAttr(default=None)
 
     @field_validator("hardware_id")
     @classmethod
@@ -95,12 +122,37 @@ class Claim(_Strict):
         crypto.public_key_from_sec1(raw)  # InvalidPublicKey is a ValueError: a field error
         return value
 
+    @field_validator("csr")
+    @classmethod
+    def _csr_is_for_the_public_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        csr = _csr_of(value)
+        public_key = info.data.get("public_key")  # absent when it was itself refused
+        if public_key is not None and crypto.csr_key_sec1(csr) != crypto.b64decode(public_key):
+            raise ValueError("csr is for another key than public_key")
+        return value
+
     def model_post_init(self, _context: Any) -> None:
         self._public_key_sec1 = crypto.b64decode(self.public_key)
+        if self.csr is not None:
+            self._csr = _csr_of(self.csr)
 
     @property
     def public_key_sec1(self) -> bytes:
-        return self._public_key_sec1
+        value: bytes = _private(self, "_public_key_sec1")
+        return value
+
+    @property
+    def parsed_csr(self) -> x509.CertificateSigningRequest | None:
+        value: x509.CertificateSigningRequest | None = _private(self, "_csr")
+        return value
+
+    @property
+    def csr_public_key_sec1(self) -> bytes | None:
+        """The SEC1 point of the key the CSR is for (None without a CSR)."""
+        csr = self.parsed_csr
+        return None if csr is None else crypto.csr_key_sec1(csr)
 
 
 class Sealed(_Answer):
@@ -114,8 +166,9 @@ class MqttCredentials(_Answer):
     tls: bool
     client_id: str
     username: str
-    token: str = Field(repr=False)
-    expires_at: int  # unix seconds
+    token: str | None = Field(default=None, repr=False)  # token credentials
+    certificate: str | None = None  # certificate credentials: PEM, the device's certificate then the device CA's
+    expires_at: int  # unix seconds: the token's exp, or the certificate's notAfter
     publish: list[str]
     subscribe: list[str]
 
@@ -202,6 +255,9 @@ class TokenRefresh(_Strict):
     device_id: DeviceId
     timestamp: Annotated[int, Field(ge=0, le=1 << 40)]  # unix seconds; the bridge allows a clock skew window
     mac: Annotated[str, StringConstraints(min_length=44, max_length=44)]
+    csr: CsrText | None = None  # a certificate renewal: a CSR for the device's key
+
+    _csr: x509.CertificateSigningRequest | None = PrivateAttr(default=None)
 
     @field_validator("mac")
     @classmethod
@@ -214,6 +270,28 @@ class TokenRefresh(_Strict):
             raise ValueError("mac must encode 32 bytes")
         return value
 
+    @field_validator("csr")
+    @classmethod
+    def _csr_is_a_csr(cls, value: str | None) -> str | None:
+        if value is not None:
+            _csr_of(value)
+        return value
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.csr is not None:
+            self._csr = _csr_of(self.csr)
+
     @property
     def mac_bytes(self) -> bytes:
         return crypto.b64decode(self.mac)
+
+    @property
+    def parsed_csr(self) -> x509.CertificateSigningRequest | None:
+        value: x509.CertificateSigningRequest | None = _private(self, "_csr")
+        return value
+
+    @property
+    def csr_public_key_sec1(self) -> bytes | None:
+        """The SEC1 point of the key the CSR is for (None without a CSR)."""
+        csr = self.parsed_csr
+        return None if csr is None else crypto.csr_key_sec1(csr)

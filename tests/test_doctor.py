@@ -22,6 +22,7 @@ from bridge.ops import admin, doctor
 from bridge.storage import keyfiles, rotation
 from bridge.storage.store import Store
 from bridge.tls import certificates as tls
+from bridge.tls.device_ca import DeviceCaFiles
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimOk, to_json
 from tests.helpers.bridge import Bridge
@@ -153,6 +154,23 @@ def test_a_devices_cloud_key_gone_from_disk_is_found(settings: Settings, capsys:
     assert_only_failures(lines, {"references", "broker"})
     assert f"1 device(s) were provisioned with cloud key {old}" in lines["references"]
     assert f"restore cloud-{old}.pem" in lines["references"]
+
+
+def test_a_certificate_key_without_its_device_ca_is_found(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = admin.KeySpec("default", "certs", credential_type="certificate")
+    admin.create_key(Store(settings.database_file), settings, spec, int(time.time()))
+    device_ca_key = DeviceCaFiles.of(settings.data_dir).key
+    device_ca_key.chmod(0o640)
+    code, lines, _ = run_doctor(settings, capsys)
+    assert code == 1
+    assert_only_failures(lines, {"key files", "broker"})
+    assert f"{device_ca_key} has mode 0640" in lines["key files"]
+    device_ca_key.unlink()
+    code, lines, _ = run_doctor(settings, capsys)
+    assert_only_failures(lines, {"references", "broker"})
+    assert "1 key(s) and 0 device(s) use certificates, but the device CA does not load" in lines["references"]
 
 
 # --- the database ------------------------------------------------------------------------------------

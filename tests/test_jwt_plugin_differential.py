@@ -51,18 +51,22 @@ from unittest import mock
 import jwt
 import jwt.api_jwt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
 
 import broker.auth
+import broker.certificates
 from bridge.tokens import jwk
 from broker import acl
 from broker.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, Authenticator, AuthSettings
-from broker.errors import ConnectRefused
+from broker.certificates import SCOPE_OID, checked_scope, scope_of_value
+from broker.errors import ConnectRefused, InvalidCertificate
 from broker.tokens import parse_jwks
 from broker.watched import WatchedFile
 from provwire import topics
@@ -935,3 +939,168 @@ def test_denylist_files_refuse_the_same_devices(
         assert (plugin.outcome, plugin.reason) == (ref.outcome, ref.reason), (step, document, plugin, ref)
         if step == "revoked":
             assert plugin.reason == "device is revoked"
+
+
+# --- device certificates: the scope extension and the CONNECT over a certificate -----------------------------
+#
+# broker/certificates.py is the reference. The deliberate differences are the JSON ones above (strict_json);
+# and where Python's parser meets a duplicate member before finding that the text is not JSON at all, Python
+# says "has a member twice" and the plugin, which parses first, "is not JSON": both refuse.
+
+SCOPE_MEMBERS = st.lists(st.one_of(FILTERS, TEXT), max_size=3)
+
+
+def _der_utf8string(body: bytes, form: str) -> bytes:
+    """A UTF8String of `body` in DER, or a near miss of it (`form`)."""
+    if form == "long":
+        return bytes([0x0C, 0x83]) + len(body).to_bytes(3, "big") + body  # a non-minimal length
+    size = len(body)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | 2]) + size.to_bytes(2, "big")
+    if 0x80 <= size < 0x100:
+        length = bytes([0x81, size])
+    der = bytes([0x0C]) + length + body
+    if form == "octet string":
+        return b"\x04" + der[1:]
+    if form == "trailing byte":
+        return der + b"\x00"
+    if form == "truncated":
+        return der[:-1]
+    return der
+
+
+@st.composite
+def scope_values(draw: st.DrawFn) -> bytes:
+    obj = draw(
+        st.one_of(
+            st.fixed_dictionaries({"pub": SCOPE_MEMBERS, "sub": SCOPE_MEMBERS}),
+            st.dictionaries(
+                st.sampled_from(["pub", "sub", "ver", ""]), st.one_of(SCOPE_MEMBERS, JSON_VALUES), max_size=3
+            ),
+            JSON_VALUES,
+        )
+    )
+    text = json.dumps(
+        obj, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    )
+    if isinstance(obj, dict) and _one_in(4, draw):
+        name = draw(st.sampled_from(["pub", "sub", "x"]))
+        text = text[:-1] + ("," if obj else "") + f'"{name}": []}}'  # a member twice (or an extra one)
+    if _one_in(5, draw):
+        _name, edit = draw(st.sampled_from(RAW_EDITS))
+        text = edit(text)
+    body = text.encode("utf-8")
+    if _one_in(9, draw):
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\x00", b"\x7f"])) + body[at:]
+    form = (
+        "der" if not _one_in(6, draw) else draw(st.sampled_from(["long", "octet string", "trailing byte", "truncated"]))
+    )
+    return _der_utf8string(body, form)
+
+
+def reference_scope(der: bytes) -> tuple[str, str]:
+    try:
+        scope = checked_scope(scope_of_value(der))
+    except InvalidCertificate as exc:
+        return "refused", str(exc)
+    return "accepted", json.dumps({"pub": list(scope.publish), "sub": list(scope.subscribe)})
+
+
+def _plain_json(text: bytes) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+@settings(max_examples=examples(1500, 15_000))
+@given(scope_values())
+@example(_der_utf8string(b'{"pub":["devices/x/#"],"sub":[]}', "der")).via("a scope")
+@example(_der_utf8string(b'{"pub":[],"pub":["#"],"sub":[]}', "der")).via("a member twice")
+@example(_der_utf8string(b'{"pub":[{"a":1,"a":2}],"sub":[]}', "der")).via("a member twice, nested")
+@example(_der_utf8string(b'{"pub":["a/#/b"],"sub":[]}', "der")).via("not a filter")
+@example(_der_utf8string(b'{"pub":[],"sub":[]}', "long")).via("non-minimal length")
+@example(_der_utf8string(b"x" * 200, "der")).via("long form length")
+@example(b"\x0c").via("no length")
+def test_certificate_scopes_get_the_embedded_brokers_answer(world: World, der: bytes) -> None:
+    plugin, ref = world.harness.scope_value(der), reference_scope(der)
+    context = f"scope value {der!r}: plugin {plugin}, reference {ref}"
+    try:
+        body = scope_of_value_text(der)
+    except InvalidCertificate:
+        body = None
+    if body is not None and not strict_json(body):
+        assert plugin[0] == "refused", f"JSON the plugin does not read: it must refuse; {context}"
+        return
+    if ref[1].endswith("has a member twice") and plugin[1].endswith("is not JSON") and body is not None:
+        assert not _plain_json(body), context
+        return
+    if plugin[0] == ref[0] == "accepted":
+        assert json.loads(plugin[1]) == json.loads(ref[1]), context
+        return
+    assert plugin == ref, context
+
+
+def scope_of_value_text(der: bytes) -> bytes:
+    """The UTF-8 text inside a well-formed DER UTF8String (InvalidCertificate when it is not one)."""
+    return broker.certificates._text_of_utf8string(der).encode("utf-8")  # the reference's own unwrapping
+
+
+def _device_certificate(
+    device_id: str, extensions: list[tuple[x509.ExtensionType, bool]], not_after: datetime, names: int = 1
+) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, device_id)] * names
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test device CA")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.fromtimestamp(BASE_NOW - 3600, UTC))
+        .not_valid_after(not_after)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+_GOOD_SCOPE = _der_utf8string(f'{{"pub":["devices/{DEVICE}/#"],"sub":["devices/{DEVICE}/#"]}}'.encode(), "der")
+
+
+@settings(max_examples=examples(150, 1500))
+@given(
+    cn=st.sampled_from([DEVICE, REVOKED, OTHER_DEVICE, "dev_short", "device", DEVICE.upper()]),
+    names=st.sampled_from([1, 1, 1, 2]),
+    username=st.sampled_from([None, DEVICE, REVOKED, OTHER_DEVICE, "provision"]),
+    same_client_id=st.booleans(),
+    scope=st.one_of(st.just(_GOOD_SCOPE), st.just(None), scope_values()),
+    expiry=st.sampled_from([-1, 0, 1, 3600]),
+)
+def test_certificate_connects_get_the_embedded_brokers_answer(
+    world: World, cn: str, names: int, username: str | None, same_client_id: bool, scope: bytes | None, expiry: int
+) -> None:
+    now = float(BASE_NOW)
+    not_after = datetime.fromtimestamp(BASE_NOW + expiry, UTC)
+    extensions = [] if scope is None else [(x509.UnrecognizedExtension(SCOPE_OID, scope), False)]
+    der = _device_certificate(cn, extensions, not_after, names)
+    client_id = (username or cn) if same_client_id else OTHER_DEVICE + "x"
+    plugin = world.harness.connect_certificate(der, username or "", client_id, now)
+    with frozen_time(now):
+        try:
+            grant = world.auth.authenticate_certificate(client_id=client_id, username=username, certificate=der)
+        except ConnectRefused as exc:
+            ref: tuple[str, ...] = ("refused", exc.reason)
+        else:
+            ref = ("accepted", str(grant.claims["sub"]), str(grant.expires_at))
+    context = (
+        f"certificate for {cn} x{names}, {username}/{client_id}, scope {scope!r}: plugin {plugin}, reference {ref}"
+    )
+    if scope is not None and world.harness.scope_value(scope) != reference_scope(scope) and plugin[0] == "refused":
+        return  # a deliberate difference in reading the scope: the scope test above holds it to its rules
+    if ref[0] == "accepted":
+        assert plugin[:3] == ("accepted", cn, str(BASE_NOW + expiry)), context
+        assert json.loads(plugin[3]) == {"pub": list(grant.publish), "sub": list(grant.subscribe)}, context
+    else:
+        assert plugin == ref, context

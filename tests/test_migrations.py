@@ -103,6 +103,19 @@ def test_a_new_database_is_made_by_the_same_steps(tmp_path: Path) -> None:
     try:
         assert migrations.version(store.connection()) == migrations.LATEST
         columns = [row["name"] for row in store.connection().execute("PRAGMA table_info(provision_keys)")]
-        assert columns[-1] == "pattern_syntax"
+        assert columns[-3:] == ["pattern_syntax", "credential_type", "certificate_validity_seconds"]
+        tables = {row[0] for row in store.connection().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "device_certificates" in tables
+    finally:
+        store.close()
+
+
+def test_an_upgraded_database_keeps_its_keys_and_devices_issuing_tokens(old_database: Settings) -> None:
+    store = Store(old_database.database_file)
+    try:
+        keys = store.keys()
+        assert keys and {k.credential_type for k in keys} == {"token"}
+        assert {k.certificate_validity_seconds for k in keys} == {None}
+        assert {d.credential_type for d in store.devices()} <= {"token"}
     finally:
         store.close()

@@ -18,6 +18,8 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +28,7 @@ from bridge.claims.provisioning import parse_claim, parse_request
 from bridge.claims.refresh_decision import RefreshDenial
 from bridge.config import ClaimSettings, TokenSettings
 from bridge.mosquitto.files import PUBLISH_LIMIT_FACTOR
+from broker.certificates import scope_of
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode, InvalidPublicKey, SealError
 
@@ -594,6 +597,86 @@ def test_refresh_json_is_byte_identical_to_the_model_serialisation() -> None:
     assert refresh.timestamp == int(V["refresh_timestamp"])
     assert refresh.mac == base64.b64encode(_h("refresh_mac_hex")).decode("ascii")
     assert refresh.mac_bytes == _h("refresh_mac_hex")
+
+
+# --------------------------------------------------------------------------- certificate credentials (10.4)
+
+
+def test_the_csr_is_for_the_device_key_and_proves_possession() -> None:
+    csr = x509.load_der_x509_csr(base64.b64decode(V["csr_b64"], validate=True))
+    assert csr.is_signature_valid and isinstance(csr.signature_hash_algorithm, hashes.SHA256)
+    assert crypto.sec1(csr.public_key()) == _h("device_public_key_sec1_hex")  # type: ignore[arg-type]
+    assert csr.subject.rfc4514_string() == "CN=SN-4711-0042"
+    assert crypto.csr_key_sec1(crypto.parse_csr_der(base64.b64decode(V["csr_b64"]))) == _h("device_public_key_sec1_hex")
+
+
+def test_the_certificate_claim_is_the_claim_with_its_csr() -> None:
+    raw = V["certificate_claim_json"].encode("utf-8")
+    claim = models.Claim.model_validate_json(raw)
+    assert models.to_json(claim) == raw
+    assert claim.csr == V["csr_b64"] and claim.request_id == V["request_id"]
+    assert claim.public_key == V["device_public_key_b64"]
+
+
+def test_the_certificate_answer_opens_to_the_certificate_credentials() -> None:
+    box = base64.b64decode(V["certificate_sealed_ciphertext_b64"])
+    plaintext = AESGCM(_h("seal_key_hex")).decrypt(_h("nonce_hex"), box, V["request_id"].encode("ascii"))
+    assert plaintext == V["certificate_plaintext"].encode("utf-8")
+    credentials = models.Credentials.model_validate_json(plaintext)
+    mqtt = credentials.mqtt
+    assert mqtt.token is None and mqtt.certificate is not None and mqtt.tls
+    device_cert = x509.load_der_x509_certificate(base64.b64decode(V["device_certificate_b64"]))
+    ca_cert = x509.load_der_x509_certificate(base64.b64decode(V["device_ca_certificate_b64"]))
+    pem = serialization.Encoding.PEM
+    assert mqtt.certificate == (device_cert.public_bytes(pem) + ca_cert.public_bytes(pem)).decode("ascii")
+    # What the broker relies on: issued by the CA whose key is the fixed scalar, for the device key and id.
+    ca_key = crypto.private_key_from_scalar(_h("device_ca_private_scalar_hex"))
+    assert ca_cert.public_key() == ca_key.public_key()
+    device_cert.verify_directly_issued_by(ca_cert)
+    assert crypto.sec1(device_cert.public_key()) == _h("device_public_key_sec1_hex")  # type: ignore[arg-type]
+    assert device_cert.subject.rfc4514_string() == f"CN={V['device_id']},OU=acme,O=provbridge"
+    assert int(device_cert.not_valid_after_utc.timestamp()) == mqtt.expires_at
+    scope = scope_of(device_cert)
+    assert scope is not None and list(scope.publish) == mqtt.publish and list(scope.subscribe) == mqtt.subscribe
+
+
+def test_renewal_mac_matches_an_independent_computation() -> None:
+    device_id, request_id, timestamp, csr = (
+        V["device_id"],
+        V["renewal_request_id"],
+        V["refresh_timestamp"],
+        V["csr_b64"],
+    )
+    label = b"provbridge v1 certificate renewal"
+    assert len(label) == 33 and label == crypto.RENEWAL_MAC_LABEL
+    mac_input = b"\n".join((label, device_id.encode(), request_id.encode(), timestamp.encode(), csr.encode()))
+    assert mac_input == _h("renewal_mac_input_hex")
+    mac = hmac.new(_h("device_key_hex"), mac_input, hashlib.sha256).digest()
+    assert mac == _h("renewal_mac_hex")
+    assert crypto.refresh_mac(_h("device_key_hex"), device_id, request_id, int(timestamp), csr) == mac
+    # Not valid as a token refresh MAC, nor with any other CSR.
+    assert not crypto.refresh_mac_matches(_h("device_key_hex"), device_id, request_id, int(timestamp), mac)
+    assert not crypto.refresh_mac_matches(_h("device_key_hex"), device_id, request_id, int(timestamp), mac, csr[:-4])
+
+
+def test_renewal_json_is_byte_identical_to_the_model_serialisation() -> None:
+    raw = V["renewal_json"].encode("utf-8")
+    assert len(raw) <= models.MAX_REFRESH_BYTES
+    renewal = models.TokenRefresh.model_validate_json(raw)
+    assert models.to_json(renewal) == raw
+    assert renewal.csr == V["csr_b64"] and renewal.mac_bytes == _h("renewal_mac_hex")
+    assert renewal.csr_public_key_sec1 == _h("device_public_key_sec1_hex")
+
+
+def test_a_renewal_with_the_longest_csr_and_ids_fits_the_refresh_limit() -> None:
+    longest = {
+        "request_id": "r" * 64,
+        "device_id": V["device_id"],
+        "timestamp": 1 << 40,
+        "mac": "A" * 44,
+        "csr": "A" * models.MAX_CSR_CHARS,
+    }
+    assert len(json.dumps(longest, separators=(",", ":"))) <= models.MAX_REFRESH_BYTES
 
 
 INVALID_REFRESHES = sorted(name for name in V if name.startswith("invalid_refresh."))

@@ -14,12 +14,16 @@ import hashlib
 import hmac
 import json
 import math
+from datetime import UTC, datetime, timedelta
 
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pydantic import BaseModel
 
+from bridge.tls.device_ca import DeviceCa, chain_pem, sign_device_certificate
+from broker.certificates import DeviceScope
 from provwire import crypto, models, topics
 from provwire.errors import ErrorCode
 
@@ -33,6 +37,7 @@ P256_X0_Y = 0x66485C780E2F83D72433BD5D84A06BB6541C2AF31DAE871728BF856A174F93F4
 ISSUED_AT = 1735689600  # 2025-01-01T00:00:00Z
 TOKEN_TTL = 900
 REFRESHED_AT = ISSUED_AT + 600  # the token refresh vector: 10 minutes after the claim
+CERTIFICATE_VALIDITY = 7 * 24 * 3600  # a certificate key's default
 
 
 def fixed(name: str) -> bytes:
@@ -60,6 +65,55 @@ def es256_jwt(private_key: ec.EllipticCurvePrivateKey, header: dict[str, object]
     der = private_key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     r, s = decode_dss_signature(der)
     return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def device_csr(private_key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
+    """A DER PKCS#10 request, subject CN = `common_name`, signed with deterministic ECDSA-SHA256."""
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    return csr.sign(private_key, hashes.SHA256(), ecdsa_deterministic=True).public_bytes(serialization.Encoding.DER)
+
+
+def device_ca(private_key: ec.EllipticCurvePrivateKey) -> DeviceCa:
+    """A device CA like `bridge.tls.device_ca.new_device_ca` makes, but reproducible (fixed serial, times, RFC 6979)."""
+    name = x509.Name(
+        [
+            x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "provbridge"),
+            x509.NameAttribute(
+                x509.NameOID.COMMON_NAME, f"provbridge device CA {crypto.key_id(private_key.public_key())}"
+            ),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(private_key.public_key())
+    start = datetime.fromtimestamp(ISSUED_AT, UTC) - timedelta(days=1)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(int.from_bytes(fixed("device CA serial")[:16], "big") >> 1)
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(private_key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    return DeviceCa(certificate, private_key)
 
 
 def flip_bit(data: bytes, index: int) -> bytes:
@@ -191,6 +245,58 @@ def build() -> list[Section]:
         timestamp=REFRESHED_AT,
         mac=crypto.b64encode(refresh_mac),
     )
+    # Certificate credentials (section 10.4): the same device and request id, a key of credential type certificate.
+    csr_der = device_csr(device, claim.hardware_id)
+    csr_b64 = crypto.b64encode(csr_der)
+    certificate_claim = models.Claim(
+        request_id=request_id,
+        provision_key=provision_key,
+        hardware_id=claim.hardware_id,
+        public_key=claim.public_key,
+        cloud_key_id=cloud_kid,
+        csr=csr_b64,
+    )
+    ca = device_ca(crypto.private_key_from_scalar(fixed("device CA private key")))
+    certificate = sign_device_certificate(
+        ca,
+        x509.load_der_x509_csr(csr_der),
+        device_id=device_id,
+        tenant=tenant,
+        scope=DeviceScope((scope,), (scope,)),
+        not_before=datetime.fromtimestamp(ISSUED_AT, UTC),
+        validity_seconds=CERTIFICATE_VALIDITY,
+        serial=int.from_bytes(fixed("certificate serial")[:16], "big") >> 1,
+    )
+    certificate_credentials = models.Credentials(
+        api_key=api_key,
+        mqtt=models.MqttCredentials(
+            host="mqtt.example.com",
+            port=8884,
+            tls=True,
+            client_id=device_id,
+            username=device_id,
+            certificate=chain_pem(certificate, ca),
+            expires_at=ISSUED_AT + CERTIFICATE_VALIDITY,
+            publish=[scope],
+            subscribe=[scope],
+        ),
+    )
+    certificate_plaintext = models.to_json(certificate_credentials)
+    certificate_box = crypto.seal(seal_key, certificate_plaintext, request_id, nonce=nonce)
+    renewal_request_id = "tv1-" + fixed("renewal request id")[:8].hex()
+    renewal_mac = crypto.refresh_mac(device_key, device_id, renewal_request_id, REFRESHED_AT, csr_b64)
+    renewal = models.TokenRefresh(
+        request_id=renewal_request_id,
+        device_id=device_id,
+        timestamp=REFRESHED_AT,
+        mac=crypto.b64encode(renewal_mac),
+        csr=csr_b64,
+    )
+    other_device = crypto.private_key_from_scalar(fixed("other device private key"))
+    other_csr_b64 = crypto.b64encode(device_csr(other_device, claim.hardware_id))
+    # The last byte of the DER is in the signature's s: flipping it keeps the DER valid and the signature wrong.
+    bad_signature_b64 = crypto.b64encode(flip_bit(csr_der, len(csr_der) - 1))
+
     invalid_refreshes = [
         ("device_id_uppercase", "device_id", {"device_id": device_id.upper()}),
         ("timestamp_string", "timestamp", {"timestamp": str(REFRESHED_AT)}),
@@ -199,6 +305,7 @@ def build() -> list[Section]:
         ("mac_urlsafe", "mac", {"mac": refresh.mac.replace("+", "-").replace("/", "_")}),
         ("request_id_null", "request_id", {"request_id": None}),
         ("unknown_field", "hardware_id", {"hardware_id": claim.hardware_id}),
+        ("csr_bad_signature", "csr", {"csr": bad_signature_b64}),
     ]
 
     # The message texts are those the bridge sends today; they are not part of the contract.
@@ -298,6 +405,11 @@ def build() -> list[Section]:
         ("ram_mb_too_big", "hardware.ram_mb", {"hardware": {"ram_mb": (1 << 40) + 1}}),
         ("network_unknown_field", "network.vlan", {"network": {"vlan": 3}}),
         ("unknown_field", "colour", {"colour": "blue"}),
+        ("csr_not_base64", "csr", {"csr": "MIIB not base64"}),
+        ("csr_not_a_request", "csr", {"csr": crypto.b64encode(b"\x30\x03\x02\x01\x01")}),
+        ("csr_for_another_key", "csr", {"csr": other_csr_b64}),
+        ("csr_bad_signature", "csr", {"csr": bad_signature_b64}),
+        ("csr_too_long", "csr", {"csr": "A" * (models.MAX_CSR_CHARS + 4)}),
     ]
 
     return [
@@ -371,6 +483,28 @@ def build() -> list[Section]:
                 ("refresh_mac_input_hex", crypto.refresh_mac_input(device_id, refresh_request_id, REFRESHED_AT).hex()),
                 ("refresh_mac_hex", refresh_mac.hex()),
                 ("refresh_json", models.to_json(refresh).decode("utf-8")),
+            ],
+        ),
+        (
+            "certificate credentials (section 10.4): the claim, the answer's credentials, the renewal",
+            [
+                ("csr_b64", csr_b64),
+                ("certificate_claim_json", models.to_json(certificate_claim).decode("utf-8")),
+                ("device_ca_private_scalar_hex", fixed("device CA private key").hex()),
+                (
+                    "device_ca_certificate_b64",
+                    crypto.b64encode(ca.certificate.public_bytes(serialization.Encoding.DER)),
+                ),
+                ("device_certificate_b64", crypto.b64encode(certificate.public_bytes(serialization.Encoding.DER))),
+                ("certificate_plaintext", certificate_plaintext.decode("utf-8")),
+                ("certificate_sealed_ciphertext_b64", crypto.b64encode(certificate_box.ciphertext)),
+                ("renewal_request_id", renewal_request_id),
+                (
+                    "renewal_mac_input_hex",
+                    crypto.refresh_mac_input(device_id, renewal_request_id, REFRESHED_AT, csr_b64).hex(),
+                ),
+                ("renewal_mac_hex", renewal_mac.hex()),
+                ("renewal_json", models.to_json(renewal).decode("utf-8")),
             ],
         ),
         (

@@ -1,15 +1,23 @@
-"""What the bridge derives and hands to one device: its device key, a token, sealed credentials.
+"""What the bridge derives and hands to one device: its device key, a token or a certificate, sealed credentials.
 
-Shared by the claim (`bridge.claims.provisioning`) and the token refresh (`bridge.claims.refresh`), so a device
-gets the same token scope, the same Credentials and the same sealed ClaimOk from both paths.
+Shared by the claim (`bridge.claims.provisioning`) and the token refresh or certificate renewal
+(`bridge.claims.refresh`), so a device gets the same scope, the same Credentials and the same sealed ClaimOk
+from both paths.
 """
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
 
 from bridge.claims.mirror import TokenMirror
 from bridge.config import Settings
 from bridge.storage.keyfiles import KeyRing
-from bridge.storage.records import Device
+from bridge.storage.records import Device, IssuedCertificate
 from bridge.tls.certificates import device_endpoint
+from bridge.tls.device_ca import DeviceCa, chain_pem, sign_device_certificate
 from bridge.tokens import fill_scope, mint_token
+from broker.certificates import DeviceScope
 from provwire import crypto
 from provwire.models import ClaimOk, Credentials, MqttCredentials, Sealed, to_json
 
@@ -37,7 +45,7 @@ def issue_credentials(
     Call it inside the caller's database transaction: a MirrorError then rolls everything back, so no
     device ever holds a token its broker does not know.
     """
-    profile = settings.profiles.get(device.profile) or settings.profiles["default"]
+    publish, subscribe = device_scope(settings, device)
     grant = mint_token(
         key=keys.token_key,
         kid=keys.active_token,
@@ -45,8 +53,8 @@ def issue_credentials(
         audience=settings.token.audience,
         device_id=device.id,
         tenant=device.tenant_name,
-        publish=fill_scope(profile.publish, device.id, device.tenant_name),
-        subscribe=fill_scope(profile.subscribe, device.id, device.tenant_name),
+        publish=publish,
+        subscribe=subscribe,
         now=now,
         ttl_seconds=settings.token.ttl_seconds,
     )
@@ -66,6 +74,77 @@ def issue_credentials(
             subscribe=grant.subscribe,
         ),
     )
+
+
+# A week: short enough that a leaked device key is worth little for long (there is no CRL: bridge/tls/device_ca.py),
+# long enough that a device offline for days still renews in time. Set per key (`--certificate-validity`).
+DEFAULT_CERTIFICATE_VALIDITY_SECONDS = 7 * 24 * 3600
+
+
+def device_scope(settings: Settings, device: Device) -> tuple[list[str], list[str]]:
+    """The topic filters a device may publish to and subscribe to: its profile's, filled in."""
+    profile = settings.profiles.get(device.profile) or settings.profiles["default"]
+    return (
+        fill_scope(profile.publish, device.id, device.tenant_name),
+        fill_scope(profile.subscribe, device.id, device.tenant_name),
+    )
+
+
+@dataclass(frozen=True)
+class CertificateOrder:
+    """What a device certificate is made from besides the device: the CA, the device's CSR (already checked to
+    be for the device's key), the key's validity, and the serial number drawn for it."""
+
+    ca: DeviceCa
+    csr: x509.CertificateSigningRequest = field(repr=False)
+    validity_seconds: int
+    serial: int
+
+
+def issue_certificate(
+    settings: Settings, order: CertificateOrder, device: Device, api_key: str, request_id: str, now: int
+) -> tuple[Credentials, IssuedCertificate]:
+    """Sign a certificate for the device's key, scoped by its profile, and build the device's Credentials.
+
+    The scope travels inside the certificate (bridge/tls/device_ca.py); the broker reads it from there, so
+    nothing is told to the broker, whatever `broker.mosquitto_auth` is.
+    """
+    publish, subscribe = device_scope(settings, device)
+    certificate = sign_device_certificate(
+        order.ca,
+        order.csr,
+        device_id=device.id,
+        tenant=device.tenant_name,
+        scope=DeviceScope(tuple(publish), tuple(subscribe)),
+        not_before=datetime.fromtimestamp(now, UTC),
+        validity_seconds=order.validity_seconds,
+        serial=order.serial,
+    )
+    not_after = int(certificate.not_valid_after_utc.timestamp())
+    host = device_endpoint(settings).host
+    credentials = Credentials(
+        api_key=api_key,
+        mqtt=MqttCredentials(
+            host=host,
+            port=settings.broker.certificate_port,  # the listener that requires a device certificate
+            tls=True,
+            client_id=device.id,
+            username=device.id,
+            certificate=chain_pem(certificate, order.ca),
+            expires_at=not_after,
+            publish=publish,
+            subscribe=subscribe,
+        ),
+    )
+    issued = IssuedCertificate(
+        serial=format(order.serial, "x"),
+        device_id=device.id,
+        request_id=request_id,
+        not_before=int(certificate.not_valid_before_utc.timestamp()),
+        not_after=not_after,
+        issued_at=now,
+    )
+    return credentials, issued
 
 
 def sealed_answer(

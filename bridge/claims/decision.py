@@ -88,6 +88,7 @@ class Granted:
     device: Device
     api_key: str  # "" for a re-claim: the device keeps its API key
     events: list[Event]
+    retyped: bool = False  # a re-claim with a key of the other credential type: record the device's new type
 
 
 def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered | Granted:
@@ -104,6 +105,10 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
     denial = key_denial(key, claim.hardware_id, request.now)
     if denial is not None or key is None:
         return _denied(request, key, denial or Denial.UNKNOWN_KEY)
+    mismatch = credential_mismatch(key, claim)
+    if mismatch is not None:
+        events = [key_event(request, "claim.rejected", key, None, reason="credential_mismatch")]
+        return _error(request, ErrorCode.VALIDATION_ERROR, "claim is not valid", [mismatch], events)
 
     device = facts.device
     action = reclaim_action(device, claim.public_key_sec1, key)
@@ -125,8 +130,23 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
     assert device is not None  # ROTATE and RECLAIM are for a known device
     if action is Action.ROTATE:
         events = [key_event(request, "device.reprovisioned", key, device)]
-        return Granted(action, key, rotated(device, request), fresh.api_key, events)
-    return Granted(action, key, device, "", [key_event(request, "device.reclaimed", key, device)])
+        return Granted(action, key, rotated(device, request, key), fresh.api_key, events)
+    events = [key_event(request, "device.reclaimed", key, device)]
+    if device.credential_type == key.credential_type:
+        return Granted(action, key, device, "", events)
+    return Granted(action, key, replace(device, credential_type=key.credential_type), "", events, retyped=True)
+
+
+def credential_mismatch(key: ProvisionKey, claim: Claim) -> FieldError | None:
+    """Whether the claim asks for the credential the key issues: a CSR for a certificate key, none for a token key.
+
+    Checked after the key is accepted, so that only a holder of the key learns which type it issues.
+    """
+    if key.credential_type == "certificate" and claim.csr is None:
+        return FieldError(field="csr", message="required: this provisioning key issues certificates")
+    if key.credential_type != "certificate" and claim.csr is not None:
+        return FieldError(field="csr", message="not accepted: this provisioning key issues tokens, not certificates")
+    return None
 
 
 def key_denial(key: ProvisionKey | None, hardware_id: str, now: float) -> Denial | None:
@@ -182,13 +202,18 @@ def new_device(request: ClaimRequest, key: ProvisionKey, device_id: str) -> Devi
         status="active",
         created_at=now,
         updated_at=now,
+        credential_type=key.credential_type,
     )
 
 
-def rotated(device: Device, request: ClaimRequest) -> Device:
-    """The device as a `rotate` re-claim leaves it: the claim's public key and cloud key."""
+def rotated(device: Device, request: ClaimRequest, key: ProvisionKey) -> Device:
+    """The device as a `rotate` re-claim leaves it: the claim's public key and cloud key, the key's credential type."""
     return replace(
-        device, public_key=request.claim.public_key_sec1, cloud_key_id=request.cloud_kid, updated_at=int(request.now)
+        device,
+        public_key=request.claim.public_key_sec1,
+        cloud_key_id=request.cloud_kid,
+        updated_at=int(request.now),
+        credential_type=key.credential_type,
     )
 
 

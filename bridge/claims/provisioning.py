@@ -16,11 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from cryptography import x509
 from pydantic import BaseModel, ValidationError
 
 from bridge import logs
 from bridge.claims import identifiers
-from bridge.claims.credentials import device_key_of, issue_credentials, sealed_answer
+from bridge.claims.credentials import (
+    DEFAULT_CERTIFICATE_VALIDITY_SECONDS,
+    CertificateOrder,
+    device_key_of,
+    issue_certificate,
+    issue_credentials,
+    sealed_answer,
+)
 from bridge.claims.decision import (
     NO_TENANT,
     Action,
@@ -36,10 +44,11 @@ from bridge.claims.decision import (
 from bridge.claims.mirror import NoMirror, TokenMirror
 from bridge.claims.ratelimit import FloodLimits, LimitHit, RateLimiter, check
 from bridge.config import Settings
-from bridge.errors import MirrorError, StorageError
+from bridge.errors import ConfigError, MirrorError, NotInitialised, StorageError
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.rotation import KeySource, current_ring
 from bridge.storage.store import Store, Transaction
+from bridge.tls.device_ca import DeviceCaSource
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import (
@@ -266,11 +275,13 @@ class RequestHandler:
         keys: KeyRing | KeySource,
         mirror: TokenMirror | None = None,
         limits: FloodLimits | None = None,
+        device_ca: DeviceCaSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys  # a KeySource (`rotation.LiveKeyRing`) follows key rotations without a restart
         self.mirror: TokenMirror = mirror or NoMirror()
+        self.device_ca = device_ca or DeviceCaSource(settings.data_dir)
         self.limits = limits or FloodLimits(settings.claims)
         self.prefix = settings.topic_prefix
 
@@ -283,6 +294,11 @@ class RequestHandler:
             return Outcome(None, None, events, "dropped: invalid client id in topic")
         # The client-id limit was applied by the edge (`BridgeCore.screen`), before the message came here.
         return client_id, topics.response_topic(self.prefix, client_id)
+
+    def certificate_order(self, csr: x509.CertificateSigningRequest, validity_seconds: int | None) -> CertificateOrder:
+        """What signing a certificate for `csr` takes: the device CA, the key's validity, a fresh serial number."""
+        validity = validity_seconds or DEFAULT_CERTIFICATE_VALIDITY_SECONDS
+        return CertificateOrder(self.device_ca.get(), csr, validity, x509.random_serial_number())
 
 
 @dataclass(frozen=True)
@@ -360,6 +376,11 @@ class Provisioner(RequestHandler):
         except MirrorError as exc:
             log.error("claim %s: broker did not take the token: %s", request_id, exc)
             return Outcome(reply_to, self._retryable(request_id, "broker unavailable"), [], "internal_error")
+        except (NotInitialised, ConfigError) as exc:  # the device CA: missing, or its files unusable
+            log.error("claim %s: cannot sign a device certificate: %s", request_id, exc)
+            return Outcome(
+                reply_to, self._retryable(request_id, "certificate authority unavailable"), [], "internal_error"
+            )
         except Exception:
             log.exception("claim %s: unexpected failure", request_id)
             return Outcome(reply_to, self._retryable(request_id, "internal error"), [], "internal_error")
@@ -422,15 +443,24 @@ class Provisioner(RequestHandler):
             tx.spend_key_use(granted.key.id)
         elif granted.action is Action.ROTATE:
             tx.rotate_device_key(device, identifiers.digest(granted.api_key), now)
-        # Inside the transaction on purpose: with dynamic security the mirror tells Mosquitto the token here,
-        # and a MirrorError rolls the claim back, so no device holds a token its broker does not know; the
-        # janitor's invariant (bridge/mosquitto/janitor.py: no grant in flight while it holds the write lock)
-        # rests on it.
-        credentials = issue_credentials(self.settings, keys, self.mirror, device, granted.api_key, now)
+        elif granted.retyped:
+            tx.set_credential_type(device, now)
+        request_id = request.claim.request_id
+        csr = request.claim.parsed_csr
+        if device.credential_type == "certificate" and csr is not None:  # decide checked that they go together
+            order = self.certificate_order(csr, granted.key.certificate_validity_seconds)
+            credentials, issued = issue_certificate(self.settings, order, device, granted.api_key, request_id, now)
+            tx.record_certificate(issued)
+        else:
+            # Inside the transaction on purpose: with dynamic security the mirror tells Mosquitto the token here,
+            # and a MirrorError rolls the claim back, so no device holds a token its broker does not know; the
+            # janitor's invariant (bridge/mosquitto/janitor.py: no grant in flight while it holds the write lock)
+            # rests on it.
+            credentials = issue_credentials(self.settings, keys, self.mirror, device, granted.api_key, now)
         created = granted.action is Action.CREATE
-        ok = sealed_answer(request.claim.request_id, device, created, request.cloud_kid, shared, credentials)
+        ok = sealed_answer(request_id, device, created, request.cloud_kid, shared, credentials)
         answer = to_json(ok)
-        tx.store_answer(request.client_id, request.claim.request_id, request.digest, answer, now)
+        tx.store_answer(request.client_id, request_id, request.digest, answer, now)
         return answer
 
 

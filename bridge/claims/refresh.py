@@ -1,4 +1,5 @@
-"""Token refresh: a provisioned device proves it holds its device key and gets a fresh token.
+"""Token refresh and certificate renewal: a provisioned device proves it holds its device key and gets a fresh
+token, or (certificate devices, whose request carries a CSR) a fresh certificate.
 
 The device publishes a TokenRefresh on `{prefix}/token/{client_id}`: device_id, request_id, timestamp
 and an HMAC over them with its device key (PROTOCOL.md section 10.1). No secret travels; the answer is
@@ -11,6 +12,8 @@ exact reason goes to ops in a `token.refresh_rejected` event:
     unknown_cloud_key   the cloud key the device was provisioned with is not on disk any more
     bad_mac             the MAC does not verify with the device's device key (checked in constant time)
     device_revoked      the device was revoked (after the MAC: only its genuine owner learns nothing new)
+    credential_mismatch a certificate device sent no csr, or a token device sent one
+    csr_key_mismatch    the csr is not for the device's own key
     stale_timestamp     the timestamp is further than token.refresh_skew_seconds from the bridge's clock
     replayed            this device already used this request_id within the window
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge import logs
-from bridge.claims.credentials import issue_credentials, sealed_answer, shared_secret
+from bridge.claims.credentials import issue_certificate, issue_credentials, sealed_answer, shared_secret
 from bridge.claims.decision import NO_TENANT, new_event
 from bridge.claims.provisioning import (
     Outcome,
@@ -37,7 +40,7 @@ from bridge.claims.provisioning import (
     sampled,
 )
 from bridge.claims.refresh_decision import RefreshDenial, RefreshFacts, RefreshRefused, decide_refresh
-from bridge.errors import MirrorError, StorageError
+from bridge.errors import ConfigError, MirrorError, NotInitialised, StorageError
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.records import Device
 from bridge.storage.rotation import current_ring
@@ -49,6 +52,7 @@ log = logging.getLogger("provbridge.refresh")
 
 DENIED_MESSAGE = "token refresh not accepted"
 REFRESHED = "token.refreshed"
+RENEWED = "certificate.renewed"
 REJECTED = "token.refresh_rejected"
 RATE_LIMITED = "token.refresh_rate_limited"
 
@@ -58,7 +62,7 @@ RATE_LIMITED = "token.refresh_rate_limited"
 
 def mac_matches(device_key: bytes, request: TokenRefresh) -> bool:
     return crypto.refresh_mac_matches(
-        device_key, request.device_id, request.request_id, request.timestamp, request.mac_bytes
+        device_key, request.device_id, request.request_id, request.timestamp, request.mac_bytes, request.csr
     )
 
 
@@ -121,6 +125,10 @@ class Refresher(RequestHandler):
             return Outcome(
                 reply_to, retryable_error(self.settings, request_id, "broker unavailable"), [], "internal_error"
             )
+        except (NotInitialised, ConfigError) as exc:  # the device CA: missing, or its files unusable
+            log.error("refresh %s: cannot sign a device certificate: %s", request_id, exc)
+            unavailable = retryable_error(self.settings, request_id, "certificate authority unavailable")
+            return Outcome(reply_to, unavailable, [], "internal_error")
         except Exception:
             log.exception("refresh %s: unexpected failure", request_id)
             return Outcome(reply_to, retryable_error(self.settings, request_id, "internal error"), [], "internal_error")
@@ -129,7 +137,7 @@ class Refresher(RequestHandler):
             record_events_safely(self.store, ctx.events)
             denied = ClaimError(request_id=request_id, code=ErrorCode.PERMISSION_DENIED, message=DENIED_MESSAGE)
             return Outcome(reply_to, to_json(denied), ctx.events, f"refused: {answer.reason.value}")
-        return Outcome(reply_to, answer, ctx.events, REFRESHED)
+        return Outcome(reply_to, answer, ctx.events, ctx.events[0].event)
 
     def _refresh(self, ctx: _Context) -> bytes | RefreshRefused:
         """edge → parse (done) → authenticate → read → decide → apply: the answer, or why it is refused."""
@@ -157,13 +165,20 @@ class Refresher(RequestHandler):
                 return verdict  # the purge above is kept: it only drops what no replay check needs
             granted = verdict.device
             tx.remember_refresh(granted.id, request.request_id, verdict.remember_until)
-            # Inside the transaction, as for claims: a MirrorError rolls the refresh back
-            # (bridge/claims/provisioning.py).
-            credentials = issue_credentials(self.settings, ctx.keys, self.mirror, granted, "", now)
+            csr = request.parsed_csr
+            if csr is not None:  # a certificate device's renewal (decide_refresh checked the csr is for its key)
+                key = tx.key_by_id(granted.key_id)
+                order = self.certificate_order(csr, key.certificate_validity_seconds if key else None)
+                credentials, issued = issue_certificate(self.settings, order, granted, "", request.request_id, now)
+                tx.record_certificate(issued)
+            else:
+                # Inside the transaction, as for claims: a MirrorError rolls the refresh back
+                # (bridge/claims/provisioning.py).
+                credentials = issue_credentials(self.settings, ctx.keys, self.mirror, granted, "", now)
             answer = to_json(
                 sealed_answer(request.request_id, granted, False, granted.cloud_key_id, shared, credentials)
             )
-            ctx.events.append(self._device_event(ctx, REFRESHED, granted))
+            ctx.events.append(self._device_event(ctx, REFRESHED if csr is None else RENEWED, granted))
             for event in ctx.events:
                 tx.add_event(event)
             return answer

@@ -3,7 +3,7 @@
 `Refresher` (bridge/claims/refresh.py) checks the MAC before the write lock (it costs an ECDH), then reads
 the device's row and whether its request id was seen (`RefreshFacts`) inside the transaction, calls
 `decide_refresh` and applies the verdict: `RefreshRefused` (only its event is written) or
-`RefreshGranted` (remember the request id, mint the token, seal the answer).
+`RefreshGranted` (remember the request id, mint the token or sign the renewed certificate, seal the answer).
 """
 
 from dataclasses import dataclass
@@ -22,6 +22,8 @@ class RefreshDenial(StrEnum):
     UNKNOWN_CLOUD_KEY = "unknown_cloud_key"
     BAD_MAC = "bad_mac"
     DEVICE_REVOKED = "device_revoked"
+    CREDENTIAL_MISMATCH = "credential_mismatch"  # a certificate device sent no csr, or a token device sent one
+    CSR_KEY_MISMATCH = "csr_key_mismatch"  # a renewal's csr is not for the device's key
     STALE_TIMESTAMP = "stale_timestamp"
     REPLAYED = "replayed"
 
@@ -55,11 +57,25 @@ def decide_refresh(
         return RefreshRefused(RefreshDenial.BAD_MAC, authenticated)  # re-provisioned with a new key pair meanwhile
     if current.status != "active":
         return RefreshRefused(RefreshDenial.DEVICE_REVOKED, current)
+    mismatch = credential_mismatch(request, current)
+    if mismatch is not None:
+        return RefreshRefused(mismatch, current)
     if not within_skew(request.timestamp, now, skew_seconds):
         return RefreshRefused(RefreshDenial.STALE_TIMESTAMP, current)
     if facts.seen:
         return RefreshRefused(RefreshDenial.REPLAYED, current)
     return RefreshGranted(current, replay_expiry(request.timestamp, skew_seconds))
+
+
+def credential_mismatch(request: TokenRefresh, device: Device) -> RefreshDenial | None:
+    """Whether the request renews what the device holds: a certificate, with a CSR for the device's own key
+    (the device keeps its key pair for life: its device key depends on it), or a token, with no CSR."""
+    csr_key = request.csr_public_key_sec1
+    if device.credential_type != "certificate":
+        return None if csr_key is None else RefreshDenial.CREDENTIAL_MISMATCH
+    if csr_key is None:
+        return RefreshDenial.CREDENTIAL_MISMATCH
+    return None if csr_key == device.public_key else RefreshDenial.CSR_KEY_MISMATCH
 
 
 def within_skew(timestamp: int, now: int, skew_seconds: int) -> bool:

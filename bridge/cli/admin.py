@@ -12,6 +12,7 @@ from bridge.config import Settings
 from bridge.errors import UsageError
 from bridge.ops import admin, revocation
 from bridge.storage.records import Device, ProvisionKey
+from bridge.tls.certificates import certificate_listener_enabled
 from provwire import crypto
 
 # What SQLite stores and `when` prints: a later expiry would fail there with a traceback, not a reason.
@@ -37,6 +38,7 @@ def _key_row(key: ProvisionKey) -> dict[str, Any]:
         "used": f"{key.registrations}/{limit}",
         "expires": when(key.expires_at),
         "reclaim": key.reclaim_policy,
+        "credential": key.credential_type,
         "status": key.status,
     }
 
@@ -105,19 +107,40 @@ def cmd_key_create(args: argparse.Namespace, settings: Settings) -> None:
         groups=args.group,
         reclaim_policy=args.reclaim,
         human_code=args.code,
+        credential_type=args.credential,
+        certificate_validity_seconds=(
+            admin.parse_duration(args.certificate_validity) if args.certificate_validity else None
+        ),
     )
     key, raw = admin.create_key(store, settings, spec, now)
     text = (
         f"created {key.kind} {key.id} ({key.name}) for tenant {key.tenant_name}\n"
         f"shown once, keep it like a password:\n  {raw}"
     )
+    if key.credential_type == "certificate":
+        text += "\n" + _certificate_listener_note(settings)
     emit(args, {**_key_view(key), "provision_key": raw}, text)
+
+
+def _certificate_listener_note(settings: Settings) -> str:
+    """What an operator must know after making a certificate key: where its devices connect, and whether they can."""
+    port = settings.broker.certificate_port
+    if certificate_listener_enabled(settings):
+        return (
+            f"its devices connect with their certificates to port {port}; the listener is set up when"
+            " `provbridge serve` starts (and by `provbridge mosquitto-config`): restart it if the device CA is new"
+        )
+    return (
+        f"warning: the broker has no certificate listener (port {port}): it needs TLS (`provbridge tls init`) and"
+        " broker.certificate_listen not \"off\" (nor Mosquitto's dynsec mode); until then this key's devices get"
+        " certificates they cannot connect with"
+    )
 
 
 def cmd_key_list(args: argparse.Namespace, settings: Settings) -> None:
     store = admin.open_store(settings)
     keys = store.keys(store.tenant_id(args.tenant) if args.tenant else None)
-    columns = ["id", "tenant", "name", "kind", "profile", "used", "expires", "reclaim", "status"]
+    columns = ["id", "tenant", "name", "kind", "profile", "used", "expires", "reclaim", "credential", "status"]
     emit(args, [_key_view(k) for k in keys], table([_key_row(k) for k in keys], columns))
 
 
@@ -215,6 +238,19 @@ def add_commands(commands: Any) -> None:
         choices=["reject", "rotate"],
         default="reject",
         help="a known hardware id with a new public key: reject (default) or rotate (factory reset)",
+    )
+    create.add_argument(
+        "--credential",
+        choices=["token", "certificate"],
+        default="token",
+        help="what its devices get: token (default; an MQTT password, a JWT) or certificate (an X.509 client"
+        " certificate for a CSR in the claim; makes the device CA data/tls/device-ca.pem if missing)",
+    )
+    create.add_argument(
+        "--certificate-validity",
+        metavar="DURATION",
+        help="--credential certificate: how long each certificate is valid, e.g. 7d (default), at most 397d;"
+        " devices renew before it ends",
     )
     create.add_argument(
         "--code",

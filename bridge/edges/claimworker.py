@@ -20,8 +20,14 @@ Frames are a 4-byte big-endian length, then a kind byte and its body:
                        E  events to store, made by the edge (a refusal by the client-id limit): a JSON array
     worker -> broker   R  ready, once
                        A  its answer: seq (u64), count (u16), per publish: topic length (u16), topic,
-                          payload length (u32), payload
+                          payload length (u32), payload; then, when the message has one, its line
+                          (`ClaimHandlers.report`): summary length (u16), summary, request_id length
+                          (u16, 0 for none), request_id
                        L  a log record (JSON), re-emitted by the broker's process: one log output
+
+The line every message gets (`claim on TOPIC: SUMMARY`) travels with its answer and is written by the
+broker's process (`WorkerLink.answered`), not logged here: a log record made, encoded, sent and made again
+cost a claim more than its key lookup, and the broker's process knows the topic already.
 """
 
 import contextlib
@@ -38,6 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bridge import logs
+from bridge.claims.provisioning import Outcome
 from bridge.config import Settings
 from bridge.edges import lifeline
 from bridge.edges.core import BridgeCore, Publish, claim_handlers
@@ -49,6 +56,9 @@ _LENGTH = struct.Struct(">I")
 _REQUEST = struct.Struct(">QH")
 _ANSWER = struct.Struct(">QH")
 _PUBLISH = struct.Struct(">HI")
+_TEXT_SIZE = struct.Struct(">H")
+# A message's line (`ClaimHandlers.report`): its summary and the request_id it is tagged with.
+Line = tuple[str, str | None]
 _TEXT = "surrogatepass"  # a topic is whatever string amqtt decoded: carry it through unchanged
 # Messages per group commit: the write lock is held for the batch (a few ms at most), which other bridge
 # processes and the admin CLI wait for.
@@ -82,15 +92,18 @@ def decode_events(body: bytes) -> list[Event]:
     return [Event.model_validate(e) for e in json.loads(body)]
 
 
-def encode_answer(seq: int, publishes: list[Publish]) -> bytes:
+def encode_answer(seq: int, publishes: list[Publish], line: Line | None = None) -> bytes:
     parts = [_ANSWER.pack(seq, len(publishes))]
     for publish in publishes:
         raw = publish.topic.encode("utf-8", _TEXT)
         parts += [_PUBLISH.pack(len(raw), len(publish.payload)), raw, publish.payload]
+    if line is not None:
+        summary, request_id = line[0].encode("utf-8", _TEXT), (line[1] or "").encode("utf-8", _TEXT)
+        parts += [_TEXT_SIZE.pack(len(summary)), summary, _TEXT_SIZE.pack(len(request_id)), request_id]
     return frame(ANSWER, b"".join(parts))
 
 
-def decode_answer(body: bytes) -> tuple[int, list[Publish]]:
+def decode_answer(body: bytes) -> tuple[int, list[Publish], Line | None]:
     seq, count = _ANSWER.unpack_from(body)
     offset = _ANSWER.size
     publishes = []
@@ -101,7 +114,15 @@ def decode_answer(body: bytes) -> tuple[int, list[Publish]]:
         offset += topic_size
         publishes.append(Publish(topic, body[offset : offset + payload_size]))
         offset += payload_size
-    return seq, publishes
+    if offset == len(body):
+        return seq, publishes, None
+    texts = []
+    for _ in range(2):  # the summary, the request_id
+        (size,) = _TEXT_SIZE.unpack_from(body, offset)
+        offset += _TEXT_SIZE.size
+        texts.append(body[offset : offset + size].decode("utf-8", _TEXT))
+        offset += size
+    return seq, publishes, (texts[0], texts[1] or None)
 
 
 def split_frames(buffer: bytearray) -> Iterator[tuple[bytes, bytes]]:
@@ -199,7 +220,18 @@ def serve_claims(channel: socket.socket) -> None:
         store = Store(settings.database_file)
         stopping = threading.Event()
         try:
-            handlers = claim_handlers(settings, store)
+            handlers = claim_handlers(settings, store, one_thread=True)
+            # id(outcome) -> the outcome (kept alive, so that no other takes its id) and its line, for the batch
+            lines: dict[int, tuple[Outcome, Line]] = {}
+
+            def report(_topic: str, outcome: Outcome) -> None:
+                lines[id(outcome)] = (outcome, (outcome.summary, logs.current_request_id()))
+
+            def line_of(outcome: Outcome) -> Line | None:
+                reported = lines.get(id(outcome))
+                return None if reported is None or reported[0] is not outcome else reported[1]
+
+            handlers.report = report
             core = BridgeCore(settings)
             handlers.start_purge(stopping)
             forward.send_with(frame(READY))
@@ -214,9 +246,10 @@ def serve_claims(channel: socket.socket) -> None:
                     batch = requests[start : start + MAX_BATCH]
                     outcomes = handlers.handle_batch([(topic, payload) for _, topic, payload in batch])
                     answers = b"".join(
-                        encode_answer(seq, core.publishes(outcome))
+                        encode_answer(seq, core.publishes(outcome), line_of(outcome))
                         for (seq, _, _), outcome in zip(batch, outcomes, strict=True)
                     )
+                    lines.clear()
                     forward.send_with(answers)
                 if forward.held:  # logged without an answer to go with (storing edge events)
                     forward.send_with(b"")

@@ -42,6 +42,8 @@ def embedded_broker_settings(settings: Settings) -> EmbeddedBrokerSettings:
         tls_port=listeners.tls_port,
         tls_cert_file=listeners.cert_file,
         tls_key_file=listeners.key_file,
+        certificate_port=listeners.certificate_port,
+        device_ca_file=listeners.device_ca_file,
         data_dir=settings.data_dir,
         prefix=settings.topic_prefix,
         audience=settings.token.audience,

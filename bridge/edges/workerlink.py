@@ -29,6 +29,7 @@ from bridge.edges.claimworker import (
     LOG,
     READY,
     SETTINGS,
+    Line,
     decode_answer,
     emit_record,
     encode_events,
@@ -143,9 +144,24 @@ class WorkerLink:
 
     # --- from the worker ---------------------------------------------------------------------
 
-    def answered(self, seq: int, publishes: list[Publish]) -> None:
-        if self.pending.pop(seq, None) is None:
+    def answered(self, seq: int, publishes: list[Publish], line: Line | None = None) -> None:
+        message = self.pending.pop(seq, None)
+        if message is None:
             return  # answered before the worker it was resent to died
+        if line is not None and log.isEnabledFor(logging.INFO):  # its line, written here (claimworker says why)
+            summary, request_id = line
+            # Made as `emit_record` makes the worker's other records: no look-up of this caller's file and line.
+            record = log.makeRecord(
+                log.name,
+                logging.INFO,
+                "",
+                0,
+                "claim on %s: %s",
+                (message[0], summary),
+                None,
+                extra={"request_id": request_id},
+            )
+            log.handle(record)
         try:
             self._on_answer(seq, publishes)
         finally:

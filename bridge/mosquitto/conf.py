@@ -309,6 +309,37 @@ class TlsListener:
     keyfile: str
 
 
+@dataclass(frozen=True)
+class CertificateListener:
+    """Devices with a client certificate of the device CA (`cafile`), the TLS listener's certificate and key.
+
+    `require_certificate` without `use_identity_as_username`, on purpose: Mosquitto 2.0.11 skips every
+    plugin's basic-auth check on a `use_identity_as_username` listener (src/handle_connect.c: "Authentication
+    assumed to be cleared"), so a revoked device could not be refused at CONNECT. Here the device sends
+    username = client id = its device id, and the provbridge_jwt plugin, which sees the verified certificate
+    (`mosquitto_client_certificate`), checks that the certificate's CN is that id, reads the scope from the
+    certificate and refuses a revoked device at CONNECT.
+    """
+
+    port: int
+    cafile: str
+    certfile: str
+    keyfile: str
+
+    def lines(self, bind: str) -> list[str]:
+        return [
+            "# Device certificates: only the device CA's, never the server CA's; the provbridge_jwt plugin",
+            "# authenticates them (CN = username = client id) and reads their scope (docs/SECURITY.md 3.6).",
+            f"listener {self.port} {bind}",
+            f"cafile {_check_word('device CA file', self.cafile)}",
+            f"certfile {_check_word('certfile', self.certfile)}",
+            f"keyfile {_check_word('keyfile', self.keyfile)}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "",
+        ]
+
+
 @dataclass(frozen=True, kw_only=True)
 class JwtPlugin:
     """`broker.mosquitto_auth = "jwt"`: the provbridge_jwt plugin (bridge/mosquitto/jwt) verifies device tokens.
@@ -361,6 +392,7 @@ class ConfSettings:
     allow_anonymous: bool
     user: str | None = None
     jwt: JwtPlugin | None = None  # device tokens verified in Mosquitto instead of mirrored
+    certificates: CertificateListener | None = None  # needs `jwt`: the plugin authenticates certificates
     max_packet_size: int | None = None  # bytes; None: Mosquitto's default, no limit
 
 
@@ -377,6 +409,9 @@ def _check_word(what: str, value: str) -> str:
 def mosquitto_conf_text(conf: ConfSettings) -> str:
     if conf.port is None and conf.tls is None:
         raise BrokerConfigError("no listener: give a plain port, a TLS listener, or both")
+    if conf.certificates is not None and conf.jwt is None:
+        # Without the plugin a certificate's scope is read by nobody: dynamic security would decide alone.
+        raise BrokerConfigError("a device-certificate listener needs the provbridge_jwt plugin")
     directory = _check_word("broker directory", conf.broker_dir.rstrip("/") or "/")
     base = "" if directory == "/" else directory
     bind = _check_word("listen address", conf.bind)
@@ -399,6 +434,8 @@ def mosquitto_conf_text(conf: ConfSettings) -> str:
             "tls_version tlsv1.2",
             "",
         ]
+    if conf.certificates is not None:
+        lines += conf.certificates.lines(bind)
     lines.append(f"allow_anonymous {'true' if conf.allow_anonymous else 'false'}")
     if conf.jwt is not None:
         lines += conf.jwt.lines()

@@ -7,6 +7,7 @@ inputs (bridge secret, ops accounts, TLS files) and writes the results:
     OUTDIR/dynamic-security.json   0600: password hashes (Mosquitto rewrites it on every change)
     OUTDIR/provisioning.acl
     OUTDIR/ca.pem, server.pem, server.key (0600)   copies of <data_dir>/tls/*, when TLS is on
+    OUTDIR/device-ca.pem           copy of <data_dir>/tls/device-ca.pem, with the device-certificate listener
     OUTDIR/mosquitto.db            Mosquitto's persistence, once it ran
 
 With `broker.mosquitto_auth = "jwt"` mosquitto.conf also loads the provbridge_jwt plugin (built from
@@ -148,6 +149,32 @@ def _copy_tls(settings: Settings, outdir: Path, broker_dir: str) -> mc.TlsListen
     )
 
 
+def _copy_device_ca(
+    settings: Settings, outdir: Path, broker_dir: str, tls_listener: mc.TlsListener | None
+) -> mc.CertificateListener | None:
+    """The device-certificate listener (`certificate_listener_enabled`), with the TLS listener's certificate."""
+    if not tls.certificate_listener_enabled(settings):
+        return None
+    broker = settings.broker
+    if broker.mosquitto_auth != "jwt":
+        raise ConfigError(
+            'broker.certificate_listen is on but broker.mosquitto_auth is "dynsec": device certificates are'
+            ' read by the provbridge_jwt plugin (broker.mosquitto_auth = "jwt")'
+        )
+    device_ca = tls.TlsFiles.of(settings.data_dir).device_ca_cert
+    if tls_listener is None or not device_ca.is_file():
+        raise ConfigError(f"broker.certificate_listen is on but TLS is off or {device_ca} is missing")
+    if broker.certificate_port in (broker.port, broker.tls_port):
+        raise ConfigError(f"broker.certificate_port {broker.certificate_port} is also the plain or TLS port")
+    shutil.copyfile(device_ca, outdir / "device-ca.pem")
+    return mc.CertificateListener(
+        port=broker.certificate_port,
+        cafile=f"{broker_dir}/device-ca.pem",  # the device CA only: a server-CA certificate is no device's
+        certfile=tls_listener.certfile,
+        keyfile=tls_listener.keyfile,
+    )
+
+
 def write_mosquitto_config(
     settings: Settings,
     outdir: Path,
@@ -197,6 +224,7 @@ def write_mosquitto_config(
 
     tls_listener = _copy_tls(settings, outdir, seen_dir)
     plain_port = broker.port if broker.plain_listen or tls_listener is None else None
+    certificates = _copy_device_ca(settings, outdir, seen_dir, tls_listener)
     jwt = _jwt_plugin(settings) if broker.mosquitto_auth == "jwt" else None
     conf = mc.ConfSettings(
         bind=bind or broker.host,
@@ -207,6 +235,7 @@ def write_mosquitto_config(
         allow_anonymous=broker.allow_anonymous_provisioning,
         user=user or _current_user(),
         jwt=jwt,
+        certificates=certificates,
         max_packet_size=broker.max_packet_bytes,
     )
     conf_path = outdir / mc.CONF_FILE
@@ -218,6 +247,8 @@ def write_mosquitto_config(
     files = [conf_path, dynsec_path, acl_path]
     if tls_listener is not None:
         files += [outdir / "ca.pem", outdir / "server.pem", outdir / "server.key"]
+    if certificates is not None:
+        files.append(outdir / "device-ca.pem")
     result = GeneratedConfig(
         outdir=outdir,
         conf_file=conf_path,
@@ -231,6 +262,8 @@ def write_mosquitto_config(
     )
     if tls_listener is not None:
         result.listeners.append(f"mqtts {conf.bind}:{tls_listener.port}")
+    if certificates is not None:
+        result.listeners.append(f"mqtts {conf.bind}:{certificates.port} (device certificates)")
     if user and user != _current_user():
         _hand_over(outdir, files, user, result)
     if jwt is not None:

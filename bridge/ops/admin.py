@@ -4,6 +4,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from bridge.claims import hardware_pattern, identifiers
 from bridge.config import Settings
@@ -11,6 +12,8 @@ from bridge.errors import AlreadyExists, NotFound, UsageError
 from bridge.storage import keyfiles
 from bridge.storage.records import ProvisionKey
 from bridge.storage.store import Store
+from bridge.tls import device_ca
+from bridge.tls.device_ca import create_device_ca
 
 OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never "_", the no-tenant marker
@@ -40,6 +43,8 @@ class KeySpec:
     groups: list[str] = field(default_factory=list)
     reclaim_policy: str = "reject"
     human_code: bool = False
+    credential_type: str = "token"  # "token" or "certificate" (the claim then carries a CSR)
+    certificate_validity_seconds: int | None = None  # certificate keys; None: DEFAULT_CERTIFICATE_VALIDITY_SECONDS
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
         raise UsageError("expiry must be in the future")
     if spec.human_code:
         _check_code_spec(spec, settings.claims.code_ttl_seconds, now)
+    _check_credential_spec(spec)
     if spec.hardware_id_pattern is not None:
         hardware_pattern.compile_pattern(spec.hardware_id_pattern)  # InvalidPattern says why RE2 refuses it
     tenant_id = store.tenant_id(spec.tenant)
@@ -127,9 +133,29 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
         reclaim_policy=spec.reclaim_policy,
         status="active",
         created_at=now,
+        credential_type=spec.credential_type,
+        certificate_validity_seconds=spec.certificate_validity_seconds,
     )
+    if key.credential_type == "certificate":
+        # Before the key exists, so that no claim with it can find no CA to sign with. Never replaced once made.
+        create_device_ca(settings.data_dir, datetime.fromtimestamp(now, UTC))
     store.create_key(key)
     return key, raw
+
+
+def _check_credential_spec(spec: KeySpec) -> None:
+    if spec.credential_type not in ("token", "certificate"):
+        raise UsageError("credential type must be 'token' or 'certificate'")
+    validity = spec.certificate_validity_seconds
+    if validity is None:
+        return
+    if spec.credential_type != "certificate":
+        raise UsageError("a certificate validity applies only to keys of credential type 'certificate'")
+    if not device_ca.MIN_VALIDITY_SECONDS <= validity <= device_ca.MAX_VALIDITY_SECONDS:
+        raise UsageError(
+            f"certificate validity must be {device_ca.MIN_VALIDITY_SECONDS} s to {device_ca.MAX_VALIDITY_SECONDS} s"
+            " (397 days)"
+        )
 
 
 def _check_code_spec(spec: KeySpec, code_ttl_seconds: int, now: int) -> None:

@@ -53,6 +53,7 @@ from bridge.storage import keyfiles
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.readonly import ReadOnlyDatabase
 from bridge.tls import certificates as tls
+from bridge.tls.device_ca import DeviceCaFiles, load_device_ca
 from bridge.tokens import fill_scope
 from provwire import crypto, topics
 from provwire.models import rfc3339
@@ -229,6 +230,7 @@ def _secret_files(settings: Settings) -> list[tuple[Path, bool]]:
     files += [(Path(f"{settings.database_file}-{suffix}"), False) for suffix in ("wal", "shm")]
     files += [(keyfiles.ops_users_file(data_dir), False), (ops_hashes_file(data_dir), False)]
     files += [(tls_files.ca_key, False), (tls_files.server_key, False)]
+    files += [(DeviceCaFiles.of(data_dir).key, False)]
     return files
 
 
@@ -329,6 +331,7 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
     with ReadOnlyDatabase(settings.database_file) as db:
         cloud_kids = db.devices_per_cloud_key()
         profiles = db.profiles_in_use()
+        certificate_keys, certificate_devices = db.certificate_holders()
     for kid, count in cloud_kids:
         if kid not in ring.cloud:
             problems.append(
@@ -340,6 +343,15 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
             problems.append(
                 f"profile {profile!r} is used by keys or devices but not configured: their tokens get the default"
                 f" scope; add [profiles.{profile}]"
+            )
+    if certificate_keys or certificate_devices:
+        try:
+            load_device_ca(settings.data_dir)
+        except (NotInitialised, ConfigError) as exc:
+            problems.append(
+                f"{certificate_keys} key(s) and {certificate_devices} device(s) use certificates, but the device CA"
+                f" does not load ({exc}): their claims and renewals fail; restore device-ca.pem and device-ca.key"
+                f" in {DeviceCaFiles.of(settings.data_dir).key.parent}"
             )
     if problems:
         raise CheckFailed("; ".join(problems))

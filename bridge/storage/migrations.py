@@ -97,6 +97,27 @@ def _add_pattern_syntax(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE provision_keys ADD COLUMN pattern_syntax TEXT")
 
 
+def _add_certificates(db: sqlite3.Connection) -> None:
+    # The certificate credential type (issue 11): which keys issue certificates, with what validity, which
+    # devices hold one, and every certificate signed, by serial.
+    for table, column, definition in (
+        ("provision_keys", "credential_type", "TEXT NOT NULL DEFAULT 'token'"),
+        ("provision_keys", "certificate_validity_seconds", "INTEGER"),
+        ("devices", "credential_type", "TEXT NOT NULL DEFAULT 'token'"),
+    ):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")  # constants above, not input
+    db.execute(
+        "CREATE TABLE device_certificates ("
+        " serial TEXT PRIMARY KEY,"
+        " device_id TEXT NOT NULL REFERENCES devices(id),"
+        " request_id TEXT NOT NULL,"
+        " not_before INTEGER NOT NULL,"
+        " not_after INTEGER NOT NULL,"
+        " issued_at INTEGER NOT NULL)"
+    )
+    db.execute("CREATE INDEX device_certificates_device ON device_certificates (device_id, issued_at)")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -109,6 +130,7 @@ MIGRATIONS = (
     Migration(
         2, "provision_keys.pattern_syntax: the engine a hardware-id pattern was written for", _add_pattern_syntax
     ),
+    Migration(3, "the certificate credential type: key and device columns, device_certificates", _add_certificates),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -89,6 +89,15 @@ class ReadOnlyDatabase:
         )
         return [PatternedKey(str(i), str(n), str(p), None if s is None else str(s)) for i, n, p, s in rows]
 
+    def certificate_holders(self) -> tuple[int, int]:
+        """(active keys that issue certificates, active devices holding one): (0, 0) before the column existed."""
+        columns = {str(row[1]) for row in self._rows("PRAGMA table_info(provision_keys)")}
+        if "credential_type" not in columns:
+            return 0, 0
+        where = "status = 'active' AND credential_type = 'certificate'"
+        keys = int(str(self._rows(f"SELECT COUNT(*) FROM provision_keys WHERE {where}")[0][0]))
+        return keys, int(str(self._rows(f"SELECT COUNT(*) FROM devices WHERE {where}")[0][0]))
+
     def hardware_ids_of_key(self, key_id: str) -> Iterator[str]:
         """The hardware ids of the devices a key created."""
         return (str(row[0]) for row in self._rows("SELECT hardware_id FROM devices WHERE key_id = ?", (key_id,)))

@@ -23,6 +23,8 @@ class ProvisionKey:
     reclaim_policy: str
     status: str
     created_at: int
+    credential_type: str = "token"  # what its claims get: "token" (a JWT) or "certificate" (an X.509 certificate)
+    certificate_validity_seconds: int | None = None  # certificate keys: the validity of the certificates issued
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,19 @@ class Device:
     status: str
     created_at: int
     updated_at: int
+    credential_type: str = "token"  # of its last claim's key; its refreshes ask for the same
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device certificate the bridge signed, recorded by serial number (hex) for audit and revocation."""
+
+    serial: str
+    device_id: str
+    request_id: str
+    not_before: int
+    not_after: int
+    issued_at: int
 
 
 @dataclass(frozen=True)

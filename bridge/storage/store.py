@@ -23,7 +23,7 @@ from typing import Any
 from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.storage import migrations
 from bridge.storage.filelock import locked
-from bridge.storage.records import Device, ProvisionKey, Revoked, StoredAnswer, TenantSummary
+from bridge.storage.records import Device, IssuedCertificate, ProvisionKey, Revoked, StoredAnswer, TenantSummary
 from provwire.models import Event, rfc3339
 
 BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
@@ -55,6 +55,8 @@ def _key(row: sqlite3.Row) -> ProvisionKey:
         reclaim_policy=row["reclaim_policy"],
         status=row["status"],
         created_at=row["created_at"],
+        credential_type=row["credential_type"],
+        certificate_validity_seconds=row["certificate_validity_seconds"],
     )
 
 
@@ -77,6 +79,7 @@ def _device(row: sqlite3.Row) -> Device:
         status=row["status"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        credential_type=row["credential_type"],
     )
 
 
@@ -90,6 +93,10 @@ class Transaction:
 
     def key_by_hash(self, key_hash: bytes) -> ProvisionKey | None:
         row = self.connection.execute(_KEY_SELECT + " WHERE k.key_hash = ?", (key_hash,)).fetchone()
+        return None if row is None else _key(row)
+
+    def key_by_id(self, key_id: str) -> ProvisionKey | None:
+        row = self.connection.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone()
         return None if row is None else _key(row)
 
     def spend_key_use(self, key_id: str) -> int:
@@ -116,7 +123,7 @@ class Transaction:
         self.connection.execute(
             "INSERT INTO devices (id, tenant_id, hardware_id, name, public_key, cloud_key_id, api_key_hash,"
             " labels, groups_, profile, hardware, network, agent_version, key_id, status, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, credential_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 device.id,
                 device.tenant_id,
@@ -135,14 +142,37 @@ class Transaction:
                 device.status,
                 device.created_at,
                 device.updated_at,
+                device.credential_type,
+            ),
+        )
+
+    def set_credential_type(self, device: Device, now: int) -> None:
+        """Record `device.credential_type`: a re-claim with a key of the other type changed it."""
+        self.connection.execute(
+            "UPDATE devices SET credential_type = ?, updated_at = ? WHERE id = ?",
+            (device.credential_type, now, device.id),
+        )
+
+    def record_certificate(self, issued: IssuedCertificate) -> None:
+        self.connection.execute(
+            "INSERT INTO device_certificates VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                issued.serial,
+                issued.device_id,
+                issued.request_id,
+                issued.not_before,
+                issued.not_after,
+                issued.issued_at,
             ),
         )
 
     def rotate_device_key(self, device: Device, api_key_hash: bytes, now: int) -> None:
-        """Record `device`'s new public key (and the cloud key it was claimed with) and its new API key."""
+        """Record `device`'s new public key (and the cloud key it was claimed with), its new API key and the
+        credential type of the key it was re-claimed with."""
         self.connection.execute(
-            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ? WHERE id = ?",
-            (device.public_key, device.cloud_key_id, api_key_hash, now, device.id),
+            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ?, credential_type = ?"
+            " WHERE id = ?",
+            (device.public_key, device.cloud_key_id, api_key_hash, now, device.credential_type, device.id),
         )
 
     # --- answers (idempotency) -----------------------------------------------------------
@@ -356,7 +386,8 @@ class Store:
             tx.connection.execute(
                 "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
                 " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
-                " reclaim_policy, status, created_at, pattern_syntax) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " reclaim_policy, status, created_at, pattern_syntax, credential_type, certificate_validity_seconds)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.id,
                     key.tenant_id,
@@ -374,6 +405,8 @@ class Store:
                     "active",
                     key.created_at,
                     None if key.hardware_id_pattern is None else "re2",
+                    key.credential_type,
+                    key.certificate_validity_seconds,
                 ),
             )
 
@@ -416,6 +449,16 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"no device {device_id!r}")
         return self.device(device_id)
+
+    def certificates(self, device_id: str) -> list[IssuedCertificate]:
+        """The certificates signed for a device, oldest first."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT serial, device_id, request_id, not_before, not_after, issued_at FROM device_certificates"
+                " WHERE device_id = ? ORDER BY issued_at, serial",
+                (device_id,),
+            ).fetchall()
+        return [IssuedCertificate(*row) for row in rows]
 
     def revoked_devices(self, since: int) -> list[Revoked]:
         """The devices revoked at or after `since`.
@@ -485,7 +528,7 @@ class Store:
         return [json.loads(r["body"]) for r in reversed(rows)]
 
     def count(self, table: str) -> int:
-        if table not in ("devices", "tenants", "provision_keys", "answers", "events"):
+        if table not in ("devices", "tenants", "provision_keys", "answers", "events", "device_certificates"):
             raise UsageError(f"unknown table {table}")
         with self._reading() as db:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

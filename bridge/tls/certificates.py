@@ -244,6 +244,11 @@ class TlsFiles:
     def server_key(self) -> Path:
         return self.directory / "server.key"
 
+    @property
+    def device_ca_cert(self) -> Path:
+        """The device CA (bridge/tls/device_ca.py): the certificate listener trusts it, and only it."""
+        return self.directory / "device-ca.pem"
+
 
 @dataclass(frozen=True)
 class TlsInitResult:
@@ -429,6 +434,37 @@ def tls_offered(settings: Settings) -> bool:
     return files.server_cert.is_file() and files.server_key.is_file()
 
 
+def certificate_listener_enabled(settings: Settings) -> bool:
+    """Whether the broker listens at broker.certificate_port for devices with a device-CA client certificate.
+
+    `on`/`off` say so; `auto` means "when the TLS listener is on (`tls_offered`: its server certificate is
+    the one this listener presents) and the device CA exists". In external mode it describes the external
+    broker, as `tls_offered` does (`provbridge mosquitto-config` adds the listener under the same rule).
+    """
+    broker = settings.broker
+    if broker.certificate_listen != "auto":
+        return broker.certificate_listen == "on"
+    # Mosquitto's opt-in dynsec mode has no plugin to read certificates: `mosquitto-config` adds no listener.
+    if broker.mode == "external" and broker.dynsec and broker.mosquitto_auth == "dynsec":
+        return False
+    return tls_offered(settings) and TlsFiles.of(settings.data_dir).device_ca_cert.is_file()
+
+
+def _check_certificate_listener(settings: Settings) -> None:
+    """A certificate listener needs the server certificate, the device CA, and a port of its own."""
+    broker = settings.broker
+    if not certificate_listener_enabled(settings):
+        return
+    files = TlsFiles.of(settings.data_dir)
+    if not tls_offered(settings):
+        raise ConfigError("broker.certificate_listen is on but TLS is off: it presents the TLS listener's certificate")
+    for path in (files.server_cert, files.server_key, files.device_ca_cert):
+        if not path.is_file():
+            raise ConfigError(f"broker.certificate_listen is on but {path} is missing")
+    if broker.certificate_port in (broker.port, broker.tls_port):
+        raise ConfigError(f"broker.certificate_port {broker.certificate_port} is also the plain or TLS port")
+
+
 def resolve(settings: Settings, now: datetime | None = None) -> Settings:
     """Settings with `tls_listen = "auto"` pinned to on/off, checked. Call once at start-up.
 
@@ -450,7 +486,11 @@ def resolve(settings: Settings, now: datetime | None = None) -> Settings:
                 if not path.is_file():
                     raise ConfigError(f"broker.tls_listen is on but {path} is missing: run `provbridge tls init`")
             _warn_on_expiry(_load_certificate(listeners.cert_file), now or datetime.now(UTC))
-    pinned = broker.model_copy(update={"tls_listen": "on" if offered else "off"})
+        _check_certificate_listener(settings)
+    certificates = certificate_listener_enabled(settings)
+    pinned = broker.model_copy(
+        update={"tls_listen": "on" if offered else "off", "certificate_listen": "on" if certificates else "off"}
+    )
     return settings.model_copy(update={"broker": pinned})
 
 
@@ -517,23 +557,31 @@ class Listeners:
     tls_port: int | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    certificate_port: int | None = None  # devices with a client certificate of `device_ca_file`
+    device_ca_file: Path | None = None
 
     def describe(self, host: str) -> str:
+        port = self.certificate_port
+        certificates = "" if port is None else f", device certificates on {host}:{port}"
         if self.cert_file is None:
             return f"{host}:{self.port}"
         if self.tls_port is None:
-            return f"{host}:{self.port} (TLS only)"
-        return f"{host}:{self.port}, TLS on {host}:{self.tls_port}"
+            return f"{host}:{self.port} (TLS only){certificates}"
+        return f"{host}:{self.port}, TLS on {host}:{self.tls_port}{certificates}"
 
 
 def embedded_listeners(settings: Settings) -> Listeners:
-    """Plain `port`, plus TLS `tls_port` when TLS is offered; TLS `tls_port` alone when plain_listen is off."""
+    """Plain `port`, plus TLS `tls_port` when TLS is offered; TLS `tls_port` alone when plain_listen is off;
+    and `certificate_port` when `certificate_listener_enabled`."""
     broker = settings.broker
     if not tls_offered(settings):
         if not broker.plain_listen:
             raise ConfigError("broker.plain_listen = false leaves no listener: TLS is off (run `provbridge tls init`)")
         return Listeners(broker.port)
     files = TlsFiles.of(settings.data_dir)
+    certificates = certificate_listener_enabled(settings)
+    certificate_port = broker.certificate_port if certificates else None
+    device_ca = files.device_ca_cert if certificates else None
     if not broker.plain_listen:
-        return Listeners(broker.tls_port, None, files.server_cert, files.server_key)
-    return Listeners(broker.port, broker.tls_port, files.server_cert, files.server_key)
+        return Listeners(broker.tls_port, None, files.server_cert, files.server_key, certificate_port, device_ca)
+    return Listeners(broker.port, broker.tls_port, files.server_cert, files.server_key, certificate_port, device_ca)

@@ -41,12 +41,9 @@ from bridge.errors import ConfigError, InvalidCertificate, InvalidCsr, NotInitia
 from bridge.storage import keyfiles
 from bridge.storage.filelock import locked
 from bridge.tls.certificates import key_usage, self_signed_ca
+from broker.certificates import SCOPE_OID, DeviceScope, utf8string
+from broker.certificates import scope_of as scope_of  # re-exported; in broker/ so the broker can read scopes
 from provwire import crypto, topics
-
-# The device's scope, as a non-critical extension: a verifier that does not know it (OpenSSL in the
-# TLS handshake) must still accept the certificate, and only our plugin acts on it. The OID is under
-# the 2.25 arc (ITU-T X.667: a UUID as an OID, no registration), UUID 0d842bce-9a96-4637-9e2a-69df30c38cc4.
-SCOPE_OID = x509.ObjectIdentifier("2.25.17966235642987300532048389404304313540")
 
 CA_VALIDITY = timedelta(days=10 * 365)
 # Devices and brokers with a clock a little behind must not see a certificate "from the future".
@@ -63,7 +60,6 @@ MAX_NAME_CHARS = 64
 _PEM_CSR = re.compile(
     rb"\s*-----BEGIN CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END CERTIFICATE REQUEST-----\s*"
 )
-_UTF8STRING_TAG = 0x0C
 
 
 @dataclass(frozen=True)
@@ -72,14 +68,6 @@ class DeviceCa:
 
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey = field(repr=False)
-
-
-@dataclass(frozen=True)
-class DeviceScope:
-    """The topic filters a device may publish to and subscribe to, already filled in (`fill_scope`)."""
-
-    publish: tuple[str, ...]
-    subscribe: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -257,7 +245,8 @@ def sign_device_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .add_extension(x509.UnrecognizedExtension(SCOPE_OID, _scope_value(scope)), critical=False)
-        .sign(ca.key, hashes.SHA256())
+        # RFC 6979: the signature needs no randomness at signing time, and the test vectors are reproducible.
+        .sign(ca.key, hashes.SHA256(), ecdsa_deterministic=True)
     )
 
 
@@ -265,67 +254,11 @@ def _scope_value(scope: DeviceScope) -> bytes:
     # A UTF8String of compact JSON, the token's `acl` claim format: the plugin (C) unwraps it with OpenSSL's
     # d2i_ASN1_UTF8STRING and parses it with cJSON, which it links already for tokens; an ASN.1 structure of
     # its own would need a hand-written DER parser there.
-    return _utf8string(
+    return utf8string(
         json.dumps(
             {"pub": list(scope.publish), "sub": list(scope.subscribe)}, separators=(",", ":"), ensure_ascii=False
         )
     )
-
-
-def _utf8string(text: str) -> bytes:
-    # Written by hand: cryptography has no stable DER API for a bare value (hazmat.asn1 is 47+ and unstable).
-    body = text.encode("utf-8")
-    size = len(body)
-    if size < 0x80:
-        length = bytes([size])
-    else:
-        digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(digits)]) + digits
-    return bytes([_UTF8STRING_TAG]) + length + body
-
-
-def _text_of_utf8string(der: bytes) -> str:
-    if len(der) < 2 or der[0] != _UTF8STRING_TAG:
-        raise InvalidCertificate("scope extension is not a DER UTF8String")
-    start = 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
-    try:
-        text = der[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidCertificate("scope extension is not a DER UTF8String") from exc
-    if _utf8string(text) != der:  # a wrong or non-minimal length, or bytes after the value
-        raise InvalidCertificate("scope extension is not a DER UTF8String")
-    return text
-
-
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # JSON parsers disagree on which copy of a member wins (cJSON the first, Python the last).
-    if len({name for name, _ in pairs}) != len(pairs):
-        raise InvalidCertificate("scope extension has a member twice")
-    return dict(pairs)
-
-
-def scope_of(cert: x509.Certificate) -> DeviceScope | None:
-    """The scope a device certificate carries; None when it has none; InvalidCertificate when it is malformed."""
-    try:
-        extension = cert.extensions.get_extension_for_oid(SCOPE_OID)
-    except x509.ExtensionNotFound:
-        return None
-    except x509.DuplicateExtension as exc:
-        raise InvalidCertificate("certificate has the scope extension twice") from exc
-    value = extension.value
-    assert isinstance(value, x509.UnrecognizedExtension)  # cryptography knows no class for a private OID
-    text = _text_of_utf8string(value.value)
-    try:
-        members = json.loads(text, object_pairs_hook=_refuse_duplicates)
-    except ValueError as exc:
-        raise InvalidCertificate("scope extension is not JSON") from exc
-    if not (
-        isinstance(members, dict)
-        and members.keys() == {"pub", "sub"}
-        and all(isinstance(filters, list) and all(isinstance(f, str) for f in filters) for filters in members.values())
-    ):
-        raise InvalidCertificate('scope extension is not {"pub": [strings], "sub": [strings]}')
-    return DeviceScope(publish=tuple(members["pub"]), subscribe=tuple(members["sub"]))
 
 
 def chain_pem(cert: x509.Certificate, ca: DeviceCa) -> str:
@@ -355,3 +288,19 @@ def verify_device_certificate(ca_cert: x509.Certificate, cert: x509.Certificate,
         client = False  # stricter than RFC 5280 (no EKU: any use): every device certificate states its use
     if not client:
         raise InvalidCertificate("certificate is not for client authentication")
+
+
+class DeviceCaSource:
+    """The device CA of a data directory, read from disk at its first use and kept: claims and refreshes of
+    token devices never need it, and a CA created after the bridge started (`provbridge key create
+    --credential certificate`) is found at the first certificate claim."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._ca: DeviceCa | None = None
+
+    def get(self) -> DeviceCa:
+        """The device CA (NotInitialised when there is none, ConfigError when its files are unusable)."""
+        if self._ca is None:
+            self._ca = load_device_ca(self.data_dir)
+        return self._ca

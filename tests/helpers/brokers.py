@@ -22,15 +22,18 @@ def use_jwt_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextmanager
-def bridge_on(kind: str, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Bridge]:
-    """The bridge serving claims on the broker `kind` (EMBEDDED, DYNSEC or JWT)."""
+def bridge_on(
+    kind: str, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch, **broker: object
+) -> Iterator[Bridge]:
+    """The bridge serving claims on the broker `kind` (EMBEDDED, DYNSEC or JWT); `broker`: settings to change."""
     settings, key = initialised
     if kind == EMBEDDED:
+        settings = settings.model_copy(update={"broker": settings.broker.model_copy(update=broker)})
         with serving_bridge(settings, key) as bridge:
             yield bridge
         return
     auth = kind.removeprefix("mosquitto-")
     if auth == "jwt":
         use_jwt_plugin(monkeypatch)
-    with mosquitto_bridge(settings, key, mosquitto_auth=auth) as mosquitto:
+    with mosquitto_bridge(settings, key, mosquitto_auth=auth, **broker) as mosquitto:
         yield mosquitto

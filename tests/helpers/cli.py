@@ -17,6 +17,8 @@ def config_toml(settings: Settings) -> str:
             f"port = {b.port}",
             f"tls_port = {b.tls_port}",
             f'tls_listen = "{b.tls_listen}"',
+            f"certificate_port = {b.certificate_port}",
+            f'certificate_listen = "{b.certificate_listen}"',
             f'username = "{b.username}"',
             f"allow_anonymous_provisioning = {'true' if b.allow_anonymous_provisioning else 'false'}",
             f'protocol = "{b.protocol}"',

@@ -155,6 +155,20 @@ class PluginHarness:
         code, _ = self._request(b"S", acl_json, str(exp), str(denied_until), access, topic, str(now))
         return None if code == "E" else code == "Y"
 
+    def scope_value(self, der: bytes) -> tuple[str, str]:
+        """A device certificate's scope extension value read by the plugin: ("accepted", the scope as JSON)
+        or ("refused", the reason)."""
+        code, fields = self._request(b"X", der.hex())
+        assert code in "AR", code
+        return ("accepted" if code == "A" else "refused"), fields[0].decode("utf-8")
+
+    def connect_certificate(self, der: bytes, username: str, client_id: str, now: float) -> tuple[str, ...]:
+        """A CONNECT over a client certificate (DER) at `now`: ("accepted", device id, notAfter, scope JSON)
+        or ("refused", reason)."""
+        code, fields = self._request(b"K", der.hex(), username, client_id, repr(now))
+        assert code in "AR", code
+        return ("accepted" if code == "A" else "refused", *(f.decode("utf-8") for f in fields))
+
     def topic_matches(self, topic_filter: str, topic: str) -> bool:
         return self._request(b"M", topic_filter, topic)[0] == "Y"
 

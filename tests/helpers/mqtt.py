@@ -49,6 +49,7 @@ class MqttClient:
         *,
         v5: bool = False,
         ca_file: Path | None = None,
+        client_certificate: tuple[Path, Path] | None = None,
         will: tuple[str, bytes] | None = None,
         clean_session: bool = True,
         manual_ack: bool = False,
@@ -78,7 +79,9 @@ class MqttClient:
         if will is not None:
             c.will_set(will[0], will[1])
         if ca_file is not None:
-            c.tls_set(ca_certs=str(ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)  # verifies name and chain
+            # Verifies the broker's name and chain; `client_certificate` is (certificate file, key file).
+            certfile, keyfile = (str(path) for path in client_certificate) if client_certificate else (None, None)
+            c.tls_set(ca_certs=str(ca_file), certfile=certfile, keyfile=keyfile, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         c.on_socket_open = _no_delay
         c.on_connect = self._on_connect
         c.on_disconnect = lambda *_args: self.disconnected.set()

@@ -26,6 +26,11 @@
  *   M filter topic                topic_matches: 'Y' or 'N'
  *   V allowed requested           filter_covers: 'Y' or 'N'
  *   F filter                      is_valid_filter: 'Y' or 'N'
+ *   X value_hex                   scope_of_value on a certificate scope extension's value (hex, so it may
+ *                                 hold NULs): answer 'A' (field: the scope as JSON) or 'R' (field: reason)
+ *   K cert_hex username client_id now   authenticate_certificate on a DER certificate (hex) at `now`,
+ *                                 the files re-read first: 'A' (fields device id, notAfter, scope as JSON)
+ *                                 or 'R' (field: reason); '!' when cert_hex is not a certificate
  */
 
 #include <stdarg.h>
@@ -53,6 +58,12 @@ const char *mosquitto_client_id(const struct mosquitto *client)
 }
 
 const char *mosquitto_client_username(const struct mosquitto *client)
+{
+	(void)client;
+	return NULL;
+}
+
+void *mosquitto_client_certificate(const struct mosquitto *client)
 {
 	(void)client;
 	return NULL;
@@ -154,6 +165,8 @@ static int fields_of(char command)
 		case 'M': return 2;
 		case 'V': return 2;
 		case 'F': return 1;
+		case 'X': return 1;
+		case 'K': return 4;
 		default: return -1;
 	}
 }
@@ -237,6 +250,87 @@ static void acl_check(char **f)
 	answer(allowed ? 'Y' : 'N', 0);
 }
 
+/* Hex to bytes (malloc'd, *len set); NULL when `hex` is not hex. */
+static unsigned char *unhex(const char *hex, size_t *len)
+{
+	size_t n = strlen(hex);
+	if(n % 2 != 0) return NULL;
+	unsigned char *out = malloc(n / 2 + 1);
+	if(out == NULL) return NULL;
+	for(size_t i = 0; i < n / 2; i++){
+		unsigned int byte;
+		if(sscanf(hex + 2 * i, "%2x", &byte) != 1){
+			free(out);
+			return NULL;
+		}
+		out[i] = (unsigned char)byte;
+	}
+	*len = n / 2;
+	return out;
+}
+
+static void answer_scope(const char *reason, cJSON *scope, size_t extra_fields)
+{
+	if(reason != NULL){
+		answer('R', 1);
+		write_string(reason);
+		return;
+	}
+	char *text = cJSON_PrintUnformatted(scope);
+	answer('A', 1 + extra_fields);
+	write_string(text != NULL ? text : "");
+	cJSON_free(text);
+}
+
+static void scope_value(char **f)
+{
+	size_t len = 0;
+	cJSON *scope = NULL;
+	unsigned char *der = unhex(f[0], &len);
+	if(der == NULL){
+		answer('!', 0);
+		return;
+	}
+	const char *reason = scope_of_value(der, len, &scope); /* before `scope` is read: argument order is unspecified */
+	answer_scope(reason, scope, 0);
+	cJSON_Delete(scope);
+	free(der);
+}
+
+static void connect_certificate(struct plugin *p, char **f)
+{
+	size_t len = 0;
+	unsigned char *der = unhex(f[0], &len);
+	const unsigned char *cursor = der;
+	X509 *cert = der != NULL ? d2i_X509(NULL, &cursor, (long)len) : NULL;
+	free(der);
+	if(cert == NULL){
+		answer('!', 0);
+		return;
+	}
+	refresh_files(p);
+	char device_id[DEVICE_ID_LEN + 1] = "";
+	char exp_text[32];
+	cJSON *scope = NULL;
+	long long exp = 0, until = 0;
+	const char *reason = authenticate_certificate(p, cert, f[1], f[2], strtod(f[3], NULL), device_id, &scope,
+			&exp, &until);
+	X509_free(cert);
+	if(reason == NULL){
+		/* device id and notAfter first, then the scope */
+		snprintf(exp_text, sizeof(exp_text), "%lld", exp);
+		char *text = cJSON_PrintUnformatted(scope);
+		answer('A', 3);
+		write_string(device_id);
+		write_string(exp_text);
+		write_string(text != NULL ? text : "");
+		cJSON_free(text);
+	}else{
+		answer_scope(reason, NULL, 0);
+	}
+	cJSON_Delete(scope);
+}
+
 int main(void)
 {
 	struct plugin *p = NULL;
@@ -255,7 +349,7 @@ int main(void)
 			if(p != NULL) free_plugin(p);
 			return 2;
 		}
-		if((r.command == 'R' || r.command == 'C') && p == NULL){
+		if((r.command == 'R' || r.command == 'C' || r.command == 'K') && p == NULL){
 			answer('!', 0); /* no plugin configured yet */
 		}else{
 			switch(r.command){
@@ -269,6 +363,8 @@ int main(void)
 				case 'M': answer(topic_matches(r.field[0], r.field[1]) ? 'Y' : 'N', 0); break;
 				case 'V': answer(filter_covers(r.field[0], r.field[1]) ? 'Y' : 'N', 0); break;
 				case 'F': answer(is_valid_filter(r.field[0]) ? 'Y' : 'N', 0); break;
+				case 'X': scope_value(r.field); break;
+				case 'K': connect_certificate(p, r.field); break;
 				default: break;
 			}
 		}

@@ -24,6 +24,19 @@
  * once exp has passed or the device is denied. Once a second (on the broker's tick) the files are
  * checked for changes and sessions whose token expired or whose device was revoked are kicked.
  *
+ * CONNECT of a client with a TLS client certificate (mosquitto_client_certificate non-NULL: only on the
+ * device-certificate listener, `require_certificate true`, whose `cafile` is the device CA alone, so the
+ * handshake has verified the chain, validity and clientAuth): this plugin decides, never deferring. The
+ * certificate is the credential, the password is ignored: the subject's one CN must be a device id and
+ * equal the username and the client id; the scope extension (SCOPE_OID: a DER UTF8String of compact JSON
+ * {"pub":[filters],"sub":[filters]}) must be there once and exactly that (broker/certificates.py, same
+ * rules and reasons); notAfter still ahead; the device not in the denylist. The session then holds the
+ * scope as its acl and notAfter as its exp: every ACL check, the tick's kick and the denylist work as for
+ * a token. The listener does NOT set `use_identity_as_username`, on purpose: Mosquitto 2.0.11 then skips
+ * every basic-auth check ("Authentication assumed to be cleared", src/handle_connect.c), so a revoked
+ * device could only be refused packet by packet; without it the basic-auth event comes, with the
+ * certificate, and a revoked or malformed device is refused at CONNECT.
+ *
  * Publish limit (plugin_opt_publish_rate > 0): every PUBLISH (MOSQ_ACL_WRITE) of a client that is
  * neither the bridge's own account (plugin_opt_bridge_username) nor a device this plugin let in,
  * i.e. provisioning clients (anyone may connect as one) and ops, takes a token from a bucket keyed by its client id (rate tokens a second, at most burst, on
@@ -51,6 +64,7 @@
  */
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -69,6 +83,7 @@
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <openssl/x509.h>
 
 #define LOG_PREFIX "provbridge_jwt: "
 #define BUCKETS 4096
@@ -82,6 +97,10 @@
 #define RATE_KEY_MAX 256
 
 #define NOT_A_JWT "password is not a JWT"
+/* The device-certificate scope extension (broker/certificates.py SCOPE_OID). */
+#define SCOPE_OID "2.25.17966235642987300532048389404304313540"
+#define NOT_UTF8STRING "scope extension is not a DER UTF8String"
+#define BAD_CN "certificate CN is not one device id"
 
 /* --- state ------------------------------------------------------------------------------- */
 
@@ -111,7 +130,8 @@ struct session {
 	long long exp;
 	long long denied_until;
 	bool kicked;
-	cJSON *acl; /* the token's acl object: "pub" and "sub" arrays of valid filters */
+	bool certificate; /* authenticated by a client certificate: exp is its notAfter */
+	cJSON *acl; /* the token's acl object (a certificate's scope): "pub" and "sub" arrays of valid filters */
 	struct session *next;
 };
 
@@ -232,7 +252,8 @@ static unsigned char *b64url_decode(const char *in, size_t len, size_t *out_len)
  * cJSON parses; this gate first refuses what Python's json.loads refuses but cJSON takes, so both
  * sides read the same documents: bytes that are not strict UTF-8 (Python decodes first), control
  * characters in strings, whitespace other than space, tab, CR, LF (cJSON skips any byte <= 32),
- * numbers outside the JSON grammar (cJSON hands `+1`, `01`, `.5`, `1.` to strtod). Trailing data
+ * numbers outside the JSON grammar (cJSON hands `+1`, `01`, `.5`, `1.` to strtod), a \u escape that
+ * is not four hex digits (cJSON reads it as U+0000, ending the string there). Trailing data
  * is refused by cJSON itself (require_null_terminated). Stricter than Python, deliberately: a NUL,
  * raw or as \u0000 (cJSON strings end at NUL, so "dev_a\u0000x" would read as "dev_a"), numbers
  * longer than JSON_NUMBER_MAX characters (cJSON before 1.7.16, unpatched, cannot read them: refusing
@@ -294,6 +315,14 @@ static bool json_number(const unsigned char *s, size_t n)
 	return i == n;
 }
 
+static bool is_hex4(const unsigned char *s)
+{
+	for(int i = 0; i < 4; i++){
+		if(!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f') || (s[i] >= 'A' && s[i] <= 'F'))) return false;
+	}
+	return true;
+}
+
 static bool json_text_ok(const unsigned char *s, size_t n)
 {
 	bool in_string = false;
@@ -309,7 +338,11 @@ static bool json_text_ok(const unsigned char *s, size_t n)
 			if(c == '"') in_string = false;
 			if(c == '\\'){
 				if(i + 1 >= n || s[i + 1] >= 0x80) return false; /* cJSON would refuse it too */
-				if(s[i + 1] == 'u' && n - i >= 6 && memcmp(s + i + 2, "0000", 4) == 0) return false;
+				if(s[i + 1] == 'u'){
+					/* Four hex digits, as Python requires: cJSON reads a bad \u escape as U+0000 (parse_hex4
+					 * answers 0), which would end the string there. */
+					if(n - i < 6 || !is_hex4(s + i + 2) || memcmp(s + i + 2, "0000", 4) == 0) return false;
+				}
 				i++; /* the escaped character: `\"` does not end the string */
 			}
 			i++;
@@ -359,7 +392,7 @@ static const cJSON *member(const cJSON *object, const char *name)
 
 static bool string_is(const cJSON *value, const char *expected)
 {
-	return cJSON_IsString(value) && strcmp(value->valuestring, expected) == 0;
+	return value != NULL && cJSON_IsString(value) && strcmp(value->valuestring, expected) == 0;
 }
 
 /* Python's int(x) of a JSON number: truncation toward zero, clamped to avoid overflow. */
@@ -623,7 +656,7 @@ static void load_jwks(struct plugin *p)
 	cJSON_ArrayForEach(jwk, keys){
 		const cJSON *kid = member(jwk, "kid");
 		const char *reason = NULL;
-		if(!cJSON_IsString(kid) || kid->valuestring[0] == '\0'){
+		if(kid == NULL || !cJSON_IsString(kid) || kid->valuestring[0] == '\0'){
 			mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key #%d has no kid: skipped", index);
 		}else if(find_in(loaded, count, kid->valuestring) != NULL){
 			mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "JWKS key '%s' appears twice: the later one is skipped",
@@ -1077,6 +1110,163 @@ static const char *authenticate_device(struct plugin *p, const char *device_id, 
 	return NULL;
 }
 
+/* --- device certificates ------------------------------------------------------------------
+ * broker/certificates.py step for step, reason for reason (tests/test_jwt_plugin_differential.py compares
+ * the scope parsing). OpenSSL unwraps the DER; the JSON goes through the same gate and cJSON as tokens. */
+
+/* Whether an object in `json`, at any depth, has a member twice: Python (object_pairs_hook) refuses them
+ * wherever they are, and cJSON would keep the first copy where Python keeps the last. */
+static bool has_duplicate_member(const cJSON *json)
+{
+	const cJSON *item, *other;
+	cJSON_ArrayForEach(item, json){
+		if(cJSON_IsObject(json) && item->string != NULL){
+			for(other = item->next; other != NULL; other = other->next){
+				if(other->string != NULL && strcmp(item->string, other->string) == 0) return true;
+			}
+		}
+		if((cJSON_IsObject(item) || cJSON_IsArray(item)) && has_duplicate_member(item)) return true;
+	}
+	return false;
+}
+
+static bool string_list(const cJSON *value)
+{
+	const cJSON *item;
+	if(!cJSON_IsArray(value)) return false;
+	cJSON_ArrayForEach(item, value){
+		if(!cJSON_IsString(item)) return false;
+	}
+	return true;
+}
+
+/* The scope in the extension's value `der` (the content of its OCTET STRING): NULL with the scope,
+ * {"pub": [...], "sub": [...]} of valid filters, in *scope_out (the caller frees it); else the reason. */
+static const char *scope_of_value(const unsigned char *der, size_t der_len, cJSON **scope_out)
+{
+	const char *reason = NULL;
+	const unsigned char *cursor = der;
+	unsigned char *again = NULL;
+	char *text = NULL;
+	cJSON *json = NULL;
+	/* No bound of its own: the value is inside a certificate the device CA signed, already in memory. */
+	ASN1_UTF8STRING *value = der_len <= LONG_MAX ? d2i_ASN1_UTF8STRING(NULL, &cursor, (long)der_len) : NULL;
+	/* DER exactly: d2i reads BER lengths too, so the bytes must be what encoding the value gives back. */
+	int again_len = value != NULL ? i2d_ASN1_UTF8STRING(value, &again) : -1;
+	if(value == NULL || cursor != der + der_len || again_len < 0 || (size_t)again_len != der_len
+			|| memcmp(again, der, der_len) != 0){
+		reason = NOT_UTF8STRING;
+		goto done;
+	}
+	size_t n = (size_t)ASN1_STRING_length(value);
+	const unsigned char *bytes = ASN1_STRING_get0_data(value);
+	for(size_t i = 0; i < n;){ /* strict UTF-8, as Python decodes it first */
+		size_t len = utf8_sequence(bytes + i, n - i);
+		if(len == 0){
+			reason = NOT_UTF8STRING;
+			goto done;
+		}
+		i += len;
+	}
+	text = malloc(n + 1);
+	if(text == NULL){
+		reason = "out of memory";
+		goto done;
+	}
+	memcpy(text, bytes, n);
+	text[n] = '\0';
+	/* A leading byte order mark: cJSON skips it, and so does Python's json.loads for the token's bytes, but the
+	 * scope is decoded to text first (broker/certificates.py), and json.loads refuses a BOM in text. */
+	json = n >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0 ? NULL : parse_json(text, n);
+	if(json == NULL) reason = "scope extension is not JSON";
+	else if(has_duplicate_member(json)) reason = "scope extension has a member twice";
+	else if(!cJSON_IsObject(json) || cJSON_GetArraySize(json) != 2 || !string_list(member(json, "pub"))
+			|| !string_list(member(json, "sub"))){
+		reason = "scope extension is not {\"pub\": [strings], \"sub\": [strings]}";
+	}else if(!filters_ok(json, "pub") || !filters_ok(json, "sub")){
+		reason = "scope extension holds a string that is not a topic filter";
+	}
+	if(reason == NULL){
+		*scope_out = json;
+		json = NULL;
+	}
+done:
+	cJSON_Delete(json);
+	free(text);
+	OPENSSL_free(again);
+	ASN1_UTF8STRING_free(value);
+	return reason;
+}
+
+/* The scope extension of `cert`, read as scope_of_value does; it must be there exactly once. */
+static const char *certificate_scope(X509 *cert, cJSON **scope_out)
+{
+	ASN1_OBJECT *oid = OBJ_txt2obj(SCOPE_OID, 1);
+	if(oid == NULL) return "out of memory";
+	int at = X509_get_ext_by_OBJ(cert, oid, -1);
+	int twice = at >= 0 ? X509_get_ext_by_OBJ(cert, oid, at) : -1;
+	ASN1_OBJECT_free(oid);
+	if(at < 0) return "certificate has no scope extension";
+	if(twice >= 0) return "certificate has the scope extension twice";
+	const ASN1_OCTET_STRING *value = X509_EXTENSION_get_data(X509_get_ext(cert, at));
+	if(value == NULL || ASN1_STRING_length(value) < 0) return NOT_UTF8STRING;
+	return scope_of_value(ASN1_STRING_get0_data(value), (size_t)ASN1_STRING_length(value), scope_out);
+}
+
+/* The subject's one CN into `out`, when it is a device id (which also rules out an embedded NUL). */
+static bool certificate_device_id(X509 *cert, char out[DEVICE_ID_LEN + 1])
+{
+	const X509_NAME *name = X509_get_subject_name(cert);
+	int at = name != NULL ? X509_NAME_get_index_by_NID(name, NID_commonName, -1) : -1;
+	if(at < 0 || X509_NAME_get_index_by_NID(name, NID_commonName, at) >= 0) return false;
+	const ASN1_STRING *cn = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, at));
+	if(cn == NULL || ASN1_STRING_length(cn) != DEVICE_ID_LEN) return false;
+	memcpy(out, ASN1_STRING_get0_data(cn), DEVICE_ID_LEN);
+	out[DEVICE_ID_LEN] = '\0';
+	if(is_device_id(out)) return true;
+	out[0] = '\0'; /* not a device id: never logged */
+	return false;
+}
+
+static bool certificate_not_after(X509 *cert, long long *out)
+{
+	struct tm tm;
+	const ASN1_TIME *not_after = X509_get0_notAfter(cert);
+	if(not_after == NULL || ASN1_TIME_to_tm(not_after, &tm) != 1) return false;
+	*out = (long long)timegm(&tm);
+	return true;
+}
+
+/* The CONNECT decision for a client certificate (broker/certificates.py `certificate_device`, then the
+ * denylist as broker/auth.py `authenticate_certificate`): NULL when accepted, with the device id in
+ * `device_id`, the scope in *scope_out (the caller frees it), notAfter in *exp_out and the denylist's
+ * until in *until_out; else the reason it is refused. */
+static const char *authenticate_certificate(struct plugin *p, X509 *cert, const char *username,
+		const char *client_id, double now, char device_id[DEVICE_ID_LEN + 1], cJSON **scope_out,
+		long long *exp_out, long long *until_out)
+{
+	cJSON *scope = NULL;
+	long long not_after = 0;
+	if(!certificate_device_id(cert, device_id)) return BAD_CN;
+	if(username == NULL || strcmp(username, device_id) != 0) return "username must equal the certificate's CN (the device id)";
+	if(client_id == NULL || strcmp(client_id, device_id) != 0) return "client id must equal the device id";
+	const char *reason = certificate_scope(cert, &scope);
+	if(reason != NULL) return reason;
+	if(!certificate_not_after(cert, &not_after) || now >= (double)not_after){
+		cJSON_Delete(scope);
+		return "certificate expired";
+	}
+	long long until = denied_until(p, device_id);
+	if(now < (double)until){
+		cJSON_Delete(scope);
+		return "device is revoked";
+	}
+	*scope_out = scope;
+	*exp_out = not_after;
+	*until_out = until;
+	return NULL;
+}
+
 /* The ACL decision for an authenticated device session (broker/acl.py `Grant.permits` and the
  * denylist): `topic` is a filter for SUBSCRIBE, else a topic name. */
 static bool acl_allows(const struct session *s, int access, const char *topic, long long now)
@@ -1107,6 +1297,48 @@ static bool acl_allows(const struct session *s, int access, const char *topic, l
 
 /* --- callbacks --------------------------------------------------------------------------- */
 
+/* A new session for `client` (NULL when out of memory: then nothing is kept and `acl` is not taken). */
+static struct session *session_add(struct plugin *p, const struct mosquitto *client, const char *device_id,
+		long long exp, long long until, bool certificate, cJSON *acl)
+{
+	struct session *s = calloc(1, sizeof(*s));
+	if(s == NULL) return NULL;
+	s->client = client;
+	memcpy(s->device_id, device_id, DEVICE_ID_LEN + 1);
+	s->exp = exp;
+	s->denied_until = until;
+	s->certificate = certificate;
+	s->acl = acl;
+	size_t b = bucket_of(client);
+	s->next = p->buckets[b];
+	p->buckets[b] = s;
+	p->sessions++;
+	return s;
+}
+
+/* A CONNECT over a client certificate: decided here, success or refusal, never deferred. */
+static int certificate_basic_auth(struct plugin *p, const struct mosquitto_evt_basic_auth *ed, X509 *cert)
+{
+	char device_id[DEVICE_ID_LEN + 1] = "";
+	cJSON *scope = NULL;
+	long long exp = 0, until = 0;
+	refresh_files(p);
+	const char *reason = authenticate_certificate(p, cert, ed->username, mosquitto_client_id(ed->client),
+			now_seconds(), device_id, &scope, &exp, &until);
+	if(reason == NULL && session_add(p, ed->client, device_id, exp, until, true, scope) == NULL){
+		cJSON_Delete(scope);
+		reason = "out of memory";
+	}
+	if(reason != NULL){
+		/* The CN may not be a device id: say whose certificate only when it is one. */
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "refused certificate of %s: %s",
+				device_id[0] != '\0' ? device_id : "a client", reason);
+		return MOSQ_ERR_AUTH;
+	}
+	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted certificate of %s until %lld", device_id, exp);
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *ed = event_data;
@@ -1114,6 +1346,15 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	(void)event;
 
 	session_remove(p, ed->client); /* a reused context never inherits an earlier grant */
+	/* Only the device-certificate listener asks for one (require_certificate): there every client is a
+	 * device by its certificate, whatever username it gives, so an anonymous or other CONNECT never falls
+	 * through to dynamic security. */
+	X509 *cert = mosquitto_client_certificate(ed->client);
+	if(cert != NULL){
+		int rc = certificate_basic_auth(p, ed, cert);
+		X509_free(cert);
+		return rc;
+	}
 	if(!is_device_id(ed->username)) return MOSQ_ERR_PLUGIN_DEFER;
 
 	refresh_files(p);
@@ -1122,25 +1363,21 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	long long until = 0;
 	const char *reason = authenticate_device(p, device_id, mosquitto_client_id(ed->client), ed->password,
 			now_seconds(), &claims, &until);
-	struct session *s = reason == NULL ? calloc(1, sizeof(*s)) : NULL;
-	if(reason == NULL && s == NULL) reason = "out of memory";
+	long long exp = 0;
+	cJSON *acl = NULL;
+	if(reason == NULL){
+		int_claim(member(claims, "exp"), &exp);
+		acl = cJSON_DetachItemViaPointer(claims, (cJSON *)member(claims, "acl"));
+		if(session_add(p, ed->client, device_id, exp, until, false, acl) == NULL){
+			cJSON_Delete(acl);
+			reason = "out of memory";
+		}
+	}
+	cJSON_Delete(claims);
 	if(reason != NULL){
-		cJSON_Delete(claims);
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "refused %s: %s", device_id, reason);
 		return MOSQ_ERR_AUTH;
 	}
-	s->client = ed->client;
-	memcpy(s->device_id, device_id, DEVICE_ID_LEN + 1);
-	long long exp = 0;
-	int_claim(member(claims, "exp"), &exp);
-	s->exp = exp;
-	s->denied_until = until;
-	s->acl = cJSON_DetachItemViaPointer(claims, (cJSON *)member(claims, "acl"));
-	cJSON_Delete(claims);
-	size_t b = bucket_of(ed->client);
-	s->next = p->buckets[b];
-	p->buckets[b] = s;
-	p->sessions++;
 	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted %s until %lld", device_id, exp);
 	return MOSQ_ERR_SUCCESS;
 }
@@ -1207,7 +1444,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 			s->kicked = true; /* its ACL checks are denied meanwhile */
 			memcpy(kick[count++], s->device_id, DEVICE_ID_LEN + 1);
 			mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "disconnecting %s: %s", s->device_id,
-					revoked ? "device is revoked" : "token expired");
+					revoked ? "device is revoked" : s->certificate ? "certificate expired" : "token expired");
 		}
 	}
 	for(size_t i = 0; i < count; i++) mosquitto_kick_client_by_username(kick[i], false);

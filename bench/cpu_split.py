@@ -1,0 +1,169 @@
+"""CPU per claim of each process of the bridge on Mosquitto (jwt mode), measured from /proc.
+
+    python -m bench.cpu_split [--claims 8000] [--runs 3] [--bridge-env PROVBRIDGE_X=Y]...
+                              [--pyspy PATH --pyspy-role worker0|edge]
+
+Starts Mosquitto from `provbridge mosquitto-config` and `provbridge serve` (external mode) on a fresh
+data dir, as `bench.run`'s Mosquitto target does, then runs closed-loop phases of the load generator
+(32 lanes x 32 in flight) and reads the CPU time of every process around each phase's timed window
+(/proc/<pid>/task/*/schedstat, in nanoseconds): the bridge's network process (`edge`) and its claim worker
+(`worker0`), or with `serve --processes N` each process of the tree in turn (`procN`), Mosquitto, and the
+load generator's own figure. CPU per claim per process depends far less than claims/s on what else the
+machine runs, so it is what to compare between two versions of the claim path; to compare two source trees,
+run this from each at the same time (`cd TREE && PYTHONPATH=TREE python -m bench.cpu_split`), so that both
+see the same load. With `--pyspy` every measured phase is also sampled by py-spy (`--pyspy-role`), raw
+stacks written to /tmp/pyspy-LABEL-ROLE-N.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Processes, install_signal_exit, log, process_tree
+from bench.loadgen import KEY_ENV
+from bench.run import Runner, make_data_dir
+from bench.targets import MosquittoTarget, System
+
+
+def _cpu_ns(pid: int) -> int:
+    """Nanoseconds on a CPU of every thread of `pid` (schedstat: finer than utime+stime's 10 ms ticks)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def _roles(system: System) -> dict[str, int]:
+    bridge = system.pids["bridge"]
+    roles = {"broker": system.pids["broker"]}
+    tree = process_tree(bridge)
+    children = sorted(p for p in tree if p != bridge)
+    if len(children) <= 1:  # serve: the network process, its claim worker
+        roles["edge"] = bridge
+        for n, child in enumerate(children):
+            roles[f"worker{n}"] = child
+    else:  # serve --processes N: a supervisor, N edges, each with its worker
+        for n, pid in enumerate(children):
+            roles[f"proc{n}"] = pid
+    return roles
+
+
+def phase(runner: Runner, system: System, devices: int, pyspy: tuple[str, int, Path] | None) -> dict[str, Any]:
+    tag = f"{runner.run_tag}-{runner.counter:02d}"
+    runner.counter += 1
+    out = runner.logs / f"loadgen-{tag}.json"
+    argv = [sys.executable, "-m", "bench.loadgen", "--port", str(system.port), "--mode", "closed"]
+    argv += ["--devices", str(devices), "--tag", tag, "--lanes", "32", "--inflight", "32", "--sync"]
+    argv += ["--cloud-key", str(system.data_dir.cloud_key), "--out", str(out), "--max-seconds", "600"]
+    env = {**os.environ, KEY_ENV: system.data_dir.provision_key}
+    roles = _roles(system)
+    spy: subprocess.Popen[bytes] | None = None
+    with (runner.logs / f"loadgen-{tag}.log").open("ab") as err:
+        lg = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        runner._expect_line(lg, "READY", 180)
+        if pyspy is not None:
+            binary, pid, path = pyspy
+            spy = subprocess.Popen(
+                [binary, "record", "-r", "250", "-p", str(pid), "-f", "raw", "-o", str(path), "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+        before = {role: _cpu_ns(pid) for role, pid in roles.items()}
+        t0 = time.monotonic()
+        assert lg.stdin is not None
+        lg.stdin.write("GO\n")
+        lg.stdin.flush()
+        runner._expect_line(lg, "DONE", 900)
+        wall = time.monotonic() - t0
+        after = {role: _cpu_ns(pid) for role, pid in roles.items()}
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(60)
+        if lg.wait(600) != 0:
+            raise RuntimeError(f"load generator exited {lg.returncode}")
+    result = json.loads(out.read_text())
+    answered = max(1, result["ok"])
+    if result["lost"] or result["ok"] != devices:
+        raise RuntimeError(f"{result['ok']}/{devices} ok, {result['lost']} lost: {result['errors']}")
+    ms = {role: (after[role] - before[role]) / 1e6 / answered for role in roles}
+    ms["loadgen"] = result["loadgen_cpu_s"] * 1000 / answered
+    record = {"claims_per_s": result["throughput_mid80"] or result["throughput"], "wall_s": wall, "ms": ms}
+    bridge = sum(v for k, v in ms.items() if k not in ("broker", "loadgen"))
+    log(
+        f"  {devices} claims, {record['claims_per_s']:.0f}/s; ms CPU/claim: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
+        + f"; bridge {bridge:.3f}"
+    )
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_split", description=__doc__.split("\n\n")[0])
+    p.add_argument("--claims", type=int, default=8000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--bridge-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--pyspy", default=None, help="py-spy binary: profile --pyspy-role during each phase")
+    p.add_argument("--pyspy-role", default="worker0")
+    p.add_argument("--label", default="")
+    args = p.parse_args(argv)
+    install_signal_exit()
+    bridge_env = dict(item.split("=", 1) for item in args.bridge_env)
+    target = MosquittoTarget()
+    reason = target.unavailable()
+    if reason:
+        log(f"cannot run: {reason}")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="provbench-cpu-") as tmp, Processes() as processes:
+        work = Path(tmp)
+        logs = work / "logs"
+        runner = Runner.__new__(Runner)
+        runner.logs, runner.run_tag, runner.counter, runner.failures = logs, f"{os.getpid() % 65536:04x}", 0, []
+        data = make_data_dir(work, "mosquitto")
+        system = target.start_provbridge(processes, data, logs, "INFO", bridge_env)
+        phase(runner, system, 500, None)  # warm-up
+        records = []
+        roles = list(_roles(system).items())
+        for n in range(args.runs):
+            spy = None
+            if args.pyspy:
+                role, pid = args.pyspy_role, dict(roles)[args.pyspy_role]
+                path = Path(f"/tmp/pyspy-{args.label or 'run'}-{role}-{n}.txt")
+                spy = (args.pyspy, pid, path)
+                log(f"  profiling {role} (pid {pid}) into {path}")
+            records.append(phase(runner, system, args.claims, spy))
+        medians = {k: statistics.median(r["ms"][k] for r in records) for k in records[0]["ms"]}
+        bridge = statistics.median(
+            sum(v for k, v in r["ms"].items() if k not in ("broker", "loadgen")) for r in records
+        )
+        rate = statistics.median(r["claims_per_s"] for r in records)
+        summary = {"label": args.label, "medians_ms": medians, "bridge_ms": bridge, "claims_per_s": rate}
+        print(json.dumps(summary))
+        log(
+            f"MEDIAN {args.label}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in medians.items())
+            + f"; bridge {bridge:.3f} ms; {rate:.0f}/s"
+        )
+        processes.stop(system.processes["bridge"])
+        for line in (logs / "serve.log").read_text(errors="replace").splitlines():
+            if " ERROR " in line or "Traceback" in line:
+                log(f"  serve.log: {line[:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
