@@ -44,6 +44,7 @@ DEVICE_COLUMNS = (
     "status",
     "created_at",
     "updated_at",
+    "credential_type",
 )
 
 
@@ -76,6 +77,7 @@ def _rows(
             "active",
             now,
             now,
+            "token",
         )
 
 
