@@ -62,6 +62,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class _CarriesCsr(_Strict):
+    """A device message that may carry `csr` (certificate credentials): its CSR, parsed once by its validator."""
+
+    _csr: x509.CertificateSigningRequest | None = PrivateAttr(default=None)
+
+    @property
+    def parsed_csr(self) -> x509.CertificateSigningRequest | None:
+        value: x509.CertificateSigningRequest | None = _private(self, "_csr")
+        return value
+
+    @property
+    def csr_public_key_sec1(self) -> bytes | None:
+        """The SEC1 point of the key the CSR is for (None without a CSR)."""
+        csr = self.parsed_csr
+        return None if csr is None else crypto.csr_key_sec1(csr)
+
+
 class _Answer(BaseModel):
     # What devices receive: unknown members are ignored, so the bridge can add fields without
     # breaking firmware already in the field (PROTOCOL.md, compatibility).
@@ -84,7 +101,7 @@ class Network(_Strict):
     connection_type: Text32 | None = None
 
 
-class Claim(_Strict):
+class Claim(_CarriesCsr):
     """What a device publishes on `{prefix}/claim/{client_id}`."""
 
     request_id: RequestId
@@ -103,7 +120,6 @@ class Claim(_Strict):
     csr: CsrText | None = None  # certificate credentials: a CSR for the key of `public_key`
 
     _public_key_sec1: bytes = PrivateAttr(default=b"")
-    _csr: x509.CertificateSigningRequest | None = PrivateAttr(default=None)
 
     @field_validator("hardware_id")
     @classmethod
@@ -142,17 +158,6 @@ class Claim(_Strict):
     def public_key_sec1(self) -> bytes:
         value: bytes = _private(self, "_public_key_sec1")
         return value
-
-    @property
-    def parsed_csr(self) -> x509.CertificateSigningRequest | None:
-        value: x509.CertificateSigningRequest | None = _private(self, "_csr")
-        return value
-
-    @property
-    def csr_public_key_sec1(self) -> bytes | None:
-        """The SEC1 point of the key the CSR is for (None without a CSR)."""
-        csr = self.parsed_csr
-        return None if csr is None else crypto.csr_key_sec1(csr)
 
 
 class Sealed(_Answer):
@@ -244,7 +249,7 @@ MAX_REFRESH_BYTES = 1024
 DeviceId = Annotated[str, StringConstraints(pattern=r"^dev_[a-z2-7]{26}$")]
 
 
-class TokenRefresh(_Strict):
+class TokenRefresh(_CarriesCsr):
     """What a provisioned device publishes on `{prefix}/token/{client_id}` to get a fresh token.
 
     No secret travels: `mac` proves possession of the device key (`crypto.refresh_mac`). The answer
@@ -256,8 +261,6 @@ class TokenRefresh(_Strict):
     timestamp: Annotated[int, Field(ge=0, le=1 << 40)]  # unix seconds; the bridge allows a clock skew window
     mac: Annotated[str, StringConstraints(min_length=44, max_length=44)]
     csr: CsrText | None = None  # a certificate renewal: a CSR for the device's key
-
-    _csr: x509.CertificateSigningRequest | None = PrivateAttr(default=None)
 
     @field_validator("mac")
     @classmethod
@@ -284,14 +287,3 @@ class TokenRefresh(_Strict):
     @property
     def mac_bytes(self) -> bytes:
         return crypto.b64decode(self.mac)
-
-    @property
-    def parsed_csr(self) -> x509.CertificateSigningRequest | None:
-        value: x509.CertificateSigningRequest | None = _private(self, "_csr")
-        return value
-
-    @property
-    def csr_public_key_sec1(self) -> bytes | None:
-        """The SEC1 point of the key the CSR is for (None without a CSR)."""
-        csr = self.parsed_csr
-        return None if csr is None else crypto.csr_key_sec1(csr)
