@@ -38,7 +38,7 @@ from tests.helpers.certificates import (
 )
 from tests.helpers.cli import run_cli
 from tests.helpers.mqtt import MqttClient, token_session
-from tests.helpers.network import free_port
+from tests.helpers.network import free_ports
 from tests.helpers.refresh import provisioned
 from tests.helpers.waiting import wait_for
 
@@ -93,9 +93,10 @@ def broker(
     request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[CertificateBroker]:
     settings, key = initialised
+    tls_port, certificate_port = free_ports(2, taken=(settings.broker.port,))
     ports = {
-        "tls_port": free_port(),
-        "certificate_port": free_port(),
+        "tls_port": tls_port,
+        "certificate_port": certificate_port,
         "tls_listen": "auto",
         "certificate_listen": "auto",
     }

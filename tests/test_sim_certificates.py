@@ -43,7 +43,7 @@ from provwire.models import Claim, to_json
 from tests.helpers.bridge import Bridge
 from tests.helpers.brokers import EMBEDDED, JWT, bridge_on
 from tests.helpers.cli import run_cli
-from tests.helpers.network import free_port
+from tests.helpers.network import free_ports
 
 TIMEOUT = 10.0
 
@@ -183,7 +183,8 @@ def listening(
     certificates, as `init --tls` and a device CA turn on by `certificate_listen = "auto"`; and a key that
     issues certificates."""
     settings, first_key = initialised
-    ports = {"tls_port": free_port(), "certificate_port": free_port(), "tls_listen": "auto"}
+    tls_port, certificate_port = free_ports(2, taken=(settings.broker.port,))
+    ports = {"tls_port": tls_port, "certificate_port": certificate_port, "tls_listen": "auto"}
     settings = settings.model_copy(update={"broker": settings.broker.model_copy(update=ports)})
     tls.ensure_tls(settings)  # `provbridge tls init`
     create_device_ca(settings.data_dir, datetime.now(UTC))

@@ -10,6 +10,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct free ports, none of `taken`: bound together, so two calls of `free_port` cannot hand
+    out the same port twice (a listener's port is not bound until its broker starts)."""
+    sockets: list[socket.socket] = []
+    try:
+        while len(sockets) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in taken:
+                s.close()
+                continue
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def accepts_connections(port: int) -> bool:
     """Whether a TCP connection to 127.0.0.1:`port` is accepted now (closed again at once)."""
     try:
