@@ -152,7 +152,7 @@ def parse_csr_der(der: bytes) -> x509.CertificateSigningRequest:
     bridge decides what a certificate says."""
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion (a version other than 0) is no ValueError
         raise InvalidCsr("csr is not a DER PKCS#10 certificate request") from exc
     try:
         key = csr.public_key()

@@ -285,3 +285,44 @@ def test_without_its_device_ca_a_certificate_claim_is_answered_retry_later(site:
     answer = answer_of(outcome.answer or b"")
     assert isinstance(answer, ClaimError) and answer.code is ErrorCode.INTERNAL_ERROR and answer.retry_after
     assert site.store.count("devices") == 0
+
+
+def test_a_reclaim_with_a_key_of_the_other_type_is_refused_and_changes_nothing(site: Site) -> None:
+    # Whoever holds any token key of the tenant knows the device's hardware id and public key (the latter is
+    # in every TLS handshake): a re-claim must not turn the certificate device into a token one.
+    certificate_key, token_key = site.key(credential_type="certificate"), site.key()
+    device = CertDevice(site)
+    device.provision(certificate_key)
+    outcome = device.claim(token_key)
+    answer = answer_of(outcome.answer or b"")
+    assert isinstance(answer, ClaimError) and answer.code is ErrorCode.VALIDATION_ERROR
+    assert [e.field for e in answer.errors or []] == ["csr"]
+    assert [(e.event, e.reason) for e in outcome.events] == [("claim.rejected", "credential_mismatch")]
+    assert site.store.device(device.device_id).credential_type == "certificate"
+    _, renewed = device.renew()
+    assert isinstance(renewed, ClaimOk)
+
+    token_device = CertDevice(site)
+    first = answer_of(token_device.claim(token_key).answer or b"")
+    assert isinstance(first, ClaimOk)
+    token_device.open(first)
+    csr = build_csr(token_device.private_key, token_device.hardware_id)
+    refused = answer_of(token_device.claim(certificate_key, csr=csr).answer or b"")
+    assert isinstance(refused, ClaimError) and [e.field for e in refused.errors or []] == ["csr"]
+    assert site.store.device(token_device.device_id).credential_type == "token"
+
+
+def test_a_csr_of_another_version_is_a_validation_error_not_a_crash(site: Site) -> None:
+    device = CertDevice(site)
+    der = bytearray(crypto.b64decode(build_csr(device.private_key, device.hardware_id)))
+    version = der.index(b"\x02\x01\x00") + 2  # the first INTEGER: the CSR's version, 0 for PKCS#10 v1
+    der[version] = 1
+    claim = json.loads(device.claim_payload("pk_any")) | {"csr": crypto.b64encode(bytes(der))}
+    outcome = site.provisioner.handle(topics.claim_topic(PREFIX, device.client_id), json.dumps(claim).encode())
+    answer = answer_of(outcome.answer or b"")
+    assert isinstance(answer, ClaimError) and answer.code is ErrorCode.VALIDATION_ERROR
+    assert [e.field for e in answer.errors or []] == ["csr"]
+    renewal = {"request_id": "r-version-1", "device_id": "dev_" + "a" * 26, "timestamp": 1, "mac": "A" * 43 + "="}
+    renewal["csr"] = claim["csr"]
+    refused = site.refresher.handle(topics.token_topic(PREFIX, device.client_id), json.dumps(renewal).encode())
+    assert [e.field for e in answer_of(refused.answer or b"").errors or []] == ["csr"]  # type: ignore[union-attr]

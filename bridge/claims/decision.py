@@ -88,7 +88,6 @@ class Granted:
     device: Device
     api_key: str  # "" for a re-claim: the device keeps its API key
     events: list[Event]
-    retyped: bool = False  # a re-claim with a key of the other credential type: record the device's new type
 
 
 def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered | Granted:
@@ -117,6 +116,17 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
     if action is Action.EXISTS:
         events = [key_event(request, "claim.rejected", key, device, reason="public_key_mismatch")]
         return _error(request, ErrorCode.DEVICE_EXISTS, "a device with this hardware_id already exists", events=events)
+    if action is Action.RECLAIM and device is not None and device.credential_type != key.credential_type:
+        # A device keeps the credential type it was created with. Switching it by re-claim would need no proof
+        # of possession in one direction (a token key's claim has no CSR): a leaked key of the tenant, the
+        # hardware id and the (public) public key would cut a certificate device off at its next renewal.
+        events = [key_event(request, "claim.rejected", key, device, reason="credential_mismatch")]
+        held = FieldError(
+            field="csr",
+            message=f"this device holds a {device.credential_type}: re-claim it with a key"
+            f" that issues {device.credential_type}s",
+        )
+        return _error(request, ErrorCode.VALIDATION_ERROR, "claim is not valid", [held], events)
     # Uses count created devices; an exhausted key still re-claims the devices it created.
     if is_exhausted(key) and (device is None or device.key_id != key.id):
         return _denied(request, key, Denial.KEY_EXHAUSTED)
@@ -131,10 +141,7 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
     if action is Action.ROTATE:
         events = [key_event(request, "device.reprovisioned", key, device)]
         return Granted(action, key, rotated(device, request, key), fresh.api_key, events)
-    events = [key_event(request, "device.reclaimed", key, device)]
-    if device.credential_type == key.credential_type:
-        return Granted(action, key, device, "", events)
-    return Granted(action, key, replace(device, credential_type=key.credential_type), "", events, retyped=True)
+    return Granted(action, key, device, "", [key_event(request, "device.reclaimed", key, device)])
 
 
 def credential_mismatch(key: ProvisionKey, claim: Claim) -> FieldError | None:

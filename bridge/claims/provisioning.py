@@ -443,8 +443,6 @@ class Provisioner(RequestHandler):
             tx.spend_key_use(granted.key.id)
         elif granted.action is Action.ROTATE:
             tx.rotate_device_key(device, identifiers.digest(granted.api_key), now)
-        elif granted.retyped:
-            tx.set_credential_type(device, now)
         request_id = request.claim.request_id
         csr = request.claim.parsed_csr
         if device.credential_type == "certificate" and csr is not None:  # decide checked that they go together

@@ -46,7 +46,7 @@ class Device:
     status: str
     created_at: int
     updated_at: int
-    credential_type: str = "token"  # of its last claim's key; its refreshes ask for the same
+    credential_type: str = "token"  # its key's when it was created; re-claims and refreshes must ask for the same
 
 
 @dataclass(frozen=True)

@@ -146,13 +146,6 @@ class Transaction:
             ),
         )
 
-    def set_credential_type(self, device: Device, now: int) -> None:
-        """Record `device.credential_type`: a re-claim with a key of the other type changed it."""
-        self.connection.execute(
-            "UPDATE devices SET credential_type = ?, updated_at = ? WHERE id = ?",
-            (device.credential_type, now, device.id),
-        )
-
     def record_certificate(self, issued: IssuedCertificate) -> None:
         self.connection.execute(
             "INSERT INTO device_certificates VALUES (?, ?, ?, ?, ?, ?)",
