@@ -12,6 +12,7 @@ The device computes the same `shared` from its private key and the cloud public 
 """
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -161,7 +162,7 @@ def parse_csr_der(der: bytes) -> x509.CertificateSigningRequest:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise InvalidCsr("csr is not for a P-256 key")
     try:
-        signed = csr.is_signature_valid
+        signed = csr_signature_valid(csr)
     except (UnsupportedAlgorithm, ValueError) as exc:  # e.g. a signature algorithm that is not ECDSA
         raise InvalidCsr("csr signature algorithm is not supported: sign it with ECDSA-SHA256") from exc
     if not signed:
@@ -169,6 +170,14 @@ def parse_csr_der(der: bytes) -> x509.CertificateSigningRequest:
     if not isinstance(csr.signature_hash_algorithm, hashes.SHA256):
         raise InvalidCsr("csr must be signed with ECDSA-SHA256")
     return csr
+
+
+@functools.lru_cache(maxsize=256)
+def csr_signature_valid(csr: x509.CertificateSigningRequest) -> bool:
+    """`csr.is_signature_valid`, remembered (CSRs hash and compare by their bytes): a certificate claim's CSR is
+    checked when the claim is parsed and again when it is signed (`bridge.tls.device_ca`), and each check is an
+    ECDSA verification."""
+    return csr.is_signature_valid
 
 
 def csr_key_sec1(csr: x509.CertificateSigningRequest) -> bytes:

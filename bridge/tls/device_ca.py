@@ -184,7 +184,7 @@ def _device_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKe
         raise InvalidCsr(f"CSR key is {type(key).__name__.removesuffix('PublicKey')}, not P-256")
     if not isinstance(key.curve, ec.SECP256R1):
         raise InvalidCsr(f"CSR key is on {key.curve.name}, not P-256")
-    if not csr.is_signature_valid:
+    if not crypto.csr_signature_valid(csr):  # remembered: the claim's parse has usually checked it already
         raise InvalidCsr("CSR signature does not verify: no proof of possession of the key")
     return key
 
