@@ -1,6 +1,6 @@
 """CPU per claim of each process of the bridge on Mosquitto (jwt mode), measured from /proc.
 
-    python -m bench.cpu_split [--claims 8000] [--runs 3] [--bridge-env PROVBRIDGE_X=Y]...
+    python -m bench.cpu_split [--claims 8000] [--runs 3] [--mode closed|herd] [--bridge-env PROVBRIDGE_X=Y]...
                               [--pyspy PATH --pyspy-role worker0|edge]
 
 Starts Mosquitto from `provbridge mosquitto-config` and `provbridge serve` (external mode) on a fresh
@@ -11,8 +11,9 @@ data dir, as `bench.run`'s Mosquitto target does, then runs closed-loop phases o
 load generator's own figure. CPU per claim per process depends far less than claims/s on what else the
 machine runs, so it is what to compare between two versions of the claim path; to compare two source trees,
 run this from each at the same time (`cd TREE && PYTHONPATH=TREE python -m bench.cpu_split`), so that both
-see the same load. With `--pyspy` every measured phase is also sampled by py-spy (`--pyspy-role`), raw
-stacks written to /tmp/pyspy-LABEL-ROLE-N.txt.
+see the same load. `--mode herd` publishes each phase's claims within one second instead (`make bench`'s
+herd) and reports when the last was answered. With `--pyspy` every measured phase is also sampled by
+py-spy (`--pyspy-role`), raw stacks written to /tmp/pyspy-LABEL-ROLE-N.txt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,12 +62,36 @@ def _roles(system: System) -> dict[str, int]:
     return roles
 
 
-def phase(runner: Runner, system: System, devices: int, pyspy: tuple[str, int, Path] | None) -> dict[str, Any]:
+def _timeline(roles: dict[str, int], done: threading.Event, step: float = 0.5) -> None:
+    """Log each process's share of a core over every `step` seconds until `done`: where a phase idles."""
+    last = {role: _cpu_ns(pid) for role, pid in roles.items()}
+    start = time.monotonic()
+    while not done.wait(step):
+        now = {role: _cpu_ns(pid) for role, pid in roles.items()}
+        shares = {role: (now[role] - last[role]) / 1e9 / step for role in roles}
+        last = now
+        log(
+            f"    t={time.monotonic() - start:4.1f}s cores: "
+            + " ".join(f"{k} {v:.2f}" for k, v in shares.items())
+            + f" = {sum(shares.values()):.2f}"
+        )
+
+
+def phase(
+    runner: Runner,
+    system: System,
+    devices: int,
+    pyspy: tuple[str, int, Path] | None,
+    mode: str = "closed",
+    timeline: bool = False,
+) -> dict[str, Any]:
     tag = f"{runner.run_tag}-{runner.counter:02d}"
     runner.counter += 1
     out = runner.logs / f"loadgen-{tag}.json"
-    argv = [sys.executable, "-m", "bench.loadgen", "--port", str(system.port), "--mode", "closed"]
+    argv = [sys.executable, "-m", "bench.loadgen", "--port", str(system.port), "--mode", mode]
     argv += ["--devices", str(devices), "--tag", tag, "--lanes", "32", "--inflight", "32", "--sync"]
+    if mode == "herd":  # as bench.run's herd: everything within a second, rate_limited answers retried
+        argv += ["--herd-seconds", "1.0", "--max-attempts", "30"]
     argv += ["--cloud-key", str(system.data_dir.cloud_key), "--out", str(out), "--max-seconds", "600"]
     env = {**os.environ, KEY_ENV: system.data_dir.provision_key}
     roles = _roles(system)
@@ -88,7 +114,14 @@ def phase(runner: Runner, system: System, devices: int, pyspy: tuple[str, int, P
         assert lg.stdin is not None
         lg.stdin.write("GO\n")
         lg.stdin.flush()
+        sampling = threading.Event()
+        sampler = threading.Thread(target=_timeline, args=({**roles, "loadgen": lg.pid}, sampling), daemon=True)
+        if timeline:
+            sampler.start()
         runner._expect_line(lg, "DONE", 900)
+        sampling.set()
+        if timeline:
+            sampler.join()
         wall = time.monotonic() - t0
         after = {role: _cpu_ns(pid) for role, pid in roles.items()}
         if spy is not None:
@@ -102,12 +135,21 @@ def phase(runner: Runner, system: System, devices: int, pyspy: tuple[str, int, P
         raise RuntimeError(f"{result['ok']}/{devices} ok, {result['lost']} lost: {result['errors']}")
     ms = {role: (after[role] - before[role]) / 1e6 / answered for role in roles}
     ms["loadgen"] = result["loadgen_cpu_s"] * 1000 / answered
-    record = {"claims_per_s": result["throughput_mid80"] or result["throughput"], "wall_s": wall, "ms": ms}
+    record = {
+        "claims_per_s": result["throughput_mid80"] or result["throughput"],
+        "span_s": result["span_s"],
+        "wall_s": wall,
+        "ms": ms,
+    }
     bridge = sum(v for k, v in ms.items() if k not in ("broker", "loadgen"))
     log(
-        f"  {devices} claims, {record['claims_per_s']:.0f}/s; ms CPU/claim: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
-        + f"; bridge {bridge:.3f}"
+        f"  {devices} claims, {record['claims_per_s']:.0f}/s, the last answered after {record['span_s']:.2f} s;"
+        " ms CPU/claim: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + f"; bridge {bridge:.3f}"
+    )
+    lat = result["latency"]
+    log(
+        f"    latency p50 {lat['p50_ms']:.0f} p99 {lat['p99_ms']:.0f} max {lat['max_ms']:.0f} ms;"
+        f" retried answers {result['retried_answers'] or 'none'}"
     )
     return record
 
@@ -120,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pyspy", default=None, help="py-spy binary: profile --pyspy-role during each phase")
     p.add_argument("--pyspy-role", default="worker0")
     p.add_argument("--label", default="")
+    p.add_argument("--mode", choices=["closed", "herd"], default="closed", help="herd: each phase within 1 s")
+    p.add_argument("--timeline", action="store_true", help="log each process's CPU share every 0.5 s of a phase")
     args = p.parse_args(argv)
     install_signal_exit()
     bridge_env = dict(item.split("=", 1) for item in args.bridge_env)
@@ -145,18 +189,25 @@ def main(argv: list[str] | None = None) -> int:
                 path = Path(f"/tmp/pyspy-{args.label or 'run'}-{role}-{n}.txt")
                 spy = (args.pyspy, pid, path)
                 log(f"  profiling {role} (pid {pid}) into {path}")
-            records.append(phase(runner, system, args.claims, spy))
+            records.append(phase(runner, system, args.claims, spy, args.mode, args.timeline))
         medians = {k: statistics.median(r["ms"][k] for r in records) for k in records[0]["ms"]}
         bridge = statistics.median(
             sum(v for k, v in r["ms"].items() if k not in ("broker", "loadgen")) for r in records
         )
         rate = statistics.median(r["claims_per_s"] for r in records)
-        summary = {"label": args.label, "medians_ms": medians, "bridge_ms": bridge, "claims_per_s": rate}
+        span = statistics.median(r["span_s"] for r in records)
+        summary = {
+            "label": args.label,
+            "medians_ms": medians,
+            "bridge_ms": bridge,
+            "claims_per_s": rate,
+            "span_s": span,
+        }
         print(json.dumps(summary))
         log(
             f"MEDIAN {args.label}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in medians.items())
-            + f"; bridge {bridge:.3f} ms; {rate:.0f}/s"
+            + f"; bridge {bridge:.3f} ms; {rate:.0f}/s; last answer after {span:.2f} s"
         )
         processes.stop(system.processes["bridge"])
         for line in (logs / "serve.log").read_text(errors="replace").splitlines():

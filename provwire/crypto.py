@@ -54,7 +54,15 @@ def b64decode(text: str) -> bytes:
 
 
 def public_key_from_sec1(data: bytes) -> ec.EllipticCurvePublicKey:
-    """Parse a SEC1 uncompressed P-256 point; off-curve points and the identity are refused."""
+    """Parse a SEC1 uncompressed P-256 point; off-curve points and the identity are refused.
+
+    Remembered for the last few points (refusals are not): a claim's point is checked when the claim is
+    parsed and again for its ECDH, 8 µs each time."""
+    return _point(bytes(data))
+
+
+@functools.lru_cache(maxsize=64)
+def _point(data: bytes) -> ec.EllipticCurvePublicKey:
     if len(data) != SEC1_UNCOMPRESSED_LEN or data[0] != 0x04:
         raise InvalidPublicKey("public_key must be a 65-byte SEC1 uncompressed P-256 point (0x04 || X || Y)")
     try:

@@ -72,6 +72,21 @@ class _CarriesCsr(_Strict):
         value: x509.CertificateSigningRequest | None = _private(self, "_csr")
         return value
 
+    # Pickled by the bridge, from the process that parsed a claim to its claim worker: a parsed CSR is not
+    # picklable, so it travels as its text and is read again on arrival.
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        private = state.get("__pydantic_private__")
+        if private and private.get("_csr") is not None:
+            state["__pydantic_private__"] = {**private, "_csr": None}
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        csr = self.__dict__.get("csr")
+        if csr is not None and self.__pydantic_private__ is not None:
+            self.__pydantic_private__["_csr"] = _csr_of(csr)
+
     @property
     def csr_public_key_sec1(self) -> bytes | None:
         """The SEC1 point of the key the CSR is for (None without a CSR)."""

@@ -64,6 +64,7 @@ log = logging.getLogger("provbridge.claims")
 
 M = TypeVar("M", bound=BaseModel)
 RATE_LIMITED = "claim.rate_limited"
+REJECTED = "claim.rejected"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,64}")
 
 
@@ -265,6 +266,19 @@ def rate_limited_answer(
     return Outcome(reply_to, to_json(answer), events, "rate_limited")
 
 
+def admit(
+    limits: FloodLimits, prefix: str, client_id: str | None, now: float, rejected_event: str
+) -> tuple[str, str] | Outcome:
+    """(client id, response topic) of a message to answer, or the Outcome of one dropped, its events for the
+    caller to store."""
+    logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
+    if client_id is None:  # not our topic, or its client id is invalid: nobody to answer
+        events = sampled(limits, [new_event(rejected_event, now, NO_TENANT, reason="invalid_client_id")], now)
+        return Outcome(None, None, events, "dropped: invalid client id in topic")
+    # The client-id limit was applied by the edge (`BridgeCore.screen`), before the message came here.
+    return client_id, topics.response_topic(prefix, client_id)
+
+
 class RequestHandler:
     """What claims and token refreshes share: their state, and what happens before the payload is parsed."""
 
@@ -286,14 +300,11 @@ class RequestHandler:
         self.prefix = settings.topic_prefix
 
     def _admit(self, client_id: str | None, now: float, rejected_event: str) -> tuple[str, str] | Outcome:
-        """(client id, response topic) of a message to answer, or the Outcome of one dropped."""
-        logs.bind_request_id(None)  # this context's log lines stop belonging to the previous message
-        if client_id is None:  # not our topic, or its client id is invalid: nobody to answer
-            events = sampled(self.limits, [new_event(rejected_event, now, NO_TENANT, reason="invalid_client_id")], now)
-            record_events_safely(self.store, events)
-            return Outcome(None, None, events, "dropped: invalid client id in topic")
-        # The client-id limit was applied by the edge (`BridgeCore.screen`), before the message came here.
-        return client_id, topics.response_topic(self.prefix, client_id)
+        """(client id, response topic) of a message to answer, or the Outcome of one dropped (its events stored)."""
+        admitted = admit(self.limits, self.prefix, client_id, now, rejected_event)
+        if isinstance(admitted, Outcome):
+            record_events_safely(self.store, admitted.events)
+        return admitted
 
     def certificate_order(self, csr: x509.CertificateSigningRequest, validity_seconds: int | None) -> CertificateOrder:
         """What signing a certificate for `csr` takes: the device CA, the key's validity, a fresh serial number."""
@@ -303,27 +314,34 @@ class RequestHandler:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A claim ready for its transaction (`Provisioner.prepare`): parsed, within its limits, its ECDH
-    done and its ids drawn, so that the write lock is held for the reads, the decision and the writes only."""
+    """A claim ready for its transaction (`ClaimPreparer.prepare`): parsed, within its limits, its ECDH
+    done and its ids drawn, so that the write lock is held for the reads, the decision and the writes only.
+
+    Picklable: the external broker's edge prepares claims in its own process and hands them to the claim
+    worker this way (`bridge.edges.claimworker`)."""
 
     reply_to: str
     request: ClaimRequest
-    keys: KeyRing
     shared: bytes = field(repr=False)
     fresh: Fresh = field(repr=False)
 
 
-class Provisioner(RequestHandler):
-    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
-        """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
-        step = self.prepare(topic, payload, now)
-        return step if isinstance(step, Outcome) else self.complete(step)
+class ClaimPreparer:
+    """The work on a claim before its transaction: edge → parse → limits → the ECDH. No storage: the events of
+    a refusal travel in its Outcome, for the caller to store (`Provisioner.prepare`, or the external edge,
+    which hands them to its claim worker)."""
+
+    def __init__(self, settings: Settings, keys: KeyRing | KeySource, limits: FloodLimits) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.limits = limits
+        self.prefix = settings.topic_prefix
 
     def prepare(self, topic: str, payload: bytes, now: float | None = None) -> Outcome | Prepared:
-        """edge → parse → limits → the ECDH: the answer when there is nothing to write (a refusal, a
-        malformed claim), else the claim `complete` finishes. Never raises."""
+        """The answer when there is nothing to write (a refusal, a malformed claim), else the claim
+        `Provisioner.complete` finishes. Never raises."""
         now = time.time() if now is None else now
-        admitted = self._admit(topics.client_id_of_claim_topic(self.prefix, topic), now, "claim.rejected")
+        admitted = admit(self.limits, self.prefix, topics.client_id_of_claim_topic(self.prefix, topic), now, REJECTED)
         if isinstance(admitted, Outcome):
             return admitted
         client_id, reply_to = admitted
@@ -332,16 +350,9 @@ class Provisioner(RequestHandler):
         logs.bind_request_id(parsed.request_id)
         if isinstance(parsed, ClaimError):
             event = new_event(
-                "claim.rejected",
-                now,
-                NO_TENANT,
-                client_id=client_id,
-                request_id=parsed.request_id,
-                reason="validation_error",
+                REJECTED, now, NO_TENANT, client_id=client_id, request_id=parsed.request_id, reason="validation_error"
             )
-            events = sampled(self.limits, [event], now)
-            record_events_safely(self.store, events)
-            return Outcome(reply_to, to_json(parsed), events, "validation_error")
+            return Outcome(reply_to, to_json(parsed), sampled(self.limits, [event], now), "validation_error")
 
         # Before the ECDH and the write lock. Unknown keys are limited like known ones: nothing is looked up yet.
         # The device limit is keyed by (hardware_id, key): someone without the key cannot use up a device's budget.
@@ -354,15 +365,54 @@ class Provisioner(RequestHandler):
         request = (reply_to, client_id, lambda: parsed.request_id)
         limited = rate_limited(self.limits, RATE_LIMITED, request, checks, now)
         if limited is not None:
-            record_events_safely(self.store, limited.events)
             return limited
 
-        keys = current_ring(self.keys)  # one snapshot per claim: a rotation mid-claim must not mix kids
         try:
-            return self._prepare(reply_to, client_id, parsed, key_hash, keys, now)
+            return self._prepare(reply_to, client_id, parsed, key_hash, now)
         except Exception:
             log.exception("claim %s: unexpected failure", parsed.request_id)
-            return Outcome(reply_to, self._retryable(parsed.request_id, "internal error"), [], "internal_error")
+            internal = retryable_error(self.settings, parsed.request_id, "internal error")
+            return Outcome(reply_to, internal, [], "internal_error")
+
+    def _prepare(self, reply_to: str, client_id: str, claim: Claim, key_hash: bytes, now: float) -> Outcome | Prepared:
+        keys = current_ring(self.keys)  # one snapshot per claim: a rotation mid-claim must not mix kids
+        cloud_kid = claim.cloud_key_id or keys.active_cloud
+        request = ClaimRequest(client_id, claim, claim_digest(claim), key_hash, cloud_kid, now)
+        cloud_key = keys.cloud.get(cloud_kid)
+        if cloud_key is None:
+            rejected = claim_event(request, REJECTED, NO_TENANT, reason="unknown_cloud_key")
+            unknown = [FieldError(field="cloud_key_id", message="unknown cloud key id")]
+            error = ClaimError(
+                request_id=claim.request_id,
+                code=ErrorCode.VALIDATION_ERROR,
+                message="claim is not valid",
+                errors=unknown,
+            )
+            return Outcome(reply_to, to_json(error), sampled(self.limits, [rejected], now), REJECTED)
+        # The expensive, side-effect-free work happens before the write lock is taken.
+        shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
+        fresh = Fresh(device_id=identifiers.new_device_id(), api_key=identifiers.new_api_key())
+        return Prepared(reply_to, request, shared, fresh)
+
+
+class Provisioner(RequestHandler):
+    """Claims: `prepare` (no lock) then `complete` (the transaction), or both in `handle`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.preparer = ClaimPreparer(self.settings, self.keys, self.limits)
+
+    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
+        """Answer one claim message. Never raises: every failure becomes an answer or a drop."""
+        step = self.prepare(topic, payload, now)
+        return step if isinstance(step, Outcome) else self.complete(step)
+
+    def prepare(self, topic: str, payload: bytes, now: float | None = None) -> Outcome | Prepared:
+        """`ClaimPreparer.prepare`, the events of a refusal stored. Never raises."""
+        step = self.preparer.prepare(topic, payload, now)
+        if isinstance(step, Outcome):
+            record_events_safely(self.store, step.events)
+        return step
 
     def complete(self, prepared: Prepared) -> Outcome:
         """read → decide → apply, in one transaction (or a savepoint of `Store.batch`). Never raises."""
@@ -389,32 +439,10 @@ class Provisioner(RequestHandler):
     def _retryable(self, request_id: str | None, message: str) -> bytes:
         return retryable_error(self.settings, request_id, message)
 
-    def _prepare(
-        self, reply_to: str, client_id: str, claim: Claim, key_hash: bytes, keys: KeyRing, now: float
-    ) -> Outcome | Prepared:
-        cloud_kid = claim.cloud_key_id or keys.active_cloud
-        request = ClaimRequest(client_id, claim, claim_digest(claim), key_hash, cloud_kid, now)
-        cloud_key = keys.cloud.get(cloud_kid)
-        if cloud_key is None:
-            rejected = claim_event(request, "claim.rejected", NO_TENANT, reason="unknown_cloud_key")
-            events = sampled(self.limits, [rejected], now)
-            record_events_safely(self.store, events)
-            unknown = [FieldError(field="cloud_key_id", message="unknown cloud key id")]
-            error = ClaimError(
-                request_id=claim.request_id,
-                code=ErrorCode.VALIDATION_ERROR,
-                message="claim is not valid",
-                errors=unknown,
-            )
-            return Outcome(reply_to, to_json(error), events, "claim.rejected")
-        # The expensive, side-effect-free work happens before the write lock is taken.
-        shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
-        fresh = Fresh(device_id=identifiers.new_device_id(), api_key=identifiers.new_api_key())
-        return Prepared(reply_to, request, keys, shared, fresh)
-
     def _apply(self, prepared: Prepared) -> tuple[bytes, list[Event]]:
         """read → decide → apply: the answer and the events stored with it."""
-        request, keys, shared, now = prepared.request, prepared.keys, prepared.shared, prepared.request.now
+        request, shared, now = prepared.request, prepared.shared, prepared.request.now
+        keys = current_ring(self.keys)  # the token key: a rotation since the claim was prepared applies
         with self.store.transaction() as tx:
             verdict = decide(request, self._read(tx, request), prepared.fresh)
             answer = (

@@ -17,6 +17,8 @@ Frames are a 4-byte big-endian length, then a kind byte and its body:
 
     broker -> worker   S  the settings (pickled), first
                        Q  a message: seq (u64), topic length (u16), topic, payload
+                       P  a claim prepared by the edge (`ClaimPreparer`, the external broker's edge): seq
+                          (u64), topic length (u16), topic, the `Prepared` pickled
                        E  events to store, made by the edge (a refusal by the client-id limit): a JSON array
     worker -> broker   R  ready, once
                        A  its answer: seq (u64), count (u16), per publish: topic length (u16), topic,
@@ -44,14 +46,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from bridge import logs
-from bridge.claims.provisioning import Outcome
+from bridge.claims.decision import ClaimRequest, Fresh
+from bridge.claims.provisioning import Outcome, Prepared
 from bridge.config import Settings
 from bridge.edges import lifeline
 from bridge.edges.core import BridgeCore, Publish, claim_handlers
 from bridge.storage.store import Store
-from provwire.models import Event, to_json
+from provwire.models import Claim, Event, to_json
 
-SETTINGS, REQUEST, EVENTS, READY, ANSWER, LOG = b"S", b"Q", b"E", b"R", b"A", b"L"
+SETTINGS, REQUEST, PREPARED, EVENTS, READY, ANSWER, LOG = b"S", b"Q", b"P", b"E", b"R", b"A", b"L"
 _LENGTH = struct.Struct(">I")
 _REQUEST = struct.Struct(">QH")
 _ANSWER = struct.Struct(">QH")
@@ -82,6 +85,27 @@ def decode_request(body: bytes) -> tuple[int, str, bytes]:
     seq, size = _REQUEST.unpack_from(body)
     start = _REQUEST.size
     return seq, body[start : start + size].decode("utf-8", _TEXT), body[start + size :]
+
+
+def encode_prepared(seq: int, topic: str, prepared: Prepared) -> bytes:
+    raw = topic.encode("utf-8", _TEXT)
+    # Flat: pickling the dataclasses themselves cost twice as much as the claim in them (bench/worker_cpu.py).
+    request, fresh = prepared.request, prepared.fresh
+    fields = (
+        *(prepared.reply_to, request.client_id, request.claim, request.digest, request.key_hash),
+        *(request.cloud_kid, request.now, prepared.shared, fresh.device_id, fresh.api_key),
+    )
+    return frame(PREPARED, _REQUEST.pack(seq, len(raw)) + raw + pickle.dumps(fields, pickle.HIGHEST_PROTOCOL))
+
+
+def decode_prepared(body: bytes) -> tuple[int, str, Prepared]:
+    seq, topic, data = decode_request(body)
+    # Pickled, as the settings are: from our parent, over a private socket pair (see `serve_claims`).
+    reply_to, client_id, claim, digest, key_hash, cloud_kid, now, shared, device_id, api_key = pickle.loads(data)
+    if not isinstance(claim, Claim):
+        raise TypeError(f"a prepared claim frame held a {type(claim).__name__}")
+    request = ClaimRequest(client_id, claim, digest, key_hash, cloud_kid, now)
+    return seq, topic, Prepared(reply_to, request, shared, Fresh(device_id, api_key))
 
 
 def encode_events(events: list[Event]) -> bytes:
@@ -236,15 +260,17 @@ def serve_claims(channel: socket.socket) -> None:
             handlers.start_purge(stopping)
             forward.send_with(frame(READY))
             for frames in arrivals:
-                requests: list[tuple[int, str, bytes]] = []
+                requests: list[tuple[int, str, bytes | Prepared]] = []
                 for kind, body in frames:
                     if kind == EVENTS:
                         handlers.record_events(decode_events(body))
                     elif kind == REQUEST:
                         requests.append(decode_request(body))
+                    elif kind == PREPARED:
+                        requests.append(decode_prepared(body))
                 for start in range(0, len(requests), MAX_BATCH):
                     batch = requests[start : start + MAX_BATCH]
-                    outcomes = handlers.handle_batch([(topic, payload) for _, topic, payload in batch])
+                    outcomes = handlers.handle_batch([(topic, message) for _, topic, message in batch])
                     answers = b"".join(
                         encode_answer(seq, core.publishes(outcome), line_of(outcome))
                         for (seq, _, _), outcome in zip(batch, outcomes, strict=True)

@@ -23,10 +23,12 @@ from bridge.claims.mirror import TokenMirror
 from bridge.claims.provisioning import (
     RATE_LIMITED,
     Outcome,
+    Prepared,
     Provisioner,
     rate_limited_answer,
     readable_request_id,
     record_events_safely,
+    retryable_error,
 )
 from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
@@ -256,15 +258,16 @@ class ClaimHandlers:
         self.report(topic, outcome)
         return outcome
 
-    def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[Outcome]:
+    def handle_batch(self, messages: list[tuple[str, bytes | Prepared]]) -> list[Outcome]:
         """Several messages, their writes in one database transaction (`Store.batch`, a group commit).
 
-        What needs no lock (parsing, limits, the ECDH) is done for all of them first, so that another
-        bridge process may write meanwhile; then each one's reads, decision and writes are a savepoint of
-        the batch, and the answers are handed out only once it committed. If it cannot begin or commit,
-        none of those writes happened: each such message is answered `internal_error`, retry."""
+        A message is its payload, or a claim its edge has prepared already (`ClaimPreparer`). What needs no
+        lock (parsing, limits, the ECDH) is done for all of them first, so that another bridge process may
+        write meanwhile; then each one's reads, decision and writes are a savepoint of the batch, and the
+        answers are handed out only once it committed. If it cannot begin or commit, none of those writes
+        happened: each such message is answered `internal_error`, retry."""
         self._turn()
-        steps = [self.prepare(topic, payload) for topic, payload in messages]
+        steps = [self._step(topic, message) for topic, message in messages]
         if all(isinstance(step, Outcome) for step in steps):
             return [step for step in steps if isinstance(step, Outcome)]
         try:
@@ -276,11 +279,22 @@ class ClaimHandlers:
         except Exception as exc:  # StorageError, or anything else: the claims are answered, the worker lives
             log.error("a batch of %d messages was not committed: %s", len(messages), exc)
             return [
-                step
-                if isinstance(step, Outcome)
-                else retry_later(self.settings, topic, payload, ErrorCode.INTERNAL_ERROR, "storage unavailable")
-                for (topic, payload), step in zip(messages, steps, strict=True)
+                step if isinstance(step, Outcome) else self._unwritten(topic, message)
+                for (topic, message), step in zip(messages, steps, strict=True)
             ]
+
+    def _step(self, topic: str, message: bytes | Prepared) -> Outcome | Pending:
+        if isinstance(message, Prepared):
+            return partial(self.provisioner.complete, message)
+        return self.prepare(topic, message)
+
+    def _unwritten(self, topic: str, message: bytes | Prepared) -> Outcome:
+        """The answer to a message whose writes did not happen: `internal_error`, retry."""
+        if isinstance(message, Prepared):
+            request_id = message.request.claim.request_id
+            answer = retryable_error(self.settings, request_id, "storage unavailable")
+            return Outcome(message.reply_to, answer, [], ErrorCode.INTERNAL_ERROR.value)
+        return retry_later(self.settings, topic, message, ErrorCode.INTERNAL_ERROR, "storage unavailable")
 
     def _turn(self) -> None:
         keys = self.provisioner.keys

@@ -1,28 +1,40 @@
 """The bridge on an external broker (Mosquitto) when nothing is mirrored into it, the default: paho driven
 by this process's event loop, claim work in a claim-worker process.
 
-The split is the embedded mode's (`bridge.edges.inprocess`): this process only moves bytes (paho's
-reads and writes run from the event loop's socket callbacks, no network thread), the blocking handlers
-(SQLite, crypto) run in the claim worker (`bridge.edges.workerlink`). On threads they would share one
-GIL with paho and hand it over at every SQLite call and syscall; measured on the threaded edge
-(`bridge.edges.paho`, still used when tokens are mirrored into dynamic security), that hand-off and
-the publishing from worker threads cost more CPU than the claim itself. What a device sees is the
-same on both: `bridge.edges.pahoedge`.
+The split is the embedded mode's (`bridge.edges.inprocess`): paho's reads and writes run from this
+process's event loop (no network thread), the blocking handlers (SQLite) run in the claim worker
+(`bridge.edges.workerlink`). On threads they would share one GIL with paho and hand it over at every
+SQLite call and syscall; measured on the threaded edge (`bridge.edges.paho`, still used when tokens are
+mirrored into dynamic security), that hand-off and the publishing from worker threads cost more CPU than
+the claim itself. What a device sees is the same on both: `bridge.edges.pahoedge`.
+
+Unlike the embedded broker's process, this one has CPU to spare: it prepares each claim itself (parse,
+flood limits, the ECDH: `ClaimPreparer`, a third of a claim's CPU) and hands the worker a `Prepared`, so
+that the worker, one process on one core and what bounds a burst of claims, is left the transaction, the
+token and the seal. A claim refused before its transaction (malformed, over a limit) is answered from here
+at once; its events go to the worker to store. Token refreshes go to the worker whole.
 """
 
 import asyncio
 import logging
 import socket
 import ssl
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from bridge import logs
+from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared
+from bridge.claims.ratelimit import FloodLimits
 from bridge.config import Settings
-from bridge.edges.core import BridgeCore, Publish
+from bridge.edges.claimworker import MAX_BATCH
+from bridge.edges.core import BridgeCore, Publish, TurnKeys, log_outcome
 from bridge.edges.pahoedge import PahoEdge, Request
 from bridge.edges.sessions import Shard
 from bridge.edges.workerlink import WorkerLink
+from bridge.storage.rotation import LiveKeyRing
+from provwire import topics
 from provwire.models import Event
 
 log = logging.getLogger("provbridge.service")
@@ -30,6 +42,8 @@ log = logging.getLogger("provbridge.service")
 RECONNECT_DELAY_SECONDS = (1.0, 10.0)  # first and longest wait between reconnection attempts
 MISC_INTERVAL_SECONDS = 1.0  # paho's keepalive and retry bookkeeping (`loop_misc`)
 OFFLINE_PUBLISH_TIMEOUT_SECONDS = 2.0
+# Claims prepared per turn of the event loop (`_prepare_some`): a few ms of work, the worker's group commit.
+PREPARE_CHUNK = MAX_BATCH
 
 
 class ExternalBridge(PahoEdge):
@@ -37,6 +51,10 @@ class ExternalBridge(PahoEdge):
         super().__init__(BridgeCore(settings), shard)
         self.worker = WorkerLink(settings, self._answered)
         self._requests: dict[int, Request] = {}
+        self._claims = topics.claim_subscription(settings.topic_prefix)
+        self._keys: TurnKeys | None = None  # the data dir's keys, loaded by `start`
+        self._preparer: ClaimPreparer | None = None
+        self._unprepared: deque[Request] = deque()  # claims taken, waiting for `_prepare_some`
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
@@ -52,6 +70,9 @@ class ExternalBridge(PahoEdge):
     async def start(self) -> None:
         """Start the claim worker, then connect (retried in the background until the broker answers)."""
         self._loop = asyncio.get_running_loop()
+        # Looked at once per chunk of claims prepared (`_prepare_some`): each claim of a chunk arrived before.
+        self._keys = TurnKeys(LiveKeyRing(self.settings.data_dir))
+        self._preparer = ClaimPreparer(self.settings, self._keys, FloodLimits(self.settings.claims))
         await self.worker.start()
         self._misc = self._loop.create_task(self._misc_loop())
         self._connect()
@@ -68,6 +89,8 @@ class ExternalBridge(PahoEdge):
         self._stopping.set()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+        while self._unprepared:  # taken already: handed to the worker, which answers them before it stops
+            self._prepare_some()
         await self.worker.stop()
         if self._serving.is_set() and self.shard.owns_status:
             info = self._publish(self.core.status(online=False))
@@ -151,7 +174,51 @@ class ExternalBridge(PahoEdge):
     # --- the claim work ----------------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
-        self._requests[self.worker.submit(request.topic, request.payload)] = request
+        if self._preparer is None or not topics.topic_matches(self._claims, request.topic):
+            self._requests[self.worker.submit(request.topic, request.payload)] = request
+            return
+        self._unprepared.append(request)
+        if len(self._unprepared) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._prepare_some)
+
+    def _prepare_some(self) -> None:
+        """Prepare up to PREPARE_CHUNK claims, hand them to the worker in one write, and come back on the next
+        turn of the event loop for more. In chunks: paho reads hundreds of claims in one call when they come in
+        a burst, and preparing them all at once would keep the worker's answers unread (the worker then waits
+        on its full socket) and every answer unsent for as long."""
+        assert self._preparer is not None and self._keys is not None and self._loop is not None
+        self._keys.turn()
+        handed: list[tuple[Request, Prepared]] = []
+        for _ in range(min(PREPARE_CHUNK, len(self._unprepared))):
+            request = self._unprepared.popleft()
+            step = self._prepare(request)
+            if isinstance(step, Prepared):
+                handed.append((request, step))
+                continue
+            # Refused before any write: answered from here, its events stored by the worker.
+            self._record_events(step.events)
+            try:
+                self._answer(request, self.core.publishes(step))
+            finally:
+                self.core.release()
+        seqs = self.worker.submit_prepared([(request.topic, prepared) for request, prepared in handed])
+        for seq, (request, _) in zip(seqs, handed, strict=True):
+            self._requests[seq] = request
+        if self._unprepared:
+            self._loop.call_soon(self._prepare_some)
+
+    def _prepare(self, request: Request) -> Outcome | Prepared:
+        assert self._preparer is not None
+        with logs.request_scope():  # the claim's request_id tags its lines here, and no later ones
+            try:
+                step = self._preparer.prepare(request.topic, request.payload)
+            except Exception:  # cannot happen (prepare never raises); as the worker would, drop it, live on
+                log.exception("claim on %s could not be handled", request.topic)
+                step = Outcome(None, None, [], "failed")
+            if isinstance(step, Outcome):
+                log_outcome(request.topic, step)
+            return step
 
     def _record_events(self, events: list[Event]) -> None:
         self.worker.record_events(events)

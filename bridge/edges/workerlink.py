@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bridge.claims.provisioning import Prepared
 from bridge.config import Settings
 from bridge.edges.claimworker import (
     ANSWER,
@@ -33,6 +34,7 @@ from bridge.edges.claimworker import (
     decode_answer,
     emit_record,
     encode_events,
+    encode_prepared,
     encode_request,
     frame,
     split_frames,
@@ -89,7 +91,7 @@ class WorkerLink:
         self.settings = settings
         self._on_answer = on_answer
         self._seq = itertools.count(1)
-        # Handed to the worker, not answered yet, in order: resent to a restarted worker.
+        # Handed to the worker, not answered yet, in order, as (topic, its frame): resent to a restarted worker.
         self.pending: dict[int, tuple[str, bytes]] = {}
         self._worker: _Worker | None = None
         self._restarting: asyncio.Task[None] | None = None
@@ -106,10 +108,27 @@ class WorkerLink:
     def submit(self, topic: str, payload: bytes) -> int:
         """Hand one message to the worker (or keep it for the worker being started); its sequence number."""
         seq = next(self._seq)
-        self.pending[seq] = (topic, payload)
-        if self._worker is not None:  # else it goes with the others once the worker is there
-            self._worker.transport.write(encode_request(seq, topic, payload))
+        data = encode_request(seq, topic, payload)
+        self.pending[seq] = (topic, data)
+        self._write(data)
         return seq
+
+    def submit_prepared(self, claims: list[tuple[str, Prepared]]) -> list[int]:
+        """Hand over claims this process prepared (`ClaimPreparer`), in one write, so that the worker takes
+        them as one group commit; their sequence numbers. The worker does their transactions only."""
+        seqs, frames = [], []
+        for topic, prepared in claims:
+            seq = next(self._seq)
+            data = encode_prepared(seq, topic, prepared)
+            self.pending[seq] = (topic, data)
+            seqs.append(seq)
+            frames.append(data)
+        self._write(b"".join(frames))
+        return seqs
+
+    def _write(self, data: bytes) -> None:
+        if self._worker is not None and data:  # else it goes with the others once the worker is there
+            self._worker.transport.write(data)
 
     def record_events(self, events: list[Event]) -> None:
         """Events made at the edge, for the worker to store; lost if no worker runs now (a restart)."""
@@ -182,8 +201,8 @@ class WorkerLink:
     # --- the process -------------------------------------------------------------------------
 
     def _adopt(self, worker: _Worker) -> None:
-        for seq, (topic, payload) in self.pending.items():
-            worker.transport.write(encode_request(seq, topic, payload))
+        for _topic, data in self.pending.values():
+            worker.transport.write(data)
         self._worker = worker
 
     async def _spawn(self) -> _Worker:
