@@ -247,6 +247,9 @@ class Event(_Answer):
     key_name: str | None = None
     key_id_prefix: str | None = None
     reason: str | None = None
+    actor: str | None = None  # administration events: who made the change
+    changes: list[str] | None = None  # `key.updated`: the fields that changed
+    count: int | None = None  # `key.codes_created`: how many
 
 
 class BridgeStatus(_Answer):

@@ -154,6 +154,13 @@ def database_held(settings: Settings) -> Iterator[None]:
         blocker.close()
 
 
+def prepared_in(data: bytes) -> Prepared:
+    """The claim in a `P` frame the edge handed to its worker."""
+    kind, body = next(split_frames(bytearray(data)))
+    assert kind == PREPARED
+    return decode_prepared(body)[2]
+
+
 def test_a_malformed_claim_is_answered_by_the_edge_while_the_worker_waits_for_the_database(
     initialised: tuple[Settings, str], jwt_mode: None
 ) -> None:
@@ -198,10 +205,12 @@ def test_claims_prepared_by_the_edge_are_answered_by_the_successor_of_a_worker_t
                     payload = device.claim_payload(bridge.provision_key)
                     device.conn.publish(topics.claim_topic(bridge.prefix, device.client_id), payload)
                 assert wait_for(lambda: len(bridge.edge.worker.pending) == 3)
+                drawn = {prepared_in(data).fresh.device_id for _, data in bridge.edge.worker.pending.values()}
                 os.kill(first_worker, signal.SIGKILL)
                 assert wait_for(lambda: bridge.edge.worker.worker_pid not in (None, first_worker))
             answers = [answer_of(device.conn.next_message()[1]) for device in devices]
             assert all(isinstance(answer, ClaimOk) for answer in answers), answers
+            assert {answer.device_id for answer in answers if isinstance(answer, ClaimOk)} == drawn
             for device in devices:
                 with pytest.raises(queue.Empty):  # answered once
                     device.conn.next_message(timeout=0.5)

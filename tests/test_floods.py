@@ -33,7 +33,7 @@ from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import MAX_CLAIM_BYTES, ClaimError, ClaimOk, to_json
 from tests.helpers.bridge import Bridge, make_settings
-from tests.helpers.brokers import DYNSEC, EMBEDDED, bridge_on
+from tests.helpers.brokers import DYNSEC, EMBEDDED, JWT, bridge_on
 from tests.helpers.devices import Device
 from tests.helpers.raw_mqtt import connect_packet, mqtt_string, packet, remaining_length
 from tests.helpers.waiting import wait_for
@@ -70,6 +70,23 @@ def guessed_key() -> str:
     return "pk_" + uuid.uuid4().hex
 
 
+@pytest.fixture(params=[EMBEDDED, JWT], ids=["embedded", "mosquitto-jwt"])
+def limited_bridge(
+    initialised: tuple[Settings, str], request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Bridge]:
+    """The limits applied before a claim's transaction: in the claim worker (embedded broker) or in the edge's
+    own process, which prepares claims on an external broker (Mosquitto, jwt: the default)."""
+    with bridge_on(request.param, initialised, monkeypatch) as running:
+        yield running
+
+
+def reasons_stored(bridge: Bridge, count: int) -> list[str]:
+    """The reasons of the `claim.rate_limited` events, once `count` are stored: the edge answers a refusal at
+    once and its event is stored by the claim worker after."""
+    assert wait_for(lambda: len(limited_events(bridge)) >= count)
+    return sorted(e["reason"] for e in limited_events(bridge))
+
+
 @limits(rate_client_per_second=SLOW, rate_client_burst=10)
 def test_claims_beyond_the_client_id_limit_are_rate_limited_and_reported_once(bridge: Bridge) -> None:
     with Device(bridge) as attacker:
@@ -91,7 +108,8 @@ def test_claims_beyond_the_client_id_limit_are_rate_limited_and_reported_once(br
 
 
 @limits(rate_device_per_second=SLOW, rate_device_burst=3)
-def test_claims_beyond_the_device_limit_are_rate_limited(bridge: Bridge) -> None:
+def test_claims_beyond_the_device_limit_are_rate_limited(limited_bridge: Bridge) -> None:
+    bridge = limited_bridge
     with Device(bridge) as device:
         for _ in range(3):  # the creation, then re-claims: same hardware id, same key
             assert isinstance(device.claim(bridge.provision_key), ClaimOk)
@@ -99,11 +117,12 @@ def test_claims_beyond_the_device_limit_are_rate_limited(bridge: Bridge) -> None
         # Keyed by (hardware_id, key): someone without this key cannot use up the device's budget.
         assert device.claim(guessed_key()).code is ErrorCode.PERMISSION_DENIED  # type: ignore[union-attr]
     assert bridge.store.count("devices") == 1
-    assert [e["reason"] for e in limited_events(bridge)] == ["device"]
+    assert reasons_stored(bridge, 1) == ["device"]
 
 
 @limits(rate_key_per_second=SLOW, rate_key_burst=4)
-def test_claims_beyond_the_provisioning_key_limit_are_rate_limited_and_spend_nothing(bridge: Bridge) -> None:
+def test_claims_beyond_the_provisioning_key_limit_are_rate_limited_and_spend_nothing(limited_bridge: Bridge) -> None:
+    bridge = limited_bridge
     key = bridge.create_key(max_registrations=10)
     for _ in range(4):
         with Device(bridge) as device:
@@ -114,11 +133,12 @@ def test_claims_beyond_the_provisioning_key_limit_are_rate_limited_and_spend_not
     stored = bridge.store.keys()
     (row,) = [k for k in stored if k.max_registrations == 10]
     assert row.registrations == 4  # the refusal spent no use
-    assert [e["reason"] for e in limited_events(bridge)] == ["provision_key"]
+    assert reasons_stored(bridge, 1) == ["provision_key"]
 
 
 @limits(rate_all_codes_per_second=SLOW, rate_all_codes_burst=5)
-def test_human_codes_are_limited_per_code_and_all_together(bridge: Bridge) -> None:
+def test_human_codes_are_limited_per_code_and_all_together(limited_bridge: Bridge) -> None:
+    bridge = limited_bridge
     with Device(bridge) as guesser:
         for _ in range(3):  # one wrong code, tried again: the per-code limit (0.1/s, burst 3) by default
             assert guesser.claim("PROV-AAAA-AAAA").code is ErrorCode.PERMISSION_DENIED  # type: ignore[union-attr]
@@ -128,7 +148,7 @@ def test_human_codes_are_limited_per_code_and_all_together(bridge: Bridge) -> No
             assert other.claim(code).code is ErrorCode.PERMISSION_DENIED  # type: ignore[union-attr]
         rate_limited(other.claim("PROV-DDDD-DDDD"))
     assert bridge.store.count("devices") == 0
-    assert sorted(e["reason"] for e in limited_events(bridge)) == ["all_human_codes", "human_code"]
+    assert reasons_stored(bridge, 2) == ["all_human_codes", "human_code"]
 
 
 @limits(rate_client_per_second=SLOW, rate_client_burst=4, rate_device_per_second=SLOW, rate_device_burst=2)

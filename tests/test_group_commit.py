@@ -68,11 +68,11 @@ def test_messages_of_a_batch_share_one_transaction_and_get_the_answers_they_woul
 
 def test_a_failed_unit_of_a_batch_is_undone_alone(store: Store) -> None:
     with store.batch():
-        store.create_tenant("t-1", "first", 0)
+        store.create_tenant("t-1", "first", 0, "test")
         with pytest.raises(RuntimeError), store.transaction() as tx:
             tx.connection.execute("INSERT INTO tenants VALUES ('t-2', 'second', 0)")
             raise RuntimeError("this unit fails after writing")
-        store.create_tenant("t-3", "third", 0)
+        store.create_tenant("t-3", "third", 0, "test")
     names = {t.name for t in store.tenants()}
     assert {"first", "third"} <= names and "second" not in names
 
@@ -111,9 +111,9 @@ def test_a_claim_replayed_within_its_own_batch_gets_the_same_answer(
 
 
 def test_a_batch_that_fails_to_commit_takes_its_units_with_it(store: Store) -> None:
-    store.create_tenant("t-9", "alone", int(time.time()))
+    store.create_tenant("t-9", "alone", int(time.time()), "test")
     with pytest.raises(StorageError), store.batch():
-        store.create_tenant("t-10", "in-a-batch", 0)
+        store.create_tenant("t-10", "in-a-batch", 0, "test")
         store.connection().execute("INSERT INTO tenants VALUES ('t-9', 'duplicate id', 0)")
     names = {t.name for t in store.tenants()}
     assert "alone" in names and "in-a-batch" not in names
@@ -125,12 +125,12 @@ def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(store: Store
     conn = store.connection()
     room = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
     with pytest.raises(StorageError), store.batch():
-        store.create_tenant("t-1", "first", 0)
+        store.create_tenant("t-1", "first", 0, "test")
         conn.execute(f"PRAGMA max_page_count = {int(conn.execute('PRAGMA page_count').fetchone()[0])}")
         with pytest.raises(StorageError), store.transaction() as tx:
             tx.connection.execute("INSERT INTO tenants VALUES ('t-2', ?, 0)", ("x" * 100_000,))  # disk full
         conn.execute(f"PRAGMA max_page_count = {room}")
         with pytest.raises(StorageError):
-            store.create_tenant("t-3", "third", 0)
+            store.create_tenant("t-3", "third", 0, "test")
     names = {t.name for t in store.tenants()}
     assert "first" not in names and "third" not in names

@@ -179,7 +179,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         return made.id, raw
 
     revoked_id, revoked = key()
-    store.revoke_key(revoked_id, made_at)
+    admin.revoke_key(store, revoked_id, made_at)
     _, expired = key(expires_at=made_at + 60)
     _, one_time = key(max_registrations=1)
     _, nothing_matches = key(hardware_id_pattern=r"\b\B")  # RE2 has no (?!)

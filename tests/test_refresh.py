@@ -128,7 +128,7 @@ def test_refresh_needs_no_provisioning_key_even_a_revoked_one(bridge: Bridge) ->
         answer = device.claim(raw)
         assert isinstance(answer, ClaimOk)
         device.device_id, device.cloud_kid = answer.device_id, answer.cloud_key_id
-        bridge.store.revoke_key(key.id, int(time.time()))
+        admin.revoke_key(bridge.store, key.id, int(time.time()))
         assert isinstance(device.claim(raw), ClaimError)  # a re-claim is refused now ...
         refreshed = device.send_refresh(device.refresh_payload())  # ... a refresh is not
     assert isinstance(refreshed, ClaimOk)

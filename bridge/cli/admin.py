@@ -1,6 +1,8 @@
 """`provbridge tenant|key|device|events`: administer what the database holds."""
 
 import argparse
+import csv
+import io
 import json
 import time
 from dataclasses import asdict
@@ -53,8 +55,19 @@ def _device_view(device: Device) -> dict[str, Any]:
 
 def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> None:
     store = admin.open_store(settings)
-    tenant_id = admin.create_tenant(store, args.name, int(time.time()))
-    emit(args, {"id": tenant_id, "name": args.name}, f"created tenant {args.name} ({tenant_id})")
+    created = admin.create_tenant(store, settings, args.name, int(time.time()))
+    key = created.default_key
+    text = (
+        f"created tenant {created.name} ({created.id}) and its default key {key.id}\n"
+        f"shown once, keep it like a password:\n  {created.provision_key}"
+    )
+    data = {
+        "id": created.id,
+        "name": created.name,
+        "default_key": _key_view(key),
+        "provision_key": created.provision_key,
+    }
+    emit(args, data, text)
 
 
 def cmd_tenant_list(args: argparse.Namespace, settings: Settings) -> None:
@@ -145,8 +158,58 @@ def cmd_key_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_key_revoke(args: argparse.Namespace, settings: Settings) -> None:
-    key = admin.open_store(settings).revoke_key(args.key_id, int(time.time()))
-    emit(args, _key_view(key), f"revoked {key.id} ({key.name}): new claims with it are refused")
+    key = admin.revoke_key(admin.open_store(settings), args.key_id, int(time.time()))
+    text = f"revoked {key.id} ({key.name}): new claims with it are refused (`key reinstate` undoes it)"
+    emit(args, _key_view(key), text)
+
+
+def cmd_key_reinstate(args: argparse.Namespace, settings: Settings) -> None:
+    key = admin.reinstate_key(admin.open_store(settings), args.key_id, int(time.time()))
+    emit(args, _key_view(key), f"reinstated {key.id} ({key.name}): claims with it are taken again")
+
+
+def cmd_key_update(args: argparse.Namespace, settings: Settings) -> None:
+    now = int(time.time())
+    update = admin.KeyUpdate(
+        name=args.name,
+        profile=args.profile,
+        max_registrations=args.max_registrations,
+        unlimited=args.unlimited,
+        expires_at=_expiry(args, now),
+        no_expiry=args.no_expiry,
+        set_labels=_labels(args.label),
+        remove_labels=args.remove_label,
+        add_groups=args.group,
+        remove_groups=args.remove_group,
+        reclaim_policy=args.reclaim,
+    )
+    key, changed = admin.update_key(admin.open_store(settings), settings, args.key_id, update, now)
+    text = f"updated {key.id} ({key.name}): " + (", ".join(changed) if changed else "nothing was different")
+    emit(args, _key_view(key) | {"changed": changed}, text)
+
+
+def cmd_key_codes(args: argparse.Namespace, settings: Settings) -> None:
+    store = admin.open_store(settings)
+    now = int(time.time())
+    spec = admin.KeySpec(
+        tenant=args.tenant,
+        name=args.name,
+        profile=args.profile,
+        expires_at=_expiry(args, now),
+        labels=_labels(args.label),
+        groups=args.group,
+        human_code=True,
+    )
+    codes = admin.create_codes(store, settings, spec, args.count, now)
+    rows = [{"key_id": key.id, "code": raw, "expires_at": when(key.expires_at)} for key, raw in codes]
+    if args.json:
+        emit(args, rows, "")
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["key_id", "code", "expires_at"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    print(out.getvalue(), end="")
 
 
 def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
@@ -208,7 +271,10 @@ def add_commands(commands: Any) -> None:
     tenant = commands.add_parser("tenant", help="create and list tenants").add_subparsers(
         dest="tenant_command", required=True, metavar="ACTION"
     )
-    add_command(tenant, "create", cmd_tenant_create, "create a tenant").add_argument("name")
+    tenant_create = add_command(
+        tenant, "create", cmd_tenant_create, "create a tenant and its default key (printed once)"
+    )
+    tenant_create.add_argument("name")
     add_command(tenant, "list", cmd_tenant_list, "list tenants")
 
     key = commands.add_parser("key", help="provisioning keys").add_subparsers(
@@ -260,6 +326,44 @@ def add_commands(commands: Any) -> None:
     )
     add_command(key, "list", cmd_key_list, "list provisioning keys").add_argument("--tenant")
     add_command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument("key_id")
+    add_command(key, "reinstate", cmd_key_reinstate, "take claims with a revoked key again").add_argument("key_id")
+    update = add_command(
+        key,
+        "update",
+        cmd_key_update,
+        "change a key: name, profile, registrations, expiry, labels, groups, re-claim policy (one transaction, an"
+        " event); what is not given stays",
+    )
+    update.add_argument("key_id")
+    update.add_argument("--name", help="a new name")
+    update.add_argument("--profile", help="topic profile for the devices it makes from now on")
+    registrations = update.add_mutually_exclusive_group()
+    registrations.add_argument(
+        "--max-registrations", type=count(1), metavar="N", help="devices it may create in all (those made count)"
+    )
+    registrations.add_argument("--unlimited", action="store_true", help="no limit on the devices it may create")
+    update.add_argument("--expires-in", metavar="DURATION", help="from now, e.g. 12h, 30d")
+    update.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
+    update.add_argument("--no-expiry", action="store_true", help="the key never expires (not for human codes)")
+    update.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="add or change a label")
+    update.add_argument("--remove-label", action="append", default=[], metavar="NAME", help="remove a label")
+    update.add_argument("--group", action="append", default=[], metavar="GROUP", help="add a group")
+    update.add_argument("--remove-group", action="append", default=[], metavar="GROUP", help="remove a group")
+    update.add_argument("--reclaim", choices=["reject", "rotate"], help="re-claim policy (see `key create --help`)")
+    codes = add_command(
+        key,
+        "codes",
+        cmd_key_codes,
+        "make N one-time human codes at once, printed once as CSV (key_id,code,expires_at); one transaction",
+    )
+    codes.add_argument("--count", type=count(1), required=True, metavar="N", help="how many (at most 10000)")
+    codes.add_argument("--tenant", default="default", help="tenant name (default: default)")
+    codes.add_argument("--name", required=True, help="a name they share, e.g. the batch")
+    codes.add_argument("--profile", default="default", help="topic profile from the config (default: default)")
+    codes.add_argument("--expires-in", metavar="DURATION", help="shorter than claims.code_ttl_seconds (24h)")
+    codes.add_argument("--expires-at", metavar="ISO8601", help="e.g. 2027-01-31T00:00:00Z")
+    codes.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="label for their devices")
+    codes.add_argument("--group", action="append", default=[], metavar="GROUP", help="group for their devices")
 
     device = commands.add_parser("device", help="provisioned devices").add_subparsers(
         dest="device_command", required=True, metavar="ACTION"

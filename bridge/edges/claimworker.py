@@ -50,9 +50,12 @@ from bridge.claims.decision import ClaimRequest, Fresh
 from bridge.claims.provisioning import Outcome, Prepared
 from bridge.config import Settings
 from bridge.edges import lifeline
-from bridge.edges.core import BridgeCore, Publish, claim_handlers
+from bridge.edges.core import BridgeCore, Publish, claim_handlers, retry_later
 from bridge.storage.store import Store
+from provwire.errors import ErrorCode
 from provwire.models import Claim, Event, to_json
+
+log = logging.getLogger("provbridge.service")
 
 SETTINGS, REQUEST, PREPARED, EVENTS, READY, ANSWER, LOG = b"S", b"Q", b"P", b"E", b"R", b"A", b"L"
 _LENGTH = struct.Struct(">I")
@@ -267,7 +270,13 @@ def serve_claims(channel: socket.socket) -> None:
                     elif kind == REQUEST:
                         requests.append(decode_request(body))
                     elif kind == PREPARED:
-                        requests.append(decode_prepared(body))
+                        try:
+                            requests.append(decode_prepared(body))
+                        except Exception:  # cannot happen (our parent wrote it): one answer, not a restart loop
+                            log.exception("a prepared claim could not be read; it is answered internal_error, retry")
+                            seq, topic, _ = decode_request(body)
+                            lost = retry_later(settings, topic, b"", ErrorCode.INTERNAL_ERROR, "internal error")
+                            forward.send_with(encode_answer(seq, core.publishes(lost)))
                 for start in range(0, len(requests), MAX_BATCH):
                     batch = requests[start : start + MAX_BATCH]
                     outcomes = handlers.handle_batch([(topic, message) for _, topic, message in batch])

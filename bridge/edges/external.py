@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from bridge import logs
-from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared
+from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared, retryable_error
 from bridge.claims.ratelimit import FloodLimits
 from bridge.config import Settings
 from bridge.edges.claimworker import MAX_BATCH
@@ -187,26 +187,48 @@ class ExternalBridge(PahoEdge):
         turn of the event loop for more. In chunks: paho reads hundreds of claims in one call when they come in
         a burst, and preparing them all at once would keep the worker's answers unread (the worker then waits
         on its full socket) and every answer unsent for as long."""
-        assert self._preparer is not None and self._keys is not None and self._loop is not None
-        self._keys.turn()
-        handed: list[tuple[Request, Prepared]] = []
-        for _ in range(min(PREPARE_CHUNK, len(self._unprepared))):
-            request = self._unprepared.popleft()
-            step = self._prepare(request)
-            if isinstance(step, Prepared):
-                handed.append((request, step))
-                continue
-            # Refused before any write: answered from here, its events stored by the worker.
-            self._record_events(step.events)
-            try:
-                self._answer(request, self.core.publishes(step))
-            finally:
-                self.core.release()
-        seqs = self.worker.submit_prepared([(request.topic, prepared) for request, prepared in handed])
+        assert self._loop is not None
+        try:
+            self._turn_keys()
+            chunk = [self._unprepared.popleft() for _ in range(min(PREPARE_CHUNK, len(self._unprepared)))]
+            steps = [(request, self._prepare(request)) for request in chunk]
+            self._hand_over([(request, step) for request, step in steps if isinstance(step, Prepared)])
+            refused = [(request, step) for request, step in steps if isinstance(step, Outcome)]
+            # Refused before any write: answered from here, their events stored by the worker (one frame).
+            self._record_events([event for _, outcome in refused for event in outcome.events])
+            for request, outcome in refused:
+                self._settle(request, outcome)
+        finally:  # whatever failed, the claims behind are not left waiting
+            if self._unprepared:
+                self._loop.call_soon(self._prepare_some)
+
+    def _turn_keys(self) -> None:
+        assert self._keys is not None
+        try:
+            self._keys.turn()
+        except Exception:  # as the worker's (ClaimHandlers._turn): the previous ring stays, the claims go on
+            log.exception("the key ring could not be looked at; keeping the previous one")
+
+    def _hand_over(self, handed: list[tuple[Request, Prepared]]) -> None:
+        try:
+            seqs = self.worker.submit_prepared([(request.topic, prepared) for request, prepared in handed])
+        except Exception:  # cannot happen (a Prepared pickles): answered retry rather than left taken for good
+            log.exception("%d prepared claims could not be handed to the claim worker", len(handed))
+            for request, prepared in handed:
+                retry = retryable_error(self.settings, prepared.request.claim.request_id, "internal error")
+                self._settle(request, Outcome(prepared.reply_to, retry, [], "internal_error"))
+            return
         for seq, (request, _) in zip(seqs, handed, strict=True):
             self._requests[seq] = request
-        if self._unprepared:
-            self._loop.call_soon(self._prepare_some)
+
+    def _settle(self, request: Request, outcome: Outcome) -> None:
+        """Answer a claim from here and give its in-flight slot back."""
+        try:
+            self._answer(request, self.core.publishes(outcome))
+        except Exception:  # `_answer` contains its own failures; this is for making the messages
+            log.exception("answer to %s could not be made", request.topic)
+        finally:
+            self.core.release()
 
     def _prepare(self, request: Request) -> Outcome | Prepared:
         assert self._preparer is not None

@@ -50,6 +50,10 @@ WORKER_RESTART_DELAY_SECONDS = 1.0
 # From `stop` to the worker gone: its claims answered, then its exit; a worker still there is killed.
 # As long as SQLite's busy timeout (bridge.storage.store), so a claim waiting on a busy database still gets its answer.
 STOP_GRACE_SECONDS = 10.0
+# Bytes written to the worker and not yet read by it past which the edge's refusal events are dropped: a flood
+# of refused claims is answered at the edge at once and must not queue without bound behind a busy worker.
+# Above what the claims themselves may fill (`claims.max_in_flight`, 10,000, prepared: ~1.2 kB each).
+MAX_EVENTS_BACKLOG_BYTES = 16 << 20
 
 # Called with a message's sequence number and the publishes of its answer, on the event loop.
 AnswerHandler = Callable[[int, list[Publish]], None]
@@ -99,6 +103,7 @@ class WorkerLink:
         self._abandoned = False
         self._stop_deadline: float | None = None  # the end of stop's grace period, on the loop's clock
         self._drained = asyncio.Event()
+        self._events_dropped = 0  # refusal events dropped since the worker fell behind (`record_events`)
 
     @property
     def worker_pid(self) -> int | None:
@@ -115,14 +120,12 @@ class WorkerLink:
 
     def submit_prepared(self, claims: list[tuple[str, Prepared]]) -> list[int]:
         """Hand over claims this process prepared (`ClaimPreparer`), in one write, so that the worker takes
-        them as one group commit; their sequence numbers. The worker does their transactions only."""
-        seqs, frames = [], []
-        for topic, prepared in claims:
-            seq = next(self._seq)
-            data = encode_prepared(seq, topic, prepared)
+        them as one group commit; their sequence numbers. The worker does their transactions only. All or
+        none: if one cannot be encoded, none is handed over (and the exception says why)."""
+        seqs = [next(self._seq) for _ in claims]
+        frames = [encode_prepared(seq, topic, prepared) for seq, (topic, prepared) in zip(seqs, claims, strict=True)]
+        for seq, (topic, _), data in zip(seqs, claims, frames, strict=True):
             self.pending[seq] = (topic, data)
-            seqs.append(seq)
-            frames.append(data)
         self._write(b"".join(frames))
         return seqs
 
@@ -131,9 +134,23 @@ class WorkerLink:
             self._worker.transport.write(data)
 
     def record_events(self, events: list[Event]) -> None:
-        """Events made at the edge, for the worker to store; lost if no worker runs now (a restart)."""
-        if events and self._worker is not None:
-            self._worker.transport.write(encode_events(events))
+        """Events made at the edge (refusals it answered itself), for the worker to store. Best effort, as
+        every refusal's event is (`record_events_safely`): lost if no worker runs now (a restart), and dropped,
+        with a warning, while the worker is so far behind that `MAX_EVENTS_BACKLOG_BYTES` wait for it."""
+        if not events or self._worker is None:
+            return
+        transport = self._worker.transport
+        if transport.get_write_buffer_size() > MAX_EVENTS_BACKLOG_BYTES:
+            if not self._events_dropped:
+                log.warning(
+                    "the claim worker is behind: events of refusals answered here are dropped until it catches up"
+                )
+            self._events_dropped += len(events)
+            return
+        if self._events_dropped:
+            log.warning("%d events of refusals were dropped while the claim worker was behind", self._events_dropped)
+            self._events_dropped = 0
+        transport.write(encode_events(events))
 
     async def start(self) -> None:
         """Start the worker and hand it what was submitted so far."""

@@ -3,8 +3,9 @@
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from bridge.claims import hardware_pattern, identifiers
 from bridge.config import Settings
@@ -14,11 +15,17 @@ from bridge.storage.records import ProvisionKey
 from bridge.storage.store import Store
 from bridge.tls import device_ca
 from bridge.tls.device_ca import create_device_ca
+from provwire.models import Event, rfc3339
 
 OPS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never "_", the no-tenant marker
 DEFAULT_TENANT = "default"
 FIRST_KEY_NAME = "first-key"
+DEFAULT_KEY_NAME = "default"  # the key `tenant create` makes with each tenant
+CLI_ACTOR = "cli"  # the `actor` of the events of changes made with the CLI
+MAX_CODES_AT_ONCE = 10_000
+MAX_KEY_NAME_CHARS = 128
+RECLAIM_POLICIES = ("reject", "rotate")
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits, short enough for int() and SQLite
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -48,6 +55,14 @@ class KeySpec:
 
 
 @dataclass(frozen=True)
+class TenantCreated:
+    id: str
+    name: str
+    default_key: ProvisionKey
+    provision_key: str  # the default key's raw value: shown once, never stored
+
+
+@dataclass(frozen=True)
 class InitResult:
     created: bool
     tenant: str
@@ -71,9 +86,12 @@ def init_data_dir(settings: Settings) -> InitResult:
     store = Store(settings.database_file)
     try:
         now = int(time.time())
+        # The default tenant's default key is the first key, whose value `init` shows once.
         if not any(t.name == DEFAULT_TENANT for t in store.tenants()):
-            create_tenant(store, DEFAULT_TENANT, now)
-        key, raw = create_key(store, settings, KeySpec(tenant=DEFAULT_TENANT, name=FIRST_KEY_NAME), now)
+            created = create_tenant(store, settings, DEFAULT_TENANT, now, key_name=FIRST_KEY_NAME)
+            key, raw = created.default_key, created.provision_key
+        else:  # a database left by an `init` that stopped before making the keys
+            key, raw = create_key(store, settings, KeySpec(tenant=DEFAULT_TENANT, name=FIRST_KEY_NAME), now)
     finally:
         store.close()
     # Keys last: their presence is what marks the directory as initialised.
@@ -81,23 +99,65 @@ def init_data_dir(settings: Settings) -> InitResult:
     return InitResult(True, DEFAULT_TENANT, ring.active_cloud, key.id, raw)
 
 
-def create_tenant(store: Store, name: str, now: int) -> str:
+def create_tenant(
+    store: Store,
+    settings: Settings,
+    name: str,
+    now: int,
+    actor: str = CLI_ACTOR,
+    key_name: str = DEFAULT_KEY_NAME,
+) -> TenantCreated:
+    """A tenant and its default key (`DEFAULT_KEY_NAME`, unlimited), in one transaction; the key's raw value is
+    returned to be shown once. Like a new project's default registration token: devices can claim at once."""
     if TENANT_NAME_RE.fullmatch(name) is None:
         raise UsageError(
             "tenant name must be 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
             " (it appears in event topics)"
         )
     tenant_id = identifiers.new_tenant_id()
-    store.create_tenant(tenant_id, name, now)
-    return tenant_id
+    key, raw = _new_key(settings, KeySpec(tenant=name, name=key_name), tenant_id, now)
+    store.create_tenant(tenant_id, name, now, actor, default_key=key)
+    return TenantCreated(tenant_id, name, key, raw)
 
 
-def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tuple[ProvisionKey, str]:
+def create_key(
+    store: Store, settings: Settings, spec: KeySpec, now: int, actor: str = CLI_ACTOR
+) -> tuple[ProvisionKey, str]:
     """Create a provisioning key; returns it and its raw value, which is never stored."""
+    key, raw = _new_key(settings, spec, store.tenant_id(spec.tenant), now)
+    if key.credential_type == "certificate":
+        # Before the key exists, so that no claim with it can find no CA to sign with. Never replaced once made.
+        create_device_ca(settings.data_dir, datetime.fromtimestamp(now, UTC))
+    store.create_key(key, actor)
+    return key, raw
+
+
+def create_codes(
+    store: Store, settings: Settings, spec: KeySpec, count: int, now: int, actor: str = CLI_ACTOR
+) -> list[tuple[ProvisionKey, str]]:
+    """`count` one-time human codes made alike from `spec` (its `human_code` implied), in one transaction with
+    one `key.codes_created` event; each returned with its raw value, to be shown once."""
+    if not 1 <= count <= MAX_CODES_AT_ONCE:
+        raise UsageError(f"give 1 to {MAX_CODES_AT_ONCE} codes at a time")
+    spec = replace(spec, human_code=True)
+    tenant_id = store.tenant_id(spec.tenant)
+    codes = [_new_key(settings, spec, tenant_id, now) for _ in range(count)]
+    if spec.credential_type == "certificate":
+        create_device_ca(settings.data_dir, datetime.fromtimestamp(now, UTC))
+    event = Event(
+        event="key.codes_created", time=rfc3339(now), tenant=spec.tenant, key_name=spec.name, actor=actor, count=count
+    )
+    store.create_codes([key for key, _ in codes], event)
+    return codes
+
+
+def _new_key(settings: Settings, spec: KeySpec, tenant_id: str, now: int) -> tuple[ProvisionKey, str]:
+    """A key as `spec` says, checked (UsageError says what is wrong), not stored; and its raw value."""
     if spec.profile not in settings.profiles:
         raise UsageError(f"unknown profile {spec.profile!r}; configured: {', '.join(sorted(settings.profiles))}")
-    if spec.reclaim_policy not in ("reject", "rotate"):
+    if spec.reclaim_policy not in RECLAIM_POLICIES:
         raise UsageError("re-claim policy must be 'reject' or 'rotate'")
+    _check_name(spec.name)
     if spec.max_registrations is not None and spec.max_registrations < 1:
         raise UsageError("max registrations must be at least 1 (leave it out for unlimited)")
     if spec.expires_at is not None and spec.expires_at <= now:
@@ -107,7 +167,6 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
     _check_credential_spec(spec)
     if spec.hardware_id_pattern is not None:
         hardware_pattern.compile_pattern(spec.hardware_id_pattern)  # InvalidPattern says why RE2 refuses it
-    tenant_id = store.tenant_id(spec.tenant)
     expires_at, max_registrations = spec.expires_at, spec.max_registrations
     if spec.human_code:
         raw = identifiers.new_human_code()
@@ -136,11 +195,145 @@ def create_key(store: Store, settings: Settings, spec: KeySpec, now: int) -> tup
         credential_type=spec.credential_type,
         certificate_validity_seconds=spec.certificate_validity_seconds,
     )
-    if key.credential_type == "certificate":
-        # Before the key exists, so that no claim with it can find no CA to sign with. Never replaced once made.
-        create_device_ca(settings.data_dir, datetime.fromtimestamp(now, UTC))
-    store.create_key(key)
     return key, raw
+
+
+# --- changing a key ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    """What `key update` changes; what is left at its default stays as it is."""
+
+    name: str | None = None
+    profile: str | None = None
+    max_registrations: int | None = None
+    unlimited: bool = False  # no limit on registrations
+    expires_at: int | None = None
+    no_expiry: bool = False
+    set_labels: dict[str, str] = field(default_factory=dict)
+    remove_labels: list[str] = field(default_factory=list)
+    add_groups: list[str] = field(default_factory=list)
+    remove_groups: list[str] = field(default_factory=list)
+    reclaim_policy: str | None = None
+
+    def is_empty(self) -> bool:
+        return self == KeyUpdate()
+
+
+def update_key(
+    store: Store, settings: Settings, key_id: str, update: KeyUpdate, now: int, actor: str = CLI_ACTOR
+) -> tuple[ProvisionKey, list[str]]:
+    """Change a key as `update` says, with a `key.updated` event naming the fields that changed: one transaction.
+    Refused (UsageError, nothing changed) when the result would not be a key `key create` could make.
+    Returns the key as it now is and the fields that changed."""
+    if update.is_empty():
+        raise UsageError("nothing to change: give at least one option (see --help)")
+    if update.unlimited and update.max_registrations is not None:
+        raise UsageError("give --max-registrations or --unlimited, not both")
+    if update.no_expiry and update.expires_at is not None:
+        raise UsageError("give an expiry or --no-expiry, not both")
+    changed: list[str] = []
+
+    def change(key: ProvisionKey) -> tuple[dict[str, Any], Event]:
+        columns, event = key_update(key, update, settings, now, actor)
+        changed[:] = event.changes or []
+        return columns, event
+
+    return store.change_key(key_id, change), changed
+
+
+def key_update(
+    key: ProvisionKey, update: KeyUpdate, settings: Settings, now: int, actor: str
+) -> tuple[dict[str, Any], Event]:
+    """The columns `update` sets on `key`, and the event saying which fields changed (pure)."""
+    after: dict[str, Any] = {
+        "name": update.name if update.name is not None else key.name,
+        "profile": update.profile if update.profile is not None else key.profile,
+        "max_registrations": None
+        if update.unlimited
+        else (update.max_registrations if update.max_registrations is not None else key.max_registrations),
+        "expires_at": None if update.no_expiry else (update.expires_at or key.expires_at),
+        "labels": {
+            **{k: v for k, v in key.labels.items() if k not in update.remove_labels},
+            **update.set_labels,
+        },
+        "groups": [g for g in key.groups if g not in update.remove_groups]
+        + [g for g in dict.fromkeys(update.add_groups) if g not in key.groups],
+        "reclaim_policy": update.reclaim_policy or key.reclaim_policy,
+    }
+    _check_name(after["name"])
+    if after["profile"] not in settings.profiles:
+        raise UsageError(f"unknown profile {after['profile']!r}; configured: {', '.join(sorted(settings.profiles))}")
+    if after["reclaim_policy"] not in RECLAIM_POLICIES:
+        raise UsageError("re-claim policy must be 'reject' or 'rotate'")
+    if after["max_registrations"] is not None and after["max_registrations"] < 1:
+        raise UsageError("max registrations must be at least 1 (--unlimited for no limit)")
+    if update.expires_at is not None and update.expires_at <= now:
+        raise UsageError("expiry must be in the future")
+    missing = [name for name in update.remove_labels if name not in key.labels]
+    missing += [group for group in update.remove_groups if group not in key.groups]
+    if missing:
+        raise UsageError(f"the key has no label or group {', '.join(map(repr, missing))} to remove")
+    if key.kind == "code":
+        if after["max_registrations"] != 1:
+            raise UsageError("a human code is always one-time: its registrations cannot change")
+        if after["expires_at"] is None or after["expires_at"] > key.created_at + settings.claims.code_ttl_seconds:
+            raise UsageError(
+                f"a human code lives at most {settings.claims.code_ttl_seconds} s from its creation"
+                " (claims.code_ttl_seconds): it can be shortened, not lengthened"
+            )
+    before = {
+        "name": key.name,
+        "profile": key.profile,
+        "max_registrations": key.max_registrations,
+        "expires_at": key.expires_at,
+        "labels": key.labels,
+        "groups": key.groups,
+        "reclaim_policy": key.reclaim_policy,
+    }
+    changed = [name for name in after if after[name] != before[name]]
+    columns = {("groups_" if name == "groups" else name): after[name] for name in changed}
+    event = _key_event("key.updated", replace(key, name=after["name"]), now, actor, changes=changed)
+    return columns, event
+
+
+def revoke_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> ProvisionKey:
+    """New claims with the key are refused (`key_revoked`); devices it made keep working. Idempotent."""
+
+    def revoke(key: ProvisionKey) -> tuple[dict[str, Any], Event]:
+        columns: dict[str, Any] = {} if key.status == "revoked" else {"status": "revoked", "revoked_at": now}
+        return columns, _key_event("key.revoked", key, now, actor)
+
+    return store.change_key(key_id, revoke)
+
+
+def reinstate_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> ProvisionKey:
+    """Undo `revoke_key`: claims with the key are taken again (within its expiry and registrations)."""
+
+    def reinstate(key: ProvisionKey) -> tuple[dict[str, Any], Event]:
+        if key.status != "revoked":
+            raise UsageError(f"key {key.id} is not revoked")
+        return {"status": "active", "revoked_at": None}, _key_event("key.reinstated", key, now, actor)
+
+    return store.change_key(key_id, reinstate)
+
+
+def _key_event(name: str, key: ProvisionKey, now: int, actor: str, **fields: Any) -> Event:
+    return Event(
+        event=name,
+        time=rfc3339(now),
+        tenant=key.tenant_name,
+        key_name=key.name,
+        key_id_prefix=key.id[:12],
+        actor=actor,
+        **fields,
+    )
+
+
+def _check_name(name: str) -> None:
+    if not 1 <= len(name) <= MAX_KEY_NAME_CHARS or not name.isprintable():
+        raise UsageError(f"a key name must be 1-{MAX_KEY_NAME_CHARS} printable characters")
 
 
 def _check_credential_spec(spec: KeySpec) -> None:

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,53 @@ def _device(row: sqlite3.Row) -> Device:
         updated_at=row["updated_at"],
         credential_type=row["credential_type"],
     )
+
+
+# A key's columns an operator may change (`Store.change_key`); the others are fixed at creation.
+_CHANGEABLE_KEY_COLUMNS = frozenset(
+    {"name", "profile", "expires_at", "max_registrations", "labels", "groups_", "reclaim_policy"}
+    | {"status", "revoked_at"}
+)
+# What `Store.change_key` asks of the caller: given the key as stored, the columns to set and the event.
+KeyChange = Callable[[ProvisionKey], tuple[dict[str, Any], Event]]
+
+
+def _admin_event(name: str, now: int, tenant: str, actor: str, key: ProvisionKey | None = None, **fields: Any) -> Event:
+    if key is not None:
+        fields |= {"key_name": key.name, "key_id_prefix": key.id[:12]}
+    return Event(event=name, time=rfc3339(now), tenant=tenant, actor=actor, **fields)
+
+
+def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None:
+    """Insert a key, and its `key.created` event made by `actor` (None: none, bulk codes have one for all)."""
+    tx.connection.execute(
+        "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
+        " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
+        " reclaim_policy, status, created_at, pattern_syntax, credential_type, certificate_validity_seconds)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            key.id,
+            key.tenant_id,
+            key.name,
+            key.kind,
+            key.key_hash,
+            key.profile,
+            key.hardware_id_pattern,
+            key.expires_at,
+            key.max_registrations,
+            0,
+            json.dumps(key.labels),
+            json.dumps(key.groups),
+            key.reclaim_policy,
+            "active",
+            key.created_at,
+            None if key.hardware_id_pattern is None else "re2",
+            key.credential_type,
+            key.certificate_validity_seconds,
+        ),
+    )
+    if actor is not None:
+        tx.add_event(_admin_event("key.created", key.created_at, key.tenant_name, actor, key))
 
 
 class Transaction:
@@ -348,12 +395,18 @@ class Store:
 
     # --- tenants -------------------------------------------------------------------------
 
-    def create_tenant(self, tenant_id: str, name: str, now: int) -> None:
+    def create_tenant(
+        self, tenant_id: str, name: str, now: int, actor: str, default_key: ProvisionKey | None = None
+    ) -> None:
+        """A tenant, with its default key when given, and the events of both: one transaction."""
         with self.transaction() as tx:
             db = tx.connection
             if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
                 raise AlreadyExists(f"tenant {name!r} already exists")
             db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, name, now))
+            tx.add_event(_admin_event("tenant.created", now, name, actor))
+            if default_key is not None:
+                _insert_key(tx, default_key, actor)
 
     def tenants(self) -> list[TenantSummary]:
         with self._reading() as db:
@@ -374,46 +427,40 @@ class Store:
 
     # --- provisioning keys ---------------------------------------------------------------
 
-    def create_key(self, key: ProvisionKey) -> None:
+    def create_key(self, key: ProvisionKey, actor: str) -> None:
+        """One key and its `key.created` event."""
         with self.transaction() as tx:
-            tx.connection.execute(
-                "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
-                " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
-                " reclaim_policy, status, created_at, pattern_syntax, credential_type, certificate_validity_seconds)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key.id,
-                    key.tenant_id,
-                    key.name,
-                    key.kind,
-                    key.key_hash,
-                    key.profile,
-                    key.hardware_id_pattern,
-                    key.expires_at,
-                    key.max_registrations,
-                    0,
-                    json.dumps(key.labels),
-                    json.dumps(key.groups),
-                    key.reclaim_policy,
-                    "active",
-                    key.created_at,
-                    None if key.hardware_id_pattern is None else "re2",
-                    key.credential_type,
-                    key.certificate_validity_seconds,
-                ),
-            )
+            _insert_key(tx, key, actor)
+
+    def create_codes(self, codes: list[ProvisionKey], event: Event) -> None:
+        """Many keys (one-time codes) and the one event that says so, in one transaction: all or none."""
+        with self.transaction() as tx:
+            for code in codes:
+                _insert_key(tx, code, None)
+            tx.add_event(event)
 
     def keys(self, tenant_id: str | None = None) -> list[ProvisionKey]:
         where, args = (" WHERE k.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
         with self._reading() as db:
             return [_key(r) for r in db.execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
 
-    def revoke_key(self, key_id: str, now: int) -> ProvisionKey:
+    def change_key(self, key_id: str, change: "KeyChange") -> ProvisionKey:
+        """Read a key, let `change` decide (the columns to set and the event, or an exception that changes
+        nothing), write both: one transaction, so two changes of the same key cannot lose one another."""
         with self.transaction() as tx:
             db = tx.connection
-            cur = db.execute("UPDATE provision_keys SET status = 'revoked', revoked_at = ? WHERE id = ?", (now, key_id))
-            if cur.rowcount == 0:
+            row = db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone()
+            if row is None:
                 raise NotFound(f"no provisioning key {key_id!r}")
+            columns, event = change(_key(row))
+            unknown = set(columns) - _CHANGEABLE_KEY_COLUMNS
+            if unknown:
+                raise ValueError(f"not a changeable key column: {', '.join(sorted(unknown))}")
+            if columns:
+                values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
+                assignments = ", ".join(f"{column} = ?" for column in columns)
+                db.execute(f"UPDATE provision_keys SET {assignments} WHERE id = ?", (*values, key_id))
+            tx.add_event(event)
             return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
 
     # --- devices -------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""Issue 12, provisioning keys after creation: update, revoke and reinstate, a default key with every tenant,
+one-time codes in bulk. Each change is one transaction with its event; a change that is refused changes
+nothing. Through the CLI as an operator runs it (in this process), on the same SQLite file as a running
+bridge (the embedded broker), with real claims wherever a change decides what a claim gets."""
+
+import csv
+import io
+import json
+import time
+from typing import Any
+
+import pytest
+
+from bridge.config import Settings
+from bridge.ops import admin
+from bridge.storage.records import ProvisionKey
+from bridge.storage.store import Store
+from provwire.errors import ErrorCode
+from provwire.models import ClaimError, ClaimOk
+from tests.helpers.bridge import Bridge
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import Device
+
+
+def cli(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `provbridge ARGV` (argparse's own refusals included: exit 2)."""
+    capsys.readouterr()
+    try:
+        code = run_cli(settings, *argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> Any:
+    code, out, err = cli(capsys, settings, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def keys_named(store: Store, name: str) -> list[ProvisionKey]:
+    stored = store.keys()
+    return [k for k in stored if k.name == name]
+
+
+def key_row(store: Store, key_id: str) -> ProvisionKey:
+    stored = store.keys()
+    (key,) = [k for k in stored if k.id == key_id]
+    return key
+
+
+def events(store: Store, name: str) -> list[dict[str, Any]]:
+    return store.events(event=name, limit=1000)
+
+
+def new_key(store: Store, settings: Settings, **spec: Any) -> ProvisionKey:
+    spec.setdefault("tenant", "default")
+    spec.setdefault("name", "line-7")
+    return admin.create_key(store, settings, admin.KeySpec(**spec), int(time.time()))[0]
+
+
+def refused(answer: ClaimOk | ClaimError) -> ErrorCode:
+    assert isinstance(answer, ClaimError), answer
+    return answer.code
+
+
+# --- update -----------------------------------------------------------------------------------------------
+
+
+def test_an_update_changes_what_it_names_and_nothing_else_with_one_event(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = initialised[0]
+    store = Store(settings.database_file)
+    key = new_key(store, settings, labels={"site": "lyon", "line": "7"}, groups=["eu"], max_registrations=10)
+    view = cli_json(
+        capsys,
+        settings,
+        *("key", "update", key.id, "--name", "line-8", "--max-registrations", "3", "--expires-in", "2d"),
+        *("--label", "line=8", "--remove-label", "site", "--group", "fr", "--reclaim", "rotate"),
+    )
+    after = key_row(store, key.id)
+    assert (after.name, after.max_registrations, after.reclaim_policy) == ("line-8", 3, "rotate")
+    assert after.labels == {"line": "8"} and after.groups == ["eu", "fr"]
+    assert after.expires_at is not None and abs(after.expires_at - (int(time.time()) + 2 * 86400)) < 60
+    assert (after.profile, after.key_hash, after.status, after.kind) == (key.profile, key.key_hash, "active", "key")
+    assert view["changed"] == ["name", "max_registrations", "expires_at", "labels", "groups", "reclaim_policy"]
+    (event,) = events(store, "key.updated")
+    assert event["changes"] == view["changed"] and event["actor"] == "cli"
+    assert event["key_id_prefix"] == key.id[:12] and event["key_name"] == "line-8" and event["tenant"] == "default"
+    # The same update again changes nothing, and says so.
+    again = cli_json(capsys, settings, "key", "update", key.id, "--name", "line-8", "--reclaim", "rotate")
+    assert again["changed"] == []
+    store.close()
+
+
+BAD_UPDATES = {
+    "nothing to change": [],
+    "unknown profile": ["--profile", "no-such-profile"],
+    "zero registrations": ["--max-registrations", "0"],
+    "a limit and no limit": ["--max-registrations", "2", "--unlimited"],
+    "expiry in the past": ["--expires-at", "2001-01-01T00:00:00Z"],
+    "an expiry and none": ["--expires-in", "1d", "--no-expiry"],
+    "a label it does not have": ["--name", "other", "--remove-label", "nope"],
+    "a group it does not have": ["--remove-group", "nope"],
+    "an empty name": ["--name", ""],
+    "a label that is no pair": ["--label", "novalue"],
+    "an unknown re-claim policy": ["--reclaim", "sometimes"],
+}
+
+
+@pytest.mark.parametrize("argv", BAD_UPDATES.values(), ids=BAD_UPDATES.keys())
+def test_a_refused_update_says_why_and_changes_nothing(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    settings = initialised[0]
+    store = Store(settings.database_file)
+    key = new_key(store, settings, labels={"site": "lyon"})
+    code, out, err = cli(capsys, settings, "key", "update", key.id, *argv)
+    assert code == 2 and out == ""
+    assert "error" in err and "Traceback" not in err
+    assert key_row(store, key.id) == key
+    assert events(store, "key.updated") == []
+    store.close()
+
+
+def test_updating_an_unknown_key_fails_with_its_id(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, initialised[0], "key", "update", "key_doesnotexist", "--name", "x")
+    assert code == 1 and "no provisioning key 'key_doesnotexist'" in err
+
+
+def test_a_human_code_stays_one_time_and_can_only_be_shortened(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = initialised[0]
+    store = Store(settings.database_file)
+    code_key = new_key(store, settings, human_code=True)
+    for argv in (["--max-registrations", "2"], ["--unlimited"], ["--no-expiry"], ["--expires-in", "30d"]):
+        code, _, err = cli(capsys, settings, "key", "update", code_key.id, *argv)
+        assert code == 2 and "human code" in err, argv
+    assert key_row(store, code_key.id) == code_key
+    shortened = cli_json(capsys, settings, "key", "update", code_key.id, "--expires-in", "1h")
+    assert shortened["changed"] == ["expires_at"]
+    assert (key_row(store, code_key.id).expires_at or 0) < (code_key.expires_at or 0)
+    store.close()
+
+
+def test_the_registration_limit_applies_to_the_next_claim(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
+    made = cli_json(capsys, bridge.settings, "key", "create", "--name", "limited", "--max-registrations", "1")
+    pk = made["provision_key"]
+    with Device(bridge) as first:
+        assert isinstance(first.claim(pk), ClaimOk)
+    with Device(bridge) as second:
+        assert refused(second.claim(pk)) is ErrorCode.PERMISSION_DENIED  # used up
+        cli_json(capsys, bridge.settings, "key", "update", made["id"], "--max-registrations", "2")
+        assert isinstance(second.claim(pk), ClaimOk)
+    with Device(bridge) as third:
+        assert refused(third.claim(pk)) is ErrorCode.PERMISSION_DENIED
+        cli_json(capsys, bridge.settings, "key", "update", made["id"], "--unlimited")
+        assert isinstance(third.claim(pk), ClaimOk)
+    assert key_row(bridge.store, made["id"]).registrations == 3
+
+
+# --- revoke and reinstate -------------------------------------------------------------------------------------
+
+
+def test_a_revoked_key_refuses_claims_until_it_is_reinstated(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = cli_json(capsys, bridge.settings, "key", "create", "--name", "paused")
+    pk = made["provision_key"]
+    with Device(bridge) as device:
+        assert cli_json(capsys, bridge.settings, "key", "revoke", made["id"])["status"] == "revoked"
+        assert refused(device.claim(pk)) is ErrorCode.PERMISSION_DENIED
+        rejected = [e for e in events(bridge.store, "claim.rejected") if e.get("hardware_id") == device.hardware_id]
+        assert [e["reason"] for e in rejected] == ["key_revoked"]
+        assert cli_json(capsys, bridge.settings, "key", "reinstate", made["id"])["status"] == "active"
+        assert isinstance(device.claim(pk), ClaimOk)
+    assert [e["actor"] for e in events(bridge.store, "key.revoked") + events(bridge.store, "key.reinstated")] == [
+        "cli",
+        "cli",
+    ]
+    code, _, err = cli(capsys, bridge.settings, "key", "reinstate", made["id"])
+    assert code == 2 and "is not revoked" in err
+    assert len(events(bridge.store, "key.reinstated")) == 1
+
+
+# --- a default key with every tenant --------------------------------------------------------------------------
+
+
+def test_a_new_tenant_comes_with_a_default_key_its_devices_claim_with(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = cli_json(capsys, bridge.settings, "tenant", "create", "acme")
+    assert created["default_key"]["name"] == "default" and created["default_key"]["tenant"] == "acme"
+    assert created["default_key"]["max_registrations"] is None  # like a project's default registration token
+    with Device(bridge) as device:
+        answer = device.claim(created["provision_key"])
+    assert isinstance(answer, ClaimOk)
+    assert bridge.store.device(answer.device_id).tenant_name == "acme"
+    tenant_events = bridge.store.events(tenant="acme", limit=10)
+    assert [e["event"] for e in tenant_events[:2]] == ["tenant.created", "key.created"]
+    code, _, err = cli(capsys, bridge.settings, "tenant", "create", "acme")
+    assert code == 1 and "already exists" in err
+    assert len(bridge.store.keys(bridge.store.tenant_id("acme"))) == 1  # nothing half made
+
+
+# --- one-time codes in bulk -----------------------------------------------------------------------------------
+
+
+def test_codes_in_bulk_are_shown_once_stored_as_hashes_and_each_claims_once(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cli(capsys, bridge.settings, "key", "codes", "--count", "5", "--name", "batch-42")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 5 and list(rows[0]) == ["key_id", "code", "expires_at"]
+    assert len({row["code"] for row in rows}) == 5
+    stored = {k.id: k for k in keys_named(bridge.store, "batch-42")}
+    assert set(stored) == {row["key_id"] for row in rows}
+    assert all(k.kind == "code" and k.max_registrations == 1 and k.expires_at for k in stored.values())
+    database = bridge.settings.database_file.read_bytes()
+    assert all(row["code"].encode() not in database for row in rows)  # only hashes are kept
+    (event,) = events(bridge.store, "key.codes_created")
+    assert event["count"] == 5 and event["key_name"] == "batch-42" and event["actor"] == "cli"
+    created = [e for e in events(bridge.store, "key.created") if e["key_name"] == "batch-42"]
+    assert created == []  # one event for the batch, not one per code
+    with Device(bridge) as first, Device(bridge) as second:
+        assert isinstance(first.claim(rows[0]["code"]), ClaimOk)
+        assert refused(second.claim(rows[0]["code"])) is ErrorCode.PERMISSION_DENIED
+        assert isinstance(second.claim(rows[1]["code"]), ClaimOk)
+
+
+@pytest.mark.parametrize("count", ["0", "10001"])
+def test_codes_beyond_the_bounds_are_refused_and_none_made(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], count: str
+) -> None:
+    settings = initialised[0]
+    code, out, err = cli(capsys, settings, "key", "codes", "--count", count, "--name", "x")
+    assert code == 2 and out == "" and "Traceback" not in err
+    store = Store(settings.database_file)
+    assert keys_named(store, "x") == [] and events(store, "key.codes_created") == []
+    store.close()
