@@ -4,6 +4,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -11,9 +12,10 @@ from typing import Any
 
 from bridge.cli.common import add_command, count, emit, table, when
 from bridge.config import Settings
-from bridge.errors import UsageError
-from bridge.ops import admin, revocation
+from bridge.errors import NotFound, UsageError
+from bridge.ops import admin, devices, revocation
 from bridge.storage.records import Device, ProvisionKey
+from bridge.storage.store import DeviceFilter
 from bridge.tls.certificates import certificate_listener_enabled
 from provwire import crypto
 
@@ -214,7 +216,12 @@ def cmd_key_codes(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
     store = admin.open_store(settings)
-    devices = store.devices(store.tenant_id(args.tenant) if args.tenant else None, limit=args.limit)
+    where = DeviceFilter(
+        tenant_id=store.tenant_id(args.tenant) if args.tenant else None,
+        status=args.status,
+        hardware_id=args.hardware_id,
+    )
+    page = devices.list_devices(store, where, args.after, args.limit)
     rows = [
         {
             "id": d.id,
@@ -225,12 +232,49 @@ def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
             "status": d.status,
             "created": when(d.created_at),
         }
-        for d in devices
+        for d in page.devices
     ]
+    text = table(rows, ["id", "tenant", "hardware_id", "name", "profile", "status", "created"])
+    if page.next_cursor:
+        text += f"\nmore: the next page is --after {page.next_cursor}"
+    emit(args, {"devices": [_device_view(d) for d in page.devices], "next_cursor": page.next_cursor}, text)
+
+
+def cmd_device_update(args: argparse.Namespace, settings: Settings) -> None:
+    update = devices.DeviceUpdate(
+        name=args.name,
+        clear_name=args.clear_name,
+        profile=args.profile,
+        set_labels=_labels(args.label),
+        remove_labels=args.remove_label,
+        add_groups=args.group,
+        remove_groups=args.remove_group,
+    )
+    store = admin.open_store(settings)
+    device, changed = devices.update_device(store, settings, args.device_id, update, int(time.time()))
+    text = f"updated {device.id}: " + (", ".join(changed) if changed else "nothing was different")
+    emit(args, _device_view(device) | {"changed": changed}, text)
+
+
+def cmd_device_rotate_api_key(args: argparse.Namespace, settings: Settings) -> None:
+    device, raw = devices.rotate_api_key(admin.open_store(settings), args.device_id, int(time.time()))
+    text = (
+        f"new API key for {device.id}; the old one no longer verifies\n"
+        f"shown once, give it to the device's backend over a channel you trust:\n  {raw}"
+    )
+    emit(args, {"device_id": device.id, "api_key": raw}, text)
+
+
+def cmd_device_verify_api_key(args: argparse.Namespace, settings: Settings) -> None:
+    # From stdin, not the command line, where other users of the host could read it (ps, shell history).
+    api_key = sys.stdin.readline(200).strip()
+    device = devices.verify_api_key(admin.open_store(settings), api_key)
+    if device is None:
+        raise NotFound("not a valid API key: no active device has it")
     emit(
         args,
-        [_device_view(d) for d in devices],
-        table(rows, ["id", "tenant", "hardware_id", "name", "profile", "status", "created"]),
+        {"device_id": device.id, "tenant": device.tenant_name},
+        f"valid: {device.id} (tenant {device.tenant_name})",
     )
 
 
@@ -368,11 +412,37 @@ def add_commands(commands: Any) -> None:
     device = commands.add_parser("device", help="provisioned devices").add_subparsers(
         dest="device_command", required=True, metavar="ACTION"
     )
-    dlist = add_command(device, "list", cmd_device_list, "list devices, newest first")
+    dlist = add_command(device, "list", cmd_device_list, "list devices, newest first, a page at a time")
     dlist.add_argument("--tenant")
-    dlist.add_argument("--limit", type=count(1), default=100)
+    dlist.add_argument("--status", choices=["active", "revoked"])
+    dlist.add_argument("--hardware-id", metavar="ID", help="only devices with this hardware id (one per tenant)")
+    dlist.add_argument("--limit", type=count(1), default=100, help="devices per page, at most 1000 (default 100)")
+    dlist.add_argument("--after", metavar="CURSOR", help="the next page: the cursor the previous page ended with")
     add_command(device, "show", cmd_device_show, "show one device").add_argument("device_id")
     add_command(device, "revoke", cmd_device_revoke, "revoke a device").add_argument("device_id")
+    dupdate = add_command(
+        device,
+        "update",
+        cmd_device_update,
+        "change a device's name, profile, labels or groups (one transaction, an event); what is not given stays",
+    )
+    dupdate.add_argument("device_id")
+    dupdate.add_argument("--name", help="a new name")
+    dupdate.add_argument("--clear-name", action="store_true", help="remove its name")
+    dupdate.add_argument("--profile", help="topic profile of the tokens it gets from its next refresh or re-claim")
+    dupdate.add_argument("--label", action="append", default=[], metavar="NAME=VALUE", help="add or change a label")
+    dupdate.add_argument("--remove-label", action="append", default=[], metavar="NAME", help="remove a label")
+    dupdate.add_argument("--group", action="append", default=[], metavar="GROUP", help="add a group")
+    dupdate.add_argument("--remove-group", action="append", default=[], metavar="GROUP", help="remove a group")
+    add_command(
+        device, "rotate-api-key", cmd_device_rotate_api_key, "a new dk_ API key for a device, printed once"
+    ).add_argument("device_id")
+    add_command(
+        device,
+        "verify-api-key",
+        cmd_device_verify_api_key,
+        "read a dk_ API key on stdin: which device and tenant it belongs to (exit 1 when none active has it)",
+    )
 
     events = add_command(commands, "events", cmd_events, "recent provisioning events, oldest first")
     events.add_argument("--tenant")

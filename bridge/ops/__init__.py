@@ -1,1 +1,2 @@
-"""What operators do: `admin` (init, tenants, keys, ops users), `revocation` (`device revoke`), `doctor`."""
+"""What operators do: `admin` (init, tenants, keys, ops users), `devices` (list, update, API keys),
+`revocation` (`device revoke`), `doctor`."""

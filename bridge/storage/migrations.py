@@ -118,6 +118,16 @@ def _add_certificates(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX device_certificates_device ON device_certificates (device_id, issued_at)")
 
 
+def _add_list_indexes(db: sqlite3.Connection) -> None:
+    # Issue 12: device lists page by (created_at, id), newest first, filtered by tenant or status; an API
+    # key is looked up by its hash. Each query `Store.devices_page` and `Store.device_by_api_key` run has one.
+    db.execute("CREATE INDEX devices_created ON devices (created_at, id)")
+    db.execute("CREATE INDEX devices_tenant_created ON devices (tenant_id, created_at, id)")
+    db.execute("CREATE INDEX devices_status_created ON devices (status, created_at, id)")
+    db.execute("CREATE INDEX devices_hardware_id ON devices (hardware_id)")
+    db.execute("CREATE INDEX devices_api_key ON devices (api_key_hash)")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -131,6 +141,7 @@ MIGRATIONS = (
         2, "provision_keys.pattern_syntax: the engine a hardware-id pattern was written for", _add_pattern_syntax
     ),
     Migration(3, "the certificate credential type: key and device columns, device_certificates", _add_certificates),
+    Migration(4, "indexes for device lists by page, tenant, status, hardware id and API key", _add_list_indexes),
 )
 LATEST = MIGRATIONS[-1].version
 

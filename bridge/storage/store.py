@@ -10,6 +10,7 @@ module: provisioning and API keys arrive as SHA-256 digests, answers arrive alre
 SQLite's errors leave it as StorageError.
 """
 
+import base64
 import json
 import os
 import sqlite3
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,42 @@ _CHANGEABLE_KEY_COLUMNS = frozenset(
 )
 # What `Store.change_key` asks of the caller: given the key as stored, the columns to set and the event.
 KeyChange = Callable[[ProvisionKey], tuple[dict[str, Any], Event]]
+# A device's columns an operator may change (`Store.change_device`), and what it asks of the caller.
+_CHANGEABLE_DEVICE_COLUMNS = frozenset({"name", "profile", "labels", "groups_", "api_key_hash"})
+DeviceChange = Callable[[Device], tuple[dict[str, Any], Event]]
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """Which devices a list shows; None: any."""
+
+    tenant_id: str | None = None
+    status: str | None = None
+    hardware_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceCursor:
+    """Where a page of devices ends: the next page starts after this (created_at, id)."""
+
+    created_at: int
+    device_id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.created_at}:{self.device_id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> "DeviceCursor":
+        """The cursor `encode` made; UsageError for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+            created_at, device_id = raw.split(":", 1)
+            cursor = cls(int(created_at), device_id)
+        except ValueError:
+            raise UsageError(f"{text[:40]!r} is not a cursor from a previous page") from None
+        if cursor.encode() != text or not 0 <= cursor.created_at < 1 << 40:
+            raise UsageError(f"{text[:40]!r} is not a cursor from a previous page")
+        return cursor
 
 
 def _admin_event(name: str, now: int, tenant: str, actor: str, key: ProvisionKey | None = None, **fields: Any) -> Event:
@@ -476,10 +514,57 @@ class Store:
         return device
 
     def devices(self, tenant_id: str | None = None, limit: int = 1000) -> list[Device]:
-        where, args = (" WHERE d.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
-        sql = _DEVICE_SELECT + where + " ORDER BY d.created_at DESC, d.id LIMIT ?"
+        """The newest `limit` devices (of one tenant): `devices_page` without a cursor."""
+        return self.devices_page(DeviceFilter(tenant_id=tenant_id), None, limit)
+
+    def devices_page(self, where: "DeviceFilter", after: DeviceCursor | None, limit: int) -> list[Device]:
+        """Devices newest first (by creation, then id), those matching `where`, from just after `after`:
+        one page. Every combination of filters reads an index (migration 4), so a page costs the same on a
+        fleet of any size."""
+        clauses: list[str] = []
+        args: list[str | int] = []
+        for column, value in (("tenant_id", where.tenant_id), ("status", where.status)):
+            if value is not None:
+                clauses.append(f"d.{column} = ?")  # constants above, not input
+                args.append(value)
+        if where.hardware_id is not None:
+            clauses.append("d.hardware_id = ?")
+            args.append(where.hardware_id)
+        if after is not None:
+            clauses.append("(d.created_at < ? OR (d.created_at = ? AND d.id < ?))")
+            args += [after.created_at, after.created_at, after.device_id]
+        sql = _DEVICE_SELECT + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        sql += " ORDER BY d.created_at DESC, d.id DESC LIMIT ?"
         with self._reading() as db:
             return [_device(r) for r in db.execute(sql, (*args, limit))]
+
+    def device_by_api_key(self, api_key_hash: bytes) -> Device | None:
+        """The device whose API key has this SHA-256 (an index lookup on the digest: the raw key is never
+        compared, so the time taken says nothing about it)."""
+        with self._reading() as db:
+            row = db.execute(_DEVICE_SELECT + " WHERE d.api_key_hash = ?", (api_key_hash,)).fetchone()
+        return None if row is None else _device(row)
+
+    def change_device(self, device_id: str, change: "DeviceChange") -> Device:
+        """As `change_key`, for a device: read it, let `change` decide the columns and the event, write both,
+        one transaction."""
+        with self.transaction() as tx:
+            db = tx.connection
+            device = tx.device_by_id(device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r}")
+            columns, event = change(device)
+            unknown = set(columns) - _CHANGEABLE_DEVICE_COLUMNS
+            if unknown:
+                raise ValueError(f"not a changeable device column: {', '.join(sorted(unknown))}")
+            if columns:
+                values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
+                assignments = ", ".join(f"{column} = ?" for column in columns)
+                db.execute(f"UPDATE devices SET {assignments} WHERE id = ?", (*values, device_id))
+            tx.add_event(event)
+            changed = tx.device_by_id(device_id)
+            assert changed is not None
+            return changed
 
     def revoke_device(self, device_id: str, now: int) -> Device:
         with self.transaction() as tx:

@@ -1,0 +1,135 @@
+"""What operators do with provisioned devices besides revoking them (`revocation`): list them a page at a
+time, change what an operator owns (name, labels, groups, profile), check and rotate their API keys.
+
+Each change is one transaction with its event (`Store.change_device`), decided by a pure function over the
+device as stored; a refused change (UsageError) changes nothing.
+"""
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from bridge.claims import identifiers
+from bridge.config import Settings
+from bridge.errors import UsageError
+from bridge.ops.admin import CLI_ACTOR
+from bridge.storage.records import Device
+from bridge.storage.store import DeviceCursor, DeviceFilter, Store
+from provwire.models import Event, rfc3339
+
+MAX_PAGE = 1000  # devices per page
+MAX_NAME_CHARS = 128  # as a claim's `device_name`
+_API_KEY_RE = re.compile(r"dk_[A-Za-z0-9_-]{43}")  # `identifiers.new_api_key`: 256 bits, base64url
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    devices: list[Device]
+    next_cursor: str | None  # None: this was the last page
+
+
+def list_devices(store: Store, where: DeviceFilter, after: str | None, limit: int) -> DevicePage:
+    """One page of devices, newest first; `after` is the `next_cursor` of the page before."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise UsageError(f"a page holds 1 to {MAX_PAGE} devices")
+    if where.status not in (None, "active", "revoked"):
+        raise UsageError("status must be 'active' or 'revoked'")
+    cursor = None if after is None else DeviceCursor.decode(after)
+    found = store.devices_page(where, cursor, limit + 1)  # one more: is there a next page?
+    page = found[:limit]
+    more = len(found) > limit
+    last = page[-1] if page else None
+    next_cursor = DeviceCursor(last.created_at, last.id).encode() if more and last else None
+    return DevicePage(page, next_cursor)
+
+
+@dataclass(frozen=True)
+class DeviceUpdate:
+    """What `device update` changes; what is left at its default stays as it is."""
+
+    name: str | None = None
+    clear_name: bool = False
+    profile: str | None = None
+    set_labels: dict[str, str] = field(default_factory=dict)
+    remove_labels: list[str] = field(default_factory=list)
+    add_groups: list[str] = field(default_factory=list)
+    remove_groups: list[str] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return self == DeviceUpdate()
+
+
+def update_device(
+    store: Store, settings: Settings, device_id: str, update: DeviceUpdate, now: int, actor: str = CLI_ACTOR
+) -> tuple[Device, list[str]]:
+    """Change a device as `update` says, with a `device.updated` event naming the fields that changed, in one
+    transaction; the device as it now is, and those fields. A new profile scopes the tokens it gets from then on
+    (its next refresh or re-claim); the tokens it holds keep the scope they were minted with until they expire."""
+    if update.is_empty():
+        raise UsageError("nothing to change: give at least one option (see --help)")
+    if update.clear_name and update.name is not None:
+        raise UsageError("give --name or --clear-name, not both")
+    changed: list[str] = []
+
+    def change(device: Device) -> tuple[dict[str, Any], Event]:
+        columns, event = device_update(device, update, settings, now, actor)
+        changed[:] = event.changes or []
+        return columns, event
+
+    return store.change_device(device_id, change), changed
+
+
+def device_update(
+    device: Device, update: DeviceUpdate, settings: Settings, now: int, actor: str
+) -> tuple[dict[str, Any], Event]:
+    """The columns `update` sets on `device`, and the event saying which fields changed (pure)."""
+    after: dict[str, Any] = {
+        "name": None if update.clear_name else (update.name if update.name is not None else device.name),
+        "profile": update.profile if update.profile is not None else device.profile,
+        "labels": {**{k: v for k, v in device.labels.items() if k not in update.remove_labels}, **update.set_labels},
+        "groups": [g for g in device.groups if g not in update.remove_groups]
+        + [g for g in dict.fromkeys(update.add_groups) if g not in device.groups],
+    }
+    name = after["name"]
+    if name is not None and (not 1 <= len(name) <= MAX_NAME_CHARS or not name.isprintable()):
+        raise UsageError(f"a device name must be 1-{MAX_NAME_CHARS} printable characters")
+    if after["profile"] not in settings.profiles:
+        raise UsageError(f"unknown profile {after['profile']!r}; configured: {', '.join(sorted(settings.profiles))}")
+    missing = [label for label in update.remove_labels if label not in device.labels]
+    missing += [group for group in update.remove_groups if group not in device.groups]
+    if missing:
+        raise UsageError(f"the device has no label or group {', '.join(map(repr, missing))} to remove")
+    before = {"name": device.name, "profile": device.profile, "labels": device.labels, "groups": device.groups}
+    changed = [name for name in after if after[name] != before[name]]
+    columns = {("groups_" if name == "groups" else name): after[name] for name in changed}
+    return columns, device_event("device.updated", replace(device, name=after["name"]), now, actor, changes=changed)
+
+
+def rotate_api_key(store: Store, device_id: str, now: int, actor: str = CLI_ACTOR) -> tuple[Device, str]:
+    """A new `dk_` API key for the device, returned to be shown once; the old one stops verifying at once."""
+    raw = identifiers.new_api_key()
+
+    def change(device: Device) -> tuple[dict[str, Any], Event]:
+        return {"api_key_hash": identifiers.digest(raw)}, device_event("device.api_key_rotated", device, now, actor)
+
+    return store.change_device(device_id, change), raw
+
+
+def verify_api_key(store: Store, api_key: str) -> Device | None:
+    """The device a `dk_` API key belongs to, when it is valid: the device exists and is not revoked."""
+    if _API_KEY_RE.fullmatch(api_key) is None:
+        return None  # not even shaped like one: nothing to look up
+    device = store.device_by_api_key(identifiers.digest(api_key))
+    return device if device is not None and device.status == "active" else None
+
+
+def device_event(name: str, device: Device, now: int, actor: str, **fields: Any) -> Event:
+    return Event(
+        event=name,
+        time=rfc3339(now),
+        tenant=device.tenant_name,
+        device_id=device.id,
+        hardware_id=device.hardware_id,
+        actor=actor,
+        **fields,
+    )

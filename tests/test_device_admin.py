@@ -1,0 +1,228 @@
+"""Issue 12, devices: lists a page at a time with server-side filters (each query on an index), changing what
+an operator owns (name, labels, groups, profile), and the `dk_` API keys devices get: verified by hash, and
+rotated. Through the CLI as an operator runs it (in this process), on devices made by real claims."""
+
+import io
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.config import Settings
+from bridge.edges.core import claim_handlers
+from bridge.ops import devices
+from bridge.storage.store import DeviceCursor, DeviceFilter, Store
+from provwire import crypto, topics
+from provwire.models import Claim, to_json
+from tests.helpers.bridge import Bridge
+from tests.helpers.cli import run_cli
+from tests.helpers.devices import provision
+
+
+def cli(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `provbridge ARGV` (argparse's own refusals included: exit 2)."""
+    capsys.readouterr()
+    try:
+        code = run_cli(settings, *argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> Any:
+    code, out, err = cli(capsys, settings, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def claim_devices(settings: Settings, store: Store, key: str, count: int, prefix: str = "hw") -> list[str]:
+    """`count` devices made by real claims through the claim handlers (no broker needed); their ids."""
+    handlers = claim_handlers(settings, store)
+    made = []
+    for n in range(count):
+        hardware_id = f"{prefix}-{n:03d}-{uuid.uuid4().hex[:6]}"
+        public_key = crypto.b64encode(crypto.sec1(crypto.generate_private_key().public_key()))
+        claim = Claim(request_id=uuid.uuid4().hex, provision_key=key, hardware_id=hardware_id, public_key=public_key)
+        outcome = handlers.handle(topics.claim_topic(settings.topic_prefix, hardware_id), to_json(claim))
+        made.append(json.loads(outcome.answer or b"{}")["device_id"])
+    return made
+
+
+# --- lists -----------------------------------------------------------------------------------------------------
+
+
+def test_a_list_pages_through_every_device_once_newest_first(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, key = initialised
+    store = Store(settings.database_file)
+    made = claim_devices(settings, store, key, 25)
+    seen: list[str] = []
+    after: list[str] = []
+    pages = 0
+    while True:
+        page = cli_json(capsys, settings, "device", "list", "--limit", "10", *after)
+        pages += 1
+        seen += [d["id"] for d in page["devices"]]
+        if page["next_cursor"] is None:
+            break
+        after = ["--after", page["next_cursor"]]
+    assert pages == 3 and sorted(seen) == sorted(made) and len(seen) == 25
+    created = {d.id: (d.created_at, d.id) for d in store.devices(limit=100)}
+    assert [created[d] for d in seen] == sorted((created[d] for d in seen), reverse=True)
+    store.close()
+
+
+def test_lists_filter_on_the_server(initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]) -> None:
+    settings, key = initialised
+    store = Store(settings.database_file)
+    made = claim_devices(settings, store, key, 6)
+    for device_id in made[:2]:
+        assert cli(capsys, settings, "device", "revoke", device_id)[0] == 0
+    revoked = cli_json(capsys, settings, "device", "list", "--status", "revoked")
+    assert sorted(d["id"] for d in revoked["devices"]) == sorted(made[:2])
+    active = cli_json(capsys, settings, "device", "list", "--status", "active", "--tenant", "default")
+    assert sorted(d["id"] for d in active["devices"]) == sorted(made[2:])
+    one = store.device(made[3])
+    by_hardware = cli_json(capsys, settings, "device", "list", "--hardware-id", one.hardware_id)
+    assert [d["id"] for d in by_hardware["devices"]] == [one.id]
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        DeviceFilter(),
+        DeviceFilter(tenant_id="ten_x"),
+        DeviceFilter(status="revoked"),
+        DeviceFilter(hardware_id="SN-1"),
+        DeviceFilter(tenant_id="ten_x", status="active"),
+    ],
+    ids=["all", "tenant", "status", "hardware-id", "tenant-and-status"],
+)
+def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], where: DeviceFilter) -> None:
+    """A page costs the same on a fleet of any size: no query of a list scans the devices table."""
+    store = Store(initialised[0].database_file)
+    plans: list[str] = []
+    connection = store.connection()
+    for after in (None, DeviceCursor(1_700_000_000, "dev_x")):
+        connection.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().startswith("SELECT") else None)
+        store.devices_page(where, after, 10)
+        connection.set_trace_callback(None)
+    assert len(plans) == 2
+    for sql in plans:
+        rows = [str(row[3]) for row in connection.execute("EXPLAIN QUERY PLAN " + sql)]
+        on_devices = [row for row in rows if row.startswith(("SCAN d", "SEARCH d"))]
+        assert on_devices and all("INDEX" in row for row in on_devices), rows
+        if where.hardware_id is None:  # the index gives the order, so a page reads a page (not every match)
+            assert not any("TEMP B-TREE" in row for row in rows), rows
+    api = " ".join(
+        str(row[3])
+        for row in connection.execute("EXPLAIN QUERY PLAN SELECT id FROM devices WHERE api_key_hash = ?", (b"x",))
+    )
+    assert "devices_api_key" in api
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--after", "not-a-cursor"], ["--after", "MTIzOmRldl94eA"[:-1]], ["--limit", "1001"], ["--status", "gone"]],
+    ids=["garbage", "truncated", "page-too-large", "unknown-status"],
+)
+def test_a_bad_page_request_says_why(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = cli(capsys, initialised[0], "device", "list", *argv)
+    assert code == 2 and out == "" and "Traceback" not in err
+
+
+# --- update ------------------------------------------------------------------------------------------------------
+
+
+def test_a_device_update_changes_what_it_names_with_one_event(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, key = initialised
+    store = Store(settings.database_file)
+    (device_id,) = claim_devices(settings, store, key, 1)
+    before = store.device(device_id)
+    view = cli_json(
+        capsys,
+        settings,
+        *("device", "update", device_id, "--name", "boiler 7", "--label", "floor=2", "--group", "boilers"),
+    )
+    assert view["changed"] == ["name", "labels", "groups"]
+    after = store.device(device_id)
+    assert (after.name, after.labels, after.groups) == ("boiler 7", {"floor": "2"}, ["boilers"])
+    assert (after.public_key, after.status, after.updated_at) == (before.public_key, before.status, before.updated_at)
+    (event,) = store.events(event="device.updated")
+    assert event["device_id"] == device_id and event["changes"] == view["changed"] and event["actor"] == "cli"
+    cleared = cli_json(capsys, settings, "device", "update", device_id, "--clear-name", "--remove-group", "boilers")
+    assert cleared["changed"] == ["name", "groups"] and store.device(device_id).name is None
+    store.close()
+
+
+BAD_DEVICE_UPDATES = {
+    "nothing to change": [],
+    "unknown profile": ["--profile", "no-such-profile"],
+    "a label it does not have": ["--remove-label", "nope"],
+    "a name and no name": ["--name", "x", "--clear-name"],
+    "an unprintable name": ["--name", "a\tb"],
+}
+
+
+@pytest.mark.parametrize("argv", BAD_DEVICE_UPDATES.values(), ids=BAD_DEVICE_UPDATES.keys())
+def test_a_refused_device_update_changes_nothing(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    settings, key = initialised
+    store = Store(settings.database_file)
+    (device_id,) = claim_devices(settings, store, key, 1)
+    before = store.device(device_id)
+    code, out, err = cli(capsys, settings, "device", "update", device_id, *argv)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert store.device(device_id) == before and store.events(event="device.updated") == []
+    store.close()
+
+
+# --- API keys ---------------------------------------------------------------------------------------------------
+
+
+def verify(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, settings: Settings, key: str) -> Any:
+    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
+    code, out, err = cli(capsys, settings, "device", "verify-api-key", "--json")
+    return json.loads(out) if code == 0 else (code, err)
+
+
+def test_an_api_key_verifies_for_its_device_until_rotated_or_revoked(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device_id, credentials = provision(bridge)
+    api_key = credentials.api_key
+    assert verify(capsys, monkeypatch, bridge.settings, api_key) == {"device_id": device_id, "tenant": "default"}
+    for wrong in ("", "dk_" + "A" * 43, api_key[:-1], api_key + "A", "pk_" + api_key[3:]):
+        code, err = verify(capsys, monkeypatch, bridge.settings, wrong)
+        assert code == 1 and "not a valid API key" in err and (not wrong or wrong not in err)
+
+    rotated = cli_json(capsys, bridge.settings, "device", "rotate-api-key", device_id)
+    assert rotated["device_id"] == device_id and rotated["api_key"] != api_key
+    assert verify(capsys, monkeypatch, bridge.settings, api_key)[0] == 1  # the old key, at once
+    assert verify(capsys, monkeypatch, bridge.settings, rotated["api_key"])["device_id"] == device_id
+    (event,) = bridge.store.events(event="device.api_key_rotated")
+    assert event["device_id"] == device_id and rotated["api_key"] not in json.dumps(event)
+    assert rotated["api_key"].encode() not in bridge.settings.database_file.read_bytes()  # only its hash
+
+    assert cli(capsys, bridge.settings, "device", "revoke", device_id)[0] == 0
+    assert verify(capsys, monkeypatch, bridge.settings, rotated["api_key"])[0] == 1
+
+
+def test_verify_reads_nothing_from_a_key_that_is_not_one(initialised: tuple[Settings, str]) -> None:
+    store = Store(initialised[0].database_file)
+    statements: list[str] = []
+    store.connection().set_trace_callback(statements.append)
+    assert devices.verify_api_key(store, "'; DROP TABLE devices; --") is None
+    store.connection().set_trace_callback(None)
+    assert statements == [] and store.count("devices") == 0
+    store.close()
