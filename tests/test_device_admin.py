@@ -16,25 +16,8 @@ from bridge.storage.store import DeviceCursor, DeviceFilter, Store
 from provwire import crypto, topics
 from provwire.models import Claim, to_json
 from tests.helpers.bridge import Bridge
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import provision
-
-
-def cli(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `provbridge ARGV` (argparse's own refusals included: exit 2)."""
-    capsys.readouterr()
-    try:
-        code = run_cli(settings, *argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli_json(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> Any:
-    code, out, err = cli(capsys, settings, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 def claim_devices(settings: Settings, store: Store, key: str, count: int, prefix: str = "hw") -> list[str]:
@@ -80,7 +63,7 @@ def test_lists_filter_on_the_server(initialised: tuple[Settings, str], capsys: p
     store = Store(settings.database_file)
     made = claim_devices(settings, store, key, 6)
     for device_id in made[:2]:
-        assert cli(capsys, settings, "device", "revoke", device_id)[0] == 0
+        assert cli_run(capsys, settings, "device", "revoke", device_id)[0] == 0
     revoked = cli_json(capsys, settings, "device", "list", "--status", "revoked")
     assert sorted(d["id"] for d in revoked["devices"]) == sorted(made[:2])
     active = cli_json(capsys, settings, "device", "list", "--status", "active", "--tenant", "default")
@@ -134,7 +117,7 @@ def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], wher
 def test_a_bad_page_request_says_why(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    code, out, err = cli(capsys, initialised[0], "device", "list", *argv)
+    code, out, err = cli_run(capsys, initialised[0], "device", "list", *argv)
     assert code == 2 and out == "" and "Traceback" not in err
 
 
@@ -181,7 +164,7 @@ def test_a_refused_device_update_changes_nothing(
     store = Store(settings.database_file)
     (device_id,) = claim_devices(settings, store, key, 1)
     before = store.device(device_id)
-    code, out, err = cli(capsys, settings, "device", "update", device_id, *argv)
+    code, out, err = cli_run(capsys, settings, "device", "update", device_id, *argv)
     assert code == 2 and out == "" and "Traceback" not in err
     assert store.device(device_id) == before and store.events(event="device.updated") == []
     store.close()
@@ -192,7 +175,7 @@ def test_a_refused_device_update_changes_nothing(
 
 def verify(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, settings: Settings, key: str) -> Any:
     monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
-    code, out, err = cli(capsys, settings, "device", "verify-api-key", "--json")
+    code, out, err = cli_run(capsys, settings, "device", "verify-api-key", "--json")
     return json.loads(out) if code == 0 else (code, err)
 
 
@@ -214,7 +197,7 @@ def test_an_api_key_verifies_for_its_device_until_rotated_or_revoked(
     assert event["device_id"] == device_id and rotated["api_key"] not in json.dumps(event)
     assert rotated["api_key"].encode() not in bridge.settings.database_file.read_bytes()  # only its hash
 
-    assert cli(capsys, bridge.settings, "device", "revoke", device_id)[0] == 0
+    assert cli_run(capsys, bridge.settings, "device", "revoke", device_id)[0] == 0
     assert verify(capsys, monkeypatch, bridge.settings, rotated["api_key"])[0] == 1
 
 

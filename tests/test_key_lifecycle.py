@@ -5,7 +5,6 @@ bridge (the embedded broker), with real claims wherever a change decides what a 
 
 import csv
 import io
-import json
 import time
 from typing import Any
 
@@ -18,25 +17,8 @@ from bridge.storage.store import Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import Device
-
-
-def cli(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `provbridge ARGV` (argparse's own refusals included: exit 2)."""
-    capsys.readouterr()
-    try:
-        code = run_cli(settings, *argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli_json(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> Any:
-    code, out, err = cli(capsys, settings, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 def keys_named(store: Store, name: str) -> list[ProvisionKey]:
@@ -117,7 +99,7 @@ def test_a_refused_update_says_why_and_changes_nothing(
     settings = initialised[0]
     store = Store(settings.database_file)
     key = new_key(store, settings, labels={"site": "lyon"})
-    code, out, err = cli(capsys, settings, "key", "update", key.id, *argv)
+    code, out, err = cli_run(capsys, settings, "key", "update", key.id, *argv)
     assert code == 2 and out == ""
     assert "error" in err and "Traceback" not in err
     assert key_row(store, key.id) == key
@@ -128,7 +110,7 @@ def test_a_refused_update_says_why_and_changes_nothing(
 def test_updating_an_unknown_key_fails_with_its_id(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = cli(capsys, initialised[0], "key", "update", "key_doesnotexist", "--name", "x")
+    code, _, err = cli_run(capsys, initialised[0], "key", "update", "key_doesnotexist", "--name", "x")
     assert code == 1 and "no provisioning key 'key_doesnotexist'" in err
 
 
@@ -139,7 +121,7 @@ def test_a_human_code_stays_one_time_and_can_only_be_shortened(
     store = Store(settings.database_file)
     code_key = new_key(store, settings, human_code=True)
     for argv in (["--max-registrations", "2"], ["--unlimited"], ["--no-expiry"], ["--expires-in", "30d"]):
-        code, _, err = cli(capsys, settings, "key", "update", code_key.id, *argv)
+        code, _, err = cli_run(capsys, settings, "key", "update", code_key.id, *argv)
         assert code == 2 and "human code" in err, argv
     assert key_row(store, code_key.id) == code_key
     shortened = cli_json(capsys, settings, "key", "update", code_key.id, "--expires-in", "1h")
@@ -183,7 +165,7 @@ def test_a_revoked_key_refuses_claims_until_it_is_reinstated(
         "cli",
         "cli",
     ]
-    code, _, err = cli(capsys, bridge.settings, "key", "reinstate", made["id"])
+    code, _, err = cli_run(capsys, bridge.settings, "key", "reinstate", made["id"])
     assert code == 2 and "is not revoked" in err
     assert len(events(bridge.store, "key.reinstated")) == 1
 
@@ -203,7 +185,7 @@ def test_a_new_tenant_comes_with_a_default_key_its_devices_claim_with(
     assert bridge.store.device(answer.device_id).tenant_name == "acme"
     tenant_events = bridge.store.events(tenant="acme", limit=10)
     assert [e["event"] for e in tenant_events[:2]] == ["tenant.created", "key.created"]
-    code, _, err = cli(capsys, bridge.settings, "tenant", "create", "acme")
+    code, _, err = cli_run(capsys, bridge.settings, "tenant", "create", "acme")
     assert code == 1 and "already exists" in err
     assert len(bridge.store.keys(bridge.store.tenant_id("acme"))) == 1  # nothing half made
 
@@ -214,7 +196,7 @@ def test_a_new_tenant_comes_with_a_default_key_its_devices_claim_with(
 def test_codes_in_bulk_are_shown_once_stored_as_hashes_and_each_claims_once(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = cli(capsys, bridge.settings, "key", "codes", "--count", "5", "--name", "batch-42")
+    code, out, err = cli_run(capsys, bridge.settings, "key", "codes", "--count", "5", "--name", "batch-42")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 5 and list(rows[0]) == ["key_id", "code", "expires_at"]
@@ -239,7 +221,7 @@ def test_codes_beyond_the_bounds_are_refused_and_none_made(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], count: str
 ) -> None:
     settings = initialised[0]
-    code, out, err = cli(capsys, settings, "key", "codes", "--count", count, "--name", "x")
+    code, out, err = cli_run(capsys, settings, "key", "codes", "--count", count, "--name", "x")
     assert code == 2 and out == "" and "Traceback" not in err
     store = Store(settings.database_file)
     assert keys_named(store, "x") == [] and events(store, "key.codes_created") == []

@@ -136,6 +136,18 @@ def _admin_event(name: str, now: int, tenant: str, actor: str, key: ProvisionKey
     return Event(event=name, time=rfc3339(now), tenant=tenant, actor=actor, **fields)
 
 
+def _update_row(tx: "Transaction", table: str, row_id: str, columns: dict[str, Any], allowed: frozenset[str]) -> None:
+    """Set `columns` of one row of `table` (labels and groups as JSON). Only `allowed` column names, which are
+    this module's constants, reach the SQL text; the values are parameters."""
+    unknown = set(columns) - allowed
+    if unknown:
+        raise ValueError(f"not a changeable {table} column: {', '.join(sorted(unknown))}")
+    if columns:
+        values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
+        assignments = ", ".join(f"{column} = ?" for column in columns)
+        tx.connection.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, row_id))
+
+
 def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None:
     """Insert a key, and its `key.created` event made by `actor` (None: none, bulk codes have one for all)."""
     tx.connection.execute(
@@ -491,13 +503,7 @@ class Store:
             if row is None:
                 raise NotFound(f"no provisioning key {key_id!r}")
             columns, event = change(_key(row))
-            unknown = set(columns) - _CHANGEABLE_KEY_COLUMNS
-            if unknown:
-                raise ValueError(f"not a changeable key column: {', '.join(sorted(unknown))}")
-            if columns:
-                values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
-                assignments = ", ".join(f"{column} = ?" for column in columns)
-                db.execute(f"UPDATE provision_keys SET {assignments} WHERE id = ?", (*values, key_id))
+            _update_row(tx, "provision_keys", key_id, columns, _CHANGEABLE_KEY_COLUMNS)
             tx.add_event(event)
             return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
 
@@ -549,18 +555,11 @@ class Store:
         """As `change_key`, for a device: read it, let `change` decide the columns and the event, write both,
         one transaction."""
         with self.transaction() as tx:
-            db = tx.connection
             device = tx.device_by_id(device_id)
             if device is None:
                 raise NotFound(f"no device {device_id!r}")
             columns, event = change(device)
-            unknown = set(columns) - _CHANGEABLE_DEVICE_COLUMNS
-            if unknown:
-                raise ValueError(f"not a changeable device column: {', '.join(sorted(unknown))}")
-            if columns:
-                values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
-                assignments = ", ".join(f"{column} = ?" for column in columns)
-                db.execute(f"UPDATE devices SET {assignments} WHERE id = ?", (*values, device_id))
+            _update_row(tx, "devices", device_id, columns, _CHANGEABLE_DEVICE_COLUMNS)
             tx.add_event(event)
             changed = tx.device_by_id(device_id)
             assert changed is not None

@@ -1,5 +1,10 @@
 """`provbridge` as an operator runs it: the settings as a config file, and the CLI in this process."""
 
+import json
+from typing import Any
+
+import pytest
+
 from bridge.cli import main as cli
 from bridge.config import Settings
 
@@ -37,3 +42,21 @@ def run_cli(settings: Settings, *argv: str) -> int:
     config = settings.data_dir.parent / "provbridge-test.toml"
     config.write_text(config_toml(settings))
     return cli.main(["--config", str(config), "--data-dir", str(settings.data_dir), *argv])
+
+
+def cli_run(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `provbridge ARGV` (argparse's own refusals included: exit 2)."""
+    capsys.readouterr()
+    try:
+        code = run_cli(settings, *argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], settings: Settings, *argv: str) -> Any:
+    """The `--json` output of `provbridge ARGV`, which must succeed."""
+    code, out, err = cli_run(capsys, settings, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
