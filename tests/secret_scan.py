@@ -136,6 +136,12 @@ def _alnum(data: bytes | mmap.mmap, at: int) -> bool:
     return 0 <= at < len(data) and data[at : at + 1].isalnum()
 
 
+def _in_word(data: bytes | mmap.mmap, at: int) -> bool:
+    """A character a secret cannot follow: a letter, a digit, or `_` / `-`, which continue a base64url word
+    (a public key's coordinate such as `...Kz_pk_u44q...` holds `pk_` by chance, one JWK in tens of thousands)."""
+    return _alnum(data, at) or (0 <= at < len(data) and data[at : at + 1] in (b"_", b"-"))
+
+
 class Match(NamedTuple):
     offset: int
     kind: str
@@ -146,7 +152,7 @@ def matches(data: bytes | mmap.mmap, registry: Registry, text: bool = True) -> I
     """(offset, kind, secret) of every secret in `data`, by format and by exact value."""
     for kind, pattern in PATTERNS.items():
         for m in pattern.finditer(data):
-            if text and kind in WORD_ONLY and (_alnum(data, m.start() - 1) or _alnum(data, m.end())):
+            if text and kind in WORD_ONLY and (_in_word(data, m.start() - 1) or _alnum(data, m.end())):
                 continue
             yield Match(m.start(), kind, m.group())
     if registry.words:

@@ -185,6 +185,8 @@ def test_hashes_key_ids_public_keys_and_ids_are_not_secrets(live: Bridge, scratc
         f"request {answer.request_id} device {answer.device_id} hardware id {device.hardware_id}",
         f"sealed {answer.sealed.ciphertext}",
         "topic prov/v1/claim/hw-0123456789ab, prefix prov/v1, keys pk_..., api keys dk_...",
+        # A JWK coordinate that holds "pk_" by chance (seen in a real test run's jwks.json).
+        '"x": "MUvtZ-vjTU9uKz_pk_u44q96J2e6h0uEybRcJV8qelw", "y": "nuW-Cgc4-dk_MErOtrwqY3lX4pLqG4M40yrhb4RazUC"',
     ]
     (scratch / "public.log").write_text("\n".join(lines) + "\n")
     live.store.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
