@@ -90,6 +90,10 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
+def _label_changes(args: argparse.Namespace) -> admin.LabelChanges:
+    return admin.LabelChanges(_labels(args.label), args.remove_label, args.group, args.remove_group)
+
+
 def _expiry(args: argparse.Namespace, now: int) -> int | None:
     if args.expires_in and args.expires_at:
         raise UsageError("give --expires-in or --expires-at, not both")
@@ -179,10 +183,7 @@ def cmd_key_update(args: argparse.Namespace, settings: Settings) -> None:
         unlimited=args.unlimited,
         expires_at=_expiry(args, now),
         no_expiry=args.no_expiry,
-        set_labels=_labels(args.label),
-        remove_labels=args.remove_label,
-        add_groups=args.group,
-        remove_groups=args.remove_group,
+        labels=_label_changes(args),
         reclaim_policy=args.reclaim,
     )
     key, changed = admin.update_key(admin.open_store(settings), settings, args.key_id, update, now)
@@ -245,10 +246,7 @@ def cmd_device_update(args: argparse.Namespace, settings: Settings) -> None:
         name=args.name,
         clear_name=args.clear_name,
         profile=args.profile,
-        set_labels=_labels(args.label),
-        remove_labels=args.remove_label,
-        add_groups=args.group,
-        remove_groups=args.remove_group,
+        labels=_label_changes(args),
     )
     store = admin.open_store(settings)
     device, changed = devices.update_device(store, settings, args.device_id, update, int(time.time()))

@@ -153,8 +153,7 @@ def create_codes(
 
 def _new_key(settings: Settings, spec: KeySpec, tenant_id: str, now: int) -> tuple[ProvisionKey, str]:
     """A key as `spec` says, checked (UsageError says what is wrong), not stored; and its raw value."""
-    if spec.profile not in settings.profiles:
-        raise UsageError(f"unknown profile {spec.profile!r}; configured: {', '.join(sorted(settings.profiles))}")
+    check_profile(settings, spec.profile)
     if spec.reclaim_policy not in RECLAIM_POLICIES:
         raise UsageError("re-claim policy must be 'reject' or 'rotate'")
     _check_name(spec.name)
@@ -202,6 +201,16 @@ def _new_key(settings: Settings, spec: KeySpec, tenant_id: str, now: int) -> tup
 
 
 @dataclass(frozen=True)
+class LabelChanges:
+    """Labels set or removed and groups added or removed, as `key update` and `device update` take them."""
+
+    set_labels: dict[str, str] = field(default_factory=dict)
+    remove_labels: list[str] = field(default_factory=list)
+    add_groups: list[str] = field(default_factory=list)
+    remove_groups: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class KeyUpdate:
     """What `key update` changes; what is left at its default stays as it is."""
 
@@ -211,10 +220,7 @@ class KeyUpdate:
     unlimited: bool = False  # no limit on registrations
     expires_at: int | None = None
     no_expiry: bool = False
-    set_labels: dict[str, str] = field(default_factory=dict)
-    remove_labels: list[str] = field(default_factory=list)
-    add_groups: list[str] = field(default_factory=list)
-    remove_groups: list[str] = field(default_factory=list)
+    labels: LabelChanges = field(default_factory=LabelChanges)
     reclaim_policy: str | None = None
 
     def is_empty(self) -> bool:
@@ -233,48 +239,34 @@ def update_key(
         raise UsageError("give --max-registrations or --unlimited, not both")
     if update.no_expiry and update.expires_at is not None:
         raise UsageError("give an expiry or --no-expiry, not both")
-    changed: list[str] = []
-
-    def change(key: ProvisionKey) -> tuple[dict[str, Any], Event]:
-        columns, event = key_update(key, update, settings, now, actor)
-        changed[:] = event.changes or []
-        return columns, event
-
-    return store.change_key(key_id, change), changed
+    key, event = store.change_key(key_id, lambda key: key_update(key, update, settings, now, actor))
+    return key, event.changes or []
 
 
 def key_update(
     key: ProvisionKey, update: KeyUpdate, settings: Settings, now: int, actor: str
 ) -> tuple[dict[str, Any], Event]:
     """The columns `update` sets on `key`, and the event saying which fields changed (pure)."""
-    after: dict[str, Any] = {
+    labels, groups = labels_and_groups("key", key.labels, key.groups, update.labels)
+    after: dict[str, Any] = {  # in the order `changes` lists them
         "name": update.name if update.name is not None else key.name,
         "profile": update.profile if update.profile is not None else key.profile,
         "max_registrations": None
         if update.unlimited
         else (update.max_registrations if update.max_registrations is not None else key.max_registrations),
         "expires_at": None if update.no_expiry else (update.expires_at or key.expires_at),
-        "labels": {
-            **{k: v for k, v in key.labels.items() if k not in update.remove_labels},
-            **update.set_labels,
-        },
-        "groups": [g for g in key.groups if g not in update.remove_groups]
-        + [g for g in dict.fromkeys(update.add_groups) if g not in key.groups],
+        "labels": labels,
+        "groups": groups,
         "reclaim_policy": update.reclaim_policy or key.reclaim_policy,
     }
     _check_name(after["name"])
-    if after["profile"] not in settings.profiles:
-        raise UsageError(f"unknown profile {after['profile']!r}; configured: {', '.join(sorted(settings.profiles))}")
+    check_profile(settings, after["profile"])
     if after["reclaim_policy"] not in RECLAIM_POLICIES:
         raise UsageError("re-claim policy must be 'reject' or 'rotate'")
     if after["max_registrations"] is not None and after["max_registrations"] < 1:
         raise UsageError("max registrations must be at least 1 (--unlimited for no limit)")
     if update.expires_at is not None and update.expires_at <= now:
         raise UsageError("expiry must be in the future")
-    missing = [name for name in update.remove_labels if name not in key.labels]
-    missing += [group for group in update.remove_groups if group not in key.groups]
-    if missing:
-        raise UsageError(f"the key has no label or group {', '.join(map(repr, missing))} to remove")
     if key.kind == "code":
         if after["max_registrations"] != 1:
             raise UsageError("a human code is always one-time: its registrations cannot change")
@@ -292,10 +284,33 @@ def key_update(
         "groups": key.groups,
         "reclaim_policy": key.reclaim_policy,
     }
-    changed = [name for name in after if after[name] != before[name]]
-    columns = {("groups_" if name == "groups" else name): after[name] for name in changed}
+    columns, changed = changed_columns(before, after)
     event = _key_event("key.updated", replace(key, name=after["name"]), now, actor, changes=changed)
     return columns, event
+
+
+def labels_and_groups(
+    what: str, labels: dict[str, str], groups: list[str], changes: LabelChanges
+) -> tuple[dict[str, str], list[str]]:
+    """`labels` and `groups` after `changes` (pure); UsageError when one to remove is not there."""
+    missing = [name for name in changes.remove_labels if name not in labels]
+    missing += [group for group in changes.remove_groups if group not in groups]
+    if missing:
+        raise UsageError(f"the {what} has no label or group {', '.join(map(repr, missing))} to remove")
+    kept = {k: v for k, v in labels.items() if k not in changes.remove_labels}
+    added = [g for g in dict.fromkeys(changes.add_groups) if g not in groups]
+    return kept | changes.set_labels, [g for g in groups if g not in changes.remove_groups] + added
+
+
+def changed_columns(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The columns to write for the fields whose value differs (groups live in `groups_`), and those fields."""
+    changed = [name for name in after if after[name] != before[name]]
+    return {("groups_" if name == "groups" else name): after[name] for name in changed}, changed
+
+
+def check_profile(settings: Settings, profile: str) -> None:
+    if profile not in settings.profiles:
+        raise UsageError(f"unknown profile {profile!r}; configured: {', '.join(sorted(settings.profiles))}")
 
 
 def revoke_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> ProvisionKey:
@@ -305,7 +320,7 @@ def revoke_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> P
         columns: dict[str, Any] = {} if key.status == "revoked" else {"status": "revoked", "revoked_at": now}
         return columns, _key_event("key.revoked", key, now, actor)
 
-    return store.change_key(key_id, revoke)
+    return store.change_key(key_id, revoke)[0]
 
 
 def reinstate_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> ProvisionKey:
@@ -316,7 +331,7 @@ def reinstate_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -
             raise UsageError(f"key {key.id} is not revoked")
         return {"status": "active", "revoked_at": None}, _key_event("key.reinstated", key, now, actor)
 
-    return store.change_key(key_id, reinstate)
+    return store.change_key(key_id, reinstate)[0]
 
 
 def _key_event(name: str, key: ProvisionKey, now: int, actor: str, **fields: Any) -> Event:

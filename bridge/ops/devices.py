@@ -12,7 +12,7 @@ from typing import Any
 from bridge.claims import identifiers
 from bridge.config import Settings
 from bridge.errors import UsageError
-from bridge.ops.admin import CLI_ACTOR
+from bridge.ops.admin import CLI_ACTOR, LabelChanges, changed_columns, check_profile, labels_and_groups
 from bridge.storage.records import Device
 from bridge.storage.store import DeviceCursor, DeviceFilter, Store
 from provwire.models import Event, rfc3339
@@ -50,10 +50,7 @@ class DeviceUpdate:
     name: str | None = None
     clear_name: bool = False
     profile: str | None = None
-    set_labels: dict[str, str] = field(default_factory=dict)
-    remove_labels: list[str] = field(default_factory=list)
-    add_groups: list[str] = field(default_factory=list)
-    remove_groups: list[str] = field(default_factory=list)
+    labels: LabelChanges = field(default_factory=LabelChanges)
 
     def is_empty(self) -> bool:
         return self == DeviceUpdate()
@@ -69,39 +66,27 @@ def update_device(
         raise UsageError("nothing to change: give at least one option (see --help)")
     if update.clear_name and update.name is not None:
         raise UsageError("give --name or --clear-name, not both")
-    changed: list[str] = []
-
-    def change(device: Device) -> tuple[dict[str, Any], Event]:
-        columns, event = device_update(device, update, settings, now, actor)
-        changed[:] = event.changes or []
-        return columns, event
-
-    return store.change_device(device_id, change), changed
+    device, event = store.change_device(device_id, lambda d: device_update(d, update, settings, now, actor))
+    return device, event.changes or []
 
 
 def device_update(
     device: Device, update: DeviceUpdate, settings: Settings, now: int, actor: str
 ) -> tuple[dict[str, Any], Event]:
     """The columns `update` sets on `device`, and the event saying which fields changed (pure)."""
-    after: dict[str, Any] = {
+    labels, groups = labels_and_groups("device", device.labels, device.groups, update.labels)
+    after: dict[str, Any] = {  # in the order `changes` lists them
         "name": None if update.clear_name else (update.name if update.name is not None else device.name),
         "profile": update.profile if update.profile is not None else device.profile,
-        "labels": {**{k: v for k, v in device.labels.items() if k not in update.remove_labels}, **update.set_labels},
-        "groups": [g for g in device.groups if g not in update.remove_groups]
-        + [g for g in dict.fromkeys(update.add_groups) if g not in device.groups],
+        "labels": labels,
+        "groups": groups,
     }
     name = after["name"]
     if name is not None and (not 1 <= len(name) <= MAX_NAME_CHARS or not name.isprintable()):
         raise UsageError(f"a device name must be 1-{MAX_NAME_CHARS} printable characters")
-    if after["profile"] not in settings.profiles:
-        raise UsageError(f"unknown profile {after['profile']!r}; configured: {', '.join(sorted(settings.profiles))}")
-    missing = [label for label in update.remove_labels if label not in device.labels]
-    missing += [group for group in update.remove_groups if group not in device.groups]
-    if missing:
-        raise UsageError(f"the device has no label or group {', '.join(map(repr, missing))} to remove")
+    check_profile(settings, after["profile"])
     before = {"name": device.name, "profile": device.profile, "labels": device.labels, "groups": device.groups}
-    changed = [name for name in after if after[name] != before[name]]
-    columns = {("groups_" if name == "groups" else name): after[name] for name in changed}
+    columns, changed = changed_columns(before, after)
     return columns, device_event("device.updated", replace(device, name=after["name"]), now, actor, changes=changed)
 
 
@@ -112,7 +97,7 @@ def rotate_api_key(store: Store, device_id: str, now: int, actor: str = CLI_ACTO
     def change(device: Device) -> tuple[dict[str, Any], Event]:
         return {"api_key_hash": identifiers.digest(raw)}, device_event("device.api_key_rotated", device, now, actor)
 
-    return store.change_device(device_id, change), raw
+    return store.change_device(device_id, change)[0], raw
 
 
 def verify_api_key(store: Store, api_key: str) -> Device | None:

@@ -494,9 +494,10 @@ class Store:
         with self._reading() as db:
             return [_key(r) for r in db.execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
 
-    def change_key(self, key_id: str, change: "KeyChange") -> ProvisionKey:
+    def change_key(self, key_id: str, change: "KeyChange") -> tuple[ProvisionKey, Event]:
         """Read a key, let `change` decide (the columns to set and the event, or an exception that changes
-        nothing), write both: one transaction, so two changes of the same key cannot lose one another."""
+        nothing), write both: one transaction, so two changes of the same key cannot lose one another.
+        Returns the key as it now is and the event."""
         with self.transaction() as tx:
             db = tx.connection
             row = db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone()
@@ -505,7 +506,7 @@ class Store:
             columns, event = change(_key(row))
             _update_row(tx, "provision_keys", key_id, columns, _CHANGEABLE_KEY_COLUMNS)
             tx.add_event(event)
-            return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone())
+            return _key(db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone()), event
 
     # --- devices -------------------------------------------------------------------------
 
@@ -551,7 +552,7 @@ class Store:
             row = db.execute(_DEVICE_SELECT + " WHERE d.api_key_hash = ?", (api_key_hash,)).fetchone()
         return None if row is None else _device(row)
 
-    def change_device(self, device_id: str, change: "DeviceChange") -> Device:
+    def change_device(self, device_id: str, change: "DeviceChange") -> tuple[Device, Event]:
         """As `change_key`, for a device: read it, let `change` decide the columns and the event, write both,
         one transaction."""
         with self.transaction() as tx:
@@ -563,7 +564,7 @@ class Store:
             tx.add_event(event)
             changed = tx.device_by_id(device_id)
             assert changed is not None
-            return changed
+            return changed, event
 
     def revoke_device(self, device_id: str, now: int) -> Device:
         with self.transaction() as tx:
