@@ -13,6 +13,7 @@ __all__ = [
     "DoctorFailed",
     "InvalidCertificate",
     "InvalidCsr",
+    "InvalidImport",
     "InvalidPattern",
     "MirrorError",
     "NotFound",
@@ -43,6 +44,19 @@ class AlreadyExists(ProvbridgeError):
 
 class InvalidPattern(UsageError):
     """A hardware-id pattern the linear-time engine (RE2) cannot run (bridge/claims/hardware_pattern.py)."""
+
+
+class InvalidImport(UsageError):
+    """A file to import with problems: nothing was imported. `problems` are (line number, what is wrong)."""
+
+    SHOWN = 100  # problems listed; the count says how many more
+
+    def __init__(self, problems: list[tuple[int, str]]) -> None:
+        self.problems = problems
+        shown = "\n".join(f"  line {line}: {what}" for line, what in problems[: self.SHOWN])
+        more = len(problems) - self.SHOWN
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(f"{len(problems)} problem(s) in the file, nothing was imported:\n{shown}{tail}")
 
 
 class StorageError(ProvbridgeError):

@@ -47,10 +47,13 @@ def mint_token(
     subscribe: list[str],
     now: int,
     ttl_seconds: int,
+    generation: int = 0,
 ) -> TokenGrant:
+    """`generation`: the device's credential generation, carried as `gen` once a reinstatement or reset raised it
+    above 0 (brokers refuse tokens of a lower one: broker/denylist.py); absent at 0, so such tokens are as before."""
     jti = secrets.token_hex(16)
     expires_at = now + ttl_seconds
-    claims = {
+    claims: dict[str, object] = {
         "iss": issuer,
         "aud": audience,
         "sub": device_id,
@@ -60,6 +63,8 @@ def mint_token(
         "jti": jti,
         "acl": {"pub": publish, "sub": subscribe},
     }
+    if generation:
+        claims["gen"] = generation
     return TokenGrant(_es256_jwt(key, _header(kid), claims), jti, expires_at, publish, subscribe)
 
 

@@ -106,6 +106,9 @@ class Grant:
     receive: tuple[str, ...]
     expires_at: int | None = None
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # A device's credential, for the denylist (broker/denylist.py): its token's `gen`, or its certificate's serial.
+    generation: int = 0
+    certificate_serial: str | None = None
 
     def permits(self, access: Access, topic: str, now: float) -> bool:
         """Whether `access` to `topic` (a filter for SUBSCRIBE, else a topic name) is allowed at `now`."""
@@ -169,11 +172,13 @@ def _filters(acl: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def device_grant(device_id: str, claims: Mapping[str, Any]) -> Grant:
-    """A provisioned device, from the verified claims of its token (EMQX-style `acl`).
+def device_grant(device_id: str, claims: Mapping[str, Any], certificate_serial: str | None = None) -> Grant:
+    """A provisioned device, from the verified claims of its token (EMQX-style `acl`), or those a certificate
+    stands for (`certificate_serial` given).
 
     It may publish to topics matching `acl.pub`, subscribe to filters covered by `acl.sub` and
-    receive topics matching `acl.sub`, until `exp`.
+    receive topics matching `acl.sub`, until `exp`. A token's `gen` (absent: 0) is its credential
+    generation, which the denylist compares (broker/denylist.py).
     """
     acl = claims.get("acl")
     if not isinstance(acl, Mapping):
@@ -181,6 +186,15 @@ def device_grant(device_id: str, claims: Mapping[str, Any]) -> Grant:
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise ConnectRefused("token exp is not a number")
+    generation = claims.get("gen", 0)
+    if (
+        isinstance(generation, bool)
+        or not isinstance(generation, int | float)
+        or not math.isfinite(generation)
+        or generation != int(generation)
+        or generation < 0
+    ):
+        raise ConnectRefused("token gen must be a whole number, at least 0")
     subscribe = _filters(acl, "sub")
     return Grant(
         role=Role.DEVICE,
@@ -190,6 +204,8 @@ def device_grant(device_id: str, claims: Mapping[str, Any]) -> Grant:
         receive=subscribe,
         expires_at=int(exp),  # the same truncation PyJWT applies when it checks exp
         claims=dict(claims),
+        generation=int(generation),
+        certificate_serial=certificate_serial,
     )
 
 

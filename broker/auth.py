@@ -26,7 +26,7 @@ from pathlib import Path
 
 from broker import acl
 from broker.certificates import certificate_device
-from broker.denylist import Denylist
+from broker.denylist import Credential, Denylist
 from broker.errors import BrokerConfigError, ConnectRefused
 from broker.tokens import VerificationKeys, parse_jwks, verify_device_token
 from broker.watched import WatchedFile
@@ -92,14 +92,16 @@ class Authenticator:
         self._denylist = Denylist(settings.denylist_file) if settings.denylist_file else None
 
     def is_revoked(self, grant: acl.Grant, now: float) -> bool:
-        """Whether a device session's device was revoked since: checked on every packet, not only at CONNECT."""
+        """Whether the denylist refuses a device session's credential (its device revoked or deleted, or the
+        credential older than a reinstatement or reset): checked on every packet, not only at CONNECT."""
         if grant.role is not acl.Role.DEVICE or self._denylist is None:
             return False
-        return self._denylist.denies(str(grant.claims.get("sub", "")), now)
+        credential = Credential(str(grant.claims.get("sub", "")), grant.generation, grant.certificate_serial)
+        return self._denylist.refuses(credential, now)
 
     def revoked_devices(self, now: float) -> list[str]:
-        """The devices the denylist refuses at `now`, whose live sessions the broker must end."""
-        return [] if self._denylist is None else self._denylist.denied(now)
+        """The devices with credentials the denylist refuses at `now`, whose live sessions the broker must check."""
+        return [] if self._denylist is None else self._denylist.listed(now)
 
     def authenticate(self, *, client_id: str, username: str | None, password: str | None) -> acl.Grant:
         """The grant of this CONNECT, or ConnectRefused saying why (never echoing a credential)."""
@@ -137,7 +139,7 @@ class Authenticator:
             "exp": device.not_after,
             "acl": {"pub": list(device.scope.publish), "sub": list(device.scope.subscribe)},
         }
-        grant = acl.device_grant(device.device_id, claims)
+        grant = acl.device_grant(device.device_id, claims, certificate_serial=device.serial)
         if self.is_revoked(grant, now):
             raise ConnectRefused("device is revoked")
         return grant

@@ -54,6 +54,7 @@ class CertificateDevice:
     device_id: str
     scope: DeviceScope
     not_after: int
+    serial: str  # lowercase hex, as the denylist lists it (broker/denylist.py)
 
 
 def is_device_id(value: str) -> bool:
@@ -159,4 +160,4 @@ def certificate_device(der: bytes, *, username: str | None, client_id: str, now:
     not_after = int(cert.not_valid_after_utc.timestamp())
     if now.timestamp() >= not_after:
         raise ConnectRefused("certificate expired")
-    return CertificateDevice(common_name, scope, not_after)
+    return CertificateDevice(common_name, scope, not_after, format(cert.serial_number, "x"))

@@ -216,7 +216,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             if grant is None or grant.role is not Role.DEVICE or handler is None:
                 continue  # not connected, or an anonymous provisioning client using the id
             if session.transitions.is_connected() and authenticator.is_revoked(grant, now):
-                logger.info("ending the session of %s: device is revoked", device_id)
+                logger.info("ending the session of %s: the denylist refuses its credential", device_id)
                 await self._close_connection(handler)
                 ended += 1
         return ended

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
-from broker.denylist import DENYLIST_FILE_NAME, render_denylist
+from broker.denylist import DENYLIST_FILE_NAME, Entries, render_denylist
 from broker.embedded import (
     EmbeddedBrokerSettings,
     broker_config,
@@ -432,7 +432,7 @@ def test_a_revoked_device_is_refused_until_the_check_ends_its_session_and_its_wi
         revoked = connected(clients, running.port, "dev-rv", "dev-rv", token, will=("devices/dev-rv/status", b"gone"))
         control = device(clients, running.port, "dev-ok", pub=["devices/dev-ok/#"])
         assert revoked.subscribe("devices/dev-rv/a", qos=0) == [0]
-        (data / DENYLIST_FILE_NAME).write_bytes(render_denylist({"dev-rv": int(time.time()) + 3600}))
+        (data / DENYLIST_FILE_NAME).write_bytes(render_denylist(Entries({"dev-rv": int(time.time()) + 3600})))
 
         assert revoked.subscribe("devices/dev-rv/b", qos=0) == [SUBACK_FAILURE]
         revoked.publish("devices/dev-rv/up", b"after")  # MQTT 3.1.1: acknowledged, then dropped by the ACL

@@ -9,6 +9,8 @@ certificate listener (`broker.certificate_port`) is on by `certificate_listen = 
 - one without the scope extension, or with a malformed one, or whose CN is not the client id or the
   username, is refused at CONNECT (both brokers can: see docs/SECURITY.md 3.6 for Mosquitto);
 - `device revoke` refuses the next CONNECT and ends the live session; notAfter ends what it grants;
+- after `device reset` or `device reinstate` the certificates signed before are refused by serial (and their
+  sessions ended), new ones accepted (issue 12);
 - token devices and their listeners are unaffected.
 
 Real brokers on 127.0.0.1, real paho clients over TLS; waits poll with generous deadlines, nothing is timed.
@@ -24,6 +26,7 @@ import pytest
 from cryptography import x509
 
 from bridge.config import Settings
+from bridge.storage.records import IssuedCertificate
 from bridge.tls import certificates as tls
 from bridge.tls.device_ca import DeviceCa, DeviceScope, create_device_ca, new_device_ca
 from tests.helpers.bridge import Bridge
@@ -214,6 +217,27 @@ def test_revoke_refuses_the_next_connect_and_ends_the_live_session(broker: Certi
     with token_session(broker.bridge.port, kept_creds.mqtt) as token:
         assert token.subscribe(f"devices/{kept.device_id}/#") == [1]
         echo(token, kept.device_id, b"token")
+
+
+@pytest.mark.parametrize("command", ["reset", "reinstate"])
+def test_certificates_held_before_a_reset_or_reinstatement_are_refused(broker: CertificateBroker, command: str) -> None:
+    device, _ = provisioned(broker.bridge)
+    old = broker.issue(device.device_id)
+    with broker.bridge.store.transaction() as tx:  # as the claim path records a certificate it signs
+        tx.record_certificate(
+            IssuedCertificate(format(old.serial, "x"), device.device_id, "r-test", 0, int(old.not_after.timestamp()), 0)
+        )
+    with broker.session(old) as live:
+        assert live.subscribe(f"devices/{device.device_id}/#") == [1]
+        echo(live, device.device_id, b"before")
+        if command == "reinstate":
+            assert run_cli(broker.settings, "device", "revoke", device.device_id) == 0
+        assert run_cli(broker.settings, "device", command, device.device_id) == 0
+        assert live.disconnected.wait(30), f"{broker.kind}: the session of a certificate signed before must end"
+    assert broker.client(old).connack() == NOT_AUTHORIZED
+    with broker.session(broker.issue(device.device_id)) as conn:  # signed after: not listed
+        assert conn.subscribe(f"devices/{device.device_id}/#") == [1]
+        echo(conn, device.device_id, b"a new certificate")
 
 
 def test_what_a_certificate_grants_ends_at_its_not_after(broker: CertificateBroker) -> None:

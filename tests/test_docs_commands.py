@@ -7,7 +7,7 @@ an inline code span or plain prose. The words after it are walked down the argpa
 
 * a word that is a subcommand of the current parser descends into it;
 * where the current parser has subcommands and the next word is none of them, that is drift: the
-  test of that command (e.g. `provbridge device delete`) fails and says in which file and line;
+  test of that command (e.g. `provbridge device destroy`) fails and says in which file and line;
 * the words end at the first token that is not a lowercase command-like word: an option `--x`, a
   placeholder (`ID`, `NAME`), `|`, `[`, punctuation, the end of the code span, and in a code block two
   spaces (the description column of the README's command table) or ` #` (a shell comment).
@@ -21,8 +21,8 @@ words of PROSE_WORDS after it are the product, not a command. Any other lowercas
 be a command, so drift is caught rather than excused. "provbridge v1 …" starts the protocol's
 byte-string labels (HKDF info, refresh MAC), never a command.
 
-Prose also names commands without the program: "an operator must delete the device" names
-`provbridge device delete`. Sentences of that one form (operator, modal verb, verb, a noun the CLI
+Prose also names commands without the program: "an operator must destroy the device" names
+`provbridge device destroy`. Sentences of that one form (operator, modal verb, verb, a noun the CLI
 administers) are checked as that command.
 
 Each distinct command then runs with `--help` in this process, through the CLI's own `main` (as the
@@ -80,7 +80,7 @@ FENCE = re.compile(r" {0,3}(```|~~~)")
 SPAN = re.compile(r"(?<!`)`(?!`)((?:[^`\n]|\n(?![ \t]*\n))+?)`(?!`)")
 BLOCK_END_OF_COMMAND = re.compile(r" {2,}| #|\t")
 CONTINUATION = re.compile(r"\s+(?=\[?--)")  # an indented line that goes on with options
-# "an operator must delete the device" -> provbridge device delete
+# "an operator must destroy the device" -> provbridge device destroy
 OPERATOR_ACTION = re.compile(
     r"\b[Oo]perators?\s+(?:must|can|may|should|will|has\s+to|have\s+to|needs?\s+to)\s+(?:first\s+)?"
     r"([a-z]+)\s+(?:the|a|an|its|that|this|their)\s+(device|provisioning\s+key|key|tenant|ops\s+user)s?\b"
@@ -311,9 +311,9 @@ def test_every_prose_word_is_used_and_none_is_a_command() -> None:
 SAMPLE = """\
 # provbridge checks
 
-provbridge's CLI, and provbridge, the product. Run `provbridge device delete ID`, then
+provbridge's CLI, and provbridge, the product. Run `provbridge device destroy ID`, then
 `provbridge device revoke ID`; provbridge serve starts it, provbridge frobnicates it. An operator
-must delete the device or rotate the key. `info = "provbridge v1 device key"`, `provbridge-sim --turbo`.
+must destroy the device or rotate the key. `info = "provbridge v1 device key"`, `provbridge-sim --turbo`.
 
 ```sh
 provbridge tenant create NAME | list | purge NAME      --data-dir is not an option of `tenant`
@@ -330,14 +330,14 @@ def test_drift_is_caught_in_code_blocks_code_spans_and_prose() -> None:
     commands = collect(mentions_in(SAMPLE, "sample.md"))
     problems = {name: problem(command) for name, command in commands.items()}
     assert {name for name, reason in problems.items() if reason is not None} == {
-        "provbridge device delete",  # code span, and the operator's sentence
+        "provbridge device destroy",  # code span, and the operator's sentence
         "provbridge frobnicates",  # prose: not a command, not one of PROSE_WORDS
         "provbridge tenant purge",  # code block, an alternative after `|`
         "provbridge key create",  # --max-uses
         "provbridge-sim",  # --turbo
         "provbridge-sim run",  # the simulator takes no words
     }
-    assert commands["provbridge device delete"].where == ["sample.md:3", "sample.md:4"]
+    assert commands["provbridge device destroy"].where == ["sample.md:3", "sample.md:4"]
     assert "--colour, --max-uses" in (problems["provbridge key create"] or "")
     assert {name for name, reason in problems.items() if reason is None} == {
         "provbridge device revoke",

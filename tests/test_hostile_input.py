@@ -33,7 +33,7 @@ from bridge.claims.provisioning import Provisioner
 from bridge.claims.refresh import Refresher
 from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.ops import admin
+from bridge.ops import admin, lifecycle
 from bridge.storage import keyfiles
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.store import Store
@@ -203,7 +203,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     w.claim(first_key, w.devices["active"])
     w.claim(first_key, w.devices["revoked"])
-    store.revoke_device(w.devices["revoked"].device_id, made_at)
+    lifecycle.revoke_device(settings, store, w.devices["revoked"].device_id, made_at)
     w.claim(one_time, w.devices["spent"])  # the one-time key is now exhausted
 
     base = w.devices["base"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bridge.claims.provisioning import Provisioner
-from bridge.config import Settings
+from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
 from bridge.errors import CheckFailed, StorageError
 from bridge.ops import admin, doctor
 from bridge.storage import keyfiles, migrations
@@ -103,9 +103,14 @@ def test_a_new_database_is_made_by_the_same_steps(tmp_path: Path) -> None:
     try:
         assert migrations.version(store.connection()) == migrations.LATEST
         columns = [row["name"] for row in store.connection().execute("PRAGMA table_info(provision_keys)")]
-        assert columns[-3:] == ["pattern_syntax", "credential_type", "certificate_validity_seconds"]
+        assert columns[-4:] == [
+            "pattern_syntax",
+            "credential_type",
+            "certificate_validity_seconds",
+            "preprovisioned_only",
+        ]
         tables = {row[0] for row in store.connection().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert "device_certificates" in tables
+        assert {"device_certificates", "deleted_devices", "allowlist", "allowlist_imports"} <= tables
     finally:
         store.close()
 
@@ -117,5 +122,23 @@ def test_an_upgraded_database_keeps_its_keys_and_devices_issuing_tokens(old_data
         assert keys and {k.credential_type for k in keys} == {"token"}
         assert {k.certificate_validity_seconds for k in keys} == {None}
         assert {d.credential_type for d in store.devices()} <= {"token"}
+    finally:
+        store.close()
+
+
+def test_a_device_revoked_before_the_upgrade_stays_on_the_denylist_as_long_as_it_was(old_database: Settings) -> None:
+    """Step 5 gives devices a refused_until: for one revoked before it, its revocation time plus the token cap,
+    as the denylist listed it then (from `updated_at`)."""
+    revoked_at = int(time.time()) - 60
+    with sqlite3.connect(old_database.database_file) as db:
+        db.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE hardware_id = 'SN-0'", (revoked_at,))
+        device_id = db.execute("SELECT id FROM devices WHERE hardware_id = 'SN-0'").fetchone()[0]
+    store = Store(old_database.database_file)
+    try:
+        refused = store.refused_credentials(int(time.time()))
+        assert [(r.device_id, r.until, r.generation) for r in refused] == [
+            (device_id, revoked_at + TOKEN_TTL_CAP_SECONDS, None)
+        ]
+        assert store.device(device_id).credential_generation == 0
     finally:
         store.close()

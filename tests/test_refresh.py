@@ -12,6 +12,7 @@ import pytest
 from bridge.claims.refresh import Refresher
 from bridge.errors import MirrorError
 from bridge.ops import admin
+from bridge.ops.lifecycle import revoke_device
 from bridge.tokens import TokenGrant
 from device_sim.device import (
     DeviceIdentity,
@@ -201,7 +202,7 @@ def test_simulated_refresh_of_a_revoked_device_is_rejected(bridge: Bridge) -> No
     cloud = bridge.keys.cloud_key.public_key()
     identity = DeviceIdentity.generate(f"sim-{uuid.uuid4().hex[:8]}")
     claimed = claim_over_mqtt("127.0.0.1", bridge.port, identity, bridge.provision_key, cloud, timeout=5)
-    bridge.store.revoke_device(claimed.device_id, int(time.time()))
+    revoke_device(bridge.settings, bridge.store, claimed.device_id)
     with pytest.raises(ClaimRejected) as caught:
         refresh_over_mqtt("127.0.0.1", bridge.port, identity, claimed.device_id, cloud, timeout=5)
     assert caught.value.code is ErrorCode.PERMISSION_DENIED and not caught.value.retryable

@@ -9,9 +9,9 @@ import pytest
 from bridge.cli import main as cli
 from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.ops import admin
-from bridge.ops.revocation import publish_denylist, revoke_device
+from bridge.ops.lifecycle import publish_denylist, revoke_device
 from bridge.storage.statefiles import denylist_file
-from broker.denylist import Denylist, parse_denylist
+from broker.denylist import Denylist, Entries, parse_denylist
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
@@ -47,9 +47,10 @@ def test_revoked_device_loses_refresh_reclaim_and_reconnect(bridge: Bridge) -> N
     assert _events(bridge, "claim.rejected")[-1]["reason"] == "device_revoked"
     assert bridge.store.device(device.device_id).status == "revoked"
 
-    denied = parse_denylist(denylist_file(bridge.settings.data_dir).read_bytes())
+    denied = parse_denylist(denylist_file(bridge.settings.data_dir).read_bytes()).devices
     assert set(denied) == {device.device_id}
     assert denied[device.device_id] >= creds.mqtt.expires_at  # outlives every token it may hold
+    assert _events(bridge, "device.revoked")[-1]["device_id"] == device.device_id
 
 
 def test_other_devices_are_untouched_by_a_revocation(bridge: Bridge) -> None:
@@ -80,7 +81,7 @@ def test_revoking_an_unknown_device_fails_with_a_reason(bridge: Bridge, capsys: 
     assert _cli(bridge, "device", "revoke", "dev_" + "a" * 26) == 1
     assert "no device" in capsys.readouterr().err
     path = denylist_file(bridge.settings.data_dir)
-    assert not path.exists() or parse_denylist(path.read_bytes()) == {}
+    assert not path.exists() or parse_denylist(path.read_bytes()) == Entries()
 
 
 def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridge: Bridge) -> None:
@@ -93,9 +94,9 @@ def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridg
     assert denylist.denies(device.device_id, until - 1) and not denylist.denies(device.device_id, until)
 
     path.unlink()  # lost: the next write restores it from the database
-    assert publish_denylist(bridge.settings, bridge.store, now=revoked_at + 1) == {device.device_id: until}
-    assert publish_denylist(bridge.settings, bridge.store, now=until + 1) == {}  # expired entries drop out
-    assert json.loads(path.read_text()) == {"devices": {}}
+    assert publish_denylist(bridge.settings, bridge.store, now=revoked_at + 1) == Entries({device.device_id: until})
+    assert publish_denylist(bridge.settings, bridge.store, now=until + 1) == Entries()  # expired entries drop out
+    assert json.loads(path.read_text()) == {"devices": {}, "older_credentials": {}}
 
 
 def test_revocation_reaches_a_device_session_of_a_token_minted_for_another_client_id(bridge: Bridge) -> None:

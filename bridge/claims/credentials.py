@@ -57,6 +57,7 @@ def issue_credentials(
         subscribe=subscribe,
         now=now,
         ttl_seconds=settings.token.ttl_seconds,
+        generation=device.credential_generation,
     )
     mirror.grant(device.id, grant)
     endpoint = device_endpoint(settings)  # the TLS port whenever the broker offers TLS
@@ -143,6 +144,7 @@ def issue_certificate(
         not_before=int(certificate.not_valid_before_utc.timestamp()),
         not_after=not_after,
         issued_at=now,
+        generation=device.credential_generation,
     )
     return credentials, issued
 

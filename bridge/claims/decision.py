@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.claims import hardware_pattern
 from bridge.errors import InvalidPattern
-from bridge.storage.records import Device, ProvisionKey, StoredAnswer
+from bridge.storage.records import AllowlistEntry, Device, ProvisionKey, StoredAnswer
 from provwire.errors import ErrorCode
 from provwire.models import Claim, ClaimError, Event, FieldError, rfc3339, to_json
 
@@ -32,6 +32,7 @@ class Denial(StrEnum):
     HARDWARE_ID_MISMATCH = "hardware_id_mismatch"
     HARDWARE_ID_PATTERN_INVALID = "hardware_id_pattern_invalid"  # stored before RE2, and RE2 cannot run it
     DEVICE_REVOKED = "device_revoked"
+    NOT_PREPROVISIONED = "not_preprovisioned"  # the key creates devices only for hardware ids on the allowlist
 
 
 class Action(StrEnum):
@@ -61,6 +62,7 @@ class ClaimFacts:
     stored: StoredAnswer | None  # stored for this client id and request_id
     key: ProvisionKey | None  # the key whose hash is the claim's
     device: Device | None  # the key's tenant's device with the claim's hardware id
+    entry: AllowlistEntry | None = None  # when there is no device: the hardware id's allowlist entry, if any
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ class Granted:
     action: Action  # CREATE (insert the device, spend a key use), ROTATE (record the new public key), RECLAIM
     key: ProvisionKey
     device: Device
-    api_key: str  # "" for a re-claim: the device keeps its API key
+    api_key: str  # "" for a re-claim (the device keeps its API key) or an admin-made one (shown to the admin)
     events: list[Event]
+    entry: AllowlistEntry | None = None  # CREATE of a pre-provisioned hardware id: the entry it uses up
 
 
 def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered | Granted:
@@ -111,6 +114,8 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
 
     device = facts.device
     action = reclaim_action(device, claim.public_key_sec1, key)
+    if action is Action.CREATE and key.preprovisioned_only and facts.entry is None:
+        return _denied(request, key, Denial.NOT_PREPROVISIONED)
     if action is Action.REVOKED:
         return _denied(request, key, Denial.DEVICE_REVOKED)
     if action is Action.EXISTS:
@@ -132,11 +137,13 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
         return _denied(request, key, Denial.KEY_EXHAUSTED)
 
     if action is Action.CREATE:
-        device = new_device(request, key, fresh.device_id)
+        entry = facts.entry
+        device = new_device(request, key, fresh.device_id, entry)
         events = [key_event(request, "device.provisioned", key, device)]
         if key.max_registrations is not None and key.registrations + 1 == key.max_registrations:
             events.append(key_event(request, "key.exhausted", key, None))  # this claim takes its last use
-        return Granted(action, key, device, fresh.api_key, events)
+        api_key = "" if entry is not None and entry.api_key_hash is not None else fresh.api_key
+        return Granted(action, key, device, api_key, events, entry)
     assert device is not None  # ROTATE and RECLAIM are for a known device
     if action is Action.ROTATE:
         events = [key_event(request, "device.reprovisioned", key, device)]
@@ -182,6 +189,8 @@ def reclaim_action(device: Device | None, public_key: bytes, key: ProvisionKey) 
         return Action.CREATE
     if device.status != "active":
         return Action.REVOKED
+    if device.reset_pending:  # the operator allowed one claim to bring a new key pair (`device reset`)
+        return Action.ROTATE
     if device.public_key == public_key:
         return Action.RECLAIM
     # A leaked provisioning key must not let anyone take over a device: only the key that created it
@@ -189,17 +198,20 @@ def reclaim_action(device: Device | None, public_key: bytes, key: ProvisionKey) 
     return Action.ROTATE if key.reclaim_policy == "rotate" and device.key_id == key.id else Action.EXISTS
 
 
-def new_device(request: ClaimRequest, key: ProvisionKey, device_id: str) -> Device:
+def new_device(request: ClaimRequest, key: ProvisionKey, device_id: str, entry: AllowlistEntry | None = None) -> Device:
+    """The device a claim creates: its key's template, and what its allowlist entry (if any) names: an admin-made
+    device id, a name (over the claim's), labels (over the key's)."""
     claim, now = request.claim, int(request.now)
+    name = claim.device_name if entry is None or entry.name is None else entry.name
     return Device(
-        id=device_id,
+        id=device_id if entry is None or entry.device_id is None else entry.device_id,
         tenant_id=key.tenant_id,
         tenant_name=key.tenant_name,
         hardware_id=claim.hardware_id,
-        name=claim.device_name,
+        name=name,
         public_key=claim.public_key_sec1,
         cloud_key_id=request.cloud_kid,
-        labels=key.labels,
+        labels=key.labels if entry is None else key.labels | entry.labels,
         groups=key.groups,
         profile=key.profile,
         hardware=claim.hardware.model_dump(exclude_none=True) if claim.hardware else None,
@@ -214,13 +226,15 @@ def new_device(request: ClaimRequest, key: ProvisionKey, device_id: str) -> Devi
 
 
 def rotated(device: Device, request: ClaimRequest, key: ProvisionKey) -> Device:
-    """The device as a `rotate` re-claim leaves it: the claim's public key and cloud key, the key's credential type."""
+    """The device as a `rotate` re-claim (or the claim after a reset) leaves it: the claim's public key and cloud
+    key, the key's credential type, no reset pending."""
     return replace(
         device,
         public_key=request.claim.public_key_sec1,
         cloud_key_id=request.cloud_kid,
         updated_at=int(request.now),
         credential_type=key.credential_type,
+        reset_pending=False,
     )
 
 

@@ -460,15 +460,22 @@ class Provisioner(RequestHandler):
         if stored is not None:
             return ClaimFacts(stored, None, None)
         key = tx.key_by_hash(request.key_hash)
-        device = None if key is None else tx.device_by_hardware_id(key.tenant_id, request.claim.hardware_id)
-        return ClaimFacts(None, key, device)
+        if key is None:
+            return ClaimFacts(None, None, None)
+        device = tx.device_by_hardware_id(key.tenant_id, request.claim.hardware_id)
+        entry = None if device is not None else tx.allowlist_entry(key.tenant_id, request.claim.hardware_id)
+        return ClaimFacts(None, key, device, entry)
 
     def _grant(self, tx: Transaction, request: ClaimRequest, granted: Granted, keys: KeyRing, shared: bytes) -> bytes:
         """Write the granted device's rows, mint its token and seal its credentials; the answer, stored for replays."""
         device, now = granted.device, int(request.now)
         if granted.action is Action.CREATE:
-            tx.insert_device(device, identifiers.digest(granted.api_key))
+            entry = granted.entry
+            preset = None if entry is None else entry.api_key_hash  # an admin-made API key, shown to the admin
+            tx.insert_device(device, preset or identifiers.digest(granted.api_key))
             tx.spend_key_use(granted.key.id)
+            if entry is not None:
+                tx.consume_allowlist_entry(entry.tenant_id, entry.hardware_id)
         elif granted.action is Action.ROTATE:
             tx.rotate_device_key(device, identifiers.digest(granted.api_key), now)
         request_id = request.claim.request_id

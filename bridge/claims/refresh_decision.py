@@ -22,6 +22,7 @@ class RefreshDenial(StrEnum):
     UNKNOWN_CLOUD_KEY = "unknown_cloud_key"
     BAD_MAC = "bad_mac"
     DEVICE_REVOKED = "device_revoked"
+    DEVICE_RESET = "device_reset"  # reset by the operator: only a claim gives it credentials again
     CREDENTIAL_MISMATCH = "credential_mismatch"  # a certificate device sent no csr, or a token device sent one
     CSR_KEY_MISMATCH = "csr_key_mismatch"  # a renewal's csr is not for the device's key
     STALE_TIMESTAMP = "stale_timestamp"
@@ -57,6 +58,8 @@ def decide_refresh(
         return RefreshRefused(RefreshDenial.BAD_MAC, authenticated)  # re-provisioned with a new key pair meanwhile
     if current.status != "active":
         return RefreshRefused(RefreshDenial.DEVICE_REVOKED, current)
+    if current.reset_pending:
+        return RefreshRefused(RefreshDenial.DEVICE_RESET, current)
     mismatch = credential_mismatch(request, current)
     if mismatch is not None:
         return RefreshRefused(mismatch, current)

@@ -13,7 +13,7 @@ from typing import Any
 from bridge.cli.common import add_command, count, emit, table, when
 from bridge.config import Settings
 from bridge.errors import NotFound, UsageError
-from bridge.ops import admin, devices, revocation
+from bridge.ops import admin, devices, lifecycle
 from bridge.storage.records import Device, ProvisionKey
 from bridge.storage.store import DeviceFilter
 from bridge.tls.certificates import certificate_listener_enabled
@@ -130,6 +130,7 @@ def cmd_key_create(args: argparse.Namespace, settings: Settings) -> None:
         certificate_validity_seconds=(
             admin.parse_duration(args.certificate_validity) if args.certificate_validity else None
         ),
+        preprovisioned_only=args.preprovisioned_only,
     )
     key, raw = admin.create_key(store, settings, spec, now)
     text = (
@@ -185,6 +186,7 @@ def cmd_key_update(args: argparse.Namespace, settings: Settings) -> None:
         no_expiry=args.no_expiry,
         labels=_label_changes(args),
         reclaim_policy=args.reclaim,
+        preprovisioned_only=args.preprovisioned_only,
     )
     key, changed = admin.update_key(admin.open_store(settings), settings, args.key_id, update, now)
     text = f"updated {key.id} ({key.name}): " + (", ".join(changed) if changed else "nothing was different")
@@ -282,15 +284,47 @@ def cmd_device_show(args: argparse.Namespace, settings: Settings) -> None:
     emit(args, view, text)
 
 
+def _brokers_told(settings: Settings) -> str:
+    if settings.broker.mode == "external" and settings.broker.mosquitto_auth == "dynsec":
+        return "Mosquitto has deleted its dynamic-security client (live session ended)"
+    broker = "Mosquitto's provbridge_jwt plugin" if settings.broker.mode == "external" else "the embedded broker"
+    return f"{broker} refuses them (connect, publish, subscribe; live sessions end within about a second)"
+
+
 def cmd_device_revoke(args: argparse.Namespace, settings: Settings) -> None:
-    device = revocation.revoke_device(settings, admin.open_store(settings), args.device_id)
-    broker = (
-        "Mosquitto has disabled its account (live session ended)"
-        if settings.broker.mode == "external"
-        else "the embedded broker refuses its current token (connect, publish, subscribe, live session)"
+    device = lifecycle.revoke_device(settings, admin.open_store(settings), args.device_id)
+    text = (
+        f"revoked {device.id}: re-claims and token refreshes are refused, every credential it holds too:"
+        f" {_brokers_told(settings)}"
     )
-    text = f"revoked {device.id}: re-claims and token refreshes are refused, and {broker}"
     emit(args, _device_view(device), text)
+
+
+def cmd_device_reinstate(args: argparse.Namespace, settings: Settings) -> None:
+    device = lifecycle.reinstate_device(settings, admin.open_store(settings), args.device_id)
+    text = (
+        f"reinstated {device.id}: its claims and refreshes are taken again; the credentials it held before stay"
+        f" refused ({_brokers_told(settings)}), so it re-claims or refreshes for new ones"
+    )
+    emit(args, _device_view(device), text)
+
+
+def cmd_device_reset(args: argparse.Namespace, settings: Settings) -> None:
+    device = lifecycle.reset_device(settings, admin.open_store(settings), args.device_id)
+    text = (
+        f"reset {device.id}: its next valid claim (hardware id {device.hardware_id}) may bring a new key pair, once;"
+        f" until then its refreshes are refused, and every credential it holds is refused: {_brokers_told(settings)}"
+    )
+    emit(args, _device_view(device), text)
+
+
+def cmd_device_delete(args: argparse.Namespace, settings: Settings) -> None:
+    device = lifecycle.delete_device(settings, admin.open_store(settings), args.device_id)
+    text = (
+        f"deleted {device.id}: hardware id {device.hardware_id} of tenant {device.tenant_name} is free for a new"
+        f" device; every credential it held is refused: {_brokers_told(settings)}"
+    )
+    emit(args, {"deleted": device.id, "tenant": device.tenant_name, "hardware_id": device.hardware_id}, text)
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
@@ -361,6 +395,12 @@ def add_commands(commands: Any) -> None:
         " devices renew before it ends",
     )
     create.add_argument(
+        "--preprovisioned-only",
+        action="store_true",
+        help="create devices only for hardware ids on the tenant's allowlist (`provbridge allowlist`); others are"
+        " refused (reason not_preprovisioned)",
+    )
+    create.add_argument(
         "--code",
         action="store_true",
         help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (valid 24h, claims.code_ttl_seconds;"
@@ -392,6 +432,20 @@ def add_commands(commands: Any) -> None:
     update.add_argument("--group", action="append", default=[], metavar="GROUP", help="add a group")
     update.add_argument("--remove-group", action="append", default=[], metavar="GROUP", help="remove a group")
     update.add_argument("--reclaim", choices=["reject", "rotate"], help="re-claim policy (see `key create --help`)")
+    allowlisted = update.add_mutually_exclusive_group()
+    allowlisted.add_argument(
+        "--preprovisioned-only",
+        action="store_const",
+        const=True,
+        help="from now on create devices only for hardware ids on the tenant's allowlist",
+    )
+    allowlisted.add_argument(
+        "--any-hardware-id",
+        dest="preprovisioned_only",
+        action="store_const",
+        const=False,
+        help="from now on create devices for any hardware id (the default)",
+    )
     codes = add_command(
         key,
         "codes",
@@ -417,7 +471,28 @@ def add_commands(commands: Any) -> None:
     dlist.add_argument("--limit", type=count(1), default=100, help="devices per page, at most 1000 (default 100)")
     dlist.add_argument("--after", metavar="CURSOR", help="the next page: the cursor the previous page ended with")
     add_command(device, "show", cmd_device_show, "show one device").add_argument("device_id")
-    add_command(device, "revoke", cmd_device_revoke, "revoke a device").add_argument("device_id")
+    add_command(
+        device, "revoke", cmd_device_revoke, "revoke a device: its claims, refreshes and credentials are refused"
+    ).add_argument("device_id")
+    add_command(
+        device,
+        "reinstate",
+        cmd_device_reinstate,
+        "make a revoked device active again (the credentials it held stay refused: it re-claims or refreshes)",
+    ).add_argument("device_id")
+    add_command(
+        device,
+        "reset",
+        cmd_device_reset,
+        "a device lost its key pair (storage wiped): let its next valid claim bring a new one, once;"
+        " refuse what it holds now",
+    ).add_argument("device_id")
+    add_command(
+        device,
+        "delete",
+        cmd_device_delete,
+        "delete a device: its hardware id is free again; every credential it held is refused",
+    ).add_argument("device_id")
     dupdate = add_command(
         device,
         "update",

@@ -327,12 +327,14 @@ class ClaimHandlers:
             self.purge(int(time.time()))
 
     def purge(self, now: int) -> None:
-        """One round of the periodic purge: stored answers past their retention, then old events."""
+        """One round of the periodic purge: stored answers past their retention, deleted devices no longer on the
+        denylist, then old events."""
         store, claims = self.provisioner.store, self.settings.claims
         try:
             purged = store.purge_answers(now - claims.response_retention_seconds)
             if purged:
                 log.info("purged %d answers older than the retention window", purged)
+            store.purge_deleted_devices(now)
         except Exception as exc:
             log.warning("answer purge failed: %s", exc)
         if claims.event_retention_days == 0:

@@ -23,7 +23,7 @@ from bridge.edges.paho import BridgeService
 from bridge.edges.sessions import Shard, check_processes, client_ids, retire_stale_sessions
 from bridge.mosquitto.dynsec import DynsecMirror, uses_dynsec
 from bridge.mosquitto.janitor import SharedDynsecMirror
-from bridge.ops.revocation import publish_denylist
+from bridge.ops.lifecycle import publish_denylist
 from bridge.storage.store import Store
 from bridge.tls import certificates as tls
 from broker.embedded import EmbeddedBrokerSettings, start_embedded_broker, stop_embedded_broker

@@ -1,2 +1,2 @@
 """What operators do: `admin` (init, tenants, keys, ops users), `devices` (list, update, API keys),
-`revocation` (`device revoke`), `doctor`."""
+`lifecycle` (revoke, reinstate, reset, delete; the denylist), `doctor`."""

@@ -52,6 +52,9 @@ class KeySpec:
     human_code: bool = False
     credential_type: str = "token"  # "token" or "certificate" (the claim then carries a CSR)
     certificate_validity_seconds: int | None = None  # certificate keys; None: DEFAULT_CERTIFICATE_VALIDITY_SECONDS
+    preprovisioned_only: bool = (
+        False  # creates devices only for hardware ids on the allowlist (bridge/ops/allowlist.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,7 @@ def _new_key(settings: Settings, spec: KeySpec, tenant_id: str, now: int) -> tup
         created_at=now,
         credential_type=spec.credential_type,
         certificate_validity_seconds=spec.certificate_validity_seconds,
+        preprovisioned_only=spec.preprovisioned_only,
     )
     return key, raw
 
@@ -222,6 +226,7 @@ class KeyUpdate:
     no_expiry: bool = False
     labels: LabelChanges = field(default_factory=LabelChanges)
     reclaim_policy: str | None = None
+    preprovisioned_only: bool | None = None
 
     def is_empty(self) -> bool:
         return self == KeyUpdate()
@@ -258,6 +263,9 @@ def key_update(
         "labels": labels,
         "groups": groups,
         "reclaim_policy": update.reclaim_policy or key.reclaim_policy,
+        "preprovisioned_only": key.preprovisioned_only
+        if update.preprovisioned_only is None
+        else update.preprovisioned_only,
     }
     _check_name(after["name"])
     check_profile(settings, after["profile"])
@@ -283,6 +291,7 @@ def key_update(
         "labels": key.labels,
         "groups": key.groups,
         "reclaim_policy": key.reclaim_policy,
+        "preprovisioned_only": key.preprovisioned_only,
     }
     columns, changed = changed_columns(before, after)
     event = _key_event("key.updated", replace(key, name=after["name"]), now, actor, changes=changed)

@@ -1,5 +1,5 @@
-"""What operators do with provisioned devices besides revoking them (`revocation`): list them a page at a
-time, change what an operator owns (name, labels, groups, profile), check and rotate their API keys.
+"""What operators do with provisioned devices besides their credentials' life cycle (`lifecycle`): list them a
+page at a time, change what an operator owns (name, labels, groups, profile), check and rotate their API keys.
 
 Each change is one transaction with its event (`Store.change_device`), decided by a pure function over the
 device as stored; a refused change (UsageError) changes nothing.

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.errors import StorageError
 
 # The tables as the first release made them. Databases made before versioning (user_version 0) have
@@ -128,6 +129,67 @@ def _add_list_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX devices_api_key ON devices (api_key_hash)")
 
 
+def _add_credential_lifecycle(db: sqlite3.Connection) -> None:
+    # Issue 12: tokens stay honest through reinstatement, reset and deletion. A device's credential generation
+    # (tokens carry it as `gen`, certificates record it), until when the denylist must list what it held
+    # before (`refused_until`), whether a reset awaits its claim, and the deleted devices still listed.
+    for column, definition in (
+        ("credential_generation", "INTEGER NOT NULL DEFAULT 0"),
+        ("refused_until", "INTEGER"),
+        ("reset_pending", "INTEGER NOT NULL DEFAULT 0"),
+    ):
+        db.execute(f"ALTER TABLE devices ADD COLUMN {column} {definition}")  # constants above, not input
+    db.execute("ALTER TABLE device_certificates ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+    # A device revoked before this version is listed as it was: from its revocation (updated_at) for the
+    # token lifetime cap, or until its last certificate expires if that is later.
+    db.execute(
+        "UPDATE devices SET refused_until = MAX(updated_at + ?, COALESCE("
+        " (SELECT MAX(c.not_after) FROM device_certificates c WHERE c.device_id = devices.id), 0))"
+        " WHERE status = 'revoked'",
+        (TOKEN_TTL_CAP_SECONDS,),
+    )
+    db.execute("CREATE INDEX devices_refused_until ON devices (refused_until) WHERE refused_until IS NOT NULL")
+    db.execute(
+        "CREATE TABLE deleted_devices ("
+        " id TEXT PRIMARY KEY,"
+        " tenant_id TEXT NOT NULL,"
+        " hardware_id TEXT NOT NULL,"
+        " deleted_at INTEGER NOT NULL,"
+        " refused_until INTEGER NOT NULL)"
+    )
+    db.execute("CREATE INDEX deleted_devices_refused_until ON deleted_devices (refused_until)")
+
+
+def _add_allowlist(db: sqlite3.Connection) -> None:
+    # Issue 12: pre-provisioned hardware ids. An entry may carry a name and labels for the device, and an
+    # admin-made device id and API key (hash). Rows of a CSV import stay invisible to claims until their import
+    # is `done`, so the import is all-or-nothing as claims see it while it writes in short transactions.
+    db.execute("ALTER TABLE provision_keys ADD COLUMN preprovisioned_only INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "CREATE TABLE allowlist_imports ("
+        " id TEXT PRIMARY KEY,"
+        " tenant_id TEXT NOT NULL REFERENCES tenants(id),"
+        " entries INTEGER NOT NULL,"
+        " status TEXT NOT NULL CHECK (status IN ('staging', 'done')),"
+        " created_at INTEGER NOT NULL)"
+    )
+    db.execute(
+        "CREATE TABLE allowlist ("
+        " tenant_id TEXT NOT NULL REFERENCES tenants(id),"
+        " hardware_id TEXT NOT NULL,"
+        " device_id TEXT,"
+        " api_key_hash BLOB,"
+        " name TEXT,"
+        " labels TEXT NOT NULL,"
+        " import_id TEXT REFERENCES allowlist_imports(id),"
+        " created_at INTEGER NOT NULL,"
+        " PRIMARY KEY (tenant_id, hardware_id))"
+    )
+    db.execute("CREATE UNIQUE INDEX allowlist_device_id ON allowlist (device_id) WHERE device_id IS NOT NULL")
+    db.execute("CREATE INDEX allowlist_import ON allowlist (import_id) WHERE import_id IS NOT NULL")
+    db.execute("CREATE INDEX allowlist_tenant_created ON allowlist (tenant_id, created_at, hardware_id)")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -142,6 +204,12 @@ MIGRATIONS = (
     ),
     Migration(3, "the certificate credential type: key and device columns, device_certificates", _add_certificates),
     Migration(4, "indexes for device lists by page, tenant, status, hardware id and API key", _add_list_indexes),
+    Migration(
+        5,
+        "credential generations, refused_until, reset_pending; certificates' generation; deleted_devices",
+        _add_credential_lifecycle,
+    ),
+    Migration(6, "the allowlist of pre-provisioned hardware ids, its imports, keys that admit only it", _add_allowlist),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -1,7 +1,7 @@
 """The rows the claim path decides on, as plain data: no database here, so the decisions that take them
 (bridge/claims/decision.py) stay free of I/O. bridge/storage/store.py reads and writes them."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -25,6 +25,7 @@ class ProvisionKey:
     created_at: int
     credential_type: str = "token"  # what its claims get: "token" (a JWT) or "certificate" (an X.509 certificate)
     certificate_validity_seconds: int | None = None  # certificate keys: the validity of the certificates issued
+    preprovisioned_only: bool = False  # creates devices only for hardware ids on its tenant's allowlist
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,23 @@ class Device:
     created_at: int
     updated_at: int
     credential_type: str = "token"  # its key's when it was created; re-claims and refreshes must ask for the same
+    # Raised by a reinstatement or reset: tokens carry it (`gen`), and brokers refuse those of a lower one.
+    credential_generation: int = 0
+    reset_pending: bool = False  # `device reset`: the next valid claim for its hardware id may bring a new key pair
+    refused_until: int | None = None  # until when the denylist lists credentials it held (bridge/ops/lifecycle.py)
+
+
+@dataclass(frozen=True)
+class AllowlistEntry:
+    """A pre-provisioned hardware id: what the device it becomes starts with, besides what its key gives."""
+
+    tenant_id: str
+    hardware_id: str
+    device_id: str | None  # admin-made (`allowlist add --with-credentials`); None: drawn at the claim
+    api_key_hash: bytes | None = field(default=None, repr=False)  # admin-made API key; None: made at the claim
+    name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,7 @@ class IssuedCertificate:
     not_before: int
     not_after: int
     issued_at: int
+    generation: int = 0  # the device's credential generation when it was signed (Device.credential_generation)
 
 
 @dataclass(frozen=True)
@@ -70,9 +89,14 @@ class StoredAnswer:
 
 
 @dataclass(frozen=True)
-class Revoked:
+class Refused:
+    """A device whose credentials the brokers must refuse until `until`: all of them (`generation` None: revoked
+    or deleted), or those older than `generation` (tokens of a lower `gen`, the certificates by serial)."""
+
     device_id: str
-    revoked_at: int
+    until: int
+    generation: int | None
+    certificates: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

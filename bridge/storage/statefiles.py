@@ -1,7 +1,7 @@
 """The bridge's state kept in files under the data dir, other than the key rings (`keyfiles`, `rotation`).
 
-    denylist.json          revoked devices whose tokens brokers must refuse until they expire
-                           (written by `provbridge device revoke` and at start; read by both brokers)
+    denylist.json          device credentials brokers must refuse until they expire (broker/denylist.py; written
+                           by `device revoke/reinstate/reset/delete` and at start; read by both brokers)
     bridge-sessions.json   the bridge's client ids on an external broker, so that sessions a previous
                            layout left behind can be retired (bridge/edges/sessions.py)
 
@@ -10,13 +10,13 @@ can then move into a shared database behind the same names.
 """
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bridge.storage.filelock import locked
 from bridge.storage.keyfiles import write_public
-from broker.denylist import DENYLIST_FILE_NAME, render_denylist
+from broker.denylist import DENYLIST_FILE_NAME, Entries, render_denylist
 
 SESSIONS_FILE_NAME = "bridge-sessions.json"
 
@@ -34,8 +34,8 @@ def denylist_update(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def write_denylist(data_dir: Path, entries: Mapping[str, int]) -> None:
-    """Replace the denylist (device id -> until, Unix seconds) atomically; call it in `denylist_update()`."""
+def write_denylist(data_dir: Path, entries: Entries) -> None:
+    """Replace the denylist (broker/denylist.py) atomically; call it in `denylist_update()`."""
     write_public(denylist_file(data_dir), render_denylist(entries))
 
 

@@ -25,7 +25,15 @@ from typing import Any
 from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.storage import migrations
 from bridge.storage.filelock import locked
-from bridge.storage.records import Device, IssuedCertificate, ProvisionKey, Revoked, StoredAnswer, TenantSummary
+from bridge.storage.records import (
+    AllowlistEntry,
+    Device,
+    IssuedCertificate,
+    ProvisionKey,
+    Refused,
+    StoredAnswer,
+    TenantSummary,
+)
 from provwire.models import Event, rfc3339
 
 BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
@@ -59,6 +67,7 @@ def _key(row: sqlite3.Row) -> ProvisionKey:
         created_at=row["created_at"],
         credential_type=row["credential_type"],
         certificate_validity_seconds=row["certificate_validity_seconds"],
+        preprovisioned_only=bool(row["preprovisioned_only"]),
     )
 
 
@@ -82,12 +91,48 @@ def _device(row: sqlite3.Row) -> Device:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         credential_type=row["credential_type"],
+        credential_generation=row["credential_generation"],
+        reset_pending=bool(row["reset_pending"]),
+        refused_until=row["refused_until"],
+    )
+
+
+_ALLOWLIST_COLUMNS = "tenant_id, hardware_id, device_id, api_key_hash, name, labels, created_at"
+# Rows of an unfinished import are not on the allowlist yet (migration 6).
+_VISIBLE = "(import_id IS NULL OR import_id IN (SELECT id FROM allowlist_imports WHERE status = 'done'))"
+
+
+def _entry(row: sqlite3.Row) -> AllowlistEntry:
+    return AllowlistEntry(
+        tenant_id=row["tenant_id"],
+        hardware_id=row["hardware_id"],
+        device_id=row["device_id"],
+        api_key_hash=None if row["api_key_hash"] is None else bytes(row["api_key_hash"]),
+        name=row["name"],
+        labels=json.loads(row["labels"]),
+        created_at=row["created_at"],
+    )
+
+
+def _insert_entry(db: sqlite3.Connection, entry: AllowlistEntry, import_id: str | None) -> None:
+    db.execute(
+        f"INSERT INTO allowlist ({_ALLOWLIST_COLUMNS}, import_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.tenant_id,
+            entry.hardware_id,
+            entry.device_id,
+            entry.api_key_hash,
+            entry.name,
+            json.dumps(entry.labels),
+            entry.created_at,
+            import_id,
+        ),
     )
 
 
 # A key's columns an operator may change (`Store.change_key`); the others are fixed at creation.
 _CHANGEABLE_KEY_COLUMNS = frozenset(
-    {"name", "profile", "expires_at", "max_registrations", "labels", "groups_", "reclaim_policy"}
+    {"name", "profile", "expires_at", "max_registrations", "labels", "groups_", "reclaim_policy", "preprovisioned_only"}
     | {"status", "revoked_at"}
 )
 # What `Store.change_key` asks of the caller: given the key as stored, the columns to set and the event.
@@ -95,6 +140,12 @@ KeyChange = Callable[[ProvisionKey], tuple[dict[str, Any], Event]]
 # A device's columns an operator may change (`Store.change_device`), and what it asks of the caller.
 _CHANGEABLE_DEVICE_COLUMNS = frozenset({"name", "profile", "labels", "groups_", "api_key_hash"})
 DeviceChange = Callable[[Device], tuple[dict[str, Any], Event]]
+# What revoking, reinstating and resetting change (`Store.change_credentials`), and what they ask of the caller:
+# given the device as stored and when its last certificate expires (0: it has none), the columns and the event.
+_CREDENTIAL_COLUMNS = frozenset({"status", "credential_generation", "reset_pending", "refused_until", "updated_at"})
+CredentialChange = Callable[[Device, int], tuple[dict[str, Any], Event]]
+# What deleting asks of the caller (`Store.delete_device`): until when the denylist lists it, and the event.
+Deletion = Callable[[Device, int], tuple[int, Event]]
 
 
 @dataclass(frozen=True)
@@ -153,8 +204,8 @@ def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None
     tx.connection.execute(
         "INSERT INTO provision_keys (id, tenant_id, name, kind, key_hash, profile,"
         " hardware_id_pattern, expires_at, max_registrations, registrations, labels, groups_,"
-        " reclaim_policy, status, created_at, pattern_syntax, credential_type, certificate_validity_seconds)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " reclaim_policy, status, created_at, pattern_syntax, credential_type, certificate_validity_seconds,"
+        " preprovisioned_only) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             key.id,
             key.tenant_id,
@@ -174,6 +225,7 @@ def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None
             None if key.hardware_id_pattern is None else "re2",
             key.credential_type,
             key.certificate_validity_seconds,
+            int(key.preprovisioned_only),
         ),
     )
     if actor is not None:
@@ -245,7 +297,8 @@ class Transaction:
 
     def record_certificate(self, issued: IssuedCertificate) -> None:
         self.connection.execute(
-            "INSERT INTO device_certificates VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO device_certificates (serial, device_id, request_id, not_before, not_after, issued_at,"
+            " generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 issued.serial,
                 issued.device_id,
@@ -253,17 +306,39 @@ class Transaction:
                 issued.not_before,
                 issued.not_after,
                 issued.issued_at,
+                issued.generation,
             ),
         )
 
     def rotate_device_key(self, device: Device, api_key_hash: bytes, now: int) -> None:
         """Record `device`'s new public key (and the cloud key it was claimed with), its new API key and the
-        credential type of the key it was re-claimed with."""
+        credential type of the key it was re-claimed with; a pending reset is used up."""
         self.connection.execute(
-            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ?, credential_type = ?"
-            " WHERE id = ?",
+            "UPDATE devices SET public_key = ?, cloud_key_id = ?, api_key_hash = ?, updated_at = ?,"
+            " credential_type = ?, reset_pending = 0 WHERE id = ?",
             (device.public_key, device.cloud_key_id, api_key_hash, now, device.credential_type, device.id),
         )
+
+    def allowlist_entry(self, tenant_id: str, hardware_id: str) -> AllowlistEntry | None:
+        """The hardware id's allowlist entry, if it has one (of an unfinished import: not yet)."""
+        row = self.connection.execute(
+            f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE tenant_id = ? AND hardware_id = ? AND {_VISIBLE}",
+            (tenant_id, hardware_id),
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def consume_allowlist_entry(self, tenant_id: str, hardware_id: str) -> None:
+        """The entry became a device: it is off the allowlist (the device row is the record now)."""
+        self.connection.execute(
+            "DELETE FROM allowlist WHERE tenant_id = ? AND hardware_id = ?", (tenant_id, hardware_id)
+        )
+
+    def certificates_expire_at(self, device_id: str) -> int:
+        """When the last certificate signed for the device expires (0: it has none)."""
+        row = self.connection.execute(
+            "SELECT MAX(not_after) FROM device_certificates WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return int(row[0] or 0)
 
     # --- answers (idempotency) -----------------------------------------------------------
 
@@ -566,37 +641,71 @@ class Store:
             assert changed is not None
             return changed, event
 
-    def revoke_device(self, device_id: str, now: int) -> Device:
+    def change_credentials(self, device_id: str, change: CredentialChange) -> tuple[Device, Event]:
+        """Revoke, reinstate or reset: read the device, let `change` decide the columns and the event, write both,
+        one transaction (so no claim or refresh of the device runs between the read and the write)."""
         with self.transaction() as tx:
-            cur = tx.connection.execute(
-                "UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ?", (now, device_id)
-            )
-            if cur.rowcount == 0:
+            device = tx.device_by_id(device_id)
+            if device is None:
                 raise NotFound(f"no device {device_id!r}")
-        return self.device(device_id)
+            columns, event = change(device, tx.certificates_expire_at(device_id))
+            _update_row(tx, "devices", device_id, columns, _CREDENTIAL_COLUMNS)
+            tx.add_event(event)
+            changed = tx.device_by_id(device_id)
+            assert changed is not None
+            return changed, event
+
+    def delete_device(self, device_id: str, now: int, deletion: Deletion) -> tuple[Device, Event]:
+        """Delete a device and what hangs off it (its certificates' records, its remembered refresh ids), keeping
+        a tombstone the denylist lists until `deletion`'s time; its hardware id is free from then on. One
+        transaction; returns the device as it was and the event."""
+        with self.transaction() as tx:
+            device = tx.device_by_id(device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r}")
+            refused_until, event = deletion(device, tx.certificates_expire_at(device_id))
+            db = tx.connection
+            db.execute(
+                "INSERT OR REPLACE INTO deleted_devices (id, tenant_id, hardware_id, deleted_at, refused_until)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (device.id, device.tenant_id, device.hardware_id, now, refused_until),
+            )
+            db.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM refresh_requests WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            tx.add_event(event)
+            return device, event
 
     def certificates(self, device_id: str) -> list[IssuedCertificate]:
         """The certificates signed for a device, oldest first."""
         with self._reading() as db:
             rows = db.execute(
-                "SELECT serial, device_id, request_id, not_before, not_after, issued_at FROM device_certificates"
-                " WHERE device_id = ? ORDER BY issued_at, serial",
+                "SELECT serial, device_id, request_id, not_before, not_after, issued_at, generation"
+                " FROM device_certificates WHERE device_id = ? ORDER BY issued_at, serial",
                 (device_id,),
             ).fetchall()
         return [IssuedCertificate(*row) for row in rows]
 
-    def revoked_devices(self, since: int) -> list[Revoked]:
-        """The devices revoked at or after `since`.
-
-        A revoked row is never updated again (re-claims and refreshes of it are refused), so its
-        updated_at is the time it was revoked.
-        """
+    def refused_credentials(self, now: int) -> list[Refused]:
+        """Every device with credentials the brokers must still refuse at `now` (indexed by refused_until): revoked
+        and deleted ones (all their credentials), and reinstated or reset ones (those of an older generation, with
+        the serials of their older certificates still valid)."""
         with self._reading() as db:
             rows = db.execute(
-                "SELECT id, updated_at FROM devices WHERE status = 'revoked' AND updated_at >= ? ORDER BY id",
-                (since,),
+                "SELECT id, status, credential_generation, refused_until FROM devices WHERE refused_until > ?", (now,)
             ).fetchall()
-        return [Revoked(device_id=str(r[0]), revoked_at=int(r[1])) for r in rows]
+            deleted = db.execute("SELECT id, refused_until FROM deleted_devices WHERE refused_until > ?", (now,))
+            refused = [Refused(str(r[0]), int(r[1]), None) for r in deleted.fetchall()]
+            for device_id, status, generation, until in rows:
+                if status != "active":
+                    refused.append(Refused(device_id, until, None))
+                    continue
+                serials = db.execute(
+                    "SELECT serial FROM device_certificates WHERE device_id = ? AND generation < ? AND not_after > ?",
+                    (device_id, generation, now),
+                ).fetchall()
+                refused.append(Refused(device_id, until, generation, frozenset(str(s[0]) for s in serials)))
+        return sorted(refused, key=lambda r: r.device_id)
 
     def api_key_hash(self, device_id: str) -> bytes:
         with self._reading() as db:
@@ -605,7 +714,109 @@ class Store:
             raise NotFound(f"no device {device_id!r}")
         return bytes(row[0])
 
+    # --- the allowlist ---------------------------------------------------------------------
+
+    def add_allowlist_entry(self, entry: AllowlistEntry, event: Event) -> None:
+        """Put a hardware id on its tenant's allowlist, with its event, one transaction; AlreadyExists when it is
+        on it already or is a device."""
+        with self.transaction() as tx:
+            if tx.device_by_hardware_id(entry.tenant_id, entry.hardware_id) is not None:
+                raise AlreadyExists(f"hardware id {entry.hardware_id!r} is a device already")
+            try:
+                _insert_entry(tx.connection, entry, None)
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"hardware id {entry.hardware_id!r} is on the allowlist already") from None
+            tx.add_event(event)
+
+    def remove_allowlist_entry(self, tenant_id: str, hardware_id: str, event: Event) -> None:
+        with self.transaction() as tx:
+            deleted = tx.connection.execute(
+                f"DELETE FROM allowlist WHERE tenant_id = ? AND hardware_id = ? AND {_VISIBLE}",
+                (tenant_id, hardware_id),
+            ).rowcount
+            if not deleted:
+                raise NotFound(f"hardware id {hardware_id!r} is not on the allowlist")
+            tx.add_event(event)
+
+    def allowlist_page(self, tenant_id: str, after: tuple[int, str] | None, limit: int) -> list[AllowlistEntry]:
+        """A tenant's allowlist newest first, from just after (created_at, hardware_id) `after`: one page, by index."""
+        sql = f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE tenant_id = ? AND {_VISIBLE}"
+        args: list[str | int] = [tenant_id]
+        if after is not None:
+            sql += " AND (created_at < ? OR (created_at = ? AND hardware_id < ?))"
+            args += [after[0], after[0], after[1]]
+        sql += " ORDER BY created_at DESC, hardware_id DESC LIMIT ?"
+        with self._reading() as db:
+            return [_entry(r) for r in db.execute(sql, (*args, limit))]
+
+    def allowlist_conflicts(self, tenant_id: str, hardware_ids: list[str]) -> dict[str, str]:
+        """Which of `hardware_ids` cannot go on the tenant's allowlist, and why (read a few hundred at a time)."""
+        conflicts: dict[str, str] = {}
+        with self._reading() as db:
+            for start in range(0, len(hardware_ids), 500):
+                chunk = hardware_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for (hardware_id,) in db.execute(
+                    f"SELECT hardware_id FROM devices WHERE tenant_id = ? AND hardware_id IN ({marks})",
+                    (tenant_id, *chunk),
+                ):
+                    conflicts[hardware_id] = "is a device already"
+                for (hardware_id,) in db.execute(
+                    f"SELECT hardware_id FROM allowlist WHERE tenant_id = ? AND hardware_id IN ({marks})",
+                    (tenant_id, *chunk),
+                ):
+                    conflicts.setdefault(hardware_id, "is on the allowlist already (or being imported)")
+        return conflicts
+
+    def begin_import(self, import_id: str, tenant_id: str, entries: int, now: int) -> None:
+        with self.transaction() as tx:
+            tx.connection.execute(
+                "INSERT INTO allowlist_imports (id, tenant_id, entries, status, created_at) VALUES (?, ?, ?, ?, ?)",
+                (import_id, tenant_id, entries, "staging", now),
+            )
+
+    def stage_entries(self, import_id: str, entries: list[AllowlistEntry]) -> None:
+        """Write some of an import's entries, not yet visible to claims; AlreadyExists when one is taken meanwhile."""
+        with self.transaction() as tx:
+            try:
+                for entry in entries:
+                    _insert_entry(tx.connection, entry, import_id)
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("a hardware id of the import was put on the allowlist meanwhile") from None
+
+    def finish_import(self, import_id: str, event: Event) -> None:
+        """Every entry of the import on the allowlist at once: one row changes."""
+        with self.transaction() as tx:
+            tx.connection.execute("UPDATE allowlist_imports SET status = 'done' WHERE id = ?", (import_id,))
+            tx.add_event(event)
+
+    def abort_import(self, import_id: str, batch: int = 1000) -> None:
+        """Remove what an unfinished import wrote, a batch per transaction, then the import itself."""
+        while True:
+            with self.transaction() as tx:
+                deleted = tx.connection.execute(
+                    "DELETE FROM allowlist WHERE rowid IN (SELECT rowid FROM allowlist WHERE import_id = ? LIMIT ?)",
+                    (import_id, batch),
+                ).rowcount
+            if deleted < batch:
+                break
+        with self.transaction() as tx:
+            tx.connection.execute("DELETE FROM allowlist_imports WHERE id = ? AND status = 'staging'", (import_id,))
+
+    def unfinished_imports(self, older_than: int) -> list[str]:
+        """Imports still staging that began before `older_than` (their process died): to abort."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT id FROM allowlist_imports WHERE status = 'staging' AND created_at < ?", (older_than,)
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     # --- answers, events -----------------------------------------------------------------
+
+    def purge_deleted_devices(self, now: int) -> int:
+        """Forget deleted devices the denylist no longer lists (every credential they held has expired)."""
+        with self.transaction() as tx:
+            return tx.connection.execute("DELETE FROM deleted_devices WHERE refused_until <= ?", (now,)).rowcount
 
     def purge_answers(self, older_than: int) -> int:
         with self.transaction() as tx:

@@ -23,6 +23,7 @@ class DeviceCertificate:
     cert_file: Path
     key_file: Path
     not_after: datetime
+    serial: int
 
     @property
     def files(self) -> tuple[Path, Path]:
@@ -46,7 +47,7 @@ def _write(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     key_file.chmod(0o600)
-    return DeviceCertificate(device_id, cert_file, key_file, cert.not_valid_after_utc)
+    return DeviceCertificate(device_id, cert_file, key_file, cert.not_valid_after_utc, cert.serial_number)
 
 
 def issue(

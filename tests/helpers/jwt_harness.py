@@ -47,12 +47,30 @@ def harness_path() -> Path:
 
 @dataclass(frozen=True)
 class Connect:
-    """The plugin's answer to a CONNECT: accepted (with the session's exp and acl), refused (reason), deferred."""
+    """The plugin's answer to a CONNECT: accepted (with what the session holds), refused (reason), deferred."""
 
     outcome: Literal["accepted", "refused", "deferred"]
     reason: str = ""
     exp: int | None = None
     acl_json: str | None = None
+    generation: float | None = None  # the token's gen (0 when absent)
+    denied_until: int | None = None  # until when the denylist refuses this token (0: it does not)
+    session: int | None = None  # the kept session's number (connect(keep=True)), for session_acl
+
+
+@dataclass(frozen=True)
+class CertificateConnect:
+    """The plugin's answer to a CONNECT over a client certificate: accepted (with what the session holds) or
+    refused (reason)."""
+
+    outcome: Literal["accepted", "refused"]
+    reason: str = ""
+    device_id: str | None = None
+    not_after: int | None = None
+    scope_json: str | None = None
+    serial: str | None = None  # lowercase hex, as broker/certificates.py gives it
+    denied_until: int | None = None
+    session: int | None = None
 
 
 class HarnessDied(AssertionError):
@@ -141,14 +159,36 @@ class PluginHarness:
         assert code == "+"
         return [kid.decode("utf-8") for kid in kids]
 
-    def connect(self, username: str, client_id: str, password: bytes, now: float) -> Connect:
+    def connect(self, username: str, client_id: str, password: bytes, now: float, *, keep: bool = False) -> Connect:
+        """A CONNECT at `now`; an accepted session is ended again unless `keep` (then `disconnect` it)."""
         code, fields = self._request(b"C", username, client_id, password, repr(now))
         if code == "A":
-            return Connect("accepted", exp=int(fields[0]), acl_json=fields[1].decode("utf-8"))
+            session = int(fields[4])
+            if not keep:
+                self.disconnect(session)
+            return Connect(
+                "accepted",
+                exp=int(fields[0]),
+                acl_json=fields[1].decode("utf-8"),
+                generation=float(fields[2]),
+                denied_until=int(fields[3]),
+                session=session if keep else None,
+            )
         if code == "R":
             return Connect("refused", reason=fields[0].decode("utf-8"))
         assert code == "D", code
         return Connect("deferred")
+
+    def session_acl(self, session: int, *, access: Access, topic: str, now: int) -> tuple[bool, int]:
+        """The ACL check of a kept session, after changed files are re-read (as on the broker's tick): whether
+        it is allowed, and the session's denied_until."""
+        code, fields = self._request(b"T", str(session), access, topic, str(now))
+        assert code in "YN", code
+        return code == "Y", int(fields[0])
+
+    def disconnect(self, session: int) -> None:
+        code, _ = self._request(b"D", str(session))
+        assert code == "+", code
 
     def acl(self, acl_json: str, *, exp: int, denied_until: int, access: Access, topic: str, now: int) -> bool | None:
         """The ACL check of a session holding this acl object; None when the plugin would not take the object."""
@@ -162,12 +202,27 @@ class PluginHarness:
         assert code in "AR", code
         return ("accepted" if code == "A" else "refused"), fields[0].decode("utf-8")
 
-    def connect_certificate(self, der: bytes, username: str, client_id: str, now: float) -> tuple[str, ...]:
-        """A CONNECT over a client certificate (DER) at `now`: ("accepted", device id, notAfter, scope JSON)
-        or ("refused", reason)."""
+    def connect_certificate(
+        self, der: bytes, username: str, client_id: str, now: float, *, keep: bool = False
+    ) -> CertificateConnect:
+        """A CONNECT over a client certificate (DER) at `now`; an accepted session is kept as by `connect`."""
         code, fields = self._request(b"K", der.hex(), username, client_id, repr(now))
         assert code in "AR", code
-        return ("accepted" if code == "A" else "refused", *(f.decode("utf-8") for f in fields))
+        text = [f.decode("utf-8") for f in fields]
+        if code == "R":
+            return CertificateConnect("refused", reason=text[0])
+        session = int(text[5])
+        if not keep:
+            self.disconnect(session)
+        return CertificateConnect(
+            "accepted",
+            device_id=text[0],
+            not_after=int(text[1]),
+            scope_json=text[2],
+            serial=text[3],
+            denied_until=int(text[4]),
+            session=session if keep else None,
+        )
 
     def topic_matches(self, topic_filter: str, topic: str) -> bool:
         return self._request(b"M", topic_filter, topic)[0] == "Y"

@@ -18,19 +18,26 @@
  *                                 answer '+' and the usable kids, one field each
  *   C username client_id password now         a CONNECT at `now` (unix seconds, a decimal), the
  *                                 files re-read first if they changed, as on_basic_auth does:
- *                                 answer 'A' (accepted: fields exp, acl as JSON), 'R' (refused:
- *                                 field reason) or 'D' (deferred: not a device id)
+ *                                 answer 'A' (accepted: fields exp, acl as JSON, the token's gen (%.17g),
+ *                                 the denylist's until for it, the session's number), 'R' (refused:
+ *                                 field reason) or 'D' (deferred: not a device id). An accepted session
+ *                                 is kept, as Mosquitto's would be, until 'D' ends it.
  *   S acl_json exp denied_until access topic now   an ACL check of a device session whose token
  *                                 has this acl object; access "write", "read" or "subscribe":
  *                                 answer 'Y' or 'N', 'E' when acl_json is not a valid acl object
+ *   T session access topic now    an ACL check of a kept session (access as for S), the files re-read
+ *                                 first if they changed (as the tick does, judging every session's
+ *                                 credential again): 'Y' or 'N', field: its denied_until; '!' if no such session
+ *   D session                     the session ended, as on DISCONNECT: '+' ('!' if no such session)
  *   M filter topic                topic_matches: 'Y' or 'N'
  *   V allowed requested           filter_covers: 'Y' or 'N'
  *   F filter                      is_valid_filter: 'Y' or 'N'
  *   X value_hex                   scope_of_value on a certificate scope extension's value (hex, so it may
  *                                 hold NULs): answer 'A' (field: the scope as JSON) or 'R' (field: reason)
- *   K cert_hex username client_id now   authenticate_certificate on a DER certificate (hex) at `now`,
- *                                 the files re-read first: 'A' (fields device id, notAfter, scope as JSON)
- *                                 or 'R' (field: reason); '!' when cert_hex is not a certificate
+ *   K cert_hex username client_id now   a CONNECT over a DER certificate (hex) at `now`, the files re-read
+ *                                 first: 'A' (fields device id, notAfter, scope as JSON, serial number,
+ *                                 the denylist's until for it, the session's number: kept as for C) or
+ *                                 'R' (field: reason); '!' when cert_hex is not a certificate
  */
 
 #include <stdarg.h>
@@ -167,6 +174,8 @@ static int fields_of(char command)
 		case 'F': return 1;
 		case 'X': return 1;
 		case 'K': return 4;
+		case 'T': return 4;
+		case 'D': return 1;
 		default: return -1;
 	}
 }
@@ -199,6 +208,38 @@ static void refresh(struct plugin *p, const char *force)
 	for(size_t i = 0; i < usable; i++) write_string(p->keys[i].kid);
 }
 
+/* Sessions are kept under stand-in contexts, numbered from 1: addresses never dereferenced, as distinct
+ * as Mosquitto's (bucket_of drops the low 4 bits). */
+static unsigned long sessions_made;
+
+static const struct mosquitto *client_of(unsigned long number)
+{
+	return (const struct mosquitto *)(uintptr_t)(number << 4);
+}
+
+/* A new stand-in context and its number (as text, for the answer). */
+static const struct mosquitto *new_client(char number_text[32])
+{
+	snprintf(number_text, 32, "%lu", ++sessions_made);
+	return client_of(sessions_made);
+}
+
+/* The session numbered `text`, NULL when there is none. */
+static struct session *session_numbered(struct plugin *p, const char *text)
+{
+	char *end = NULL;
+	unsigned long number = strtoul(text, &end, 10);
+	if(end == text || *end != '\0' || number == 0 || number > sessions_made) return NULL;
+	return session_find(p, client_of(number));
+}
+
+static void write_long(long long value)
+{
+	char text[32];
+	snprintf(text, sizeof(text), "%lld", value);
+	write_string(text);
+}
+
 static void connect_device(struct plugin *p, char **f)
 {
 	const char *username = f[0], *client_id = f[1], *password = f[2];
@@ -209,25 +250,50 @@ static void connect_device(struct plugin *p, char **f)
 		return;
 	}
 	refresh_files(p);
-	cJSON *claims = NULL;
-	long long until = 0;
-	const char *reason = authenticate_device(p, username, client_id, password, now, &claims, &until);
+	char number[32];
+	struct session *s = NULL;
+	const char *reason = token_session(p, new_client(number), username, client_id, password, now, &s);
 	if(reason != NULL){
 		answer('R', 1);
 		write_string(reason);
 		return;
 	}
-	/* What on_basic_auth keeps of the claims for the session: exp and the acl object. */
-	long long exp = 0;
-	char exp_text[32];
-	int_claim(member(claims, "exp"), &exp);
-	snprintf(exp_text, sizeof(exp_text), "%lld", exp);
-	char *acl = cJSON_PrintUnformatted(member(claims, "acl"));
-	answer('A', 2);
-	write_string(exp_text);
+	/* What on_basic_auth keeps for the session: exp, the acl object, the token's gen, the denylist's until. */
+	char generation[40];
+	snprintf(generation, sizeof(generation), "%.17g", s->generation);
+	char *acl = cJSON_PrintUnformatted(s->acl);
+	answer('A', 5);
+	write_long(s->exp);
 	write_string(acl != NULL ? acl : "");
+	write_string(generation);
+	write_long(s->denied_until);
+	write_string(number);
 	cJSON_free(acl);
-	cJSON_Delete(claims);
+}
+
+/* An ACL check of a kept session, after the files are re-read if they changed (as the tick does). */
+static void session_check(struct plugin *p, char **f)
+{
+	refresh_files(p);
+	struct session *s = session_numbered(p, f[0]);
+	if(s == NULL){
+		answer('!', 0);
+		return;
+	}
+	const char *access = f[1];
+	int kind = !strcmp(access, "write") ? MOSQ_ACL_WRITE
+		: !strcmp(access, "read") ? MOSQ_ACL_READ
+		: !strcmp(access, "subscribe") ? MOSQ_ACL_SUBSCRIBE : -1;
+	bool allowed = kind >= 0 && acl_allows(s, kind, f[2], strtoll(f[3], NULL, 10));
+	answer(allowed ? 'Y' : 'N', 1);
+	write_long(s->denied_until);
+}
+
+static void disconnect(struct plugin *p, char **f)
+{
+	struct session *s = session_numbered(p, f[0]);
+	if(s != NULL) session_remove(p, s->client);
+	answer(s != NULL ? '+' : '!', 0);
 }
 
 static void acl_check(char **f)
@@ -310,25 +376,25 @@ static void connect_certificate(struct plugin *p, char **f)
 	}
 	refresh_files(p);
 	char device_id[DEVICE_ID_LEN + 1] = "";
-	char exp_text[32];
-	cJSON *scope = NULL;
-	long long exp = 0, until = 0;
-	const char *reason = authenticate_certificate(p, cert, f[1], f[2], strtod(f[3], NULL), device_id, &scope,
-			&exp, &until);
+	char number[32];
+	struct session *s = NULL;
+	const char *reason = certificate_session(p, new_client(number), cert, f[1], f[2], strtod(f[3], NULL), device_id,
+			&s);
 	X509_free(cert);
-	if(reason == NULL){
-		/* device id and notAfter first, then the scope */
-		snprintf(exp_text, sizeof(exp_text), "%lld", exp);
-		char *text = cJSON_PrintUnformatted(scope);
-		answer('A', 3);
-		write_string(device_id);
-		write_string(exp_text);
-		write_string(text != NULL ? text : "");
-		cJSON_free(text);
-	}else{
+	if(reason != NULL){
 		answer_scope(reason, NULL, 0);
+		return;
 	}
-	cJSON_Delete(scope);
+	/* device id and notAfter first, then the scope, then what the denylist judges: serial and until */
+	char *text = cJSON_PrintUnformatted(s->acl);
+	answer('A', 6);
+	write_string(s->device_id);
+	write_long(s->exp);
+	write_string(text != NULL ? text : "");
+	write_string(s->serial);
+	write_long(s->denied_until);
+	write_string(number);
+	cJSON_free(text);
 }
 
 int main(void)
@@ -349,7 +415,7 @@ int main(void)
 			if(p != NULL) free_plugin(p);
 			return 2;
 		}
-		if((r.command == 'R' || r.command == 'C' || r.command == 'K') && p == NULL){
+		if(strchr("RCKTD", r.command) != NULL && p == NULL){
 			answer('!', 0); /* no plugin configured yet */
 		}else{
 			switch(r.command){
@@ -365,6 +431,8 @@ int main(void)
 				case 'F': answer(is_valid_filter(r.field[0]) ? 'Y' : 'N', 0); break;
 				case 'X': scope_value(r.field); break;
 				case 'K': connect_certificate(p, r.field); break;
+				case 'T': session_check(p, r.field); break;
+				case 'D': disconnect(p, r.field); break;
 				default: break;
 			}
 		}

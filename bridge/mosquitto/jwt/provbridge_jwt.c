@@ -5,7 +5,7 @@
  *
  *   plugin /path/provbridge_jwt.so          before the dynamic-security plugin line
  *   plugin_opt_jwks_file /data/jwks.json    the keys that sign device tokens (re-read when changed)
- *   plugin_opt_denylist_file /data/denylist.json   revoked devices (re-read when changed)
+ *   plugin_opt_denylist_file /data/denylist.json   credentials refused (re-read when changed)
  *   plugin_opt_audience provbridge-mqtt
  *   plugin_opt_issuer provbridge
  *   plugin_opt_bridge_username provbridge-bridge   the bridge's account: never publish-limited
@@ -16,13 +16,21 @@
  * success or refusal, never deferring. The password must be an ES256 JWT whose header `kid` names a
  * key of the JWKS; claims as PyJWT checks them (exp, iss, aud, sub required; iat/nbf not in the
  * future; jti a string), sub == username == client id, an `acl` object with `pub`/`sub` lists of
- * topic filters, and the device not in the denylist. Every other CONNECT is deferred to the next
- * plugin (dynamic security: the bridge, provisioning and ops accounts).
+ * topic filters, `gen` (the credential generation) absent or a whole number >= 0, and the token not
+ * refused by the denylist. Every other CONNECT is deferred to the next plugin (dynamic security: the
+ * bridge, provisioning and ops accounts).
+ *
+ * The denylist (broker/denylist.py: format, rules) refuses a credential of a device until a time: every
+ * one of a revoked or deleted device ("devices"), and those a device held before it was reinstated or
+ * reset ("older_credentials": tokens whose gen is below the device's generation, certificates by serial
+ * number). Each session keeps its credential (gen or serial) and the until of the entries refusing it,
+ * computed at CONNECT and again for every session whenever the file changes.
  *
  * ACL checks of sessions it authenticated: publish if the topic matches acl.pub, subscribe if the
  * filter is covered by an acl.sub filter, delivery if the topic matches acl.sub; everything denied
- * once exp has passed or the device is denied. Once a second (on the broker's tick) the files are
- * checked for changes and sessions whose token expired or whose device was revoked are kicked.
+ * once exp has passed or while the denylist refuses the session's credential. Once a second (on the
+ * broker's tick) the files are checked for changes and sessions whose token expired or whose
+ * credential the denylist refuses are kicked.
  *
  * CONNECT of a client with a TLS client certificate (mosquitto_client_certificate non-NULL: only on the
  * device-certificate listener, `require_certificate true`, whose `cafile` is the device CA alone, so the
@@ -30,12 +38,14 @@
  * certificate is the credential, the password is ignored: the subject's one CN must be a device id and
  * equal the username and the client id; the scope extension (SCOPE_OID: a DER UTF8String of compact JSON
  * {"pub":[filters],"sub":[filters]}) must be there once and exactly that (broker/certificates.py, same
- * rules and reasons); notAfter still ahead; the device not in the denylist. The session then holds the
- * scope as its acl and notAfter as its exp: every ACL check, the tick's kick and the denylist work as for
- * a token. The listener does NOT set `use_identity_as_username`, on purpose: Mosquitto 2.0.11 then skips
- * every basic-auth check ("Authentication assumed to be cleared", src/handle_connect.c), so a revoked
- * device could only be refused packet by packet; without it the basic-auth event comes, with the
- * certificate, and a revoked or malformed device is refused at CONNECT.
+ * rules and reasons); notAfter still ahead; the certificate not refused by the denylist (its device
+ * revoked, or its serial number, lowercase hex as Python's format(n, "x"), in the device's
+ * older_credentials). The session then holds the scope as its acl and notAfter as its exp: every ACL check,
+ * the tick's kick and the denylist work as for a token. The listener does NOT set
+ * `use_identity_as_username`, on purpose: Mosquitto 2.0.11 then skips every basic-auth check
+ * ("Authentication assumed to be cleared", src/handle_connect.c), so a revoked device could only be
+ * refused packet by packet; without it the basic-auth event comes, with the certificate, and a revoked
+ * or malformed device is refused at CONNECT.
  *
  * Publish limit (plugin_opt_publish_rate > 0): every PUBLISH (MOSQ_ACL_WRITE) of a client that is
  * neither the bridge's own account (plugin_opt_bridge_username) nor a device this plugin let in,
@@ -58,11 +68,14 @@
  * tokens, JWKS and denylist files, topics and filters through harness.c, under AddressSanitizer,
  * UBSan and LeakSanitizer; the few places where this plugin is deliberately stricter are listed
  * there (JSON that is not JSON or holds a NUL, a time claim that is a string, passwords over
- * MAX_TOKEN_BYTES), all but the last needing the signing key. Library calls do the work wherever they
- * are exact: OpenSSL (keys, ECDSA), cJSON (parsing), libmosquitto (topic matching). What is left is
- * hand-written because no library call gives the reference's exact answer; each part says why.
+ * MAX_TOKEN_BYTES), all but the last needing the signing key; and one looser, in a file only the bridge
+ * writes: a denylist number written 1.0 or 1e3 is read as the whole number (cJSON keeps no difference).
+ * Library calls do the work wherever they are exact: OpenSSL (keys, ECDSA, serial numbers), cJSON
+ * (parsing), libmosquitto (topic matching). What is left is hand-written because no library call gives
+ * the reference's exact answer; each part says why.
  */
 
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -118,9 +131,22 @@ struct key {
 	EVP_PKEY *pkey;
 };
 
+/* One device's entry in the denylist (broker/denylist.py), of "devices" or of "older_credentials".
+ * Each table is sorted by device id, one entry a device: the last of a repeated name, as a Python dict keeps. */
 struct denied {
-	char *device_id;
+	const char *device_id; /* a member name in the loaded document (plugin.denylist) */
+	size_t order;          /* its position there, so that the last of a repeated name wins */
+	const cJSON *value;    /* its value there: an until, or an older_credentials object */
 	long long until;
+	double generation;         /* older_credentials: tokens whose gen is below it are refused */
+	const cJSON *certificates; /* older_credentials: the serials refused, an array of strings; NULL: none */
+};
+
+/* What a device session holds, as the denylist judges it (broker/denylist.py `Credential`). */
+struct credential {
+	const char *device_id;
+	double generation;  /* a token's gen (absent: 0), validated whole and >= 0 */
+	const char *serial; /* a certificate's serial number (lowercase hex, format(n, "x")); NULL for a token */
 };
 
 /* One authenticated device session, keyed by its Mosquitto context. */
@@ -128,9 +154,11 @@ struct session {
 	const struct mosquitto *client;
 	char device_id[DEVICE_ID_LEN + 1];
 	long long exp;
-	long long denied_until;
+	long long denied_until; /* until when the denylist refuses its credential (0: it does not) */
 	bool kicked;
 	bool certificate; /* authenticated by a client certificate: exp is its notAfter */
+	double generation; /* a token's gen: kept to judge the credential again when the denylist changes */
+	char *serial;      /* a certificate's serial number, for the same (NULL for a token) */
 	cJSON *acl; /* the token's acl object (a certificate's scope): "pub" and "sub" arrays of valid filters */
 	struct session *next;
 };
@@ -162,8 +190,11 @@ struct plugin {
 	struct watched denylist_file;
 	struct key *keys;
 	size_t key_count;
-	struct denied *denied;
-	size_t denied_count;
+	cJSON *denylist; /* the last good denylist document: the tables point into it */
+	struct denied *revoked; /* "devices": every credential of the device refused */
+	size_t revoked_count;
+	struct denied *older; /* "older_credentials": the credentials from before a reinstatement or reset */
+	size_t older_count;
 	time_t last_sweep;
 	size_t sessions;
 	struct session *buckets[BUCKETS];
@@ -393,6 +424,24 @@ static const cJSON *member(const cJSON *object, const char *name)
 static bool string_is(const cJSON *value, const char *expected)
 {
 	return value != NULL && cJSON_IsString(value) && strcmp(value->valuestring, expected) == 0;
+}
+
+/* A whole number as broker/acl.py takes a token's gen, and as broker/denylist.py `_is_int` takes a number:
+ * a finite JSON number of integral value. For the denylist, 1.0 and 1e3 too, which Python reads as floats
+ * and `_is_int` refuses: cJSON keeps no difference (a deliberate difference, see the test's docstring). */
+static bool whole_number(const cJSON *value)
+{
+	return cJSON_IsNumber(value) && isfinite(value->valuedouble) && value->valuedouble == floor(value->valuedouble);
+}
+
+static bool string_list(const cJSON *value)
+{
+	const cJSON *item;
+	if(!cJSON_IsArray(value)) return false;
+	cJSON_ArrayForEach(item, value){
+		if(!cJSON_IsString(item)) return false;
+	}
+	return true;
 }
 
 /* Python's int(x) of a JSON number: truncation toward zero, clamped to avoid overflow. */
@@ -683,57 +732,160 @@ static void load_jwks(struct plugin *p)
 	mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "%zu signing key(s) from %s", p->key_count, p->jwks_file.path);
 }
 
-static void free_denied(struct denied *denied, size_t count)
+/* --- the denylist: broker/denylist.py -------------------------------------------------------
+ * load_denylist takes exactly the documents `parse_denylist` takes (but for the JSON differences above, and a
+ * whole number written 1.0 or 1e3, which cJSON cannot tell from 1 or 1000), and denied_until answers as
+ * `refuses`. Hand-written: the rules are this project's. A repeated member name counts once, its last
+ * value, as in the Python dict json.loads makes: in either table, and inside an older_credentials entry. */
+
+static void free_denylist(struct plugin *p)
 {
-	for(size_t i = 0; i < count; i++) free(denied[i].device_id);
-	free(denied);
+	free(p->revoked);
+	free(p->older);
+	cJSON_Delete(p->denylist);
+	p->revoked = NULL;
+	p->older = NULL;
+	p->revoked_count = 0;
+	p->older_count = 0;
+	p->denylist = NULL;
 }
 
-/* Until when `device_id` is refused (0: it is not); the last entry wins, as in a Python dict. */
-static long long denied_until(const struct plugin *p, const char *device_id)
+static int denied_order(const void *a, const void *b)
+{
+	const struct denied *x = a, *y = b;
+	int by_name = strcmp(x->device_id, y->device_id);
+	if(by_name != 0) return by_name;
+	return (x->order > y->order) - (x->order < y->order);
+}
+
+static int denied_key(const void *key, const void *entry)
+{
+	return strcmp(key, ((const struct denied *)entry)->device_id);
+}
+
+/* The entry of `device_id` in a table, NULL when it has none (bsearch must not get the NULL of no table). */
+static const struct denied *find_denied(const struct denied *table, size_t count, const char *device_id)
+{
+	return count > 0 ? bsearch(device_id, table, count, sizeof(*table), denied_key) : NULL;
+}
+
+/* The members of `object` (NULL: none) as a table sorted by name, the last of each name only; NULL when
+ * out of memory. The caller reads each entry's `value` into its other fields. */
+static struct denied *denied_table(const cJSON *object, size_t *count)
+{
+	size_t n = 0, kept = 0;
+	const cJSON *item;
+	cJSON_ArrayForEach(item, object) n++;
+	struct denied *table = calloc(n + 1, sizeof(*table));
+	if(table == NULL) return NULL;
+	n = 0;
+	cJSON_ArrayForEach(item, object){
+		table[n].device_id = item->string != NULL ? item->string : "";
+		table[n].order = n;
+		table[n].value = item;
+		n++;
+	}
+	qsort(table, n, sizeof(*table), denied_order);
+	for(size_t i = 0; i < n; i++){
+		if(i + 1 < n && strcmp(table[i].device_id, table[i + 1].device_id) == 0) continue; /* a later one counts */
+		table[kept++] = table[i];
+	}
+	*count = kept;
+	return table;
+}
+
+/* An older_credentials entry as `_older` takes it: an object of only generation (a whole number, at least
+ * 0), until (a whole number) and certificates (an array of strings; absent: none). */
+static bool read_older(struct denied *entry)
+{
+	const cJSON *item;
+	if(!cJSON_IsObject(entry->value)) return false;
+	cJSON_ArrayForEach(item, entry->value){
+		if(item->string == NULL || (strcmp(item->string, "generation") != 0 && strcmp(item->string, "until") != 0
+				&& strcmp(item->string, "certificates") != 0)){
+			return false;
+		}
+	}
+	const cJSON *generation = member(entry->value, "generation"), *until = member(entry->value, "until");
+	const cJSON *certificates = member(entry->value, "certificates");
+	if(!whole_number(generation) || generation->valuedouble < 0 || !whole_number(until)) return false;
+	if(certificates != NULL && !string_list(certificates)) return false;
+	entry->generation = generation->valuedouble;
+	entry->until = truncated(until->valuedouble);
+	entry->certificates = certificates;
+	return true;
+}
+
+/* Whether an older_credentials entry holds this credential: a certificate by its serial, a token by a gen
+ * below the entry's generation. */
+static bool older_holds(const struct denied *older, const struct credential *c)
+{
+	const cJSON *serial;
+	if(c->serial == NULL) return c->generation < older->generation;
+	cJSON_ArrayForEach(serial, older->certificates){
+		if(strcmp(serial->valuestring, c->serial) == 0) return true;
+	}
+	return false;
+}
+
+/* Until when the denylist refuses `c`: the later until of the entries that would (its device's in "devices";
+ * its older_credentials when they hold it), 0 when none would. Each entry refuses while now is before its
+ * until, so `now < denied_until(p, c)` is broker/denylist.py `refuses` at any now >= 0. */
+static long long denied_until(const struct plugin *p, const struct credential *c)
 {
 	long long until = 0;
-	if(!p->denylist_file.present) return 0;
-	for(size_t i = 0; i < p->denied_count; i++){
-		if(strcmp(p->denied[i].device_id, device_id) == 0) until = p->denied[i].until;
+	bool listed = false;
+	if(!p->denylist_file.present || c->device_id == NULL) return 0;
+	const struct denied *revoked = find_denied(p->revoked, p->revoked_count, c->device_id);
+	const struct denied *older = find_denied(p->older, p->older_count, c->device_id);
+	if(revoked != NULL){
+		until = revoked->until;
+		listed = true;
 	}
+	if(older != NULL && older_holds(older, c) && (!listed || older->until > until)) until = older->until;
 	return until;
 }
 
-/* Re-read the denylist: {"devices": {device id: until}}. Missing is the normal "nobody revoked";
- * an invalid file is ignored with a warning, its last good content kept (broker/denylist.py). */
+/* Re-read the denylist (the format at the top of broker/denylist.py). Missing is the normal "nobody
+ * revoked"; an invalid file is ignored with a warning, its last good content kept (broker/watched.py). */
 static void load_denylist(struct plugin *p)
 {
 	if(!p->denylist_file.present) return;
 	cJSON *doc = read_json(p->denylist_file.path);
-	const cJSON *devices = member(doc, "devices");
-	bool ok = cJSON_IsObject(devices);
-	const cJSON *entry;
-	if(ok){
-		cJSON_ArrayForEach(entry, devices){
-			if(!cJSON_IsNumber(entry) || entry->valuedouble != floor(entry->valuedouble)) ok = false;
-		}
+	const cJSON *devices = member(doc, "devices"), *older = member(doc, "older_credentials");
+	struct denied *revoked = NULL, *olders = NULL;
+	size_t revoked_count = 0, older_count = 0;
+	if(cJSON_IsObject(devices) && (older == NULL || cJSON_IsObject(older))){
+		revoked = denied_table(devices, &revoked_count);
+		olders = revoked != NULL ? denied_table(older, &older_count) : NULL;
 	}
-	struct denied *loaded = ok ? calloc((size_t)cJSON_GetArraySize(devices) + 1, sizeof(struct denied)) : NULL;
-	if(loaded == NULL){
+	bool ok = olders != NULL;
+	for(size_t i = 0; ok && i < revoked_count; i++){
+		ok = whole_number(revoked[i].value);
+		if(ok) revoked[i].until = truncated(revoked[i].value->valuedouble);
+	}
+	for(size_t i = 0; ok && i < older_count; i++) ok = read_older(&olders[i]);
+	if(!ok){
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
-				LOG_PREFIX "ignoring %s (keeping its last good content): expected {\"devices\": {device id: until}}",
+				LOG_PREFIX "ignoring %s (keeping its last good content): expected {\"devices\": {device id: until}, "
+				"\"older_credentials\": {device id: {\"generation\": n, \"certificates\": [serial hex], \"until\": until}}}",
 				p->denylist_file.path);
+		free(revoked);
+		free(olders);
 		cJSON_Delete(doc);
 		return;
 	}
-	size_t count = 0;
-	cJSON_ArrayForEach(entry, devices){
-		char *copy = strdup(entry->string);
-		if(copy == NULL) continue;
-		loaded[count].device_id = copy;
-		loaded[count].until = truncated(entry->valuedouble);
-		count++;
-	}
-	cJSON_Delete(doc);
-	free_denied(p->denied, p->denied_count);
-	p->denied = loaded;
-	p->denied_count = count;
+	free_denylist(p);
+	p->denylist = doc;
+	p->revoked = revoked;
+	p->revoked_count = revoked_count;
+	p->older = olders;
+	p->older_count = older_count;
+}
+
+static struct credential credential_of(const struct session *s)
+{
+	return (struct credential){.device_id = s->device_id, .generation = s->generation, .serial = s->serial};
 }
 
 static void refresh_files(struct plugin *p)
@@ -741,9 +893,11 @@ static void refresh_files(struct plugin *p)
 	if(file_changed(&p->jwks_file)) load_jwks(p);
 	if(file_changed(&p->denylist_file)){
 		load_denylist(p);
+		/* Every session's credential judged again: a file that now lists it ends it on the next tick. */
 		for(size_t b = 0; b < BUCKETS; b++){
 			for(struct session *s = p->buckets[b]; s != NULL; s = s->next){
-				s->denied_until = denied_until(p, s->device_id);
+				struct credential c = credential_of(s);
+				s->denied_until = denied_until(p, &c);
 			}
 		}
 	}
@@ -772,6 +926,7 @@ static void session_remove(struct plugin *p, const struct mosquitto *client)
 		if(s->client == client){
 			*link = s->next;
 			cJSON_Delete(s->acl);
+			free(s->serial);
 			free(s);
 			p->sessions--;
 			return;
@@ -987,6 +1142,8 @@ static const char *check_claims(const struct plugin *p, const cJSON *claims, con
 	/* broker/acl.py device_grant */
 	if(!cJSON_IsObject(member(claims, "acl"))) return "token has no acl object";
 	if(!cJSON_IsNumber(exp) || !isfinite(exp->valuedouble)) return "token exp is not a number";
+	const cJSON *gen = member(claims, "gen"); /* the credential generation the denylist compares */
+	if(gen != NULL && !(whole_number(gen) && gen->valuedouble >= 0)) return "token gen must be a whole number, at least 0";
 	if(!filters_ok(member(claims, "acl"), "sub")) return "token acl.sub must be a list of topic filters";
 	if(!filters_ok(member(claims, "acl"), "pub")) return "token acl.pub must be a list of topic filters";
 	return NULL;
@@ -1089,9 +1246,16 @@ done:
 	return reason;
 }
 
+/* The credential generation of verified claims: their gen, 0 when absent (broker/acl.py `device_grant`). */
+static double token_generation(const cJSON *claims)
+{
+	const cJSON *gen = member(claims, "gen");
+	return gen != NULL ? gen->valuedouble : 0;
+}
+
 /* The CONNECT decision for a device (broker/auth.py `Authenticator._device`): NULL when accepted,
- * with the verified claims in *claims_out (the caller frees them) and the denylist's until in
- * *until_out; else the reason it is refused. */
+ * with the verified claims in *claims_out (the caller frees them) and the denylist's until for this
+ * token in *until_out; else the reason it is refused. */
 static const char *authenticate_device(struct plugin *p, const char *device_id, const char *client_id,
 		const char *password, double now, cJSON **claims_out, long long *until_out)
 {
@@ -1100,7 +1264,8 @@ static const char *authenticate_device(struct plugin *p, const char *device_id, 
 	if(client_id == NULL || strcmp(client_id, device_id) != 0) return "client id must equal the device id";
 	reason = verify_token(p, password, device_id, now, &claims);
 	if(reason != NULL) return reason;
-	long long until = denied_until(p, device_id);
+	struct credential token = {.device_id = device_id, .generation = token_generation(claims)};
+	long long until = denied_until(p, &token);
 	if(now < (double)until){
 		cJSON_Delete(claims);
 		return "device is revoked";
@@ -1128,16 +1293,6 @@ static bool has_duplicate_member(const cJSON *json)
 		if((cJSON_IsObject(item) || cJSON_IsArray(item)) && has_duplicate_member(item)) return true;
 	}
 	return false;
-}
-
-static bool string_list(const cJSON *value)
-{
-	const cJSON *item;
-	if(!cJSON_IsArray(value)) return false;
-	cJSON_ArrayForEach(item, value){
-		if(!cJSON_IsString(item)) return false;
-	}
-	return true;
 }
 
 /* The scope in the extension's value `der` (the content of its OCTET STRING): NULL with the scope,
@@ -1228,6 +1383,29 @@ static bool certificate_device_id(X509 *cert, char out[DEVICE_ID_LEN + 1])
 	return false;
 }
 
+/* The serial number as broker/certificates.py gives it, format(n, "x"): lowercase hex without leading
+ * zeros ("0" for zero, "-" before a negative one). A malloc'd string, NULL when out of memory. BN_bn2hex
+ * writes whole bytes in upper case ("0A"). */
+static char *certificate_serial(X509 *cert)
+{
+	BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+	char *hex = bn != NULL ? BN_bn2hex(bn) : NULL;
+	BN_free(bn);
+	if(hex == NULL) return NULL;
+	bool negative = hex[0] == '-';
+	const char *digits = hex + (negative ? 1 : 0);
+	while(digits[0] == '0' && digits[1] != '\0') digits++;
+	size_t len = strlen(digits);
+	char *serial = malloc(len + 2);
+	if(serial != NULL){
+		char *out = serial;
+		if(negative) *out++ = '-';
+		for(size_t i = 0; i <= len; i++) out[i] = (char)tolower((unsigned char)digits[i]);
+	}
+	OPENSSL_free(hex);
+	return serial;
+}
+
 static bool certificate_not_after(X509 *cert, long long *out)
 {
 	struct tm tm;
@@ -1239,11 +1417,12 @@ static bool certificate_not_after(X509 *cert, long long *out)
 
 /* The CONNECT decision for a client certificate (broker/certificates.py `certificate_device`, then the
  * denylist as broker/auth.py `authenticate_certificate`): NULL when accepted, with the device id in
- * `device_id`, the scope in *scope_out (the caller frees it), notAfter in *exp_out and the denylist's
- * until in *until_out; else the reason it is refused. */
+ * `device_id`, the scope in *scope_out and the serial number in *serial_out (the caller frees both),
+ * notAfter in *exp_out and the denylist's until for this certificate in *until_out; else the reason it
+ * is refused. */
 static const char *authenticate_certificate(struct plugin *p, X509 *cert, const char *username,
 		const char *client_id, double now, char device_id[DEVICE_ID_LEN + 1], cJSON **scope_out,
-		long long *exp_out, long long *until_out)
+		char **serial_out, long long *exp_out, long long *until_out)
 {
 	cJSON *scope = NULL;
 	long long not_after = 0;
@@ -1256,12 +1435,20 @@ static const char *authenticate_certificate(struct plugin *p, X509 *cert, const 
 		cJSON_Delete(scope);
 		return "certificate expired";
 	}
-	long long until = denied_until(p, device_id);
+	char *serial = certificate_serial(cert);
+	if(serial == NULL){
+		cJSON_Delete(scope);
+		return "out of memory";
+	}
+	struct credential certificate = {.device_id = device_id, .serial = serial};
+	long long until = denied_until(p, &certificate);
 	if(now < (double)until){
+		free(serial);
 		cJSON_Delete(scope);
 		return "device is revoked";
 	}
 	*scope_out = scope;
+	*serial_out = serial;
 	*exp_out = not_after;
 	*until_out = until;
 	return NULL;
@@ -1297,17 +1484,25 @@ static bool acl_allows(const struct session *s, int access, const char *topic, l
 
 /* --- callbacks --------------------------------------------------------------------------- */
 
-/* A new session for `client` (NULL when out of memory: then nothing is kept and `acl` is not taken). */
-static struct session *session_add(struct plugin *p, const struct mosquitto *client, const char *device_id,
-		long long exp, long long until, bool certificate, cJSON *acl)
+/* A new session for `client` holding credential `c` (its device id a device id; a copy of its serial is
+ * kept); NULL when out of memory: then nothing is kept and `acl` is not taken. */
+static struct session *session_add(struct plugin *p, const struct mosquitto *client, const struct credential *c,
+		long long exp, long long until, cJSON *acl)
 {
 	struct session *s = calloc(1, sizeof(*s));
-	if(s == NULL) return NULL;
+	char *serial = c->serial != NULL ? strdup(c->serial) : NULL;
+	if(s == NULL || (c->serial != NULL && serial == NULL)){
+		free(s);
+		free(serial);
+		return NULL;
+	}
 	s->client = client;
-	memcpy(s->device_id, device_id, DEVICE_ID_LEN + 1);
+	memcpy(s->device_id, c->device_id, DEVICE_ID_LEN + 1);
 	s->exp = exp;
 	s->denied_until = until;
-	s->certificate = certificate;
+	s->certificate = serial != NULL;
+	s->generation = c->generation;
+	s->serial = serial;
 	s->acl = acl;
 	size_t b = bucket_of(client);
 	s->next = p->buckets[b];
@@ -1316,26 +1511,61 @@ static struct session *session_add(struct plugin *p, const struct mosquitto *cli
 	return s;
 }
 
+/* A device's CONNECT with a token (username `device_id`, a device id), decided: NULL with the session added
+ * for `client` in *session_out; else the reason it is refused. */
+static const char *token_session(struct plugin *p, const struct mosquitto *client, const char *device_id,
+		const char *client_id, const char *password, double now, struct session **session_out)
+{
+	cJSON *claims = NULL;
+	long long until = 0, exp = 0;
+	const char *reason = authenticate_device(p, device_id, client_id, password, now, &claims, &until);
+	if(reason != NULL) return reason;
+	struct credential token = {.device_id = device_id, .generation = token_generation(claims)};
+	int_claim(member(claims, "exp"), &exp);
+	cJSON *acl = cJSON_DetachItemViaPointer(claims, (cJSON *)member(claims, "acl"));
+	cJSON_Delete(claims);
+	*session_out = session_add(p, client, &token, exp, until, acl);
+	if(*session_out != NULL) return NULL;
+	cJSON_Delete(acl);
+	return "out of memory";
+}
+
+/* A CONNECT over a client certificate, decided: NULL with the session added for `client` in *session_out;
+ * else the reason it is refused. `device_id` gets the CN when it is a device id (else ""). */
+static const char *certificate_session(struct plugin *p, const struct mosquitto *client, X509 *cert,
+		const char *username, const char *client_id, double now, char device_id[DEVICE_ID_LEN + 1],
+		struct session **session_out)
+{
+	cJSON *scope = NULL;
+	char *serial = NULL;
+	long long exp = 0, until = 0;
+	const char *reason = authenticate_certificate(p, cert, username, client_id, now, device_id, &scope, &serial,
+			&exp, &until);
+	if(reason != NULL) return reason;
+	struct credential certificate = {.device_id = device_id, .serial = serial};
+	*session_out = session_add(p, client, &certificate, exp, until, scope);
+	free(serial);
+	if(*session_out != NULL) return NULL;
+	cJSON_Delete(scope);
+	return "out of memory";
+}
+
 /* A CONNECT over a client certificate: decided here, success or refusal, never deferred. */
 static int certificate_basic_auth(struct plugin *p, const struct mosquitto_evt_basic_auth *ed, X509 *cert)
 {
 	char device_id[DEVICE_ID_LEN + 1] = "";
-	cJSON *scope = NULL;
-	long long exp = 0, until = 0;
+	struct session *s = NULL;
 	refresh_files(p);
-	const char *reason = authenticate_certificate(p, cert, ed->username, mosquitto_client_id(ed->client),
-			now_seconds(), device_id, &scope, &exp, &until);
-	if(reason == NULL && session_add(p, ed->client, device_id, exp, until, true, scope) == NULL){
-		cJSON_Delete(scope);
-		reason = "out of memory";
-	}
+	const char *reason = certificate_session(p, ed->client, cert, ed->username, mosquitto_client_id(ed->client),
+			now_seconds(), device_id, &s);
 	if(reason != NULL){
 		/* The CN may not be a device id: say whose certificate only when it is one. */
 		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "refused certificate of %s: %s",
 				device_id[0] != '\0' ? device_id : "a client", reason);
 		return MOSQ_ERR_AUTH;
 	}
-	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted certificate of %s until %lld", device_id, exp);
+	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted certificate %s of %s until %lld", s->serial,
+			s->device_id, s->exp);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -1358,27 +1588,15 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	if(!is_device_id(ed->username)) return MOSQ_ERR_PLUGIN_DEFER;
 
 	refresh_files(p);
-	const char *device_id = ed->username;
-	cJSON *claims = NULL;
-	long long until = 0;
-	const char *reason = authenticate_device(p, device_id, mosquitto_client_id(ed->client), ed->password,
-			now_seconds(), &claims, &until);
-	long long exp = 0;
-	cJSON *acl = NULL;
-	if(reason == NULL){
-		int_claim(member(claims, "exp"), &exp);
-		acl = cJSON_DetachItemViaPointer(claims, (cJSON *)member(claims, "acl"));
-		if(session_add(p, ed->client, device_id, exp, until, false, acl) == NULL){
-			cJSON_Delete(acl);
-			reason = "out of memory";
-		}
-	}
-	cJSON_Delete(claims);
+	struct session *s = NULL;
+	const char *reason = token_session(p, ed->client, ed->username, mosquitto_client_id(ed->client), ed->password,
+			now_seconds(), &s);
 	if(reason != NULL){
-		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "refused %s: %s", device_id, reason);
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "refused %s: %s", ed->username, reason);
 		return MOSQ_ERR_AUTH;
 	}
-	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted %s until %lld", device_id, exp);
+	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted %s (gen %g) until %lld", s->device_id, s->generation,
+			s->exp);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -1471,7 +1689,7 @@ static void free_plugin(struct plugin *p)
 		while(p->rate_buckets[b] != NULL) rate_unlink(p, &p->rate_buckets[b]);
 	}
 	free_key_array(p->keys, p->key_count);
-	free_denied(p->denied, p->denied_count);
+	free_denylist(p);
 	free(p->jwks_file.path);
 	free(p->denylist_file.path);
 	free(p->audience);
