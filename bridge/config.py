@@ -148,6 +148,15 @@ class ClaimSettings(BaseModel):
     rate_max_keys: int = Field(default=50_000, ge=100)
 
 
+class ApiSettings(BaseModel):
+    """The admin HTTP API (bridge/api): its own process, started by `serve` (or `provbridge api`)."""
+
+    enabled: bool = True  # `serve` starts it
+    host: str = "127.0.0.1"  # loopback only unless said otherwise
+    port: int = Field(default=8780, ge=1, le=65535)
+    tls: bool = False  # HTTPS with the broker's server certificate (<data_dir>/tls/server.pem, `provbridge tls init`)
+
+
 class Profile(BaseModel):
     """Topic scope of a device's token. `{device_id}` and `{tenant}` are filled in."""
 
@@ -165,6 +174,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     token: TokenSettings = Field(default_factory=TokenSettings)
     claims: ClaimSettings = Field(default_factory=ClaimSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
 
     _config_file: Path | None = None

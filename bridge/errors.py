@@ -7,6 +7,8 @@ from provwire.errors import InvalidCsr, ProvbridgeError, UsageError
 
 __all__ = [
     "AlreadyExists",
+    "ApiError",
+    "BodyTooLarge",
     "CheckFailed",
     "CheckWarning",
     "ConfigError",
@@ -57,6 +59,24 @@ class InvalidImport(UsageError):
         more = len(problems) - self.SHOWN
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(f"{len(problems)} problem(s) in the file, nothing was imported:\n{shown}{tail}")
+
+
+class ApiError(ProvbridgeError):
+    """An admin API answer other than 2xx, in its one error shape (bridge/api/app.py lists the codes)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class BodyTooLarge(ProvbridgeError):
+    """An admin API request body over its route's limit (bridge/api/app.py)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than {limit} bytes")
+        self.limit = limit
 
 
 class StorageError(ProvbridgeError):

@@ -99,7 +99,7 @@ class Authenticator:
         credential = Credential(str(grant.claims.get("sub", "")), grant.generation, grant.certificate_serial)
         return self._denylist.refuses(credential, now)
 
-    def revoked_devices(self, now: float) -> list[str]:
+    def listed_devices(self, now: float) -> list[str]:
         """The devices with credentials the denylist refuses at `now`, whose live sessions the broker must check."""
         return [] if self._denylist is None else self._denylist.listed(now)
 

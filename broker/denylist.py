@@ -137,11 +137,6 @@ class Denylist:
     def refuses(self, credential: Credential, now: float) -> bool:
         return refuses(self._current(), credential, now)
 
-    def denies(self, device_id: str, now: float) -> bool:
-        """Whether every credential of `device_id` is refused at `now` (revoked or deleted)."""
-        until = self._current().devices.get(device_id)
-        return until is not None and now < until
-
     def listed(self, now: float) -> list[str]:
         return listed(self._current(), now)
 

@@ -209,7 +209,7 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if authenticator is None:
             return 0
         ended = 0
-        for device_id in authenticator.revoked_devices(now):
+        for device_id in authenticator.listed_devices(now):
             # A device session's client id is its device id (broker/auth.py), so one lookup finds it.
             session, handler = self._sessions.get(device_id, (None, None))
             grant = None if session is None else grant_of(session)

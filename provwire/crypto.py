@@ -3,6 +3,7 @@
     shared      = ECDH-P256(cloud private key, device public key)      32 bytes, the x coordinate
     device_key  = HKDF-SHA256(ikm=shared, salt=none, info=DEVICE_KEY_INFO, 32 bytes)
     seal_key    = HKDF-SHA256(ikm=shared, salt=none, info=SEAL_KEY_INFO + request_id, 32 bytes)
+    purpose_key = HKDF-SHA256(ikm=device_key, salt=none, info=PURPOSE_KEY_INFO + label, 32 bytes)
     sealed      = AES-256-GCM(seal_key, nonce 12 bytes, plaintext, aad=request_id)
     refresh mac = HMAC-SHA256(device_key, REFRESH_MAC_LABEL \n device_id \n request_id \n timestamp)
     renewal mac = HMAC-SHA256(device_key, RENEWAL_MAC_LABEL \n device_id \n request_id \n timestamp \n csr)
@@ -29,6 +30,7 @@ from provwire.errors import InvalidCsr, InvalidPublicKey, SealError
 
 DEVICE_KEY_INFO = b"provbridge v1 device key"
 SEAL_KEY_INFO = b"provbridge v1 response seal "
+PURPOSE_KEY_INFO = b"provbridge v1 purpose key "
 REFRESH_MAC_LABEL = b"provbridge v1 token refresh"
 RENEWAL_MAC_LABEL = b"provbridge v1 certificate renewal"
 REFRESH_MAC_BYTES = 32
@@ -99,6 +101,12 @@ def _hkdf(shared: bytes, info: bytes) -> bytes:
 def derive_device_key(shared: bytes) -> bytes:
     """The long-term device key. Never transmitted: both ends derive it."""
     return _hkdf(shared, DEVICE_KEY_INFO)
+
+
+def derive_purpose_key(device_key: bytes, label: str) -> bytes:
+    """A key for one purpose a backend names (`label`, ASCII), derived from the device key: its holder can do
+    with it what the label is for (encrypt payloads, sign commands) but cannot refresh the device's tokens."""
+    return _hkdf(device_key, PURPOSE_KEY_INFO + label.encode("ascii"))
 
 
 def derive_seal_key(shared: bytes, request_id: str) -> bytes:

@@ -249,7 +249,8 @@ class Event(_Answer):
     reason: str | None = None
     actor: str | None = None  # administration events: who made the change
     changes: list[str] | None = None  # `key.updated`: the fields that changed
-    count: int | None = None  # `key.codes_created`: how many
+    count: int | None = None  # `key.codes_created`, `allowlist.imported`: how many
+    label: str | None = None  # `backend.purpose_key_derived`: the purpose the backend named
 
 
 class BridgeStatus(_Answer):

@@ -14,8 +14,8 @@ Files that exist to hold a secret (PEM or `.key` files of private keys, `bridge.
 Two nets:
 
 - formats (bridge/claims/identifiers.py, bridge/tokens.py, PKCS#8): `pk_` provisioning keys (any presented key, a
-  guessed one included), `PROV-XXXX-XXXX` codes, `dk_` API keys, `op_` ops passwords, JWTs, PEM private
-  keys and base64 P-256 private-key DER without its PEM armour;
+  guessed one included), `PROV-XXXX-XXXX` codes, `dk_` API keys, `op_` ops passwords, `pba_` admin API tokens,
+  JWTs, PEM private keys and base64 P-256 private-key DER without its PEM armour;
 - exact values found on disk: the scalar of every private key in a key file (hex, base64, base64url; raw
   32 bytes in database cells), `bridge.secret`, vault keys, and each provisioned device's ECDH secret and
   device key, derived from its database row and its data dir's cloud key.
@@ -59,6 +59,7 @@ PATTERNS: dict[str, re.Pattern[bytes]] = {
     "human code": re.compile(rb"(?i:prov)-[0-9A-Za-z]{4}-[0-9A-Za-z]{4}"),
     "API key": re.compile(rb"dk_[A-Za-z0-9_-]{8,}"),
     "ops password": re.compile(rb"op_[A-Za-z0-9_-]{20,}"),
+    "admin API token": re.compile(rb"pba_[A-Za-z0-9_-]{20,}"),
     # header.payload.signature, both JSON objects ('{"' is "eyJ" in base64url); the signature may be empty.
     "token (JWT)": re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
     "private key (PEM)": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
@@ -67,7 +68,7 @@ PATTERNS: dict[str, re.Pattern[bytes]] = {
 }
 # In text, these must be words of their own (not `stop_...`, `improv-...`); in binary files (database
 # pages, where a row's values sit side by side) they need not be.
-WORD_ONLY = {"provisioning key", "human code", "API key", "ops password"}
+WORD_ONLY = {"provisioning key", "human code", "API key", "ops password", "admin API token"}
 
 # Where a 32-byte secret would sit as a word of its own: hex, unpadded base64url (bridge.secret's
 # form), padded standard base64. Each lies inside a run of RUN's alphabet, and a run's edges are word

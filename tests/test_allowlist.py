@@ -212,11 +212,18 @@ def test_claims_are_answered_while_a_large_import_runs(bridge: Bridge, tmp_path:
     result: list[allowlist.Imported] = []
     importer = threading.Thread(target=lambda: result.append(allowlist.import_csv(bridge.store, "default", data)))
     importer.start()
-    answered = 0
+    answered, while_staging = 0, 0
     while importer.is_alive() or answered < 3:
         assert isinstance(claim(bridge, f"LIVE-{answered}", bridge.provision_key), ClaimOk)
         answered += 1
+        staging = (
+            bridge.store.connection()
+            .execute("SELECT COUNT(*) FROM allowlist_imports WHERE status = 'staging'")
+            .fetchone()[0]
+        )
+        while_staging += bool(staging)
     importer.join()
     assert result and result[0].entries == rows
+    assert while_staging >= 1, "no claim was answered while the import's rows were being written"
     assert len(bridge.store.allowlist_page(bridge.store.tenant_id("default"), None, 1000)) == 1000
     assert bridge.store.allowlist_conflicts(bridge.store.tenant_id("default"), [f"BULK-{rows - 1:06d}"])

@@ -160,6 +160,48 @@ def test_a_deleted_device_is_forgotten_once_nothing_it_held_can_be_valid(bridge:
     assert bridge.store.refused_credentials(now) == []
 
 
+def test_a_reset_survives_revoke_and_reinstate(bridge: Bridge) -> None:
+    device, _ = provisioned(bridge)
+    for command in ("reset", "revoke", "reinstate"):
+        assert run_cli(bridge.settings, "device", command, device.device_id) == 0
+    refused_refresh(device)  # the reset still waits for its claim
+    assert events(bridge, "token.refresh_rejected")[-1]["reason"] == "device_reset"
+    with RefreshingDevice(bridge, hardware_id=device.hardware_id) as wiped:
+        assert wiped.provision() and wiped.device_id == device.device_id
+
+
+def test_a_reset_device_taken_with_another_key_spends_a_use_of_it(bridge: Bridge) -> None:
+    """Any valid key of the tenant may bring the new key pair, but a one-time code does it once, and then is spent."""
+    first, _ = provisioned(bridge)
+    second, _ = provisioned(bridge)
+    code = bridge.create_key(human_code=True)
+    for device in (first, second):
+        assert run_cli(bridge.settings, "device", "reset", device.device_id) == 0
+    with RefreshingDevice(bridge, hardware_id=first.hardware_id) as wiped:
+        assert isinstance(wiped.claim(code), ClaimOk)
+    with RefreshingDevice(bridge, hardware_id=second.hardware_id) as other:
+        answer = other.claim(code)
+    assert isinstance(answer, ClaimError) and answer.code is ErrorCode.PERMISSION_DENIED
+    assert events(bridge, "claim.rejected")[-1]["reason"] == "key_exhausted"
+
+
+def test_deleting_again_tells_the_brokers_again(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
+    device, _ = provisioned(bridge)
+    far = int(time.time()) + 30 * 86_400
+    record(bridge, device.device_id, 0xCE27, far)
+    assert run_cli(bridge.settings, "device", "revoke", device.device_id) == 0
+    assert run_cli(bridge.settings, "device", "delete", device.device_id) == 0
+    path = denylist_file(bridge.settings.data_dir)
+    assert parse_denylist(path.read_bytes()).devices[device.device_id] == far  # its certificate's notAfter
+    path.unlink()  # a failed write, say
+    code, out, _ = cli_run(capsys, bridge.settings, "device", "delete", device.device_id)
+    assert code == 0 and "deleted" in out
+    assert parse_denylist(path.read_bytes()).devices[device.device_id] == far
+    path.unlink()
+    assert cli_run(capsys, bridge.settings, "denylist", "publish")[0] == 0
+    assert parse_denylist(path.read_bytes()).devices[device.device_id] == far
+
+
 # --- certificates, by serial (the brokers' side: tests/test_certificate_auth.py) --------------------------
 
 

@@ -11,7 +11,7 @@ from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.ops import admin
 from bridge.ops.lifecycle import publish_denylist, revoke_device
 from bridge.storage.statefiles import denylist_file
-from broker.denylist import Denylist, Entries, parse_denylist
+from broker.denylist import Credential, Denylist, Entries, parse_denylist
 from provwire import topics
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
@@ -91,7 +91,8 @@ def test_denylist_entries_expire_and_the_file_is_rebuilt_from_the_database(bridg
     path = denylist_file(bridge.settings.data_dir)
     denylist = Denylist(path)
     until = revoked_at + TOKEN_TTL_CAP_SECONDS
-    assert denylist.denies(device.device_id, until - 1) and not denylist.denies(device.device_id, until)
+    token = Credential(device.device_id)
+    assert denylist.refuses(token, until - 1) and not denylist.refuses(token, until)
 
     path.unlink()  # lost: the next write restores it from the database
     assert publish_denylist(bridge.settings, bridge.store, now=revoked_at + 1) == Entries({device.device_id: until})

@@ -91,6 +91,7 @@ class Granted:
     api_key: str  # "" for a re-claim (the device keeps its API key) or an admin-made one (shown to the admin)
     events: list[Event]
     entry: AllowlistEntry | None = None  # CREATE of a pre-provisioned hardware id: the entry it uses up
+    spends_use: bool = False  # counts against the key's max registrations (a new device, or a reset device taken)
 
 
 def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered | Granted:
@@ -143,11 +144,14 @@ def decide(request: ClaimRequest, facts: ClaimFacts, fresh: Fresh) -> Answered |
         if key.max_registrations is not None and key.registrations + 1 == key.max_registrations:
             events.append(key_event(request, "key.exhausted", key, None))  # this claim takes its last use
         api_key = "" if entry is not None and entry.api_key_hash is not None else fresh.api_key
-        return Granted(action, key, device, api_key, events, entry)
+        return Granted(action, key, device, api_key, events, entry, spends_use=True)
     assert device is not None  # ROTATE and RECLAIM are for a known device
     if action is Action.ROTATE:
         events = [key_event(request, "device.reprovisioned", key, device)]
-        return Granted(action, key, rotated(device, request, key), fresh.api_key, events)
+        # After a reset any valid key of the tenant may bring the new key pair: another key's use is spent then,
+        # so a one-time code takes over one device, and an exhausted key none (checked above).
+        spends = device.reset_pending and device.key_id != key.id
+        return Granted(action, key, rotated(device, request, key), fresh.api_key, events, spends_use=spends)
     return Granted(action, key, device, "", [key_event(request, "device.reclaimed", key, device)])
 
 

@@ -37,6 +37,16 @@ def new_ops_password() -> str:
     return "op_" + _token_urlsafe(32)
 
 
+def new_admin_token() -> str:
+    """`pba_` + 256 random bits: a bearer token of the admin HTTP API, stored only as a hash."""
+    return "pba_" + _token_urlsafe(32)
+
+
+def new_admin_token_id() -> str:
+    """Public handle of an admin token, safe to show and log (events name it as their actor)."""
+    return "adm_" + secrets.token_hex(8)
+
+
 def new_device_id() -> str:
     """`dev_` + 26 lowercase base32 characters (128 random bits)."""
     return "dev_" + base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()

@@ -473,11 +473,12 @@ class Provisioner(RequestHandler):
             entry = granted.entry
             preset = None if entry is None else entry.api_key_hash  # an admin-made API key, shown to the admin
             tx.insert_device(device, preset or identifiers.digest(granted.api_key))
-            tx.spend_key_use(granted.key.id)
             if entry is not None:
                 tx.consume_allowlist_entry(entry.tenant_id, entry.hardware_id)
         elif granted.action is Action.ROTATE:
             tx.rotate_device_key(device, identifiers.digest(granted.api_key), now)
+        if granted.spends_use:
+            tx.spend_key_use(granted.key.id)
         request_id = request.claim.request_id
         csr = request.claim.parsed_csr
         if device.credential_type == "certificate" and csr is not None:  # decide checked that they go together

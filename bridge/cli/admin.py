@@ -321,10 +321,20 @@ def cmd_device_reset(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_device_delete(args: argparse.Namespace, settings: Settings) -> None:
     device = lifecycle.delete_device(settings, admin.open_store(settings), args.device_id)
     text = (
-        f"deleted {device.id}: hardware id {device.hardware_id} of tenant {device.tenant_name} is free for a new"
+        f"deleted {device.device_id}: hardware id {device.hardware_id} of tenant {device.tenant} is free for a new"
         f" device; every credential it held is refused: {_brokers_told(settings)}"
     )
-    emit(args, {"deleted": device.id, "tenant": device.tenant_name, "hardware_id": device.hardware_id}, text)
+    emit(args, {"deleted": device.device_id, "tenant": device.tenant, "hardware_id": device.hardware_id}, text)
+
+
+def cmd_denylist_publish(args: argparse.Namespace, settings: Settings) -> None:
+    entries = lifecycle.publish_denylist(settings, admin.open_store(settings))
+    data = {"devices": len(entries.devices), "older_credentials": len(entries.older_credentials)}
+    text = (
+        f"wrote the denylist from the database: {data['devices']} devices refused whole, {data['older_credentials']}"
+        " with older credentials refused"
+    )
+    emit(args, data, text)
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
@@ -517,6 +527,15 @@ def add_commands(commands: Any) -> None:
         "read a dk_ API key on stdin: which device and tenant it belongs to (exit 1 when none active has it)",
     )
 
+    denylist = commands.add_parser("denylist", help="the credentials brokers refuse").add_subparsers(
+        dest="denylist_command", required=True, metavar="ACTION"
+    )
+    add_command(
+        denylist,
+        "publish",
+        cmd_denylist_publish,
+        "rewrite <data_dir>/denylist.json from the database (after a failed write; serve does it at start too)",
+    )
     events = add_command(commands, "events", cmd_events, "recent provisioning events, oldest first")
     events.add_argument("--tenant")
     events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")

@@ -84,7 +84,12 @@ def cmd_allowlist_remove(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_allowlist_import(args: argparse.Namespace, settings: Settings) -> None:
     path = Path(args.file)
     try:
-        data = sys.stdin.buffer.read() if args.file == "-" else path.read_bytes()
+        # One byte past the limit is enough to refuse the file: never more in memory.
+        if args.file == "-":
+            data = sys.stdin.buffer.read(ops.MAX_IMPORT_BYTES + 1)
+        else:
+            with path.open("rb") as source:
+                data = source.read(ops.MAX_IMPORT_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     store = admin.open_store(settings)

@@ -12,6 +12,7 @@ from pathlib import Path
 from bridge import logs
 from bridge.cli import admin as cli_admin
 from bridge.cli import allowlist as cli_allowlist
+from bridge.cli import api as cli_api
 from bridge.cli import keys as cli_keys
 from bridge.cli import ops as cli_ops
 from bridge.cli import run as cli_run
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_run.add_commands(commands)  # init, serve, broker, mosquitto-config
     cli_admin.add_commands(commands)  # tenant, key, device, events
     cli_allowlist.add_commands(commands)  # allowlist
+    cli_api.add_commands(commands)  # api, admin-token
     cli_ops.add_commands(commands)  # ops-user
     cli_tls.add_commands(commands)  # tls
     cli_keys.add_commands(commands)  # cloud-key, jwks, keys

@@ -48,10 +48,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     processes = settings.claims.processes if args.processes is None else args.processes
     if processes < 1:
         raise UsageError("--processes must be at least 1")
-    if processes > 1:
-        run_processes(settings, processes)
-    else:
-        asyncio.run(serve(settings))
+    api = None
+    if settings.api.enabled:
+        from bridge.api.server import ApiProcess
+
+        api = ApiProcess(settings)  # its own process, off the claim path; dies with this one
+        api.start()
+    try:
+        if processes > 1:
+            run_processes(settings, processes)
+        else:
+            asyncio.run(serve(settings))
+    finally:
+        if api is not None:
+            api.stop()
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> None:

@@ -34,6 +34,7 @@ from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
 from bridge.claims.refresh import Refresher
 from bridge.config import Settings
+from bridge.ops.lifecycle import publish_denylist
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.rotation import LiveKeyRing
 from bridge.storage.store import Store
@@ -334,9 +335,13 @@ class ClaimHandlers:
             purged = store.purge_answers(now - claims.response_retention_seconds)
             if purged:
                 log.info("purged %d answers older than the retention window", purged)
-            store.purge_deleted_devices(now)
         except Exception as exc:
             log.warning("answer purge failed: %s", exc)
+        try:
+            store.purge_deleted_devices(now)
+            publish_denylist(self.settings, store, now)  # repairs a denylist a failed write left behind
+        except Exception as exc:
+            log.warning("denylist upkeep failed: %s", exc)
         if claims.event_retention_days == 0:
             return  # 0: events are kept forever
         try:

@@ -52,9 +52,8 @@ class KeySpec:
     human_code: bool = False
     credential_type: str = "token"  # "token" or "certificate" (the claim then carries a CSR)
     certificate_validity_seconds: int | None = None  # certificate keys; None: DEFAULT_CERTIFICATE_VALIDITY_SECONDS
-    preprovisioned_only: bool = (
-        False  # creates devices only for hardware ids on the allowlist (bridge/ops/allowlist.py)
-    )
+    # creates devices only for hardware ids on the allowlist (bridge/ops/allowlist.py)
+    preprovisioned_only: bool = False
 
 
 @dataclass(frozen=True)

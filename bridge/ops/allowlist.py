@@ -224,14 +224,21 @@ def import_csv(
             store.stage_entries(import_id, [a.entry for a in added[start : start + IMPORT_BATCH]])
             time.sleep(IMPORT_PAUSE_SECONDS)
         event = _event("allowlist.imported", tenant, now, actor, None, count=len(added))
-        store.finish_import(import_id, event)
+        on_list = store.finish_import(import_id, event)
     except BaseException:
         store.abort_import(import_id)
         raise
-    return Imported(len(added), False, added if with_credentials else [])
+    # Entries whose hardware id became a device while the import ran are not on the list: nor are their credentials.
+    kept = {a.entry.hardware_id for a in added} if on_list == len(added) else set(entries_of(store, import_id))
+    return Imported(on_list, False, [a for a in added if a.entry.hardware_id in kept] if with_credentials else [])
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def entries_of(store: Store, import_id: str) -> list[str]:
+    """The hardware ids an import put on the allowlist (when some were dropped at its end)."""
+    return store.import_hardware_ids(import_id)
 
 
 def _entry(tenant_id: str, new: NewEntry, with_credentials: bool, now: int) -> Added:

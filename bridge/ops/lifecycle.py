@@ -22,15 +22,17 @@ Each change is one transaction with its event, decided by a pure function over t
 A credential is listed until the latest moment it can expire: the token lifetime cap after the change, or the
 notAfter of the device's last certificate if that is later. The denylist is derived from the database, not
 edited in place: each write is complete, so a lost or stale file is repaired by the next change or bridge
-start (`publish_denylist`), and re-running a command repairs a denylist that a crash left behind.
+start (`publish_denylist`; `provbridge denylist publish`; a running bridge also every 10 minutes), and
+re-running `revoke` or `delete` repairs a denylist that a crash left behind.
 """
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
-from bridge.errors import MirrorError, UsageError
+from bridge.errors import MirrorError, NotFound, StorageError, UsageError
 from bridge.mosquitto.dynsec import revoke_on_mosquitto
 from bridge.ops.admin import CLI_ACTOR
 from bridge.ops.devices import device_event
@@ -46,7 +48,11 @@ from provwire.models import Event
 def denylist_entries(refused: list[Refused]) -> Entries:
     """The denylist for what the database says must be refused (pure)."""
     devices = {r.device_id: r.until for r in refused if r.generation is None}
-    older = {r.device_id: OlderCredentials(r.generation, r.certificates, r.until) for r in refused if r.generation}
+    older = {
+        r.device_id: OlderCredentials(r.generation, r.certificates, r.until)
+        for r in refused
+        if r.generation is not None
+    }
     return Entries(devices, older)
 
 
@@ -110,52 +116,109 @@ def deletion(device: Device, certificates_expire_at: int, now: int, actor: str) 
 Change = Callable[[Device, int, int, str], tuple[dict[str, Any], Event]]
 
 
+@dataclass(frozen=True)
+class Deleted:
+    device_id: str
+    tenant: str
+    hardware_id: str
+
+
 def revoke_device(
     settings: Settings, store: Store, device_id: str, now: int | None = None, actor: str = CLI_ACTOR
 ) -> Device:
     """Revoke a device everywhere this process can reach; returns its updated row (NotFound if unknown)."""
-    return _change(settings, store, device_id, revocation, now, actor)
+    device = _change(settings, store, device_id, revocation, now, actor, mirror_inside=False)
+    # Once revoked no token is minted for it, so Mosquitto's dynsec client can go after the commit; the revocation
+    # itself must not wait for a broker that may be down (re-running the command finishes it).
+    _dynsec_after(settings, device_id, "revoke")
+    return device
 
 
 def reinstate_device(
     settings: Settings, store: Store, device_id: str, now: int | None = None, actor: str = CLI_ACTOR
 ) -> Device:
-    """Make a revoked device active again; the credentials it held stay refused (UsageError if not revoked)."""
-    return _change(settings, store, device_id, reinstatement, now, actor)
+    """Make a revoked device active again; the credentials it held stay refused (UsageError if not revoked).
+    A reset still pending stays pending: the device claims, as after the reset."""
+    return _change(settings, store, device_id, reinstatement, now, actor, mirror_inside=True)
 
 
 def reset_device(
     settings: Settings, store: Store, device_id: str, now: int | None = None, actor: str = CLI_ACTOR
 ) -> Device:
     """Let the device's next valid claim bring a new key pair, once; refuse everything it holds now."""
-    return _change(settings, store, device_id, reset, now, actor)
+    return _change(settings, store, device_id, reset, now, actor, mirror_inside=True)
 
 
 def delete_device(
     settings: Settings, store: Store, device_id: str, now: int | None = None, actor: str = CLI_ACTOR
+) -> Deleted:
+    """Delete a device (its hardware id is free again) and refuse everything it held. Deleting a device that is
+    gone already tells the brokers again (repairing a denylist a failed write left behind)."""
+    stamp = int(time.time()) if now is None else now
+    try:
+        device, _ = store.delete_device(device_id, stamp, lambda d, certs: deletion(d, certs, stamp, actor))
+        done = Deleted(device.id, device.tenant_name, device.hardware_id)
+    except NotFound:
+        gone = store.deleted_device(device_id)
+        if gone is None:
+            raise
+        done = Deleted(gone[2], gone[0], gone[1])
+    _publish(settings, store, device_id, stamp)
+    _dynsec_after(settings, device_id, "delete")  # its id is never used again: no claim can race it
+    return done
+
+
+def _change(
+    settings: Settings, store: Store, device_id: str, change: Change, now: int | None, actor: str, mirror_inside: bool
 ) -> Device:
-    """Delete a device (its hardware id is free again) and refuse everything it held; returns it as it was."""
     stamp = int(time.time()) if now is None else now
-    device, _ = store.delete_device(device_id, stamp, lambda d, certs: deletion(d, certs, stamp, actor))
-    _tell_brokers(settings, store, device_id, stamp)
+    inside = _dynsec_inside(settings, device_id) if mirror_inside else None
+    device, _ = store.change_credentials(device_id, lambda d, certs: change(d, certs, stamp, actor), inside)
+    _publish(settings, store, device_id, stamp)
     return device
 
 
-def _change(settings: Settings, store: Store, device_id: str, change: Change, now: int | None, actor: str) -> Device:
-    stamp = int(time.time()) if now is None else now
-    device, _ = store.change_credentials(device_id, lambda d, certs: change(d, certs, stamp, actor))
-    _tell_brokers(settings, store, device_id, stamp)
-    return device
+def _uses_dynsec(settings: Settings) -> bool:
+    """Mosquitto's dynsec mode, which cannot read the denylist: the device's dynamic-security client goes instead."""
+    broker = settings.broker
+    return broker.mode == "external" and broker.dynsec and broker.mosquitto_auth == "dynsec"
 
 
-def _tell_brokers(settings: Settings, store: Store, device_id: str, now: int) -> None:
-    publish_denylist(settings, store, now)
-    # In jwt mode the provbridge_jwt plugin reads the denylist and ends the session itself.
-    if settings.broker.mode == "external" and settings.broker.dynsec and settings.broker.mosquitto_auth == "dynsec":
+def _dynsec_inside(settings: Settings, device_id: str) -> Callable[[], None] | None:
+    """For reinstate and reset: delete the device's client inside the change's transaction, as the janitor does under
+    the write lock, so no refresh or claim mirrors a new token in between (which a deletion after the commit would
+    take away); a broker that does not confirm undoes the change."""
+    if not _uses_dynsec(settings):
+        return None
+
+    def delete_client() -> None:
         try:
-            revoke_on_mosquitto(settings, device_id)  # deletes the dynsec client: its live session is ended
+            revoke_on_mosquitto(settings, device_id)  # its live session is ended
         except MirrorError as exc:
-            raise MirrorError(
-                f"{device_id} is changed in the database, but Mosquitto did not confirm ({exc}); "
-                f"run the command again once the broker is reachable"
-            ) from exc
+            raise MirrorError(f"Mosquitto did not confirm ({exc}): nothing was changed; retry once it is up") from exc
+
+    return delete_client
+
+
+def _dynsec_after(settings: Settings, device_id: str, command: str) -> None:
+    if not _uses_dynsec(settings):
+        return
+    try:
+        revoke_on_mosquitto(settings, device_id)  # deletes the dynsec client: its live session is ended
+    except MirrorError as exc:
+        raise MirrorError(
+            f"{device_id} is changed in the database, but Mosquitto did not confirm ({exc}); "
+            f"run `provbridge device {command} {device_id}` again once the broker is reachable"
+        ) from exc
+
+
+def _publish(settings: Settings, store: Store, device_id: str, now: int) -> None:
+    """The denylist after a change (the embedded broker and the provbridge_jwt plugin read it)."""
+    try:
+        publish_denylist(settings, store, now)
+    except OSError as exc:
+        raise StorageError(
+            f"{device_id} is changed in the database, but {statefiles.denylist_file(settings.data_dir)} could not be"
+            f" written ({exc.strerror or exc}): brokers accept its old credentials until it is. Fix the cause and run"
+            " `provbridge denylist publish` (a running bridge also rewrites it within 10 minutes)"
+        ) from exc

@@ -188,6 +188,21 @@ def _add_allowlist(db: sqlite3.Connection) -> None:
     db.execute("CREATE UNIQUE INDEX allowlist_device_id ON allowlist (device_id) WHERE device_id IS NOT NULL")
     db.execute("CREATE INDEX allowlist_import ON allowlist (import_id) WHERE import_id IS NOT NULL")
     db.execute("CREATE INDEX allowlist_tenant_created ON allowlist (tenant_id, created_at, hardware_id)")
+    db.execute("CREATE INDEX allowlist_imports_status ON allowlist_imports (status, created_at)")
+
+
+def _add_admin_tokens(db: sqlite3.Connection) -> None:
+    # Issue 12: tokens of the admin HTTP API, stored as SHA-256; scoped to a tenant or all (tenant_id NULL).
+    db.execute(
+        "CREATE TABLE admin_tokens ("
+        " id TEXT PRIMARY KEY,"
+        " name TEXT NOT NULL,"
+        " token_hash BLOB NOT NULL UNIQUE,"
+        " scopes TEXT NOT NULL,"
+        " tenant_id TEXT REFERENCES tenants(id),"
+        " created_at INTEGER NOT NULL,"
+        " revoked_at INTEGER)"
+    )
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,7 @@ MIGRATIONS = (
         _add_credential_lifecycle,
     ),
     Migration(6, "the allowlist of pre-provisioned hardware ids, its imports, keys that admit only it", _add_allowlist),
+    Migration(7, "admin_tokens: the admin HTTP API's tokens (SHA-256), scopes and tenant", _add_admin_tokens),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -68,6 +68,20 @@ class AllowlistEntry:
 
 
 @dataclass(frozen=True)
+class AdminToken:
+    """A token of the admin HTTP API (its value is shown once; only its SHA-256 is stored)."""
+
+    id: str
+    name: str
+    token_hash: bytes = field(repr=False)
+    scopes: frozenset[str]  # "read", "write" (implies read), "backend"
+    tenant_id: str | None  # None: every tenant
+    tenant_name: str | None
+    created_at: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True)
 class IssuedCertificate:
     """A device certificate the bridge signed, recorded by serial number (hex) for audit and revocation."""
 

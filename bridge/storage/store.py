@@ -26,6 +26,7 @@ from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
 from bridge.storage import migrations
 from bridge.storage.filelock import locked
 from bridge.storage.records import (
+    AdminToken,
     AllowlistEntry,
     Device,
     IssuedCertificate,
@@ -99,7 +100,10 @@ def _device(row: sqlite3.Row) -> Device:
 
 _ALLOWLIST_COLUMNS = "tenant_id, hardware_id, device_id, api_key_hash, name, labels, created_at"
 # Rows of an unfinished import are not on the allowlist yet (migration 6).
-_VISIBLE = "(import_id IS NULL OR import_id IN (SELECT id FROM allowlist_imports WHERE status = 'done'))"
+_VISIBLE = (
+    "(import_id IS NULL OR EXISTS"
+    " (SELECT 1 FROM allowlist_imports i WHERE i.id = allowlist.import_id AND i.status = 'done'))"
+)
 
 
 def _entry(row: sqlite3.Row) -> AllowlistEntry:
@@ -127,6 +131,22 @@ def _insert_entry(db: sqlite3.Connection, entry: AllowlistEntry, import_id: str 
             entry.created_at,
             import_id,
         ),
+    )
+
+
+_ADMIN_TOKEN_SELECT = "SELECT a.*, t.name AS tenant_name FROM admin_tokens a LEFT JOIN tenants t ON t.id = a.tenant_id"
+
+
+def _admin_token(row: sqlite3.Row) -> AdminToken:
+    return AdminToken(
+        id=row["id"],
+        name=row["name"],
+        token_hash=bytes(row["token_hash"]),
+        scopes=frozenset(row["scopes"].split(",")),
+        tenant_id=row["tenant_id"],
+        tenant_name=row["tenant_name"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
     )
 
 
@@ -230,6 +250,25 @@ def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None
     )
     if actor is not None:
         tx.add_event(_admin_event("key.created", key.created_at, key.tenant_name, actor, key))
+
+
+def write_probe(path: Path, timeout: float) -> str:
+    """ "ok" when the database at `path` takes the write lock within `timeout` (then given back at once), else why
+    not: a full disk, a read-only file or a writer stuck holding the lock shows here (the admin API's /readyz)."""
+    if not path.is_file():
+        return f"missing: {path}"
+    try:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        return f"cannot open: {exc}"
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return "ok"
+    except sqlite3.Error as exc:
+        return f"not writable: {exc}"
+    finally:
+        db.close()
 
 
 class Transaction:
@@ -564,6 +603,13 @@ class Store:
                 _insert_key(tx, code, None)
             tx.add_event(event)
 
+    def key(self, key_id: str) -> ProvisionKey:
+        with self._reading() as db:
+            row = db.execute(_KEY_SELECT + " WHERE k.id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no provisioning key {key_id!r}")
+        return _key(row)
+
     def keys(self, tenant_id: str | None = None) -> list[ProvisionKey]:
         where, args = (" WHERE k.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
         with self._reading() as db:
@@ -641,9 +687,12 @@ class Store:
             assert changed is not None
             return changed, event
 
-    def change_credentials(self, device_id: str, change: CredentialChange) -> tuple[Device, Event]:
+    def change_credentials(
+        self, device_id: str, change: CredentialChange, before_commit: Callable[[], None] | None = None
+    ) -> tuple[Device, Event]:
         """Revoke, reinstate or reset: read the device, let `change` decide the columns and the event, write both,
-        one transaction (so no claim or refresh of the device runs between the read and the write)."""
+        one transaction (so no claim or refresh of the device runs between the read and the write). `before_commit`
+        runs last inside it: what it raises undoes the change."""
         with self.transaction() as tx:
             device = tx.device_by_id(device_id)
             if device is None:
@@ -651,11 +700,15 @@ class Store:
             columns, event = change(device, tx.certificates_expire_at(device_id))
             _update_row(tx, "devices", device_id, columns, _CREDENTIAL_COLUMNS)
             tx.add_event(event)
+            if before_commit is not None:
+                before_commit()
             changed = tx.device_by_id(device_id)
             assert changed is not None
             return changed, event
 
-    def delete_device(self, device_id: str, now: int, deletion: Deletion) -> tuple[Device, Event]:
+    def delete_device(
+        self, device_id: str, now: int, deletion: Deletion, before_commit: Callable[[], None] | None = None
+    ) -> tuple[Device, Event]:
         """Delete a device and what hangs off it (its certificates' records, its remembered refresh ids), keeping
         a tombstone the denylist lists until `deletion`'s time; its hardware id is free from then on. One
         transaction; returns the device as it was and the event."""
@@ -674,7 +727,19 @@ class Store:
             db.execute("DELETE FROM refresh_requests WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
             tx.add_event(event)
+            if before_commit is not None:
+                before_commit()
             return device, event
+
+    def deleted_device(self, device_id: str) -> tuple[str, str, str] | None:
+        """(tenant name, hardware id, id) of a device deleted and still on the denylist, if it is one."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT t.name, d.hardware_id, d.id FROM deleted_devices d JOIN tenants t ON t.id = d.tenant_id"
+                " WHERE d.id = ?",
+                (device_id,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
 
     def certificates(self, device_id: str) -> list[IssuedCertificate]:
         """The certificates signed for a device, oldest first."""
@@ -782,13 +847,28 @@ class Store:
                 for entry in entries:
                     _insert_entry(tx.connection, entry, import_id)
             except sqlite3.IntegrityError:
-                raise AlreadyExists("a hardware id of the import was put on the allowlist meanwhile") from None
+                raise AlreadyExists(
+                    "a hardware id (or admin-made device id) of the import was taken while it ran: nothing was imported"
+                ) from None
 
-    def finish_import(self, import_id: str, event: Event) -> None:
-        """Every entry of the import on the allowlist at once: one row changes."""
+    def finish_import(self, import_id: str, event: Event) -> int:
+        """Every entry of the import on the allowlist at once: one row changes. Entries whose hardware id became a
+        device while the import ran are dropped (the device is the record now). Returns how many are on it;
+        AlreadyExists when the import is no longer staging (another import took it for a dead one)."""
         with self.transaction() as tx:
-            tx.connection.execute("UPDATE allowlist_imports SET status = 'done' WHERE id = ?", (import_id,))
+            db = tx.connection
+            done = db.execute(
+                "UPDATE allowlist_imports SET status = 'done' WHERE id = ? AND status = 'staging'", (import_id,)
+            ).rowcount
+            if done != 1:
+                raise AlreadyExists(f"import {import_id} was removed while it ran (taken for a dead one): run it again")
+            db.execute(
+                "DELETE FROM allowlist WHERE import_id = ? AND EXISTS (SELECT 1 FROM devices d"
+                " WHERE d.tenant_id = allowlist.tenant_id AND d.hardware_id = allowlist.hardware_id)",
+                (import_id,),
+            )
             tx.add_event(event)
+            return int(db.execute("SELECT COUNT(*) FROM allowlist WHERE import_id = ?", (import_id,)).fetchone()[0])
 
     def abort_import(self, import_id: str, batch: int = 1000) -> None:
         """Remove what an unfinished import wrote, a batch per transaction, then the import itself."""
@@ -803,6 +883,11 @@ class Store:
         with self.transaction() as tx:
             tx.connection.execute("DELETE FROM allowlist_imports WHERE id = ? AND status = 'staging'", (import_id,))
 
+    def import_hardware_ids(self, import_id: str) -> list[str]:
+        with self._reading() as db:
+            rows = db.execute("SELECT hardware_id FROM allowlist WHERE import_id = ?", (import_id,)).fetchall()
+        return [str(r[0]) for r in rows]
+
     def unfinished_imports(self, older_than: int) -> list[str]:
         """Imports still staging that began before `older_than` (their process died): to abort."""
         with self._reading() as db:
@@ -810,6 +895,45 @@ class Store:
                 "SELECT id FROM allowlist_imports WHERE status = 'staging' AND created_at < ?", (older_than,)
             ).fetchall()
         return [str(r[0]) for r in rows]
+
+    # --- admin API tokens ---------------------------------------------------------------------
+
+    def add_admin_token(self, token: AdminToken, event: Event) -> None:
+        with self.transaction() as tx:
+            tx.connection.execute(
+                "INSERT INTO admin_tokens (id, name, token_hash, scopes, tenant_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.id,
+                    token.name,
+                    token.token_hash,
+                    ",".join(sorted(token.scopes)),
+                    token.tenant_id,
+                    token.created_at,
+                ),
+            )
+            tx.add_event(event)
+
+    def admin_token_by_hash(self, token_hash: bytes) -> AdminToken | None:
+        """The token with this SHA-256 (an index lookup on the digest: nothing about the raw token is compared)."""
+        with self._reading() as db:
+            row = db.execute(_ADMIN_TOKEN_SELECT + " WHERE a.token_hash = ?", (token_hash,)).fetchone()
+        return None if row is None else _admin_token(row)
+
+    def admin_tokens(self) -> list[AdminToken]:
+        with self._reading() as db:
+            return [_admin_token(r) for r in db.execute(_ADMIN_TOKEN_SELECT + " ORDER BY a.created_at, a.id")]
+
+    def revoke_admin_token(self, token_id: str, now: int, event: Callable[[AdminToken], Event]) -> AdminToken:
+        with self.transaction() as tx:
+            found = tx.connection.execute(
+                "UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (now, token_id)
+            ).rowcount
+            if not found:
+                raise NotFound(f"no admin token {token_id!r}")
+            token = _admin_token(tx.connection.execute(_ADMIN_TOKEN_SELECT + " WHERE a.id = ?", (token_id,)).fetchone())
+            tx.add_event(event(token))
+            return token
 
     # --- answers, events -----------------------------------------------------------------
 

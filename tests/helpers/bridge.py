@@ -27,7 +27,8 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     # flood limits back on (they are on by default).
     claims = base.claims.model_copy(update={"rate_limits": False})
     # DEBUG: claim workers and `serve` subprocesses log everything, for the whole-suite secret scan.
-    update = {"data_dir": data_dir, "broker": broker, "claims": claims, "log_level": "DEBUG", **overrides}
+    api = base.api.model_copy(update={"port": free_port()})  # `serve` starts the admin API: never on a shared port
+    update = {"data_dir": data_dir, "broker": broker, "claims": claims, "api": api, "log_level": "DEBUG", **overrides}
     return base.model_copy(update=update)
 
 
