@@ -1,4 +1,5 @@
-"""Health, without an admin token (the only routes without one):
+"""Health and metrics. `/metrics` (Prometheus, bridge/metrics) needs an admin token with the read scope; health
+needs none (the only routes without one):
 
 GET /healthz   200 while the API process runs
 GET /readyz    200 when the broker accepts a connection where devices and the bridge connect and the
@@ -6,12 +7,14 @@ GET /readyz    200 when the broker accepts a connection where devices and the br
 """
 
 import socket
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from bridge.api.context import ApiContext, context_of
+from bridge.api.context import ApiContext, Caller, context_of, require
+from bridge.metrics import counters
 from bridge.storage.store import write_probe
 from bridge.tls.certificates import bridge_endpoint
 
@@ -22,6 +25,11 @@ PROBE_TIMEOUT_SECONDS = 1.0
 @router.get("/healthz", summary="The API process is up")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/metrics", summary="Prometheus metrics of every bridge process (admin token with the read scope)")
+def metrics(caller: Annotated[Caller, Depends(require("read"))]) -> Response:
+    return Response(counters.exposition(caller.settings.data_dir), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz", summary="Broker reachable and database writable (503 otherwise)")

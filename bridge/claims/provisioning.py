@@ -45,6 +45,7 @@ from bridge.claims.mirror import NoMirror, TokenMirror
 from bridge.claims.ratelimit import FloodLimits, LimitHit, RateLimiter, check
 from bridge.config import Settings
 from bridge.errors import ConfigError, MirrorError, NotInitialised, StorageError
+from bridge.metrics import counters
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.rotation import KeySource, current_ring
 from bridge.storage.store import Store, Transaction
@@ -263,6 +264,7 @@ def rate_limited_answer(
     answer = ClaimError(
         request_id=request_id, code=ErrorCode.RATE_LIMITED, message="too many requests", retry_after=hit.retry_after
     )
+    counters.FLOOD_REFUSALS.labels(reason).inc()
     return Outcome(reply_to, to_json(answer), events, "rate_limited")
 
 

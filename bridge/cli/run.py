@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bridge import metrics
 from bridge.cli.common import add_command, emit
 from bridge.cli.tls import tls_text
 from bridge.config import Settings
@@ -40,11 +41,12 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    if not keyfiles.is_initialised(settings.data_dir):
+        raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
+    metrics.share(settings.data_dir)  # before anything imports prometheus_client: every process it starts counts too
     from bridge.edges.processes import run_processes
     from bridge.edges.serve import serve
 
-    if not keyfiles.is_initialised(settings.data_dir):
-        raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     processes = settings.claims.processes if args.processes is None else args.processes
     if processes < 1:
         raise UsageError("--processes must be at least 1")

@@ -34,6 +34,7 @@ from bridge.claims.ratelimit import check, client_limiter
 from bridge.claims.refresh import RATE_LIMITED as REFRESH_RATE_LIMITED
 from bridge.claims.refresh import Refresher
 from bridge.config import Settings
+from bridge.metrics import counters
 from bridge.ops.lifecycle import publish_denylist
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.rotation import LiveKeyRing
@@ -115,12 +116,14 @@ class BridgeCore:
             if self._in_flight >= self.settings.claims.max_in_flight:
                 return False
             self._in_flight += 1
-            return True
+        counters.IN_FLIGHT.inc()
+        return True
 
     def release(self) -> None:
         """Give the slot back once the message's answer has been handed to the transport."""
         with self._lock:
             self._in_flight -= 1
+        counters.IN_FLIGHT.dec()
 
     def overloaded(self, topic: str, payload: bytes) -> Outcome:
         """The answer to a message that finds `claims.max_in_flight` taken: retry later. Cheap, non-blocking."""
@@ -177,6 +180,18 @@ def log_outcome(topic: str, outcome: Outcome) -> None:
     log.info("claim on %s: %s", topic, outcome.summary)
 
 
+def count_outcome(prefix: str, topic: str, outcome: Outcome, seconds: float | None) -> None:
+    """The message's outcome and the bridge's time on it, in the metrics (bridge/metrics)."""
+    kind = counters.kind_of(topic, prefix)
+    name, _, detail = outcome.summary.partition(": ")
+    reason = next((event.reason for event in outcome.events if event.reason), None)
+    if reason is None and name == "refused":
+        reason = detail  # a refused refresh names its reason in its summary
+    counters.MESSAGES.labels(kind, name or "dropped", reason or "").inc()
+    if seconds is not None:
+        counters.MESSAGE_SECONDS.labels(kind).observe(seconds)
+
+
 def claim_handlers(
     settings: Settings, store: Store, mirror: TokenMirror | None = None, *, one_thread: bool = False
 ) -> "ClaimHandlers":
@@ -216,6 +231,7 @@ class ClaimHandlers:
         # Called once per answered message, where its request_id is bound: writes its `claim on TOPIC: SUMMARY`
         # line. The claim-worker process puts its own here, so that the edge's process writes the line.
         self.report: Callable[[str, Outcome], None] = log_outcome
+        self._started = time.monotonic()  # when the message (or batch) being handled was taken
         # One set of flood limits: a client id's budget covers its claims and its refreshes.
         self.refresher = Refresher(
             settings,
@@ -235,6 +251,7 @@ class ClaimHandlers:
     def handle(self, topic: str, payload: bytes) -> Outcome:
         """Answer one message. Never raises: the bridge must survive anything a message can do."""
         self._turn()
+        self._started = time.monotonic()
         step = self.prepare(topic, payload)
         return step if isinstance(step, Outcome) else self.complete(topic, step)
 
@@ -247,6 +264,7 @@ class ClaimHandlers:
             return Outcome(None, None, [], "failed")
         if isinstance(step, Outcome):
             self.report(topic, step)
+            count_outcome(self.settings.topic_prefix, topic, step, time.monotonic() - self._started)
         return step
 
     def complete(self, topic: str, pending: Pending) -> Outcome:
@@ -257,6 +275,9 @@ class ClaimHandlers:
             log.exception("claim on %s could not be handled", topic)
             return Outcome(None, None, [], "failed")
         self.report(topic, outcome)
+        count_outcome(self.settings.topic_prefix, topic, outcome, time.monotonic() - self._started)
+        if outcome.summary == ErrorCode.INTERNAL_ERROR.value:
+            counters.DATABASE_ERRORS.inc()  # or a broker that did not take the token: the write did not happen
         return outcome
 
     def handle_batch(self, messages: list[tuple[str, bytes | Prepared]]) -> list[Outcome]:
@@ -268,6 +289,7 @@ class ClaimHandlers:
         answers are handed out only once it committed. If it cannot begin or commit, none of those writes
         happened: each such message is answered `internal_error`, retry."""
         self._turn()
+        self._started = time.monotonic()
         steps = [self._step(topic, message) for topic, message in messages]
         if all(isinstance(step, Outcome) for step in steps):
             return [step for step in steps if isinstance(step, Outcome)]
@@ -279,6 +301,7 @@ class ClaimHandlers:
                 ]
         except Exception as exc:  # StorageError, or anything else: the claims are answered, the worker lives
             log.error("a batch of %d messages was not committed: %s", len(messages), exc)
+            counters.DATABASE_ERRORS.inc()
             return [
                 step if isinstance(step, Outcome) else self._unwritten(topic, message)
                 for (topic, message), step in zip(messages, steps, strict=True)

@@ -29,7 +29,7 @@ from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared, retryab
 from bridge.claims.ratelimit import FloodLimits
 from bridge.config import Settings
 from bridge.edges.claimworker import MAX_BATCH
-from bridge.edges.core import BridgeCore, Publish, TurnKeys, log_outcome
+from bridge.edges.core import BridgeCore, Publish, TurnKeys, count_outcome, log_outcome
 from bridge.edges.pahoedge import PahoEdge, Request
 from bridge.edges.sessions import Shard
 from bridge.edges.workerlink import WorkerLink
@@ -240,6 +240,7 @@ class ExternalBridge(PahoEdge):
                 step = Outcome(None, None, [], "failed")
             if isinstance(step, Outcome):
                 log_outcome(request.topic, step)
+                count_outcome(self.settings.topic_prefix, request.topic, step, None)
             return step
 
     def _record_events(self, events: list[Event]) -> None:

@@ -17,6 +17,7 @@ restart of the worker (`bridge.edges.workerlink`).
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
 from bridge.edges.workerlink import WorkerLink
+from bridge.metrics import counters
 from broker.server import ProvbridgeBroker
 
 
@@ -49,6 +50,7 @@ class InProcessBridge:
         try:
             await self.worker.start()
             await self._retain(self.core.status(online=True))
+            counters.BROKER_CONNECTED.set(1)  # the bridge is inside the broker: connected while it runs
         except BaseException:  # what was taken is answered by nobody: the broker stops with this start
             self._stopping = True
             self.worker.abandon()

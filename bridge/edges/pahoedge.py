@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
 from bridge.edges.sessions import Shard, bridge_client
+from bridge.metrics import counters
 from bridge.tls.certificates import bridge_endpoint
 from provwire import topics
 from provwire.models import Event
@@ -111,6 +112,7 @@ class PahoEdge:
             log.error("broker refused the bridge: %s", reason)
             return
         self._connection += 1
+        counters.BROKER_CONNECTED.set(1)
         filters = [self.shard.subscription(self.settings, f) for f in self.core.filters] + list(self.network_routes)
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         if self.shard.owns_status:
@@ -128,6 +130,7 @@ class PahoEdge:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._serving.clear()
+        counters.BROKER_CONNECTED.set(0)
         if not self._stopping.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason)
 

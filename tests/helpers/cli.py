@@ -32,6 +32,10 @@ def config_toml(settings: Settings) -> str:
             f"dynsec_janitor_seconds = {b.dynsec_janitor_seconds}",
             "[claims]",
             f"rate_limits = {'true' if settings.claims.rate_limits else 'false'}",
+            "[api]",
+            f"enabled = {'true' if settings.api.enabled else 'false'}",
+            f'host = "{settings.api.host}"',
+            f"port = {settings.api.port}",
             "",
         ]
     )

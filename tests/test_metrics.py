@@ -1,0 +1,96 @@
+"""Issue 12: `/metrics` (Prometheus) of a real `provbridge serve` subprocess, read through its admin API: the
+counters move with real claims and refreshes, refusals by reason, the flood limit and the latency histogram;
+`/readyz` fails when the database or the broker is unavailable."""
+
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.config import Settings
+from bridge.ops import admin_tokens
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
+from provwire.models import ClaimError, ClaimOk
+from tests.helpers.api import Api
+from tests.helpers.bridge import Bridge
+from tests.helpers.devices import Device
+from tests.helpers.processes import ServeProcesses
+from tests.helpers.refresh import provisioned
+from tests.helpers.waiting import wait_for
+
+
+@pytest.fixture
+def served(initialised: tuple[Settings, str]) -> Iterator[tuple[Bridge, Api, str]]:
+    settings, first_key = initialised
+    store = Store(settings.database_file)
+    token = admin_tokens.create_admin_token(store, "prometheus", ["read"], None, int(time.time())).raw
+    with ServeProcesses(settings):
+        api = Api(settings.api.port, settings)
+        assert wait_for(lambda: _up(api), timeout=30), "serve did not start its admin API"
+        try:
+            yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key), api, token
+        finally:
+            store.close()
+
+
+def _up(api: Api) -> bool:
+    try:
+        return api.request("GET", "/healthz").status == 200
+    except OSError:
+        return False
+
+
+def samples(api: Api, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    answer = api.request("GET", "/metrics", token)
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.body.decode())
+        for sample in family.samples
+    }
+
+
+def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_real_claims_and_refreshes(served: tuple[Bridge, Api, str]) -> None:
+    bridge, api, token = served
+    assert api.request("GET", "/metrics").status == 401  # not anonymous
+    for _ in range(3):
+        provisioned(bridge)
+    device, _ = provisioned(bridge)
+    with device:
+        assert isinstance(device.send_refresh(device.refresh_payload()), ClaimOk)
+    with Device(bridge) as stranger:
+        assert isinstance(stranger.claim("pk_" + "A" * 43), ClaimError)
+
+    def counted() -> bool:
+        found = samples(api, token)
+        return value(found, "provbridge_messages_total", kind="claim", outcome="device.provisioned", reason="") == 4
+
+    assert wait_for(counted, timeout=10)
+    found = samples(api, token)
+    assert value(found, "provbridge_messages_total", kind="refresh", outcome="token.refreshed", reason="") == 1
+    assert value(found, "provbridge_messages_total", kind="claim", outcome="claim.rejected", reason="unknown_key") == 1
+    assert value(found, "provbridge_message_seconds_count", kind="claim") == 5
+    assert value(found, "provbridge_in_flight") == 0
+    assert value(found, "provbridge_broker_connected") == 1
+    assert value(found, "provbridge_database_errors_total") == 0
+
+
+def test_readyz_fails_while_the_database_is_locked(served: tuple[Bridge, Api, str]) -> None:
+    _, api, _ = served
+    assert api.request("GET", "/readyz").status == 200
+    holder = sqlite3.connect(api.settings.database_file, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # a writer stuck holding the lock
+        answer = api.request("GET", "/readyz")
+        assert answer.status == 503 and answer.json()["checks"]["database"].startswith("not writable")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert api.request("GET", "/readyz").status == 200
