@@ -77,6 +77,7 @@ bench-mosquitto:
 ## bench: full benchmark (K=10000, herd, growth to 1M devices; long): results in bench/results, figures in docs/BENCHMARKS.md
 bench: $(BENCH_STAMP) bench-mosquitto
 	PROVBENCH_COMMAND="make bench" $(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.api
 
 ## bench-quick: the same at small K in under 2 minutes (no assertions on times)
 bench-quick: $(BENCH_STAMP) bench-mosquitto

@@ -105,6 +105,22 @@ def render(results: dict[str, Any], plot_name: str | None) -> str:
         )
     w("")
     w("Claims/s is the rate between the 10th and 90th percentile of answer times (ramp-up and tail excluded).")
+    polls = [
+        (t["broker"], p["api_poll"])
+        for t in results["targets"]
+        if t.get("status") == "ran"
+        for p in t["systems"]["provbridge"]["phases"]
+        if p.get("api_poll")
+    ]
+    if polls:
+        done = sum(poll["count"] for _, poll in polls)
+        errors = sum(poll["errors"] for _, poll in polls)
+        worst = max((poll["p99_ms"] or 0.0) for _, poll in polls)
+        w(
+            f"The admin API was in use throughout: during every phase that measured the bridge a client paged through"
+            f" `GET /v1/devices?limit=100` every {polls[0][1]['poll_seconds']:g} s ({done:,} requests, {errors}"
+            f" failed, p99 at most {_f(worst)} ms per phase; bench/apipoll.py)."
+        )
     w("")
 
     # Latency

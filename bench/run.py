@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.apipoll import ApiPoller
 from bench.common import (
     REPO,
     Processes,
@@ -129,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def make_data_dir(root: Path, name: str, credential: str = "token") -> DataDir:
     """Initialise a data dir and create an unlimited key through bridge.ops.admin (the CLI's own code)."""
     from bridge.config import load_settings
-    from bridge.ops import admin
+    from bridge.ops import admin, admin_tokens
 
     path = root / name / "data"
     settings = load_settings(None).model_copy(update={"data_dir": path})
@@ -138,9 +139,10 @@ def make_data_dir(root: Path, name: str, credential: str = "token") -> DataDir:
     try:
         spec = admin.KeySpec(tenant="default", name="bench", credential_type=credential)
         _, raw = admin.create_key(store, settings, spec, int(time.time()))
+        poller = admin_tokens.create_admin_token(store, "bench-poller", ["read"], None, int(time.time())).raw
     finally:
         store.close()
-    return DataDir(path, raw, credential)
+    return DataDir(path, raw, credential, admin_token=poller)
 
 
 def count_devices(db: Path, tag: str) -> int:
@@ -217,7 +219,7 @@ class Runner:
                 hwm_reset = {role: reset_peak_rss(pid) for role, pid in pids.items()}
                 cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 t0 = time.monotonic()
-                with RssSampler(pids) as sampler:
+                with RssSampler(pids) as sampler, ApiPoller(system) as api_poll:
                     assert lg.stdin is not None
                     lg.stdin.write("GO\n")
                     lg.stdin.flush()
@@ -254,6 +256,7 @@ class Runner:
                 for role in pids
             },
             "rss_samples": {role: _downsample(s, 200) for role, s in sampler.samples.items()},
+            "api_poll": api_poll.summary(),
         }
         problems = []
         if result["lost"]:

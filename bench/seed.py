@@ -45,6 +45,9 @@ DEVICE_COLUMNS = (
     "created_at",
     "updated_at",
     "credential_type",
+    "credential_generation",
+    "refused_until",
+    "reset_pending",
 )
 
 
@@ -78,6 +81,9 @@ def _rows(
             now,
             now,
             "token",
+            0,
+            None,
+            0,
         )
 
 

@@ -28,6 +28,7 @@ class DataDir:
     path: Path
     provision_key: str = field(repr=False)
     credential: str = "token"  # what the key issues: "token" or "certificate" (the load generator sends CSRs)
+    admin_token: str = field(default="", repr=False)  # read scope: the admin API poller's (bench/apipoll.py)
 
     @property
     def cloud_key(self) -> Path:
@@ -46,6 +47,7 @@ class System:
     data_dir: DataDir
     roles_note: str  # how to read the roles, for the report
     claim_username: str | None = None
+    api_port: int | None = None  # the admin API `serve` started (provbridge systems)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -60,6 +62,7 @@ class System:
 def _env(data_dir: DataDir, port: int, log_level: str, **extra: str) -> dict[str, str]:
     return {
         "PROVBRIDGE_DATA_DIR": str(data_dir.path),
+        "PROVBRIDGE_API__PORT": str(free_port()),  # `serve` starts the admin API: never on a shared port
         "PROVBRIDGE_BROKER__HOST": "127.0.0.1",
         "PROVBRIDGE_BROKER__PORT": str(port),
         "PROVBRIDGE_LOG_LEVEL": log_level,
@@ -124,6 +127,7 @@ class AmqttTarget(Target):
             {"bridge+broker": serve},
             data_dir,
             "one process: `provbridge serve` runs the embedded broker and the bridge together",
+            api_port=int(env["PROVBRIDGE_API__PORT"]),
         )
         return _wait_answering(system, processes)
 
@@ -207,6 +211,7 @@ class MosquittoTarget(Target):
             {"broker": broker, "bridge": bridge},
             data_dir,
             "two processes: mosquitto, and `provbridge serve` with broker.mode=external",
+            api_port=int(env["PROVBRIDGE_API__PORT"]),
         )
         return _wait_answering(system, processes)
 

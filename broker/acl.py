@@ -29,6 +29,7 @@ from provwire.topics import (
     is_valid_client_id,
     is_valid_filter,
     is_valid_topic,
+    presence_subscription,
     response_topic,
     status_topic,
     token_subscription,
@@ -131,18 +132,19 @@ def check_prefix(prefix: str) -> str:
 def bridge_grant(prefix: str, username: str) -> Grant:
     """The bridge service account: reads every claim, answers on any response topic, emits events."""
     claims, refreshes = claim_subscription(prefix), token_subscription(prefix)
+    presence = presence_subscription(prefix)  # what the broker says of device connections (only it publishes there)
     return Grant(
         role=Role.BRIDGE,
         principal=f"bridge:{username}",
         publish=(response_topic(prefix, "+"), f"{prefix}/events/#", status_topic(prefix)),
-        subscribe=(claims, refreshes, f"{SHARED_PREFIX}/+/{claims}", f"{SHARED_PREFIX}/+/{refreshes}"),
-        receive=(claims, refreshes),
+        subscribe=(claims, refreshes, f"{SHARED_PREFIX}/+/{claims}", f"{SHARED_PREFIX}/+/{refreshes}", presence),
+        receive=(claims, refreshes, presence),
     )
 
 
 def ops_grant(prefix: str, username: str) -> Grant:
     """A person or tool watching provisioning happen: reads events and status, writes nothing."""
-    watched = (f"{prefix}/events/#", f"{prefix}/status/#")
+    watched = (f"{prefix}/events/#", f"{prefix}/status/#", presence_subscription(prefix))
     return Grant(role=Role.OPS, principal=f"ops:{username}", publish=(), subscribe=watched, receive=watched)
 
 

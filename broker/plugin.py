@@ -121,5 +121,11 @@ class ProvbridgeAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc
         if grant is None or topic is None or action is None:
             return False
         now = time.time()
+        if self._is_presence(topic) and (grant.role not in (Role.BRIDGE, Role.OPS) or str(action) == "publish"):
+            return False  # the bridge's and ops' business only, and only the broker says them
         # A revoked device keeps its verified grant until its token expires: the denylist ends it sooner.
         return grant.permits(Access(str(action)), topic, now) and not self.authenticator.is_revoked(grant, now)
+
+    def _is_presence(self, topic: str) -> bool:
+        head = f"{self.authenticator.settings.prefix}/presence/"
+        return topic.startswith(head)

@@ -84,6 +84,7 @@ from broker.plugin import (
     ProvbridgeAclPlugin,
     grant_of,
 )
+from provwire.topics import PRESENCE_OFFLINE, PRESENCE_ONLINE, presence_topic
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self.revocation_check_seconds = revocation_check_seconds
         self._in_process: list[tuple[str, InProcessSubscriber]] = []
         self._revocation_task: asyncio.Task[None] | None = None
+        # Told of every device session that starts or ends (the bridge's presence recorder), on the event loop:
+        # it must not block.
+        self.on_presence: Callable[[str, bool], None] | None = None
 
     @property
     def port(self) -> int:
@@ -186,6 +190,10 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         """The ACL plugin's authenticator (None for a configuration without it: then nothing is revoked)."""
         plugins = self.plugins_manager.plugins
         return next((p.authenticator for p in plugins if isinstance(p, ProvbridgeAclPlugin)), None)
+
+    def _prefix(self) -> str | None:
+        authenticator = self._authenticator()
+        return None if authenticator is None else authenticator.settings.prefix
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         # Only the certificate listener has a `cafile` (broker/embedded.py): the device CA.
@@ -227,6 +235,24 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         (the will is vetted again in `_handle_disconnect`), and the socket is closed."""
         await handler.handle_connection_closed()
         await handler.stop()
+
+    # --- device presence ---------------------------------------------------------------------
+
+    def _announce_presence(self, session: Any, online: bool) -> None:
+        """A device session started or ended: tell the bridge (`on_presence`) and those watching
+        {prefix}/presence/+ (ops), as the Mosquitto plugin does. Other roles' sessions are not devices."""
+        grant = grant_of(session)
+        if grant is None or grant.role is not Role.DEVICE:
+            return
+        device_id = session.client_id
+        if self.on_presence is not None:
+            try:
+                self.on_presence(device_id, online)
+            except Exception:  # presence is bookkeeping: it must never cost a connection
+                logger.exception("presence of %s could not be recorded", device_id)
+        prefix = self._prefix()
+        if prefix is not None:
+            self.publish_in_process(presence_topic(prefix, device_id), PRESENCE_ONLINE if online else PRESENCE_OFFLINE)
 
     # --- in-process subscribers ------------------------------------------------------------
 
@@ -347,6 +373,13 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # Decided in _admit, before the session table was touched.
         return grant_of(session) is not None
 
+    async def _publish_session_retained_messages(self, client_session: Any) -> None:
+        # amqtt's first step after a CONNECT is registered in the session table (and acknowledged): the device is
+        # online from here. A session it took over either said offline before (its end found itself still in
+        # the table) or says nothing (it found this one there): see _handle_disconnect.
+        self._announce_presence(client_session, online=True)
+        await super()._publish_session_retained_messages(client_session)
+
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter = subscription[0]
         subscribers = self._subscriptions.get(topic_filter, ())
@@ -371,4 +404,9 @@ class ProvbridgeBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if client_session.will_flag:
             will_topic = client_session.will_topic
             client_session.will_flag = await self._topic_filtering(client_session, will_topic, Action.PUBLISH)
+        # Offline only if this connection is still the session's: one taken over by a new CONNECT ends after the
+        # new one said online (the table then holds the new handler), and must not say offline after it.
+        still_current = self._sessions.get(client_session.client_id, (None, None))[1] is handler
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        if still_current:
+            self._announce_presence(client_session, online=False)

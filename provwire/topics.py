@@ -40,6 +40,24 @@ def status_topic(prefix: str) -> str:
     return f"{prefix}/status/bridge"
 
 
+# A device's connection, as its broker saw it: payload PRESENCE_ONLINE or PRESENCE_OFFLINE (PROTOCOL.md §12).
+PRESENCE_ONLINE, PRESENCE_OFFLINE = b"online", b"offline"
+
+
+def presence_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/presence/{device_id}"
+
+
+def presence_subscription(prefix: str) -> str:
+    return f"{prefix}/presence/+"
+
+
+def device_id_of_presence_topic(prefix: str, topic: str) -> str | None:
+    head = f"{prefix}/presence/"
+    rest = topic[len(head) :] if topic.startswith(head) else ""
+    return rest if rest and "/" not in rest else None
+
+
 def client_id_of_claim_topic(prefix: str, topic: str) -> str | None:
     """The client id of a claim topic, or None when the topic is not a claim topic or the id is invalid."""
     return _client_id_after(f"{prefix}/claim/", topic)

@@ -787,6 +787,7 @@ def test_topic_table() -> None:
         topics.event_topic("{prefix}", "{tenant}", "{event}"),
         topics.status_topic("{prefix}"),
         topics.token_topic("{prefix}", "{client_id}"),
+        topics.presence_topic("{prefix}", "{device_id}"),
     }
     assert topics.claim_subscription("{prefix}") in DOC
     assert topics.token_subscription("{prefix}") in DOC

@@ -233,11 +233,14 @@ def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
             "name": d.name or "",
             "profile": d.profile,
             "status": d.status,
+            "presence": {None: "-", True: "online", False: "offline"}[d.online],
+            "last_seen": when(d.last_seen),
             "created": when(d.created_at),
         }
         for d in page.devices
     ]
-    text = table(rows, ["id", "tenant", "hardware_id", "name", "profile", "status", "created"])
+    columns = ["id", "tenant", "hardware_id", "name", "profile", "status", "presence", "last_seen", "created"]
+    text = table(rows, columns)
     if page.next_cursor:
         text += f"\nmore: the next page is --after {page.next_cursor}"
     emit(args, {"devices": [_device_view(d) for d in page.devices], "next_cursor": page.next_cursor}, text)

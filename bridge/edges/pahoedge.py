@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
+from bridge.edges.presence import PresenceRecorder
 from bridge.edges.sessions import Shard, bridge_client
 from bridge.metrics import counters
 from bridge.tls.certificates import bridge_endpoint
@@ -60,6 +61,8 @@ class PahoEdge:
         self._stopping = threading.Event()
         # Exact topic -> handler run where paho's callbacks run (must not block): dynamic-security answers.
         self.network_routes: dict[str, Callable[[bytes], None]] = {}
+        # Device connections, as the provbridge_jwt plugin publishes them (None: not taken, as in dynsec mode).
+        self.presence: PresenceRecorder | None = None
 
         client = bridge_client(self.settings, self.shard.client_id(self.settings), persistent=True, manual_ack=True)
         if self.shard.owns_status:
@@ -113,7 +116,10 @@ class PahoEdge:
             return
         self._connection += 1
         counters.BROKER_CONNECTED.set(1)
-        filters = [self.shard.subscription(self.settings, f) for f in self.core.filters] + list(self.network_routes)
+        taken = list(self.core.filters)
+        if self.presence is not None:
+            taken.append(topics.presence_subscription(self.settings.topic_prefix))
+        filters = [self.shard.subscription(self.settings, f) for f in taken] + list(self.network_routes)
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         if self.shard.owns_status:
             self._publish(self.core.status(online=True))
@@ -135,6 +141,10 @@ class PahoEdge:
             log.warning("disconnected from broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if self.presence is not None and self._presence(message):
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+            return
         direct = self.network_routes.get(message.topic)
         if direct is not None:
             direct(bytes(message.payload))
@@ -164,6 +174,16 @@ class PahoEdge:
             self._dispatch(request)
         else:
             self._answer(request, self.core.publishes(self.core.overloaded(request.topic, request.payload)))
+
+    def _presence(self, message: mqtt.MQTTMessage) -> bool:
+        """Whether `message` is a device's presence (then recorded); only the broker's plugin publishes there."""
+        assert self.presence is not None
+        device_id = topics.device_id_of_presence_topic(self.settings.topic_prefix, message.topic)
+        if device_id is None:
+            return False
+        if message.payload in (topics.PRESENCE_ONLINE, topics.PRESENCE_OFFLINE):
+            self.presence.record(device_id, message.payload == topics.PRESENCE_ONLINE)
+        return True
 
     # --- answers ---------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from bridge.edges.core import BridgeCore, claim_handlers
 from bridge.edges.external import ExternalBridge
 from bridge.edges.inprocess import InProcessBridge
 from bridge.edges.paho import BridgeService
+from bridge.edges.presence import PresenceRecorder
 from bridge.edges.sessions import Shard, check_processes, client_ids, retire_stale_sessions
 from bridge.mosquitto.dynsec import DynsecMirror, uses_dynsec
 from bridge.mosquitto.janitor import SharedDynsecMirror
@@ -64,6 +65,7 @@ class Running:
     broker: ProvbridgeBroker | None = None
     mirror: DynsecMirror | None = None
     store: Store | None = None  # the paho edge's; the in-process edge's is in its claim worker
+    presence: PresenceRecorder | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     async def wait_serving(self, timeout: float) -> bool:
@@ -84,6 +86,9 @@ class Running:
         if self.broker is not None:
             await self.broker.flush()  # the offline status, to whoever watches
             await stop_embedded_broker(self.broker)
+        if self.presence is not None:
+            await asyncio.to_thread(self.presence.stop)
+            self.presence.store.close()
         if self.store is not None:
             self.store.close()
 
@@ -97,10 +102,12 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
     if settings.broker.mode == "embedded":
         store.close()  # the claim worker has its own
         edges: list[InProcessBridge] = []
+        presence = PresenceRecorder(Store(settings.database_file))
 
         def take_claims(broker: ProvbridgeBroker) -> None:  # before the broker listens: no claim may go unheard
             edges.append(InProcessBridge(settings, broker))
             edges[0].take_claims()
+            broker.on_presence = presence.record
 
         broker = await start_embedded_broker(embedded_broker_settings(settings), before_listening=take_claims)
         log.info("embedded broker listening on %s", tls.embedded_listeners(settings).describe(settings.broker.host))
@@ -109,14 +116,16 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
             await edge.start()
         except BaseException:
             await stop_embedded_broker(broker)
+            presence.stop()
             raise
-        return Running(edge.core, edge, broker)
+        return Running(edge.core, edge, broker, presence=presence)
     # With broker.mosquitto_auth = "jwt" (the default) Mosquitto's provbridge_jwt plugin verifies tokens:
     # nothing to mirror. With the "dynsec" opt-in each one is mirrored into its dynamic-security plugin.
     if not (uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"):
         store.close()  # the claim worker has its own
         external = ExternalBridge(settings, shard)
-        running = Running(external.core, external)
+        external.presence = PresenceRecorder(Store(settings.database_file))  # the provbridge_jwt plugin reports it
+        running = Running(external.core, external, presence=external.presence)
         _retire_stale_sessions(settings, shard, running)
         try:
             await external.start()

@@ -36,6 +36,7 @@ from typing import Any
 from broker import acl
 from broker.auth import PROVISION_USERNAME, check_bridge_username
 from broker.errors import BrokerConfigError
+from provwire.topics import SHARED_PREFIX, presence_subscription
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 CONTROL_RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
@@ -165,9 +166,20 @@ def control_acls() -> list[dict[str, Any]]:
     ]
 
 
+def shared_presence_filter(prefix: str) -> str:
+    """The presence topics as several bridge processes share them, like their claims: on Mosquitto, where the
+    provbridge_jwt plugin publishes presence to subscribers (the embedded broker hands it to its one bridge
+    in-process). Mosquitto checks a shared SUBSCRIBE with its `$share/<group>/`, and each delivery by the topic
+    alone, which `acl.bridge_grant` lets the bridge receive."""
+    return f"{SHARED_PREFIX}/+/{presence_subscription(prefix)}"
+
+
 def bridge_role(prefix: str, username: str) -> dict[str, Any]:
-    """`acl.bridge_grant` plus the dynamic-security control topics, and nothing else."""
-    acls = control_acls() + grant_acls(acl.bridge_grant(prefix, username))
+    """`acl.bridge_grant` plus the dynamic-security control topics and shared presence, and nothing else."""
+    grant = acl.bridge_grant(prefix, username)
+    shared = shared_presence_filter(prefix)
+    presence = [] if shared in grant.subscribe else [acl_entry(AclType.SUBSCRIBE, shared)]
+    acls = control_acls() + presence + grant_acls(grant)
     return role(BRIDGE_ROLE, acls, "provbridge bridge service account")
 
 
@@ -358,6 +370,9 @@ class JwtPlugin:
     bridge_username: str = ""
     publish_rate: float = 0.0
     publish_burst: int = 0
+    # The topic prefix: the plugin publishes device presence on {prefix}/presence/{device_id} (like the embedded
+    # broker); "": none (the plugin takes a config without it, as written before presence).
+    topic_prefix: str = ""
 
     def lines(self) -> list[str]:
         lines = [
@@ -369,6 +384,9 @@ class JwtPlugin:
         ]
         if self.bridge_username:
             lines.append(f"plugin_opt_bridge_username {_check_word('bridge username', self.bridge_username)}")
+        if self.topic_prefix:
+            prefix = _check_word("topic prefix", acl.check_prefix(self.topic_prefix))
+            lines.append(f"plugin_opt_topic_prefix {prefix}")
         if self.publish_rate > 0 and self.publish_burst >= 1:
             if not self.bridge_username:
                 raise BrokerConfigError("a publish limit in the jwt plugin needs the bridge username (exempt from it)")

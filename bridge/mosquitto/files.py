@@ -299,6 +299,7 @@ def _jwt_plugin(settings: Settings) -> mc.JwtPlugin:
         bridge_username=settings.broker.username,
         publish_rate=publish_rate,
         publish_burst=publish_burst,
+        topic_prefix=settings.topic_prefix,  # device presence, published by the plugin
     )
 
 

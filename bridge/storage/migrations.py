@@ -205,6 +205,18 @@ def _add_admin_tokens(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_presence(db: sqlite3.Connection) -> None:
+    # Issue 12: whether each device is connected, from its broker's connection events, apart from the device
+    # row so that a reconnect storm's batched writes never rewrite devices (or their indexes).
+    db.execute(
+        "CREATE TABLE device_presence ("
+        " device_id TEXT PRIMARY KEY,"
+        " online INTEGER NOT NULL,"
+        " last_seen INTEGER NOT NULL)"
+    )
+    db.execute("CREATE INDEX device_presence_online ON device_presence (online, device_id)")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -226,6 +238,7 @@ MIGRATIONS = (
     ),
     Migration(6, "the allowlist of pre-provisioned hardware ids, its imports, keys that admit only it", _add_allowlist),
     Migration(7, "admin_tokens: the admin HTTP API's tokens (SHA-256), scopes and tenant", _add_admin_tokens),
+    Migration(8, "device_presence: online and last seen, from the brokers' connection events", _add_presence),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -52,6 +52,8 @@ class Device:
     credential_generation: int = 0
     reset_pending: bool = False  # `device reset`: the next valid claim for its hardware id may bring a new key pair
     refused_until: int | None = None  # until when the denylist lists credentials it held (bridge/ops/lifecycle.py)
+    online: bool | None = None  # connected to its broker, as the broker last said (None: never seen)
+    last_seen: int | None = None  # when it last connected or disconnected (unix seconds)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,10 @@ EVENT_PURGE_PAUSE_SECONDS = 0.01
 
 
 _KEY_SELECT = "SELECT k.*, t.name AS tenant_name FROM provision_keys k JOIN tenants t ON t.id = k.tenant_id"
-_DEVICE_SELECT = "SELECT d.*, t.name AS tenant_name FROM devices d JOIN tenants t ON t.id = d.tenant_id"
+_DEVICE_SELECT = (
+    "SELECT d.*, t.name AS tenant_name, p.online AS online, p.last_seen AS last_seen FROM devices d"
+    " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
+)
 
 
 def _key(row: sqlite3.Row) -> ProvisionKey:
@@ -95,6 +98,8 @@ def _device(row: sqlite3.Row) -> Device:
         credential_generation=row["credential_generation"],
         reset_pending=bool(row["reset_pending"]),
         refused_until=row["refused_until"],
+        online=None if row["online"] is None else bool(row["online"]),
+        last_seen=row["last_seen"],
     )
 
 
@@ -725,6 +730,7 @@ class Store:
             )
             db.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM refresh_requests WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM device_presence WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
             tx.add_event(event)
             if before_commit is not None:
@@ -895,6 +901,19 @@ class Store:
                 "SELECT id FROM allowlist_imports WHERE status = 'staging' AND created_at < ?", (older_than,)
             ).fetchall()
         return [str(r[0]) for r in rows]
+
+    # --- presence -----------------------------------------------------------------------------
+
+    def record_presence(self, changes: list[tuple[str, bool, int]]) -> None:
+        """Devices' connections as their broker reported them, (device id, online, unix seconds) in order: one
+        transaction; the last word per device wins. Devices the bridge does not know are skipped."""
+        with self.transaction() as tx:
+            tx.connection.executemany(
+                "INSERT INTO device_presence (device_id, online, last_seen)"
+                " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
+                [(device_id, int(online), at) for device_id, online, at in changes],
+            )
 
     # --- admin API tokens ---------------------------------------------------------------------
 

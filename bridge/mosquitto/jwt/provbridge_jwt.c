@@ -11,6 +11,7 @@
  *   plugin_opt_bridge_username provbridge-bridge   the bridge's account: never publish-limited
  *   plugin_opt_publish_rate 10      publishes a second per client id (0 or absent: no limit)
  *   plugin_opt_publish_burst 20     the bucket's size
+ *   plugin_opt_topic_prefix prov/v1   device presence is published under it (absent: none)
  *
  * CONNECT with a username shaped like a device id (dev_ + 26 base32 letters): this plugin decides,
  * success or refusal, never deferring. The password must be an ES256 JWT whose header `kid` names a
@@ -60,6 +61,15 @@
  * debt. At most RATE_MAX_CLIENTS are tracked; beyond, a new client id is let through untracked
  * (logged): refusing would hand whoever fills the table a way to silence every other client, and the
  * bridge's own limit still answers such a client.
+ *
+ * Device presence (plugin_opt_topic_prefix given), as the embedded broker announces it (broker/server.py
+ * `_announce_presence`): once a device's CONNECT is accepted (token or certificate: where its session is
+ * added) the plugin publishes `online` on {prefix}/presence/{device id}, and `offline` when that session ends
+ * (DISCONNECT, which the tick's kicks raise too); QoS 0, not retained, to every subscriber allowed to read it
+ * (the bridge, which records it, and ops). A CONNECT that takes over a device's client id is accepted before
+ * Mosquitto ends the old session: that end says nothing, so the last word is `online`. Only devices this
+ * plugin let in are announced. No client is let publish there by the bridge's and ops' roles or the
+ * provisioning acl_file (bridge/mosquitto/conf.py); a device is held to its own scope, as everywhere.
  *
  * Tokens are never logged: only the device id and the reason.
  *
@@ -161,6 +171,7 @@ struct session {
 	char *serial;      /* a certificate's serial number, for the same (NULL for a token) */
 	cJSON *acl; /* the token's acl object (a certificate's scope): "pub" and "sub" arrays of valid filters */
 	struct session *next;
+	struct session *next_of_device; /* the chain of plugin.devices: sessions by device id */
 };
 
 /* A publish token bucket, keyed by client id (the first RATE_KEY_MAX bytes). */
@@ -177,6 +188,9 @@ struct plugin {
 	char *audience;
 	char *issuer;
 	char *bridge_username;
+	char *topic_prefix; /* plugin_opt_topic_prefix; NULL: no presence published */
+	char *presence_topic; /* "{topic_prefix}/presence/" then room for a device id; NULL when presence is off */
+	size_t presence_head; /* where the device id goes in presence_topic */
 	double publish_rate; /* tokens a second; 0: no publish limit */
 	double publish_burst;
 	uint32_t rate_seed;
@@ -198,6 +212,8 @@ struct plugin {
 	time_t last_sweep;
 	size_t sessions;
 	struct session *buckets[BUCKETS];
+	/* The same sessions by device id: two at once only while a CONNECT takes over a device's client id. */
+	struct session *devices[BUCKETS];
 };
 
 /* --- small helpers ----------------------------------------------------------------------- */
@@ -910,6 +926,14 @@ static size_t bucket_of(const struct mosquitto *client)
 	return ((size_t)(uintptr_t)client >> 4) % BUCKETS;
 }
 
+/* FNV-1a, unseeded: a device id is the bridge's random choice, never a client's. */
+static size_t device_bucket_of(const char *device_id)
+{
+	uint32_t h = 2166136261u;
+	for(const char *c = device_id; *c; c++) h = (h ^ (unsigned char)*c) * 16777619u;
+	return (h ^ (h >> 16)) % BUCKETS;
+}
+
 static struct session *session_find(struct plugin *p, const struct mosquitto *client)
 {
 	for(struct session *s = p->buckets[bucket_of(client)]; s != NULL; s = s->next){
@@ -925,6 +949,9 @@ static void session_remove(struct plugin *p, const struct mosquitto *client)
 		struct session *s = *link;
 		if(s->client == client){
 			*link = s->next;
+			struct session **by_device = &p->devices[device_bucket_of(s->device_id)];
+			while(*by_device != NULL && *by_device != s) by_device = &(*by_device)->next_of_device;
+			if(*by_device != NULL) *by_device = s->next_of_device;
 			cJSON_Delete(s->acl);
 			free(s->serial);
 			free(s);
@@ -933,6 +960,47 @@ static void session_remove(struct plugin *p, const struct mosquitto *client)
 		}
 		link = &s->next;
 	}
+}
+
+/* --- presence -----------------------------------------------------------------------------
+ * broker/server.py `_announce_presence`: `online` on {prefix}/presence/{device id} once a device's CONNECT
+ * is accepted, `offline` once its session ends; QoS 0, not retained, from the broker itself (no client may
+ * publish there: broker/acl.py, bridge/mosquitto/conf.py), for the bridge (bridge/edges/presence.py) and
+ * ops to read. Mosquitto 2.0.11 queues the message (mosquitto_broker_publish_copy) and hands it to the
+ * subscribers at the top of its next loop, each delivery under the usual READ check. */
+
+/* Whether a session other than `s` holds s's device: a CONNECT taking over the device's client id.
+ * Mosquitto authenticates the new CONNECT (its `online` goes out) before it ends the old session
+ * (src/handle_connect.c connect__on_authorised), so the old one's end must say nothing. */
+static bool device_held_elsewhere(const struct plugin *p, const struct session *s)
+{
+	for(const struct session *o = p->devices[device_bucket_of(s->device_id)]; o != NULL; o = o->next_of_device){
+		if(o != s && strcmp(o->device_id, s->device_id) == 0) return true;
+	}
+	return false;
+}
+
+static void announce_presence(struct plugin *p, const char *device_id, bool online)
+{
+	if(p->presence_topic == NULL) return; /* no plugin_opt_topic_prefix: presence is off */
+	memcpy(p->presence_topic + p->presence_head, device_id, DEVICE_ID_LEN + 1);
+	const char *payload = online ? "online" : "offline"; /* provwire/topics.py PRESENCE_ONLINE, PRESENCE_OFFLINE */
+	int rc = mosquitto_broker_publish_copy(NULL, p->presence_topic, (int)strlen(payload), payload, 0, false, NULL);
+	if(rc != MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, LOG_PREFIX "presence of %s (%s) not published: error %d", device_id,
+				payload, rc);
+	}
+}
+
+/* The session of `client`, if any, has ended: forgotten, and its device said offline unless a newer session
+ * holds it. Only here: DISCONNECT (the tick's kick too: it ends in context__disconnect, which raises it) and a
+ * reused context at CONNECT, so a session says offline once. */
+static void session_end(struct plugin *p, const struct mosquitto *client)
+{
+	struct session *s = session_find(p, client);
+	if(s == NULL) return;
+	if(!device_held_elsewhere(p, s)) announce_presence(p, s->device_id, false);
+	session_remove(p, client);
 }
 
 /* --- publish limit: token buckets keyed by client id --------------------------------------
@@ -1507,6 +1575,9 @@ static struct session *session_add(struct plugin *p, const struct mosquitto *cli
 	size_t b = bucket_of(client);
 	s->next = p->buckets[b];
 	p->buckets[b] = s;
+	b = device_bucket_of(s->device_id);
+	s->next_of_device = p->devices[b];
+	p->devices[b] = s;
 	p->sessions++;
 	return s;
 }
@@ -1566,6 +1637,7 @@ static int certificate_basic_auth(struct plugin *p, const struct mosquitto_evt_b
 	}
 	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted certificate %s of %s until %lld", s->serial,
 			s->device_id, s->exp);
+	announce_presence(p, s->device_id, true);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -1575,7 +1647,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	struct plugin *p = userdata;
 	(void)event;
 
-	session_remove(p, ed->client); /* a reused context never inherits an earlier grant */
+	session_end(p, ed->client); /* a reused context never inherits an earlier grant */
 	/* Only the device-certificate listener asks for one (require_certificate): there every client is a
 	 * device by its certificate, whatever username it gives, so an anonymous or other CONNECT never falls
 	 * through to dynamic security. */
@@ -1597,6 +1669,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	}
 	mosquitto_log_printf(MOSQ_LOG_DEBUG, LOG_PREFIX "accepted %s (gen %g) until %lld", s->device_id, s->generation,
 			s->exp);
+	announce_presence(p, s->device_id, true);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -1617,6 +1690,12 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		if(client_id != NULL && !is_bridge && !rate_take(p, client_id)) return MOSQ_ERR_ACL_DENIED;
 	}
 	if(s == NULL) return MOSQ_ERR_PLUGIN_DEFER; /* not a device this plugin let in */
+	/* broker/plugin.py `topic_filtering`: other devices' connections are the bridge's and ops' business only, and
+	 * only the broker says them, whatever a device's scope covers. */
+	if(p->presence_topic != NULL && ed->topic != NULL && ed->access != MOSQ_ACL_UNSUBSCRIBE
+			&& strncmp(ed->topic, p->presence_topic, p->presence_head) == 0){
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	return acl_allows(s, ed->access, ed->topic, (long long)time(NULL)) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 }
 
@@ -1625,14 +1704,16 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	struct mosquitto_evt_disconnect *ed = event_data;
 	struct plugin *p = userdata;
 	(void)event;
-	session_remove(p, ed->client);
+	session_end(p, ed->client); /* offline, once: a kicked session ends here too */
 	const char *client_id = mosquitto_client_id(ed->client);
 	if(client_id != NULL) rate_forget_full(p, client_id);
 	return MOSQ_ERR_SUCCESS;
 }
 
 /* Once a second: notice changed files, and end the sessions whose token expired or whose device
- * was revoked. Kicking runs the DISCONNECT callback, which edits the table: collect first. */
+ * was revoked. Kicking runs the DISCONNECT callback (Mosquitto 2.0.11: disconnect_client, do_disconnect,
+ * context__disconnect), which edits the table and says the device offline: collect first, announce nothing
+ * here. */
 static int on_tick(int event, void *event_data, void *userdata)
 {
 	struct plugin *p = userdata;
@@ -1695,6 +1776,8 @@ static void free_plugin(struct plugin *p)
 	free(p->audience);
 	free(p->issuer);
 	free(p->bridge_username);
+	free(p->topic_prefix);
+	free(p->presence_topic);
 	free(p);
 }
 
@@ -1706,7 +1789,41 @@ static char **string_option(struct plugin *p, const char *key)
 	if(!strcmp(key, "audience")) return &p->audience;
 	if(!strcmp(key, "issuer")) return &p->issuer;
 	if(!strcmp(key, "bridge_username")) return &p->bridge_username;
+	if(!strcmp(key, "topic_prefix")) return &p->topic_prefix;
 	return NULL;
+}
+
+#define PRESENCE_LEVEL "/presence/"
+#define TOPIC_MAX 65535 /* MQTT's limit on a topic's length */
+
+/* The presence topic from plugin_opt_topic_prefix, taken as broker/acl.py `check_prefix` takes a prefix:
+ * plain levels, none empty, no wildcard, not a $-topic (and UTF-8, the presence topic within MQTT's limit).
+ * The option is optional, for a mosquitto.conf written before presence: without it nothing is published
+ * (bridge/mosquitto/conf.py always writes it now). MOSQ_ERR_SUCCESS, MOSQ_ERR_INVAL (logged) or
+ * MOSQ_ERR_NOMEM. */
+static int presence_setup(struct plugin *p)
+{
+	const char *prefix = p->topic_prefix;
+	if(prefix == NULL){
+		mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "no plugin_opt_topic_prefix: device presence is not published");
+		return MOSQ_ERR_SUCCESS;
+	}
+	size_t len = strlen(prefix);
+	size_t head = len + strlen(PRESENCE_LEVEL);
+	if(len == 0 || head + DEVICE_ID_LEN > TOPIC_MAX || prefix[0] == '$' || prefix[0] == '/' || prefix[len - 1] == '/'
+			|| strstr(prefix, "//") != NULL || strpbrk(prefix, "+#") != NULL
+			|| mosquitto_validate_utf8(prefix, (int)len) != MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				LOG_PREFIX "plugin_opt_topic_prefix must be a topic of plain levels, not a $-topic");
+		return MOSQ_ERR_INVAL;
+	}
+	p->presence_topic = malloc(head + DEVICE_ID_LEN + 1);
+	if(p->presence_topic == NULL) return MOSQ_ERR_NOMEM;
+	memcpy(p->presence_topic, prefix, len);
+	memcpy(p->presence_topic + len, PRESENCE_LEVEL, strlen(PRESENCE_LEVEL) + 1);
+	p->presence_head = head;
+	mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "device presence published on %s+", p->presence_topic);
+	return MOSQ_ERR_SUCCESS;
 }
 
 /* The plugin's state from its options, NULL (logged) when they are unusable. */
@@ -1758,6 +1875,11 @@ static struct plugin *plugin_new(struct mosquitto_opt *options, int option_count
 	if(p->publish_rate > 0){
 		mosquitto_log_printf(MOSQ_LOG_INFO, LOG_PREFIX "publishes limited to %g/s, burst %g, per client id (not %s)",
 				p->publish_rate, p->publish_burst, p->bridge_username);
+	}
+	*rc = presence_setup(p);
+	if(*rc != MOSQ_ERR_SUCCESS){
+		free_plugin(p);
+		return NULL;
 	}
 	refresh_files(p);
 	if(!p->jwks_file.present) load_jwks(p); /* says so in the log */
