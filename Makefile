@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test test-jwt-sanitized test-long lint typecheck check clean mosquitto bench bench-quick bench-mosquitto bench-flood
+.PHONY: run demo test test-jwt-sanitized test-long lint typecheck check clean mosquitto chromium bench bench-quick bench-mosquitto bench-flood
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,17 @@ mosquitto:
 	sh bridge/mosquitto/install-mosquitto.sh
 	@$(MAKE) -s -C bridge/mosquitto/jwt || { [ -z "$$CI" ] && echo "provbridge_jwt plugin not built: its tests will be skipped"; }
 
+## chromium: install Debian's chromium when missing, for the dashboard's browser test (tests/test_dashboard.py
+## drives it with Playwright, which downloads no browser)
+chromium:
+	sh bridge/api/install-chromium.sh
+
 # The suite's temp files (every log and database it leaves), kept for the secret scan; pytest empties it first.
 TEST_TMP := build/test-tmp
 
 ## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto), then a scan of
 ## everything it left (logs, events, databases) for any raw secret (tests/secret_scan.py)
-test: $(STAMP) mosquitto
+test: $(STAMP) mosquitto chromium
 	@mkdir -p $(dir $(TEST_TMP))
 	$(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)

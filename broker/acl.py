@@ -130,15 +130,24 @@ def check_prefix(prefix: str) -> str:
 
 
 def bridge_grant(prefix: str, username: str) -> Grant:
-    """The bridge service account: reads every claim, answers on any response topic, emits events."""
+    """The bridge service account: reads every claim, answers on any response topic, emits events. It also reads
+    events back: the admin API (its own process, logged in as the bridge) relays them to the dashboard."""
     claims, refreshes = claim_subscription(prefix), token_subscription(prefix)
     presence = presence_subscription(prefix)  # what the broker says of device connections (only it publishes there)
+    events = f"{prefix}/events/#"
     return Grant(
         role=Role.BRIDGE,
         principal=f"bridge:{username}",
-        publish=(response_topic(prefix, "+"), f"{prefix}/events/#", status_topic(prefix)),
-        subscribe=(claims, refreshes, f"{SHARED_PREFIX}/+/{claims}", f"{SHARED_PREFIX}/+/{refreshes}", presence),
-        receive=(claims, refreshes, presence),
+        publish=(response_topic(prefix, "+"), events, status_topic(prefix)),
+        subscribe=(
+            claims,
+            refreshes,
+            f"{SHARED_PREFIX}/+/{claims}",
+            f"{SHARED_PREFIX}/+/{refreshes}",
+            presence,
+            events,
+        ),
+        receive=(claims, refreshes, presence, events),
     )
 
 

@@ -131,7 +131,7 @@ def test_a_tenant_token_sees_only_its_tenant(world: World) -> None:
     assert api.request("GET", "/v1/devices", acme).json() == {"devices": [], "next_cursor": None}
     assert api.request("GET", "/v1/devices?tenant=default", acme).status == 404
     assert [t["name"] for t in api.request("GET", "/v1/tenants", acme).json()] == ["acme"]
-    assert {k["tenant"] for k in api.request("GET", "/v1/keys", acme).json()} == {"acme"}
+    assert {k["tenant"] for k in api.request("GET", "/v1/keys", acme).json()["keys"]} == {"acme"}
     assert api.request("POST", "/v1/tenants", acme, {"name": "mine"}).status == 403
     made = api.request("POST", "/v1/keys", acme, {"name": "k", "tenant": "default"})
     assert made.status == 404  # not its tenant
@@ -145,7 +145,7 @@ def test_keys_through_the_api(world: World) -> None:
     made = api.request("POST", "/v1/keys", write, {"name": "line-9", "max_registrations": 5, "labels": {"a": "1"}})
     assert made.status == 201 and made.json()["provision_key"].startswith("pk_")
     key_id = made.json()["id"]
-    listed = api.request("GET", "/v1/keys", read).json()
+    listed = api.request("GET", "/v1/keys", read).json()["keys"]
     assert key_id in [k["id"] for k in listed] and all("provision_key" not in k for k in listed)
     changed = api.request("PATCH", f"/v1/keys/{key_id}", write, {"max_registrations": 9, "preprovisioned_only": True})
     assert changed.status == 200 and changed.json()["changed"] == ["max_registrations", "preprovisioned_only"]
@@ -195,6 +195,9 @@ def test_the_allowlist_through_the_api(world: World) -> None:
     assert done.json()["entries"] == 2
     again = api.request("POST", "/v1/allowlist/import", write, raw=csv, content_type="text/csv")
     assert again.status == 400 and "nothing was imported" in again.json()["error"]["message"]
+    # Each bad line is named, with what is wrong with it: the operator fixes the file without guessing.
+    message = again.json()["error"]["message"]
+    assert "line 2" in message and "line 3" in message and "SN-2" in message, message
     wrong_type = api.request("POST", "/v1/allowlist/import", write, raw=csv, content_type="application/json")
     assert (wrong_type.status, wrong_type.error_code) == (415, "unsupported_media_type")
     listed = api.request("GET", "/v1/allowlist", world.read).json()

@@ -101,7 +101,7 @@ def test_add_and_remove_refuse_what_cannot_be_and_change_nothing(
 
 def test_the_key_option_can_be_turned_on_and_off(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
     key_id = cli_json(capsys, bridge.settings, "key", "create", "--name", "line-1")["id"]
-    raw = cli_json(capsys, bridge.settings, "key", "list")
+    raw = cli_json(capsys, bridge.settings, "key", "list")["keys"]
     assert not next(k for k in raw if k["id"] == key_id)["preprovisioned_only"]
     changed = cli_json(capsys, bridge.settings, "key", "update", key_id, "--preprovisioned-only")
     assert changed["changed"] == ["preprovisioned_only"] and changed["preprovisioned_only"] is True

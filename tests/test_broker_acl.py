@@ -97,6 +97,8 @@ def test_bridge_grant() -> None:
         (Access.PUBLISH, "prov/v1/res/dev-1"),
         (Access.PUBLISH, "prov/v1/events/acme/device_created"),
         (Access.PUBLISH, "prov/v1/status/bridge"),
+        (Access.SUBSCRIBE, "prov/v1/events/#"),  # the admin API relays events to the dashboard
+        (Access.RECEIVE, "prov/v1/events/acme/device.provisioned"),
     ]
     denied = [
         (Access.SUBSCRIBE, "#"),

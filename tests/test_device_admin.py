@@ -12,7 +12,7 @@ import pytest
 from bridge.config import Settings
 from bridge.edges.core import claim_handlers
 from bridge.ops import devices
-from bridge.storage.store import DeviceCursor, DeviceFilter, Store
+from bridge.storage.store import DeviceFilter, PageCursor, Store
 from provwire import crypto, topics
 from provwire.models import Claim, to_json
 from tests.helpers.bridge import Bridge
@@ -74,6 +74,40 @@ def test_lists_filter_on_the_server(initialised: tuple[Settings, str], capsys: p
     store.close()
 
 
+def test_lists_filter_by_label_search_and_presence(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, key = initialised
+    store = Store(settings.database_file)
+    made = claim_devices(settings, store, key, 5, prefix="line")
+    other = claim_devices(settings, store, key, 2, prefix="bench")
+
+    def listed(*argv: str) -> list[str]:
+        return sorted(d["id"] for d in cli_json(capsys, settings, "device", "list", *argv)["devices"])
+
+    for device_id in made[:3]:
+        assert cli_run(capsys, settings, "device", "update", device_id, "--label", "line=7")[0] == 0
+    assert listed("--label", "line=7") == sorted(made[:3])
+    # A label's rows follow the device: changed, the old value no longer matches; deleted, nothing is left.
+    assert cli_run(capsys, settings, "device", "update", made[0], "--label", "line=8")[0] == 0
+    assert cli_run(capsys, settings, "device", "delete", made[1])[0] == 0
+    assert listed("--label", "line=7") == [made[2]]
+    assert listed("--label", "line=8") == [made[0]]
+    assert listed("--label", "line=") == []
+
+    assert listed("--search", "bench") == sorted(other)
+    assert listed("--search", made[3]) == [made[3]]
+    assert listed("--search", "zzz") == []
+
+    store.record_presence([(made[3], True, 1_700_000_000), (made[4], False, 1_700_000_001)])
+    assert listed("--presence", "online") == [made[3]]
+    assert listed("--presence", "offline") == sorted([made[0], made[2], made[4], *other])
+    assert listed("--presence", "online", "--label", "line=7") == []
+    code, out, err = cli_run(capsys, settings, "device", "list", "--label", "no-equals")
+    assert code == 2 and "NAME=VALUE" in err and out == ""
+    store.close()
+
+
 @pytest.mark.parametrize(
     "where",
     [
@@ -82,24 +116,42 @@ def test_lists_filter_on_the_server(initialised: tuple[Settings, str], capsys: p
         DeviceFilter(status="revoked"),
         DeviceFilter(hardware_id="SN-1"),
         DeviceFilter(tenant_id="ten_x", status="active"),
+        DeviceFilter(label=("line", "7")),
+        DeviceFilter(tenant_id="ten_x", label=("line", "7"), status="active"),
+        DeviceFilter(hardware_id_prefix="SN-"),
+        DeviceFilter(online=True),
+        DeviceFilter(online=False),
     ],
-    ids=["all", "tenant", "status", "hardware-id", "tenant-and-status"],
+    ids=[
+        "all",
+        "tenant",
+        "status",
+        "hardware-id",
+        "tenant-and-status",
+        "label",
+        "label-tenant-status",
+        "hardware-id-prefix",
+        "online",
+        "offline",
+    ],
 )
 def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], where: DeviceFilter) -> None:
     """A page costs the same on a fleet of any size: no query of a list scans the devices table."""
     store = Store(initialised[0].database_file)
     plans: list[str] = []
     connection = store.connection()
-    for after in (None, DeviceCursor(1_700_000_000, "dev_x")):
+    for after in (None, PageCursor(1_700_000_000, "dev_x")):
         connection.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().startswith("SELECT") else None)
         store.devices_page(where, after, 10)
         connection.set_trace_callback(None)
     assert len(plans) == 2
     for sql in plans:
         rows = [str(row[3]) for row in connection.execute("EXPLAIN QUERY PLAN " + sql)]
-        on_devices = [row for row in rows if row.startswith(("SCAN d", "SEARCH d"))]
-        assert on_devices and all("INDEX" in row for row in on_devices), rows
-        if where.hardware_id is None:  # the index gives the order, so a page reads a page (not every match)
+        on_tables = [row for row in rows if row.startswith(("SCAN ", "SEARCH "))]
+        assert on_tables and all("INDEX" in row or "PRIMARY KEY" in row for row in on_tables), rows
+        # The index gives the order, so a page reads a page (not every match); a hardware id, a prefix of one and
+        # being online narrow what is sorted.
+        if where.hardware_id is None and where.hardware_id_prefix is None and where.online is not True:
             assert not any("TEMP B-TREE" in row for row in rows), rows
     api = " ".join(
         str(row[3])

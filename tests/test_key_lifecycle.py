@@ -13,7 +13,7 @@ import pytest
 from bridge.config import Settings
 from bridge.ops import admin
 from bridge.storage.records import ProvisionKey
-from bridge.storage.store import Store
+from bridge.storage.store import PageCursor, Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
@@ -225,4 +225,34 @@ def test_codes_beyond_the_bounds_are_refused_and_none_made(
     assert code == 2 and out == "" and "Traceback" not in err
     store = Store(settings.database_file)
     assert keys_named(store, "x") == [] and events(store, "key.codes_created") == []
+    store.close()
+
+
+def test_keys_list_a_page_at_a_time_in_index_order(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = initialised[0]
+    assert cli_run(capsys, settings, "key", "codes", "--count", "7", "--name", "paged")[0] == 0
+    store = Store(settings.database_file)
+    every = [k.id for k in store.keys(None)]
+    seen: list[str] = []
+    after: list[str] = []
+    while True:
+        page = cli_json(capsys, settings, "key", "list", "--limit", "3", *after)
+        seen += [k["id"] for k in page["keys"]]
+        if page["next_cursor"] is None:
+            break
+        after = ["--after", page["next_cursor"]]
+    assert seen == every and len(every) == 8  # the first key and the codes, each once, oldest first
+    code, out, err = cli_run(capsys, settings, "key", "list", "--after", "garbage")
+    assert code == 2 and out == "" and "cursor" in err
+    connection = store.connection()
+    plans: list[str] = []
+    connection.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().startswith("SELECT") else None)
+    for tenant_id in (None, "ten_x"):
+        store.keys_page(tenant_id, PageCursor(1_700_000_000, "key_x"), 10)
+    connection.set_trace_callback(None)
+    for sql in plans:
+        rows = [str(row[3]) for row in connection.execute("EXPLAIN QUERY PLAN " + sql)]
+        assert any("provision_keys_" in row for row in rows) and not any("TEMP B-TREE" in row for row in rows), rows
     store.close()

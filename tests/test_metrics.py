@@ -5,17 +5,20 @@ counters move with real claims and refreshes, refusals by reason, the flood limi
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Settings
-from bridge.ops import admin_tokens
+from bridge.ops import admin, admin_tokens
 from bridge.storage import keyfiles
 from bridge.storage.store import Store
+from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.api import Api
-from tests.helpers.bridge import Bridge
+from tests.helpers.bridge import Bridge, make_settings
 from tests.helpers.devices import Device
 from tests.helpers.processes import ServeProcesses
 from tests.helpers.refresh import provisioned
@@ -24,7 +27,22 @@ from tests.helpers.waiting import wait_for
 
 @pytest.fixture
 def served(initialised: tuple[Settings, str]) -> Iterator[tuple[Bridge, Api, str]]:
-    settings, first_key = initialised
+    with serving(*initialised) as running:
+        yield running
+
+
+@pytest.fixture
+def served_with_flood_limits(tmp_path: Path) -> Iterator[tuple[Bridge, Api, str]]:
+    base = make_settings(tmp_path / "data")
+    settings = base.model_copy(update={"claims": base.claims.model_copy(update={"rate_limits": True})})
+    made = admin.init_data_dir(settings)
+    assert made.provision_key
+    with serving(settings, made.provision_key) as running:
+        yield running
+
+
+@contextmanager
+def serving(settings: Settings, first_key: str) -> Iterator[tuple[Bridge, Api, str]]:
     store = Store(settings.database_file)
     token = admin_tokens.create_admin_token(store, "prometheus", ["read"], None, int(time.time())).raw
     with ServeProcesses(settings):
@@ -80,6 +98,28 @@ def test_metrics_move_with_real_claims_and_refreshes(served: tuple[Bridge, Api, 
     assert value(found, "provbridge_in_flight") == 0
     assert value(found, "provbridge_broker_connected") == 1
     assert value(found, "provbridge_database_errors_total") == 0
+
+
+def test_flood_refusals_are_counted_by_the_limit_that_refused(
+    served_with_flood_limits: tuple[Bridge, Api, str],
+) -> None:
+    bridge, api, token = served_with_flood_limits
+    burst = bridge.settings.claims.rate_client_burst
+    with Device(bridge) as flooder:  # one client id and hardware id, past their budgets: rate_limited answers
+        answers = [flooder.claim("pk_" + "B" * 43) for _ in range(burst + 5)]
+    limited = sum(1 for a in answers if isinstance(a, ClaimError) and a.code == ErrorCode.RATE_LIMITED)
+    assert limited >= 1
+
+    def refusals() -> dict[str, float]:
+        found = samples(api, token)
+        return {
+            dict(labels)["limit"]: n for (name, labels), n in found.items() if name == "provbridge_flood_refusals_total"
+        }
+
+    # Every refusal counted once, under the limit that made it (the client id's at the edge, the device's in the
+    # claim work).
+    assert wait_for(lambda: sum(refusals().values()) == limited, timeout=10), (limited, refusals())
+    assert set(refusals()) <= {"client_id", "device"} and refusals().get("client_id", 0) >= 1
 
 
 def test_readyz_fails_while_the_database_is_locked(served: tuple[Bridge, Api, str]) -> None:

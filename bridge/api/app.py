@@ -7,6 +7,7 @@ Errors have one shape, `{"error": {"code": ..., "message": ...}}`, with these st
     400 invalid_request       malformed JSON, a wrong or missing field, a refused value (the CLI's exit 2)
     401 unauthorized          no admin token, or not a live one (wrong, unknown, revoked)
     403 forbidden             the token lacks the scope the route needs
+    403 csrf_failed           a change from a dashboard session without its X-CSRF-Token (bridge/api/sessions.py)
     404 not_found             no such tenant, key, device or entry (or not in the token's tenant)
     409 conflict              it exists already, or the operation does not apply in its state
     413 payload_too_large     a body over the route's limit
@@ -14,8 +15,9 @@ Errors have one shape, `{"error": {"code": ..., "message": ...}}`, with these st
     500 internal_error        a fault of the bridge; nothing is half done (each change is one transaction)
     503 unavailable           storage busy or unavailable, or Mosquitto (dynsec mode) did not confirm: retry
 
-The routes are in `bridge.api.routes` (admin) and `bridge.api.backend` (backend scope). The server runs in its
-own process (`provbridge api`, or started by `serve`): never on the claim path's event loop.
+The routes are in `bridge.api.routes` (admin) and `bridge.api.backend` (backend scope), the dashboard's in
+`bridge.api.dashboard`. The server runs in its own process (`provbridge api`, or started by `serve`): never on the
+claim path's event loop.
 """
 
 import logging
@@ -24,11 +26,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.api import backend, health, routes
+from bridge.api import backend, dashboard, health, routes
 from bridge.api.context import ApiContext
 from bridge.config import Settings
 from bridge.errors import AlreadyExists, ApiError, BodyTooLarge, MirrorError, NotFound, StorageError, UsageError
@@ -107,6 +109,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(routes.router)
     app.include_router(backend.router)
+    app.include_router(dashboard.router)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -152,6 +159,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def no_store(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         response = await call_next(request)
         response.headers["Cache-Control"] = "no-store"  # answers may hold a secret shown once
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.url.path.startswith("/ui"):  # not /docs, whose Swagger UI needs its CDN and inline script
+            response.headers["Content-Security-Policy"] = dashboard.CONTENT_SECURITY_POLICY
         return response
 
     app.add_middleware(BodyLimit)

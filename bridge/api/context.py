@@ -1,11 +1,18 @@
-"""What every route of the admin API shares: the store, the caller's admin token and its scope, tenant checks."""
+"""What every route of the admin API shares: the store, the caller's admin token and its scope, tenant checks.
+
+A caller proves who they are with `Authorization: Bearer pba_...`, or, from the dashboard, with its session
+cookie (bridge/api/sessions.py) and, for a change, the session's CSRF token.
+"""
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
 
+from bridge.api.live import LiveEvents
+from bridge.api.sessions import COOKIE, CSRF_HEADER, Sessions, csrf_matches
 from bridge.config import Settings
 from bridge.errors import ApiError
 from bridge.ops import admin
@@ -24,6 +31,8 @@ class ApiContext:
         self._store: Store | None = None
         self._keys: LiveKeyRing | None = None
         self._lock = threading.Lock()
+        self.sessions = Sessions()
+        self.live = LiveEvents(settings)
 
     @property
     def keys(self) -> KeyRing:
@@ -85,19 +94,42 @@ def context_of(request: Request) -> ApiContext:
     return context
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def require(scope: str) -> Callable[..., Caller]:
-    """A dependency: the caller, whose bearer token is live and has `scope` (401 or 403 otherwise)."""
+    """A dependency: the caller, whose bearer token (or dashboard session) is live and has `scope` (401 or 403
+    otherwise)."""
 
     def caller(request: Request, context: ApiContext = Depends(context_of)) -> Caller:  # noqa: B008
-        header = request.headers.get("authorization", "")
-        kind, _, presented = header.partition(" ")
-        if kind.lower() != "bearer" or not presented:
-            raise ApiError(401, "an admin token is required: Authorization: Bearer pba_...")
-        token = tokens.authenticate(context.store, presented.strip())
-        if token is None:
-            raise ApiError(401, "not a valid admin token (wrong, unknown or revoked)")
+        header = request.headers.get("authorization")
+        if header is None and COOKIE in request.cookies:
+            token = session_token(request, context)
+        else:
+            kind, _, presented = (header or "").partition(" ")
+            if kind.lower() != "bearer" or not presented:
+                raise ApiError(401, "an admin token is required: Authorization: Bearer pba_...")
+            bearer = tokens.authenticate(context.store, presented.strip())
+            if bearer is None:
+                raise ApiError(401, "not a valid admin token (wrong, unknown or revoked)")
+            token = bearer
         if not tokens.permits(token, scope):
             raise ApiError(403, f"this admin token lacks the {scope!r} scope")
         return Caller(token, context)
 
     return caller
+
+
+def session_token(request: Request, context: ApiContext) -> AdminToken:
+    """The live admin token behind the request's session cookie; a change must also carry the CSRF token."""
+    cookie = request.cookies.get(COOKIE, "")
+    session = context.sessions.find(cookie, time.time())
+    if session is None:
+        raise ApiError(401, "the dashboard session has ended: log in again")
+    if request.method not in SAFE_METHODS and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
+        raise ApiError(403, "a change from the dashboard needs its X-CSRF-Token header", "csrf_failed")
+    token = context.store.admin_token_by_id(session.token_id)
+    if token is None or token.revoked_at is not None:
+        context.sessions.end(cookie)
+        raise ApiError(401, "the admin token of this session was revoked: log in again")
+    return token

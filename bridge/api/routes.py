@@ -13,10 +13,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.api.context import Caller, require
-from bridge.errors import ApiError, UsageError
+from bridge.errors import ApiError
 from bridge.ops import admin, allowlist, devices, lifecycle
 from bridge.storage.records import AllowlistEntry, Device, ProvisionKey
-from bridge.storage.store import DeviceFilter
 from provwire import crypto
 
 router = APIRouter(prefix="/v1")
@@ -139,11 +138,16 @@ def _key_of(caller: Caller, key_id: str) -> ProvisionKey:
     return key
 
 
-@router.get("/keys", summary="List provisioning keys and codes")
-def list_keys(caller: Reader, tenant: str | None = None) -> list[dict[str, Any]]:
+@router.get("/keys", summary="List provisioning keys and codes, oldest first, a page at a time (next_cursor)")
+def list_keys(
+    caller: Reader,
+    tenant: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=admin.MAX_KEY_PAGE)] = 100,
+    after: str | None = None,
+) -> dict[str, Any]:
     scoped = caller.tenant(tenant)
-    keys = caller.store.keys(caller.store.tenant_id(scoped) if scoped else None)
-    return [key_view(k) for k in keys]
+    page = admin.list_keys(caller.store, caller.store.tenant_id(scoped) if scoped else None, after, limit)
+    return {"keys": [key_view(k) for k in page.keys], "next_cursor": page.next_cursor}
 
 
 @router.post("/keys", status_code=201, summary="Create a provisioning key or human code (its value shown once)")
@@ -244,11 +248,16 @@ def list_devices(
     tenant: str | None = None,
     status: Literal["active", "revoked"] | None = None,
     hardware_id: str | None = None,
+    q: Annotated[str | None, Query(description="a device id (dev_...), or the start of hardware ids")] = None,
+    label: Annotated[str | None, Query(description="NAME=VALUE: only devices with this label")] = None,
+    presence: Literal["online", "offline"] | None = None,
     limit: Annotated[int, Query(ge=1, le=devices.MAX_PAGE)] = 100,
     after: str | None = None,
 ) -> JSONResponse:
     scoped = caller.tenant(tenant)
-    where = DeviceFilter(caller.store.tenant_id(scoped) if scoped else None, status, hardware_id)
+    where = devices.device_filter(
+        caller.store.tenant_id(scoped) if scoped else None, status, hardware_id, q, label, presence
+    )
     page = devices.list_devices(caller.store, where, after, limit)
     # A JSONResponse as it is: FastAPI's encoder, walking every value of a page of devices, would cost more
     # than the query (the views are plain JSON types already).
@@ -359,13 +368,10 @@ async def import_allowlist(
         raise ApiError(415, "send the CSV file as the body, Content-Type: text/csv")
     data = await request.body()
     scoped = caller.tenant(tenant) or tenant
-    try:
-        done = allowlist.import_csv(
-            caller.store, scoped, data, dry_run=dry_run, with_credentials=with_credentials, actor=caller.actor
-        )
-    except UsageError as exc:
-        problems = getattr(exc, "problems", None)
-        raise ApiError(400, str(exc).splitlines()[0] if problems else str(exc)) from exc
+    # A bad file is a UsageError (400) whose message lists the lines and what is wrong with each.
+    done = allowlist.import_csv(
+        caller.store, scoped, data, dry_run=dry_run, with_credentials=with_credentials, actor=caller.actor
+    )
     credentials = [
         {"hardware_id": a.entry.hardware_id, "device_id": a.entry.device_id, "api_key": a.api_key}
         for a in done.credentials
@@ -381,6 +387,9 @@ def list_events(
     caller: Reader,
     tenant: str | None = None,
     event: str | None = None,
+    device_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> list[dict[str, Any]]:
-    return caller.store.events(caller.tenant(tenant), event, limit)
+    if device_id is not None:
+        _device_of(caller, device_id)
+    return caller.store.events(caller.tenant(tenant), event, limit, device_id)

@@ -39,6 +39,7 @@ def server_config(settings: Settings) -> uvicorn.Config:
         access_log=False,  # request lines carry no secret, but nobody asked for them on the bridge's log
         server_header=False,
         lifespan="off",
+        timeout_graceful_shutdown=2,  # open event streams (the dashboard's) never end by themselves
         **tls,  # type: ignore[arg-type]
     )
 

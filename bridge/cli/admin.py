@@ -15,7 +15,6 @@ from bridge.config import Settings
 from bridge.errors import NotFound, UsageError
 from bridge.ops import admin, devices, lifecycle
 from bridge.storage.records import Device, ProvisionKey
-from bridge.storage.store import DeviceFilter
 from bridge.tls.certificates import certificate_listener_enabled
 from provwire import crypto
 
@@ -159,9 +158,12 @@ def _certificate_listener_note(settings: Settings) -> str:
 
 def cmd_key_list(args: argparse.Namespace, settings: Settings) -> None:
     store = admin.open_store(settings)
-    keys = store.keys(store.tenant_id(args.tenant) if args.tenant else None)
+    page = admin.list_keys(store, store.tenant_id(args.tenant) if args.tenant else None, args.after, args.limit)
     columns = ["id", "tenant", "name", "kind", "profile", "used", "expires", "reclaim", "credential", "status"]
-    emit(args, [_key_view(k) for k in keys], table([_key_row(k) for k in keys], columns))
+    text = table([_key_row(k) for k in page.keys], columns)
+    if page.next_cursor:
+        text += f"\nmore: the next page is --after {page.next_cursor}"
+    emit(args, {"keys": [_key_view(k) for k in page.keys], "next_cursor": page.next_cursor}, text)
 
 
 def cmd_key_revoke(args: argparse.Namespace, settings: Settings) -> None:
@@ -219,10 +221,13 @@ def cmd_key_codes(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_device_list(args: argparse.Namespace, settings: Settings) -> None:
     store = admin.open_store(settings)
-    where = DeviceFilter(
+    where = devices.device_filter(
         tenant_id=store.tenant_id(args.tenant) if args.tenant else None,
         status=args.status,
         hardware_id=args.hardware_id,
+        search=args.search,
+        label=args.label,
+        presence=args.presence,
     )
     page = devices.list_devices(store, where, args.after, args.limit)
     rows = [
@@ -341,7 +346,7 @@ def cmd_denylist_publish(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
-    events = admin.open_store(settings).events(args.tenant, args.event, args.limit)
+    events = admin.open_store(settings).events(args.tenant, args.event, args.limit, args.device)
     rows = [
         {
             "time": e["time"],
@@ -419,7 +424,10 @@ def add_commands(commands: Any) -> None:
         help="a one-time human code PROV-XXXX-XXXX instead of a pk_ key (valid 24h, claims.code_ttl_seconds;"
         " --expires-in may shorten it, not lengthen it)",
     )
-    add_command(key, "list", cmd_key_list, "list provisioning keys").add_argument("--tenant")
+    klist = add_command(key, "list", cmd_key_list, "list provisioning keys, oldest first, a page at a time")
+    klist.add_argument("--tenant")
+    klist.add_argument("--limit", type=count(1), default=100, help="keys per page, at most 1000 (default 100)")
+    klist.add_argument("--after", metavar="CURSOR", help="the next page: the cursor the previous page ended with")
     add_command(key, "revoke", cmd_key_revoke, "revoke a key: new claims with it are refused").add_argument("key_id")
     add_command(key, "reinstate", cmd_key_reinstate, "take claims with a revoked key again").add_argument("key_id")
     update = add_command(
@@ -481,6 +489,9 @@ def add_commands(commands: Any) -> None:
     dlist.add_argument("--tenant")
     dlist.add_argument("--status", choices=["active", "revoked"])
     dlist.add_argument("--hardware-id", metavar="ID", help="only devices with this hardware id (one per tenant)")
+    dlist.add_argument("--search", metavar="TEXT", help="a device id (dev_...), or the start of hardware ids")
+    dlist.add_argument("--label", metavar="NAME=VALUE", help="only devices with this label")
+    dlist.add_argument("--presence", choices=["online", "offline"], help="offline: not connected or never seen")
     dlist.add_argument("--limit", type=count(1), default=100, help="devices per page, at most 1000 (default 100)")
     dlist.add_argument("--after", metavar="CURSOR", help="the next page: the cursor the previous page ended with")
     add_command(device, "show", cmd_device_show, "show one device").add_argument("device_id")
@@ -542,4 +553,5 @@ def add_commands(commands: Any) -> None:
     events = add_command(commands, "events", cmd_events, "recent provisioning events, oldest first")
     events.add_argument("--tenant")
     events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")
+    events.add_argument("--device", metavar="DEVICE_ID", help="only this device's events")
     events.add_argument("--limit", type=count(1), default=50)

@@ -12,7 +12,7 @@ from bridge.config import Settings
 from bridge.errors import AlreadyExists, NotFound, UsageError
 from bridge.storage import keyfiles
 from bridge.storage.records import ProvisionKey
-from bridge.storage.store import Store
+from bridge.storage.store import PageCursor, Store
 from bridge.tls import device_ca
 from bridge.tls.device_ca import create_device_ca
 from provwire.models import Event, rfc3339
@@ -25,6 +25,7 @@ DEFAULT_KEY_NAME = "default"  # the key `tenant create` makes with each tenant
 CLI_ACTOR = "cli"  # the `actor` of the events of changes made with the CLI
 MAX_CODES_AT_ONCE = 10_000
 MAX_KEY_NAME_CHARS = 128
+MAX_KEY_PAGE = 1000  # keys per page
 RECLAIM_POLICIES = ("reject", "rotate")
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits, short enough for int() and SQLite
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -319,6 +320,24 @@ def changed_columns(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict
 def check_profile(settings: Settings, profile: str) -> None:
     if profile not in settings.profiles:
         raise UsageError(f"unknown profile {profile!r}; configured: {', '.join(sorted(settings.profiles))}")
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    keys: list[ProvisionKey]
+    next_cursor: str | None  # None: this was the last page
+
+
+def list_keys(store: Store, tenant_id: str | None, after: str | None, limit: int) -> KeyPage:
+    """One page of keys, oldest first; `after` is the `next_cursor` of the page before."""
+    if not 1 <= limit <= MAX_KEY_PAGE:
+        raise UsageError(f"a page holds 1 to {MAX_KEY_PAGE} keys")
+    cursor = None if after is None else PageCursor.decode(after)
+    found = store.keys_page(tenant_id, cursor, limit + 1)  # one more: is there a next page?
+    page = found[:limit]
+    last = page[-1] if page else None
+    more = len(found) > limit and last is not None
+    return KeyPage(page, PageCursor(last.created_at, last.id).encode() if more and last else None)
 
 
 def revoke_key(store: Store, key_id: str, now: int, actor: str = CLI_ACTOR) -> ProvisionKey:

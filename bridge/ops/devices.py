@@ -14,7 +14,7 @@ from bridge.config import Settings
 from bridge.errors import UsageError
 from bridge.ops.admin import CLI_ACTOR, LabelChanges, changed_columns, check_profile, labels_and_groups
 from bridge.storage.records import Device
-from bridge.storage.store import DeviceCursor, DeviceFilter, Store
+from bridge.storage.store import DeviceFilter, PageCursor, Store
 from provwire.models import Event, rfc3339
 
 MAX_PAGE = 1000  # devices per page
@@ -28,18 +28,61 @@ class DevicePage:
     next_cursor: str | None  # None: this was the last page
 
 
+PRESENCE = {"online": True, "offline": False}
+MAX_SEARCH_CHARS = 256
+
+
+def device_filter(
+    tenant_id: str | None = None,
+    status: str | None = None,
+    hardware_id: str | None = None,
+    search: str | None = None,
+    label: str | None = None,
+    presence: str | None = None,
+) -> DeviceFilter:
+    """The filter a list request names. `search`: a device id (`dev_...`) exactly, else a hardware-id prefix;
+    `label`: `NAME=VALUE`; `presence`: `online` or `offline` (offline: not connected, or never seen)."""
+    if status not in (None, "active", "revoked"):
+        raise UsageError("status must be 'active' or 'revoked'")
+    if presence not in (None, *PRESENCE):
+        raise UsageError("presence must be 'online' or 'offline'")
+    labelled = None
+    if label is not None:
+        name, equals, value = label.partition("=")
+        if not equals or not name:
+            raise UsageError(f"a label filter is NAME=VALUE, not {label!r}")
+        labelled = (name, value)
+    device_id = prefix = None
+    if search:
+        if len(search) > MAX_SEARCH_CHARS or not search.isprintable():
+            raise UsageError(f"a search is 1-{MAX_SEARCH_CHARS} printable characters")
+        if search.startswith("dev_"):
+            device_id = search
+        else:
+            prefix = search
+    return DeviceFilter(
+        tenant_id=tenant_id,
+        status=status,
+        hardware_id=hardware_id,
+        hardware_id_prefix=prefix,
+        label=labelled,
+        online=None if presence is None else PRESENCE[presence],
+        device_id=device_id,
+    )
+
+
 def list_devices(store: Store, where: DeviceFilter, after: str | None, limit: int) -> DevicePage:
     """One page of devices, newest first; `after` is the `next_cursor` of the page before."""
     if not 1 <= limit <= MAX_PAGE:
         raise UsageError(f"a page holds 1 to {MAX_PAGE} devices")
     if where.status not in (None, "active", "revoked"):
         raise UsageError("status must be 'active' or 'revoked'")
-    cursor = None if after is None else DeviceCursor.decode(after)
+    cursor = None if after is None else PageCursor.decode(after)
     found = store.devices_page(where, cursor, limit + 1)  # one more: is there a next page?
     page = found[:limit]
     more = len(found) > limit
     last = page[-1] if page else None
-    next_cursor = DeviceCursor(last.created_at, last.id).encode() if more and last else None
+    next_cursor = PageCursor(last.created_at, last.id).encode() if more and last else None
     return DevicePage(page, next_cursor)
 
 

@@ -180,20 +180,24 @@ class DeviceFilter:
     tenant_id: str | None = None
     status: str | None = None
     hardware_id: str | None = None
+    hardware_id_prefix: str | None = None
+    label: tuple[str, str] | None = None  # (key, value)
+    online: bool | None = None  # presence: True online, False offline or never seen
+    device_id: str | None = None
 
 
 @dataclass(frozen=True)
-class DeviceCursor:
-    """Where a page of devices ends: the next page starts after this (created_at, id)."""
+class PageCursor:
+    """Where a page of devices (or keys) ends: the next page starts after this (created_at, id)."""
 
     created_at: int
-    device_id: str
+    device_id: str  # or the key's id
 
     def encode(self) -> str:
         return base64.urlsafe_b64encode(f"{self.created_at}:{self.device_id}".encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, text: str) -> "DeviceCursor":
+    def decode(cls, text: str) -> "PageCursor":
         """The cursor `encode` made; UsageError for anything else."""
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
@@ -338,6 +342,8 @@ class Transaction:
                 device.credential_type,
             ),
         )
+        if device.labels:
+            self.put_device_labels(device.id, device.created_at, device.labels)
 
     def record_certificate(self, issued: IssuedCertificate) -> None:
         self.connection.execute(
@@ -421,8 +427,21 @@ class Transaction:
 
     def add_event(self, event: Event) -> None:
         self.connection.execute(
-            "INSERT INTO events (time, tenant, event, body) VALUES (?, ?, ?, ?)",
-            (event.time, event.tenant, event.event, event.model_dump_json(exclude_none=True)),
+            "INSERT INTO events (time, tenant, event, device_id, body) VALUES (?, ?, ?, ?, ?)",
+            (event.time, event.tenant, event.event, event.device_id, event.model_dump_json(exclude_none=True)),
+        )
+
+    def put_device_labels(self, device_id: str, created_at: int, labels: dict[str, str]) -> None:
+        self.connection.executemany(
+            "INSERT INTO device_labels (key, value, created_at, device_id) VALUES (?, ?, ?, ?)",
+            [(k, v, created_at, device_id) for k, v in labels.items()],
+        )
+
+    def drop_device_labels(self, device_id: str, created_at: int, labels: dict[str, str]) -> None:
+        # By primary key: the rows are exactly the device's labels (every change of them goes through here).
+        self.connection.executemany(
+            "DELETE FROM device_labels WHERE key = ? AND value = ? AND created_at = ? AND device_id = ?",
+            [(k, v, created_at, device_id) for k, v in labels.items()],
         )
 
 
@@ -616,9 +635,25 @@ class Store:
         return _key(row)
 
     def keys(self, tenant_id: str | None = None) -> list[ProvisionKey]:
+        """Every key (of one tenant), oldest first: for the few callers that need them all; lists page."""
         where, args = (" WHERE k.tenant_id = ?", (tenant_id,)) if tenant_id else ("", ())
         with self._reading() as db:
-            return [_key(r) for r in db.execute(_KEY_SELECT + where + " ORDER BY k.created_at", args)]
+            return [_key(r) for r in db.execute(_KEY_SELECT + where + " ORDER BY k.created_at, k.id", args)]
+
+    def keys_page(self, tenant_id: str | None, after: PageCursor | None, limit: int) -> list[ProvisionKey]:
+        """Keys oldest first (by creation, then id), of one tenant or all, from just after `after`: one page, read
+        in the order of an index (migration 9), so bulk codes by the hundred thousand cost a page."""
+        clauses: list[str] = []
+        args: list[str | int] = []
+        if tenant_id is not None:
+            clauses.append("k.tenant_id = ?")
+            args.append(tenant_id)
+        if after is not None:
+            clauses.append("(k.created_at > ? OR (k.created_at = ? AND k.id > ?))")
+            args += [after.created_at, after.created_at, after.device_id]
+        sql = _KEY_SELECT + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        with self._reading() as db:
+            return [_key(r) for r in db.execute(sql + " ORDER BY k.created_at, k.id LIMIT ?", (*args, limit))]
 
     def change_key(self, key_id: str, change: "KeyChange") -> tuple[ProvisionKey, Event]:
         """Read a key, let `change` decide (the columns to set and the event, or an exception that changes
@@ -650,24 +685,45 @@ class Store:
         """The newest `limit` devices (of one tenant): `devices_page` without a cursor."""
         return self.devices_page(DeviceFilter(tenant_id=tenant_id), None, limit)
 
-    def devices_page(self, where: "DeviceFilter", after: DeviceCursor | None, limit: int) -> list[Device]:
-        """Devices newest first (by creation, then id), those matching `where`, from just after `after`:
-        one page. Every combination of filters reads an index (migration 4), so a page costs the same on a
-        fleet of any size."""
+    def devices_page(self, where: "DeviceFilter", after: PageCursor | None, limit: int) -> list[Device]:
+        """Devices newest first (by creation, then id), those matching `where`, from just after `after`: one page.
+
+        Each filter reads an index: tenant, status and hardware id those of migration 4 (a hardware-id prefix is a
+        range of `devices_hardware_id`), a label `device_labels` in page order, presence `device_presence_online`.
+        Those in page order cost a page on a fleet of any size; a hardware-id prefix and presence sort what they
+        match (a prefix narrows it; online devices are at most the fleet that is connected)."""
         clauses: list[str] = []
         args: list[str | int] = []
+        order = "d.created_at DESC, d.id DESC"
+        created, device_id = "d.created_at", "d.id"
+        sql = _DEVICE_SELECT
+        if where.label is not None:
+            # Driven from the label's rows, which are in page order: the join reads one device row per result.
+            sql = sql.replace(" FROM devices d", " FROM device_labels l JOIN devices d ON d.id = l.device_id", 1)
+            clauses += ["l.key = ?", "l.value = ?"]
+            args += list(where.label)
+            created, device_id = "l.created_at", "l.device_id"
+            order = "l.created_at DESC, l.device_id DESC"
         for column, value in (("tenant_id", where.tenant_id), ("status", where.status)):
             if value is not None:
                 clauses.append(f"d.{column} = ?")  # constants above, not input
                 args.append(value)
-        if where.hardware_id is not None:
-            clauses.append("d.hardware_id = ?")
-            args.append(where.hardware_id)
+        for column, value in (("hardware_id", where.hardware_id), ("id", where.device_id)):
+            if value is not None:
+                clauses.append(f"d.{column} = ?")  # constants above, not input
+                args.append(value)
+        if where.hardware_id_prefix:
+            # A range of the index rather than LIKE, whose wildcards would be the caller's to escape.
+            clauses.append("d.hardware_id >= ? AND d.hardware_id < ?")
+            args += [where.hardware_id_prefix, where.hardware_id_prefix + "\U0010ffff"]
+        if where.online is True:
+            clauses.append("p.online = 1")
+        elif where.online is False:
+            clauses.append("(p.online IS NULL OR p.online = 0)")
         if after is not None:
-            clauses.append("(d.created_at < ? OR (d.created_at = ? AND d.id < ?))")
+            clauses.append(f"({created} < ? OR ({created} = ? AND {device_id} < ?))")
             args += [after.created_at, after.created_at, after.device_id]
-        sql = _DEVICE_SELECT + (" WHERE " + " AND ".join(clauses) if clauses else "")
-        sql += " ORDER BY d.created_at DESC, d.id DESC LIMIT ?"
+        sql += (" WHERE " + " AND ".join(clauses) if clauses else "") + f" ORDER BY {order} LIMIT ?"
         with self._reading() as db:
             return [_device(r) for r in db.execute(sql, (*args, limit))]
 
@@ -687,6 +743,9 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
             columns, event = change(device)
             _update_row(tx, "devices", device_id, columns, _CHANGEABLE_DEVICE_COLUMNS)
+            if "labels" in columns:
+                tx.drop_device_labels(device_id, device.created_at, device.labels)
+                tx.put_device_labels(device_id, device.created_at, columns["labels"])
             tx.add_event(event)
             changed = tx.device_by_id(device_id)
             assert changed is not None
@@ -731,6 +790,7 @@ class Store:
             db.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM refresh_requests WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM device_presence WHERE device_id = ?", (device_id,))
+            tx.drop_device_labels(device_id, device.created_at, device.labels)
             db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
             tx.add_event(event)
             if before_commit is not None:
@@ -939,6 +999,11 @@ class Store:
             row = db.execute(_ADMIN_TOKEN_SELECT + " WHERE a.token_hash = ?", (token_hash,)).fetchone()
         return None if row is None else _admin_token(row)
 
+    def admin_token_by_id(self, token_id: str) -> AdminToken | None:
+        with self._reading() as db:
+            row = db.execute(_ADMIN_TOKEN_SELECT + " WHERE a.id = ?", (token_id,)).fetchone()
+        return None if row is None else _admin_token(row)
+
     def admin_tokens(self) -> list[AdminToken]:
         with self._reading() as db:
             return [_admin_token(r) for r in db.execute(_ADMIN_TOKEN_SELECT + " ORDER BY a.created_at, a.id")]
@@ -993,8 +1058,14 @@ class Store:
                 return purged
             time.sleep(pause)
 
-    def events(self, tenant: str | None = None, event: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def events(
+        self, tenant: str | None = None, event: str | None = None, limit: int = 50, device_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` events matching, oldest first (a device's and a tenant's by their index)."""
         clauses, args = [], []
+        if device_id:
+            clauses.append("device_id = ?")
+            args.append(device_id)
         if tenant:
             clauses.append("tenant = ?")
             args.append(tenant)

@@ -79,3 +79,4 @@ def api_server(settings: Settings) -> Iterator[Api]:
     finally:
         server.should_exit = True
         thread.join(30)
+        server.config.app.state.context.live.stop()  # the dashboard's broker connection, if a stream opened it
