@@ -284,9 +284,11 @@ def scan_cells(database: Path, rel: str, registry: Registry, report: Report) -> 
     hits: list[tuple[str, str, bytes]] = []
     try:
         with _Snapshot(database) as db:
-            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            for table in tables:
-                cursor = db.execute(f"SELECT rowid, * FROM {_quoted(table)}")  # names from the schema
+            tables = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+            for table, sql in tables:
+                # A WITHOUT ROWID table (device_labels) has none: its rows are numbered as read instead.
+                numbered = "ROW_NUMBER() OVER ()" if "WITHOUT ROWID" in (sql or "").upper() else "rowid"
+                cursor = db.execute(f"SELECT {numbered}, * FROM {_quoted(table)}")  # names from the schema
                 columns = [d[0] for d in cursor.description][1:]
                 for rowid, *values in cursor:
                     report.cells += len(values)

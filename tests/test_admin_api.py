@@ -299,3 +299,24 @@ def test_the_served_openapi_document_describes_every_route(world: World) -> None
     assert listed == routes()
     assert all(operation.get("summary") for item in document["paths"].values() for operation in item.values())
     assert world.api.request("GET", "/docs").status == 200
+
+
+def test_events_page_back_through_history_and_filter_by_device(world: World) -> None:
+    api, write, read = world.api, world.write, world.read
+    for n in range(5):
+        assert api.request("POST", "/v1/keys", write, {"name": f"paged-{n}"}).status == 201
+    every = world.bridge.store.events(limit=1000)
+    walked: list[dict[str, object]] = []
+    before: str = ""
+    while True:
+        page = api.request("GET", f"/v1/events?limit=2{before}", read).json()
+        walked = page["events"] + walked  # each page oldest first, each older than the one before
+        if page["next_before"] is None:
+            break
+        before = f"&before={page['next_before']}"
+    assert walked == every and len(every) >= 6
+    device = world.device.device_id
+    mine = api.request("GET", f"/v1/events?device_id={device}", read).json()["events"]
+    assert mine and all(e.get("device_id") == device for e in mine)
+    assert api.request("GET", f"/v1/events?device_id={device}", world.other_tenant).status == 404
+    assert api.request("GET", "/v1/events?before=0", read).status == 400

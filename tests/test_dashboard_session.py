@@ -7,24 +7,31 @@ import http.client
 import json
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.api.sessions import COOKIE
+from bridge.api.server import server_config
+from bridge.api.sessions import COOKIE, IDLE_SECONDS, MAX_SECONDS, MAX_SESSIONS_PER_TOKEN, Sessions
 from bridge.config import Settings
+from bridge.errors import ConfigError
 from bridge.ops import admin
 from bridge.ops import admin_tokens as tokens
+from bridge.storage.store import Store
+from bridge.tls.certificates import TlsFiles
 from tests.helpers.api import Api, Response, api_server
 from tests.helpers.bridge import Bridge
 from tests.helpers.brokers import EMBEDDED, JWT, bridge_on
 from tests.helpers.mqtt import token_session
 from tests.helpers.refresh import provisioned
+from tests.helpers.tls import initialise, tls_settings
 
 
 @pytest.fixture(params=[EMBEDDED, JWT])
@@ -150,6 +157,7 @@ class EventStream:
 
     def __init__(self, browser: Browser) -> None:
         self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.finished = threading.Event()  # the server ended the stream
         self._conn = http.client.HTTPConnection("127.0.0.1", browser.api.port, timeout=60)
         self._conn.request("GET", "/ui/events/stream", headers={"Cookie": f"{COOKIE}={browser.cookie}"})
         self.response = self._conn.getresponse()
@@ -158,6 +166,12 @@ class EventStream:
         self._thread.start()
 
     def _read(self) -> None:
+        try:
+            self._lines()
+        finally:
+            self.finished.set()
+
+    def _lines(self) -> None:
         kind = None
         try:
             for raw in self.response:
@@ -205,6 +219,17 @@ def test_the_stream_carries_the_bridges_events_and_presence_as_they_happen(verif
         acme_only.close()
 
 
+def test_an_open_stream_ends_once_its_admin_token_is_revoked(bridge: Bridge) -> None:
+    with api_server(bridge.settings) as api:
+        reader = make_token(bridge, "read")
+        stream = EventStream(log_in(api, reader.raw))
+        stream.next_where("ready", {})
+        tokens.revoke_admin_token(bridge.store, reader.token.id, int(time.time()))
+        stream.next_where("ended", {}, timeout=30)
+        assert stream.finished.wait(30)  # and the server closed it: nothing more reaches a revoked token
+        stream.close()
+
+
 def drain(stream: EventStream) -> list[tuple[str, Any]]:
     out = []
     while True:
@@ -212,3 +237,57 @@ def drain(stream: EventStream) -> list[tuple[str, Any]]:
             out.append(stream.items.get(timeout=0.5))
         except queue.Empty:
             return out
+
+
+# --- HTTPS ----------------------------------------------------------------------------------------------------
+
+
+def test_with_api_tls_the_api_speaks_https_with_the_broker_certificate_and_secure_cookies(tmp_path: Path) -> None:
+    settings = tls_settings(tmp_path / "data")
+    initialise(settings)
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"tls": True})})
+    raw = tokens.create_admin_token(Store(settings.database_file), "tls", ["read"], None, int(time.time())).raw
+    ca = ssl.create_default_context(cafile=str(TlsFiles.of(settings.data_dir).ca_cert))  # hostname checked
+    with api_server(settings) as api:
+        conn = http.client.HTTPSConnection("127.0.0.1", api.port, timeout=30, context=ca)
+        conn.request(
+            "POST", "/ui/session", body=json.dumps({"token": raw}), headers={"Content-Type": "application/json"}
+        )
+        answer = conn.getresponse()
+        assert answer.status == 200
+        cookie = answer.getheader("set-cookie", "")
+        assert cookie.startswith("__Host-")  # set by this origin over HTTPS only; no sibling domain can plant it
+        assert "secure" in {part.strip().lower() for part in cookie.split(";")}  # never sent over plain HTTP
+        assert answer.getheader("strict-transport-security", "").startswith("max-age=")
+        answer.read()
+        conn.close()
+        with pytest.raises((http.client.HTTPException, OSError)):  # no plain HTTP on the HTTPS port
+            api.request("GET", "/healthz")
+
+
+def test_api_tls_without_the_certificate_is_refused_with_a_clear_message(initialised: tuple[Settings, str]) -> None:
+    settings = initialised[0]
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"tls": True})})
+    with pytest.raises(ConfigError, match="provbridge tls init"):
+        server_config(settings)
+
+
+# --- the session table ------------------------------------------------------------------------------------------
+
+
+def test_sessions_end_when_idle_or_old_and_one_token_cannot_crowd_out_the_others() -> None:
+    table = Sessions()
+    mine = table.open("adm_mine", 0.0)
+    assert table.find(mine.cookie, IDLE_SECONDS - 1) is mine.session
+    assert table.find(mine.cookie, 2 * IDLE_SECONDS - 2, touch=False) is mine.session  # a stream's check: no touch
+    assert table.find(mine.cookie, 2 * IDLE_SECONDS) is None  # idle since its last request
+    busy = table.open("adm_busy", 0.0)
+    for n in range(1, MAX_SESSIONS_PER_TOKEN + 5):
+        assert table.find(busy.cookie, float(n)) is not None  # kept in use, so it is not the oldest
+        table.open("adm_flood", float(n))
+    assert table.find(busy.cookie, 100.0) is not None  # another token's logins never pushed it out
+    assert table.held_by("adm_flood") == MAX_SESSIONS_PER_TOKEN
+    old = table.open("adm_old", 0.0)
+    for n in range(1, int(MAX_SECONDS // IDLE_SECONDS) + 2):
+        table.find(old.cookie, n * IDLE_SECONDS - 1)  # in use all along
+    assert table.find(old.cookie, MAX_SECONDS + 1) is None  # but no session outlives MAX_SECONDS

@@ -162,6 +162,8 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
+        if settings.api.tls:
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         if request.url.path.startswith("/ui"):  # not /docs, whose Swagger UI needs its CDN and inline script
             response.headers["Content-Security-Policy"] = dashboard.CONTENT_SECURITY_POLICY
         return response

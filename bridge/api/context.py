@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 
 from bridge.api.live import LiveEvents
-from bridge.api.sessions import COOKIE, CSRF_HEADER, Sessions, csrf_matches
+from bridge.api.sessions import CSRF_HEADER, Sessions, cookie_name, csrf_matches
 from bridge.config import Settings
 from bridge.errors import ApiError
 from bridge.ops import admin
@@ -32,7 +32,7 @@ class ApiContext:
         self._keys: LiveKeyRing | None = None
         self._lock = threading.Lock()
         self.sessions = Sessions()
-        self.live = LiveEvents(settings)
+        self.live = LiveEvents(settings, lambda: self.store)
 
     @property
     def keys(self) -> KeyRing:
@@ -103,7 +103,7 @@ def require(scope: str) -> Callable[..., Caller]:
 
     def caller(request: Request, context: ApiContext = Depends(context_of)) -> Caller:  # noqa: B008
         header = request.headers.get("authorization")
-        if header is None and COOKIE in request.cookies:
+        if header is None and cookie_name(context.settings.api.tls) in request.cookies:
             token = session_token(request, context)
         else:
             kind, _, presented = (header or "").partition(" ")
@@ -122,7 +122,7 @@ def require(scope: str) -> Callable[..., Caller]:
 
 def session_token(request: Request, context: ApiContext) -> AdminToken:
     """The live admin token behind the request's session cookie; a change must also carry the CSRF token."""
-    cookie = request.cookies.get(COOKIE, "")
+    cookie = request.cookies.get(cookie_name(context.settings.api.tls), "")
     session = context.sessions.find(cookie, time.time())
     if session is None:
         raise ApiError(401, "the dashboard session has ended: log in again")

@@ -6,7 +6,8 @@ browser, its session endpoints (bridge/api/sessions.py) and the live event strea
     GET    /ui/session          the session's {"csrf", "token"}, or 401
     DELETE /ui/session          log out (X-CSRF-Token)
     GET    /ui/events/stream    Server-Sent Events: `ready` (subscribed), `event` (an ops event), `presence`
-                                ({device_id, online, time}), `lagged` (some were dropped: re-read the lists)
+                                ({device_id, online, time}), `lagged` (some were lost: re-read the lists), `ended`
+                                (the admin token was revoked or the session ended: the stream closes)
 
 Every /ui response carries a CSP that allows only the page's own script and style, no framing, no inline code.
 """
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.api.context import ApiContext, Caller, context_of, require, session_token
-from bridge.api.live import LiveItem, Stream
-from bridge.api.sessions import COOKIE, CSRF_HEADER, IDLE_SECONDS, Session, csrf_matches
-from bridge.errors import ApiError, NotFound
+from bridge.api.live import Stream
+from bridge.api.sessions import CSRF_HEADER, MAX_SECONDS, Session, cookie_name, csrf_matches
+from bridge.errors import ApiError, ConfigError
 from bridge.ops import admin_tokens as tokens
 from bridge.storage.records import AdminToken
 
@@ -36,6 +38,8 @@ CONTENT_SECURITY_POLICY = (
     " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 KEEPALIVE_SECONDS = 15.0  # a comment line, so proxies and the browser keep an idle stream open
+RECHECK_SECONDS = 5.0  # an open stream ends this soon after its admin token is revoked or its session ends
+WAIT_SECONDS = 0.25  # how long a stream waits for an item before looking at the rest again
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 Reader = Annotated[Caller, Depends(require("read"))]
@@ -73,6 +77,10 @@ def static_file(name: str) -> FileResponse:
 @router.post("/session")
 def log_in(body: Login, request: Request, response: Response) -> dict[str, Any]:
     context = context_of(request)
+    name = cookie_name(context.settings.api.tls)
+    previous = request.cookies.get(name)
+    if previous is not None:  # a new login never keeps a session the browser held before (fixation)
+        context.sessions.end(previous)
     token = tokens.authenticate(context.store, body.token.strip())
     if token is None:
         raise ApiError(401, "not a valid admin token (wrong, unknown or revoked)")
@@ -80,9 +88,9 @@ def log_in(body: Login, request: Request, response: Response) -> dict[str, Any]:
         raise ApiError(403, "the dashboard needs an admin token with the 'read' or 'write' scope")
     opened = context.sessions.open(token.id, time.time())
     response.set_cookie(
-        COOKIE,
+        name,
         opened.cookie,
-        max_age=IDLE_SECONDS * 48,  # the server decides when it ends; the browser need not forget it first
+        max_age=MAX_SECONDS,  # the server decides when it ends, sooner when idle
         path="/",
         secure=context.settings.api.tls,
         httponly=True,
@@ -94,10 +102,11 @@ def log_in(body: Login, request: Request, response: Response) -> dict[str, Any]:
 @router.get("/session")
 def current_session(request: Request) -> dict[str, Any]:
     context = context_of(request)
-    token = session_token(request, context) if COOKIE in request.cookies else None
-    if token is None:
+    cookie = request.cookies.get(cookie_name(context.settings.api.tls))
+    if cookie is None:
         raise ApiError(401, "not logged in")
-    session = context.sessions.find(request.cookies[COOKIE], time.time())
+    token = session_token(request, context)
+    session = context.sessions.find(cookie, time.time())
     if session is None:
         raise ApiError(401, "not logged in")
     return session_view(session, token)
@@ -106,57 +115,66 @@ def current_session(request: Request) -> dict[str, Any]:
 @router.delete("/session", status_code=204)
 def log_out(request: Request, response: Response) -> None:
     context = context_of(request)
-    cookie = request.cookies.get(COOKIE)
+    name = cookie_name(context.settings.api.tls)
+    cookie = request.cookies.get(name)
     if cookie is not None:
         session = context.sessions.find(cookie, time.time())
         if session is not None and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
             raise ApiError(403, "logging out from the dashboard needs its X-CSRF-Token header", "csrf_failed")
         context.sessions.end(cookie)
-    response.delete_cookie(COOKIE, path="/", secure=context.settings.api.tls, httponly=True, samesite="strict")
+    response.delete_cookie(name, path="/", secure=context.settings.api.tls, httponly=True, samesite="strict")
 
 
 @router.get("/events/stream")
 async def event_stream(caller: Reader, request: Request) -> StreamingResponse:
     context = context_of(request)
-    stream = context.live.open()
+    cookie = None if "authorization" in request.headers else request.cookies.get(cookie_name(context.settings.api.tls))
+    try:
+        stream = await run_in_threadpool(context.live.open, asyncio.get_running_loop())
+    except (OSError, ConfigError) as exc:
+        raise ApiError(503, f"live events are unavailable: {exc}") from exc
     return StreamingResponse(
-        _sse(caller, context, stream, request),
-        media_type="text/event-stream",
-        headers={"X-Accel-Buffering": "no"},
+        _sse(caller, context, stream, cookie), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"}
     )
 
 
-async def _sse(caller: Caller, context: ApiContext, stream: Stream, request: Request) -> AsyncIterator[bytes]:
-    ready = False  # `ready` is said once the broker granted the subscription: nothing after it is missed
+async def _sse(caller: Caller, context: ApiContext, stream: Stream, cookie: str | None) -> AsyncIterator[bytes]:
+    """The stream's bytes until the client goes (Starlette then cancels this) or its right to them ends."""
+    said_ready = 0  # the `LiveEvents.subscriptions` last announced as `ready`
+    last_sent = last_check = time.monotonic()
     try:
         yield b": provbridge live events\n\n"
-        while not await request.is_disconnected():
-            if not ready and context.live.subscribed.is_set():
-                ready = True
-                yield b"event: ready\ndata: {}\n\n"
-            try:
-                item = await asyncio.wait_for(stream.items.get(), KEEPALIVE_SECONDS if ready else 0.05)
-            except TimeoutError:
-                if ready:
-                    yield b": keepalive\n\n"
-                continue
+        while True:
+            now = time.monotonic()
+            if now - last_check >= RECHECK_SECONDS:
+                last_check = now
+                if not await run_in_threadpool(_still_allowed, caller, context, cookie):
+                    yield b"event: ended\ndata: {}\n\n"
+                    return
             if stream.lagged:
                 stream.lagged = False
                 yield b"event: lagged\ndata: {}\n\n"
-            if _visible(caller, context, item):
+            if context.live.subscriptions != said_ready:
+                said_ready = context.live.subscriptions
+                yield b"event: ready\ndata: {}\n\n"
+            try:
+                item = await asyncio.wait_for(stream.items.get(), WAIT_SECONDS)
+            except TimeoutError:
+                if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+                    last_sent = time.monotonic()
+                    yield b": keepalive\n\n"
+                continue
+            if caller.token.tenant_name in (None, item.tenant):  # a tenant's token: its events and devices only
+                last_sent = time.monotonic()
                 yield f"event: {item.kind}\ndata: {json.dumps(item.data, separators=(',', ':'))}\n\n".encode()
     finally:
         context.live.close(stream)
 
 
-def _visible(caller: Caller, context: ApiContext, item: LiveItem) -> bool:
-    """A token of one tenant sees that tenant's events and its devices' presence only."""
-    own = caller.token.tenant_name
-    if own is None:
-        return True
-    if item.kind == "event":
-        return item.tenant == own
-    try:
-        return context.store.device(str(item.data["device_id"])).tenant_name == own
-    except NotFound:
+def _still_allowed(caller: Caller, context: ApiContext, cookie: str | None) -> bool:
+    """Whether the stream's admin token is still live, and its dashboard session too (not touched: an open
+    stream is not the user's activity, so an idle session still ends)."""
+    token = context.store.admin_token_by_id(caller.token.id)
+    if token is None or token.revoked_at is not None:
         return False
+    return cookie is None or context.sessions.find(cookie, time.time(), touch=False) is not None

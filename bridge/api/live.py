@@ -1,41 +1,52 @@
 """The bridge's event flow, live, for the dashboard: what the bridge publishes as ops events and what the broker
 says of device connections (PROTOCOL.md §12), read from the broker, not by polling the database.
 
-One MQTT connection per API process (the bridge account, a clean session, a client id of its own) subscribes to
-`{prefix}/events/#` and `{prefix}/presence/+` once the first stream opens, and stays; each open stream gets its
-own bounded queue. A stream that cannot keep up loses what does not fit (it is told so, `lagged`) rather than
-holding memory or the others back. QoS 0: while the API is not connected nothing is kept for it; the dashboard
-reads lists from the database, the stream only keeps them fresh.
+One MQTT connection per API process (the bridge account, a clean session, a client id of its own that only the
+holder of the bridge secret can compute) subscribes to `{prefix}/events/#` and `{prefix}/presence/+` once the first
+stream opens, and stays. Each open stream gets its own bounded queue: a stream that cannot keep up loses what does
+not fit and is told so (`lagged`), rather than holding memory or the others back. QoS 0: while the API is not
+connected nothing is kept for it, so a lost connection is a `lagged` for every stream and a new `ready` once
+subscribed again; the dashboard reads lists from the database and the stream only keeps them fresh.
+
+A presence message names a device only; its tenant (for streams of a tenant's token) is looked up here, on the
+MQTT thread, with a cache, never on the API's event loop.
 """
 
 import asyncio
 import json
 import logging
-import os
+import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from bridge.config import Settings
-from bridge.edges.sessions import bridge_client
+from bridge.edges.sessions import bridge_client, bridge_client_id
+from bridge.errors import NotFound
+from bridge.storage.store import Store
 from bridge.tls.certificates import bridge_endpoint
 from provwire import topics
 
 log = logging.getLogger("provbridge.api")
 
 QUEUE_SIZE = 1000  # per stream
+TENANT_CACHE_SIZE = 100_000  # device id -> tenant name, for presence
 
 
 @dataclass(frozen=True)
 class LiveItem:
     """One thing to tell the dashboard: an ops event (`kind` "event") or a device's presence ("presence")."""
 
-    kind: str
-    tenant: str | None  # the event's tenant; None for presence (the device's tenant is looked up per stream)
+    kind: str  # "event", "presence", or "lagged" (some were lost: re-read the lists)
+    tenant: str | None  # the event's tenant, the device's for presence (None: unknown, shown to all-tenant tokens)
     data: dict[str, Any]
+
+
+LAGGED = LiveItem("lagged", None, {})
 
 
 @dataclass(eq=False)  # each stream is itself (a member of a set), however alike two are
@@ -48,6 +59,9 @@ class Stream:
 
     def offer(self, item: LiveItem) -> None:
         """On the stream's event loop."""
+        if item is LAGGED:
+            self.lagged = True
+            return
         try:
             self.items.put_nowait(item)
         except asyncio.QueueFull:
@@ -76,20 +90,25 @@ def parse(prefix: str, topic: str, payload: bytes) -> LiveItem | None:
 
 
 class LiveEvents:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Callable[[], Store]) -> None:
         self.settings = settings
+        self._store = store
         self._streams: set[Stream] = set()
         self._lock = threading.Lock()
         self._client: mqtt.Client | None = None
-        self.subscribed = threading.Event()  # the broker granted the subscriptions: from now on nothing is missed
+        self._tenants: dict[str, str] = {}
+        # Raised each time the broker grants the subscriptions: a stream says `ready` when it sees a new one (from
+        # then on nothing is missed, until the connection is lost).
+        self.subscriptions = 0
 
-    def open(self) -> Stream:
-        """A new stream, fed from now on; `close` it when its client goes."""
-        stream = Stream(asyncio.get_running_loop())
+    def open(self, loop: asyncio.AbstractEventLoop) -> Stream:
+        """A new stream for an event loop, fed from now on; `close` it when its client goes. The first one
+        connects to the broker (OSError or ConfigError when the bridge secret cannot be read)."""
+        stream = Stream(loop)
         with self._lock:
-            self._streams.add(stream)
             if self._client is None:
-                self._client = self._connect()
+                self._client = self._connect()  # may raise: then no stream was added
+            self._streams.add(stream)
         return stream
 
     def close(self, stream: Stream) -> None:
@@ -103,9 +122,30 @@ class LiveEvents:
             client.disconnect()
             client.loop_stop()
 
+    def _tell(self, item: LiveItem) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            try:
+                stream.loop.call_soon_threadsafe(stream.offer, item)
+            except RuntimeError:  # its loop closed
+                self.close(stream)
+
+    def _tenant_of(self, device_id: str) -> str | None:
+        tenant = self._tenants.get(device_id)
+        if tenant is None:
+            try:
+                tenant = self._store().device(device_id).tenant_name
+            except NotFound:
+                return None
+            if len(self._tenants) >= TENANT_CACHE_SIZE:
+                self._tenants.clear()  # a device's tenant never changes; re-reading is only slower
+            self._tenants[device_id] = tenant
+        return tenant
+
     def _connect(self) -> mqtt.Client:
         prefix = self.settings.topic_prefix
-        client_id = f"{self.settings.broker.client_id}-api-{os.getpid()}"
+        client_id = f"{bridge_client_id(self.settings)}-api-{secrets.token_hex(4)}"
         client = bridge_client(self.settings, client_id, persistent=False)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
 
@@ -115,26 +155,26 @@ class LiveEvents:
                 return
             c.subscribe([(f"{prefix}/events/#", 0), (topics.presence_subscription(prefix), 0)])
 
-        def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            item = parse(prefix, message.topic, bytes(message.payload))
-            if item is None:
-                return
-            with self._lock:
-                streams = list(self._streams)
-            for stream in streams:
-                try:
-                    stream.loop.call_soon_threadsafe(stream.offer, item)
-                except RuntimeError:  # its loop closed
-                    self.close(stream)
-
         def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
             if any(reason.is_failure for reason in reasons):
                 log.warning("live events: the broker refused the API's subscriptions: %s", reasons)
                 return
-            self.subscribed.set()
+            self.subscriptions += 1
+
+        def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
+            self._tell(LAGGED)  # what is published until we are back is lost to the streams
+
+        def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+            item = parse(prefix, message.topic, bytes(message.payload))
+            if item is None:
+                return
+            if item.kind == "presence":
+                item = LiveItem(item.kind, self._tenant_of(str(item.data["device_id"])), item.data)
+            self._tell(item)
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
+        client.on_disconnect = on_disconnect
         client.on_message = on_message
         endpoint = bridge_endpoint(self.settings)
         client.connect_async(endpoint.host, endpoint.port, keepalive=self.settings.broker.keepalive)

@@ -382,14 +382,18 @@ async def import_allowlist(
 # --- events ---------------------------------------------------------------------------------------------------
 
 
-@router.get("/events", summary="Recent events, oldest first")
+@router.get("/events", summary="Events, newest last, a page at a time going back (next_before: the older page)")
 def list_events(
     caller: Reader,
     tenant: str | None = None,
     event: str | None = None,
     device_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-) -> list[dict[str, Any]]:
+    before: Annotated[int | None, Query(ge=1, description="the next_before of the newer page")] = None,
+) -> dict[str, Any]:
     if device_id is not None:
         _device_of(caller, device_id)
-    return caller.store.events(caller.tenant(tenant), event, limit, device_id)
+    found = caller.store.events_page(caller.tenant(tenant), event, device_id, before, limit + 1)
+    page = found[-limit:]  # the newest `limit`; one more tells whether there are older ones
+    older = len(found) > limit and bool(page)
+    return {"events": [body for _, body in page], "next_before": page[0][0] if older else None}

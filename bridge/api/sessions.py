@@ -23,10 +23,14 @@ import threading
 from dataclasses import dataclass
 
 COOKIE = "provbridge_session"
+# Under TLS: a name the browser accepts only from this origin over HTTPS, with Path=/ and no Domain, so that a
+# sibling (sub)domain cannot plant or overwrite it.
+SECURE_COOKIE = "__Host-" + COOKIE
 CSRF_HEADER = "x-csrf-token"
 IDLE_SECONDS = 30 * 60
 MAX_SECONDS = 12 * 3600
-MAX_SESSIONS = 10_000  # the oldest go first; logging in needs a live admin token anyway
+MAX_SESSIONS = 10_000  # in all; the least recently used go first
+MAX_SESSIONS_PER_TOKEN = 50  # so that one token cannot push everyone else's sessions out
 
 
 @dataclass
@@ -54,14 +58,17 @@ class Sessions:
         cookie = secrets.token_urlsafe(32)
         session = Session(token_id, secrets.token_urlsafe(32), now, now)
         with self._lock:
-            if len(self._by_digest) >= MAX_SESSIONS:
-                oldest = min(self._by_digest, key=lambda d: self._by_digest[d].last_used)
-                del self._by_digest[oldest]
+            own = [digest for digest, held in self._by_digest.items() if held.token_id == token_id]
+            if len(own) >= MAX_SESSIONS_PER_TOKEN:
+                self._drop_least_recently_used(own)
+            elif len(self._by_digest) >= MAX_SESSIONS:
+                self._drop_least_recently_used(list(self._by_digest))
             self._by_digest[_digest(cookie)] = session
         return Opened(cookie, session)
 
-    def find(self, cookie: str, now: float) -> Session | None:
-        """The live session of this cookie (its idle time starts again), or None."""
+    def find(self, cookie: str, now: float, touch: bool = True) -> Session | None:
+        """The live session of this cookie, or None. `touch`: a request of the user's (its idle time starts
+        again), not a check of an open stream's."""
         digest = _digest(cookie)
         with self._lock:
             session = self._by_digest.get(digest)
@@ -70,12 +77,25 @@ class Sessions:
             if now - session.last_used > IDLE_SECONDS or now - session.started > MAX_SECONDS:
                 del self._by_digest[digest]
                 return None
-            session.last_used = now
+            if touch:
+                session.last_used = now
             return session
+
+    def held_by(self, token_id: str) -> int:
+        """How many live sessions an admin token has."""
+        with self._lock:
+            return sum(1 for held in self._by_digest.values() if held.token_id == token_id)
+
+    def _drop_least_recently_used(self, digests: list[bytes]) -> None:
+        del self._by_digest[min(digests, key=lambda digest: self._by_digest[digest].last_used)]
 
     def end(self, cookie: str) -> None:
         with self._lock:
             self._by_digest.pop(_digest(cookie), None)
+
+
+def cookie_name(tls: bool) -> str:
+    return SECURE_COOKIE if tls else COOKIE
 
 
 def csrf_matches(session: Session, presented: str | None) -> bool:

@@ -491,7 +491,7 @@ def add_commands(commands: Any) -> None:
     dlist.add_argument("--hardware-id", metavar="ID", help="only devices with this hardware id (one per tenant)")
     dlist.add_argument("--search", metavar="TEXT", help="a device id (dev_...), or the start of hardware ids")
     dlist.add_argument("--label", metavar="NAME=VALUE", help="only devices with this label")
-    dlist.add_argument("--presence", choices=["online", "offline"], help="offline: not connected or never seen")
+    dlist.add_argument("--presence", choices=["online", "offline"], help="offline: seen, not connected now")
     dlist.add_argument("--limit", type=count(1), default=100, help="devices per page, at most 1000 (default 100)")
     dlist.add_argument("--after", metavar="CURSOR", help="the next page: the cursor the previous page ended with")
     add_command(device, "show", cmd_device_show, "show one device").add_argument("device_id")

@@ -41,7 +41,8 @@ def device_filter(
     presence: str | None = None,
 ) -> DeviceFilter:
     """The filter a list request names. `search`: a device id (`dev_...`) exactly, else a hardware-id prefix;
-    `label`: `NAME=VALUE`; `presence`: `online` or `offline` (offline: not connected, or never seen)."""
+    `label`: `NAME=VALUE`; `presence`: `online` or `offline` (seen, and not connected now; a device never seen
+    connected is in neither). A search by prefix alone lists in hardware-id order, every other list newest first."""
     if status not in (None, "active", "revoked"):
         raise UsageError("status must be 'active' or 'revoked'")
     if presence not in (None, *PRESENCE):
@@ -82,7 +83,10 @@ def list_devices(store: Store, where: DeviceFilter, after: str | None, limit: in
     page = found[:limit]
     more = len(found) > limit
     last = page[-1] if page else None
-    next_cursor = PageCursor(last.created_at, last.id).encode() if more and last else None
+    next_cursor = None
+    if more and last:
+        hardware_id = last.hardware_id if where.by_hardware_id else None
+        next_cursor = PageCursor(last.created_at, last.id, hardware_id).encode()
     return DevicePage(page, next_cursor)
 
 

@@ -239,6 +239,12 @@ def _add_dashboard_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX events_device ON events (device_id, id) WHERE device_id IS NOT NULL")
     db.execute("CREATE INDEX events_tenant ON events (tenant, id)")
     db.execute("CREATE INDEX events_event ON events (event, id)")
+    # Presence in page order: a device's creation time beside its presence, so the online (or offline) devices
+    # are listed a page at a time rather than all sorted.
+    db.execute("ALTER TABLE device_presence ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE device_presence SET created_at = (SELECT created_at FROM devices WHERE id = device_id)")
+    db.execute("DROP INDEX device_presence_online")
+    db.execute("CREATE INDEX device_presence_page ON device_presence (online, created_at, device_id)")
     db.execute("CREATE INDEX provision_keys_created ON provision_keys (created_at, id)")
     db.execute("CREATE INDEX provision_keys_tenant_created ON provision_keys (tenant_id, created_at, id)")
 

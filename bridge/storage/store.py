@@ -45,9 +45,20 @@ EVENT_PURGE_PAUSE_SECONDS = 0.01
 
 
 _KEY_SELECT = "SELECT k.*, t.name AS tenant_name FROM provision_keys k JOIN tenants t ON t.id = k.tenant_id"
+_DEVICE_COLUMNS = "SELECT d.*, t.name AS tenant_name, p.online AS online, p.last_seen AS last_seen"
 _DEVICE_SELECT = (
-    "SELECT d.*, t.name AS tenant_name, p.online AS online, p.last_seen AS last_seen FROM devices d"
+    _DEVICE_COLUMNS + " FROM devices d"
     " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
+)
+# A page of devices driven from a label's rows or from the presence index, both in page order. CROSS JOIN keeps
+# SQLite from reordering the loops: the driving table's index gives the order, one device row read per result.
+_DEVICES_BY_LABEL = (
+    _DEVICE_COLUMNS + " FROM device_labels l CROSS JOIN devices d ON d.id = l.device_id"
+    " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
+)
+_DEVICES_BY_PRESENCE = (
+    _DEVICE_COLUMNS + " FROM device_presence p CROSS JOIN devices d ON d.id = p.device_id"
+    " JOIN tenants t ON t.id = d.tenant_id"
 )
 
 
@@ -182,32 +193,55 @@ class DeviceFilter:
     hardware_id: str | None = None
     hardware_id_prefix: str | None = None
     label: tuple[str, str] | None = None  # (key, value)
-    online: bool | None = None  # presence: True online, False offline or never seen
+    online: bool | None = None  # presence: True online, False seen and now offline (never seen: neither)
     device_id: str | None = None
+
+    @property
+    def by_hardware_id(self) -> bool:
+        """A hardware-id prefix alone pages in hardware-id order (its index's), every other list newest first."""
+        return self.hardware_id_prefix is not None and self.label is None and self.online is None
 
 
 @dataclass(frozen=True)
 class PageCursor:
-    """Where a page of devices (or keys) ends: the next page starts after this (created_at, id)."""
+    """Where a page ends: the next page starts after this (created_at, id), or for a list in hardware-id order
+    after this (hardware_id, id)."""
 
     created_at: int
     device_id: str  # or the key's id
+    hardware_id: str | None = None
 
     def encode(self) -> str:
-        return base64.urlsafe_b64encode(f"{self.created_at}:{self.device_id}".encode()).decode().rstrip("=")
+        if self.hardware_id is None:
+            raw = f"{self.created_at}:{self.device_id}"
+        else:
+            raw = f"h:{_b64(self.hardware_id.encode())}:{self.device_id}"
+        return _b64(raw.encode())
 
     @classmethod
     def decode(cls, text: str) -> "PageCursor":
         """The cursor `encode` made; UsageError for anything else."""
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-            created_at, device_id = raw.split(":", 1)
-            cursor = cls(int(created_at), device_id)
+            raw = _unb64(text).decode("ascii")
+            if raw.startswith("h:"):
+                _, hardware_id, device_id = raw.split(":", 2)
+                cursor = cls(0, device_id, _unb64(hardware_id).decode())
+            else:
+                created_at, device_id = raw.split(":", 1)
+                cursor = cls(int(created_at), device_id)
         except ValueError:
             raise UsageError(f"{text[:40]!r} is not a cursor from a previous page") from None
         if cursor.encode() != text or not 0 <= cursor.created_at < 1 << 40:
             raise UsageError(f"{text[:40]!r} is not a cursor from a previous page")
         return cursor
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _admin_event(name: str, now: int, tenant: str, actor: str, key: ProvisionKey | None = None, **fields: Any) -> Event:
@@ -649,8 +683,8 @@ class Store:
             clauses.append("k.tenant_id = ?")
             args.append(tenant_id)
         if after is not None:
-            clauses.append("(k.created_at > ? OR (k.created_at = ? AND k.id > ?))")
-            args += [after.created_at, after.created_at, after.device_id]
+            clauses.append("(k.created_at, k.id) > (?, ?)")  # a row value: the index seeks straight to it
+            args += [after.created_at, after.device_id]
         sql = _KEY_SELECT + (" WHERE " + " AND ".join(clauses) if clauses else "")
         with self._reading() as db:
             return [_key(r) for r in db.execute(sql + " ORDER BY k.created_at, k.id LIMIT ?", (*args, limit))]
@@ -686,43 +720,55 @@ class Store:
         return self.devices_page(DeviceFilter(tenant_id=tenant_id), None, limit)
 
     def devices_page(self, where: "DeviceFilter", after: PageCursor | None, limit: int) -> list[Device]:
-        """Devices newest first (by creation, then id), those matching `where`, from just after `after`: one page.
+        """Devices matching `where`, from just after `after`: one page, newest first (by creation, then id), or in
+        hardware-id order for a hardware-id prefix alone (`DeviceFilter.by_hardware_id`).
 
-        Each filter reads an index: tenant, status and hardware id those of migration 4 (a hardware-id prefix is a
-        range of `devices_hardware_id`), a label `device_labels` in page order, presence `device_presence_online`.
-        Those in page order cost a page on a fleet of any size; a hardware-id prefix and presence sort what they
-        match (a prefix narrows it; online devices are at most the fleet that is connected)."""
+        Every list is read in the order of an index, so a page costs a page on a fleet of any size: the devices'
+        own (migration 4: all, tenant, status; a prefix is a range of `devices_hardware_id`), a label's rows
+        (`device_labels`) or presence (`device_presence_page`), whichever is given, the other filters checked on
+        the rows it yields. The cursor is a row value, so a page seeks straight to it (many devices may share a
+        creation second)."""
         clauses: list[str] = []
         args: list[str | int] = []
-        order = "d.created_at DESC, d.id DESC"
-        created, device_id = "d.created_at", "d.id"
-        sql = _DEVICE_SELECT
         if where.label is not None:
-            # Driven from the label's rows, which are in page order: the join reads one device row per result.
-            sql = sql.replace(" FROM devices d", " FROM device_labels l JOIN devices d ON d.id = l.device_id", 1)
+            sql, position = _DEVICES_BY_LABEL, ("l.created_at", "l.device_id")
             clauses += ["l.key = ?", "l.value = ?"]
             args += list(where.label)
-            created, device_id = "l.created_at", "l.device_id"
-            order = "l.created_at DESC, l.device_id DESC"
-        for column, value in (("tenant_id", where.tenant_id), ("status", where.status)):
+        elif where.online is not None:
+            sql, position = _DEVICES_BY_PRESENCE, ("p.created_at", "p.device_id")
+        else:
+            sql, position = _DEVICE_SELECT, ("d.created_at", "d.id")
+        if where.online is not None:
+            clauses.append("p.online = ?")
+            args.append(int(where.online))
+        # Column names below are constants, never input.
+        for column, value in (
+            ("tenant_id", where.tenant_id),
+            ("status", where.status),
+            ("hardware_id", where.hardware_id),
+            ("id", where.device_id),
+        ):
             if value is not None:
-                clauses.append(f"d.{column} = ?")  # constants above, not input
-                args.append(value)
-        for column, value in (("hardware_id", where.hardware_id), ("id", where.device_id)):
-            if value is not None:
-                clauses.append(f"d.{column} = ?")  # constants above, not input
+                clauses.append(f"d.{column} = ?")
                 args.append(value)
         if where.hardware_id_prefix:
             # A range of the index rather than LIKE, whose wildcards would be the caller's to escape.
             clauses.append("d.hardware_id >= ? AND d.hardware_id < ?")
             args += [where.hardware_id_prefix, where.hardware_id_prefix + "\U0010ffff"]
-        if where.online is True:
-            clauses.append("p.online = 1")
-        elif where.online is False:
-            clauses.append("(p.online IS NULL OR p.online = 0)")
-        if after is not None:
-            clauses.append(f"({created} < ? OR ({created} = ? AND {device_id} < ?))")
-            args += [after.created_at, after.created_at, after.device_id]
+        if where.by_hardware_id:
+            order = "d.hardware_id, d.id"
+            if after is not None:
+                if after.hardware_id is None:
+                    raise UsageError("that cursor is from a list in another order")
+                clauses.append("(d.hardware_id, d.id) > (?, ?)")
+                args += [after.hardware_id, after.device_id]
+        else:
+            order = f"{position[0]} DESC, {position[1]} DESC"
+            if after is not None:
+                if after.hardware_id is not None:
+                    raise UsageError("that cursor is from a list in another order")
+                clauses.append(f"({position[0]}, {position[1]}) < (?, ?)")
+                args += [after.created_at, after.device_id]
         sql += (" WHERE " + " AND ".join(clauses) if clauses else "") + f" ORDER BY {order} LIMIT ?"
         with self._reading() as db:
             return [_device(r) for r in db.execute(sql, (*args, limit))]
@@ -969,8 +1015,8 @@ class Store:
         transaction; the last word per device wins. Devices the bridge does not know are skipped."""
         with self.transaction() as tx:
             tx.connection.executemany(
-                "INSERT INTO device_presence (device_id, online, last_seen)"
-                " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                "INSERT INTO device_presence (device_id, online, last_seen, created_at)"
+                " SELECT ?1, ?2, ?3, d.created_at FROM devices d WHERE d.id = ?1"
                 " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
                 [(device_id, int(online), at) for device_id, online, at in changes],
             )
@@ -1061,21 +1107,27 @@ class Store:
     def events(
         self, tenant: str | None = None, event: str | None = None, limit: int = 50, device_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """The newest `limit` events matching, oldest first (a device's and a tenant's by their index)."""
-        clauses, args = [], []
-        if device_id:
-            clauses.append("device_id = ?")
-            args.append(device_id)
-        if tenant:
-            clauses.append("tenant = ?")
-            args.append(tenant)
-        if event:
-            clauses.append("event = ?")
-            args.append(event)
+        """The newest `limit` events matching, oldest first."""
+        return [body for _, body in self.events_page(tenant, event, device_id, None, limit)]
+
+    def events_page(
+        self, tenant: str | None, event: str | None, device_id: str | None, before: int | None, limit: int
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """(sequence number, event) of the newest `limit` events matching, older than sequence `before`, oldest
+        first: a device's, a tenant's and an event name's read by their index (migration 9)."""
+        clauses: list[str] = []
+        args: list[str | int] = []
+        for column, value in (("device_id", device_id), ("tenant", tenant), ("event", event)):
+            if value:
+                clauses.append(f"{column} = ?")  # constants above, not input
+                args.append(value)
+        if before is not None:
+            clauses.append("id < ?")
+            args.append(before)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         with self._reading() as db:
-            rows = db.execute(f"SELECT body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [json.loads(r["body"]) for r in reversed(rows)]
+            rows = db.execute(f"SELECT id, body FROM events{where} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [(int(r["id"]), json.loads(r["body"])) for r in reversed(rows)]
 
     def count(self, table: str) -> int:
         if table not in ("devices", "tenants", "provision_keys", "answers", "events", "device_certificates"):

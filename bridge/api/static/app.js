@@ -441,7 +441,7 @@ async function openDevice(deviceId) {
   ]);
   if (devices.selected !== deviceId) return; // another device was opened meanwhile
   renderDetail(device);
-  renderDetailEvents(history);
+  renderDetailEvents(history.events);
 }
 
 function renderDetail(device) {
@@ -517,7 +517,7 @@ async function deviceAction(action) {
     if (devices.selected === deviceId) {
       renderDetail(device);
       const history = await api("GET", `/v1/events${query({ device_id: deviceId, limit: 100 })}`);
-      if (devices.selected === deviceId) renderDetailEvents(history);
+      if (devices.selected === deviceId) renderDetailEvents(history.events);
     }
   }
   await loadDevices(); // admin changes are not in the live stream: read the list again
@@ -873,7 +873,7 @@ async function seedEvents() {
   let recent = [];
   let failure = null;
   try {
-    recent = await api("GET", `/v1/events${query({ limit: 50 })}`); // oldest first
+    recent = (await api("GET", `/v1/events${query({ limit: 50 })}`)).events; // oldest first
   } catch (err) {
     failure = err; // the stream's events are shown all the same
   }
@@ -934,6 +934,15 @@ function openStream() {
   source.addEventListener("lagged", catchUp);
   source.addEventListener("event", (message) => fromStream("event", message));
   source.addEventListener("presence", (message) => fromStream("presence", message));
+  // `ended`: the admin token was revoked or the session ended; the server closes the stream. Ask whether the
+  // session still stands (reopenStream shows the login form when it does not) instead of letting the browser retry.
+  source.addEventListener("ended", () => {
+    if (session.stream !== source) return;
+    source.close();
+    session.stream = null;
+    setStreamStatus("disconnected");
+    guarded(reopenStream)();
+  });
   source.addEventListener("error", () => {
     if (session.stream !== source) return;
     if (source.readyState !== EventSource.CLOSED) {
