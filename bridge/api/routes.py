@@ -5,7 +5,7 @@ need the `read` scope (or `write`), changes `write`; a token of one tenant sees 
 """
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -39,8 +39,12 @@ def key_view(key: ProvisionKey) -> dict[str, Any]:
     return view
 
 
+_DEVICE_FIELDS = tuple(f.name for f in fields(Device))
+
+
 def device_view(device: Device) -> dict[str, Any]:
-    view = asdict(device)
+    # Field by field, not `asdict`: its deep copy of every value was a quarter of a device page's time.
+    view = {name: getattr(device, name) for name in _DEVICE_FIELDS}
     view["public_key"] = crypto.b64encode(device.public_key)
     view.pop("tenant_id")
     view["tenant"] = view.pop("tenant_name")
