@@ -47,11 +47,22 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _roles(system: System) -> dict[str, int]:
     bridge = system.pids["bridge"]
     roles = {"broker": system.pids["broker"]}
     tree = process_tree(bridge)
     children = sorted(p for p in tree if p != bridge)
+    for pid in children:  # `serve`'s admin API process (issue 12): counted, but apart from the claim path
+        if b"bridge.api.server" in _cmdline(pid):
+            roles["api"] = pid
+    children = [p for p in children if p != roles.get("api")]
     if len(children) <= 1:  # serve: the network process, its claim worker
         roles["edge"] = bridge
         for n, child in enumerate(children):
