@@ -12,7 +12,7 @@ import pytest
 from bridge.config import Settings
 from bridge.ops import admin
 from tests.helpers.bridge import Bridge, make_settings, serving_bridge
-from tests.helpers.brokers import use_jwt_plugin
+from tests.helpers.brokers import EMBEDDED, JWT, bridge_on, use_jwt_plugin
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,3 +65,12 @@ def jwt_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mosquitto verifies device tokens with the provbridge_jwt plugin, for the CLI run in this process too
     (skipped when the plugin cannot be built, except under CI)."""
     use_jwt_plugin(monkeypatch)
+
+
+@pytest.fixture(params=[EMBEDDED, JWT])
+def verifying_broker(
+    request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Bridge]:
+    """The brokers that verify tokens themselves, so every unexpired token of a device is valid."""
+    with bridge_on(request.param, initialised, monkeypatch) as bridge:
+        yield bridge

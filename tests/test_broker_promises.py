@@ -53,15 +53,6 @@ def any_broker(
         yield bridge
 
 
-@pytest.fixture(params=[EMBEDDED, JWT])
-def verifying_broker(
-    request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Bridge]:
-    """The brokers that verify tokens themselves, so every unexpired token of a device is valid."""
-    with bridge_on(request.param, initialised, monkeypatch) as bridge:
-        yield bridge
-
-
 def kind_of(bridge: Bridge) -> str:
     b = bridge.settings.broker
     return EMBEDDED if b.mode == "embedded" else f"mosquitto-{b.mosquitto_auth}"

@@ -28,18 +28,9 @@ from bridge.storage.store import Store
 from bridge.tls.certificates import TlsFiles
 from tests.helpers.api import Api, Response, api_server
 from tests.helpers.bridge import Bridge
-from tests.helpers.brokers import EMBEDDED, JWT, bridge_on
 from tests.helpers.mqtt import token_session
 from tests.helpers.refresh import provisioned
 from tests.helpers.tls import initialise, tls_settings
-
-
-@pytest.fixture(params=[EMBEDDED, JWT])
-def verifying_broker(
-    request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Bridge]:
-    with bridge_on(request.param, initialised, monkeypatch) as bridge:
-        yield bridge
 
 
 def make_token(bridge: Bridge, *scopes: str, tenant: str | None = None) -> tokens.Created:

@@ -18,21 +18,12 @@ from bridge.tokens import mint_token
 from broker.errors import BrokerConfigError
 from provwire import topics
 from tests.helpers.bridge import Bridge
-from tests.helpers.brokers import EMBEDDED, JWT, bridge_on
 from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.mosquitto import MosquittoBridge, external_settings, mosquitto_for
 from tests.helpers.mqtt import MqttClient, token_session
 from tests.helpers.processes import ServeProcesses
 from tests.helpers.refresh import provisioned
 from tests.helpers.waiting import wait_for
-
-
-@pytest.fixture(params=[EMBEDDED, JWT])
-def verifying_broker(
-    request: pytest.FixtureRequest, initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Bridge]:
-    with bridge_on(request.param, initialised, monkeypatch) as bridge:
-        yield bridge
 
 
 def presence(bridge: Bridge, device_id: str) -> tuple[bool | None, int | None]:
