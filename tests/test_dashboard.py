@@ -10,7 +10,6 @@ skipped, except under CI, where it fails (as the Mosquitto tests do).
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,15 +17,10 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
 
 from bridge.config import Settings
-from bridge.ops import admin_tokens
-from bridge.storage import keyfiles
-from bridge.storage.store import Store
-from tests.helpers.api import Api
+from tests.helpers.api import Api, serve_with_api
 from tests.helpers.bridge import Bridge
 from tests.helpers.mqtt import token_session
-from tests.helpers.processes import ServeProcesses
 from tests.helpers.refresh import provisioned
-from tests.helpers.waiting import wait_for
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright drives it as it is
 WAIT_MS = 20_000  # generous: every wait below is for a condition, never for a duration
@@ -49,27 +43,11 @@ class Served:
     base: str  # http://127.0.0.1:<admin API port>
 
 
-def _up(api: Api) -> bool:
-    try:
-        return api.request("GET", "/healthz").status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def served(initialised: tuple[Settings, str]) -> Iterator[Served]:
     """`provbridge serve` as a subprocess (embedded broker, the admin API in its own process), and a write token."""
-    settings, first_key = initialised
-    store = Store(settings.database_file)
-    token = admin_tokens.create_admin_token(store, "dashboard", ["write"], None, int(time.time())).raw
-    with ServeProcesses(settings):
-        api = Api(settings.api.port, settings)
-        assert wait_for(lambda: _up(api), timeout=30), "serve did not start its admin API"
-        try:
-            bridge = Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
-            yield Served(bridge, api, token, f"http://127.0.0.1:{settings.api.port}")
-        finally:
-            store.close()
+    with serve_with_api(*initialised, "write") as (bridge, api, token):
+        yield Served(bridge, api, token, f"http://127.0.0.1:{api.port}")
 
 
 @dataclass

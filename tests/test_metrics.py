@@ -3,31 +3,26 @@ counters move with real claims and refreshes, refusals by reason, the flood limi
 `/readyz` fails when the database or the broker is unavailable."""
 
 import sqlite3
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Settings
-from bridge.ops import admin, admin_tokens
-from bridge.storage import keyfiles
-from bridge.storage.store import Store
+from bridge.ops import admin
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
-from tests.helpers.api import Api
+from tests.helpers.api import Api, serve_with_api
 from tests.helpers.bridge import Bridge, make_settings
 from tests.helpers.devices import Device
-from tests.helpers.processes import ServeProcesses
 from tests.helpers.refresh import provisioned
 from tests.helpers.waiting import wait_for
 
 
 @pytest.fixture
 def served(initialised: tuple[Settings, str]) -> Iterator[tuple[Bridge, Api, str]]:
-    with serving(*initialised) as running:
+    with serve_with_api(*initialised, "read") as running:
         yield running
 
 
@@ -37,28 +32,8 @@ def served_with_flood_limits(tmp_path: Path) -> Iterator[tuple[Bridge, Api, str]
     settings = base.model_copy(update={"claims": base.claims.model_copy(update={"rate_limits": True})})
     made = admin.init_data_dir(settings)
     assert made.provision_key
-    with serving(settings, made.provision_key) as running:
+    with serve_with_api(settings, made.provision_key, "read") as running:
         yield running
-
-
-@contextmanager
-def serving(settings: Settings, first_key: str) -> Iterator[tuple[Bridge, Api, str]]:
-    store = Store(settings.database_file)
-    token = admin_tokens.create_admin_token(store, "prometheus", ["read"], None, int(time.time())).raw
-    with ServeProcesses(settings):
-        api = Api(settings.api.port, settings)
-        assert wait_for(lambda: _up(api), timeout=30), "serve did not start its admin API"
-        try:
-            yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key), api, token
-        finally:
-            store.close()
-
-
-def _up(api: Api) -> bool:
-    try:
-        return api.request("GET", "/healthz").status == 200
-    except OSError:
-        return False
 
 
 def samples(api: Api, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

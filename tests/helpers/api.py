@@ -1,5 +1,6 @@
 """The admin HTTP API in tests: a real uvicorn server on a free loopback port (in a thread of the test process),
-and a plain HTTP client (http.client), so requests go over real sockets as a backend's would."""
+or the one a real `provbridge serve` subprocess starts, and a plain HTTP client (http.client), so requests go
+over real sockets as a backend's would."""
 
 import http.client
 import json
@@ -14,7 +15,13 @@ import uvicorn
 
 from bridge.api.server import server_config
 from bridge.config import Settings
+from bridge.ops import admin_tokens
+from bridge.storage import keyfiles
+from bridge.storage.store import Store
+from tests.helpers.bridge import Bridge
 from tests.helpers.network import free_port
+from tests.helpers.processes import ServeProcesses
+from tests.helpers.waiting import wait_for
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,25 @@ def api_server(settings: Settings) -> Iterator[Api]:
         server.should_exit = True
         thread.join(30)
         server.config.app.state.context.live.stop()  # the dashboard's broker connection, if a stream opened it
+
+
+@contextmanager
+def serve_with_api(settings: Settings, first_key: str, scope: str) -> Iterator[tuple[Bridge, Api, str]]:
+    """`provbridge serve` as a subprocess (its admin API in a process of its own) until the block ends: the
+    bridge, its API, and an admin token with `scope` for every tenant."""
+    store = Store(settings.database_file)
+    token = admin_tokens.create_admin_token(store, f"test-{scope}", [scope], None, int(time.time())).raw
+    with ServeProcesses(settings):
+        api = Api(settings.api.port, settings)
+        assert wait_for(lambda: _up(api), timeout=30), "serve did not start its admin API"
+        try:
+            yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key), api, token
+        finally:
+            store.close()
+
+
+def _up(api: Api) -> bool:
+    try:
+        return api.request("GET", "/healthz").status == 200
+    except OSError:
+        return False
