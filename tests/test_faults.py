@@ -74,6 +74,7 @@ BURST = 2000  # devices in a crash or restart burst (the issue's size)
 SMALL_BURST = 1000  # the database faults, where the bridge runs inside the test process
 LANES = 8  # MQTT connections the fleet's claims are multiplexed over
 LONG = 120.0  # generous: a condition that does not hold by then is a failure, not slowness
+ANSWER_TIMEOUT = 15.0  # a device's wait for an answer before it re-sends (the restart tests only)
 RETRYABLE = frozenset({"rate_limited", "internal_error"})
 # Every bridge subprocess: a device told to retry comes back after 1 s (default 2) to keep the file short.
 # The fleets here multiplex thousands of devices over a few client ids: no per-client flood limits.
@@ -101,6 +102,8 @@ class FleetDevice:
     answers: list[bytes] = field(default_factory=list)  # every answer to this request_id, in order
     retry_pending: bool = False
     final: bytes | None = None  # the first answer that is not "retry later"
+    last_sent: float = 0.0  # time.monotonic() of its latest publish
+    timed_out: int = 0  # re-sends after `Fleet.answer_timeout` without an answer
 
     def retryable_answers(self) -> list[dict[str, Any]]:
         docs = [json.loads(a) for a in self.answers]
@@ -119,9 +122,10 @@ class Fleet:
     """Devices claiming over `lanes` paho connections that reconnect by themselves.
 
     A claim is re-sent, with the same request_id and payload, when an answer says retry later
-    (after its retry_after plus up to 25 % jitter) and, if `resend_on_reconnect`, when its lane's
-    connection came back without its answer. Nothing else re-sends: a claim the broker took and
-    never answered stays unanswered, so a test sees lost claims.
+    (after its retry_after plus up to 25 % jitter), if `resend_on_reconnect`, when its lane's
+    connection came back without its answer, and, if `answer_timeout` is set, when no answer came
+    within that many seconds (PROTOCOL.md §6, rule 2). Nothing else re-sends: without a time-out, a
+    claim the broker took and never answered stays unanswered, so a test sees lost claims.
     """
 
     def __init__(self, port: int, prefix: str, provision_key: str, *, lanes: int = LANES) -> None:
@@ -130,6 +134,7 @@ class Fleet:
         self.provision_key = provision_key
         self.tag = uuid.uuid4().hex[:6]
         self.resend_on_reconnect = True
+        self.answer_timeout: float | None = None
         self.devices: list[FleetDevice] = []
         self.by_request: dict[str, FleetDevice] = {}
         self.stray: list[bytes] = []
@@ -211,23 +216,40 @@ class Fleet:
     def _publish(self, device: FleetDevice) -> None:
         with self._lock:
             device.sends += 1
+            device.last_sent = time.monotonic()
         self._clients[device.lane].publish(
             topics.claim_topic(self.prefix, self.lane_ids[device.lane]), device.payload, 1
         )
 
     def _retry_loop(self) -> None:
+        """Re-sends what is due: "retry later" answers whose delay passed and, with `answer_timeout`,
+        claims that got no answer in time. Wakes at least every second when a time-out is set."""
         while True:
             with self._lock:
-                while not self._closing and (not self._retries or self._retries[0][0] > time.monotonic()):
-                    timeout = None if not self._retries else self._retries[0][0] - time.monotonic()
-                    self._changed.wait(timeout)
                 if self._closing:
                     return
-                _, _, request_id = heapq.heappop(self._retries)
-                device = self.by_request[request_id]
-                device.retry_pending = False
-                due = device.final is None
-            if due:
+                now = time.monotonic()
+                due: list[FleetDevice] = []
+                while self._retries and self._retries[0][0] <= now:
+                    _, _, request_id = heapq.heappop(self._retries)
+                    device = self.by_request[request_id]
+                    device.retry_pending = False
+                    if device.final is None:
+                        due.append(device)
+                if self.answer_timeout is not None:
+                    stale = now - self.answer_timeout
+                    for device in self.devices:
+                        late = device.last_sent < stale and device not in due
+                        if device.sends and device.final is None and not device.retry_pending and late:
+                            device.timed_out += 1
+                            due.append(device)
+                if not due:
+                    wait = None if not self._retries else self._retries[0][0] - now
+                    if self.answer_timeout is not None:
+                        wait = 1.0 if wait is None else min(wait, 1.0)
+                    self._changed.wait(wait)
+                    continue
+            for device in due:
                 self._publish(device)
 
     # -- paho callbacks (each lane's network thread) --
@@ -644,7 +666,12 @@ def _restart(broker: RunningMosquitto, how: str) -> None:
 def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_mode: None, how: str) -> None:
     """Mosquitto (persistence on, tokens verified by its jwt plugin) restarted mid-burst: the bridge and the
     devices reconnect by themselves, every device is answered once with one row, answers to repeated
-    deliveries are identical, and tokens connect to the restarted broker."""
+    deliveries are identical, and tokens connect to the restarted broker.
+
+    After kill -9 the restarted broker may not know the bridge's session (it was saved after the last
+    autosave, if at all): a claim re-sent before the bridge has re-subscribed reaches no subscriber and is
+    dropped, and the device's time-out (PROTOCOL.md §6, rule 2) is what recovers it. So the devices here
+    keep one, shorter than firmware's 30 s to keep the test short."""
     settings = external_settings(initialised[0], mosquitto_auth="jwt")
     conf = settings.data_dir.parent / "mosquitto" / "mosquitto.conf"
     with (
@@ -653,6 +680,7 @@ def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_mode:
         Fleet(settings.broker.port, settings.topic_prefix, _first_key(initialised)) as fleet,
     ):
         assert "persistence true" in conf.read_text().splitlines()
+        fleet.answer_timeout = ANSWER_TIMEOUT
         fleet.connect()
         burst = fleet.add(BURST)
         fleet.send(burst)
@@ -673,6 +701,7 @@ def test_broker_restarted_mid_burst(initialised: tuple[Settings, str], jwt_mode:
         answered_before_restart=answered_before,
         sends=fleet.sends(),
         answered_twice_identically=sum(len(d.final_answers()) > 1 for d in fleet.devices),
+        resent_after_timeout=sum(d.timed_out > 0 for d in fleet.devices),
         connected_with_token=connected,
         seconds_to_bridge_resubscribed=f"{bridge_back:.1f}",
         seconds_restart_to_last_answer=f"{recovered:.1f}",
