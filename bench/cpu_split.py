@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             + f"; bridge {bridge:.3f} ms; {rate:.0f}/s; last answer after {span:.2f} s"
         )
         processes.stop(system.processes["bridge"])
+        in_traceback = False
         for line in (logs / "serve.log").read_text(errors="replace").splitlines():
-            if " ERROR " in line or "Traceback" in line:
+            in_traceback = "Traceback" in line or (in_traceback and not line[:4].isdigit())
+            if " ERROR " in line or in_traceback:
                 log(f"  serve.log: {line[:300]}")
     return 0
 

@@ -17,8 +17,6 @@ at once; its events go to the worker to store. Token refreshes go to the worker 
 
 import asyncio
 import logging
-import socket
-import ssl
 from collections import deque
 from typing import Any
 
@@ -29,9 +27,10 @@ from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared, retryab
 from bridge.claims.ratelimit import FloodLimits
 from bridge.config import Settings
 from bridge.edges.claimworker import MAX_BATCH
+from bridge.edges.coalescing import CoalescingClient, CoalescingSocket
 from bridge.edges.core import BridgeCore, Publish, TurnKeys, count_outcome, log_outcome
 from bridge.edges.pahoedge import PahoEdge, Request
-from bridge.edges.sessions import Shard
+from bridge.edges.sessions import Shard, set_nodelay
 from bridge.edges.workerlink import WorkerLink
 from bridge.storage.rotation import LiveKeyRing
 from provwire import topics
@@ -47,6 +46,10 @@ PREPARE_CHUNK = MAX_BATCH
 
 
 class ExternalBridge(PahoEdge):
+    # paho's writes wait in the socket for `_writable` to flush them, once per turn of the loop; its reads come
+    # from one recv() (bridge/edges/coalescing.py).
+    client_class = CoalescingClient
+
     def __init__(self, settings: Settings, shard: Shard | None = None) -> None:
         super().__init__(BridgeCore(settings), shard)
         self.worker = WorkerLink(settings, self._answered)
@@ -136,17 +139,15 @@ class ExternalBridge(PahoEdge):
     # --- paho's socket, on the event loop ----------------------------------------------------
 
     def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
-        if isinstance(sock, socket.socket):
-            # Without it, small request/answer exchanges stall 40-90 ms on Nagle + delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(client, None, sock)
         assert self._loop is not None
         self._loop.add_reader(sock, self._readable, client, sock)
 
     @staticmethod
-    def _readable(client: mqtt.Client, sock: Any) -> None:
+    def _readable(client: mqtt.Client, sock: CoalescingSocket) -> None:
         client.loop_read()
-        # TLS: bytes OpenSSL already decrypted make the socket no more readable; paho's own loop checks too.
-        while isinstance(sock, ssl.SSLSocket) and sock.pending() and client.socket() is not None:
+        # Bytes read into the socket's buffer (or decrypted by TLS) make the socket no more readable.
+        while sock.pending() and client.socket() is not None:
             client.loop_read()
 
     def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
@@ -156,11 +157,24 @@ class ExternalBridge(PahoEdge):
 
     def _on_socket_register_write(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
         assert self._loop is not None
-        self._loop.add_writer(sock, client.loop_write)
+        self._loop.add_writer(sock, self._writable, client, sock)
 
-    def _on_socket_unregister_write(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(sock)
+    def _on_socket_unregister_write(self, _c: mqtt.Client, _u: Any, _sock: Any) -> None:
+        pass  # paho wrote everything into the socket's buffer: `_writable` stops watching once it is sent
+
+    def _writable(self, client: mqtt.Client, sock: CoalescingSocket) -> None:
+        """Every packet paho has queued, in one flush; watched until the socket took all of it."""
+        client.loop_write()
+        if client.socket() is not sock:
+            return  # closed by that write (a DISCONNECT), and unwatched by `_on_socket_close`
+        try:
+            done = sock.flush()
+        except OSError as exc:  # paho notices too, at its next read: the connection is lost, reconnect
+            log.warning("writing to the broker failed (%s)", exc)
+            done = True
+        if done and not client.want_write():
+            assert self._loop is not None
+            self._loop.remove_writer(sock)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure:

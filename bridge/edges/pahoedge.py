@@ -51,6 +51,8 @@ class Request:
 
 
 class PahoEdge:
+    client_class: type[mqtt.Client] = mqtt.Client  # the event-loop edge's writes are coalesced
+
     def __init__(self, core: BridgeCore, shard: Shard | None = None) -> None:
         self.core = core
         self.settings: Settings = core.settings
@@ -64,7 +66,9 @@ class PahoEdge:
         # Device connections, as the provbridge_jwt plugin publishes them (None: not taken, as in dynsec mode).
         self.presence: PresenceRecorder | None = None
 
-        client = bridge_client(self.settings, self.shard.client_id(self.settings), persistent=True, manual_ack=True)
+        client = bridge_client(
+            self.settings, self.shard.client_id(self.settings), True, self.client_class, manual_ack=True
+        )
         if self.shard.owns_status:
             offline = core.status(online=False)
             client.will_set(offline.topic, offline.payload, 1, retain=True)

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import Settings
+from bridge.edges.coalescing import CoalescingSocket
 from bridge.errors import ConfigError
 from bridge.storage import keyfiles, statefiles
 from bridge.tls.certificates import bridge_endpoint
@@ -88,21 +89,24 @@ def client_ids(settings: Settings, count: int) -> list[str]:
 
 def set_nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
     # Without it, small request/answer exchanges stall 40-90 ms on Nagle + delayed ACK.
-    if isinstance(sock, socket.socket):
+    if isinstance(sock, socket.socket | CoalescingSocket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def bridge_client(settings: Settings, client_id: str, persistent: bool, **options: Any) -> mqtt.Client:
+def bridge_client(
+    settings: Settings, client_id: str, persistent: bool, client_class: type[mqtt.Client] = mqtt.Client, **options: Any
+) -> mqtt.Client:
     """A paho client logged in as the bridge account, TLS as `certificates.bridge_endpoint` says; not connected.
 
     `persistent`: claims published while it is away wait in its session (3.1.1 clean_session False;
-    with MQTT 5, clean_start False and a session expiry are given at connect).
+    with MQTT 5, clean_start False and a session expiry are given at connect). `client_class`: paho's
+    client or `CoalescingClient` (an edge that flushes its writes itself).
     """
     if settings.broker.protocol == "5":
         session: dict[str, Any] = {"protocol": mqtt.MQTTv5}
     else:
         session = {"protocol": mqtt.MQTTv311, "clean_session": not persistent}
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, **session, **options)
+    client = client_class(CallbackAPIVersion.VERSION2, client_id=client_id, **session, **options)
     client.username_pw_set(settings.broker.username, keyfiles.read_secret(settings.bridge_secret_file))
     endpoint = bridge_endpoint(settings)
     if endpoint.tls:
