@@ -1,7 +1,7 @@
 """CPU per claim of each process of the bridge on Mosquitto (jwt mode), measured from /proc.
 
-    python -m bench.cpu_split [--claims 8000] [--runs 3] [--mode closed|herd] [--bridge-env PROVBRIDGE_X=Y]...
-                              [--pyspy PATH --pyspy-role worker0|edge]
+    python -m bench.cpu_split [--claims 8000] [--runs 3] [--mode closed|herd|open] [--rate R]
+                              [--bridge-env PROVBRIDGE_X=Y]... [--pyspy PATH --pyspy-role worker0|edge]
 
 Starts Mosquitto from `provbridge mosquitto-config` and `provbridge serve` (external mode) on a fresh
 data dir, as `bench.run`'s Mosquitto target does, then runs closed-loop phases of the load generator
@@ -12,8 +12,10 @@ load generator's own figure. CPU per claim per process depends far less than cla
 machine runs, so it is what to compare between two versions of the claim path; to compare two source trees,
 run this from each at the same time (`cd TREE && PYTHONPATH=TREE python -m bench.cpu_split`), so that both
 see the same load. `--mode herd` publishes each phase's claims within one second instead (`make bench`'s
-herd) and reports when the last was answered. With `--pyspy` every measured phase is also sampled by
-py-spy (`--pyspy-role`), raw stacks written to /tmp/pyspy-LABEL-ROLE-N.txt.
+herd) and reports when the last was answered; `--mode open --rate R` offers R claims a second (as `make
+bench`'s open-loop phases: latency at a fixed load, and what a claim costs when groups are small). With
+`--pyspy` every measured phase is also sampled by py-spy (`--pyspy-role`), raw stacks written to
+/tmp/pyspy-LABEL-ROLE-N.txt.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def phase(
     pyspy: tuple[str, int, Path] | None,
     mode: str = "closed",
     timeline: bool = False,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     tag = f"{runner.run_tag}-{runner.counter:02d}"
     runner.counter += 1
@@ -103,6 +106,8 @@ def phase(
     argv += ["--devices", str(devices), "--tag", tag, "--lanes", "32", "--inflight", "32", "--sync"]
     if mode == "herd":  # as bench.run's herd: everything within a second, rate_limited answers retried
         argv += ["--herd-seconds", "1.0", "--max-attempts", "30"]
+    if mode == "open":  # as bench.run's open-loop phases: `rate` claims a second, latency from the intended send
+        argv += ["--rate", str(rate)]
     argv += ["--cloud-key", str(system.data_dir.cloud_key), "--out", str(out), "--max-seconds", "600"]
     env = {**os.environ, KEY_ENV: system.data_dir.provision_key}
     roles = _roles(system)
@@ -173,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pyspy", default=None, help="py-spy binary: profile --pyspy-role during each phase")
     p.add_argument("--pyspy-role", default="worker0")
     p.add_argument("--label", default="")
-    p.add_argument("--mode", choices=["closed", "herd"], default="closed", help="herd: each phase within 1 s")
+    p.add_argument(
+        "--mode",
+        choices=["closed", "herd", "open"],
+        default="closed",
+        help="herd: each phase within 1 s; open: --rate claims a second (latency at a fixed load)",
+    )
+    p.add_argument("--rate", type=float, default=800.0, help="open: offered claims per second")
     p.add_argument("--timeline", action="store_true", help="log each process's CPU share every 0.5 s of a phase")
     args = p.parse_args(argv)
     install_signal_exit()
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = Path(f"/tmp/pyspy-{args.label or 'run'}-{role}-{n}.txt")
                 spy = (args.pyspy, pid, path)
                 log(f"  profiling {role} (pid {pid}) into {path}")
-            records.append(phase(runner, system, args.claims, spy, args.mode, args.timeline))
+            records.append(phase(runner, system, args.claims, spy, args.mode, args.timeline, args.rate))
         medians = {k: statistics.median(r["ms"][k] for r in records) for k in records[0]["ms"]}
         bridge = statistics.median(
             sum(v for k, v in r["ms"].items() if k not in ("broker", "loadgen")) for r in records
