@@ -23,6 +23,7 @@ __all__ = [
     "PatternNotFollowed",
     "ProvbridgeError",
     "StorageError",
+    "TooManyStreams",
     "UsageError",
     "WorkerError",
 ]
@@ -69,6 +70,14 @@ class ApiError(ProvbridgeError):
         self.status = status
         self.message = message
         self.code = code
+
+
+class TooManyStreams(ProvbridgeError):
+    """An admin token asked for one more live-event stream than it may hold open (bridge/api/live.py)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this admin token has {limit} live-event streams open already; close one first")
+        self.limit = limit
 
 
 class BodyTooLarge(ProvbridgeError):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bridge.api.live import MAX_STREAMS_PER_TOKEN
 from bridge.api.server import server_config
 from bridge.api.sessions import COOKIE, IDLE_SECONDS, MAX_SECONDS, MAX_SESSIONS_PER_TOKEN, Sessions
 from bridge.config import Settings
@@ -31,6 +32,7 @@ from tests.helpers.bridge import Bridge
 from tests.helpers.mqtt import token_session
 from tests.helpers.refresh import provisioned
 from tests.helpers.tls import initialise, tls_settings
+from tests.helpers.waiting import wait_for
 
 
 def make_token(bridge: Bridge, *scopes: str, tenant: str | None = None) -> tokens.Created:
@@ -219,6 +221,34 @@ def test_an_open_stream_ends_once_its_admin_token_is_revoked(bridge: Bridge) -> 
         stream.next_where("ended", {}, timeout=30)
         assert stream.finished.wait(30)  # and the server closed it: nothing more reaches a revoked token
         stream.close()
+
+
+def test_a_token_holds_a_bounded_number_of_open_streams(bridge: Bridge) -> None:
+    """Each stream is a queue and a connection: one token cannot open them without end (429 too_many_streams),
+    another token is not held back by it, and a closed stream makes room again."""
+    with api_server(bridge.settings) as api:
+        browser = log_in(api, make_token(bridge, "read").raw)
+        streams = [EventStream(browser) for _ in range(MAX_STREAMS_PER_TOKEN)]
+        assert all(stream.response.status == 200 for stream in streams)
+        cookie = {"Cookie": f"{COOKIE}={browser.cookie}"}
+        refused = api.request("GET", "/ui/events/stream", headers=cookie)
+        assert refused.status == 429, refused
+        assert refused.json()["error"]["code"] == "too_many_streams"
+        other = EventStream(log_in(api, make_token(bridge, "read").raw))
+        assert other.response.status == 200
+        other.next_where("ready", {})
+        streams.pop().close()
+        assert wait_for(lambda: _opens(browser), timeout=30)  # once the server has seen that one go
+        for stream in [*streams, other]:
+            stream.close()
+
+
+def _opens(browser: Browser) -> bool:
+    """Whether a stream opens for `browser` now (closed again at once)."""
+    stream = EventStream(browser)
+    status = stream.response.status
+    stream.close()
+    return status == 200
 
 
 def drain(stream: EventStream) -> list[tuple[str, Any]]:

@@ -12,6 +12,7 @@ Errors have one shape, `{"error": {"code": ..., "message": ...}}`, with these st
     409 conflict              it exists already, or the operation does not apply in its state
     413 payload_too_large     a body over the route's limit
     415 unsupported_media_type  not application/json (text/csv for an import)
+    429 too_many_streams      the admin token holds the most live-event streams it may (bridge/api/live.py)
     500 internal_error        a fault of the bridge; nothing is half done (each change is one transaction)
     503 unavailable           storage busy or unavailable, or Mosquitto (dynsec mode) did not confirm: retry
 

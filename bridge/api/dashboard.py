@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bridge.api.context import ApiContext, Caller, context_of, require, session_token
 from bridge.api.live import Stream
 from bridge.api.sessions import CSRF_HEADER, MAX_SECONDS, Session, cookie_name, csrf_matches
-from bridge.errors import ApiError, ConfigError
+from bridge.errors import ApiError, ConfigError, TooManyStreams
 from bridge.ops import admin_tokens as tokens
 from bridge.storage.records import AdminToken
 
@@ -130,7 +130,9 @@ async def event_stream(caller: Reader, request: Request) -> StreamingResponse:
     context = context_of(request)
     cookie = None if "authorization" in request.headers else request.cookies.get(cookie_name(context.settings.api.tls))
     try:
-        stream = await run_in_threadpool(context.live.open, asyncio.get_running_loop())
+        stream = await run_in_threadpool(context.live.open, asyncio.get_running_loop(), caller.token.id)
+    except TooManyStreams as exc:
+        raise ApiError(429, str(exc), "too_many_streams") from exc
     except (OSError, ConfigError) as exc:
         raise ApiError(503, f"live events are unavailable: {exc}") from exc
     return StreamingResponse(

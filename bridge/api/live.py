@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 
 from bridge.config import Settings
 from bridge.edges.sessions import bridge_client, bridge_client_id
-from bridge.errors import NotFound
+from bridge.errors import NotFound, TooManyStreams
 from bridge.storage.store import Store
 from bridge.tls.certificates import bridge_endpoint
 from provwire import topics
@@ -34,6 +34,8 @@ from provwire import topics
 log = logging.getLogger("provbridge.api")
 
 QUEUE_SIZE = 1000  # per stream
+# Per admin token (a dashboard tab holds one): each stream is a queue of up to QUEUE_SIZE items and a connection.
+MAX_STREAMS_PER_TOKEN = 8
 TENANT_CACHE_SIZE = 100_000  # device id -> tenant name, for presence
 
 
@@ -54,6 +56,7 @@ class Stream:
     """What one open stream has not sent yet."""
 
     loop: asyncio.AbstractEventLoop
+    owner: str  # the admin token's id
     items: "asyncio.Queue[LiveItem]" = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     lagged: bool = False
 
@@ -101,11 +104,14 @@ class LiveEvents:
         # then on nothing is missed, until the connection is lost).
         self.subscriptions = 0
 
-    def open(self, loop: asyncio.AbstractEventLoop) -> Stream:
+    def open(self, loop: asyncio.AbstractEventLoop, owner: str) -> Stream:
         """A new stream for an event loop, fed from now on; `close` it when its client goes. The first one
-        connects to the broker (OSError or ConfigError when the bridge secret cannot be read)."""
-        stream = Stream(loop)
+        connects to the broker (OSError or ConfigError when the bridge secret cannot be read). TooManyStreams
+        when `owner` (an admin token's id) holds MAX_STREAMS_PER_TOKEN open streams already."""
+        stream = Stream(loop, owner)
         with self._lock:
+            if sum(1 for held in self._streams if held.owner == owner) >= MAX_STREAMS_PER_TOKEN:
+                raise TooManyStreams(MAX_STREAMS_PER_TOKEN)
             if self._client is None:
                 self._client = self._connect()  # may raise: then no stream was added
             self._streams.add(stream)
