@@ -103,6 +103,9 @@ def test_lists_filter_by_label_search_and_presence(
     assert listed("--presence", "online") == [made[3]]
     assert listed("--presence", "offline") == [made[4]]  # seen and gone; never seen is neither
     assert listed("--presence", "online", "--label", "line=7") == []
+    assert cli_run(capsys, settings, "tenant", "create", "acme")[0] == 0
+    assert listed("--presence", "online", "--tenant", "default") == [made[3]]  # the presence rows' tenant
+    assert listed("--presence", "online", "--tenant", "acme") == []
     # Every list pages completely, one device at a time, whatever shares a creation second.
     for argv in (["--label", "line=7"], ["--search", "line"], ["--presence", "offline"], []):
         walked, after = [], []
@@ -139,6 +142,7 @@ def test_lists_filter_by_label_search_and_presence(
         DeviceFilter(online=True),
         DeviceFilter(online=False),
         DeviceFilter(tenant_id="ten_x", online=True, hardware_id_prefix="SN-"),
+        DeviceFilter(tenant_id="ten_x", online=False),
     ],
     ids=[
         "all",
@@ -152,6 +156,7 @@ def test_lists_filter_by_label_search_and_presence(
         "online",
         "offline",
         "online-tenant-prefix",
+        "offline-tenant",
     ],
 )
 def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], where: DeviceFilter) -> None:
@@ -173,6 +178,8 @@ def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], wher
         # hardware id (one per tenant) are put in order by id.
         if where.hardware_id is None:
             assert not any("TEMP B-TREE" in row and "RIGHT PART" not in row for row in rows), rows
+        if where.online is not None and where.tenant_id is not None:  # a seek to the tenant, not a walk past others
+            assert any("device_presence_tenant_page (tenant_id=? AND online=?" in row for row in rows), rows
     api = " ".join(
         str(row[3])
         for row in connection.execute("EXPLAIN QUERY PLAN SELECT id FROM devices WHERE api_key_hash = ?", (b"x",))

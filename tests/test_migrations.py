@@ -142,3 +142,21 @@ def test_a_device_revoked_before_the_upgrade_stays_on_the_denylist_as_long_as_it
         assert store.device(device_id).credential_generation == 0
     finally:
         store.close()
+
+
+def test_step_10_gives_presence_rows_recorded_before_it_their_devices_tenant(old_database: Settings) -> None:
+    store = Store(old_database.database_file)
+    devices = store.devices(None, limit=10)
+    store.record_presence([(d.id, True, 1_700_000_000) for d in devices])
+    store.close()
+    with sqlite3.connect(old_database.database_file) as db:  # back to step 9's schema, rows kept
+        db.execute("DROP INDEX device_presence_tenant_page")
+        db.execute("ALTER TABLE device_presence DROP COLUMN tenant_id")
+        db.execute("PRAGMA user_version = 9")
+    store = Store(old_database.database_file)
+    try:
+        rows = store.connection().execute("SELECT device_id, tenant_id FROM device_presence").fetchall()
+        assert sorted((r[0], r[1]) for r in rows) == sorted((d.id, d.tenant_id) for d in devices)
+        assert len(rows) == 2
+    finally:
+        store.close()

@@ -249,6 +249,14 @@ def _add_dashboard_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX provision_keys_tenant_created ON provision_keys (tenant_id, created_at, id)")
 
 
+def _add_presence_by_tenant(db: sqlite3.Connection) -> None:
+    # A tenant's online (or offline) devices a page at a time: with only (online, created_at, device_id), a page of
+    # one tenant's devices read every other tenant's presence rows in between. A device never changes tenant.
+    db.execute("ALTER TABLE device_presence ADD COLUMN tenant_id TEXT")
+    db.execute("UPDATE device_presence SET tenant_id = (SELECT tenant_id FROM devices WHERE id = device_id)")
+    db.execute("CREATE INDEX device_presence_tenant_page ON device_presence (tenant_id, online, created_at, device_id)")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -273,6 +281,9 @@ MIGRATIONS = (
     Migration(8, "device_presence: online and last seen, from the brokers' connection events", _add_presence),
     Migration(
         9, "device_labels, events.device_id, indexes for key pages and the dashboard's filters", _add_dashboard_indexes
+    ),
+    Migration(
+        10, "device_presence.tenant_id: a tenant's devices by presence, a page at a time", _add_presence_by_tenant
     ),
 )
 LATEST = MIGRATIONS[-1].version

@@ -725,9 +725,9 @@ class Store:
 
         Every list is read in the order of an index, so a page costs a page on a fleet of any size: the devices'
         own (migration 4: all, tenant, status; a prefix is a range of `devices_hardware_id`), a label's rows
-        (`device_labels`) or presence (`device_presence_page`), whichever is given, the other filters checked on
-        the rows it yields. The cursor is a row value, so a page seeks straight to it (many devices may share a
-        creation second)."""
+        (`device_labels`) or presence (`device_presence_page`; a tenant's, `device_presence_tenant_page`),
+        whichever is given, the other filters checked on the rows it yields. The cursor is a row value, so a page
+        seeks straight to it (many devices may share a creation second)."""
         clauses: list[str] = []
         args: list[str | int] = []
         if where.label is not None:
@@ -741,6 +741,9 @@ class Store:
         if where.online is not None:
             clauses.append("p.online = ?")
             args.append(int(where.online))
+            if where.tenant_id is not None:  # the presence rows' own copy: a seek into `device_presence_tenant_page`
+                clauses.append("p.tenant_id = ?")
+                args.append(where.tenant_id)
         # Column names below are constants, never input.
         for column, value in (
             ("tenant_id", where.tenant_id),
@@ -1015,8 +1018,8 @@ class Store:
         transaction; the last word per device wins. Devices the bridge does not know are skipped."""
         with self.transaction() as tx:
             tx.connection.executemany(
-                "INSERT INTO device_presence (device_id, online, last_seen, created_at)"
-                " SELECT ?1, ?2, ?3, d.created_at FROM devices d WHERE d.id = ?1"
+                "INSERT INTO device_presence (device_id, online, last_seen, created_at, tenant_id)"
+                " SELECT ?1, ?2, ?3, d.created_at, d.tenant_id FROM devices d WHERE d.id = ?1"
                 " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
                 [(device_id, int(online), at) for device_id, online, at in changes],
             )
