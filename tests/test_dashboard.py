@@ -10,6 +10,7 @@ skipped, except under CI, where it fails (as the Mosquitto tests do).
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,12 +20,15 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, 
 from bridge.config import Settings
 from tests.helpers.api import Api, serve_with_api
 from tests.helpers.bridge import Bridge
+from tests.helpers.devices import claim_devices
 from tests.helpers.mqtt import token_session
 from tests.helpers.refresh import provisioned
+from tests.helpers.waiting import wait_for
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright drives it as it is
 WAIT_MS = 20_000  # generous: every wait below is for a condition, never for a duration
 HOSTILE_NAME = "<img src=x onerror=window.__pwned=1>"
+LIST_PAGE = 100  # devices a page of the dashboard's list shows (`PAGE` in bridge/api/static/app.js)
 
 
 def require_chromium() -> str:
@@ -222,3 +226,33 @@ def test_log_in_create_a_key_see_a_device_live_and_revoke_it(served: Served, pag
     assert not any(served.token in url or value in url or value in (body or "") for _, url, body in watched.requests)
     logged_in = [json.loads(body or "{}") for method, url, body in watched.requests if url.endswith("/ui/session")]
     assert {"token": served.token} in logged_in
+
+
+def test_a_list_of_several_pages_stays_and_counts_what_is_new(
+    served: Served, page: tuple[Page, Watched], initialised: tuple[Settings, str]
+) -> None:
+    """Live claims refresh the first page; once the user asked for more pages, they stay, and a button says how
+    many devices came since (a factory's stream of claims would otherwise throw the pages away every moment)."""
+    p, _ = page
+    claim_devices(initialised[0], served.bridge.store, initialised[1], LIST_PAGE + 5)
+    seeded_at = int(time.time())
+    log_in(p, served)
+    expect(p.get_by_test_id("stream-status")).to_have_text("live")
+    rows = p.get_by_test_id("device-row")
+    expect(rows).to_have_count(LIST_PAGE)
+    p.get_by_test_id("devices-more").click()
+    expect(rows).to_have_count(LIST_PAGE + 5)
+
+    # Newest first is by creation second, then id: a second later than every seeded device, it heads the list.
+    assert wait_for(lambda: int(time.time()) > seeded_at)
+    device, _ = provisioned(served.bridge)
+    newer = p.get_by_test_id("devices-newer")
+    expect(newer).to_be_visible()
+    expect(newer).to_contain_text("1 new")
+    expect(rows).to_have_count(LIST_PAGE + 5)  # the pages asked for are still there
+    assert p.locator(f'tr[data-device-id="{device.device_id}"]').count() == 0
+
+    newer.click()
+    expect(rows.first).to_have_attribute("data-device-id", device.device_id)
+    expect(rows).to_have_count(LIST_PAGE)
+    expect(newer).to_be_hidden()

@@ -4,34 +4,16 @@ rotated. Through the CLI as an operator runs it (in this process), on devices ma
 
 import io
 import json
-import uuid
 from typing import Any
 
 import pytest
 
 from bridge.config import Settings
-from bridge.edges.core import claim_handlers
 from bridge.ops import devices
 from bridge.storage.store import DeviceFilter, PageCursor, Store
-from provwire import crypto, topics
-from provwire.models import Claim, to_json
 from tests.helpers.bridge import Bridge
 from tests.helpers.cli import cli_json, cli_run
-from tests.helpers.devices import provision
-
-
-def claim_devices(settings: Settings, store: Store, key: str, count: int, prefix: str = "hw") -> list[str]:
-    """`count` devices made by real claims through the claim handlers (no broker needed); their ids."""
-    handlers = claim_handlers(settings, store)
-    made = []
-    for n in range(count):
-        hardware_id = f"{prefix}-{n:03d}-{uuid.uuid4().hex[:6]}"
-        public_key = crypto.b64encode(crypto.sec1(crypto.generate_private_key().public_key()))
-        claim = Claim(request_id=uuid.uuid4().hex, provision_key=key, hardware_id=hardware_id, public_key=public_key)
-        outcome = handlers.handle(topics.claim_topic(settings.topic_prefix, hardware_id), to_json(claim))
-        made.append(json.loads(outcome.answer or b"{}")["device_id"])
-    return made
-
+from tests.helpers.devices import claim_devices, provision
 
 # --- lists -----------------------------------------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ import uuid
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bridge.config import Settings
+from bridge.edges.core import claim_handlers
+from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.models import Claim, ClaimError, ClaimOk, Credentials, to_json
 from tests.helpers.bridge import Bridge
@@ -105,3 +108,16 @@ def race_one_time_key(bridge: Bridge, contenders: int = 50) -> list[dict[str, ob
     assert sum(s.get("code") == "permission_denied" for s in statuses) == contenders - 1
     assert bridge.store.count("devices") == 1
     return statuses
+
+
+def claim_devices(settings: Settings, store: Store, key: str, count: int, prefix: str = "hw") -> list[str]:
+    """`count` devices made by real claims through the claim handlers (no broker needed); their ids."""
+    handlers = claim_handlers(settings, store)
+    made = []
+    for n in range(count):
+        hardware_id = f"{prefix}-{n:03d}-{uuid.uuid4().hex[:6]}"
+        public_key = crypto.b64encode(crypto.sec1(crypto.generate_private_key().public_key()))
+        claim = Claim(request_id=uuid.uuid4().hex, provision_key=key, hardware_id=hardware_id, public_key=public_key)
+        outcome = handlers.handle(topics.claim_topic(settings.topic_prefix, hardware_id), to_json(claim))
+        made.append(json.loads(outcome.answer or b"{}")["device_id"])
+    return made

@@ -311,7 +311,9 @@ async function loadTenants() {
 
 // --- devices ----------------------------------------------------------------------------------------------
 
-const devices = { gen: 0, cursor: null, rows: new Map(), selected: null, reloadTimer: null };
+// `pages`: how many pages the list shows; `unseen`: devices provisioned since it was read, once it shows more than
+// the first page (reloading it then would throw away the pages the user asked for).
+const devices = { gen: 0, cursor: null, rows: new Map(), selected: null, reloadTimer: null, pages: 0, unseen: 0 };
 
 // Presence the stream told, which the database may not have yet (the bridge writes presence in batches):
 // a row shows whichever is newer.
@@ -358,18 +360,31 @@ async function loadDevices(append = false) {
     body.append(row);
   }
   devices.cursor = page.next_cursor;
+  devices.pages = append ? devices.pages + 1 : 1;
+  if (!append) showUnseen(0);
   $("devices-more").hidden = !page.next_cursor;
   $("devices-empty").hidden = devices.rows.size > 0;
 }
 
 // After a claim, the first page again; at most one reload in flight per RELOAD_DELAY_MS, so a herd of claims
-// costs a few list reads, not one each.
+// costs a few list reads, not one each. A list of several pages stays as it is and counts what is new instead.
 function scheduleDevicesReload() {
+  if (devices.pages > 1) {
+    showUnseen(devices.unseen + 1);
+    return;
+  }
   if (devices.reloadTimer !== null || !session.csrf) return;
   devices.reloadTimer = setTimeout(() => {
     devices.reloadTimer = null;
     guarded(loadDevices)();
   }, RELOAD_DELAY_MS);
+}
+
+function showUnseen(count) {
+  devices.unseen = count;
+  const button = $("devices-newer");
+  button.textContent = `${count} new since this list was read: show the newest`;
+  button.hidden = count === 0;
 }
 
 function deviceRow(device) {
@@ -994,6 +1009,7 @@ function wire() {
     $(id).addEventListener("change", guarded(() => loadDevices()));
   }
   $("devices-more").addEventListener("click", guarded(() => loadDevices(true)));
+  $("devices-newer").addEventListener("click", guarded(() => loadDevices()));
   $("keys-more").addEventListener("click", guarded(() => loadKeys(true)));
   $("detail-close").addEventListener("click", closeDetail);
   for (const action of ["revoke", "reinstate", "reset", "delete"]) {
