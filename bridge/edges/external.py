@@ -143,12 +143,16 @@ class ExternalBridge(PahoEdge):
         assert self._loop is not None
         self._loop.add_reader(sock, self._readable, client, sock)
 
-    @staticmethod
-    def _readable(client: mqtt.Client, sock: CoalescingSocket) -> None:
-        client.loop_read()
-        # Bytes read into the socket's buffer (or decrypted by TLS) make the socket no more readable.
-        while sock.pending() and client.socket() is not None:
+    def _readable(self, client: mqtt.Client, sock: CoalescingSocket) -> None:
+        try:
             client.loop_read()
+            # Bytes read into the socket's buffer (or decrypted by TLS) make the socket no more readable.
+            while client.socket() is sock and sock.pending():
+                client.loop_read()
+        finally:  # a callback raised (paho passes it on): what is read already must not wait for the next packet
+            if client.socket() is sock and sock.pending():
+                assert self._loop is not None
+                self._loop.call_soon(self._readable, client, sock)
 
     def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
         assert self._loop is not None
