@@ -311,9 +311,20 @@ async function loadTenants() {
 
 // --- devices ----------------------------------------------------------------------------------------------
 
-// `pages`: how many pages the list shows; `unseen`: devices provisioned since it was read, once it shows more than
-// the first page (reloading it then would throw away the pages the user asked for).
-const devices = { gen: 0, cursor: null, rows: new Map(), selected: null, reloadTimer: null, pages: 0, unseen: 0 };
+// `pages`: how many pages the list shows. Once it shows more than the first, what would reload it (a claim, a
+// catch-up) is noted on a button instead, which would otherwise throw away the pages the user asked for:
+// `unseen` devices provisioned since (0: it may have changed, how is not known). `waiting`: claims a pending
+// reload is for.
+const devices = {
+  gen: 0,
+  cursor: null,
+  rows: new Map(),
+  selected: null,
+  reloadTimer: null,
+  pages: 0,
+  unseen: 0,
+  waiting: 0,
+};
 
 // Presence the stream told, which the database may not have yet (the bridge writes presence in batches):
 // a row shows whichever is newer.
@@ -361,30 +372,43 @@ async function loadDevices(append = false) {
   }
   devices.cursor = page.next_cursor;
   devices.pages = append ? devices.pages + 1 : 1;
-  if (!append) showUnseen(0);
+  if (!append) forgetNewer();
   $("devices-more").hidden = !page.next_cursor;
   $("devices-empty").hidden = devices.rows.size > 0;
 }
 
-// After a claim, the first page again; at most one reload in flight per RELOAD_DELAY_MS, so a herd of claims
-// costs a few list reads, not one each. A list of several pages stays as it is and counts what is new instead.
-function scheduleDevicesReload() {
+// After `claims` new devices (0: a catch-up, how many unknown), the first page again; at most one reload in
+// flight per RELOAD_DELAY_MS, so a herd of claims costs a few list reads, not one each. A list of several
+// pages stays as it is, also when the user asked for more while a reload was pending.
+function scheduleDevicesReload(claims) {
   if (devices.pages > 1) {
-    showUnseen(devices.unseen + 1);
+    noteNewer(claims);
     return;
   }
+  devices.waiting += claims;
   if (devices.reloadTimer !== null || !session.csrf) return;
   devices.reloadTimer = setTimeout(() => {
     devices.reloadTimer = null;
-    guarded(loadDevices)();
+    const waiting = devices.waiting;
+    devices.waiting = 0;
+    if (devices.pages > 1) noteNewer(waiting);
+    else guarded(loadDevices)();
   }, RELOAD_DELAY_MS);
 }
 
-function showUnseen(count) {
-  devices.unseen = count;
+function noteNewer(claims) {
+  devices.unseen += claims;
   const button = $("devices-newer");
-  button.textContent = `${count} new since this list was read: show the newest`;
-  button.hidden = count === 0;
+  button.textContent =
+    devices.unseen > 0
+      ? `${devices.unseen} new since this list was read: show the newest`
+      : "This list may have changed: show the newest";
+  button.hidden = false;
+}
+
+function forgetNewer() {
+  devices.unseen = 0;
+  $("devices-newer").hidden = true;
 }
 
 function deviceRow(device) {
@@ -444,7 +468,7 @@ function onPresence(change) {
     const last = $("detail-last-seen");
     if (last) last.textContent = fmtTime(change.time);
   }
-  if ($("devices-presence").value) scheduleDevicesReload(); // it may have left, or joined, the filtered list
+  if ($("devices-presence").value) scheduleDevicesReload(0); // it may have left, or joined, the filtered list
 }
 
 async function openDevice(deviceId) {
@@ -914,7 +938,7 @@ function fromStream(kind, message) {
     onPresence(data);
     return;
   }
-  if (data.event === "device.provisioned" || data.event === "device.reprovisioned") scheduleDevicesReload();
+  if (data.event === "device.provisioned" || data.event === "device.reprovisioned") scheduleDevicesReload(1);
   if (data.device_id && data.device_id === devices.selected) {
     const list = $("detail-events");
     if (list.firstElementChild && !list.firstElementChild.dataset.event) list.replaceChildren();
@@ -925,7 +949,7 @@ function fromStream(kind, message) {
 // The device list read again from the database: until the stream is ready (after a login, a reconnection), or
 // when it lagged, changes may have gone by unseen.
 function catchUp() {
-  scheduleDevicesReload();
+  scheduleDevicesReload(0);
 }
 
 function setStreamStatus(text) {
