@@ -66,8 +66,9 @@ class PahoEdge:
         # Device connections, as the provbridge_jwt plugin publishes them (None: not taken, as in dynsec mode).
         self.presence: PresenceRecorder | None = None
 
+        client_id = self.shard.client_id(self.settings)
         client = bridge_client(
-            self.settings, self.shard.client_id(self.settings), True, self.client_class, manual_ack=True
+            self.settings, client_id, persistent=True, client_class=self.client_class, manual_ack=True
         )
         if self.shard.owns_status:
             offline = core.status(online=False)
