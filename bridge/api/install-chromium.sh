@@ -19,19 +19,9 @@ cannot() {
     exit 0
 }
 
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=""
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-else
-    cannot "this user cannot install packages (Debian/Ubuntu: sudo apt-get install chromium)"
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    cannot "apt-get is not available: install Chromium yourself as $CHROMIUM"
-fi
-
-export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=../apt.sh
+. "$(dirname "$0")/../apt.sh"
+apt_ready chromium "install Chromium yourself as $CHROMIUM"
 $SUDO apt-get update -qq || cannot "apt-get update failed"
 # Without the recommended extras (a desktop's daemons); one font, so that pages lay out text as they would.
 $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null ||

@@ -33,17 +33,9 @@ if [ -z "$PACKAGES" ]; then
     exit 0
 fi
 
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=""
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-else
-    cannot "this user cannot install packages (Debian/Ubuntu: sudo apt-get install mosquitto)"
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    cannot "apt-get is not available: install Mosquitto 2.x yourself"
-fi
+# shellcheck source=../apt.sh
+. "$(dirname "$0")/../apt.sh"
+apt_ready "$PACKAGES" "install Mosquitto 2.x yourself"
 
 # invoke-rc.d asks /usr/sbin/policy-rc.d whether it may start services; 101 means "no". Put one
 # in place for the install only, unless the machine already has its own (containers often do).
@@ -58,7 +50,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086 # a list of package names
 $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
