@@ -536,12 +536,23 @@ class Store:
         inside, on this thread, is a savepoint of it, and all of them commit together at the end, or none
         if the commit fails. One BEGIN, one COMMIT and one turn of the write locks for the lot: those cost
         a claim more than its own statements."""
+        self._savepoint_journal_in_memory()
         with self._immediate():
             self._local.batch = True
             try:
                 yield
             finally:
                 self._local.batch = False
+
+    def _savepoint_journal_in_memory(self) -> None:
+        # A batch's savepoints keep the pages they change in a journal that SQLite moves to a temporary file past
+        # 64 KiB: every batch then created one, wrote it page by page and deleted it, about a tenth of the claim
+        # worker's CPU (docs/BENCHMARKS.md). In memory it is bounded by the pages of one batch. Read by SQLite at
+        # BEGIN, so set before; on the batching connection only (the claim worker's), so that nothing else, a
+        # migration's index build say, holds its temporary data in memory.
+        if not getattr(self._local, "temp_in_memory", False):
+            self._connection().execute("PRAGMA temp_store=MEMORY")
+            self._local.temp_in_memory = True
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
@@ -614,6 +625,7 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            self._local.temp_in_memory = False
 
     # --- tenants -------------------------------------------------------------------------
 
