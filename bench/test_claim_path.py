@@ -94,7 +94,7 @@ def sample(env: Env) -> dict[str, Any]:
     assert isinstance(claim, Claim)
     cloud = env.keys.cloud_key
     shared = crypto.shared_secret(cloud, crypto.public_key_from_sec1(claim.public_key_sec1))
-    device_id = identifiers.new_device_id()
+    device_id = identifiers.new_device_id(time.time())
     grant = _sign(env, device_id)
     credentials = _credentials(env, device_id, grant.token, grant.expires_at, grant.publish, grant.subscribe)
     return {
@@ -236,7 +236,7 @@ def test_08_transaction(benchmark: Any, env: Env, sample: dict[str, Any]) -> Non
             assert key is not None
             assert tx.device_by_hardware_id(key.tenant_id, hardware_id) is None
             device = Device(
-                id=identifiers.new_device_id(),
+                id=identifiers.new_device_id(now),
                 tenant_id=key.tenant_id,
                 tenant_name=key.tenant_name,
                 hardware_id=hardware_id,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -56,12 +57,28 @@ def test_parse_claim_reports_fields_without_echoing_input() -> None:
 def test_secrets_have_their_documented_shapes() -> None:
     assert identifiers.new_provision_key().startswith("pk_") and len(identifiers.new_provision_key()) == 46
     assert identifiers.new_api_key().startswith("dk_")
-    device_id = identifiers.new_device_id()
-    assert device_id.startswith("dev_") and len(device_id) == 30 and device_id == device_id.lower()
+    device_id = identifiers.new_device_id(1_800_000_000.0)
+    assert re.fullmatch(r"dev_[a-z2-7]{26}", device_id)
     code = identifiers.new_human_code()
     assert identifiers.CODE_RE.fullmatch(code)
     assert identifiers.normalise_key(code.lower().replace("-", "-")) == code
     assert identifiers.normalise_key("pk_abc") == "pk_abc"  # pk_ keys are case-sensitive
+
+
+def test_device_ids_sort_by_creation_and_differ_within_a_millisecond() -> None:
+    """Ids made later sort after (the devices' indexes are appended to, docs/BENCHMARKS.md); 80 random bits
+    apart from the time, so ids made in the same millisecond still differ, in any order."""
+    times = [1_700_000_000.0, 1_700_000_000.001, 1_700_000_000.5, 1_700_000_031.999, 1_800_000_000.0, 4_000_000_000.0]
+    ids = [identifiers.new_device_id(now) for now in times]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    same_millisecond = {identifiers.new_device_id(1_700_000_000.0) for _ in range(1000)}
+    assert len(same_millisecond) == 1000
+    assert len({device_id[:14] for device_id in same_millisecond}) == 1  # the time: the first 10 characters
+    suffix = ids[0].removeprefix("dev_")
+    value = sum(
+        identifiers.SORTABLE_BASE32.index(c) << shift for c, shift in zip(suffix, range(125, -1, -5), strict=True)
+    )
+    assert value >> 80 == 1_700_000_000_000
 
 
 def test_durations() -> None:

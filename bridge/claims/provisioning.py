@@ -393,7 +393,7 @@ class ClaimPreparer:
             return Outcome(reply_to, to_json(error), sampled(self.limits, [rejected], now), REJECTED)
         # The expensive, side-effect-free work happens before the write lock is taken.
         shared = crypto.shared_secret(cloud_key, crypto.public_key_from_sec1(claim.public_key_sec1))
-        fresh = Fresh(device_id=identifiers.new_device_id(), api_key=identifiers.new_api_key())
+        fresh = Fresh(device_id=identifiers.new_device_id(now), api_key=identifiers.new_api_key())
         return Prepared(reply_to, request, shared, fresh)
 
 

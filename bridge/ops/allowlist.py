@@ -246,7 +246,7 @@ def _entry(tenant_id: str, new: NewEntry, with_credentials: bool, now: int) -> A
     entry = AllowlistEntry(
         tenant_id=tenant_id,
         hardware_id=new.hardware_id,
-        device_id=identifiers.new_device_id() if with_credentials else None,
+        device_id=identifiers.new_device_id(now) if with_credentials else None,
         api_key_hash=None if api_key is None else identifiers.digest(api_key),
         name=new.name,
         labels=dict(new.labels),
