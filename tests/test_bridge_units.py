@@ -1,9 +1,11 @@
 """Pure functions and admin actions of the bridge (no broker needed)."""
 
+import base64
 import json
 import os
 import re
 import stat
+import string
 import time
 from pathlib import Path
 
@@ -73,11 +75,10 @@ def test_device_ids_sort_by_creation_and_differ_within_a_millisecond() -> None:
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     same_millisecond = {identifiers.new_device_id(1_700_000_000.0) for _ in range(1000)}
     assert len(same_millisecond) == 1000
-    assert len({device_id[:14] for device_id in same_millisecond}) == 1  # the time: the first 10 characters
-    suffix = ids[0].removeprefix("dev_")
-    value = sum(
-        identifiers.SORTABLE_BASE32.index(c) << shift for c, shift in zip(suffix, range(125, -1, -5), strict=True)
-    )
+    assert len({device_id[:13] for device_id in same_millisecond}) == 1  # 48 bits of time: 9 characters and 3 bits
+    to_rfc4648 = str.maketrans(identifiers.SORTABLE_BASE32, string.ascii_uppercase + "234567")
+    standard = ids[0].removeprefix("dev_").translate(to_rfc4648)
+    value = int.from_bytes(base64.b32decode(standard + "======"), "big")
     assert value >> 80 == 1_700_000_000_000
 
 
