@@ -42,6 +42,7 @@ from bench.common import (
 from bench.loadgen import KEY_ENV
 from bench.run import make_data_dir
 from bench.seed import seed_devices
+from bridge.ops import allowlist
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -215,8 +216,8 @@ def render(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"The import was done {results['import']['seconds_until_done']} s after it started (its writes are 500 rows"
-        " a transaction, bridge/ops/allowlist.py).",
+        f"The import was done {results['import']['seconds_until_done']} s after it started (its writes are"
+        f" {allowlist.IMPORT_BATCH} rows a transaction, bridge/ops/allowlist.py).",
         "",
         END,
     ]

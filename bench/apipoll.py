@@ -21,8 +21,8 @@ PAGE = 100
 
 
 class ApiPoller:
-    def __init__(self, system: System) -> None:
-        self.port = system.api_port if system.kind == "provbridge" else None
+    def __init__(self, system: System, enabled: bool = True) -> None:
+        self.port = system.api_port if enabled and system.kind == "provbridge" else None
         self.token = system.data_dir.admin_token
         self.latencies: list[float] = []
         self.errors = 0

@@ -84,6 +84,7 @@ class Plan:
     min_closed_seconds: float = 3.0  # the echo floor's closed loop is made at least this long
     procs_check: bool = True  # re-run the floor with two load generator processes
     bridge_env: dict[str, str] = field(default_factory=dict)  # extra PROVBRIDGE_* settings for `serve`
+    api_poll: bool = True  # page through the admin API during each bridge phase (bench/apipoll.py)
 
     def devices_for(self, target: str) -> int:
         return self.target_devices.get(target, self.devices)
@@ -219,7 +220,7 @@ class Runner:
                 hwm_reset = {role: reset_peak_rss(pid) for role, pid in pids.items()}
                 cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 t0 = time.monotonic()
-                with RssSampler(pids) as sampler, ApiPoller(system) as api_poll:
+                with RssSampler(pids) as sampler, ApiPoller(system, self.plan.api_poll) as api_poll:
                     assert lg.stdin is not None
                     lg.stdin.write("GO\n")
                     lg.stdin.flush()
@@ -527,6 +528,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         metavar="PROVBRIDGE_X=V",
         help="a setting for `provbridge serve`, e.g. PROVBRIDGE_CLAIMS__WORKERS=8 (repeatable)",
     )
+    p.add_argument(
+        "--no-api-poll",
+        action="store_true",
+        help="leave the admin API idle (with --bridge-env PROVBRIDGE_API__ENABLED=false: not started), to measure"
+        " what polling it costs the claims",
+    )
     p.add_argument("--log-level", default="INFO", help="the bridge's log level (INFO: the default, one line a claim)")
     p.add_argument("--no-micro", action="store_true", help="skip the claim-path micro-suite")
     p.add_argument(
@@ -567,6 +574,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         min_closed_seconds=preset["min_closed_seconds"],
         procs_check=preset["procs_check"],
         bridge_env=dict(item.split("=", 1) for item in args.bridge_env),
+        api_poll=not args.no_api_poll,
     )
     if any(not key.startswith("PROVBRIDGE_") for key in plan.bridge_env):
         p.error("--bridge-env takes PROVBRIDGE_* settings only")

@@ -92,6 +92,11 @@ class StorageError(ProvbridgeError):
     """The database failed; the operation changed nothing and may be retried."""
 
 
+class BrokersNotTold(ProvbridgeError):
+    """A change is in the database, but the denylist the brokers read could not be written: they accept what the
+    change refused until it is. Running the same change again (or `provbridge denylist publish`) tells them."""
+
+
 class MirrorError(ProvbridgeError):
     """The broker did not confirm a mirrored token or revocation; the caller may retry."""
 

@@ -3,13 +3,14 @@
 The helpers tests share (the one MQTT client, the bridge, devices, Mosquitto, ...) are in tests/helpers/.
 """
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bridge.config import Settings
+from bridge.config import Profile, Settings
 from bridge.ops import admin
 from tests.helpers.bridge import Bridge, make_settings, serving_bridge
 from tests.helpers.brokers import EMBEDDED, JWT, bridge_on, use_jwt_plugin
@@ -73,4 +74,20 @@ def verifying_broker(
 ) -> Iterator[Bridge]:
     """The brokers that verify tokens themselves, so every unexpired token of a device is valid."""
     with bridge_on(request.param, initialised, monkeypatch) as bridge:
+        yield bridge
+
+
+# A second topic profile beside the default one (devices/{device_id}/#), so that a change of profile shows in what
+# a device gets.
+SENSOR = Profile(publish=["telemetry/{tenant}/{device_id}"], subscribe=["config/{device_id}/#"])
+
+
+@pytest.fixture
+def profiled(initialised: tuple[Settings, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Bridge]:
+    """The bridge with the "sensor" profile configured, for it and for the CLI run in the test (the environment,
+    which the CLI reads over its config file)."""
+    settings, first_key = initialised
+    profiles = {"default": Profile(), "sensor": SENSOR}
+    monkeypatch.setenv("PROVBRIDGE_PROFILES", json.dumps({name: p.model_dump() for name, p in profiles.items()}))
+    with serving_bridge(settings.model_copy(update={"profiles": profiles}), first_key) as bridge:
         yield bridge

@@ -3,14 +3,21 @@ only it, and the admin-made device id and API key; through the CLI, claims over 
 
 import io
 import json
+import re
+import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from bridge.errors import AlreadyExists
 from bridge.ops import allowlist
 from bridge.storage.records import AllowlistEntry
+from bridge.storage.store import Store
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
@@ -139,7 +146,7 @@ def test_a_csv_import_checks_with_a_dry_run_then_puts_every_entry_on(
     dry = cli_json(capsys, bridge.settings, "allowlist", "import", csv_file, "--dry-run")
     assert dry == {"dry_run": True, "entries": 3} and entries(bridge) == []
     done = cli_json(capsys, bridge.settings, "allowlist", "import", csv_file)
-    assert done == {"dry_run": False, "entries": 3}
+    assert done == {"dry_run": False, "entries": 3, "skipped": []}
     assert sorted(entries(bridge)) == ["SN-1", "SN-2", "SN-3"]
     page = bridge.store.allowlist_page(bridge.store.tenant_id("default"), None, 10)
     one = next(e for e in page if e.hardware_id == "SN-1")
@@ -227,3 +234,265 @@ def test_claims_are_answered_while_a_large_import_runs(bridge: Bridge, tmp_path:
     assert while_staging >= 1, "no claim was answered while the import's rows were being written"
     assert len(bridge.store.allowlist_page(bridge.store.tenant_id("default"), None, 1000)) == 1000
     assert bridge.store.allowlist_conflicts(bridge.store.tenant_id("default"), [f"BULK-{rows - 1:06d}"])
+
+
+# --- CSV import: its transactions, visibility, dead imports, entries taken by a device meanwhile ---------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A bare database with the tenant `default`: imports need no broker."""
+    opened = Store(tmp_path / "provbridge.db")
+    opened.create_tenant("ten_default", "default", 1_000, "test")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@dataclass
+class WriteTransaction:
+    statements: list[str]
+    changes: int  # rows inserted, updated or deleted
+    steps: int  # SQLite virtual-machine instructions run: the work done, reads included, as a count
+
+
+@dataclass
+class Traced:
+    """The write transactions run on this thread's connection, one WriteTransaction each."""
+
+    transactions: list[WriteTransaction] = field(default_factory=list)
+    steps: int = 0
+    _open: list[str] | None = None
+    _changes: int = 0
+    _steps: int = 0
+
+    def statement(self, connection: sqlite3.Connection, sql: str) -> None:
+        # Called before each statement runs: the counts at COMMIT are those of every statement before it.
+        if sql.startswith("BEGIN IMMEDIATE"):
+            self._open, self._changes, self._steps = [], connection.total_changes, self.steps
+        elif self._open is not None and sql == "COMMIT":
+            done = WriteTransaction(self._open, connection.total_changes - self._changes, self.steps - self._steps)
+            self.transactions.append(done)
+            self._open = None
+        elif self._open is not None:
+            self._open.append(sql)
+
+    def step(self) -> int:
+        self.steps += 1
+        return 0  # go on
+
+
+@contextmanager
+def traced(store: Store) -> Iterator[Traced]:
+    connection = store.connection()
+    trace = Traced()
+    connection.set_trace_callback(lambda sql: trace.statement(connection, sql))
+    connection.set_progress_handler(trace.step, 1)
+    try:
+        yield trace
+    finally:
+        connection.set_trace_callback(None)
+        connection.set_progress_handler(None, 1)
+
+
+def csv_of(hardware_ids: Iterable[str]) -> bytes:
+    return ("hardware_id\n" + "".join(f"{hw}\n" for hw in hardware_ids)).encode()
+
+
+def listed(store: Store) -> list[str]:
+    found: list[str] = []
+    after: str | None = None
+    while True:
+        page = allowlist.list_entries(store, "default", after, 1000)
+        found += [e.hardware_id for e in page.entries]
+        if page.next_cursor is None:
+            return found
+        after = page.next_cursor
+
+
+def admitted(store: Store, hardware_id: str) -> bool:
+    """Whether a claim would find the hardware id on the allowlist (the claim path's own lookup)."""
+    with store.transaction() as tx:
+        return tx.allowlist_entry("ten_default", hardware_id) is not None
+
+
+def test_the_last_transaction_of_an_import_is_the_same_for_1k_and_20k_rows(store: Store) -> None:
+    """The import becomes visible in one transaction that changes one row and writes its event, reading no more for
+    20,000 rows than for 1,000; every transaction before it is one slice of at most IMPORT_BATCH entries. Counted
+    (statements, rows changed, SQLite instructions run), not timed."""
+    last: dict[int, WriteTransaction] = {}
+    for rows in (1_000, 20_000):
+        with traced(store) as trace:
+            done = allowlist.import_csv(store, "default", csv_of(f"R{rows}-{n:06d}" for n in range(rows)))
+        assert done.entries == rows and not done.skipped
+        *slices, last[rows] = trace.transactions
+        assert any("SET status = 'done'" in sql for sql in last[rows].statements)
+        assert max(t.changes for t in slices) <= allowlist.IMPORT_BATCH + 1  # + the import's counter
+        staging = [t for t in slices if any("INSERT INTO allowlist " in sql for sql in t.statements)]
+        assert len(staging) == -(-rows // allowlist.IMPORT_BATCH)
+    small, large = ([re.sub(r"'[^']*'|\b\d+\b", "?", sql) for sql in last[n].statements] for n in (1_000, 20_000))
+    assert small == large  # the same statements, values aside
+    assert last[1_000].changes == last[20_000].changes == 2  # the import's status and its `allowlist.imported` event
+    assert last[20_000].steps == last[1_000].steps  # and no more work: nothing in it visits the entries
+    assert last[20_000].steps < min(t.steps for t in staging)
+
+
+def test_an_import_is_invisible_until_its_end_and_then_wholly_visible(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowlist.add_entry(store, "default", allowlist.NewEntry("SN-SINGLE"), False, 2_000)
+    monkeypatch.setattr(allowlist, "IMPORT_BATCH", 10)
+    staged: list[int] = []
+    seen_while_staging: list[tuple[list[str], bool]] = []
+    stage = store.stage_entries
+
+    def stage_and_look(import_id: str, entries: list[AllowlistEntry]) -> list[str]:
+        skipped = stage(import_id, entries)
+        staged.append(len(entries))
+        seen_while_staging.append((listed(store), any(admitted(store, e.hardware_id) for e in entries)))
+        return skipped
+
+    monkeypatch.setattr(store, "stage_entries", stage_and_look)
+    hardware_ids = [f"BULK-{n:03d}" for n in range(35)]
+    done = allowlist.import_csv(store, "default", csv_of(hardware_ids), now=3_000)
+    assert staged == [10, 10, 10, 5]
+    assert seen_while_staging == [(["SN-SINGLE"], False)] * 4  # every entry staged, none listed or admitted
+    assert done.entries == 35
+    assert listed(store) == [*sorted(hardware_ids, reverse=True), "SN-SINGLE"]  # newest first
+    assert all(admitted(store, hw) for hw in hardware_ids)
+
+
+def test_an_import_cut_short_leaves_nothing_visible_and_is_removed_in_slices(store: Store) -> None:
+    """A process that dies mid-import leaves staged rows no one sees; the next import (or `remove_dead_imports`)
+    removes them, ABORT_BATCH rows a transaction, and an abort can no longer be finished."""
+    entries = [AllowlistEntry("ten_default", f"DEAD-{n:04d}", None, created_at=5_000) for n in range(2_500)]
+    store.begin_import("imp_dead", "ten_default", len(entries), 5_000)
+    for start in range(0, len(entries), 500):
+        store.stage_entries("imp_dead", entries[start : start + 500])
+    assert listed(store) == [] and not admitted(store, "DEAD-0000")
+    assert allowlist.remove_dead_imports(store, started_before=5_000) == 0  # not old enough to be dead
+    with traced(store) as trace:
+        assert allowlist.remove_dead_imports(store, started_before=5_001) == 1
+    assert max(t.changes for t in trace.transactions) <= allowlist.ABORT_BATCH
+    assert len(trace.transactions) >= 2_500 // allowlist.ABORT_BATCH
+    db = store.connection()
+    assert [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("allowlist", "allowlist_imports")] == [0, 0]
+    with pytest.raises(AlreadyExists):
+        store.finish_import("imp_dead", lambda listed, skipped: [])
+    assert store.allowlist_conflicts("ten_default", ["DEAD-0000"]) == {}  # the ids can be imported again
+
+
+def test_an_import_that_fails_midway_is_removed_and_a_finished_one_cannot_be(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allowlist, "IMPORT_BATCH", 10)
+    stage = store.stage_entries
+
+    def stage_then_someone_adds(import_id: str, entries: list[AllowlistEntry]) -> list[str]:
+        skipped = stage(import_id, entries)
+        if entries[0].hardware_id == "BULK-000":  # meanwhile an operator adds one of the later lines by hand
+            allowlist.add_entry(store, "default", allowlist.NewEntry("BULK-025"), False, 6_000)
+        return skipped
+
+    monkeypatch.setattr(store, "stage_entries", stage_then_someone_adds)
+    with pytest.raises(AlreadyExists, match="nothing was imported"):
+        allowlist.import_csv(store, "default", csv_of(f"BULK-{n:03d}" for n in range(30)))
+    assert listed(store) == ["BULK-025"]
+    db = store.connection()
+    assert db.execute("SELECT COUNT(*) FROM allowlist_imports").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM allowlist").fetchone()[0] == 1
+
+    monkeypatch.setattr(store, "stage_entries", stage)
+    allowlist.import_csv(store, "default", csv_of(["DONE-1"]))
+    (import_id,) = db.execute("SELECT id FROM allowlist_imports").fetchone()
+    assert store.abort_import(import_id, allowlist.ABORT_BATCH) is False
+    assert "DONE-1" in listed(store)
+
+
+def test_an_entry_whose_hardware_id_becomes_a_device_mid_import_is_skipped_and_reported(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim with an ordinary key does not see staged entries and creates its device; the import then skips
+    that entry (whether it was staged before the device, or came after), names it and counts it in an event."""
+    store = bridge.store
+    monkeypatch.setattr(allowlist, "IMPORT_BATCH", 10)
+    stage = store.stage_entries
+
+    def stage_while_devices_claim(import_id: str, entries: list[AllowlistEntry]) -> list[str]:
+        skipped = stage(import_id, entries)
+        if entries[0].hardware_id == "BULK-000":
+            for hardware_id in ("BULK-003", "BULK-027"):  # staged already; not staged yet
+                answer = claim(bridge, hardware_id, bridge.provision_key)
+                assert isinstance(answer, ClaimOk) and answer.created
+        return skipped
+
+    monkeypatch.setattr(store, "stage_entries", stage_while_devices_claim)
+    done = allowlist.import_csv(store, "default", csv_of(f"BULK-{n:03d}" for n in range(30)), with_credentials=True)
+    assert done.skipped == ["BULK-003", "BULK-027"]
+    assert done.entries == 28 and len(done.credentials) == 28
+    assert {a.entry.hardware_id for a in done.credentials}.isdisjoint(done.skipped)
+    on_list = entries(bridge)
+    assert len(on_list) == 28 and not set(on_list) & set(done.skipped)
+    imported = store.events(event="allowlist.imported")[-1]
+    assert imported["count"] == 28
+    skipped = store.events(event="allowlist.import_skipped")[-1]
+    assert (skipped["count"], skipped["reason"]) == (2, allowlist.SKIPPED_REASON)
+    with store.transaction() as tx:  # the devices are their own, not made with the import's device ids
+        devices = [tx.device_by_hardware_id(store.tenant_id("default"), hw) for hw in done.skipped]
+    assert all(d is not None for d in devices)
+    made = {a.entry.device_id for a in done.credentials}
+    assert not made & {d.id for d in devices if d is not None}
+
+
+def test_every_allowlist_query_reads_an_index(store: Store) -> None:
+    """A page of the list, a claim's lookup and the trigger's costs the same whatever the allowlist's size, and
+    a page never walks past an import's staged rows."""
+    allowlist.add_entry(store, "default", allowlist.NewEntry("SN-1"), False, 100)
+    allowlist.import_csv(store, "default", csv_of(["IMP-1", "IMP-2"]), now=100)
+    store.begin_import("imp_staging", "ten_default", 1, 200)
+    store.stage_entries("imp_staging", [AllowlistEntry("ten_default", "STAGED-1", None, created_at=200)])
+    connection = store.connection()
+    plans: list[str] = []
+    for after in (None, (100, "IMP-2")):
+        connection.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().startswith("SELECT") else None)
+        store.allowlist_page("ten_default", after, 1)
+        connection.set_trace_callback(None)
+    assert len(plans) >= 5
+    with store.transaction() as tx:
+        connection.set_trace_callback(plans.append)
+        tx.allowlist_entry("ten_default", "SN-1")
+        connection.set_trace_callback(None)
+    for sql in plans:
+        rows = [str(row[3]) for row in connection.execute("EXPLAIN QUERY PLAN " + sql)]
+        on_tables = [row for row in rows if row.startswith(("SCAN ", "SEARCH "))]
+        assert on_tables and all("INDEX" in row or "PRIMARY KEY" in row for row in on_tables), (sql, rows)
+        assert not any("TEMP B-TREE" in row for row in rows), (sql, rows)
+    trigger_lookup = (
+        "SELECT 1 FROM allowlist a JOIN allowlist_imports i ON i.id = a.import_id"
+        " WHERE a.tenant_id = ? AND a.hardware_id = ? AND i.status = 'staging' AND i.aborted_at IS NULL"
+    )
+    rows = [str(row[3]) for row in connection.execute("EXPLAIN QUERY PLAN " + trigger_lookup, ("t", "h"))]
+    assert any("sqlite_autoindex_allowlist_1 (tenant_id=? AND hardware_id=?)" in row for row in rows), rows
+
+
+def test_the_list_merges_added_entries_and_imports_in_order_across_pages(store: Store) -> None:
+    for hardware_id, now in (("A-OLD", 50), ("A-100", 100), ("Z-100", 100), ("A-300", 300)):
+        allowlist.add_entry(store, "default", allowlist.NewEntry(hardware_id), False, now)
+    allowlist.import_csv(store, "default", csv_of(["M-1", "M-2", "M-3"]), now=100)
+    allowlist.import_csv(store, "default", csv_of(["K-1", "K-2"]), now=200)
+    allowlist.import_csv(store, "default", csv_of(["E-1"]), now=20)
+    store.begin_import("imp_staging", "ten_default", 1, 250)
+    store.stage_entries("imp_staging", [AllowlistEntry("ten_default", "STAGED", None, created_at=250)])
+    expected = ["A-300", "K-2", "K-1", "Z-100", "M-3", "M-2", "M-1", "A-100", "A-OLD", "E-1"]
+    for limit in (1, 2, 3, 4, 1000):
+        seen: list[str] = []
+        after: str | None = None
+        while True:
+            page = allowlist.list_entries(store, "default", after, limit)
+            assert len(page.entries) <= limit
+            seen += [e.hardware_id for e in page.entries]
+            if page.next_cursor is None:
+                break
+            after = page.next_cursor
+        assert seen == expected, limit

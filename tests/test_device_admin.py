@@ -11,9 +11,12 @@ import pytest
 from bridge.config import Settings
 from bridge.ops import devices
 from bridge.storage.store import DeviceFilter, PageCursor, Store
+from provwire.models import ClaimOk, Credentials
 from tests.helpers.bridge import Bridge
 from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import claim_devices, provision
+from tests.helpers.mqtt import MqttClient
+from tests.helpers.refresh import RefreshingDevice
 
 # --- lists -----------------------------------------------------------------------------------------------------
 
@@ -206,6 +209,42 @@ def test_a_device_update_changes_what_it_names_with_one_event(
     cleared = cli_json(capsys, settings, "device", "update", device_id, "--clear-name", "--remove-group", "boilers")
     assert cleared["changed"] == ["name", "groups"] and store.device(device_id).name is None
     store.close()
+
+
+def subscriptions(bridge: Bridge, credentials: Credentials, *filters: str) -> list[int]:
+    """What the broker grants a device connected with `credentials` for each filter (a QoS, or a failure code)."""
+    device_id = credentials.mqtt.client_id
+    with MqttClient(bridge.port, device_id, device_id, credentials.mqtt.token) as conn:
+        assert conn.connect()
+        return [conn.subscribe(topic_filter)[0] for topic_filter in filters]
+
+
+def test_a_new_profile_scopes_the_tokens_the_device_gets_next(
+    profiled: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge = profiled
+    device = RefreshingDevice(bridge)
+    with device:
+        held = device.provision()
+    device_id = device.device_id
+    mine, config = f"devices/{device_id}/#", f"config/{device_id}/#"
+    assert subscriptions(bridge, held, mine, config) == [1, 0x80]
+    view = cli_json(capsys, bridge.settings, "device", "update", device_id, "--profile", "sensor")
+    assert view["changed"] == ["profile"] and view["profile"] == "sensor"
+    assert bridge.store.device(device_id).profile == "sensor"
+
+    with device:  # its next refresh
+        answer = device.send_refresh(device.refresh_payload())
+    assert isinstance(answer, ClaimOk) and answer.profile == "sensor"
+    refreshed = device.open(answer)
+    assert refreshed.mqtt.publish == [f"telemetry/default/{device_id}"] and refreshed.mqtt.subscribe == [config]
+    assert subscriptions(bridge, refreshed, config, mine) == [1, 0x80]  # the broker holds it to the new scope
+    assert subscriptions(bridge, held, mine) == [1]  # a token it held keeps its scope until it expires
+
+    with device:  # a re-claim (the same key pair) gets the device's profile too
+        again = device.claim(bridge.provision_key)
+    assert isinstance(again, ClaimOk) and again.device_id == device_id and again.profile == "sensor"
+    assert device.open(again).mqtt.subscribe == [config]
 
 
 BAD_DEVICE_UPDATES = {

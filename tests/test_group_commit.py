@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bridge import logs
 from bridge.config import Settings
 from bridge.edges.core import ClaimHandlers, claim_handlers
 from bridge.errors import StorageError
@@ -158,3 +159,31 @@ def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(store: Store
             store.create_tenant("t-3", "third", 0, "test")
     names = {t.name for t in store.tenants()}
     assert "first" not in names and "third" not in names
+
+
+def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_request_id(
+    initialised: tuple[Settings, str], store: Store
+) -> None:
+    """A claim's line and metrics say what its device is answered: made once the batch is committed (or known not
+    to be), each tagged with its own request_id, not the last one the batch bound."""
+    settings, key = initialised
+    handlers = claim_handlers(settings, store)
+    reported: list[tuple[str, str | None]] = []
+    handlers.report = lambda _topic, outcome: reported.append((outcome.summary, logs.current_request_id()))
+    messages = [claim(settings, key) for _ in range(3)]
+    request_ids = [json.loads(payload)["request_id"] for _, payload in messages]
+    handlers.handle_batch(messages)
+    assert [request_id for _, request_id in reported] == request_ids
+    assert all(summary.startswith("device.provisioned") for summary, _ in reported)
+
+    reported.clear()
+    store.connection().execute("PRAGMA busy_timeout = 50")
+    blocker = sqlite3.connect(settings.database_file)
+    blocker.execute("BEGIN EXCLUSIVE")  # the batch cannot be written: each claim is reported as answered
+    try:
+        messages = [claim(settings, key) for _ in range(2)]
+        handlers.handle_batch(messages)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert [summary for summary, _ in reported] == [ErrorCode.INTERNAL_ERROR.value] * 2

@@ -14,11 +14,13 @@ from bridge.config import Settings
 from bridge.ops import admin
 from bridge.storage.records import ProvisionKey
 from bridge.storage.store import PageCursor, Store
+from provwire import crypto
 from provwire.errors import ErrorCode
 from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
 from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import Device
+from tests.helpers.waiting import wait_for
 
 
 def keys_named(store: Store, name: str) -> list[ProvisionKey]:
@@ -45,6 +47,11 @@ def new_key(store: Store, settings: Settings, **spec: Any) -> ProvisionKey:
 def refused(answer: ClaimOk | ClaimError) -> ErrorCode:
     assert isinstance(answer, ClaimError), answer
     return answer.code
+
+
+def granted(answer: ClaimOk | ClaimError) -> ClaimOk:
+    assert isinstance(answer, ClaimOk), answer
+    return answer
 
 
 # --- update -----------------------------------------------------------------------------------------------
@@ -144,6 +151,101 @@ def test_the_registration_limit_applies_to_the_next_claim(bridge: Bridge, capsys
         cli_json(capsys, bridge.settings, "key", "update", made["id"], "--unlimited")
         assert isinstance(third.claim(pk), ClaimOk)
     assert key_row(bridge.store, made["id"]).registrations == 3
+
+
+def test_a_new_profile_scopes_the_devices_the_key_makes_from_then_on(
+    profiled: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge = profiled
+    made = cli_json(capsys, bridge.settings, "key", "create", "--name", "fleet")
+    with Device(bridge) as before:
+        answer = granted(before.claim(made["provision_key"]))
+        assert answer.profile == "default"
+        assert before.open(answer).mqtt.publish == [f"devices/{answer.device_id}/#"]
+    made_before = answer.device_id
+    assert cli_json(capsys, bridge.settings, "key", "update", made["id"], "--profile", "sensor")["changed"] == [
+        "profile"
+    ]
+    with Device(bridge) as after:
+        answer = granted(after.claim(made["provision_key"]))
+        mqtt = after.open(answer).mqtt
+    assert answer.profile == "sensor" and bridge.store.device(answer.device_id).profile == "sensor"
+    assert mqtt.publish == [f"telemetry/default/{answer.device_id}"]
+    assert mqtt.subscribe == [f"config/{answer.device_id}/#"]
+    # A key's profile is the template of the devices it makes: one made before keeps its own, re-claimed too.
+    with before:
+        again = granted(before.claim(made["provision_key"]))
+    assert again.device_id == made_before and again.profile == "default"
+    assert bridge.store.device(made_before).profile == "default"
+
+
+def test_an_expiry_set_by_update_stops_the_key_and_lifting_it_starts_it_again(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = cli_json(capsys, bridge.settings, "key", "create", "--name", "season")
+    pk = made["provision_key"]
+    with Device(bridge) as first:
+        granted(first.claim(pk))
+    ends = cli_json(capsys, bridge.settings, "key", "update", made["id"], "--expires-in", "2s")
+    assert ends["changed"] == ["expires_at"]
+    expires_at = key_row(bridge.store, made["id"]).expires_at
+    assert expires_at is not None
+    assert wait_for(lambda: time.time() >= expires_at + 1, timeout=30)  # the clock past it, not a measure of speed
+    with Device(bridge) as late:
+        assert refused(late.claim(pk)) is ErrorCode.PERMISSION_DENIED
+        rejected = [e for e in events(bridge.store, "claim.rejected") if e.get("hardware_id") == late.hardware_id]
+        assert [e["reason"] for e in rejected] == ["key_expired"]
+        cli_json(capsys, bridge.settings, "key", "update", made["id"], "--expires-in", "1d")
+        granted(late.claim(pk))
+    assert key_row(bridge.store, made["id"]).registrations == 2
+
+
+def test_new_labels_and_groups_go_to_the_devices_the_key_makes_from_then_on(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = bridge.settings
+    made = cli_json(capsys, settings, "key", "create", "--name", "lyon", "--label", "site=lyon", "--group", "eu")
+    with Device(bridge) as first:
+        old = granted(first.claim(made["provision_key"])).device_id
+    cli_json(
+        capsys,
+        settings,
+        *("key", "update", made["id"], "--label", "line=8", "--remove-label", "site", "--group", "fr"),
+        *("--remove-group", "eu"),
+    )
+    with Device(bridge) as second:
+        new = granted(second.claim(made["provision_key"])).device_id
+    shown = cli_json(capsys, settings, "device", "show", new)
+    assert (shown["labels"], shown["groups"]) == ({"line": "8"}, ["fr"])
+    kept = bridge.store.device(old)
+    assert (kept.labels, kept.groups) == ({"site": "lyon"}, ["eu"])  # a device made before keeps its own
+
+    def labelled(label: str) -> list[str]:
+        return [d["id"] for d in cli_json(capsys, settings, "device", "list", "--label", label)["devices"]]
+
+    assert labelled("line=8") == [new] and labelled("site=lyon") == [old]
+
+
+def test_the_reclaim_policy_decides_whether_a_wiped_device_gets_back_in(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = cli_json(capsys, bridge.settings, "key", "create", "--name", "line-3")
+    pk = made["provision_key"]
+    with Device(bridge) as original:
+        device_id = granted(original.claim(pk)).device_id
+    hardware_id = original.hardware_id
+    with Device(bridge, hardware_id) as wiped:  # the same hardware, a new key pair
+        assert refused(wiped.claim(pk)) is ErrorCode.DEVICE_EXISTS
+        cli_json(capsys, bridge.settings, "key", "update", made["id"], "--reclaim", "rotate")
+        answer = granted(wiped.claim(pk))
+        assert answer.device_id == device_id and not answer.created
+        assert wiped.open(answer).mqtt.client_id == device_id
+    assert bridge.store.device(device_id).public_key == crypto.sec1(wiped.private_key.public_key())
+    assert [e["device_id"] for e in events(bridge.store, "device.reprovisioned")] == [device_id]
+    cli_json(capsys, bridge.settings, "key", "update", made["id"], "--reclaim", "reject")
+    with Device(bridge, hardware_id) as wiped_again:
+        assert refused(wiped_again.claim(pk)) is ErrorCode.DEVICE_EXISTS
+    assert bridge.store.count("devices") == 1
 
 
 # --- revoke and reinstate -------------------------------------------------------------------------------------

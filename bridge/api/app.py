@@ -8,33 +8,48 @@ Errors have one shape, `{"error": {"code": ..., "message": ...}}`, with these st
     401 unauthorized          no admin token, or not a live one (wrong, unknown, revoked)
     403 forbidden             the token lacks the scope the route needs
     403 csrf_failed           a change from a dashboard session without its X-CSRF-Token (bridge/api/sessions.py)
-    404 not_found             no such tenant, key, device or entry (or not in the token's tenant)
+    404 not_found             no such tenant, key, device or entry (or not in the token's tenant), or no such path
+    405 method_not_allowed    the path exists, not with this method (the Allow header lists those it has)
     409 conflict              it exists already, or the operation does not apply in its state
     413 payload_too_large     a body over the route's limit
-    415 unsupported_media_type  not application/json (text/csv for an import)
+    415 unsupported_media_type  an import's body not sent as text/csv (a JSON route answers 400 to a non-JSON body)
     429 too_many_streams      the admin token holds the most live-event streams it may (bridge/api/live.py)
     500 internal_error        a fault of the bridge; nothing is half done (each change is one transaction)
     503 unavailable           storage busy or unavailable, or Mosquitto (dynsec mode) did not confirm: retry
 
 The routes are in `bridge.api.routes` (admin) and `bridge.api.backend` (backend scope), the dashboard's in
-`bridge.api.dashboard`. The server runs in its own process (`provbridge api`, or started by `serve`): never on the
-claim path's event loop.
+`bridge.api.dashboard`; docs/API.md lists every one, and the OpenAPI document (`/openapi.json`, `/docs`: an admin
+token of any scope) every one but the dashboard's. The server runs in its own process (`provbridge api`, or
+started by `serve`): never on the claim path's event loop.
 """
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import backend, dashboard, health, routes
-from bridge.api.context import ApiContext
+from bridge.api.context import ERRORS, ApiContext, Caller, ErrorAnswer, require, scope_of_route
 from bridge.config import Settings
-from bridge.errors import AlreadyExists, ApiError, BodyTooLarge, MirrorError, NotFound, StorageError, UsageError
+from bridge.errors import (
+    AlreadyExists,
+    ApiError,
+    BodyTooLarge,
+    BrokersNotTold,
+    MirrorError,
+    NotFound,
+    StorageError,
+    UsageError,
+)
 
 log = logging.getLogger("provbridge.api")
 
@@ -50,16 +65,24 @@ _STATUS_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "too_many_streams",
     500: "internal_error",
     503: "unavailable",
 }
 
 
-def error_response(status: int, message: str, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    # A status without a code of its own still gets one of the documented codes, never a new one.
+    fallback = "internal_error" if status >= 500 else "invalid_request"
+    sent = dict(headers or {})
+    if status == 401:
+        sent["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        {"error": {"code": code or _STATUS_CODES.get(status, "error"), "message": message}},
+        {"error": {"code": code or _STATUS_CODES.get(status, fallback), "message": message}},
         status_code=status,
-        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+        headers=sent or None,
     )
 
 
@@ -94,31 +117,171 @@ class BodyLimit:
             await error_response(413, str(exc))(scope, receive, send)
 
 
+class SecurityHeaders:
+    """The headers every answer carries. Plain ASGI, not FastAPI's `@app.middleware("http")`: that one reads
+    the request through a task group of its own, which wraps a BodyLimit refusal raised in a route's read of
+    its body in an ExceptionGroup, and a streamed import over the limit was answered 500, not 413."""
+
+    def __init__(self, app: ASGIApp, tls: bool) -> None:
+        self.app = app
+        self.tls = tls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = {
+            "Cache-Control": "no-store",  # answers may hold a secret shown once
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+        }
+        if self.tls:
+            extra["Strict-Transport-Security"] = "max-age=31536000"
+        if scope["path"].startswith("/ui"):  # not /docs, whose Swagger UI needs its CDN and inline script
+            extra["Content-Security-Policy"] = dashboard.CONTENT_SECURITY_POLICY
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in extra.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class AdminApi(FastAPI):
+    """FastAPI, whose OpenAPI document says what the API really answers (`document_errors`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            document = get_openapi(
+                title=self.title, version=self.version, description=self.description, routes=self.routes
+            )
+            document_errors(document, served_routes())
+            self.openapi_schema = document
+        return self.openapi_schema
+
+
+meta = APIRouter(include_in_schema=False)
+
+
+@meta.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/")
+
+
+@meta.get("/openapi.json")
+def openapi_document(request: Request, _caller: Caller = Depends(require(None))) -> JSONResponse:  # noqa: B008
+    app: FastAPI = request.app
+    return JSONResponse(app.openapi())
+
+
+@meta.get("/docs")
+def swagger_ui(_caller: Caller = Depends(require(None))) -> HTMLResponse:  # noqa: B008
+    # In a browser: the dashboard's session cookie lets the page in, and goes with its fetch of the document.
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="provbridge admin API (Swagger UI)")
+
+
+# Every route the app serves comes from these: the OpenAPI document and docs/API.md's test walk them (FastAPI's
+# own list of an app's routes nests included routers in private types that change between its versions).
+ROUTERS = (health.router, routes.router, backend.router, dashboard.router, meta)
+
+
+def served_routes() -> list[APIRoute]:
+    return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+
+
+_ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorAnswer"}
+_NOT_READY = {
+    "type": "object",
+    "properties": {
+        "status": {"const": "unavailable"},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        "error": {"$ref": "#/components/schemas/ErrorDetail"},
+    },
+    "required": ["status", "checks", "error"],
+}
+
+
+def _error(status: int) -> dict[str, Any]:
+    return {"description": ERRORS[status], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+
+def document_errors(document: dict[str, Any], routes: list[APIRoute]) -> None:
+    """Make each operation's error responses the ones the API gives, in its one shape: FastAPI documents a 422
+    `HTTPValidationError` the API never answers (a validation error is 400 `invalid_request`) and none of the
+    others. The routes' own `responses` (bridge.api.context.errors) add the errors particular to them."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    error_schema = ErrorAnswer.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorAnswer"] = error_schema
+    for route in routes:
+        takes_token, scope = scope_of_route(route.dependant.dependencies)
+        for method in route.methods or ():
+            operation = document["paths"].get(route.path_format, {}).get(method.lower())
+            if operation is None:  # not in the document (the dashboard's: docs/API.md lists them)
+                continue
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None:  # FastAPI's sign that the route validates its input
+                responses.setdefault("400", _error(400))
+            if "requestBody" in operation:
+                responses.setdefault("413", _error(413))
+            if takes_token:
+                responses.setdefault("401", _error(401))
+                if scope is not None:
+                    responses.setdefault("403", _error(403))
+                responses.setdefault("503", _error(503))
+                operation["x-scope"] = scope or "any"
+                needs = f"an admin token with the `{scope}` scope" if scope else "an admin token of any scope"
+                operation["description"] = f"{operation.get('description', '')}\n\nNeeds {needs}.".strip()
+            responses.setdefault("500", _error(500))
+            operation["responses"] = dict(sorted(responses.items()))
+    readyz = document["paths"].get("/readyz", {}).get("get")
+    if readyz is not None:  # the error shape, and what is down beside it
+        down = {
+            "description": "unavailable: not ready; `checks` names what failed",
+            "content": {"application/json": {"schema": _NOT_READY}},
+        }
+        readyz["responses"] = dict(sorted({**readyz["responses"], "503": down}.items()))
+
+
+def allowed_methods(path: str) -> list[str]:
+    """The methods some route serves `path` with (a 405's Allow header)."""
+    return sorted(
+        {method for route in served_routes() if route.path_regex.match(path) for method in route.methods or ()}
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API for the data dir and broker `settings` name (the store is opened on first use, per process)."""
-    app = FastAPI(
+    app = AdminApi(
         title="provbridge admin API",
         version="1",
         description="Keys, codes, devices, the allowlist, events and the backend endpoints of a provbridge. "
         "Authenticate with `Authorization: Bearer pba_...` (`provbridge admin-token create`). "
-        'Errors: `{"error": {"code", "message"}}`.',
-        docs_url="/docs",
+        'Errors: `{"error": {"code", "message"}}`. The dashboard\'s routes (/ui/...) are in docs/API.md.',
+        # Served by `meta`, behind an admin token: only health is anonymous. No OAuth2 redirect page: no OAuth2.
+        docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.context = ApiContext(settings)
-    app.include_router(health.router)
-    app.include_router(routes.router)
-    app.include_router(backend.router)
-    app.include_router(dashboard.router)
-
-    @app.get("/", include_in_schema=False)
-    def home() -> RedirectResponse:
-        return RedirectResponse("/ui/")
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, str(exc))  # BodyLimit stopped a body without Content-Length as a route read it
 
     @app.exception_handler(UsageError)
     async def usage_error(_request: Request, exc: UsageError) -> JSONResponse:
@@ -136,6 +299,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def broker_error(_request: Request, exc: MirrorError) -> JSONResponse:
         return error_response(503, str(exc))
 
+    @app.exception_handler(BrokersNotTold)
+    async def brokers_not_told(_request: Request, exc: BrokersNotTold) -> JSONResponse:
+        # The change is made; what to do about the brokers is the caller's to know (the same request again).
+        log.warning("%s", exc)
+        return error_response(503, str(exc))
+
     @app.exception_handler(StorageError)
     async def storage_error(_request: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
@@ -148,26 +317,17 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid')}"[:300])
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names the methods of the first route of the path only
+            headers = {"Allow": ", ".join(allowed_methods(request.scope["path"]))}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, exc: Exception) -> JSONResponse:
         log.error("admin API request failed", exc_info=exc)
         return error_response(500, "internal error (logged)")
 
-    @app.middleware("http")
-    async def no_store(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        response = await call_next(request)
-        response.headers["Cache-Control"] = "no-store"  # answers may hold a secret shown once
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        if settings.api.tls:
-            response.headers["Strict-Transport-Security"] = "max-age=31536000"
-        if request.url.path.startswith("/ui"):  # not /docs, whose Swagger UI needs its CDN and inline script
-            response.headers["Content-Security-Policy"] = dashboard.CONTENT_SECURITY_POLICY
-        return response
-
     app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders, tls=settings.api.tls)  # outermost: BodyLimit's 413s carry them too
     return app

@@ -8,7 +8,8 @@
 The device key itself is never handed out: it authenticates the device's token refreshes, so its holder could
 impersonate the device. A purpose key is HKDF-SHA256(device key, info "provbridge v1 purpose key " + label):
 the device derives the same from its own device key (PROTOCOL.md §9.2), and the backend gets only that.
-Every call is an event naming the admin token that made it (actor `api:<token id>`); none carries a secret.
+Every call is an event naming the admin token that made it (actor `api:<token id>`): `backend.cloud_key_read`,
+`backend.purpose_key_derived`, `backend.token_minted`, `backend.api_key_checked`; none carries a secret.
 """
 
 import re
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.api.context import Caller, require
+from bridge.api.context import Caller, errors, require
 from bridge.claims.credentials import device_key_of, device_scope
 from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.errors import ApiError
@@ -76,10 +77,16 @@ def cloud_key(caller: Backend) -> dict[str, str]:
     ring = caller.keys
     public = ring.cloud_key.public_key()
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    # Public, but who reads it (which backends build or check firmware) is still worth a trail.
+    _record(caller, "backend.cloud_key_read", None)
     return {"kid": ring.active_cloud, "sec1_base64": crypto.b64encode(crypto.sec1(public)), "pem": pem}
 
 
-@router.post("/devices/{device_id}/purpose-key", summary="A key for one purpose, derived from the device key")
+@router.post(
+    "/devices/{device_id}/purpose-key",
+    summary="A key for one purpose, derived from the device key",
+    responses=errors(404, 409),
+)
 def purpose_key(device_id: str, body: PurposeKeyRequest, caller: Backend) -> dict[str, str]:
     if LABEL_RE.fullmatch(body.label) is None:
         raise ApiError(400, "label must be 1-64 of A-Z a-z 0-9 . _ : -")
@@ -90,7 +97,11 @@ def purpose_key(device_id: str, body: PurposeKeyRequest, caller: Backend) -> dic
     return {"device_id": device.id, "label": body.label, "key": crypto.b64encode(key)}
 
 
-@router.post("/devices/{device_id}/token", summary="An MQTT token for the device, scoped by its profile")
+@router.post(
+    "/devices/{device_id}/token",
+    summary="An MQTT token for the device, scoped by its profile",
+    responses=errors(404, 409),
+)
 def device_token(device_id: str, body: TokenRequest, caller: Backend) -> dict[str, Any]:
     settings = caller.settings
     if settings.broker.mode == "external" and settings.broker.mosquitto_auth == "dynsec":

@@ -6,10 +6,13 @@ cookie (bridge/api/sessions.py) and, for a change, the session's CSRF token.
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 
 from bridge.api.live import LiveEvents
 from bridge.api.sessions import CSRF_HEADER, Sessions, cookie_name, csrf_matches
@@ -21,6 +24,52 @@ from bridge.storage.keyfiles import KeyRing
 from bridge.storage.records import AdminToken
 from bridge.storage.rotation import LiveKeyRing
 from bridge.storage.store import Store
+
+ErrorCode = Literal[
+    "invalid_request",
+    "unauthorized",
+    "forbidden",
+    "csrf_failed",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "payload_too_large",
+    "unsupported_media_type",
+    "too_many_streams",
+    "internal_error",
+    "unavailable",
+]
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode = Field(description="stable: a client may branch on it (bridge/api/app.py, docs/API.md)")
+    message: str = Field(description="for people: what was wrong, and for a CSV import every bad line")
+
+
+class ErrorAnswer(BaseModel):
+    """Every error the admin API answers, whatever the route (docs/API.md lists the codes)."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int, str] = {
+    400: "invalid_request: malformed JSON, a wrong, missing or unknown field or parameter, a refused value",
+    401: "unauthorized: no admin token, or not a live one (wrong, unknown, revoked)",
+    403: "forbidden: the token lacks the route's scope; csrf_failed: a dashboard change without X-CSRF-Token",
+    404: "not_found: no such tenant, key, device or entry, or not in the token's tenant",
+    409: "conflict: it exists already, or the operation does not apply in its state",
+    413: "payload_too_large: a body over the route's limit",
+    415: "unsupported_media_type: the body is not of the type the route takes",
+    429: "too_many_streams: the admin token holds the most live-event streams it may",
+    500: "internal_error: a fault of the bridge (logged); nothing is half done",
+    503: "unavailable: storage busy or unavailable, or Mosquitto did not confirm: retry",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route for the errors it answers beyond those every route with a token has (401,
+    403, 500, 503, and 400 / 413 where it takes parameters / a body: bridge/api/app.py adds those)."""
+    return {status: {"model": ErrorAnswer, "description": ERRORS[status]} for status in statuses}
 
 
 class ApiContext:
@@ -82,6 +131,11 @@ class Caller:
             raise ApiError(404, f"no tenant {asked!r}")
         return own
 
+    def tenant_or_default(self, asked: str | None) -> str:
+        """The one tenant a request acts on: the token's own when it has one, so that its caller need not name
+        it (naming another is not found); else `asked`, or "default" as the CLI's --tenant."""
+        return self.tenant(asked) or asked or admin.DEFAULT_TENANT
+
     def owns(self, tenant_id: str, what: str) -> None:
         """404, as for something that does not exist, when `tenant_id` is not the token's tenant: a token of one
         tenant learns nothing about another's devices and keys."""
@@ -95,29 +149,57 @@ def context_of(request: Request) -> ApiContext:
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Declared so that the OpenAPI document has the scheme and each route that takes a token says so; it raises
+# nothing itself (auto_error off): `Require` answers a missing or wrong token in the API's own error shape.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="pba_...",
+    description="An admin token (`provbridge admin-token create`); its scopes decide which routes it may call.",
+    auto_error=False,
+)
 
 
-def require(scope: str) -> Callable[..., Caller]:
+class Require:
     """A dependency: the caller, whose bearer token (or dashboard session) is live and has `scope` (401 or 403
-    otherwise)."""
+    otherwise); `scope` None takes a live token of any scope. A class, not a closure, so that the OpenAPI
+    document and docs/API.md's test can read the scope a route needs (`scope_of_route`)."""
 
-    def caller(request: Request, context: ApiContext = Depends(context_of)) -> Caller:  # noqa: B008
-        header = request.headers.get("authorization")
-        if header is None and cookie_name(context.settings.api.tls) in request.cookies:
+    def __init__(self, scope: str | None) -> None:
+        self.scope = scope
+
+    def __call__(
+        self,
+        request: Request,
+        context: ApiContext = Depends(context_of),  # noqa: B008
+        bearer: HTTPAuthorizationCredentials | None = Security(BEARER),  # noqa: B008
+    ) -> Caller:
+        if "authorization" not in request.headers and cookie_name(context.settings.api.tls) in request.cookies:
             token = session_token(request, context)
         else:
-            kind, _, presented = (header or "").partition(" ")
-            if kind.lower() != "bearer" or not presented:
+            if bearer is None:  # no header, or not "Bearer <token>"
                 raise ApiError(401, "an admin token is required: Authorization: Bearer pba_...")
-            bearer = tokens.authenticate(context.store, presented.strip())
-            if bearer is None:
+            found = tokens.authenticate(context.store, bearer.credentials.strip())
+            if found is None:
                 raise ApiError(401, "not a valid admin token (wrong, unknown or revoked)")
-            token = bearer
-        if not tokens.permits(token, scope):
-            raise ApiError(403, f"this admin token lacks the {scope!r} scope")
+            token = found
+        if self.scope is not None and not tokens.permits(token, self.scope):
+            raise ApiError(403, f"this admin token lacks the {self.scope!r} scope")
         return Caller(token, context)
 
-    return caller
+
+def require(scope: str | None) -> Require:
+    return Require(scope)
+
+
+def scope_of_route(dependencies: list[Dependant]) -> tuple[bool, str | None]:
+    """Whether a route (its `dependant.dependencies`) takes an admin token, and the scope it needs (None: any)."""
+    for dependency in dependencies:
+        if isinstance(dependency.call, Require):
+            return True, dependency.call.scope
+        found = scope_of_route(dependency.dependencies)
+        if found[0]:
+            return found
+    return False, None
 
 
 def session_token(request: Request, context: ApiContext) -> AdminToken:

@@ -2,12 +2,20 @@
 needs none (the only routes without one):
 
 GET /healthz   200 while the API process runs
-GET /readyz    200 when the broker accepts a connection where devices and the bridge connect and the
-               database takes a write; 503 otherwise, naming what failed
+GET /readyz    200 when the bridge is connected to its broker and the database takes a write:
+               {"status": "ready", "checks": {"broker": "ok", "database": "ok"}}
+               503 otherwise: the same status and checks, each naming what failed, and the API's error shape, so
+               that a client of the API reads it as it reads any other error:
+               {"status": "unavailable", "checks": {"broker": "not connected: ...", "database": "ok"},
+                "error": {"code": "unavailable", "message": "not ready: broker"}}
+
+The broker check is the bridge's own connection, not a probe of the broker's port: a broker that accepts
+connections is no use while the bridge is not subscribed to it (lost, refused, still reconnecting). The API runs
+in a process of its own, so it reads what the bridge processes share: their `provbridge_broker_connected`
+gauges under `<data_dir>/metrics/` (bridge/metrics/counters.py), those of running processes only.
 """
 
-import socket
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
@@ -32,20 +40,21 @@ def metrics(caller: Annotated[Caller, Depends(require("read"))]) -> Response:
     return Response(counters.exposition(caller.settings.data_dir), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/readyz", summary="Broker reachable and database writable (503 otherwise)")
+@router.get("/readyz", summary="The bridge connected to its broker and the database writable (503 otherwise)")
 def readyz(context: ApiContext = Depends(context_of)) -> JSONResponse:  # noqa: B008
-    checks: dict[str, Any] = {"broker": _broker(context), "database": _database(context)}
-    ready = all(result == "ok" for result in checks.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
+    checks = {"broker": _broker(context), "database": _database(context)}
+    failed = [name for name, result in checks.items() if result != "ok"]
+    if not failed:
+        return JSONResponse({"status": "ready", "checks": checks})
+    error = {"code": "unavailable", "message": f"not ready: {', '.join(failed)}"}
+    return JSONResponse({"status": "unavailable", "checks": checks, "error": error}, 503)
 
 
 def _broker(context: ApiContext) -> str:
-    endpoint = bridge_endpoint(context.settings)
-    try:
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=PROBE_TIMEOUT_SECONDS):
-            return "ok"
-    except OSError as exc:
-        return f"unreachable at {endpoint.host}:{endpoint.port}: {exc.strerror or exc}"
+    if counters.broker_connected(context.settings.data_dir):
+        return "ok"
+    where = bridge_endpoint(context.settings)
+    return f"not connected: no running bridge of this data dir is connected to its broker at {where.host}:{where.port}"
 
 
 def _database(context: ApiContext) -> str:

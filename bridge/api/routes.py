@@ -1,7 +1,9 @@
 """The admin endpoints: tenants, keys and codes, devices and their life cycle, the allowlist, events.
 
 Each calls the function the CLI calls (bridge/ops), so both refuse the same input with the same reason. Reads
-need the `read` scope (or `write`), changes `write`; a token of one tenant sees and changes that tenant only.
+need the `read` scope (or `write`), changes `write`; a token of one tenant sees and changes that tenant only,
+and where a request acts on one tenant without naming it, acts on its own ("default" for a token of every tenant).
+Each route's `responses` lists the errors particular to it; bridge/api/app.py adds those every route has.
 """
 
 import time
@@ -12,8 +14,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.api.context import Caller, require
-from bridge.errors import ApiError
+from bridge.api.context import Caller, errors, require
+from bridge.errors import ApiError, NotFound
 from bridge.ops import admin, allowlist, devices, lifecycle
 from bridge.storage.records import AllowlistEntry, Device, ProvisionKey
 from provwire import crypto
@@ -22,6 +24,11 @@ router = APIRouter(prefix="/v1")
 Reader = Annotated[Caller, Depends(require("read"))]
 Writer = Annotated[Caller, Depends(require("write"))]
 Text = Annotated[str, Field(min_length=1, max_length=256)]
+_TENANT_HELP = "default: the token's own tenant, or 'default' for a token of every tenant"
+# The tenant a change acts on (a body member; a query parameter as TenantQuery): None until the caller's token
+# says (Caller.tenant_or_default), so that a tenant's token need not name its own tenant.
+OneTenant = Annotated[str | None, Field(description=_TENANT_HELP)]
+TenantQuery = Annotated[str | None, Query(description=_TENANT_HELP)]
 
 
 class Body(BaseModel):
@@ -73,13 +80,22 @@ class TenantCreate(Body):
     name: Text
 
 
-@router.get("/tenants", summary="List tenants")
-def list_tenants(caller: Reader) -> list[dict[str, Any]]:
-    own = caller.token.tenant_id
-    return [asdict(t) for t in caller.store.tenants() if own is None or t.id == own]
+@router.get("/tenants", summary="List tenants by name, a page at a time (next_cursor: the next page)")
+def list_tenants(
+    caller: Reader,
+    limit: Annotated[int, Query(ge=1, le=admin.MAX_TENANT_PAGE)] = 100,
+    after: Annotated[str | None, Query(description="the next_cursor of the page before")] = None,
+) -> dict[str, Any]:
+    page = admin.list_tenants(caller.store, after, limit, caller.token.tenant_id)  # a tenant's token: its own only
+    return {"tenants": [asdict(t) for t in page.tenants], "next_cursor": page.next_cursor}
 
 
-@router.post("/tenants", status_code=201, summary="Create a tenant and its default key (its value shown once)")
+@router.post(
+    "/tenants",
+    status_code=201,
+    summary="Create a tenant and its default key (its value shown once)",
+    responses=errors(409),
+)
 def create_tenant(body: TenantCreate, caller: Writer) -> dict[str, Any]:
     if caller.token.tenant_id is not None:
         raise ApiError(403, "a token of one tenant cannot create tenants")
@@ -97,7 +113,7 @@ def create_tenant(body: TenantCreate, caller: Writer) -> dict[str, Any]:
 
 class KeyCreate(Body):
     name: Text
-    tenant: str = "default"
+    tenant: OneTenant = None
     profile: str = "default"
     hardware_id_pattern: str | None = None
     expires_at: int | None = None
@@ -129,7 +145,7 @@ class KeyChange(Body):
 class CodesCreate(Body):
     name: Text
     count: int = Field(ge=1, le=admin.MAX_CODES_AT_ONCE)
-    tenant: str = "default"
+    tenant: OneTenant = None
     profile: str = "default"
     expires_at: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -142,7 +158,11 @@ def _key_of(caller: Caller, key_id: str) -> ProvisionKey:
     return key
 
 
-@router.get("/keys", summary="List provisioning keys and codes, oldest first, a page at a time (next_cursor)")
+@router.get(
+    "/keys",
+    summary="List provisioning keys and codes, oldest first, a page at a time (next_cursor)",
+    responses=errors(404),
+)
 def list_keys(
     caller: Reader,
     tenant: str | None = None,
@@ -154,11 +174,15 @@ def list_keys(
     return {"keys": [key_view(k) for k in page.keys], "next_cursor": page.next_cursor}
 
 
-@router.post("/keys", status_code=201, summary="Create a provisioning key or human code (its value shown once)")
+@router.post(
+    "/keys",
+    status_code=201,
+    summary="Create a provisioning key or human code (its value shown once)",
+    responses=errors(404),
+)
 def create_key(body: KeyCreate, caller: Writer) -> dict[str, Any]:
-    tenant = caller.tenant(body.tenant) or body.tenant
     spec = admin.KeySpec(
-        tenant=tenant,
+        tenant=caller.tenant_or_default(body.tenant),
         name=body.name,
         profile=body.profile,
         hardware_id_pattern=body.hardware_id_pattern,
@@ -176,11 +200,15 @@ def create_key(body: KeyCreate, caller: Writer) -> dict[str, Any]:
     return key_view(key) | {"provision_key": raw}
 
 
-@router.post("/keys/codes", status_code=201, summary="Create one-time human codes in bulk (each shown once)")
+@router.post(
+    "/keys/codes",
+    status_code=201,
+    summary="Create one-time human codes in bulk (each shown once)",
+    responses=errors(404),
+)
 def create_codes(body: CodesCreate, caller: Writer) -> list[dict[str, Any]]:
-    tenant = caller.tenant(body.tenant) or body.tenant
     spec = admin.KeySpec(
-        tenant=tenant,
+        tenant=caller.tenant_or_default(body.tenant),
         name=body.name,
         profile=body.profile,
         expires_at=body.expires_at,
@@ -192,12 +220,12 @@ def create_codes(body: CodesCreate, caller: Writer) -> list[dict[str, Any]]:
     return [{"key_id": key.id, "code": raw, "expires_at": key.expires_at} for key, raw in codes]
 
 
-@router.get("/keys/{key_id}", summary="One provisioning key")
+@router.get("/keys/{key_id}", summary="One provisioning key", responses=errors(404))
 def get_key(key_id: str, caller: Reader) -> dict[str, Any]:
     return key_view(_key_of(caller, key_id))
 
 
-@router.patch("/keys/{key_id}", summary="Change a key (what is not given stays)")
+@router.patch("/keys/{key_id}", summary="Change a key (what is not given stays)", responses=errors(404))
 def update_key(key_id: str, body: KeyChange, caller: Writer) -> dict[str, Any]:
     _key_of(caller, key_id)
     update = admin.KeyUpdate(
@@ -215,13 +243,13 @@ def update_key(key_id: str, body: KeyChange, caller: Writer) -> dict[str, Any]:
     return key_view(key) | {"changed": changed}
 
 
-@router.post("/keys/{key_id}/revoke", summary="Revoke a key: new claims with it are refused")
+@router.post("/keys/{key_id}/revoke", summary="Revoke a key: new claims with it are refused", responses=errors(404))
 def revoke_key(key_id: str, caller: Writer) -> dict[str, Any]:
     _key_of(caller, key_id)
     return key_view(admin.revoke_key(caller.store, key_id, _now(), caller.actor))
 
 
-@router.post("/keys/{key_id}/reinstate", summary="Take claims with a revoked key again")
+@router.post("/keys/{key_id}/reinstate", summary="Take claims with a revoked key again", responses=errors(404))
 def reinstate_key(key_id: str, caller: Writer) -> dict[str, Any]:
     _key_of(caller, key_id)
     return key_view(admin.reinstate_key(caller.store, key_id, _now(), caller.actor))
@@ -246,7 +274,11 @@ def _device_of(caller: Caller, device_id: str) -> Device:
     return device
 
 
-@router.get("/devices", summary="List devices, newest first, a page at a time (next_cursor: the next page)")
+@router.get(
+    "/devices",
+    summary="List devices, newest first, a page at a time (next_cursor: the next page)",
+    responses=errors(404),
+)
 def list_devices(
     caller: Reader,
     tenant: str | None = None,
@@ -268,12 +300,14 @@ def list_devices(
     return JSONResponse({"devices": [device_view(d) for d in page.devices], "next_cursor": page.next_cursor})
 
 
-@router.get("/devices/{device_id}", summary="One device")
+@router.get("/devices/{device_id}", summary="One device", responses=errors(404))
 def get_device(device_id: str, caller: Reader) -> dict[str, Any]:
     return device_view(_device_of(caller, device_id))
 
 
-@router.patch("/devices/{device_id}", summary="Change a device's name, profile, labels or groups")
+@router.patch(
+    "/devices/{device_id}", summary="Change a device's name, profile, labels or groups", responses=errors(404)
+)
 def update_device(device_id: str, body: DeviceChange, caller: Writer) -> dict[str, Any]:
     _device_of(caller, device_id)
     update = devices.DeviceUpdate(
@@ -286,32 +320,57 @@ def update_device(device_id: str, body: DeviceChange, caller: Writer) -> dict[st
     return device_view(device) | {"changed": changed}
 
 
-@router.post("/devices/{device_id}/revoke", summary="Revoke a device: its claims, refreshes and credentials refused")
+@router.post(
+    "/devices/{device_id}/revoke",
+    summary="Revoke a device: its claims, refreshes and credentials refused",
+    responses=errors(404),
+)
 def revoke_device(device_id: str, caller: Writer) -> dict[str, Any]:
     _device_of(caller, device_id)
     return device_view(lifecycle.revoke_device(caller.settings, caller.store, device_id, actor=caller.actor))
 
 
-@router.post("/devices/{device_id}/reinstate", summary="Make a revoked device active (what it held stays refused)")
+@router.post(
+    "/devices/{device_id}/reinstate",
+    summary="Make a revoked device active (what it held stays refused)",
+    responses=errors(404),
+)
 def reinstate_device(device_id: str, caller: Writer) -> dict[str, Any]:
     _device_of(caller, device_id)
     return device_view(lifecycle.reinstate_device(caller.settings, caller.store, device_id, actor=caller.actor))
 
 
-@router.post("/devices/{device_id}/reset", summary="Let a wiped device's next valid claim bring a new key pair, once")
+@router.post(
+    "/devices/{device_id}/reset",
+    summary="Let a wiped device's next valid claim bring a new key pair, once",
+    responses=errors(404),
+)
 def reset_device(device_id: str, caller: Writer) -> dict[str, Any]:
     _device_of(caller, device_id)
     return device_view(lifecycle.reset_device(caller.settings, caller.store, device_id, actor=caller.actor))
 
 
-@router.delete("/devices/{device_id}", summary="Delete a device: its hardware id is free; what it held is refused")
+@router.delete(
+    "/devices/{device_id}",
+    summary="Delete a device: its hardware id is free; what it held is refused",
+    responses=errors(404),
+)
 def delete_device(device_id: str, caller: Writer) -> dict[str, Any]:
-    _device_of(caller, device_id)
+    try:
+        _device_of(caller, device_id)
+    except NotFound:
+        # Deleted already and still refused: deleting it again tells the brokers again, as the CLI does (the
+        # repair after a denylist write that failed). Another tenant's is not found, as any of its devices.
+        gone = caller.store.deleted_device(device_id)
+        if gone is None or caller.token.tenant_name not in (None, gone[0]):
+            raise
     device = lifecycle.delete_device(caller.settings, caller.store, device_id, actor=caller.actor)
     return {"deleted": device.device_id, "tenant": device.tenant, "hardware_id": device.hardware_id}
 
 
-@router.post("/devices/{device_id}/api-key", summary="A new dk_ API key for a device (shown once)")
+@router.post(
+    "/devices/{device_id}/api-key", summary="A new dk_ API key for a device (shown once)", responses=errors(404)
+)
 def rotate_api_key(device_id: str, caller: Writer) -> dict[str, Any]:
     _device_of(caller, device_id)
     device, raw = devices.rotate_api_key(caller.store, device_id, _now(), caller.actor)
@@ -323,35 +382,40 @@ def rotate_api_key(device_id: str, caller: Writer) -> dict[str, Any]:
 
 class EntryCreate(Body):
     hardware_id: Text
-    tenant: str = "default"
+    tenant: OneTenant = None
     name: Text | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     with_credentials: bool = False
 
 
-@router.get("/allowlist", summary="A tenant's allowlist, newest first, a page at a time")
+@router.get("/allowlist", summary="A tenant's allowlist, newest first, a page at a time", responses=errors(404))
 def list_allowlist(
     caller: Reader,
-    tenant: str = "default",
+    tenant: TenantQuery = None,
     limit: Annotated[int, Query(ge=1, le=allowlist.MAX_PAGE)] = 100,
     after: str | None = None,
 ) -> dict[str, Any]:
-    page = allowlist.list_entries(caller.store, caller.tenant(tenant) or tenant, after, limit)
+    page = allowlist.list_entries(caller.store, caller.tenant_or_default(tenant), after, limit)
     return {"entries": [entry_view(e) for e in page.entries], "next_cursor": page.next_cursor}
 
 
-@router.post("/allowlist", status_code=201, summary="Put a hardware id on a tenant's allowlist")
+@router.post(
+    "/allowlist",
+    status_code=201,
+    summary="Put a hardware id on a tenant's allowlist",
+    responses=errors(404, 409),
+)
 def add_allowlist_entry(body: EntryCreate, caller: Writer) -> dict[str, Any]:
     new = allowlist.NewEntry(body.hardware_id, body.name, body.labels)
-    tenant = caller.tenant(body.tenant) or body.tenant
+    tenant = caller.tenant_or_default(body.tenant)
     added = allowlist.add_entry(caller.store, tenant, new, body.with_credentials, _now(), caller.actor)
     view = entry_view(added.entry)
     return view if added.api_key is None else view | {"api_key": added.api_key}
 
 
-@router.delete("/allowlist/{hardware_id}", summary="Take a hardware id off a tenant's allowlist")
-def remove_allowlist_entry(hardware_id: str, caller: Writer, tenant: str = "default") -> dict[str, Any]:
-    allowlist.remove_entry(caller.store, caller.tenant(tenant) or tenant, hardware_id, _now(), caller.actor)
+@router.delete("/allowlist/{hardware_id}", summary="Take a hardware id off a tenant's allowlist", responses=errors(404))
+def remove_allowlist_entry(hardware_id: str, caller: Writer, tenant: TenantQuery = None) -> dict[str, Any]:
+    allowlist.remove_entry(caller.store, caller.tenant_or_default(tenant), hardware_id, _now(), caller.actor)
     return {"removed": hardware_id}
 
 
@@ -359,11 +423,13 @@ def remove_allowlist_entry(hardware_id: str, caller: Writer, tenant: str = "defa
     "/allowlist/import",
     summary="Import a CSV file onto a tenant's allowlist, all or nothing (body: text/csv)",
     openapi_extra={"requestBody": {"content": {"text/csv": {"schema": {"type": "string"}}}, "required": True}},
+    # 409: another import took this one's staged rows for a dead import's while it ran (run it again).
+    responses=errors(404, 409, 415),
 )
 async def import_allowlist(
     request: Request,
     caller: Writer,
-    tenant: str = "default",
+    tenant: TenantQuery = None,
     dry_run: bool = False,
     with_credentials: bool = False,
 ) -> dict[str, Any]:
@@ -371,7 +437,7 @@ async def import_allowlist(
     if kind not in ("text/csv", "text/plain"):
         raise ApiError(415, "send the CSV file as the body, Content-Type: text/csv")
     data = await request.body()
-    scoped = caller.tenant(tenant) or tenant
+    scoped = caller.tenant_or_default(tenant)
     # A bad file is a UsageError (400) whose message lists the lines and what is wrong with each.
     done = allowlist.import_csv(
         caller.store, scoped, data, dry_run=dry_run, with_credentials=with_credentials, actor=caller.actor
@@ -380,13 +446,18 @@ async def import_allowlist(
         {"hardware_id": a.entry.hardware_id, "device_id": a.entry.device_id, "api_key": a.api_key}
         for a in done.credentials
     ]
-    return {"dry_run": done.dry_run, "entries": done.entries, "credentials": credentials}
+    # `skipped`: hardware ids that a claim made devices of while the import ran (bridge/ops/allowlist.py).
+    return {"dry_run": done.dry_run, "entries": done.entries, "credentials": credentials, "skipped": done.skipped}
 
 
 # --- events ---------------------------------------------------------------------------------------------------
 
 
-@router.get("/events", summary="Events, newest last, a page at a time going back (next_before: the older page)")
+@router.get(
+    "/events",
+    summary="Events, newest last, a page at a time going back (next_before: the older page)",
+    responses=errors(404),
+)
 def list_events(
     caller: Reader,
     tenant: str | None = None,

@@ -72,11 +72,15 @@ def cmd_tenant_create(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_tenant_list(args: argparse.Namespace, settings: Settings) -> None:
+    page = admin.list_tenants(admin.open_store(settings), args.after, args.limit)
     rows = [
         {"id": t.id, "name": t.name, "devices": t.devices, "keys": t.keys, "created": when(t.created_at)}
-        for t in admin.open_store(settings).tenants()
+        for t in page.tenants
     ]
-    emit(args, rows, table(rows, ["id", "name", "devices", "keys", "created"]))
+    text = table(rows, ["id", "name", "devices", "keys", "created"])
+    if page.next_cursor:
+        text += f"\nmore: the next page is --after {page.next_cursor}"
+    emit(args, {"tenants": [asdict(t) for t in page.tenants], "next_cursor": page.next_cursor}, text)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -346,7 +350,9 @@ def cmd_denylist_publish(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
-    events = admin.open_store(settings).events(args.tenant, args.event, args.limit, args.device)
+    page = admin.open_store(settings).events_page(args.tenant, args.event, args.device, args.before, args.limit)
+    # Each event with its sequence number: the oldest one's, as --before, gives the page before it.
+    events = [{"seq": seq} | body for seq, body in page]
     rows = [
         {
             "time": e["time"],
@@ -358,7 +364,10 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> None:
         }
         for e in events
     ]
-    emit(args, events, table(rows, ["time", "tenant", "event", "device", "hardware_id", "reason"]))
+    text = table(rows, ["time", "tenant", "event", "device", "hardware_id", "reason"])
+    if len(events) == args.limit:
+        text += f"\nolder events: --before {events[0]['seq']}"
+    emit(args, events, text)
 
 
 def add_commands(commands: Any) -> None:
@@ -369,7 +378,11 @@ def add_commands(commands: Any) -> None:
         tenant, "create", cmd_tenant_create, "create a tenant and its default key (printed once)"
     )
     tenant_create.add_argument("name")
-    add_command(tenant, "list", cmd_tenant_list, "list tenants")
+    tenant_list = add_command(tenant, "list", cmd_tenant_list, "list tenants by name, a page at a time")
+    tenant_list.add_argument(
+        "--limit", type=count(1), default=100, help=f"tenants per page, at most {admin.MAX_TENANT_PAGE} (default 100)"
+    )
+    tenant_list.add_argument("--after", metavar="NAME", help="the page after this tenant (a page's next_cursor)")
 
     key = commands.add_parser("key", help="provisioning keys").add_subparsers(
         dest="key_command", required=True, metavar="ACTION"
@@ -555,3 +568,6 @@ def add_commands(commands: Any) -> None:
     events.add_argument("--event", help="e.g. device.provisioned, claim.rejected")
     events.add_argument("--device", metavar="DEVICE_ID", help="only this device's events")
     events.add_argument("--limit", type=count(1), default=50)
+    events.add_argument(
+        "--before", type=count(1), metavar="SEQ", help="only events older than this one (the page before: its seq)"
+    )

@@ -97,16 +97,28 @@ def cmd_allowlist_import(args: argparse.Namespace, settings: Settings) -> None:
     if done.dry_run:
         emit(args, {"dry_run": True, "entries": done.entries}, f"{done.entries} entries would be imported: no problems")
         return
+    skipped = _skipped_line(done.skipped)
     if args.with_credentials:
         # The API keys go to stdout once, as CSV for the flashing station; the summary to stderr.
         print(f"imported {done.entries} entries; their device ids and API keys (shown once):", file=sys.stderr)
+        if skipped:
+            print(skipped, file=sys.stderr)
         rows = [
             {"hardware_id": a.entry.hardware_id, "device_id": a.entry.device_id, "api_key": a.api_key}
             for a in done.credentials
         ]
         emit(args, rows, _credentials_csv(done.credentials))
         return
-    emit(args, {"dry_run": False, "entries": done.entries}, f"imported {done.entries} entries")
+    data = {"dry_run": False, "entries": done.entries, "skipped": done.skipped}
+    emit(args, data, f"imported {done.entries} entries" + (f"\n{skipped}" if skipped else ""))
+
+
+def _skipped_line(skipped: list[str]) -> str:
+    """What an import left out because claims made devices of those hardware ids meanwhile; '' if nothing."""
+    if not skipped:
+        return ""
+    shown = ", ".join(skipped[:20]) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+    return f"skipped {len(skipped)}: became devices while the import ran: {shown}"
 
 
 def add_commands(commands: Any) -> None:

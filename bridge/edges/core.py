@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from bridge import logs
 from bridge.claims.mirror import TokenMirror
 from bridge.claims.provisioning import (
     RATE_LIMITED,
@@ -269,16 +270,23 @@ class ClaimHandlers:
 
     def complete(self, topic: str, pending: Pending) -> Outcome:
         """The rest, in the write transaction (or a savepoint of `Store.batch`)."""
+        outcome = self._complete_unreported(topic, pending)
+        self._account(topic, outcome)
+        return outcome
+
+    def _complete_unreported(self, topic: str, pending: Pending) -> Outcome:
         try:
-            outcome = pending()
+            return pending()
         except Exception:
             log.exception("claim on %s could not be handled", topic)
             return Outcome(None, None, [], "failed")
+
+    def _account(self, topic: str, outcome: Outcome, database_error_counted: bool = False) -> None:
+        """A completed message's line and metrics: once its writes are committed, or known not to be."""
         self.report(topic, outcome)
         count_outcome(self.settings.topic_prefix, topic, outcome, time.monotonic() - self._started)
-        if outcome.summary == ErrorCode.INTERNAL_ERROR.value:
+        if outcome.summary == ErrorCode.INTERNAL_ERROR.value and not database_error_counted:
             counters.DATABASE_ERRORS.inc()  # or a broker that did not take the token: the write did not happen
-        return outcome
 
     def handle_batch(self, messages: list[tuple[str, bytes | Prepared]]) -> list[Outcome]:
         """Several messages, their writes in one database transaction (`Store.batch`, a group commit).
@@ -287,25 +295,38 @@ class ClaimHandlers:
         lock (parsing, limits, the ECDH) is done for all of them first, so that another bridge process may
         write meanwhile; then each one's reads, decision and writes are a savepoint of the batch, and the
         answers are handed out only once it committed. If it cannot begin or commit, none of those writes
-        happened: each such message is answered `internal_error`, retry."""
+        happened: each such message is answered `internal_error`, retry. Lines and metrics say what the
+        device is answered, so they are made after the commit."""
         self._turn()
         self._started = time.monotonic()
         steps = [self._step(topic, message) for topic, message in messages]
         if all(isinstance(step, Outcome) for step in steps):
             return [step for step in steps if isinstance(step, Outcome)]
+        # Each message's request_id as its completion bound it (`bind_request_id`), to tag its line with.
+        request_ids: list[str | None] = [None] * len(steps)
+        failed = False
         try:
             with self.provisioner.store.batch():
-                return [
-                    step if isinstance(step, Outcome) else self.complete(topic, step)
-                    for (topic, _), step in zip(messages, steps, strict=True)
-                ]
+                outcomes: list[Outcome] = []
+                for n, ((topic, _), step) in enumerate(zip(messages, steps, strict=True)):
+                    if not isinstance(step, Outcome):
+                        step = self._complete_unreported(topic, step)
+                        request_ids[n] = logs.current_request_id()
+                    outcomes.append(step)
         except Exception as exc:  # StorageError, or anything else: the claims are answered, the worker lives
             log.error("a batch of %d messages was not committed: %s", len(messages), exc)
-            counters.DATABASE_ERRORS.inc()
-            return [
+            counters.DATABASE_ERRORS.inc()  # one failed transaction, however many claims it held
+            failed = True
+            outcomes = [
                 step if isinstance(step, Outcome) else self._unwritten(topic, message)
                 for (topic, message), step in zip(messages, steps, strict=True)
             ]
+            request_ids = [m.request.claim.request_id if isinstance(m, Prepared) else None for _, m in messages]
+        for (topic, _), step, outcome, request_id in zip(messages, steps, outcomes, request_ids, strict=True):
+            if not isinstance(step, Outcome):  # those were accounted for by `prepare`
+                logs.bind_request_id(request_id)
+                self._account(topic, outcome, database_error_counted=failed)
+        return outcomes
 
     def _step(self, topic: str, message: bytes | Prepared) -> Outcome | Pending:
         if isinstance(message, Prepared):

@@ -64,6 +64,7 @@ class InProcessBridge:
         """
         self._stopping = True
         self.broker.unsubscribe_in_process()
+        counters.BROKER_CONNECTED.set(0)  # taking no more claims: not ready, from now on
         await self.worker.stop()
         await self._retain(self.core.status(online=False))
 

@@ -120,7 +120,6 @@ class PahoEdge:
             log.error("broker refused the bridge: %s", reason)
             return
         self._connection += 1
-        counters.BROKER_CONNECTED.set(1)
         taken = list(self.core.filters)
         if self.presence is not None:
             taken.append(topics.presence_subscription(self.settings.topic_prefix))
@@ -137,6 +136,9 @@ class PahoEdge:
             log.error("broker refused the bridge's subscriptions (%s): not taking claims", refused)
             return
         self._serving.set()
+        # Connected, as /readyz and the gauge mean it, once claims are taken: a broker that refused the
+        # subscriptions accepts the connection and yet no claim would be answered.
+        counters.BROKER_CONNECTED.set(1)
         log.info("bridge subscriptions confirmed: taking claims")
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:

@@ -3,9 +3,10 @@
 The embedded broker calls `PresenceRecorder.record` for every device session that starts or ends
 (`ProvbridgeBroker.on_presence`); on Mosquitto the provbridge_jwt plugin publishes `online` / `offline` on
 `{prefix}/presence/{device_id}` and the bridge takes it (`bridge.edges.external`). Either way firmware changes
-nothing. `record` only queues: a thread writes what came in, at most `BATCH` changes per transaction and one
-transaction per `INTERVAL_SECONDS` at most, so a reconnect storm of 10,000 devices costs the claim path's write
-lock a few short transactions, not 20,000 (docs/BENCHMARKS.md). The last word per device in a batch wins.
+nothing. `record` only queues: a thread gathers what came in for `INTERVAL_SECONDS`, keeps the last word per device, and
+writes it `BATCH` devices a transaction with `PAUSE_SECONDS` between transactions, so a reconnect storm of 10,000
+devices costs the claim path's write lock a few short transactions, not 20,000 (docs/BENCHMARKS.md, "Presence
+during a reconnect storm").
 """
 
 import logging

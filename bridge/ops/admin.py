@@ -11,7 +11,7 @@ from bridge.claims import hardware_pattern, identifiers
 from bridge.config import Settings
 from bridge.errors import AlreadyExists, NotFound, UsageError
 from bridge.storage import keyfiles
-from bridge.storage.records import ProvisionKey
+from bridge.storage.records import ProvisionKey, TenantSummary
 from bridge.storage.store import PageCursor, Store
 from bridge.tls import device_ca
 from bridge.tls.device_ca import create_device_ca
@@ -26,6 +26,7 @@ CLI_ACTOR = "cli"  # the `actor` of the events of changes made with the CLI
 MAX_CODES_AT_ONCE = 10_000
 MAX_KEY_NAME_CHARS = 128
 MAX_KEY_PAGE = 1000  # keys per page
+MAX_TENANT_PAGE = 1000  # tenants per page
 RECLAIM_POLICIES = ("reject", "rotate")
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits, short enough for int() and SQLite
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -320,6 +321,21 @@ def changed_columns(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict
 def check_profile(settings: Settings, profile: str) -> None:
     if profile not in settings.profiles:
         raise UsageError(f"unknown profile {profile!r}; configured: {', '.join(sorted(settings.profiles))}")
+
+
+@dataclass(frozen=True)
+class TenantPage:
+    tenants: list[TenantSummary]
+    next_cursor: str | None  # the last tenant's name; None: this was the last page
+
+
+def list_tenants(store: Store, after: str | None, limit: int, tenant_id: str | None = None) -> TenantPage:
+    """One page of tenants by name (only `tenant_id` if given); `after` is the `next_cursor` of the page before."""
+    if not 1 <= limit <= MAX_TENANT_PAGE:
+        raise UsageError(f"a page holds 1 to {MAX_TENANT_PAGE} tenants")
+    found = store.tenants(after, limit + 1, tenant_id)  # one more: is there a next page?
+    page = found[:limit]
+    return TenantPage(page, page[-1].name if len(found) > limit and page else None)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,14 @@ hardware ids on its tenant's allowlist (reason `not_preprovisioned` otherwise).
 
 A CSV import is all or nothing as users and claims see it, without holding the claim path's write lock for
 long: every line is checked first (`parse_csv`, pure, then against the database), and nothing is written
-while any line is wrong; then the entries go in `IMPORT_BATCH` rows per transaction, invisible to claims
-until the last transaction marks the import done (one row). An import that fails midway is removed again.
+while any line is wrong; then the entries go in `IMPORT_BATCH` rows per transaction, invisible to claims and
+lists until the last transaction marks the import done: one row, whatever the import's size. An import that
+fails midway, or whose process died, is removed again in slices as short, its rows never having been seen.
+
+One thing can change under a running import: a claim with an ordinary key (which does not see staged entries)
+may create the device for a hardware id the import holds. That device is the record; its entry is *skipped*,
+neither on the allowlist nor dropped silently: `Imported.skipped` names each, and an `allowlist.import_skipped`
+event with their count goes with the `allowlist.imported` one (whose count is the entries put on the list).
 """
 
 import base64
@@ -29,9 +35,15 @@ from provwire.models import Event, rfc3339
 MAX_PAGE = 1000
 MAX_IMPORT_ENTRIES = 1_000_000
 MAX_IMPORT_BYTES = 128 * 1024 * 1024
-IMPORT_BATCH = 500  # entries per transaction: about 5 ms of the write lock (docs/BENCHMARKS.md)
+# Entries per staging transaction. Measured (bench/import_lock.py, this 2-core host, 100k and 1M rows): the write
+# lock held p50 1.9-2.2 ms, p99 about 6 ms; p50 2.8-5.1 ms while other work kept the load average at 5. (At 500 it
+# was p50 7-9 ms, p99 25-31 ms.)
+IMPORT_BATCH = 200
 IMPORT_PAUSE_SECONDS = 0.002  # between batches, so queued claims take the lock
+CHECKPOINT_EVERY = 8  # slices between checkpoints: about 150 WAL pages, a few ms of copying done outside the lock
+ABORT_BATCH = 1000  # staged rows removed per transaction when an import is undone
 STALE_IMPORT_SECONDS = 3600  # an import still staging after this died with its process: removed by the next
+SKIPPED_REASON = "device_created_during_import"
 COLUMNS = ("hardware_id", "name", "labels")
 MAX_HARDWARE_ID_CHARS = 128  # as a claim's
 MAX_NAME_CHARS = 128
@@ -56,9 +68,10 @@ class Added:
 
 @dataclass(frozen=True)
 class Imported:
-    entries: int
+    entries: int  # put on the allowlist (a dry run: that would be)
     dry_run: bool
     credentials: list[Added]  # with credentials: each entry's device id and API key, to show once
+    skipped: list[str] = field(default_factory=list)  # hardware ids that became devices while the import ran
 
 
 @dataclass(frozen=True)
@@ -198,7 +211,11 @@ def import_csv(
     actor: str = CLI_ACTOR,
 ) -> Imported:
     """Check a CSV file of allowlist entries and, unless `dry_run` or a line is wrong (InvalidImport, nothing
-    written), put them all on the tenant's allowlist: all or nothing, in short transactions (module doc)."""
+    written), put them all on the tenant's allowlist: all or nothing, in short transactions (module doc).
+
+    An entry whose hardware id became a device while the import ran (a claim with an ordinary key) is skipped:
+    not on the allowlist, not in `credentials`, named in `skipped`, counted by an `allowlist.import_skipped` event
+    (reason `device_created_during_import`) beside `allowlist.imported`, whose count is the entries put on."""
     now = int(time.time()) if now is None else now
     tenant_id = store.tenant_id(tenant)
     entries, problems = parse_csv(data)
@@ -214,31 +231,44 @@ def import_csv(
         raise InvalidImport([(1, "no entries: the file has a header and nothing else")])
     if dry_run:
         return Imported(len(entries), True, [])
-    for stale in store.unfinished_imports(now - STALE_IMPORT_SECONDS):
-        store.abort_import(stale)
+    remove_dead_imports(store, now - STALE_IMPORT_SECONDS)
     added = [_entry(tenant_id, new, with_credentials, now) for _, new in entries]
     import_id = f"imp_{uuid.uuid4().hex}"
     store.begin_import(import_id, tenant_id, len(added), now)
+    # Staged in hardware id order: each slice then extends the same few pages of the allowlist's indexes, rather
+    # than touching pages all over them as a shuffled file's lines would.
+    staging = sorted((a.entry for a in added), key=lambda entry: entry.hardware_id)
     try:
-        for start in range(0, len(added), IMPORT_BATCH):
-            store.stage_entries(import_id, [a.entry for a in added[start : start + IMPORT_BATCH]])
+        for n, start in enumerate(range(0, len(staging), IMPORT_BATCH), 1):
+            store.stage_entries(import_id, staging[start : start + IMPORT_BATCH])
+            if n % CHECKPOINT_EVERY == 0:
+                store.checkpoint()  # outside the lock: see Store._checkpoint_deferred
             time.sleep(IMPORT_PAUSE_SECONDS)
-        event = _event("allowlist.imported", tenant, now, actor, None, count=len(added))
-        on_list = store.finish_import(import_id, event)
+
+        def events(listed: int, skipped: int) -> list[Event]:
+            done = [_event("allowlist.imported", tenant, now, actor, None, count=listed)]
+            if skipped:
+                done.append(_event("allowlist.import_skipped", tenant, now, actor, None, skipped, SKIPPED_REASON))
+            return done
+
+        listed, skipped = store.finish_import(import_id, events)
     except BaseException:
-        store.abort_import(import_id)
+        store.abort_import(import_id, ABORT_BATCH, IMPORT_PAUSE_SECONDS)
         raise
-    # Entries whose hardware id became a device while the import ran are not on the list: nor are their credentials.
-    kept = {a.entry.hardware_id for a in added} if on_list == len(added) else set(entries_of(store, import_id))
-    return Imported(on_list, False, [a for a in added if a.entry.hardware_id in kept] if with_credentials else [])
+    gone = store.import_skipped(import_id) if skipped else []  # read after the end: no lock, no longer changing
+    skipped_ids = set(gone)
+    credentials = [a for a in added if a.entry.hardware_id not in skipped_ids] if with_credentials else []
+    return Imported(listed, False, credentials, gone)
+
+
+def remove_dead_imports(store: Store, started_before: int) -> int:
+    """Remove imports still staging that started before `started_before` (their process died, or was stopped)
+    and any whose removal was cut short: their entries were never visible. Returns how many."""
+    dead = store.unfinished_imports(started_before)
+    return sum(store.abort_import(import_id, ABORT_BATCH, IMPORT_PAUSE_SECONDS) for import_id in dead)
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def entries_of(store: Store, import_id: str) -> list[str]:
-    """The hardware ids an import put on the allowlist (when some were dropped at its end)."""
-    return store.import_hardware_ids(import_id)
 
 
 def _entry(tenant_id: str, new: NewEntry, with_credentials: bool, now: int) -> Added:
@@ -255,8 +285,18 @@ def _entry(tenant_id: str, new: NewEntry, with_credentials: bool, now: int) -> A
     return Added(entry, api_key)
 
 
-def _event(name: str, tenant: str, now: int, actor: str, hardware_id: str | None, count: int | None = None) -> Event:
-    return Event(event=name, time=rfc3339(now), tenant=tenant, hardware_id=hardware_id, actor=actor, count=count)
+def _event(
+    name: str,
+    tenant: str,
+    now: int,
+    actor: str,
+    hardware_id: str | None,
+    count: int | None = None,
+    reason: str | None = None,
+) -> Event:
+    return Event(
+        event=name, time=rfc3339(now), tenant=tenant, hardware_id=hardware_id, actor=actor, count=count, reason=reason
+    )
 
 
 def _encode_cursor(created_at: int, hardware_id: str) -> str:

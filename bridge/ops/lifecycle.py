@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
-from bridge.errors import MirrorError, NotFound, StorageError, UsageError
+from bridge.errors import BrokersNotTold, MirrorError, NotFound, UsageError
 from bridge.mosquitto.dynsec import revoke_on_mosquitto
 from bridge.ops.admin import CLI_ACTOR
 from bridge.ops.devices import device_event
@@ -217,8 +217,9 @@ def _publish(settings: Settings, store: Store, device_id: str, now: int) -> None
     try:
         publish_denylist(settings, store, now)
     except OSError as exc:
-        raise StorageError(
+        raise BrokersNotTold(
             f"{device_id} is changed in the database, but {statefiles.denylist_file(settings.data_dir)} could not be"
-            f" written ({exc.strerror or exc}): brokers accept its old credentials until it is. Fix the cause and run"
-            " `provbridge denylist publish` (a running bridge also rewrites it within 10 minutes)"
+            f" written ({exc.strerror or exc}): brokers accept its old credentials until it is. Fix the cause, then"
+            " run `provbridge denylist publish` or repeat a revoke or delete (a running bridge also rewrites it"
+            " within 10 minutes)"
         ) from exc

@@ -20,6 +20,9 @@ pytest fixtures stay in tests/conftest.py.
 - `amqtt.py`: `BrokerThread`, an amqtt broker (ours or stock) on its own event loop thread.
 - `processes.py`: `provbridge serve` as a subprocess (`ServeProcesses`), `alive`, `terminate`.
 - `cli.py`: `run_cli` (the CLI in this process, with the settings as its config file), `config_toml`.
+- `api.py`: the admin API in tests (a uvicorn server in a thread, or the one a `serve` subprocess started) and
+  `Api`, a plain HTTP client over real sockets.
+- `api_process.py`: the admin API in a process of its own, as `serve` starts it, on a bridge's settings.
 - `tls.py`: what the TLS tests share: `tls_settings`, `initialise`, `running`.
 - `figures.py`: `figure`, the informational `FAULTS ...` lines.
 - `credentials.py`: `sample_credentials`, for the simulator's tests without a bridge.

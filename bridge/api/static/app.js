@@ -15,6 +15,8 @@ const $ = (id) => document.getElementById(id);
 const EVENTS_KEPT = 500;
 const LIVE_PRESENCE_KEPT = 10000;
 const RELOAD_DELAY_MS = 300;
+const PRESENCE_SETTLE_MS = 1000; // the bridge writes presence to the database in batches about this far apart
+const PRESENCE_SETTLE_TRIES = 10;
 const PAGE = 100;
 
 // `epoch` counts logins and logouts: an answer that arrives after the session it was asked in has ended is
@@ -238,6 +240,7 @@ function endSession(message) {
   allowlist.gen += 1;
   devices.rows.clear();
   livePresence.clear();
+  forgetPresenceSettle();
   $("devices-body").replaceChildren();
   $("keys-body").replaceChildren();
   $("allowlist-body").replaceChildren();
@@ -295,9 +298,14 @@ function selectTab(name) {
 
 async function loadTenants() {
   const epoch = session.epoch;
-  const tenants = await api("GET", "/v1/tenants");
-  if (epoch !== session.epoch) return;
-  const names = tenants.map((t) => t.name);
+  const names = [];
+  let after = null;
+  do { // every page: the selects offer every tenant
+    const page = await api("GET", "/v1/tenants?limit=1000" + (after ? "&after=" + encodeURIComponent(after) : ""));
+    if (epoch !== session.epoch) return;
+    names.push(...page.tenants.map((t) => t.name));
+    after = page.next_cursor;
+  } while (after);
   for (const select of document.querySelectorAll("select.tenant-select")) {
     const before = select.value;
     select.replaceChildren();
@@ -468,7 +476,46 @@ function onPresence(change) {
     const last = $("detail-last-seen");
     if (last) last.textContent = fmtTime(change.time);
   }
-  if ($("devices-presence").value) scheduleDevicesReload(0); // it may have left, or joined, the filtered list
+  if ($("devices-presence").value) settlePresence(change); // it may have left, or joined, the filtered list
+}
+
+// A list filtered by presence is the database's answer, and the bridge writes presence there in batches, after
+// the stream told it: read at once, the list would miss the change (a device that came online would not join
+// the online list until something else reloads it). So the list is read again once the database says what the
+// stream said of the latest change (one device read per try, whatever the number of changes).
+const presenceSettle = { timer: null, latest: null, tries: 0 };
+
+function settlePresence(change) {
+  presenceSettle.latest = { deviceId: change.device_id, online: change.online === true };
+  presenceSettle.tries = 0;
+  if (presenceSettle.timer === null) {
+    presenceSettle.timer = setTimeout(guarded(checkPresenceSettled), PRESENCE_SETTLE_MS);
+  }
+}
+
+async function checkPresenceSettled() {
+  presenceSettle.timer = null;
+  const latest = presenceSettle.latest;
+  if (!latest || !session.csrf || !$("devices-presence").value) return;
+  let written = true;
+  try {
+    written = (await api("GET", `/v1/devices/${enc(latest.deviceId)}`)).online === latest.online;
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) throw err; // deleted meanwhile: nothing to wait for
+  }
+  if (latest !== presenceSettle.latest) return; // a newer change came meanwhile, and armed the timer again
+  if (written || ++presenceSettle.tries >= PRESENCE_SETTLE_TRIES) {
+    presenceSettle.latest = null;
+    scheduleDevicesReload(0);
+    return;
+  }
+  presenceSettle.timer = setTimeout(guarded(checkPresenceSettled), PRESENCE_SETTLE_MS);
+}
+
+function forgetPresenceSettle() {
+  if (presenceSettle.timer !== null) clearTimeout(presenceSettle.timer);
+  presenceSettle.timer = null;
+  presenceSettle.latest = null;
 }
 
 async function openDevice(deviceId) {
