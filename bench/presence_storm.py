@@ -80,6 +80,7 @@ from bench.run import Runner, count_devices, make_data_dir
 from bench.seed import seed_devices
 from bench.targets import TARGETS, DataDir, System
 from bridge.edges.presence import INTERVAL_SECONDS
+from tests.helpers.raw_mqtt import connect_packet  # the tests' one MQTT packet builder, for what paho cannot do
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -128,27 +129,6 @@ _count_presence_writes()
 
 
 # --- the storm: many device sessions in one selector loop ---------------------------------------------------
-
-
-def _mqtt_string(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def connect_packet(client_id: str, username: str, password: str, keepalive: int) -> bytes:
-    """An MQTT 3.1.1 CONNECT with a clean session, a username and a password (the device's token)."""
-    flags = 0x80 | 0x40 | 0x02  # username, password, clean session
-    body = _mqtt_string(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
-    body += _mqtt_string(client_id.encode()) + _mqtt_string(username.encode()) + _mqtt_string(password.encode())
-    return b"\x10" + _remaining_length(len(body)) + body
 
 
 DISCONNECT = b"\xe0\x00"
@@ -428,7 +408,7 @@ def storm_packets(data: DataDir, keepalive: int) -> tuple[list[str], list[bytes]
             now=now,
             ttl_seconds=24 * 3600,  # outlives any run: an expired token would be a refused CONNECT, not a storm
         )
-        packets.append(connect_packet(device_id, device_id, grant.token, keepalive))
+        packets.append(connect_packet(device_id, username=device_id, password=grant.token, keepalive=keepalive))
     return ids, packets
 
 
