@@ -274,7 +274,13 @@ def test_a_tenant_token_sees_only_its_tenant(world: World) -> None:
 def test_tenants_come_a_page_at_a_time_by_name(world: World) -> None:
     api = world.api
     for name in ("t-c", "t-a", "t-b"):
-        assert api.request("POST", "/v1/tenants", world.write, {"name": name}).status == 201
+        made = api.request("POST", "/v1/tenants", world.write, {"name": name})
+        assert made.status == 201 and made.json()["name"] == name
+        # Its default key, shown once: stored only as its hash, listed without its value.
+        raw, key_id = made.json()["provision_key"], made.json()["default_key"]["id"]
+        assert raw.startswith("pk_") and made.json()["default_key"]["name"] == "default"
+        listed = api.request("GET", f"/v1/keys/{key_id}", world.read)
+        assert listed.status == 200 and raw not in listed.body.decode()
     names: list[str] = []
     after: str | None = None
     pages = 0

@@ -253,6 +253,9 @@ BAD_DEVICE_UPDATES = {
     "a label it does not have": ["--remove-label", "nope"],
     "a name and no name": ["--name", "x", "--clear-name"],
     "an unprintable name": ["--name", "a\tb"],
+    "a label with a NUL": ["--label", "floor=2\x00"],
+    "a group that reverses the text after it": ["--group", "\u202eboilers"],
+    "a label name with '='-like ';'": ["--label", "fl;oor=2"],
 }
 
 

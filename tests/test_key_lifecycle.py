@@ -96,6 +96,10 @@ BAD_UPDATES = {
     "an empty name": ["--name", ""],
     "a label that is no pair": ["--label", "novalue"],
     "an unknown re-claim policy": ["--reclaim", "sometimes"],
+    "a label with a NUL": ["--label", "site=ly\x00on"],
+    "a group that reverses the text after it": ["--group", "ops\u202etxt.exe"],
+    "a label name with ';'": ["--label", "a;b=c"],
+    "a label name too long": ["--label", "n" * 129 + "=v"],
 }
 
 
@@ -112,6 +116,25 @@ def test_a_refused_update_says_why_and_changes_nothing(
     assert key_row(store, key.id) == key
     assert events(store, "key.updated") == []
     store.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--label", "si;te=lyon"], ["--group", "ops\u202etxt"], ["--label", "a=b"]],
+    ids=["semicolon-label-name", "bidi-group", "fine"],
+)
+def test_a_new_keys_labels_and_groups_are_checked_as_an_allowlist_entrys(
+    initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    settings = initialised[0]
+    code, out, err = cli_run(capsys, settings, "key", "create", "--name", "labelled", *argv)
+    store = Store(settings.database_file)
+    made = keys_named(store, "labelled")
+    store.close()
+    if argv[1] == "a=b":
+        assert code == 0 and [k.labels for k in made] == [{"a": "b"}]
+    else:
+        assert code == 2 and out == "" and "printable" in err and made == []
 
 
 def test_updating_an_unknown_key_fails_with_its_id(

@@ -26,6 +26,8 @@ CLI_ACTOR = "cli"  # the `actor` of the events of changes made with the CLI
 MAX_CODES_AT_ONCE = 10_000
 MAX_KEY_NAME_CHARS = 128
 MAX_KEY_PAGE = 1000  # keys per page
+MAX_LABELS = 32  # labels, and groups, of a key or device (as an allowlist entry's)
+MAX_LABEL_CHARS = 128
 MAX_TENANT_PAGE = 1000  # tenants per page
 RECLAIM_POLICIES = ("reject", "rotate")
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")  # ASCII digits, short enough for int() and SQLite
@@ -161,6 +163,7 @@ def _new_key(settings: Settings, spec: KeySpec, tenant_id: str, now: int) -> tup
     if spec.reclaim_policy not in RECLAIM_POLICIES:
         raise UsageError("re-claim policy must be 'reject' or 'rotate'")
     _check_name(spec.name)
+    check_labels_and_groups(dict(spec.labels), list(spec.groups))
     if spec.max_registrations is not None and spec.max_registrations < 1:
         raise UsageError("max registrations must be at least 1 (leave it out for unlimited)")
     if spec.expires_at is not None and spec.expires_at <= now:
@@ -307,9 +310,29 @@ def labels_and_groups(
     missing += [group for group in changes.remove_groups if group not in groups]
     if missing:
         raise UsageError(f"the {what} has no label or group {', '.join(map(repr, missing))} to remove")
+    check_labels_and_groups(changes.set_labels, changes.add_groups)
     kept = {k: v for k, v in labels.items() if k not in changes.remove_labels}
     added = [g for g in dict.fromkeys(changes.add_groups) if g not in groups]
-    return kept | changes.set_labels, [g for g in groups if g not in changes.remove_groups] + added
+    after = kept | changes.set_labels, [g for g in groups if g not in changes.remove_groups] + added
+    if (changes.set_labels or changes.add_groups) and (len(after[0]) > MAX_LABELS or len(after[1]) > MAX_LABELS):
+        raise UsageError(f"a {what} has at most {MAX_LABELS} labels and {MAX_LABELS} groups")
+    return after
+
+
+def check_labels_and_groups(labels: dict[str, str], groups: list[str]) -> None:
+    """Labels and groups an operator gives, as the allowlist's are checked: printable (no NUL, no control or
+    bidirectional-override characters that would make a list lie), bounded, and a label name without '=' or ';',
+    which `--label NAME=VALUE` filters and the CSV's `name=value;...` column could not tell apart."""
+    if len(labels) > MAX_LABELS or len(groups) > MAX_LABELS:
+        raise UsageError(f"at most {MAX_LABELS} labels and {MAX_LABELS} groups")
+    for name, value in labels.items():
+        if not (1 <= len(name) <= MAX_LABEL_CHARS and len(value) <= MAX_LABEL_CHARS):
+            raise UsageError(f"a label name is 1-{MAX_LABEL_CHARS} characters, its value at most {MAX_LABEL_CHARS}")
+        if not (name.isprintable() and value.isprintable()) or any(c in name for c in "=;"):
+            raise UsageError("labels must be printable, and a label name has no '=' or ';'")
+    for group in groups:
+        if not (1 <= len(group) <= MAX_LABEL_CHARS and group.isprintable()):
+            raise UsageError(f"a group is 1-{MAX_LABEL_CHARS} printable characters")
 
 
 def changed_columns(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

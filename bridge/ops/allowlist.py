@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from bridge.claims import identifiers
 from bridge.errors import InvalidImport, UsageError
-from bridge.ops.admin import CLI_ACTOR
+from bridge.ops.admin import CLI_ACTOR, MAX_LABEL_CHARS, MAX_LABELS
 from bridge.storage.records import AllowlistEntry
 from bridge.storage.store import Store
 from provwire.models import Event, rfc3339
@@ -47,8 +47,6 @@ SKIPPED_REASON = "device_created_during_import"
 COLUMNS = ("hardware_id", "name", "labels")
 MAX_HARDWARE_ID_CHARS = 128  # as a claim's
 MAX_NAME_CHARS = 128
-MAX_LABEL_CHARS = 128
-MAX_LABELS = 32
 
 
 @dataclass(frozen=True)
