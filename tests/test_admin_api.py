@@ -101,7 +101,7 @@ def in_schema() -> list[tuple[str, str]]:
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
 DASHBOARD_FILES = {("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/static/{name}")}  # the login page
 SESSION = {("POST", "/ui/session"), ("GET", "/ui/session"), ("DELETE", "/ui/session")}  # tests/test_dashboard_session
-DOCUMENTS = {("GET", "/openapi.json"), ("GET", "/docs")}
+DOCUMENTS = {("GET", "/openapi.json")}
 
 
 def takes_token(method: str, path: str) -> tuple[bool, str | None]:
@@ -167,7 +167,7 @@ def test_every_route_is_walked_and_only_health_and_the_dashboards_page_are_anony
         ("GET", "/ui/events/stream"),
         ("GET", "/metrics"),
     } | DOCUMENTS <= guarded
-    assert len(guarded) >= 30
+    assert len(guarded) >= 29
     # A route added without an admin token fails here: no anonymous access but health (and the login page).
     assert set(served()) - guarded == PUBLIC | DASHBOARD_FILES | SESSION
     # The app's own list agrees with what FastAPI puts in the OpenAPI document.
@@ -202,21 +202,21 @@ def test_every_route_refuses_every_wrong_token_and_changes_nothing(world: World,
     assert rows(world) == before
 
 
-def test_the_openapi_document_and_its_browser_view_need_an_admin_token(world: World) -> None:
+def test_the_openapi_document_needs_an_admin_token_and_no_page_runs_anothers_script(world: World) -> None:
     wrong = "pba_" + base64.urlsafe_b64encode(b"\1" * 32).decode().rstrip("=")
-    for path in ("/openapi.json", "/docs"):
+    for path in ("/openapi.json",):
         for presented in (None, "garbage", wrong, world.revoked):
             answer = world.api.request("GET", path, presented)
             assert (answer.status, answer.error_code) == (401, "unauthorized"), (path, presented, answer)
             assert set(answer.json()) == {"error"} and set(answer.json()["error"]) == {"code", "message"}
         for scoped in (world.read, world.backend, world.other_tenant):  # any scope, any tenant
             assert world.api.request("GET", path, scoped).status == 200
-    # In a browser, the dashboard's session lets /docs in, and goes with the page's fetch of the document.
+    # In a browser, the dashboard's session lets the document in.
     login = world.api.request("POST", "/ui/session", body={"token": world.read})
     cookie = {"Cookie": login.headers["set-cookie"].split(";")[0]}
-    page = world.api.request("GET", "/docs", headers=cookie)
-    assert page.status == 200 and b"/openapi.json" in page.body
     assert world.api.request("GET", "/openapi.json", headers=cookie).json()["info"]["title"]
+    # No Swagger UI: its script would come from a CDN and run beside the dashboard's session.
+    assert world.api.request("GET", "/docs", world.read).status == 404
 
 
 def test_the_live_event_stream_refuses_without_a_session(world: World) -> None:
@@ -242,7 +242,7 @@ def test_every_answer_carries_the_security_headers(world: World) -> None:
         "401": world.api.request("GET", "/v1/keys"),
         "413": world.api.request("POST", "/v1/keys", world.write, raw=b"{}", headers=huge),
         "page": world.api.request("GET", "/ui/"),
-        "docs": world.api.request("GET", "/docs", world.read),
+        "document": world.api.request("GET", "/openapi.json", world.read),
     }
     assert answers["413"].status == 413
     for what, answer in answers.items():
@@ -791,8 +791,6 @@ def test_the_served_openapi_document_describes_every_route(world: World) -> None
     # What validation refuses is 400 invalid_request, as the document now says (not FastAPI's 422).
     refused = world.api.request("GET", "/v1/devices?limit=nope", world.read)
     assert (refused.status, refused.error_code) == (400, "invalid_request")
-    page = world.api.request("GET", "/docs", world.read)
-    assert page.status == 200 and b"/openapi.json" in page.body
 
 
 def _api_md() -> dict[tuple[str, str], tuple[str, set[int]]]:

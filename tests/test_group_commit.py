@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from bridge import logs
 from bridge.config import Settings
@@ -161,6 +162,12 @@ def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(store: Store
     assert "first" not in names and "third" not in names
 
 
+def counter_value(name: str) -> float:
+    """A counter of this process's metrics registry (the handlers run here, as in a claim worker)."""
+    value = REGISTRY.get_sample_value(name)
+    return 0.0 if value is None else value
+
+
 def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_request_id(
     initialised: tuple[Settings, str], store: Store
 ) -> None:
@@ -180,6 +187,7 @@ def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_
     store.connection().execute("PRAGMA busy_timeout = 50")
     blocker = sqlite3.connect(settings.database_file)
     blocker.execute("BEGIN EXCLUSIVE")  # the batch cannot be written: each claim is reported as answered
+    failed_before = counter_value("provbridge_database_errors_total")
     try:
         messages = [claim(settings, key) for _ in range(2)]
         handlers.handle_batch(messages)
@@ -187,3 +195,5 @@ def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_
         blocker.rollback()
         blocker.close()
     assert [summary for summary, _ in reported] == [ErrorCode.INTERNAL_ERROR.value] * 2
+    assert [request_id for _, request_id in reported] == [json.loads(payload)["request_id"] for _, payload in messages]
+    assert counter_value("provbridge_database_errors_total") == failed_before + 1  # one failed transaction

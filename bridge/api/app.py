@@ -29,9 +29,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -178,10 +177,9 @@ def openapi_document(request: Request, _caller: Caller = Depends(require(None)))
     return JSONResponse(app.openapi())
 
 
-@meta.get("/docs")
-def swagger_ui(_caller: Caller = Depends(require(None))) -> HTMLResponse:  # noqa: B008
-    # In a browser: the dashboard's session cookie lets the page in, and goes with its fetch of the document.
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="provbridge admin API (Swagger UI)")
+# No Swagger UI page: FastAPI's loads its script from a CDN, which would run on the dashboard's origin, where a
+# logged-in operator's session (and its CSRF token, GET /ui/session) is within any script's reach. Point any
+# OpenAPI viewer at /openapi.json instead.
 
 
 # Every route the app serves comes from these: the OpenAPI document and docs/API.md's test walk them (FastAPI's

@@ -299,11 +299,17 @@ class ClaimHandlers:
         device is answered, so they are made after the commit."""
         self._turn()
         self._started = time.monotonic()
-        steps = [self._step(topic, message) for topic, message in messages]
+        # Each message's request_id as its preparation, then its completion, bound it (`bind_request_id`): its line
+        # is tagged with its own, not the last one the batch bound.
+        steps: list[Outcome | Pending] = []
+        request_ids: list[str | None] = []
+        for topic, message in messages:
+            logs.bind_request_id(None)  # a preparer that binds none (a refresh's) must not inherit the last one's
+            steps.append(self._step(topic, message))
+            prepared = message.request.claim.request_id if isinstance(message, Prepared) else None
+            request_ids.append(prepared or logs.current_request_id())  # a Prepared was parsed by the edge
         if all(isinstance(step, Outcome) for step in steps):
             return [step for step in steps if isinstance(step, Outcome)]
-        # Each message's request_id as its completion bound it (`bind_request_id`), to tag its line with.
-        request_ids: list[str | None] = [None] * len(steps)
         failed = False
         try:
             with self.provisioner.store.batch():
@@ -321,7 +327,6 @@ class ClaimHandlers:
                 step if isinstance(step, Outcome) else self._unwritten(topic, message)
                 for (topic, message), step in zip(messages, steps, strict=True)
             ]
-            request_ids = [m.request.claim.request_id if isinstance(m, Prepared) else None for _, m in messages]
         for (topic, _), step, outcome, request_id in zip(messages, steps, outcomes, request_ids, strict=True):
             if not isinstance(step, Outcome):  # those were accounted for by `prepare`
                 logs.bind_request_id(request_id)
