@@ -160,3 +160,34 @@ def test_step_10_gives_presence_rows_recorded_before_it_their_devices_tenant(old
         assert len(rows) == 2
     finally:
         store.close()
+
+
+def test_step_11_keeps_finished_imports_visible_and_a_staging_one_invisible(tmp_path: Path) -> None:
+    """A database at step 10 with the allowlist in every state: after step 11, entries added by hand and those of a
+    finished import admit claims and are listed; those of an import still staging when the old version stopped are
+    neither, as before."""
+    path = tmp_path / "v10.db"
+    with sqlite3.connect(path) as db:
+        for step in migrations.MIGRATIONS[:10]:
+            step.apply(db)
+            db.execute(f"PRAGMA user_version = {step.version}")
+        db.execute("INSERT INTO tenants (id, name, created_at) VALUES ('ten_1', 'acme', 1)")
+        db.executemany(
+            "INSERT INTO allowlist_imports (id, tenant_id, entries, status, created_at) VALUES (?, 'ten_1', ?, ?, ?)",
+            [("imp_done", 2, "done", 100), ("imp_staging", 1, "staging", 200)],
+        )
+        db.executemany(
+            "INSERT INTO allowlist (tenant_id, hardware_id, labels, import_id, created_at)"
+            " VALUES ('ten_1', ?, '{}', ?, ?)",
+            [("hw-a", "imp_done", 100), ("hw-b", "imp_done", 100), ("hw-c", "imp_staging", 200), ("hw-d", None, 300)],
+        )
+    store = Store(path)
+    try:
+        assert migrations.version(store.connection()) == migrations.LATEST
+        with store.transaction() as tx:
+            visible = {hw for hw in ("hw-a", "hw-b", "hw-c", "hw-d") if tx.allowlist_entry("ten_1", hw) is not None}
+        assert visible == {"hw-a", "hw-b", "hw-d"}
+        listed = [entry.hardware_id for entry in store.allowlist_page("ten_1", None, 10)]
+        assert listed[0] == "hw-d" and sorted(listed) == ["hw-a", "hw-b", "hw-d"]
+    finally:
+        store.close()
