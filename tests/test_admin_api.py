@@ -129,6 +129,7 @@ def concrete(world: World, path: str) -> str:
         path.replace("{key_id}", world.key_id)
         .replace("{device_id}", world.device.device_id)
         .replace("{hardware_id}", "SN-nothing")
+        .replace("{name}", "ops-nobody")
     )
 
 
@@ -166,6 +167,8 @@ def test_every_route_is_walked_and_only_health_and_the_dashboards_page_are_anony
         ("POST", "/v1/allowlist/import"),
         ("GET", "/ui/events/stream"),
         ("GET", "/metrics"),
+        ("POST", "/v1/signing-keys/rotate"),  # the host-wide ones (tests/test_api_host_actions.py)
+        ("DELETE", "/v1/ops-users/{name}"),
     } | DOCUMENTS <= guarded
     assert len(guarded) >= 29
     # A route added without an admin token fails here: no anonymous access but health (and the login page).
@@ -640,7 +643,13 @@ def test_injection_attempts_in_every_declared_string_change_nothing_they_should_
     cases = injections(document, world)
     tried = {(case.method, case.path) for case in cases}
     operations = {(m.upper(), p) for p, item in document["paths"].items() for m, op in item.items()}
-    without_text = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+    without_text = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")} | {
+        ("POST", "/v1/denylist/publish"),
+        ("GET", "/v1/jwks"),
+        ("GET", "/v1/signing-keys"),
+        ("POST", "/v1/signing-keys/prune"),
+        ("GET", "/v1/ops-users"),
+    }
     assert tried == operations - without_text - {("GET", "/v1/backend/cloud-key")}
     refused = accepted = 0
     for case in cases:

@@ -17,10 +17,10 @@ Errors have one shape, `{"error": {"code": ..., "message": ...}}`, with these st
     500 internal_error        a fault of the bridge; nothing is half done (each change is one transaction)
     503 unavailable           storage busy or unavailable, or Mosquitto (dynsec mode) did not confirm: retry
 
-The routes are in `bridge.api.routes` (admin) and `bridge.api.backend` (backend scope), the dashboard's in
-`bridge.api.dashboard`; docs/API.md lists every one, and the OpenAPI document (`/openapi.json`, `/docs`: an admin
-token of any scope) every one but the dashboard's. The server runs in its own process (`provbridge api`, or
-started by `serve`): never on the claim path's event loop.
+The routes are in `bridge.api.routes` (admin), `bridge.api.hostkeys` (admin, host-wide) and `bridge.api.backend`
+(backend scope), the dashboard's in `bridge.api.dashboard`; docs/API.md lists every one, and the OpenAPI document
+(`/openapi.json`, `/docs`: an admin token of any scope) every one but the dashboard's. The server runs in its own
+process (`provbridge api`, or started by `serve`): never on the claim path's event loop.
 """
 
 import logging
@@ -36,7 +36,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.api import backend, dashboard, health, routes
+from bridge.api import backend, dashboard, health, hostkeys, routes
 from bridge.api.context import ERRORS, ApiContext, Caller, ErrorAnswer, require, scope_of_route
 from bridge.config import Settings
 from bridge.errors import (
@@ -184,7 +184,7 @@ def openapi_document(request: Request, _caller: Caller = Depends(require(None)))
 
 # Every route the app serves comes from these: the OpenAPI document and docs/API.md's test walk them (FastAPI's
 # own list of an app's routes nests included routers in private types that change between its versions).
-ROUTERS = (health.router, routes.router, backend.router, dashboard.router, meta)
+ROUTERS = (health.router, routes.router, hostkeys.router, backend.router, dashboard.router, meta)
 
 
 def served_routes() -> list[APIRoute]:
