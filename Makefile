@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test test-jwt-sanitized test-long lint typecheck check clean mosquitto chromium bench bench-quick bench-mosquitto bench-flood
+.PHONY: run demo test test-jwt-sanitized test-long lint typecheck check clean mosquitto chromium postgresql bench bench-quick bench-mosquitto bench-flood
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,20 @@ mosquitto:
 chromium:
 	sh bridge/api/install-chromium.sh
 
+## postgresql: install Debian's PostgreSQL server when missing (no system cluster left running), for the tests
+## that run the store on PostgreSQL (tests/helpers/postgres.py starts its own server on 127.0.0.1 in a temp dir)
+postgresql:
+	sh bridge/storage/install-postgresql.sh
+
 # The suite's temp files (every log and database it leaves), kept for the secret scan; pytest empties it first.
 TEST_TMP := build/test-tmp
 
-## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto), then a scan of
-## everything it left (logs, events, databases) for any raw secret (tests/secret_scan.py)
-test: $(STAMP) mosquitto chromium
+## test: the whole suite through real brokers on loopback (the embedded one, and Mosquitto), the storage-dependent
+## tests on SQLite and on a PostgreSQL server of their own, on both cores (pytest-xdist), then a scan of everything
+## it left (logs, events, databases) for any raw secret (tests/secret_scan.py)
+test: $(STAMP) mosquitto chromium postgresql
 	@mkdir -p $(dir $(TEST_TMP))
-	$(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)
+	$(BIN)/python -m pytest -q -n 2 --basetemp=$(TEST_TMP)
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)
 	$(MAKE) -s test-jwt-sanitized
 

@@ -39,7 +39,7 @@ from bridge.storage.store import Store
 
 STORE_FILE = store_module.__file__
 # Frames between a Store method and the writer lock: the transaction plumbing, not what asked for the write.
-PLUMBING = frozenset({"_writer", "_immediate", "transaction", "__enter__", "__exit__", "_savepoint", "batch"})
+PLUMBING = frozenset({"transaction", "__enter__", "__exit__", "batch"})
 PROBE_WRITE_SECONDS = 0.005
 PROBE_LIST_SECONDS = 0.05
 PROBE_START_SECONDS = 1.0  # the probe process's interpreter and Store, up before the import starts
@@ -62,17 +62,21 @@ class TimedStore(Store):
         self.holds: list[tuple[str, float, float]] = []  # (method, wall seconds, this thread's CPU seconds)
         self.recording = False
         super().__init__(path)
+        writing = self._db.writing  # the engine's write transaction: it holds the lock from BEGIN to COMMIT
 
-    @contextmanager
-    def _writer(self) -> Iterator[None]:
-        what = _caller(sys._getframe(1)) if self.recording else "setup"
-        with super()._writer():
-            start, cpu = time.perf_counter(), time.thread_time()
+        @contextmanager
+        def timed(batch: bool = False) -> Iterator[Any]:
+            what = _caller(sys._getframe(1)) if self.recording else "setup"
+            start = cpu = None
             try:
-                yield
-            finally:
-                if self.recording:
+                with writing(batch) as conn:
+                    start, cpu = time.perf_counter(), time.thread_time()  # the lock is held from here
+                    yield conn
+            finally:  # after COMMIT (or ROLLBACK): the lock is given back
+                if self.recording and start is not None and cpu is not None:
                     self.holds.append((what, time.perf_counter() - start, time.thread_time() - cpu))
+
+        self._db.writing = timed  # type: ignore[method-assign]
 
 
 def _probe(path: Path, tenant_id: str, stop: Event, out: Connection) -> None:
@@ -113,7 +117,7 @@ def _seed(store: TimedStore, tenant: str, devices: int) -> str:
     now, tenant_id = int(time.time()), f"tn_{tenant}"
     store.create_tenant(tenant_id, tenant, now, "bench")
     # Straight rows, foreign keys off on this connection: only their hardware ids and indexes matter here.
-    db = sqlite3.connect(store.path, isolation_level=None)
+    db = sqlite3.connect(store.location, isolation_level=None)
     try:
         db.execute("BEGIN")
         db.executemany(
@@ -138,7 +142,7 @@ def run(rows: int, devices: int, shuffle: bool, root: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of this one's connections
     stop, (theirs, ours) = spawn.Event(), spawn.Pipe(duplex=False)
-    probe = spawn.Process(target=_probe, args=(store.path, tenant_id, stop, ours))
+    probe = spawn.Process(target=_probe, args=(store.location, tenant_id, stop, ours))
     probe.start()
     time.sleep(PROBE_START_SECONDS)
     store.recording = True

@@ -157,6 +157,14 @@ class ApiSettings(BaseModel):
     tls: bool = False  # HTTPS with the broker's server certificate (<data_dir>/tls/server.pem, `provbridge tls init`)
 
 
+class StorageSettings(BaseModel):
+    """Where the bridge keeps its records (bridge/storage)."""
+
+    # None: SQLite, <data_dir>/provbridge.db. A `postgresql://` URL: a PostgreSQL database, which bridges on several
+    # hosts may share (docs/SCALING.md). Prefer a ~/.pgpass file or PGPASSWORD to a password in the URL.
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+
+
 class Profile(BaseModel):
     """Topic scope of a device's token. `{device_id}` and `{tenant}` are filled in."""
 
@@ -175,6 +183,7 @@ class Settings(BaseSettings):
     token: TokenSettings = Field(default_factory=TokenSettings)
     claims: ClaimSettings = Field(default_factory=ClaimSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
 
     _config_file: Path | None = None
@@ -199,7 +208,13 @@ class Settings(BaseSettings):
 
     @property
     def database_file(self) -> Path:
+        """The SQLite database's file (used only when `storage.url` is not set)."""
         return self.data_dir / "provbridge.db"
+
+    @property
+    def database(self) -> Path | str:
+        """Where `Store` opens the database: `storage.url`, else the SQLite file in the data dir."""
+        return self.storage.url or self.database_file
 
 
 def load_settings(config_file: Path | None = None) -> Settings:

@@ -1,5 +1,9 @@
 """Fixtures: an initialised data dir and a running bridge with its embedded broker on loopback.
 
+The database is SQLite in the data dir. A test module marked `both_backends` (`pytestmark =
+pytest.mark.both_backends`) runs each of its tests twice, on SQLite and on a fresh database of a real PostgreSQL
+server the session starts on loopback (tests/helpers/postgres.py): the storage-dependent tests are one suite for both.
+
 The helpers tests share (the one MQTT client, the bridge, devices, Mosquitto, ...) are in tests/helpers/.
 """
 
@@ -10,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import Profile, Settings
+from bridge.config import Profile, Settings, StorageSettings
 from bridge.ops import admin
 from tests.helpers.bridge import Bridge, make_settings, serving_bridge
 from tests.helpers.brokers import EMBEDDED, JWT, bridge_on, use_jwt_plugin
+from tests.helpers.postgres import PostgresServer, require_postgres
+
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,6 +29,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("log_level") is None and not config.getini("log_level"):
         config.option.log_level = "WARNING"
     logging.getLogger().setLevel(logging.DEBUG)
+    config.addinivalue_line("markers", "both_backends: run each test on SQLite and on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "storage_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("storage_url", [SQLITE, POSTGRESQL], indirect=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,10 +54,33 @@ def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         handler.close()
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (of each pytest-xdist worker), started when a test first needs it."""
+    require_postgres()
+    root = tmp_path_factory.mktemp("postgres")
+    with PostgresServer(root) as server:
+        yield server
+        server.dump_rows(root / "rows")  # for the secret scan, as the SQLite files the suite leaves
+
+
 @pytest.fixture
-def initialised(tmp_path: Path) -> tuple[Settings, str]:
-    """Settings on a free port and a fresh data dir, with the raw first key `init` printed."""
-    s = make_settings(tmp_path / "data")
+def storage_url(request: pytest.FixtureRequest) -> str | None:
+    """`storage.url` of the test: None (SQLite in the data dir), or a fresh PostgreSQL database's URL for the
+    PostgreSQL run of a `both_backends` test."""
+    if getattr(request, "param", SQLITE) == SQLITE:
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
+
+
+@pytest.fixture
+def initialised(tmp_path: Path, storage_url: str | None, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, str]:
+    """Settings on a free port and a fresh data dir (and database), with the raw first key `init` printed. The
+    environment carries the database's URL too, for the CLI the test runs."""
+    s = make_settings(tmp_path / "data", storage=StorageSettings(url=storage_url))
+    if storage_url is not None:
+        monkeypatch.setenv("PROVBRIDGE_STORAGE__URL", storage_url)
     result = admin.init_data_dir(s)
     assert result.created and result.provision_key
     return s, result.provision_key

@@ -5,7 +5,8 @@ Every file under that directory is scanned: the pytest process's own log (every 
 written by tests/conftest.py; the claim workers' records arrive there too), the logs of the processes the
 tests start (`provbridge serve`, Mosquitto, the standalone broker, the demo, the CLI), every SQLite
 database (each cell of each table, and the raw bytes of the file and its `-wal`, which keep deleted rows
-and old page versions), and every other file (key rings, JWKS, Mosquitto configuration and
+and old page versions), every row of the PostgreSQL test databases (dumped as `*.rows` files when the suite's
+server stops, tests/helpers/postgres.py), and every other file (key rings, JWKS, Mosquitto configuration and
 dynamic-security files, deny lists, Mosquitto's persistence, ...).
 
 Files that exist to hold a secret (PEM or `.key` files of private keys, `bridge.secret`, the simulator's

@@ -31,7 +31,7 @@ class Host:
 @pytest.fixture
 def host(initialised: tuple[Settings, str]) -> Iterator[Host]:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     (device_id,) = claim_devices(settings, store, key, 1)
     try:
         with api_server(settings) as api:

@@ -269,7 +269,7 @@ def test_on_mosquitto_an_unreachable_broker_is_503_and_changes_nothing(settings:
     )
     external = settings.model_copy(update={"broker": broker})
     admin.create_ops_user(external, "day-shift")  # one to delete
-    store = Store(external.database_file)
+    store = Store(external.database)
     try:
         write = tokens.create_admin_token(store, "ops", ["write"], None, int(time.time())).raw
         with api_server(external) as api:

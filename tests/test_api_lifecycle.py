@@ -35,6 +35,9 @@ from tests.helpers.mqtt import MqttClient, can_connect, token_session
 from tests.helpers.refresh import RefreshingDevice, provisioned
 from tests.helpers.waiting import wait_for
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 @dataclass(frozen=True)
 class Operated:

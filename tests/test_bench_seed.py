@@ -10,7 +10,7 @@ def test_seeded_devices_are_rows_the_bridge_reads(initialised: tuple[Settings, s
     settings, _ = initialised
     done = seed_devices(settings.data_dir, 25)
     assert done["devices_total"] == 25
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         page = store.devices_page(DeviceFilter(), None, 100)
         assert len(page) == 25 and all(d.status == "active" and d.credential_generation == 0 for d in page)

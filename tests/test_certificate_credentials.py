@@ -33,6 +33,9 @@ from provwire.models import Claim, ClaimError, ClaimOk, Credentials, to_json
 from tests.helpers.bridge import make_settings
 from tests.helpers.devices import answer_of
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 PREFIX = "prov/v1"
 
 
@@ -54,7 +57,7 @@ class Site:
 def site(tmp_path: Path) -> Iterator[Site]:
     settings = make_settings(tmp_path / "data")
     admin.init_data_dir(settings)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     keys = keyfiles.load_keys(settings.data_dir)
     provisioner = Provisioner(settings, store, keys)
     try:

@@ -110,7 +110,7 @@ def blocked_claim_worker(initialised: tuple[Settings, str]) -> Iterator[tuple[Se
         worker = int(WORKER_RE.findall(serve.log())[-1])
         children = descendants(serve.process.pid)
         assert worker in children, (worker, children)
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         stack.callback(store.close)
         stack.enter_context(locked(writer_lock_file(settings)))  # released after the kill below: no survivor writes
         stack.callback(kill_leftovers, children)  # only once the test failed

@@ -1,7 +1,6 @@
 """Issue 2 acceptance, through the embedded broker on loopback, a real SQLite file and real crypto."""
 
 import json
-import sqlite3
 import time
 import uuid
 
@@ -15,6 +14,10 @@ from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
 from tests.helpers.devices import Device, race_one_time_key
 from tests.helpers.mqtt import MqttClient
+from tests.helpers.storage import holding_the_write_lock
+
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
@@ -287,14 +290,11 @@ def test_events_are_published_and_stored_without_secrets(bridge: Bridge) -> None
 
 
 def test_storage_failure_answers_internal_error_and_writes_nothing(bridge: Bridge) -> None:
-    blocker = sqlite3.connect(bridge.settings.database_file, timeout=0)
-    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
-    try:
+    with holding_the_write_lock(bridge.settings):  # another writer holds the database
         from bridge.claims.provisioning import Provisioner
         from bridge.storage.store import Store
 
-        impatient = Store(bridge.settings.database_file)
-        impatient.connection().execute("PRAGMA busy_timeout = 50")
+        impatient = Store(bridge.settings.database, lock_timeout=0.05)
         provisioner = Provisioner(bridge.settings, impatient, bridge.keys)
         with Device(bridge) as device:
             payload = device.claim_payload(bridge.provision_key)
@@ -302,9 +302,6 @@ def test_storage_failure_answers_internal_error_and_writes_nothing(bridge: Bridg
         assert outcome.answer is not None
         answer = ClaimError.model_validate_json(outcome.answer)
         assert answer.code is ErrorCode.INTERNAL_ERROR and answer.retry_after
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert bridge.store.count("devices") == 0
     with Device(bridge) as device:
         assert isinstance(device.claim(bridge.provision_key), ClaimOk)

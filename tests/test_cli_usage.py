@@ -18,7 +18,7 @@ from tests.helpers.bridge import Bridge
 
 
 def _keys(settings: Settings) -> int:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         return len(store.keys(None))
     finally:
@@ -54,7 +54,7 @@ def test_a_code_may_be_shorter_lived_than_the_default_and_is_one_time(
     now = int(time.time())
     assert cli.main([*data, "key", "create", "--name", "c", "--code", "--expires-in", "2h", "--json"]) == 0
     created = json.loads(capsys.readouterr().out)
-    key = next(k for k in Store(settings.database_file).keys(None) if k.id == created["id"])
+    key = next(k for k in Store(settings.database).keys(None) if k.id == created["id"])
     assert key.max_registrations == 1 and now + 7200 <= (key.expires_at or 0) <= int(time.time()) + 7200
     assert cli.main([*data, "key", "create", "--name", "c1", "--code", "--one-time"]) == 0  # consistent: fine
 

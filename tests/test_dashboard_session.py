@@ -267,7 +267,7 @@ def test_with_api_tls_the_api_speaks_https_with_the_broker_certificate_and_secur
     settings = tls_settings(tmp_path / "data")
     initialise(settings)
     settings = settings.model_copy(update={"api": settings.api.model_copy(update={"tls": True})})
-    raw = tokens.create_admin_token(Store(settings.database_file), "tls", ["read"], None, int(time.time())).raw
+    raw = tokens.create_admin_token(Store(settings.database), "tls", ["read"], None, int(time.time())).raw
     ca = ssl.create_default_context(cafile=str(TlsFiles.of(settings.data_dir).ca_cert))  # hostname checked
     with api_server(settings) as api:
         conn = http.client.HTTPSConnection("127.0.0.1", api.port, timeout=30, context=ca)

@@ -17,6 +17,10 @@ from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import claim_devices, provision
 from tests.helpers.mqtt import MqttClient
 from tests.helpers.refresh import RefreshingDevice
+from tests.helpers.storage import database_bytes, on_postgres, postgres_plan, traced
+
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 # --- lists -----------------------------------------------------------------------------------------------------
 
@@ -25,7 +29,7 @@ def test_a_list_pages_through_every_device_once_newest_first(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     made = claim_devices(settings, store, key, 25)
     seen: list[str] = []
     after: list[str] = []
@@ -45,7 +49,7 @@ def test_a_list_pages_through_every_device_once_newest_first(
 
 def test_lists_filter_on_the_server(initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]) -> None:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     made = claim_devices(settings, store, key, 6)
     for device_id in made[:2]:
         assert cli_run(capsys, settings, "device", "revoke", device_id)[0] == 0
@@ -63,7 +67,7 @@ def test_lists_filter_by_label_search_and_presence(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     made = claim_devices(settings, store, key, 5, prefix="line")
     other = claim_devices(settings, store, key, 2, prefix="bench")
 
@@ -146,7 +150,10 @@ def test_lists_filter_by_label_search_and_presence(
 )
 def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], where: DeviceFilter) -> None:
     """A page costs the same on a fleet of any size: no query of a list scans the devices table."""
-    store = Store(initialised[0].database_file)
+    store = Store(initialised[0].database)
+    if on_postgres(initialised[0]):
+        _postgres_lists_read_an_index(store, where)
+        return
     plans: list[str] = []
     connection = store.connection()
     cursor = PageCursor(0, "dev_x", "SN-9") if where.by_hardware_id else PageCursor(1_700_000_000, "dev_x")
@@ -173,6 +180,26 @@ def test_every_list_query_reads_an_index(initialised: tuple[Settings, str], wher
     store.close()
 
 
+def _postgres_lists_read_an_index(store: Store, where: DeviceFilter) -> None:
+    cursor = PageCursor(0, "dev_x", "SN-9") if where.by_hardware_id else PageCursor(1_700_000_000, "dev_x")
+    with traced(store) as statements:
+        for after in (None, cursor):
+            store.devices_page(where, after, 10)
+    plans = [postgres_plan(store, sql) for sql in statements if sql.lstrip().startswith("SELECT")]
+    assert len(plans) == 2
+    for plan in plans:
+        assert not any("Seq Scan on devices" in line or "Seq Scan on device_" in line for line in plan), plan
+        if where.hardware_id is None:  # the index gives the order: a page reads a page, not every match sorted
+            # (an Incremental Sort orders only the rows that tie on the index's columns: SQLite's "RIGHT PART")
+            assert not any(line.strip().lstrip("-> ").startswith("Sort  (") for line in plan), plan  # a Sort node
+        if where.online is not None and where.tenant_id is not None:  # a seek to the tenant, not a walk past others
+            assert any("device_presence_tenant_page" in line for line in plan), plan
+    assert any(
+        "devices_api_key" in line for line in postgres_plan(store, "SELECT id FROM devices WHERE api_key_hash = ?")
+    )
+    store.close()
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--after", "not-a-cursor"], ["--after", "MTIzOmRldl94eA"[:-1]], ["--limit", "1001"], ["--status", "gone"]],
@@ -192,7 +219,7 @@ def test_a_device_update_changes_what_it_names_with_one_event(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     (device_id,) = claim_devices(settings, store, key, 1)
     before = store.device(device_id)
     view = cli_json(
@@ -264,7 +291,7 @@ def test_a_refused_device_update_changes_nothing(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     settings, key = initialised
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     (device_id,) = claim_devices(settings, store, key, 1)
     before = store.device(device_id)
     code, out, err = cli_run(capsys, settings, "device", "update", device_id, *argv)
@@ -298,17 +325,15 @@ def test_an_api_key_verifies_for_its_device_until_rotated_or_revoked(
     assert verify(capsys, monkeypatch, bridge.settings, rotated["api_key"])["device_id"] == device_id
     (event,) = bridge.store.events(event="device.api_key_rotated")
     assert event["device_id"] == device_id and rotated["api_key"] not in json.dumps(event)
-    assert rotated["api_key"].encode() not in bridge.settings.database_file.read_bytes()  # only its hash
+    assert rotated["api_key"].encode() not in database_bytes(bridge.settings)  # only its hash
 
     assert cli_run(capsys, bridge.settings, "device", "revoke", device_id)[0] == 0
     assert verify(capsys, monkeypatch, bridge.settings, rotated["api_key"])[0] == 1
 
 
 def test_verify_reads_nothing_from_a_key_that_is_not_one(initialised: tuple[Settings, str]) -> None:
-    store = Store(initialised[0].database_file)
-    statements: list[str] = []
-    store.connection().set_trace_callback(statements.append)
-    assert devices.verify_api_key(store, "'; DROP TABLE devices; --") is None
-    store.connection().set_trace_callback(None)
+    store = Store(initialised[0].database)
+    with traced(store) as statements:
+        assert devices.verify_api_key(store, "'; DROP TABLE devices; --") is None
     assert statements == [] and store.count("devices") == 0
     store.close()

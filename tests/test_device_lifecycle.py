@@ -35,6 +35,9 @@ from tests.helpers.cli import cli_run, run_cli
 from tests.helpers.mqtt import MqttClient, can_connect, token_session
 from tests.helpers.refresh import RefreshingDevice, provisioned
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture(params=[EMBEDDED, JWT, DYNSEC])
 def any_broker(

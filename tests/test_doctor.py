@@ -64,7 +64,7 @@ def assert_only_failures(lines: dict[str, str], failed: set[str], skipped: Colle
 
 def provision(settings: Settings, key: str) -> str:
     """One device claimed through the real claim path; returns its id."""
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         private = crypto.generate_private_key()
         claim = Claim(
@@ -144,7 +144,7 @@ def test_a_missing_active_key_and_a_stale_jwks_are_named(
 
 
 def test_a_devices_cloud_key_gone_from_disk_is_found(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    first = admin.create_key(Store(settings.database_file), settings, admin.KeySpec("default", "k"), int(time.time()))
+    first = admin.create_key(Store(settings.database), settings, admin.KeySpec("default", "k"), int(time.time()))
     provision(settings, first[1])
     old = keyfiles.load_keys(settings.data_dir).active_cloud
     rotation.rotate(settings.data_dir, "cloud", int(time.time()))
@@ -160,7 +160,7 @@ def test_a_certificate_key_without_its_device_ca_is_found(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = admin.KeySpec("default", "certs", credential_type="certificate")
-    admin.create_key(Store(settings.database_file), settings, spec, int(time.time()))
+    admin.create_key(Store(settings.database), settings, spec, int(time.time()))
     device_ca_key = DeviceCaFiles.of(settings.data_dir).key
     device_ca_key.chmod(0o640)
     code, lines, _ = run_doctor(settings, capsys)
@@ -228,7 +228,7 @@ def test_an_unusable_profile_and_a_profile_no_longer_configured(
     assert "'devices/#/x' is not a valid MQTT topic filter" in lines["config"]
 
     sensors = settings.model_copy(update={"profiles": {**settings.profiles, "sensors": settings.profiles["default"]}})
-    admin.create_key(Store(settings.database_file), sensors, admin.KeySpec("default", "s", profile="sensors"), 1)
+    admin.create_key(Store(settings.database), sensors, admin.KeySpec("default", "s", profile="sensors"), 1)
     _, lines, _ = run_doctor(settings, capsys)
     assert "profile 'sensors' is used by keys or devices but not configured" in lines["references"]
     assert "add [profiles.sensors]" in lines["references"]
@@ -279,7 +279,7 @@ def test_the_tls_listener_is_checked_with_the_ca_devices_pin(
 
 
 def test_a_clock_behind_the_newest_record_fails(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     with store.transaction() as tx:
         # written by a clock a day ahead
         tx.connection.execute("UPDATE provision_keys SET created_at = created_at + 86400")

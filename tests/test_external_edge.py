@@ -130,7 +130,7 @@ def edge_on_mosquitto(settings: Settings, first_key: str) -> Iterator[EdgeOnMosq
     with mosquitto_for(settings):
         edge = ExternalBridge(settings)
         asyncio.run_coroutine_threadsafe(edge.start(), loop).result(60)
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             assert asyncio.run_coroutine_threadsafe(edge.wait_serving(30), loop).result(40)
             yield EdgeOnMosquitto(settings, store, keyfiles.load_keys(settings.data_dir), first_key, edge, loop)

@@ -336,7 +336,7 @@ def test_the_limiter_tracks_at_most_its_cap_of_keys_whatever_the_flood(tmp_path:
     claims = settings.claims.model_copy(update={"rate_limits": True, "rate_max_keys": 100})
     settings = settings.model_copy(update={"claims": claims})
     admin.init_data_dir(settings)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         provisioner = Provisioner(settings, store, keyfiles.load_keys(settings.data_dir))
         events_before = store.count("events")

@@ -1,11 +1,10 @@
 """The claim worker's group commit (`Store.batch`, `ClaimHandlers.handle_batch`): the messages that arrive
 together share one database transaction, each claim a savepoint of it, without changing any answer.
-Real SQLite, real crypto, the handlers the claim worker runs; no broker needed."""
+Real SQLite and PostgreSQL, real crypto, the handlers the claim worker runs; no broker needed."""
 
 import contextlib
 import json
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,11 +21,15 @@ from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import Claim, ClaimError, ClaimOk, to_json
+from tests.helpers.storage import holding_the_write_lock, impatient, is_write_begin, sqlite_only, traced
+
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 @pytest.fixture
 def store(settings: Settings) -> Iterator[Store]:
-    opened = Store(settings.database_file)
+    opened = Store(settings.database)
     yield opened
     opened.close()
 
@@ -52,12 +55,8 @@ def test_messages_of_a_batch_share_one_transaction_and_get_the_answers_they_woul
     messages = [claim(settings, key) for _ in range(10)]
     messages += [claim(settings, one_time), claim(settings, one_time)]  # the one-time key, twice in one batch
     messages.append((messages[0][0], b"{not json"))
-    statements: list[str] = []
-    store.connection().set_trace_callback(statements.append)
-    try:
+    with traced(store) as statements:
         outcomes = handlers.handle_batch(messages)
-    finally:
-        store.connection().set_trace_callback(None)
     answers = [json.loads(o.answer or b"{}") for o in outcomes]
     assert [a["status"] for a in answers[:10]] == ["ok"] * 10
     assert sorted(a["status"] for a in answers[10:12]) == ["error", "ok"]  # exactly one device for the key
@@ -65,8 +64,8 @@ def test_messages_of_a_batch_share_one_transaction_and_get_the_answers_they_woul
     assert store.count("devices") == 11
     # The malformed claim's event is stored when it is refused, before the write lock is taken for the
     # others; then one transaction for all twelve claims, each claim's writes a savepoint of it.
-    assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"] * 2
-    batch = statements[max(i for i, s in enumerate(statements) if s == "BEGIN IMMEDIATE") :]
+    assert [s == "COMMIT" for s in statements if is_write_begin(s) or s == "COMMIT"] == [False, True] * 2
+    batch = statements[max(i for i, s in enumerate(statements) if is_write_begin(s)) :]
     assert sum(s.startswith("SAVEPOINT") for s in batch) >= 12
 
 
@@ -86,6 +85,7 @@ def test_a_batch_keeps_its_savepoint_journal_in_memory(initialised: tuple[Settin
     written page by page and deleted every batch (a tenth of the claim worker's CPU, docs/BENCHMARKS.md). A
     batch keeps it in memory: no temporary file is open at any statement of the batch."""
     settings, key = initialised
+    sqlite_only(settings, "the journal of SQLite's savepoints")
     handlers = claim_handlers(settings, store)
 
     def temporary_files() -> list[str]:
@@ -108,14 +108,9 @@ def test_a_batch_that_cannot_begin_writes_nothing_and_answers_every_claim_retry(
 ) -> None:
     settings, key = initialised
     handlers = claim_handlers(settings, store)
-    store.connection().execute("PRAGMA busy_timeout = 50")
-    blocker = sqlite3.connect(settings.database_file)
-    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
-    try:
+    impatient(store)
+    with holding_the_write_lock(settings):  # another writer holds the database
         outcomes = handlers.handle_batch([claim(settings, key) for _ in range(3)])
-    finally:
-        blocker.rollback()
-        blocker.close()
     for outcome in outcomes:
         assert outcome.answer is not None
         answer = ClaimError.model_validate_json(outcome.answer)
@@ -145,9 +140,10 @@ def test_a_batch_that_fails_to_commit_takes_its_units_with_it(store: Store) -> N
     assert "alone" in names and "in-a-batch" not in names
 
 
-def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(store: Store) -> None:
+def test_a_batch_sqlite_rolled_back_commits_none_of_its_later_units(settings: Settings, store: Store) -> None:
     """A full disk makes SQLite roll the whole transaction back: a unit after that must fail too, not
     become a transaction of its own that commits while the batch reports failure."""
+    sqlite_only(settings, "SQLite rolls a whole transaction back on a full disk (PostgreSQL's errors abort it)")
     conn = store.connection()
     room = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
     with pytest.raises(StorageError), store.batch():
@@ -184,16 +180,11 @@ def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_
     assert all(summary.startswith("device.provisioned") for summary, _ in reported)
 
     reported.clear()
-    store.connection().execute("PRAGMA busy_timeout = 50")
-    blocker = sqlite3.connect(settings.database_file)
-    blocker.execute("BEGIN EXCLUSIVE")  # the batch cannot be written: each claim is reported as answered
+    impatient(store)
     failed_before = counter_value("provbridge_database_errors_total")
-    try:
+    with holding_the_write_lock(settings):  # the batch cannot be written: each claim is reported as answered
         messages = [claim(settings, key) for _ in range(2)]
         handlers.handle_batch(messages)
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert [summary for summary, _ in reported] == [ErrorCode.INTERNAL_ERROR.value] * 2
     assert [request_id for _, request_id in reported] == [json.loads(payload)["request_id"] for _, payload in messages]
     assert counter_value("provbridge_database_errors_total") == failed_before + 1  # one failed transaction

@@ -23,6 +23,9 @@ from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge, provision_key_row
 from tests.helpers.devices import Device
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 SEGMENTS = r"([A-Z0-9]+-?)+"  # an ordinary admin pattern, exponential in a backtracking engine
 HOSTILE_ID = "A" * 127 + "!"  # 128 characters, the most a hardware id may have
 
@@ -127,11 +130,11 @@ def test_the_cli_accepts_the_segments_pattern_and_refuses_a_backreference(
     data = ["--data-dir", str(settings.data_dir)]
     assert cli.main([*data, "key", "create", "--name", "seg", "--hardware-id-pattern", SEGMENTS, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "seg"
-    keys_before = len(Store(settings.database_file).keys())
+    keys_before = len(Store(settings.database).keys())
     assert cli.main([*data, "key", "create", "--name", "br", "--hardware-id-pattern", r"(a)\1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("provbridge: error: hardware id pattern is not one the linear-time engine") and "\\1" in err
-    assert len(Store(settings.database_file).keys()) == keys_before
+    assert len(Store(settings.database).keys()) == keys_before
 
 
 # --- patterns stored before RE2, and the doctor ----------------------------------------------------

@@ -168,7 +168,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     settings = make_settings(tmp_path_factory.mktemp("hostile") / "data")
     first_key = admin.init_data_dir(settings).provision_key
     assert first_key is not None
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     keys = keyfiles.load_keys(settings.data_dir)
     made_at = int(time.time())
 
@@ -482,7 +482,7 @@ def cli_world(tmp_path_factory: pytest.TempPathFactory) -> CliWorld:
     config.write_text(f'data_dir = "{root / "data"}"\n[broker]\nport = {free_port()}\n')
     settings = make_settings(root / "data")
     init = admin.init_data_dir(settings)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     keys = keyfiles.load_keys(settings.data_dir)
     device = _new_device("hw-cli")
     claim = Claim(request_id="r-cli-claim-1", provision_key=init.provision_key or "", hardware_id="hw-cli",

@@ -41,7 +41,7 @@ def started(settings: Settings, first_key: str) -> Iterator[Started]:
     thread = threading.Thread(target=loop.run_forever, name="inprocess-test-loop", daemon=True)
     thread.start()
     running = asyncio.run_coroutine_threadsafe(start_bridge(tls.resolve(settings)), loop).result(30)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         yield Started(settings, store, keyfiles.load_keys(settings.data_dir), first_key, running)
     finally:
@@ -147,7 +147,7 @@ def test_a_claim_sent_before_the_claim_worker_is_up_waits_for_it_and_is_answered
 
     start = start_embedded_broker(embedded_broker_settings(settings), before_listening=take_claims)
     broker = asyncio.run_coroutine_threadsafe(start, loop).result(30)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         bridge = Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
         with Device(bridge) as device:

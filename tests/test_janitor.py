@@ -13,6 +13,9 @@ from bridge.storage.store import Store
 from bridge.tokens import TokenGrant
 from tests.helpers.mosquitto import external_settings, mosquitto_for
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 
 
@@ -36,7 +39,7 @@ def test_far_more_orphans_than_a_crash_leaves_are_kept_and_the_log_says_why(
                 {"command": "createClient", **device_client(device_id, own)},
             ]
         assert all("error" not in answer for answer in channel.call(commands))
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             mirror = SharedDynsecMirror(settings, store)
             mirror.use(channel)

@@ -20,7 +20,11 @@ from provwire.models import ClaimError, ClaimOk
 from tests.helpers.bridge import Bridge
 from tests.helpers.cli import cli_json, cli_run
 from tests.helpers.devices import Device
+from tests.helpers.storage import database_bytes, on_postgres, postgres_plan, sorts_or_scans, traced
 from tests.helpers.waiting import wait_for
+
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 def keys_named(store: Store, name: str) -> list[ProvisionKey]:
@@ -61,7 +65,7 @@ def test_an_update_changes_what_it_names_and_nothing_else_with_one_event(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = initialised[0]
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     key = new_key(store, settings, labels={"site": "lyon", "line": "7"}, groups=["eu"], max_registrations=10)
     view = cli_json(
         capsys,
@@ -108,7 +112,7 @@ def test_a_refused_update_says_why_and_changes_nothing(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     settings = initialised[0]
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     key = new_key(store, settings, labels={"site": "lyon"})
     code, out, err = cli_run(capsys, settings, "key", "update", key.id, *argv)
     assert code == 2 and out == ""
@@ -128,7 +132,7 @@ def test_a_new_keys_labels_and_groups_are_checked_as_an_allowlist_entrys(
 ) -> None:
     settings = initialised[0]
     code, out, err = cli_run(capsys, settings, "key", "create", "--name", "labelled", *argv)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     made = keys_named(store, "labelled")
     store.close()
     if argv[1] == "a=b":
@@ -148,7 +152,7 @@ def test_a_human_code_stays_one_time_and_can_only_be_shortened(
     initialised: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = initialised[0]
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     code_key = new_key(store, settings, human_code=True)
     for argv in (["--max-registrations", "2"], ["--unlimited"], ["--no-expiry"], ["--expires-in", "30d"]):
         code, _, err = cli_run(capsys, settings, "key", "update", code_key.id, *argv)
@@ -329,7 +333,7 @@ def test_codes_in_bulk_are_shown_once_stored_as_hashes_and_each_claims_once(
     stored = {k.id: k for k in keys_named(bridge.store, "batch-42")}
     assert set(stored) == {row["key_id"] for row in rows}
     assert all(k.kind == "code" and k.max_registrations == 1 and k.expires_at for k in stored.values())
-    database = bridge.settings.database_file.read_bytes()
+    database = database_bytes(bridge.settings)
     assert all(row["code"].encode() not in database for row in rows)  # only hashes are kept
     (event,) = events(bridge.store, "key.codes_created")
     assert event["count"] == 5 and event["key_name"] == "batch-42" and event["actor"] == "cli"
@@ -348,7 +352,7 @@ def test_codes_beyond_the_bounds_are_refused_and_none_made(
     settings = initialised[0]
     code, out, err = cli_run(capsys, settings, "key", "codes", "--count", count, "--name", "x")
     assert code == 2 and out == "" and "Traceback" not in err
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     assert keys_named(store, "x") == [] and events(store, "key.codes_created") == []
     store.close()
 
@@ -358,7 +362,7 @@ def test_keys_list_a_page_at_a_time_in_index_order(
 ) -> None:
     settings = initialised[0]
     assert cli_run(capsys, settings, "key", "codes", "--count", "7", "--name", "paged")[0] == 0
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     every = [k.id for k in store.keys(None)]
     seen: list[str] = []
     after: list[str] = []
@@ -371,6 +375,15 @@ def test_keys_list_a_page_at_a_time_in_index_order(
     assert seen == every and len(every) == 8  # the first key and the codes, each once, oldest first
     code, out, err = cli_run(capsys, settings, "key", "list", "--after", "garbage")
     assert code == 2 and out == "" and "cursor" in err
+    if on_postgres(settings):
+        with traced(store) as statements:
+            for tenant_id in (None, "ten_x"):
+                store.keys_page(tenant_id, PageCursor(1_700_000_000, "key_x"), 10)
+        for sql in statements:
+            plan = postgres_plan(store, sql)
+            assert any("provision_keys_" in line for line in plan) and not sorts_or_scans(plan, ("provision_keys",))
+        store.close()
+        return
     connection = store.connection()
     plans: list[str] = []
     connection.set_trace_callback(lambda sql: plans.append(sql) if sql.lstrip().startswith("SELECT") else None)

@@ -14,7 +14,7 @@ from bridge.storage.store import Store
 
 @pytest.fixture
 def store(initialised: tuple[Settings, str]) -> Iterator[Store]:
-    opened = Store(initialised[0].database_file)
+    opened = Store(initialised[0].database)
     yield opened
     opened.close()
 

@@ -118,7 +118,7 @@ def test_every_line_of_a_claims_life_carries_its_request_id_as_json(bridge: Brid
 
 
 def test_lines_logged_inside_the_handlers_carry_the_request_id(settings: Settings) -> None:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     keys = keyfiles.load_keys(settings.data_dir)
     key = admin.create_key(store, settings, admin.KeySpec("default", "logs"), int(time.time()))[1]
     private = crypto.generate_private_key()
@@ -145,7 +145,7 @@ def test_lines_logged_inside_the_handlers_carry_the_request_id(settings: Setting
 
 
 def test_a_new_message_unbinds_the_previous_request_and_threads_do_not_mix(settings: Settings) -> None:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     provisioner = Provisioner(settings, store, keyfiles.load_keys(settings.data_dir))
     provisioner.handle("prov/v1/claim/c-1", b'{"request_id": "r-first-0001"}')
     assert logs.current_request_id() == "r-first-0001"  # still bound: the edge logs the outcome next

@@ -209,7 +209,7 @@ def test_broker_connection_state_and_readyz_follow_the_bridges_broker(
     Then the bridge is killed while Mosquitto still accepts connections: an API run alone on the data dir is not
     ready, and does not take the gauge the killed process left behind for a connection."""
     settings = external_settings(initialised[0], dynsec=False)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     token = admin_tokens.create_admin_token(store, "scraper", ["read"], None, int(time.time())).raw
     store.close()
     with mosquitto_for(settings) as mosquitto, ServeProcesses(settings) as serve:

@@ -348,7 +348,7 @@ def test_a_broker_that_never_confirms_rolls_the_claim_back(initialised: tuple[Se
             ]
     keyfiles.write_private(state_file, json.dumps(state).encode())
     with running_mosquitto(conf_dir, settings.broker.port) as broker, serving(settings):
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), key, broker)
             with Device(bridge) as device:

@@ -32,6 +32,9 @@ from tests.helpers.mqtt import can_connect
 from tests.helpers.processes import ServeProcesses
 from tests.helpers.waiting import wait_for
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 PROCESSES = 2
 
 
@@ -46,7 +49,7 @@ def bridge(initialised: tuple[Settings, str], request: pytest.FixtureRequest) ->
     settings, first_key = initialised
     settings = external_settings(settings, mosquitto_auth=request.param)
     with mosquitto_for(settings) as mosquitto, ServeProcesses(settings, PROCESSES) as serve:
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             yield MultiBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, mosquitto, serve)
         finally:
@@ -168,7 +171,7 @@ def test_sessions_of_a_previous_layout_are_retired(initialised: tuple[Settings, 
 def test_janitors_of_two_processes_never_delete_a_token_the_other_renewed(initialised: tuple[Settings, str]) -> None:
     settings, _ = initialised
     settings = external_settings(settings, mosquitto_auth="dynsec")
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     device_id = f"dev_{uuid.uuid4().hex[:26]}"
     now = int(time.time())
 

@@ -25,6 +25,9 @@ from tests.helpers.processes import ServeProcesses
 from tests.helpers.refresh import provisioned
 from tests.helpers.waiting import wait_for
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 def presence(bridge: Bridge, device_id: str) -> tuple[bool | None, int | None]:
     device = bridge.store.device(device_id)
@@ -120,7 +123,7 @@ def test_bridge_processes_share_the_presence_on_mosquitto(initialised: tuple[Set
     settings, key = initialised
     settings = external_settings(settings)  # jwt: the provbridge_jwt plugin publishes presence
     with mosquitto_for(settings) as mosquitto, ServeProcesses(settings, 2):
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), key, mosquitto)
             device, creds = provisioned(bridge)
@@ -134,7 +137,7 @@ def test_bridge_processes_share_the_presence_on_mosquitto(initialised: tuple[Set
 def test_a_storm_of_connections_is_written_in_a_few_transactions(bridge: Bridge) -> None:
     """2,500 changes of 2,500 devices within the recorder's interval: ceil(2500 / BATCH) transactions."""
     devices = [provisioned(bridge)[0].device_id for _ in range(3)]
-    store = Store(bridge.settings.database_file)
+    store = Store(bridge.settings.database)
     writes: list[int] = []
     original = store.record_presence
 

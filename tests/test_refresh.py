@@ -31,6 +31,9 @@ from tests.helpers.bridge import Bridge
 from tests.helpers.mqtt import MqttClient
 from tests.helpers.refresh import RefreshingDevice
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
     return bridge.store.events(event=name, limit=1000)

@@ -9,7 +9,11 @@ from bridge.config import Settings, load_settings
 from bridge.edges.core import claim_handlers
 from bridge.storage.store import Store
 from provwire.models import Event, rfc3339
+from tests.helpers.storage import on_postgres, postgres_plan, sorts_or_scans
 from tests.helpers.waiting import wait_for
+
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 DAY = 86_400
 NOW = 1_900_000_000  # a fixed "now": the purge takes it as an argument
@@ -38,7 +42,7 @@ def test_the_default_keeps_events_30_days() -> None:
 
 
 def test_the_periodic_purge_deletes_old_events_and_keeps_recent_ones(settings: Settings) -> None:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         handlers = claim_handlers(with_retention(settings, 30), store)
         ages = {"years": 3 * 365 * DAY, "31d": 31 * DAY, "30d+1ms": 30 * DAY + 0.001}
@@ -54,7 +58,7 @@ def test_the_periodic_purge_deletes_old_events_and_keeps_recent_ones(settings: S
 
 
 def test_zero_retention_keeps_every_event(settings: Settings) -> None:
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         handlers = claim_handlers(with_retention(settings, 0), store)
         for years in (0, 1, 10, 40):
@@ -68,7 +72,12 @@ def test_zero_retention_keeps_every_event(settings: Settings) -> None:
 def test_a_purge_batch_reads_the_time_index_not_the_table(settings: Settings) -> None:
     """A batch touches its rows only, however many events there are: its write-lock time does not grow
     with the table."""
-    store = Store(settings.database_file)
+    store = Store(settings.database)
+    if on_postgres(settings):
+        plan = postgres_plan(store, "SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?")
+        assert any("events_time" in line for line in plan) and not sorts_or_scans(plan, ("events",)), plan
+        store.close()
+        return
     try:
         plan = store.connection().execute(
             "EXPLAIN QUERY PLAN SELECT id FROM events WHERE time < ? ORDER BY time LIMIT ?", ("x", 10)
@@ -102,8 +111,8 @@ def test_the_purge_deletes_in_batches_and_lets_other_writers_in(settings: Settin
     then writes again: it must get in during the purge, not only after it. One DELETE for the whole
     backlog would show it only the full backlog or none.
     """
-    store = Store(settings.database_file)
-    other = store if writer == "another-thread" else Store(settings.database_file)
+    store = Store(settings.database)
+    other = store if writer == "another-thread" else Store(settings.database)
     cutoff = NOW - 30 * DAY
     try:
         with store.transaction() as tx:

@@ -20,6 +20,9 @@ from tests.helpers.devices import Device
 from tests.helpers.mqtt import MqttClient, token_session
 from tests.helpers.refresh import provisioned
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 def _events(bridge: Bridge, name: str) -> list[dict[str, object]]:
     return bridge.store.events(event=name, limit=1000)

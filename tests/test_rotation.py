@@ -22,6 +22,9 @@ from tests.helpers.devices import Device
 from tests.helpers.mqtt import can_connect
 from tests.helpers.refresh import RefreshingDevice
 
+# Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 def _cli_json(bridge: Bridge, capsys: pytest.CaptureFixture[str], *args: str) -> object:
     capsys.readouterr()

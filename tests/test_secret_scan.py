@@ -78,7 +78,7 @@ def test_a_raw_provisioning_key_in_an_event_row_is_found_with_its_table_column_a
     planted: tuple[Settings, str], scratch: Path
 ) -> None:
     settings, key = planted
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         store.add_events([Event(event="claim.rejected", time="2026-01-01T00:00:00.000Z", tenant="default", reason=key)])
     finally:

@@ -34,7 +34,7 @@ def test_sigterm_finishes_in_flight_claims_says_offline_and_exits_0(
     password = json.loads(capsys.readouterr().out)["password"]
     serve = ServeProcesses(settings, 1)
     serve.start()
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         bridge = MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, mosquitto)  # type: ignore[arg-type]
         devices = [Device(bridge) for _ in range(20)]

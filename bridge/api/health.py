@@ -58,4 +58,4 @@ def _broker(context: ApiContext) -> str:
 
 
 def _database(context: ApiContext) -> str:
-    return write_probe(context.settings.database_file, PROBE_TIMEOUT_SECONDS)
+    return write_probe(context.settings.database, PROBE_TIMEOUT_SECONDS)

@@ -16,6 +16,7 @@ from bridge.cli import api as cli_api
 from bridge.cli import keys as cli_keys
 from bridge.cli import ops as cli_ops
 from bridge.cli import run as cli_run
+from bridge.cli import storage as cli_storage
 from bridge.cli import tls as cli_tls
 from bridge.cli.common import add_command, emit, reader_gone
 from bridge.config import load_settings
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ops.add_commands(commands)  # ops-user
     cli_tls.add_commands(commands)  # tls
     cli_keys.add_commands(commands)  # cloud-key, jwks, keys
+    cli_storage.add_commands(commands)  # storage
     add_command(
         commands,
         "doctor",

@@ -244,7 +244,7 @@ def serve_claims(channel: socket.socket) -> None:
         send_lock = threading.Lock()  # the purge thread may log while the main loop answers
         forward = _Forward(channel, send_lock)
         logging.basicConfig(level=settings.log_level, handlers=[forward])
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         stopping = threading.Event()
         try:
             handlers = claim_handlers(settings, store, one_thread=True)

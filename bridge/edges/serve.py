@@ -97,12 +97,12 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
     """Start the bridge (and the embedded broker) for already `tls.resolve`d settings."""
     shard = shard or Shard()
     check_processes(settings, shard.count)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     publish_denylist(settings, store)  # repairs a missing or stale denylist.json before devices connect
     if settings.broker.mode == "embedded":
         store.close()  # the claim worker has its own
         edges: list[InProcessBridge] = []
-        presence = PresenceRecorder(Store(settings.database_file))
+        presence = PresenceRecorder(Store(settings.database))
 
         def take_claims(broker: ProvbridgeBroker) -> None:  # before the broker listens: no claim may go unheard
             edges.append(InProcessBridge(settings, broker))
@@ -124,7 +124,7 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
     if not (uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"):
         store.close()  # the claim worker has its own
         external = ExternalBridge(settings, shard)
-        external.presence = PresenceRecorder(Store(settings.database_file))  # the provbridge_jwt plugin reports it
+        external.presence = PresenceRecorder(Store(settings.database))  # the provbridge_jwt plugin reports it
         running = Running(external.core, external, presence=external.presence)
         _retire_stale_sessions(settings, shard, running)
         try:

@@ -79,7 +79,7 @@ class InitResult:
 
 def open_store(settings: Settings) -> Store:
     keyfiles.load_keys(settings.data_dir)  # refuses an uninitialised data dir with a clear reason
-    return Store(settings.database_file)
+    return Store(settings.database)
 
 
 def init_data_dir(settings: Settings) -> InitResult:
@@ -89,7 +89,7 @@ def init_data_dir(settings: Settings) -> InitResult:
         ring = keyfiles.load_keys(data_dir)
         return InitResult(created=False, tenant=DEFAULT_TENANT, cloud_key_id=ring.active_cloud)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     try:
         now = int(time.time())
         # The default tenant's default key is the first key, whose value `init` shows once.

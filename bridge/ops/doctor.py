@@ -49,7 +49,7 @@ from bridge.errors import (
 )
 from bridge.mosquitto import dynsec
 from bridge.mosquitto.files import ops_hashes_file
-from bridge.storage import keyfiles
+from bridge.storage import keyfiles, postgres
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.readonly import ReadOnlyDatabase
 from bridge.tls import certificates as tls
@@ -170,12 +170,12 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
         return detail
 
     keys_ok = r.run("active keys", active_keys, not_init)
-    database_ok = r.run("database", lambda: check_database(settings.database_file), not_init)
+    database_ok = r.run("database", lambda: check_database(settings.database), not_init)
     blocked = not_init or (None if keys_ok and database_ok else "needs the active keys and the database")
     r.run("references", lambda: check_references(settings, r.ring), blocked)
     r.run(
         "patterns",
-        lambda: check_patterns(settings.database_file),
+        lambda: check_patterns(settings.database),
         not_init or (None if database_ok else "needs the database"),
     )
     endpoint = tls.bridge_endpoint(settings)
@@ -226,8 +226,10 @@ def _secret_files(settings: Settings) -> list[tuple[Path, bool]]:
     """(file, required) for every file holding a private key, a secret or secret digests."""
     data_dir, tls_files = settings.data_dir, tls.TlsFiles.of(settings.data_dir)
     files = [(p, True) for p in sorted(keyfiles.keys_dir(data_dir).glob("*.pem"))]
-    files += [(settings.bridge_secret_file, True), (settings.database_file, True)]
-    files += [(Path(f"{settings.database_file}-{suffix}"), False) for suffix in ("wal", "shm")]
+    files += [(settings.bridge_secret_file, True)]
+    if settings.storage.url is None:  # the SQLite database: on PostgreSQL the server's own files hold the rows
+        files += [(settings.database_file, True)]
+        files += [(Path(f"{settings.database_file}-{suffix}"), False) for suffix in ("wal", "shm")]
     files += [(keyfiles.ops_users_file(data_dir), False), (ops_hashes_file(data_dir), False)]
     files += [(tls_files.ca_key, False), (tls_files.server_key, False)]
     files += [(DeviceCaFiles.of(data_dir).key, False)]
@@ -307,7 +309,9 @@ def check_active_keys(data_dir: Path) -> tuple[KeyRing, str]:
     return ring, f"cloud {ring.active_cloud}, token {ring.active_token}; jwks.json and cloud_public.pem match"
 
 
-def check_database(database: Path) -> str:
+def check_database(database: Path | str) -> str:
+    if isinstance(database, str):
+        return _check_postgres(database)
     if not database.is_file():
         raise CheckFailed(f"{database} is missing: restore it from a backup (every device and key is in it)")
     restore = f"stop the bridge and restore {database} from a backup (`sqlite3 {database} .recover` may save rows)"
@@ -325,10 +329,23 @@ def check_database(database: Path) -> str:
     return f"integrity ok, {devices} devices"
 
 
+def _check_postgres(url: str) -> str:
+    restore = "restore the database from a backup (every device and key is in it)"
+    try:
+        with ReadOnlyDatabase(url) as db:
+            missing = [t for t in BRIDGE_TABLES if t not in db.tables()]
+            if missing:
+                raise CheckFailed(f"it lacks the tables {', '.join(missing)}: not the bridge's database? {restore}")
+            devices = db.device_count()
+    except StorageError as exc:
+        raise CheckFailed(f"PostgreSQL at {postgres.where(url)} cannot be read ({exc})") from exc
+    return f"PostgreSQL at {postgres.where(url)}, {devices} devices"
+
+
 def check_references(settings: Settings, ring: KeyRing | None) -> str:
     assert ring is not None
     problems: list[str] = []
-    with ReadOnlyDatabase(settings.database_file) as db:
+    with ReadOnlyDatabase(settings.database) as db:
         cloud_kids = db.devices_per_cloud_key()
         profiles = db.profiles_in_use()
         certificate_keys, certificate_devices = db.certificate_holders()
@@ -358,7 +375,7 @@ def check_references(settings: Settings, ring: KeyRing | None) -> str:
     return f"{len(cloud_kids)} cloud key(s) in use, all on disk; every profile in use is configured"
 
 
-def check_patterns(database: Path) -> str:
+def check_patterns(database: Path | str) -> str:
     with ReadOnlyDatabase(database) as db:
         keys = db.patterned_keys()
         problems: list[str] = []
@@ -483,7 +500,7 @@ def check_clock(settings: Settings, now: float, database_ok: bool) -> str:
     files = [*keyfiles.keys_dir(data_dir).iterdir(), keyfiles.jwks_file(data_dir), settings.bridge_secret_file]
     records = [(str(p), p.stat().st_mtime) for p in files if p.is_file()]
     if database_ok:  # a damaged database has no trustworthy times; its own check says so
-        with ReadOnlyDatabase(settings.database_file) as db:
+        with ReadOnlyDatabase(settings.database) as db:
             records += db.newest_records()
     if not records:
         return f"{rfc3339(now)}; nothing to compare it with"

@@ -1,30 +1,29 @@
-"""SQLite storage: the one storage API the claim path, the admin actions and the doctor use.
+"""The one storage API the claim path and the admin actions use, on SQLite or PostgreSQL.
 
-Two objects make the seam a second backend implements:
+Two objects:
     Store         the database; each of its methods is one transaction or one read
     Transaction   the reads and writes of one open transaction (`with store.transaction() as tx:`): what
                   a claim or a refresh does between its read and its commit, all or nothing
 
-One connection per thread; every write is one IMMEDIATE transaction. Raw secrets never reach this
-module: provisioning and API keys arrive as SHA-256 digests, answers arrive already sealed to the device.
-SQLite's errors leave it as StorageError.
+Every query is here, written once for both engines; a `Database` (bridge/storage/database.py) runs them: SQLite
+(bridge/storage/sqlite.py, the default) or PostgreSQL (bridge/storage/postgres.py). Either way one write transaction
+runs at a time. Raw secrets never reach this module: provisioning and API keys arrive as SHA-256 digests, answers
+arrive already sealed to the device. The engine's errors leave it as StorageError.
 """
 
 import base64
 import json
-import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import AlreadyExists, NotFound, StorageError, UsageError
-from bridge.storage import migrations
-from bridge.storage.filelock import locked
+from bridge.errors import AlreadyExists, NotFound, UsageError
+from bridge.storage import migrations, postgres, sqlite
+from bridge.storage.database import Connection, Database
 from bridge.storage.records import (
     AdminToken,
     AllowlistEntry,
@@ -37,7 +36,7 @@ from bridge.storage.records import (
 )
 from provwire.models import Event, rfc3339
 
-BUSY_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
+LOCK_TIMEOUT_SECONDS = 10.0  # how long a write waits for the database before it fails (retryable)
 # Old events are deleted this many rows per transaction, with a pause between transactions: claims
 # queue on the same write lock, so a purge of a huge backlog must not hold it for long at a time.
 EVENT_PURGE_BATCH = 1000
@@ -50,19 +49,26 @@ _DEVICE_SELECT = (
     _DEVICE_COLUMNS + " FROM devices d"
     " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
 )
-# A page of devices driven from a label's rows or from the presence index, both in page order. CROSS JOIN keeps
-# SQLite from reordering the loops: the driving table's index gives the order, one device row read per result.
-_DEVICES_BY_LABEL = (
-    _DEVICE_COLUMNS + " FROM device_labels l CROSS JOIN devices d ON d.id = l.device_id"
-    " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
-)
-_DEVICES_BY_PRESENCE = (
-    _DEVICE_COLUMNS + " FROM device_presence p CROSS JOIN devices d ON d.id = p.device_id"
-    " JOIN tenants t ON t.id = d.tenant_id"
-)
 
 
-def _key(row: sqlite3.Row) -> ProvisionKey:
+def _devices_by_label(fixed_join: str) -> str:
+    """A page of devices driven from a label's rows, in page order: the join keeps SQLite from reordering the loops
+    (`Database.fixed_join`), so the driving table's index gives the order, one device row read per result."""
+    return (
+        _DEVICE_COLUMNS + f" FROM device_labels l {fixed_join} devices d ON d.id = l.device_id"
+        " JOIN tenants t ON t.id = d.tenant_id LEFT JOIN device_presence p ON p.device_id = d.id"
+    )
+
+
+def _devices_by_presence(fixed_join: str) -> str:
+    """As `_devices_by_label`, driven from the presence index."""
+    return (
+        _DEVICE_COLUMNS + f" FROM device_presence p {fixed_join} devices d ON d.id = p.device_id"
+        " JOIN tenants t ON t.id = d.tenant_id"
+    )
+
+
+def _key(row: Any) -> ProvisionKey:
     return ProvisionKey(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -86,7 +92,7 @@ def _key(row: sqlite3.Row) -> ProvisionKey:
     )
 
 
-def _device(row: sqlite3.Row) -> Device:
+def _device(row: Any) -> Device:
     return Device(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -122,7 +128,7 @@ _VISIBLE = (
 )
 
 
-def _entry(row: sqlite3.Row) -> AllowlistEntry:
+def _entry(row: Any) -> AllowlistEntry:
     return AllowlistEntry(
         tenant_id=row["tenant_id"],
         hardware_id=row["hardware_id"],
@@ -144,14 +150,14 @@ def _entry_row(entry: AllowlistEntry, import_id: str | None) -> tuple[Any, ...]:
 _INSERT_ENTRY = f"INSERT INTO allowlist ({_ALLOWLIST_COLUMNS}, import_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
-def _insert_entry(db: sqlite3.Connection, entry: AllowlistEntry, import_id: str | None) -> None:
+def _insert_entry(db: Connection, entry: AllowlistEntry, import_id: str | None) -> None:
     db.execute(_INSERT_ENTRY, _entry_row(entry, import_id))
 
 
 _ADMIN_TOKEN_SELECT = "SELECT a.*, t.name AS tenant_name FROM admin_tokens a LEFT JOIN tenants t ON t.id = a.tenant_id"
 
 
-def _admin_token(row: sqlite3.Row) -> AdminToken:
+def _admin_token(row: Any) -> AdminToken:
     return AdminToken(
         id=row["id"],
         name=row["name"],
@@ -255,7 +261,11 @@ def _update_row(tx: "Transaction", table: str, row_id: str, columns: dict[str, A
     if unknown:
         raise ValueError(f"not a changeable {table} column: {', '.join(sorted(unknown))}")
     if columns:
-        values = [json.dumps(v) if c in ("labels", "groups_") else v for c, v in columns.items()]
+        # Flags are integer columns: PostgreSQL takes no bool for them.
+        values = [
+            json.dumps(v) if c in ("labels", "groups_") else int(v) if isinstance(v, bool) else v
+            for c, v in columns.items()
+        ]
         assignments = ", ".join(f"{column} = ?" for column in columns)
         tx.connection.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", (*values, row_id))
 
@@ -293,29 +303,25 @@ def _insert_key(tx: "Transaction", key: ProvisionKey, actor: str | None) -> None
         tx.add_event(_admin_event("key.created", key.created_at, key.tenant_name, actor, key))
 
 
-def write_probe(path: Path, timeout: float) -> str:
-    """ "ok" when the database at `path` takes the write lock within `timeout` (then given back at once), else why
-    not: a full disk, a read-only file or a writer stuck holding the lock shows here (the admin API's /readyz)."""
-    if not path.is_file():
-        return f"missing: {path}"
-    try:
-        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-    except sqlite3.Error as exc:
-        return f"cannot open: {exc}"
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ROLLBACK")
-        return "ok"
-    except sqlite3.Error as exc:
-        return f"not writable: {exc}"
-    finally:
-        db.close()
+def write_probe(location: Path | str, timeout: float) -> str:
+    """ "ok" when the database takes the write lock within `timeout` (then given back at once), else why not: a full
+    disk, a read-only file, an unreachable server or a writer stuck holding the lock shows here (/readyz)."""
+    if isinstance(location, str):
+        return postgres.write_probe(location, timeout)
+    return sqlite.write_probe(location, timeout)
+
+
+def open_database(location: Path | str, lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> Database:
+    """The database at `location`: a SQLite file, or a PostgreSQL server's `postgresql://` URL."""
+    if isinstance(location, str):
+        return postgres.PostgresDatabase(location, lock_timeout)
+    return sqlite.SqliteDatabase(location, lock_timeout)
 
 
 class Transaction:
     """The reads and writes of one open transaction. Only `Store.transaction()` makes one."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: Connection) -> None:
         self.connection = connection  # for migrations and tests that set up rows no method writes
 
     # --- provisioning keys ---------------------------------------------------------------
@@ -433,7 +439,9 @@ class Transaction:
 
     def store_answer(self, client_id: str, request_id: str, claim_digest: bytes, answer: bytes, now: int) -> None:
         self.connection.execute(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO answers (client_id, request_id, claim_digest, answer, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (client_id, request_id) DO UPDATE SET claim_digest = excluded.claim_digest,"
+            " answer = excluded.answer, created_at = excluded.created_at",
             (client_id, request_id, claim_digest, answer, now),
         )
 
@@ -448,7 +456,9 @@ class Transaction:
 
     def remember_refresh(self, device_id: str, request_id: str, expires_at: int) -> None:
         self.connection.execute(
-            "INSERT OR REPLACE INTO refresh_requests VALUES (?, ?, ?)", (device_id, request_id, expires_at)
+            "INSERT INTO refresh_requests (device_id, request_id, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (device_id, request_id) DO UPDATE SET expires_at = excluded.expires_at",
+            (device_id, request_id, expires_at),
         )
 
     def purge_refreshes(self, now: int) -> int:
@@ -480,39 +490,19 @@ class Transaction:
 class Store:
     """The database. Safe to share between threads: each thread gets its own connection."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, location: Path | str, lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+        """`location`: a SQLite file (made owner-only if missing), or a PostgreSQL server's `postgresql://` URL.
+        `lock_timeout`: how long a write waits for the write lock before it fails with StorageError (retryable)."""
+        self.location = location
+        self._db = open_database(location, lock_timeout)
         self._local = threading.local()
-        # Writers queue on locks that wake the next one the moment the database is free: this process's
-        # threads on `_write_lock` (with the busy timeout), other bridge processes on an flock of
-        # `_writer_file`. Left to SQLite, a waiting writer polls with sleeps of 1, 2, 5, 10 ... ms (its
-        # busy handler): under load that costs more than the transaction itself. Other writers (the
-        # admin CLI) still meet SQLite's own lock, with its timeout.
-        self._write_lock = threading.Lock()
-        self._writer_file = path.with_name(path.name + "-writer.lock")
-        if not path.exists():
-            # It holds key hashes and device records: owner-only, like the key files beside it.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._by_label = _devices_by_label(self._db.fixed_join)
+        self._by_presence = _devices_by_presence(self._db.fixed_join)
         with self._reading() as db:
-            current = migrations.version(db)
+            current = self._db.schema_version(db)
         if current != migrations.LATEST:  # an up-to-date database takes no lock
             with self.transaction() as tx:  # one upgrade at a time, whichever process opens it first
-                migrations.upgrade(tx.connection)
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken
-            # before the first read and key counts cannot race.
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
+                self._db.upgrade(tx.connection)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -522,10 +512,10 @@ class Store:
         if it fails, committed with the batch.
         """
         if getattr(self._local, "batch", False):
-            with self._savepoint() as tx:
-                yield tx
+            with self._db.savepoint() as conn:
+                yield Transaction(conn)
         else:
-            with self._immediate() as conn:
+            with self._db.writing() as conn:
                 yield Transaction(conn)
 
     @contextmanager
@@ -534,96 +524,24 @@ class Store:
         inside, on this thread, is a savepoint of it, and all of them commit together at the end, or none
         if the commit fails. One BEGIN, one COMMIT and one turn of the write locks for the lot: those cost
         a claim more than its own statements."""
-        self._savepoint_journal_in_memory()
-        with self._immediate():
+        with self._db.writing(batch=True):
             self._local.batch = True
             try:
                 yield
             finally:
                 self._local.batch = False
 
-    def _savepoint_journal_in_memory(self) -> None:
-        # A batch's savepoints keep the pages they change in a journal that SQLite moves to a temporary file past
-        # 64 KiB: every batch then created one, wrote it page by page and deleted it, about a tenth of the claim
-        # worker's CPU (docs/BENCHMARKS.md). In memory it is bounded by the pages of one batch. Read by SQLite at
-        # BEGIN, so set before; on the batching connection only (the claim worker's), so that nothing else, a
-        # migration's index build say, holds its temporary data in memory.
-        if not getattr(self._local, "temp_in_memory", False):
-            self._connection().execute("PRAGMA temp_store=MEMORY")
-            self._local.temp_in_memory = True
-
-    @contextmanager
-    def _immediate(self) -> Iterator[sqlite3.Connection]:
-        with self._writer():
-            try:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"database unavailable: {exc}") from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StorageError(f"database write failed: {exc}") from exc
-                raise
-
-    @contextmanager
-    def _savepoint(self) -> Iterator[Transaction]:
-        conn = self._connection()
-        if not conn.in_transaction:
-            # SQLite rolled the whole batch back (a full disk, an I/O error): a savepoint now would be a
-            # transaction of its own, committed at its release, while the batch reports failure.
-            raise StorageError("database write failed: the batch's transaction was rolled back")
-        try:
-            conn.execute("SAVEPOINT unit")
-        except sqlite3.Error as exc:
-            raise StorageError(f"database unavailable: {exc}") from exc
-        try:
-            yield Transaction(conn)
-            conn.execute("RELEASE unit")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK TO unit")
-                conn.execute("RELEASE unit")
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"database write failed: {exc}") from exc
-            raise
-
-    @contextmanager
-    def _writer(self) -> Iterator[None]:
-        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
-            raise StorageError("database unavailable: another write of this process did not finish")
-        try:
-            with ExitStack() as stack:
-                try:
-                    stack.enter_context(locked(self._writer_file))
-                except OSError as exc:  # the lock file cannot be opened (permissions, no descriptors left)
-                    raise StorageError(f"database unavailable: {exc}") from exc
-                yield
-        finally:
-            self._write_lock.release()
-
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
+    def _reading(self) -> AbstractContextManager[Connection]:
         """A read outside any transaction (it sees the last commit)."""
-        try:
-            yield self._connection()
-        except sqlite3.Error as exc:
-            raise StorageError(f"database read failed: {exc}") from exc
+        return self._db.reading()
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's raw connection, for tests and tools that inspect the file; the bridge uses the methods."""
-        return self._connection()
+    def connection(self) -> Connection:
+        """This thread's raw connection, for tests and tools that inspect the database; the bridge uses the
+        methods."""
+        return self._db.raw_connection()
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-            self._local.temp_in_memory = False
+        self._db.close()
 
     # --- tenants -------------------------------------------------------------------------
 
@@ -653,7 +571,7 @@ class Store:
                 " (SELECT COUNT(*) FROM devices d WHERE d.tenant_id = t.id) AS devices,"
                 " (SELECT COUNT(*) FROM provision_keys k WHERE k.tenant_id = t.id) AS keys"
                 f" FROM tenants t WHERE {where} ORDER BY t.name LIMIT ?",  # `where`: constants above, not input
-                (*args, limit),
+                (*args, limit if limit >= 0 else 2**62),
             ).fetchall()
         return [TenantSummary(r["id"], r["name"], r["created_at"], r["devices"], r["keys"]) for r in rows]
 
@@ -748,11 +666,11 @@ class Store:
         clauses: list[str] = []
         args: list[str | int] = []
         if where.label is not None:
-            sql, position = _DEVICES_BY_LABEL, ("l.created_at", "l.device_id")
+            sql, position = self._by_label, ("l.created_at", "l.device_id")
             clauses += ["l.key = ?", "l.value = ?"]
             args += list(where.label)
         elif where.online is not None:
-            sql, position = _DEVICES_BY_PRESENCE, ("p.created_at", "p.device_id")
+            sql, position = self._by_presence, ("p.created_at", "p.device_id")
         else:
             sql, position = _DEVICE_SELECT, ("d.created_at", "d.id")
         if where.online is not None:
@@ -849,8 +767,10 @@ class Store:
             refused_until, event = deletion(device, tx.certificates_expire_at(device_id))
             db = tx.connection
             db.execute(
-                "INSERT OR REPLACE INTO deleted_devices (id, tenant_id, hardware_id, deleted_at, refused_until)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO deleted_devices (id, tenant_id, hardware_id, deleted_at, refused_until)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET tenant_id = excluded.tenant_id,"
+                " hardware_id = excluded.hardware_id, deleted_at = excluded.deleted_at,"
+                " refused_until = excluded.refused_until",
                 (device.id, device.tenant_id, device.hardware_id, now, refused_until),
             )
             db.execute("DELETE FROM device_certificates WHERE device_id = ?", (device_id,))
@@ -921,7 +841,7 @@ class Store:
                 raise AlreadyExists(f"hardware id {entry.hardware_id!r} is a device already")
             try:
                 _insert_entry(tx.connection, entry, None)
-            except sqlite3.IntegrityError:
+            except self._db.integrity_error:
                 raise AlreadyExists(f"hardware id {entry.hardware_id!r} is on the allowlist already") from None
             tx.add_event(event)
 
@@ -943,36 +863,32 @@ class Store:
         hardware_id); and the entries of each finished import, newest import first, by (import, hardware_id). An
         import's entries all have its created_at (`stage_entries` holds to it), so its rows come in page order, and
         the imports stop being read once the page is full of entries newer than the next import."""
-        keyed: list[tuple[tuple[int, str], sqlite3.Row]] = []
-        with self._reading() as db:
-            db.execute("BEGIN")  # one snapshot: an import finishing between the reads below is in all or none
-            try:
-                sql = f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE tenant_id = ? AND import_id IS NULL"
-                args: list[str | int] = [tenant_id]
-                if after is not None:
-                    sql += " AND (created_at < ? OR (created_at = ? AND hardware_id < ?))"
-                    args += [after[0], after[0], after[1]]
-                rows = db.execute(sql + " ORDER BY created_at DESC, hardware_id DESC LIMIT ?", (*args, limit))
+        keyed: list[tuple[tuple[int, str], Any]] = []
+        with self._db.snapshot() as db:  # an import finishing between the reads below is in all or none
+            sql = f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE tenant_id = ? AND import_id IS NULL"
+            args: list[str | int] = [tenant_id]
+            if after is not None:
+                sql += " AND (created_at < ? OR (created_at = ? AND hardware_id < ?))"
+                args += [after[0], after[0], after[1]]
+            rows = db.execute(sql + " ORDER BY created_at DESC, hardware_id DESC LIMIT ?", (*args, limit))
+            keyed += [((r["created_at"], r["hardware_id"]), r) for r in rows]
+            imports = db.execute(  # read as far as needed, not all
+                "SELECT id, created_at FROM allowlist_imports WHERE tenant_id = ? AND status = 'done'"
+                " AND created_at <= ? ORDER BY created_at DESC",
+                (tenant_id, after[0] if after is not None else 2**62),
+            )
+            for import_id, created_at in imports:
+                if len(keyed) >= limit and created_at < keyed[limit - 1][0][0]:
+                    break  # this import's entries, and every older one's, come after the page's last
+                sql = f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE import_id = ?"
+                args = [import_id]
+                if after is not None and created_at == after[0]:
+                    sql += " AND hardware_id < ?"
+                    args.append(after[1])
+                rows = db.execute(sql + " ORDER BY hardware_id DESC LIMIT ?", (*args, limit))
                 keyed += [((r["created_at"], r["hardware_id"]), r) for r in rows]
-                imports = db.execute(  # read as far as needed, not all
-                    "SELECT id, created_at FROM allowlist_imports WHERE tenant_id = ? AND status = 'done'"
-                    " AND created_at <= ? ORDER BY created_at DESC",
-                    (tenant_id, after[0] if after is not None else 2**62),
-                )
-                for import_id, created_at in imports:
-                    if len(keyed) >= limit and created_at < keyed[limit - 1][0][0]:
-                        break  # this import's entries, and every older one's, come after the page's last
-                    sql = f"SELECT {_ALLOWLIST_COLUMNS} FROM allowlist WHERE import_id = ?"
-                    args = [import_id]
-                    if after is not None and created_at == after[0]:
-                        sql += " AND hardware_id < ?"
-                        args.append(after[1])
-                    rows = db.execute(sql + " ORDER BY hardware_id DESC LIMIT ?", (*args, limit))
-                    keyed += [((r["created_at"], r["hardware_id"]), r) for r in rows]
-                    keyed.sort(key=lambda pair: pair[0], reverse=True)  # keys are unique: a tenant's hardware ids
-                    del keyed[limit:]
-            finally:
-                db.execute("COMMIT")
+                keyed.sort(key=lambda pair: pair[0], reverse=True)  # keys are unique: a tenant's hardware ids
+                del keyed[limit:]
         keyed.sort(key=lambda pair: pair[0], reverse=True)
         return [_entry(r) for _, r in keyed[:limit]]
 
@@ -1015,7 +931,7 @@ class Store:
         by_tenant: dict[str, list[str]] = {}
         for entry in entries:
             by_tenant.setdefault(entry.tenant_id, []).append(entry.hardware_id)
-        with self._checkpoint_deferred(), self.transaction() as tx:
+        with self._db.checkpoint_deferred(), self.transaction() as tx:
             db = tx.connection
             taken = {
                 hardware_id
@@ -1038,7 +954,7 @@ class Store:
                 rows = [(*row[:6], created_at, row[7]) for row in rows]
             try:
                 db.executemany(_INSERT_ENTRY, (row for row in rows if row[1] not in taken) if taken else rows)
-            except sqlite3.IntegrityError:
+            except self._db.integrity_error:
                 raise AlreadyExists(
                     "a hardware id (or admin-made device id) of the import was taken while it ran: nothing was imported"
                 ) from None
@@ -1094,9 +1010,9 @@ class Store:
             ).rowcount
         if not marked:
             return False
-        for table, key in (("allowlist", "rowid"), ("allowlist_import_skipped", "hardware_id")):
+        for table, key in (("allowlist", self._db.row_key), ("allowlist_import_skipped", "hardware_id")):
             while True:
-                with self._checkpoint_deferred(), self.transaction() as tx:
+                with self._db.checkpoint_deferred(), self.transaction() as tx:
                     deleted = tx.connection.execute(
                         f"DELETE FROM {table} WHERE import_id = ? AND {key} IN"  # constants above, not input
                         f" (SELECT {key} FROM {table} WHERE import_id = ? LIMIT ?)",
@@ -1111,25 +1027,9 @@ class Store:
         return True
 
     def checkpoint(self) -> None:
-        """Copy what the WAL holds into the database file now, without the writer lock: PASSIVE, it waits for no
-        one and no writer waits for it. A bulk writer (an import) calls it between its transactions, whose own
-        commits skip the automatic checkpoint (`_checkpoint_deferred`)."""
-        with self._reading() as db:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-    @contextmanager
-    def _checkpoint_deferred(self) -> Iterator[None]:
-        # SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages, and COMMIT runs with the writer
-        # lock held: an import's slices (about 20 pages each) made that 10-25 ms of the lock every ~45 slices here,
-        # over a median slice of 3 ms (bench/import_lock.py). Their commits skip it; `checkpoint` does it after.
-        with self._reading() as db:
-            pages = int(db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-            db.execute("PRAGMA wal_autocheckpoint = 0")
-        try:
-            yield
-        finally:
-            with self._reading() as db:
-                db.execute(f"PRAGMA wal_autocheckpoint = {pages}")  # an int read back above, not input
+        """Let the engine catch up between a bulk writer's (an import's) transactions, whose own commits leave it
+        to this (SQLite's WAL checkpoint, `Database.checkpoint`)."""
+        self._db.checkpoint()
 
     def unfinished_imports(self, older_than: int) -> list[str]:
         """Imports still staging that began before `older_than` (their process died) or were being aborted: to abort."""
@@ -1149,9 +1049,9 @@ class Store:
         with self.transaction() as tx:
             tx.connection.executemany(
                 "INSERT INTO device_presence (device_id, online, last_seen, created_at, tenant_id)"
-                " SELECT ?1, ?2, ?3, d.created_at, d.tenant_id FROM devices d WHERE d.id = ?1"
+                " SELECT d.id, ?, ?, d.created_at, d.tenant_id FROM devices d WHERE d.id = ?"
                 " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
-                [(device_id, int(online), at) for device_id, online, at in changes],
+                [(int(online), at, device_id) for device_id, online, at in changes],
             )
 
     # --- admin API tokens ---------------------------------------------------------------------

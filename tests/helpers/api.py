@@ -93,7 +93,7 @@ def api_server(settings: Settings) -> Iterator[Api]:
 def serve_with_api(settings: Settings, first_key: str, scope: str) -> Iterator[tuple[Bridge, Api, str]]:
     """`provbridge serve` as a subprocess (its admin API in a process of its own) until the block ends: the
     bridge, its API, and an admin token with `scope` for every tenant."""
-    store = Store(settings.database_file)
+    store = Store(settings.database)
     token = admin_tokens.create_admin_token(store, f"test-{scope}", [scope], None, int(time.time())).raw
     with ServeProcesses(settings):
         api = Api(settings.api.port, settings)

@@ -134,7 +134,7 @@ def serving(settings: Settings) -> Iterator[None]:
 def serving_bridge(settings: Settings, first_key: str) -> Iterator[Bridge]:
     """`serving`, with the handles tests use: a store on the same file, the keys, the first key."""
     with serving(settings):
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             yield Bridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key)
         finally:

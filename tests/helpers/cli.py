@@ -36,6 +36,7 @@ def config_toml(settings: Settings) -> str:
             f"enabled = {'true' if settings.api.enabled else 'false'}",
             f'host = "{settings.api.host}"',
             f"port = {settings.api.port}",
+            *(["[storage]", f'url = "{settings.storage.url}"'] if settings.storage.url else []),
             "",
         ]
     )

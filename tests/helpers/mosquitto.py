@@ -182,7 +182,7 @@ def mosquitto_bridge(settings: Settings, first_key: str, **broker: object) -> It
     """Mosquitto from the generated config, and the bridge in external mode against it."""
     settings = external_settings(settings, **broker)
     with mosquitto_for(settings) as running, serving(settings):
-        store = Store(settings.database_file)
+        store = Store(settings.database)
         try:
             yield MosquittoBridge(settings, store, keyfiles.load_keys(settings.data_dir), first_key, running)
         finally:
