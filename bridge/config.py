@@ -95,6 +95,9 @@ class TokenSettings(BaseModel):
     audience: str = "provbridge-mqtt"
     # A token refresh is refused when its timestamp is further than this from the bridge's clock.
     refresh_skew_seconds: int = Field(default=300, ge=10, le=3600)
+    # How long verifiers may cache the JWKS served at /.well-known/jwks.json (Cache-Control max-age). A token key
+    # is published this long before it signs anything when rotations are at least this far apart.
+    jwks_max_age_seconds: int = Field(default=300, ge=0, le=86400)
 
     @model_validator(mode="after")
     def _ttl_is_capped(self) -> "TokenSettings":
@@ -113,6 +116,10 @@ class ClaimSettings(BaseModel):
     workers: int = Field(default=1, ge=1, le=64)
     # Bridge processes sharing the claims through shared subscriptions (external broker only).
     processes: int = Field(default=1, ge=1, le=64)
+    # Bridge processes sharing the claims on every host together (several hosts on one broker and database): each
+    # process enforces 1/N of every flood limit below, so that the fleet enforces them as one bridge would. 0: this
+    # host's `processes`.
+    fleet_processes: int = Field(default=0, ge=0, le=4096)
     # Sized for a 10,000-device herd; worst case ~16 KiB a queued claim (160 MiB), typically ~1 KiB.
     max_in_flight: int = Field(default=10_000, ge=1)
     retry_after_seconds: int = Field(default=2, ge=1)
@@ -147,6 +154,11 @@ class ClaimSettings(BaseModel):
     # Keys tracked per limit; beyond, the least recently seen is forgotten (~200 bytes each).
     rate_max_keys: int = Field(default=50_000, ge=100)
 
+    @property
+    def limit_shares(self) -> int:
+        """The bridge processes each flood limit is shared by (each enforces its 1/N)."""
+        return self.fleet_processes or self.processes
+
 
 class ApiSettings(BaseModel):
     """The admin HTTP API (bridge/api): its own process, started by `serve` (or `provbridge api`)."""
@@ -162,7 +174,7 @@ class StorageSettings(BaseModel):
 
     # None: SQLite, <data_dir>/provbridge.db. A `postgresql://` URL: a PostgreSQL database, which bridges on several
     # hosts may share (docs/SCALING.md). Prefer a ~/.pgpass file or PGPASSWORD to a password in the URL.
-    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)  # it may hold a password
 
 
 class Profile(BaseModel):

@@ -101,7 +101,7 @@ def in_schema() -> list[tuple[str, str]]:
     return sorted((method.upper(), path) for path, item in document["paths"].items() for method in item)
 
 
-PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
+PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/.well-known/jwks.json")}
 DASHBOARD_FILES = {("GET", "/"), ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/static/{name}")}  # the login page
 SESSION = {("POST", "/ui/session"), ("GET", "/ui/session"), ("DELETE", "/ui/session")}  # tests/test_dashboard_session
 DOCUMENTS = {("GET", "/openapi.json")}
@@ -647,7 +647,7 @@ def test_injection_attempts_in_every_declared_string_change_nothing_they_should_
     cases = injections(document, world)
     tried = {(case.method, case.path) for case in cases}
     operations = {(m.upper(), p) for p, item in document["paths"].items() for m, op in item.items()}
-    without_text = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")} | {
+    without_text = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/.well-known/jwks.json")} | {
         ("POST", "/v1/denylist/publish"),
         ("GET", "/v1/jwks"),
         ("GET", "/v1/signing-keys"),

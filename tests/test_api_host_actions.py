@@ -141,7 +141,8 @@ def test_a_token_key_rotation_applies_to_the_running_bridge(host: Host, caplog: 
     before = api.request("GET", "/v1/jwks", host.read)
     assert before.status == 200
     old = bridge.keys.active_token
-    assert [k["kid"] for k in before.json()["keys"]] == [old]
+    upcoming = rotation.read_active(bridge.settings.data_dir)["next_token"]
+    assert {k["kid"] for k in before.json()["keys"]} == {old, upcoming}  # the active key and the next one
     assert all(set(k) <= {"kty", "crv", "x", "y", "kid", "alg", "use"} for k in before.json()["keys"])  # no "d"
 
     rotated = api.request("POST", "/v1/signing-keys/rotate", host.write, {"kind": "token"})
@@ -149,8 +150,10 @@ def test_a_token_key_rotation_applies_to_the_running_bridge(host: Host, caplog: 
     done = rotated.json()
     assert done["kind"] == "token" and done["old_kid"] == old and done["pruned"] == []
     new = done["new_kid"]
+    assert new == upcoming  # published before it signs anything
     after = api.request("GET", "/v1/jwks", host.read).json()
-    assert sorted(k["kid"] for k in after["keys"]) == sorted([old, new])  # tokens signed before keep verifying
+    # Tokens signed before keep verifying; the next key is published already.
+    assert sorted(k["kid"] for k in after["keys"]) == sorted([old, new, done["next_kid"]])
     assert after == json.loads(keyfiles.jwks_file(bridge.settings.data_dir).read_text())  # what the brokers read
 
     # A claim after the rotation, through the real bridge: its token carries the new kid, and the embedded broker
@@ -192,7 +195,8 @@ def test_prune_removes_only_retired_token_keys_whose_tokens_have_all_expired(
     long_ago = now - rotation.prunable_at(0) - 60  # every token the key then retired could sign has expired
     # `first` retires now (its tokens may still be live); the next one is retired long ago, as is a cloud key.
     second = api.request("POST", "/v1/signing-keys/rotate", host.write, {"kind": "token"}).json()["new_kid"]
-    third = rotation.rotate(data_dir, "token", long_ago).new_kid
+    third_rotation = rotation.rotate(data_dir, "token", long_ago)
+    third = third_rotation.new_kid
     old_cloud = rotation.rotate(data_dir, "cloud", long_ago).old_kid
     secrets = private_scalars(data_dir)
 
@@ -206,7 +210,8 @@ def test_prune_removes_only_retired_token_keys_whose_tokens_have_all_expired(
     }
     assert listed[("token", first)] == "retired" and listed[("token", third)] == "active"
     assert ("token", second) not in listed and listed[("cloud", old_cloud)] == "retired"  # cloud keys stay
-    assert sorted(k["kid"] for k in api.request("GET", "/v1/jwks", host.read).json()["keys"]) == sorted([first, third])
+    published = sorted(k["kid"] for k in api.request("GET", "/v1/jwks", host.read).json()["keys"])
+    assert published == sorted([first, third, third_rotation.next_kid])
     assert api.request("POST", "/v1/signing-keys/prune", host.write).json() == {"pruned": []}
 
     assert [(e["event"], e.get("count"), e.get("changes"), e["actor"]) for e in host.events("signing_key.pruned")] == [

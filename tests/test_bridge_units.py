@@ -110,7 +110,7 @@ def test_shipped_config_file_matches_built_in_defaults() -> None:
 
 def test_init_writes_private_files_owner_only(settings: Settings) -> None:
     private = [settings.data_dir / "bridge.secret", settings.database_file, *settings.data_dir.glob("keys/*.pem")]
-    assert len(private) == 4
+    assert len(private) == 5  # the secret, the database, the cloud key, the token key and the next token key
     for path in private:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     assert admin.init_data_dir(settings).created is False  # idempotent

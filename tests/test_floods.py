@@ -6,6 +6,7 @@ assertions depend on counts, never on how fast the machine is. The flood tests p
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -283,7 +284,11 @@ def test_the_embedded_broker_stops_reading_a_client_beyond_its_limit(bridge: Bri
 
 
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # a child that ended meanwhile holds no memory
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -294,7 +299,8 @@ def _bridge_rss_kib() -> int:
     me = os.getpid()
     children = []
     for task in Path(f"/proc/{me}/task").iterdir():
-        children += [int(pid) for pid in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended between the listing and the read
+            children += [int(pid) for pid in (task / "children").read_text().split()]
     return _rss_kib(me) + sum(_rss_kib(pid) for pid in children)
 
 

@@ -199,3 +199,28 @@ def test_janitors_of_two_processes_never_delete_a_token_the_other_renewed(initia
             assert a.sweep(now=late.expires_at) == 0 and device_id not in a.mirrored()
     finally:
         store.close()
+
+
+def test_flood_limits_hold_for_the_fleet_not_per_process(initialised: tuple[Settings, str]) -> None:
+    """Two processes share a client's claims ($share round robin): each enforces half of the client-id limit, so the
+    client gets its burst once, not once per process (docs/RELIABILITY.md §6)."""
+    settings = external_settings(initialised[0], mosquitto_auth="jwt")
+    limits = {
+        "PROVBRIDGE_CLAIMS__RATE_LIMITS": "true",
+        "PROVBRIDGE_CLAIMS__RATE_CLIENT_PER_SECOND": "0.01",  # no refill worth counting during the test
+        "PROVBRIDGE_CLAIMS__RATE_CLIENT_BURST": "10",
+    }
+    with mosquitto_for(settings) as mosquitto, ServeProcesses(settings, PROCESSES, env=limits) as serve:
+        bridge = MosquittoBridge(
+            settings, Store(settings.database), keyfiles.load_keys(settings.data_dir), "", mosquitto
+        )
+        with Device(bridge) as flooder:
+            codes = []
+            for _ in range(40):
+                flooder.hardware_id = f"hw-{uuid.uuid4().hex[:12]}"
+                answer = json.loads(flooder.send(flooder.claim_payload("pk_" + uuid.uuid4().hex)))
+                codes.append(answer.get("code"))
+        bridge.store.close()
+        assert serve.answered_by() == set(range(PROCESSES))  # both processes took part
+    assert codes.count("rate_limited") == 30  # 10 of 40 got through: the fleet's burst, 5 a process
+    assert codes.count("permission_denied") == 10  # the guessed keys that got through are refused as such

@@ -65,11 +65,15 @@ def test_token_key_rotation_keeps_old_tokens_valid_and_new_ones_carry_the_new_ki
         before = _open(bridge, early, _claim(bridge, early))
     old_kid = _kid(before.mqtt.token)
     assert old_kid == bridge.keys.active_token
+    published_before = _jwks_kids(bridge.settings)
 
     done = _cli_json(bridge, capsys, "keys", "rotate", "--token")
     assert isinstance(done, dict) and done["old_kid"] == old_kid and done["pruned"] == []
     new_kid = done["new_kid"]
-    assert _jwks_kids(bridge.settings) == {old_kid, new_kid}  # every live token key is published
+    assert new_kid in published_before  # published since `init`, before it signed anything
+    assert done["next_kid"] not in published_before and done["published_at"] is not None
+    # Every live token key is published, and the next one.
+    assert _jwks_kids(bridge.settings) == {old_kid, new_kid, done["next_kid"]}
 
     assert _connects(bridge, before)  # minted before the rotation, still within its exp
     with Device(bridge) as late:  # the running bridge signs with the new key from the next claim on
@@ -85,7 +89,7 @@ def test_token_key_rotation_keeps_old_tokens_valid_and_new_ones_carry_the_new_ki
     retired_at = rotation.read_active(bridge.settings.data_dir)["retired"]["token"][old_kid]
     assert rotation.prune(bridge.settings.data_dir, rotation.prunable_at(retired_at) - 1) == ()
     assert rotation.prune(bridge.settings.data_dir, rotation.prunable_at(retired_at)) == (old_kid,)
-    assert _jwks_kids(bridge.settings) == {new_kid}
+    assert _jwks_kids(bridge.settings) == {new_kid, done["next_kid"]}
     assert not (keyfiles.keys_dir(bridge.settings.data_dir) / f"token-{old_kid}.pem").exists()
     assert not _connects(bridge, before)  # the broker re-read jwks.json: nothing verifies it any more
     assert _connects(bridge, after)
@@ -130,7 +134,13 @@ def test_keys_list_shows_active_and_retired_keys(bridge: Bridge, capsys: pytest.
     listed = _cli_json(bridge, capsys, "keys", "list")
     assert isinstance(listed, list)
     by_kind = {(k["kind"], k["status"]) for k in listed}
-    assert by_kind == {("cloud", "active"), ("cloud", "retired"), ("token", "active"), ("token", "retired")}
+    assert by_kind == {
+        ("cloud", "active"),
+        ("cloud", "retired"),
+        ("token", "active"),
+        ("token", "next"),
+        ("token", "retired"),
+    }
     for key in listed:
         if key["status"] == "retired":
             assert key["retired_at"] is not None
@@ -147,11 +157,12 @@ def test_rotation_prunes_only_retired_token_keys_whose_tokens_have_expired(setti
     second = rotation.rotate(data_dir, "token", t0 + 10)
     assert second.pruned == ()
     ring = keyfiles.load_keys(data_dir)
-    assert set(ring.token) == {first.old_kid, first.new_kid, second.new_kid} and ring.active_token == second.new_kid
+    assert set(ring.token) == {first.old_kid, first.new_kid, second.new_kid, second.next_kid}
+    assert ring.active_token == second.new_kid and first.next_kid == second.new_kid  # the next key, made active
     # The third rotation comes after the first retired key's tokens can all have expired, not the second's.
     third = rotation.rotate(data_dir, "token", t0 + TOKEN_TTL_CAP_SECONDS + rotation.RETIRED_TOKEN_GRACE_SECONDS)
     assert third.pruned == (first.old_kid,)
-    assert set(keyfiles.load_keys(data_dir).token) == {first.new_kid, second.new_kid, third.new_kid}
+    assert set(keyfiles.load_keys(data_dir).token) == {first.new_kid, second.new_kid, third.new_kid, third.next_kid}
     assert set(rotation.read_active(data_dir)["retired"]["token"]) == {first.new_kid, second.new_kid}
     # Cloud keys are never pruned: devices depend on them for good.
     for n in range(2):

@@ -188,7 +188,7 @@ def check_after_kill(settings: Settings, key: str, kind: Kind, config: Path, his
     # As a completed rotation leaves the key directory: no temporary file, every key accounted for.
     leftovers = sorted(p.name for p in keyfiles.keys_dir(data_dir).iterdir() if p.name.endswith(".tmp"))
     assert leftovers == [], (step, leftovers)
-    unaccounted = [(k.kind, k.kid) for k in rotation.key_status(data_dir) if k.status != "active" and not k.retired_at]
+    unaccounted = [(k.kind, k.kid) for k in rotation.key_status(data_dir) if k.status == "retired" and not k.retired_at]
     assert unaccounted == [], (step, unaccounted)
     assert _jwks_kids(settings) == set(keyfiles.load_keys(data_dir).token), step
 

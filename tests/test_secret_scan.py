@@ -60,8 +60,9 @@ def kinds(report: secret_scan.Report) -> dict[str, set[str]]:
 
 def private_scalar(settings: Settings) -> tuple[str, bytes]:
     """The PEM text and raw scalar of the data dir's token-signing key."""
-    (pem_file,) = keyfiles.keys_dir(settings.data_dir).glob("token-*.pem")
-    key = keyfiles.load_keys(settings.data_dir).token_key
+    ring = keyfiles.load_keys(settings.data_dir)
+    pem_file = keyfiles.keys_dir(settings.data_dir) / f"token-{ring.active_token}.pem"
+    key = ring.token_key
     return pem_file.read_text(), key.private_numbers().private_value.to_bytes(32, "big")
 
 

@@ -116,6 +116,9 @@ class BodyLimit:
             await error_response(413, str(exc))(scope, receive, send)
 
 
+PUBLIC_JWKS_PATH = "/.well-known/jwks.json"
+
+
 class SecurityHeaders:
     """The headers every answer carries. Plain ASGI, not FastAPI's `@app.middleware("http")`: that one reads
     the request through a task group of its own, which wraps a BodyLimit refusal raised in a route's read of
@@ -135,6 +138,8 @@ class SecurityHeaders:
             "X-Frame-Options": "DENY",
             "Referrer-Policy": "no-referrer",
         }
+        if scope["path"] == PUBLIC_JWKS_PATH:
+            del extra["Cache-Control"]  # public keys only: the route says how long verifiers may cache them
         if self.tls:
             extra["Strict-Transport-Security"] = "max-age=31536000"
         if scope["path"].startswith("/ui"):  # not /docs, whose Swagger UI needs its CDN and inline script

@@ -137,8 +137,12 @@ def check(limits: list[tuple[RateLimiter, str]], now: float) -> LimitHit | None:
 
 
 def limiter(claims: ClaimSettings, per_second: float, burst: int) -> RateLimiter:
-    """A limiter of `claims.rate_*`, disabled when `claims.rate_limits` is off."""
-    return RateLimiter(Rate(per_second if claims.rate_limits else 0.0, burst), claims.rate_max_keys)
+    """A limiter of `claims.rate_*`, disabled when `claims.rate_limits` is off: this process's share of it. Shared
+    subscriptions spread a client's messages over the bridge processes, so each enforces 1/N of the rate and of the
+    burst (at least one message), and the N together hold the fleet to the limit (docs/RELIABILITY.md §6)."""
+    shares = claims.limit_shares
+    rate = Rate(per_second / shares if claims.rate_limits else 0.0, max(1, round(burst / shares)))
+    return RateLimiter(rate, claims.rate_max_keys)
 
 
 def client_limiter(claims: ClaimSettings) -> RateLimiter:

@@ -28,12 +28,21 @@ def cmd_jwks(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_keys_rotate(args: argparse.Namespace, settings: Settings) -> None:
-    done = rotation.rotate(settings.data_dir, "token" if args.token else "cloud", int(time.time()))
+    now = int(time.time())
+    done = rotation.rotate(settings.data_dir, "token" if args.token else "cloud", now)
     if done.kind == "token":
         text = (
             f"token key {done.new_kid} is active (was {done.old_kid}); jwks.json lists both, so tokens signed"
-            f" before keep working until they expire"
+            f" before keep working until they expire. Token key {done.next_kid} is published for the next rotation"
         )
+        cached = settings.token.jwks_max_age_seconds
+        published = "made now" if done.published_at is None else f"published {now - done.published_at} s ago"
+        if done.published_at is None or now - done.published_at < cached:
+            text += (
+                f"\nwarning: {done.new_kid} was {published}, less than the JWKS cache time"
+                f" (token.jwks_max_age_seconds = {cached}): a verifier that caches the JWKS (EMQX) may refuse its"
+                " tokens until it fetches /.well-known/jwks.json again"
+            )
     else:
         text = (
             f"cloud key {done.new_kid} is active (was {done.old_kid}); devices provisioned with older cloud keys"

@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     processes = settings.claims.processes if args.processes is None else args.processes
     if processes < 1:
         raise UsageError("--processes must be at least 1")
+    # Every process knows how many share the claims: each enforces its share of the flood limits.
+    settings = settings.model_copy(update={"claims": settings.claims.model_copy(update={"processes": processes})})
     api = None
     if settings.api.enabled:
         from bridge.api.server import ApiProcess

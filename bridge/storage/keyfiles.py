@@ -2,8 +2,8 @@
 
 data/keys/cloud-<kid>.pem   cloud ECDH private keys (all kept: devices stay bound to theirs)
 data/keys/token-<kid>.pem   token-signing private keys (a retired one is pruned once its tokens expired)
-data/keys/active.json       {"cloud": kid, "token": kid}: the ones new claims use, plus when older ones
-                            retired (`bridge.storage.rotation`)
+data/keys/active.json       {"cloud": kid, "token": kid}: the ones new claims use, the next token key (published
+                            before it signs anything) and when older ones retired (`bridge.storage.rotation`)
 data/cloud_public.pem       public half of the active cloud key, to burn into firmware
 data/jwks.json              public token keys, for brokers and backends that verify tokens
 data/bridge.secret          the bridge's broker password
@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,14 +92,17 @@ def is_initialised(data_dir: Path) -> bool:
 
 
 def create_keys(data_dir: Path) -> KeyRing:
-    """Generate the first cloud and token keys and the bridge secret (only when none exist)."""
+    """Generate the first cloud and token keys, the next token key (published now, active at the first rotation)
+    and the bridge secret (only when none exist)."""
     cloud = crypto.generate_private_key()
     token = crypto.generate_private_key()
     cloud_kid, token_kid = store_private_key(data_dir, "cloud", cloud), store_private_key(data_dir, "token", token)
+    next_kid = store_private_key(data_dir, "token", crypto.generate_private_key())
     kdir = keys_dir(data_dir)
     write_private(data_dir / "bridge.secret", secrets.token_urlsafe(32).encode("ascii") + b"\n")
     write_ops_users(data_dir, {})
-    write_public(kdir / "active.json", json.dumps({"cloud": cloud_kid, "token": token_kid}).encode())
+    active = {"cloud": cloud_kid, "token": token_kid, "next_token": next_kid, "next_published_at": int(time.time())}
+    write_public(kdir / "active.json", json.dumps(active).encode())
     ring = load_keys(data_dir)
     publish_public_keys(data_dir, ring)
     return ring

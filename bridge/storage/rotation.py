@@ -1,8 +1,11 @@
 """Key rotation without downtime, and a KeyRing that follows it in a running bridge.
 
-    provbridge keys rotate --token   a new token-signing key becomes active: new tokens carry its kid.
-                                     The old key stays in jwks.json, so tokens it signed keep verifying
-                                     until they expire; once they all have, it is pruned.
+    provbridge keys rotate --token   the next token-signing key becomes active: new tokens carry its kid.
+                                     It has been in jwks.json since the rotation before (or `init`), so a
+                                     verifier that caches the JWKS (EMQX) knows it before any token it
+                                     signs; a new next key is published in its place. The old key stays
+                                     in jwks.json, so tokens it signed keep verifying until they expire;
+                                     once they all have, it is pruned.
     provbridge keys rotate --cloud   a new cloud key becomes active: claims that name no cloud key and
                                      new firmware (cloud_public.pem) use it. Older cloud keys are kept
                                      for good: every device's device key and refresh MAC depend on the
@@ -10,7 +13,11 @@
 
 The switch is one atomic rewrite of keys/active.json, which also records when each key retired:
 
-    {"cloud": kid, "token": kid, "retired": {"cloud": {kid: unix time}, "token": {kid: unix time}}}
+    {"cloud": kid, "token": kid, "next_token": kid, "next_published_at": unix time,
+     "retired": {"cloud": {kid: unix time}, "token": {kid: unix time}}}
+
+A data dir made before the next key existed gets one at its first token rotation, whose new key is then active at
+once (unannounced, as before).
 
 A running bridge notices the rewrite on its next claim or refresh (`LiveKeyRing`); the embedded
 broker re-reads jwks.json on change.
@@ -71,13 +78,17 @@ class Rotation:
     old_kid: str
     new_kid: str
     pruned: tuple[str, ...]  # retired token keys removed because all their tokens have expired
+    # Token keys: since when the new active key has been published (None: it was made now, unannounced), and
+    # the next key published in its place.
+    published_at: int | None = None
+    next_kid: str | None = None
 
 
 @dataclass(frozen=True)
 class KeyInfo:
     kind: Kind
     kid: str
-    status: Literal["active", "retired"]
+    status: Literal["active", "next", "retired"]  # next: a published token key, active at the next rotation
     retired_at: int | None
     prunable_at: int | None  # token keys only; cloud keys are never pruned
 
@@ -92,7 +103,15 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
         _remove_leftovers(data_dir)
         _adopt_strays(doc, ring, now)  # written with active.json below
         old_kid = str(doc[kind])
-        new_kid = keyfiles.store_private_key(data_dir, kind, crypto.generate_private_key())
+        published_at: int | None = None
+        if kind == "token" and doc.get("next_token") in ring.token:
+            new_kid, published_at = str(doc["next_token"]), int(doc["next_published_at"])
+        else:
+            new_kid = keyfiles.store_private_key(data_dir, kind, crypto.generate_private_key())
+        next_kid = None
+        if kind == "token":  # the one after it, published from now on
+            next_kid = keyfiles.store_private_key(data_dir, "token", crypto.generate_private_key())
+            doc["next_token"], doc["next_published_at"] = next_kid, now
         # The JWKS first: a broker must know the new token key before any token carries its kid.
         keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
         doc[kind] = new_kid
@@ -101,7 +120,7 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
         pruned = _prune(data_dir, doc, now)
         keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
     log.debug("rotated the %s key: %s -> %s", kind, old_kid, new_kid)
-    return Rotation(kind, old_kid, new_kid, pruned)
+    return Rotation(kind, old_kid, new_kid, pruned, published_at, next_kid)
 
 
 def prune(data_dir: Path, now: int) -> tuple[str, ...]:
@@ -133,7 +152,7 @@ def _adopt_strays(doc: dict[str, Any], ring: KeyRing, now: int) -> list[str]:
     strays = []
     for kind, kids in (("cloud", ring.cloud), ("token", ring.token)):
         for kid in kids:
-            if kid != doc[kind] and kid not in doc["retired"][kind]:
+            if kid != doc[kind] and kid not in doc["retired"][kind] and kid != doc.get(f"next_{kind}"):
                 doc["retired"][kind][kid] = now
                 strays.append(kid)
                 log.info("%s key %s was never made active (an interrupted rotation): recorded as retired", kind, kid)
@@ -167,12 +186,13 @@ def key_status(data_dir: Path) -> list[KeyInfo]:
                 KeyInfo(
                     kind=kind,
                     kid=kid,
-                    status="active" if doc[kind] == kid else "retired",
+                    status="active" if doc[kind] == kid else "next" if doc.get(f"next_{kind}") == kid else "retired",
                     retired_at=at,
                     prunable_at=prunable_at(at) if kind == "token" and at is not None else None,
                 )
             )
-    return sorted(infos, key=lambda k: (k.kind, k.status != "active", -(k.retired_at or 0)))
+    order = {"active": 0, "next": 1, "retired": 2}
+    return sorted(infos, key=lambda k: (k.kind, order[k.status], -(k.retired_at or 0)))
 
 
 # --- a running bridge follows rotations --------------------------------------------------------
