@@ -72,9 +72,12 @@ def _row_class(names: tuple[str, ...]) -> type[tuple[Any, ...]]:
 
 
 def _rows(cursor: "psycopg.Cursor[Any]") -> Callable[[Sequence[Any]], Any]:
-    if cursor.description is None:
+    # The names straight from the result: `cursor.description` builds a Column object per column per statement,
+    # which cost a claim more than its rows.
+    result = cursor.pgresult
+    if result is None or not result.nfields:
         return tuple
-    return _row_class(tuple(column.name for column in cursor.description))
+    return _row_class(tuple((result.fname(i) or b"").decode() for i in range(result.nfields)))
 
 
 class PgConnection:
@@ -222,7 +225,8 @@ class PostgresDatabase:
         except BaseException as exc:
             if not conn.raw.closed:
                 with suppress(psycopg.Error):  # the connection is gone: the batch's commit fails and says so
-                    conn.command("ROLLBACK TO unit; RELEASE unit")
+                    conn.command("ROLLBACK TO unit")  # one statement each: a pipeline takes no more
+                    conn.command("RELEASE unit")
             if isinstance(exc, psycopg.Error):
                 raise StorageError(f"database write failed: {_reason(exc)}") from exc
             raise
