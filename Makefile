@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run demo test test-full test-jwt-sanitized test-long lint typecheck check clean mosquitto chromium postgresql bench bench-quick bench-mosquitto bench-flood
+.PHONY: run demo test test-full test-jwt-sanitized test-long lint typecheck check clean mosquitto chromium postgresql rabbitmq bench bench-quick bench-mosquitto bench-flood
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,19 @@ chromium:
 postgresql:
 	sh bridge/storage/install-postgresql.sh
 
+## rabbitmq: install Debian's RabbitMQ server when missing (no system node or epmd left running), for the 3-node
+## cluster tests/helpers/rabbitmq.py starts on 127.0.0.1 in a temp dir (`make test-full`)
+rabbitmq:
+	sh bridge/rabbitmq/install-rabbitmq.sh
+
 # The suite's temp files (every log and database it leaves), kept for the secret scan; pytest empties it first.
 TEST_TMP := build/test-tmp
 
 # The heavier suites, run by `make test-full` (which CI runs after `make test`), not `make test`, to keep that under
 # 15 minutes here: the fault bursts (kill -9, restarts, 2,000-claim bursts), the key rotation killed at every step,
-# the provbridge_jwt plugin against its Python reference, the dashboard in Chromium.
-FULL_ONLY := tests/test_faults.py tests/test_rotation_crash.py tests/test_jwt_plugin_differential.py tests/test_dashboard.py
+# the provbridge_jwt plugin against its Python reference, the dashboard in Chromium, a 3-node RabbitMQ cluster.
+FULL_ONLY := tests/test_faults.py tests/test_rotation_crash.py tests/test_jwt_plugin_differential.py tests/test_dashboard.py \
+	tests/test_rabbitmq_cluster.py
 
 ## test: the suite through real brokers on loopback (the embedded one, and Mosquitto), the storage-dependent tests
 ## on SQLite and on a PostgreSQL server of their own, on both cores (pytest-xdist), then a scan of everything it left
@@ -55,7 +61,7 @@ test: $(STAMP) mosquitto postgresql
 
 ## test-full: the heavier suites (FULL_ONLY above) and `make test-jwt-sanitized`, each followed by the secret scan;
 ## CI (.ci/run) runs it after `make test`
-test-full: $(STAMP) mosquitto chromium postgresql
+test-full: $(STAMP) mosquitto chromium postgresql rabbitmq
 	@mkdir -p $(dir $(TEST_TMP))
 	$(BIN)/python -m pytest -q -n 2 --basetemp=$(TEST_TMP)-full $(FULL_ONLY)
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)-full

@@ -21,7 +21,7 @@ from bridge.storage.store import Store
 from provwire import crypto, topics
 from provwire.errors import ErrorCode
 from provwire.models import Claim, ClaimError, ClaimOk, to_json
-from tests.helpers.storage import holding_the_write_lock, impatient, is_write_begin, sqlite_only, traced
+from tests.helpers.storage import holding_the_write_lock, impatient, is_write_begin, on_postgres, sqlite_only, traced
 
 # Storage-dependent: each test runs on SQLite and on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.both_backends
@@ -188,3 +188,22 @@ def test_each_message_of_a_batch_is_reported_once_after_the_commit_with_its_own_
     assert [summary for summary, _ in reported] == [ErrorCode.INTERNAL_ERROR.value] * 2
     assert [request_id for _, request_id in reported] == [json.loads(payload)["request_id"] for _, payload in messages]
     assert counter_value("provbridge_database_errors_total") == failed_before + 1  # one failed transaction
+
+
+def test_a_statement_that_fails_in_a_batch_undoes_its_unit_on_sqlite_and_the_batch_on_postgresql(
+    settings: Settings, store: Store
+) -> None:
+    """SQLite reports a failed statement at once: its unit is undone alone. PostgreSQL's batch runs in pipeline mode
+    (its writes sent without waiting), so the failure may surface in a later unit: the whole batch is undone and
+    reported (its claims are answered retry). Either way nothing of a failed unit is committed."""
+    store.create_tenant("t-0", "zero", 0, "test")
+    before = {t.name for t in store.tenants()}
+    undone_whole = pytest.raises(StorageError) if on_postgres(settings) else contextlib.nullcontext()
+    with undone_whole, store.batch():
+        store.create_tenant("t-1", "first", 0, "test")
+        with contextlib.suppress(StorageError), store.transaction() as tx:
+            tx.connection.execute("INSERT INTO tenants VALUES ('t-2', 'zero', 0)")  # the name is taken: it fails
+        store.create_tenant("t-3", "third", 0, "test")
+    after = {t.name for t in store.tenants()}
+    assert after == (before if on_postgres(settings) else before | {"first", "third"})
+    store.create_tenant("t-4", "fourth", 0, "test")  # and the store goes on

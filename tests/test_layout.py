@@ -13,7 +13,7 @@ SQL = re.compile(r"\.execute(many|script)?\(|\b(SELECT|INSERT INTO|UPDATE|DELETE
 
 # bridge's packages from the bottom up: a module imports from its own package and the ones below only.
 # (`bridge.config`, `.errors`, `.logs` and `.tokens` are the ground floor every package stands on.)
-LAYERS = ["", "metrics", "storage", "tls", "claims", "mosquitto", "ops", "edges", "api", "cli"]
+LAYERS = ["", "metrics", "storage", "tls", "claims", "mosquitto", "rabbitmq", "ops", "edges", "api", "cli"]
 
 
 def _modules(package: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""RabbitMQ as a clustered external broker: configuration and install (issue 13)."""
