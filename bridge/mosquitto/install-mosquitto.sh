@@ -37,22 +37,8 @@ fi
 . "$(dirname "$0")/../apt.sh"
 apt_ready "$PACKAGES" "install Mosquitto 2.x yourself"
 
-# invoke-rc.d asks /usr/sbin/policy-rc.d whether it may start services; 101 means "no". Put one
-# in place for the install only, unless the machine already has its own (containers often do).
-POLICY=/usr/sbin/policy-rc.d
-OURS=""
-if [ ! -e "$POLICY" ]; then
-    $SUDO sh -c "printf '#!/bin/sh\nexit 101\n' > $POLICY && chmod 755 $POLICY"
-    OURS=1
-fi
-cleanup() {
-    if [ -n "$OURS" ]; then $SUDO rm -f "$POLICY"; fi
-}
-trap cleanup EXIT
-
-$SUDO apt-get update -qq
 # shellcheck disable=SC2086 # a list of package names
-$SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
+apt_install_quietly $PACKAGES
 
 # Belt and braces, for systemd machines where the unit may be enabled and started anyway.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

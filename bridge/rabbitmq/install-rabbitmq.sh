@@ -29,22 +29,7 @@ fi
 . "$(dirname "$0")/../apt.sh"
 apt_ready rabbitmq-server "install RabbitMQ 3.10 or later (with its Erlang) yourself"
 
-# invoke-rc.d asks /usr/sbin/policy-rc.d whether it may start services; 101 means "no". Put one
-# in place for the install only, unless the machine already has its own (containers often do).
-POLICY=/usr/sbin/policy-rc.d
-OURS=""
-if [ ! -e "$POLICY" ]; then
-    $SUDO sh -c "printf '#!/bin/sh\nexit 101\n' > $POLICY && chmod 755 $POLICY"
-    OURS=1
-fi
-cleanup() {
-    if [ -n "$OURS" ]; then $SUDO rm -f "$POLICY"; fi
-}
-trap cleanup EXIT
-
-$SUDO apt-get update -qq || cannot "apt-get update failed"
-$SUDO apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null ||
-    cannot "apt-get install rabbitmq-server failed"
+apt_install_quietly rabbitmq-server
 
 # Belt and braces, for systemd machines where the unit may be enabled and started anyway.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

@@ -25,6 +25,7 @@ import pytest
 from psycopg import sql
 
 from tests.helpers.network import free_port
+from tests.helpers.processes import kill_group
 from tests.helpers.waiting import wait_for
 
 ROLE = "provbridge"
@@ -264,23 +265,5 @@ class PostgresServer:
     def _kill_group(self) -> None:
         if self.process is None:
             return
-        group = self.process.pid
-        if self.process.poll() is None or _group_alive(group):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)  # the session we started it in; its processes only
-        self.process.wait(10)
+        kill_group(self.process)  # the new postmaster refuses to start while an old child holds the shared memory
         self.process = None
-        # The new postmaster refuses to start while an old child still holds the shared memory.
-        assert wait_for(lambda: not _group_alive(group), timeout=10), f"processes of group {group} survived SIGKILL"
-
-
-def _group_alive(group: int) -> bool:
-    """Whether a process of process group `group` runs (zombies, which nobody may reap here, do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False

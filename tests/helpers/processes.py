@@ -1,5 +1,6 @@
 """`provbridge serve [--processes N]` as a real subprocess, and whether a process is alive."""
 
+import contextlib
 import functools
 import os
 import re
@@ -113,3 +114,26 @@ class ServeProcesses:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of process group `group` runs (zombies, which nobody may reap here, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the session `process` leads (it was started with start_new_session), then reap it and wait until
+    no process of the group is left: a server's stragglers would hold its ports or shared memory."""
+    group = process.pid
+    if process.poll() is None or group_alive(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # the session we started it in; its processes only
+    process.wait(10)
+    assert wait_for(lambda: not group_alive(group), timeout=10), f"processes of group {group} survived SIGKILL"

@@ -24,12 +24,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.network import accepts_connections, free_ports
+from tests.helpers.processes import kill_group
 from tests.helpers.waiting import wait_for
 
 # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user; these scripts run as whoever starts them.
@@ -366,29 +366,9 @@ class RabbitCluster:
 
 def _kill_session(process: "subprocess.Popen[bytes]", first: signal.Signals, timeout: float) -> None:
     """`first` to the process, then SIGKILL to its whole session once it exits or `timeout` passes; reaped."""
-    group = process.pid
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, first)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout)
-    if process.poll() is None or _group_alive(group):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-    process.wait(10)
-    deadline = time.monotonic() + 10
-    while _group_alive(group) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _group_alive(group), f"processes of group {group} survived SIGKILL"
-
-
-def _group_alive(group: int) -> bool:
-    """Whether a process of process group `group` runs (zombies, which nobody may reap here, do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+    kill_group(process)
