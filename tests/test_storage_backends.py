@@ -116,3 +116,14 @@ def test_a_write_waits_for_the_write_lock_then_fails_retryably(postgres_server: 
     assert [t.name for t in holder.tenants()] == ["one"]
     store.close()
     holder.close()
+
+
+def test_a_snapshot_read_inside_a_write_leaves_the_write_whole(postgres_server: PostgresServer) -> None:
+    store = Store(postgres_server.create_database())
+    store.create_tenant("ten_1", "one", 1, "test")
+    with store.transaction() as tx:
+        tx.connection.execute("INSERT INTO tenants VALUES ('ten_2', 'two', 2)")
+        assert store.allowlist_page("ten_1", None, 10) == []  # its own snapshot would end this transaction
+        tx.connection.execute("INSERT INTO tenants VALUES ('ten_3', 'three', 3)")
+    assert [t.name for t in store.tenants()] == ["one", "three", "two"]
+    store.close()

@@ -174,6 +174,10 @@ class PostgresDatabase:
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
+        if getattr(self._local, "conn", None) is not None:  # inside this thread's write: nothing else writes meanwhile
+            with self._borrowed("database read failed") as conn:
+                yield conn
+            return
         with self._borrowed("database read failed") as conn:
             conn.command("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
