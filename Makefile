@@ -69,11 +69,12 @@ test-full: $(STAMP) mosquitto chromium postgresql rabbitmq
 
 ## test-jwt-sanitized: the provbridge_jwt plugin under gcc -fanalyzer, then the Mosquitto tests that load it
 ## (jwt mode; the dynsec opt-in does not) with the plugin built with AddressSanitizer + UBSan (LeakSanitizer
-## on) and libasan preloaded into Mosquitto
+## on) and libasan preloaded into Mosquitto; on one core, as the first test builds the sanitized plugin and two
+## pytest-xdist workers would build it at once
 test-jwt-sanitized: $(STAMP) mosquitto
 	$(MAKE) -s -C bridge/mosquitto/jwt analyze
 	@mkdir -p $(dir $(TEST_TMP))
-	PROVBRIDGE_JWT_PLUGIN_SANITIZED=1 $(BIN)/python -m pytest -q -n 2 --basetemp=$(TEST_TMP)-sanitized \
+	PROVBRIDGE_JWT_PLUGIN_SANITIZED=1 $(BIN)/python -m pytest -q --basetemp=$(TEST_TMP)-sanitized \
 		tests/test_mosquitto_jwt.py tests/test_multiprocess.py tests/test_broker_promises.py tests/test_certificate_auth.py \
 		-k "not dynsec"
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)-sanitized
