@@ -47,9 +47,10 @@ TEST_TMP := build/test-tmp
 
 # The heavier suites, run by `make test-full` (which CI runs after `make test`), not `make test`, to keep that under
 # 15 minutes here: the fault bursts (kill -9, restarts, 2,000-claim bursts), the key rotation killed at every step,
-# the provbridge_jwt plugin against its Python reference, the dashboard in Chromium, a 3-node RabbitMQ cluster.
+# the provbridge_jwt plugin against its Python reference, the dashboard in Chromium, 3-node RabbitMQ clusters (their
+# modules in one xdist group: one worker, one cluster at a time, beside the other worker's tests).
 FULL_ONLY := tests/test_faults.py tests/test_rotation_crash.py tests/test_jwt_plugin_differential.py tests/test_dashboard.py \
-	tests/test_rabbitmq_cluster.py
+	tests/test_rabbitmq_cluster.py tests/test_rabbitmq_bridge.py
 
 ## test: the suite through real brokers on loopback (the embedded one, and Mosquitto), the storage-dependent tests
 ## on SQLite and on a PostgreSQL server of their own, on both cores (pytest-xdist), then a scan of everything it left
@@ -63,7 +64,7 @@ test: $(STAMP) mosquitto postgresql
 ## CI (.ci/run) runs it after `make test`
 test-full: $(STAMP) mosquitto chromium postgresql rabbitmq
 	@mkdir -p $(dir $(TEST_TMP))
-	$(BIN)/python -m pytest -q -n 2 --basetemp=$(TEST_TMP)-full $(FULL_ONLY)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --basetemp=$(TEST_TMP)-full $(FULL_ONLY)
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)-full
 	$(MAKE) -s test-jwt-sanitized
 
@@ -104,10 +105,12 @@ HOSTILE_ARGS := --guesses 3000
 bench-mosquitto:
 	@sh bridge/mosquitto/install-mosquitto.sh || echo "bench: Mosquitto not installed, its target will be skipped"
 
-## bench: full benchmark (K=10000, herd, growth to 1M devices; long): results in bench/results, figures in docs/BENCHMARKS.md
-bench: $(BENCH_STAMP) bench-mosquitto
+## bench: full benchmark (K=10000, herd, growth to 1M devices; long), then 1, 2, 3 bridges on a 3-node RabbitMQ cluster
+## with PostgreSQL (bench.cluster): results in bench/results, figures in docs/BENCHMARKS.md and docs/SCALING.md
+bench: $(BENCH_STAMP) bench-mosquitto postgresql rabbitmq
 	PROVBENCH_COMMAND="make bench" $(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.api
+	$(BIN)/python -m bench.cluster
 
 ## bench-quick: the same at small K in under 2 minutes (no assertions on times)
 bench-quick: $(BENCH_STAMP) bench-mosquitto

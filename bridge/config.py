@@ -15,7 +15,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, UnscopableFilter
+from bridge.rabbitmq_scopes import filter_pattern
 from provwire import topics
 from provwire.models import MAX_CLAIM_BYTES
 
@@ -47,7 +48,9 @@ def _varint(n: int) -> bytes:
 
 
 class BrokerSettings(BaseModel):
-    mode: Literal["embedded", "external"] = "embedded"
+    # "external": Mosquitto (bridge/mosquitto); "rabbitmq": a RabbitMQ cluster (bridge/rabbitmq, [rabbitmq] below).
+    # On an external broker `host` and `port` are its MQTT listener, which devices are told (unless advertise_*).
+    mode: Literal["embedded", "external", "rabbitmq"] = "embedded"
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     tls: bool = False  # the bridge's own connection; devices follow tls_listen (bridge/tls/certificates.py)
@@ -177,6 +180,25 @@ class StorageSettings(BaseModel):
     url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)  # it may hold a password
 
 
+class RabbitMQSettings(BaseModel):
+    """RabbitMQ as the broker (`broker.mode = "rabbitmq"`, docs/SCALING.md). Devices speak MQTT to its MQTT plugin
+    (`broker.host`/`broker.port`); the bridge takes claims over AMQP from a quorum queue and answers through the
+    MQTT plugin's topic exchange; it ends a revoked device's connections through the management API. Both as
+    `broker.username` with the password of `bridge_secret_file` (`provbridge rabbitmq-config` writes the user)."""
+
+    # AMQP listeners of the cluster's nodes, host:port, tried in turn (any node serves the replicated queue).
+    amqp: list[str] = Field(default_factory=lambda: ["127.0.0.1:5672"], min_length=1)
+    # Management API base URLs of the nodes, tried in turn.
+    management: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:15672"], min_length=1)
+    # No "/": a scope pattern cannot carry one (bridge/rabbitmq_scopes.py), so RabbitMQ's default vhost will not do.
+    vhost: str = Field(default="provbridge", pattern=r"^[A-Za-z0-9_.:-]+$")
+    queue: str = Field(default="provbridge.claims", pattern=r"^[A-Za-z0-9_.:-]+$")  # the quorum queue of claims
+    exchange: str = Field(default="amq.topic", pattern=r"^[A-Za-z0-9_.:-]+$")  # the MQTT plugin's (mqtt.exchange)
+    # A revoked device whose token is still valid may connect again (RabbitMQ cannot ask us): how often the
+    # bridge looks for such connections and ends them (docs/SECURITY.md).
+    revoke_sweep_seconds: float = Field(default=5.0, ge=0.5, le=300)
+
+
 class Profile(BaseModel):
     """Topic scope of a device's token. `{device_id}` and `{tenant}` are filled in."""
 
@@ -196,6 +218,7 @@ class Settings(BaseSettings):
     claims: ClaimSettings = Field(default_factory=ClaimSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"default": Profile()})
 
     _config_file: Path | None = None
@@ -249,7 +272,23 @@ def load_settings(config_file: Path | None = None) -> Settings:
         Settings._config_file = None
     if "default" not in settings.profiles:
         raise ConfigError("profiles must define a 'default' profile")
+    if settings.broker.mode == "rabbitmq":
+        _check_rabbitmq_scopes(settings)
     needed = claim_packet_bytes(settings.topic_prefix)
     if settings.broker.max_packet_bytes < needed:
         raise ConfigError(f"broker.max_packet_bytes must be at least {needed}: the largest valid claim is that big")
     return settings
+
+
+def _check_rabbitmq_scopes(settings: Settings) -> None:
+    """Every profile's topics must be expressible as RabbitMQ scopes, or no claim could be answered."""
+    for name, profile in settings.profiles.items():
+        for topic_filter in [*profile.publish, *profile.subscribe]:
+            try:
+                filter_pattern(fill_scope_sample(topic_filter))
+            except UnscopableFilter as exc:
+                raise ConfigError(f'profile {name!r}: {exc}, which broker.mode = "rabbitmq" cannot have') from exc
+
+
+def fill_scope_sample(topic_filter: str) -> str:
+    return topic_filter.replace("{device_id}", "dev_x").replace("{tenant}", "tenant")

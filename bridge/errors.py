@@ -33,6 +33,10 @@ class ConfigError(ProvbridgeError):
     """The configuration is invalid or unreadable."""
 
 
+class UnscopableFilter(ConfigError):
+    """A topic filter that RabbitMQ's token scopes cannot express exactly (bridge/rabbitmq_scopes.py)."""
+
+
 class NotInitialised(ProvbridgeError):
     """The data directory has not been initialised (`provbridge init`)."""
 
@@ -99,6 +103,10 @@ class BrokersNotTold(ProvbridgeError):
 
 class MirrorError(ProvbridgeError):
     """The broker did not confirm a mirrored token or revocation; the caller may retry."""
+
+
+class RabbitMQError(ProvbridgeError):
+    """RabbitMQ's management API did not do what the bridge asked (bridge/rabbitmq/management.py)."""
 
 
 class WorkerError(ProvbridgeError):

@@ -48,9 +48,11 @@ def mint_token(
     now: int,
     ttl_seconds: int,
     generation: int = 0,
+    scope: list[str] | None = None,
 ) -> TokenGrant:
     """`generation`: the device's credential generation, carried as `gen` once a reinstatement or reset raised it
-    above 0 (brokers refuse tokens of a lower one: broker/denylist.py); absent at 0, so such tokens are as before."""
+    above 0 (brokers refuse tokens of a lower one: broker/denylist.py); absent at 0, so such tokens are as before.
+    `scope`: RabbitMQ's permissions (bridge/rabbitmq_scopes.py), carried as `scope` beside `acl` when given."""
     jti = secrets.token_hex(16)
     expires_at = now + ttl_seconds
     claims: dict[str, object] = {
@@ -65,6 +67,8 @@ def mint_token(
     }
     if generation:
         claims["gen"] = generation
+    if scope is not None:
+        claims["scope"] = " ".join(scope)
     return TokenGrant(_es256_jwt(key, _header(kid), claims), jti, expires_at, publish, subscribe)
 
 

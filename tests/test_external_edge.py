@@ -171,11 +171,11 @@ def test_a_malformed_claim_is_answered_by_the_edge_while_the_worker_waits_for_th
             waiting.conn.publish(
                 topics.claim_topic(bridge.prefix, waiting.client_id), waiting.claim_payload(bridge.provision_key)
             )
-            assert wait_for(lambda: len(bridge.edge.worker.pending) == 1)  # in the worker, which waits
+            assert wait_for(lambda: len(bridge.edge.pipeline.worker.pending) == 1)  # in the worker, which waits
             refused = answer_of(malformed.send(b'{"request_id": "r-malformed-1", "provision_key": 7}'))
             assert isinstance(refused, ClaimError) and refused.code is ErrorCode.VALIDATION_ERROR
             assert refused.request_id == "r-malformed-1"
-            assert len(bridge.edge.worker.pending) == 1  # the first claim still waits
+            assert len(bridge.edge.pipeline.worker.pending) == 1  # the first claim still waits
         topic, answer = waiting.conn.next_message()
         assert topic == topics.response_topic(bridge.prefix, waiting.client_id)
         assert isinstance(answer_of(answer), ClaimOk)
@@ -198,16 +198,16 @@ def test_claims_prepared_by_the_edge_are_answered_by_the_successor_of_a_worker_t
         for device in devices:
             device.__enter__()
         try:
-            first_worker = bridge.edge.worker.worker_pid
+            first_worker = bridge.edge.pipeline.worker.worker_pid
             assert first_worker is not None
             with database_held(bridge.settings):
                 for device in devices:
                     payload = device.claim_payload(bridge.provision_key)
                     device.conn.publish(topics.claim_topic(bridge.prefix, device.client_id), payload)
-                assert wait_for(lambda: len(bridge.edge.worker.pending) == 3)
-                drawn = {prepared_in(data).fresh.device_id for _, data in bridge.edge.worker.pending.values()}
+                assert wait_for(lambda: len(bridge.edge.pipeline.worker.pending) == 3)
+                drawn = {prepared_in(data).fresh.device_id for _, data in bridge.edge.pipeline.worker.pending.values()}
                 os.kill(first_worker, signal.SIGKILL)
-                assert wait_for(lambda: bridge.edge.worker.worker_pid not in (None, first_worker))
+                assert wait_for(lambda: bridge.edge.pipeline.worker.worker_pid not in (None, first_worker))
             answers = [answer_of(device.conn.next_message()[1]) for device in devices]
             assert all(isinstance(answer, ClaimOk) for answer in answers), answers
             assert {answer.device_id for answer in answers if isinstance(answer, ClaimOk)} == drawn

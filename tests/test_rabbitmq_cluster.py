@@ -19,6 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.helpers.rabbitmq import RabbitCluster, require_rabbitmq
 from tests.helpers.waiting import wait_for
 
+pytestmark = pytest.mark.xdist_group("rabbitmq")  # one cluster at a time (Makefile: --dist loadgroup)
+
 KEY = ec.generate_private_key(ec.SECP256R1())
 SCOPE = "provbridge.read:*/*/devices.dev1.* provbridge.write:*/*/devices.dev1.* provbridge.configure:*/*/*"
 

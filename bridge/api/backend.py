@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.api.context import Caller, errors, require
-from bridge.claims.credentials import device_key_of, device_scope
+from bridge.claims.credentials import device_key_of, device_scope, rabbitmq_scope
 from bridge.config import TOKEN_TTL_CAP_SECONDS
 from bridge.errors import ApiError
 from bridge.ops import devices
@@ -121,6 +121,7 @@ def device_token(device_id: str, body: TokenRequest, caller: Backend) -> dict[st
         now=int(time.time()),
         ttl_seconds=body.ttl_seconds or settings.token.ttl_seconds,
         generation=device.credential_generation,
+        scope=rabbitmq_scope(settings, device.id, publish, subscribe),
     )
     _record(caller, "backend.token_minted", device)
     return {

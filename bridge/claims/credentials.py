@@ -12,6 +12,7 @@ from cryptography import x509
 
 from bridge.claims.mirror import TokenMirror
 from bridge.config import Settings
+from bridge.rabbitmq_scopes import device_scopes
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.records import Device, IssuedCertificate
 from bridge.tls.certificates import device_endpoint
@@ -58,6 +59,7 @@ def issue_credentials(
         now=now,
         ttl_seconds=settings.token.ttl_seconds,
         generation=device.credential_generation,
+        scope=rabbitmq_scope(settings, device.id, publish, subscribe),
     )
     mirror.grant(device.id, grant)
     endpoint = device_endpoint(settings)  # the TLS port whenever the broker offers TLS
@@ -88,6 +90,23 @@ def device_scope(settings: Settings, device: Device) -> tuple[list[str], list[st
     return (
         fill_scope(profile.publish, device.id, device.tenant_name),
         fill_scope(profile.subscribe, device.id, device.tenant_name),
+    )
+
+
+def rabbitmq_scope(settings: Settings, device_id: str, publish: list[str], subscribe: list[str]) -> list[str] | None:
+    """The `scope` claim RabbitMQ's OAuth 2 backend reads (`broker.mode = "rabbitmq"`), else None: no such claim.
+    Its prefix is the token's audience, which RabbitMQ's `auth_oauth2.resource_server_id` must equal."""
+    if settings.broker.mode != "rabbitmq":
+        return None
+    rabbit = settings.rabbitmq
+    return device_scopes(
+        resource_server_id=settings.token.audience,
+        vhost=rabbit.vhost,
+        exchange=rabbit.exchange,
+        prefix=settings.topic_prefix,
+        device_id=device_id,
+        publish=publish,
+        subscribe=subscribe,
     )
 
 

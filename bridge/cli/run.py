@@ -1,4 +1,4 @@
-"""`provbridge init|serve|broker|mosquitto-config`: set up a data dir and run the bridge with its broker."""
+"""`provbridge init|serve|broker|mosquitto-config|rabbitmq-config`: set up a data dir, run the bridge and its broker."""
 
 import argparse
 import asyncio
@@ -105,6 +105,20 @@ def cmd_mosquitto_config(args: argparse.Namespace, settings: Settings) -> None:
     emit(args, data, "\n".join(lines))
 
 
+def cmd_rabbitmq_config(args: argparse.Namespace, settings: Settings) -> None:
+    from bridge.rabbitmq.files import write_rabbitmq_config
+
+    done = write_rabbitmq_config(settings, args.outdir, broker_dir=args.broker_dir)
+    lines = [f"wrote {path}" for path in done.files]
+    lines += [
+        f"token keys RabbitMQ will accept: {', '.join(done.signing_keys)}",
+        f"add {done.conf_file} to every node's rabbitmq.conf and use {args.outdir}/enabled_plugins; then start the"
+        ' nodes, and the bridges with broker.mode = "rabbitmq" (they declare the claim queue)',
+    ]
+    data = {"conf_file": str(done.conf_file), "files": [str(p) for p in done.files], "signing_keys": done.signing_keys}
+    emit(args, data, "\n".join(lines))
+
+
 def add_commands(commands: Any) -> None:
     init = add_command(commands, "init", cmd_init, "create the data dir: keys, database, default tenant, a first key")
     init.add_argument("--tls", action="store_true", help="also create a private CA and the broker's certificate")
@@ -115,14 +129,14 @@ def add_commands(commands: Any) -> None:
         commands,
         "serve",
         cmd_serve,
-        "run the bridge (and the embedded broker unless broker.mode=external)",
+        "run the bridge (and the embedded broker unless broker.mode is external or rabbitmq)",
         json_flag=False,
     )
     serve.add_argument(
         "--processes",
         type=int,
         metavar="N",
-        help="bridge processes sharing the claims (external broker only; default: claims.processes)",
+        help="bridge processes sharing the claims (external or rabbitmq broker only; default: claims.processes)",
     )
     add_command(commands, "broker", cmd_broker, "run only the embedded broker", json_flag=False)
     mosq = add_command(
@@ -136,3 +150,11 @@ def add_commands(commands: Any) -> None:
     mosq.add_argument("--user", help="the user Mosquitto runs as when started as root (default: you)")
     mosq.add_argument("--plugin", metavar="PATH", help="mosquitto_dynamic_security.so (default: found here)")
     mosq.add_argument("--bind", metavar="ADDRESS", help="listen address (default: broker.host)")
+    rabbit = add_command(
+        commands,
+        "rabbitmq-config",
+        cmd_rabbitmq_config,
+        "write rabbitmq.conf lines, definitions and token keys for a RabbitMQ 3.10 cluster",
+    )
+    rabbit.add_argument("outdir", type=Path, metavar="OUTDIR", help="where to write them (created 0700)")
+    rabbit.add_argument("--broker-dir", metavar="DIR", help="where the RabbitMQ nodes see OUTDIR (default: OUTDIR)")

@@ -8,32 +8,22 @@ SQLite call and syscall; measured on the threaded edge (`bridge.edges.paho`, sti
 mirrored into dynamic security), that hand-off and the publishing from worker threads cost more CPU than
 the claim itself. What a device sees is the same on both: `bridge.edges.pahoedge`.
 
-Unlike the embedded broker's process, this one has CPU to spare: it prepares each claim itself (parse,
-flood limits, the ECDH: `ClaimPreparer`, a third of a claim's CPU) and hands the worker a `Prepared`, so
-that the worker, one process on one core and what bounds a burst of claims, is left the transaction, the
-token and the seal. A claim refused before its transaction (malformed, over a limit) is answered from here
-at once; its events go to the worker to store. Token refreshes go to the worker whole.
+Unlike the embedded broker's process, this one has CPU to spare: it prepares each claim itself and hands the
+worker what is left of it (`bridge.edges.pipeline`).
 """
 
 import asyncio
 import logging
-from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bridge import logs
-from bridge.claims.provisioning import ClaimPreparer, Outcome, Prepared, retryable_error
-from bridge.claims.ratelimit import FloodLimits
 from bridge.config import Settings
-from bridge.edges.claimworker import MAX_BATCH
 from bridge.edges.coalescing import CoalescingClient, CoalescingSocket
-from bridge.edges.core import BridgeCore, Publish, TurnKeys, count_outcome, log_outcome
+from bridge.edges.core import BridgeCore
 from bridge.edges.pahoedge import PahoEdge, Request
+from bridge.edges.pipeline import ClaimPipeline
 from bridge.edges.sessions import Shard, set_nodelay
-from bridge.edges.workerlink import WorkerLink
-from bridge.storage.rotation import LiveKeyRing
-from provwire import topics
 from provwire.models import Event
 
 log = logging.getLogger("provbridge.service")
@@ -41,8 +31,6 @@ log = logging.getLogger("provbridge.service")
 RECONNECT_DELAY_SECONDS = (1.0, 10.0)  # first and longest wait between reconnection attempts
 MISC_INTERVAL_SECONDS = 1.0  # paho's keepalive and retry bookkeeping (`loop_misc`)
 OFFLINE_PUBLISH_TIMEOUT_SECONDS = 2.0
-# Claims prepared per turn of the event loop (`_prepare_some`): a few ms of work, the worker's group commit.
-PREPARE_CHUNK = MAX_BATCH
 
 
 class ExternalBridge(PahoEdge):
@@ -52,12 +40,7 @@ class ExternalBridge(PahoEdge):
 
     def __init__(self, settings: Settings, shard: Shard | None = None) -> None:
         super().__init__(BridgeCore(settings), shard)
-        self.worker = WorkerLink(settings, self._answered)
-        self._requests: dict[int, Request] = {}
-        self._claims = topics.claim_subscription(settings.topic_prefix)
-        self._keys: TurnKeys | None = None  # the data dir's keys, loaded by `start`
-        self._preparer: ClaimPreparer | None = None
-        self._unprepared: deque[Request] = deque()  # claims taken, waiting for `_prepare_some`
+        self.pipeline: ClaimPipeline[Request] = ClaimPipeline(settings, self.core, self._answer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
@@ -73,10 +56,7 @@ class ExternalBridge(PahoEdge):
     async def start(self) -> None:
         """Start the claim worker, then connect (retried in the background until the broker answers)."""
         self._loop = asyncio.get_running_loop()
-        # Looked at once per chunk of claims prepared (`_prepare_some`): each claim of a chunk arrived before.
-        self._keys = TurnKeys(LiveKeyRing(self.settings.data_dir))
-        self._preparer = ClaimPreparer(self.settings, self._keys, FloodLimits(self.settings.claims))
-        await self.worker.start()
+        await self.pipeline.start()
         self._misc = self._loop.create_task(self._misc_loop())
         self._connect()
 
@@ -92,9 +72,7 @@ class ExternalBridge(PahoEdge):
         self._stopping.set()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
-        while self._unprepared:  # taken already: handed to the worker, which answers them before it stops
-            self._prepare_some()
-        await self.worker.stop()
+        await self.pipeline.stop()  # what is taken already is answered before the worker stops
         if self._serving.is_set() and self.shard.owns_status:
             info = self._publish(self.core.status(online=False))
             deadline = asyncio.get_running_loop().time() + OFFLINE_PUBLISH_TIMEOUT_SECONDS
@@ -189,84 +167,10 @@ class ExternalBridge(PahoEdge):
         super()._on_disconnect(client, userdata, flags, reason, props)
         self._reconnect_later()  # no network thread to do it
 
-    # --- the claim work ----------------------------------------------------------------------
+    # --- the claim work: bridge.edges.pipeline ------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
-        if self._preparer is None or not topics.topic_matches(self._claims, request.topic):
-            self._requests[self.worker.submit(request.topic, request.payload)] = request
-            return
-        self._unprepared.append(request)
-        if len(self._unprepared) == 1:
-            assert self._loop is not None
-            self._loop.call_soon(self._prepare_some)
-
-    def _prepare_some(self) -> None:
-        """Prepare up to PREPARE_CHUNK claims, hand them to the worker in one write, and come back on the next
-        turn of the event loop for more. In chunks: paho reads hundreds of claims in one call when they come in
-        a burst, and preparing them all at once would keep the worker's answers unread (the worker then waits
-        on its full socket) and every answer unsent for as long."""
-        assert self._loop is not None
-        try:
-            self._turn_keys()
-            chunk = [self._unprepared.popleft() for _ in range(min(PREPARE_CHUNK, len(self._unprepared)))]
-            steps = [(request, self._prepare(request)) for request in chunk]
-            self._hand_over([(request, step) for request, step in steps if isinstance(step, Prepared)])
-            refused = [(request, step) for request, step in steps if isinstance(step, Outcome)]
-            # Refused before any write: answered from here, their events stored by the worker (one frame).
-            self._record_events([event for _, outcome in refused for event in outcome.events])
-            for request, outcome in refused:
-                self._settle(request, outcome)
-        finally:  # whatever failed, the claims behind are not left waiting
-            if self._unprepared:
-                self._loop.call_soon(self._prepare_some)
-
-    def _turn_keys(self) -> None:
-        assert self._keys is not None
-        try:
-            self._keys.turn()
-        except Exception:  # as the worker's (ClaimHandlers._turn): the previous ring stays, the claims go on
-            log.exception("the key ring could not be looked at; keeping the previous one")
-
-    def _hand_over(self, handed: list[tuple[Request, Prepared]]) -> None:
-        try:
-            seqs = self.worker.submit_prepared([(request.topic, prepared) for request, prepared in handed])
-        except Exception:  # cannot happen (a Prepared pickles): answered retry rather than left taken for good
-            log.exception("%d prepared claims could not be handed to the claim worker", len(handed))
-            for request, prepared in handed:
-                retry = retryable_error(self.settings, prepared.request.claim.request_id, "internal error")
-                self._settle(request, Outcome(prepared.reply_to, retry, [], "internal_error"))
-            return
-        for seq, (request, _) in zip(seqs, handed, strict=True):
-            self._requests[seq] = request
-
-    def _settle(self, request: Request, outcome: Outcome) -> None:
-        """Answer a claim from here and give its in-flight slot back."""
-        try:
-            self._answer(request, self.core.publishes(outcome))
-        except Exception:  # `_answer` contains its own failures; this is for making the messages
-            log.exception("answer to %s could not be made", request.topic)
-        finally:
-            self.core.release()
-
-    def _prepare(self, request: Request) -> Outcome | Prepared:
-        assert self._preparer is not None
-        with logs.request_scope():  # the claim's request_id tags its lines here, and no later ones
-            try:
-                step = self._preparer.prepare(request.topic, request.payload)
-            except Exception:  # cannot happen (prepare never raises); as the worker would, drop it, live on
-                log.exception("claim on %s could not be handled", request.topic)
-                step = Outcome(None, None, [], "failed")
-            if isinstance(step, Outcome):
-                log_outcome(request.topic, step)
-                count_outcome(self.settings.topic_prefix, request.topic, step, None)
-            return step
+        self.pipeline.dispatch(request)
 
     def _record_events(self, events: list[Event]) -> None:
-        self.worker.record_events(events)
-
-    def _answered(self, seq: int, publishes: list[Publish]) -> None:
-        request = self._requests.pop(seq)
-        try:
-            self._answer(request, publishes)
-        finally:
-            self.core.release()
+        self.pipeline.record_events(events)

@@ -1,7 +1,8 @@
 """`provbridge serve`: the bridge, inside the embedded broker's process or connected to an external one.
 
 Embedded (`broker.mode = "embedded"`): amqtt and the bridge share one process and the bridge needs no
-MQTT connection (`bridge.edges.inprocess`). External: the bridge is a paho client, one per bridge process
+MQTT connection (`bridge.edges.inprocess`). RabbitMQ: an AMQP consumer of the claim queue
+(`bridge.edges.rabbitmq`). External (Mosquitto): the bridge is a paho client, one per bridge process
 (`bridge.edges.processes` runs N of them, each calling `serve` with its `Shard`): driven by the event
 loop with the claim work in a worker process (`bridge.edges.external`), or, when tokens are mirrored
 into Mosquitto's dynamic security (the small-fleet opt-in), on threads beside the mirror
@@ -21,6 +22,7 @@ from bridge.edges.external import ExternalBridge
 from bridge.edges.inprocess import InProcessBridge
 from bridge.edges.paho import BridgeService
 from bridge.edges.presence import PresenceRecorder
+from bridge.edges.rabbitmq import RabbitBridge
 from bridge.edges.sessions import Shard, check_processes, client_ids, retire_stale_sessions
 from bridge.mosquitto.dynsec import DynsecMirror, uses_dynsec
 from bridge.mosquitto.janitor import SharedDynsecMirror
@@ -61,7 +63,7 @@ class Running:
     """A started bridge: the embedded broker with the in-process edge, or an external broker's edge."""
 
     core: BridgeCore
-    edge: InProcessBridge | ExternalBridge | BridgeService
+    edge: InProcessBridge | ExternalBridge | RabbitBridge | BridgeService
     broker: ProvbridgeBroker | None = None
     mirror: DynsecMirror | None = None
     store: Store | None = None  # the paho edge's; the in-process edge's is in its claim worker
@@ -71,7 +73,7 @@ class Running:
     async def wait_serving(self, timeout: float) -> bool:
         if isinstance(self.edge, InProcessBridge):
             return True
-        if isinstance(self.edge, ExternalBridge):
+        if isinstance(self.edge, ExternalBridge | RabbitBridge):
             return await self.edge.wait_serving(timeout)
         return await asyncio.to_thread(self.edge.wait_connected, timeout)
 
@@ -79,7 +81,7 @@ class Running:
         self.stopping.set()
         if self.mirror is not None:
             await asyncio.to_thread(self.mirror.stop)
-        if isinstance(self.edge, InProcessBridge | ExternalBridge):
+        if isinstance(self.edge, InProcessBridge | ExternalBridge | RabbitBridge):
             await self.edge.stop()
         else:
             await asyncio.to_thread(self.edge.stop)
@@ -119,6 +121,16 @@ async def start_bridge(settings: Settings, shard: Shard | None = None) -> Runnin
             presence.stop()
             raise
         return Running(edge.core, edge, broker, presence=presence)
+    if settings.broker.mode == "rabbitmq":
+        store.close()  # the claim worker has its own
+        rabbit = RabbitBridge(settings, shard)
+        running = Running(rabbit.core, rabbit)
+        try:
+            await rabbit.start()
+        except BaseException:
+            await rabbit.stop()
+            raise
+        return running
     # With broker.mosquitto_auth = "jwt" (the default) Mosquitto's provbridge_jwt plugin verifies tokens:
     # nothing to mirror. With the "dynsec" opt-in each one is mirrored into its dynamic-security plugin.
     if not (uses_dynsec(settings) and settings.broker.mosquitto_auth == "dynsec"):

@@ -76,9 +76,9 @@ class Shard:
 
 def check_processes(settings: Settings, count: int) -> None:
     """Raise ConfigError unless `count` bridge processes can share this broker's claims."""
-    if count > 1 and settings.broker.mode != "external":
+    if count > 1 and settings.broker.mode == "embedded":
         raise ConfigError(
-            f'{count} bridge processes need an external broker (broker.mode = "external"): the embedded'
+            f'{count} bridge processes need an external broker (broker.mode = "external" or "rabbitmq"): the embedded'
             " amqtt broker has no shared subscriptions ($share), so every process would answer every claim"
         )
 

@@ -18,6 +18,10 @@ Each change is one transaction with its event, decided by a pure function over t
                                session holding one is ended within about a second
     Mosquitto, "dynsec" mode   cannot read the denylist: the device's dynamic-security client is deleted (which
                                ends its session); a later claim or refresh mirrors it anew
+    RabbitMQ                   checks the token alone (no denylist), and cannot be asked: the device's connections are
+                               ended through the management API, and a running bridge ends them again every
+                               `rabbitmq.revoke_sweep_seconds` while a revoked or deleted device's tokens may be
+                               valid (bridge/edges/rabbitmq.py)
 
 A credential is listed until the latest moment it can expire: the token lifetime cap after the change, or the
 notAfter of the device's last certificate if that is later. The denylist is derived from the database, not
@@ -32,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import TOKEN_TTL_CAP_SECONDS, Settings
-from bridge.errors import BrokersNotTold, MirrorError, NotFound, UsageError
+from bridge.errors import BrokersNotTold, MirrorError, NotFound, RabbitMQError, UsageError
 from bridge.mosquitto.dynsec import revoke_on_mosquitto
 from bridge.ops.admin import CLI_ACTOR
 from bridge.ops.devices import device_event
-from bridge.storage import statefiles
+from bridge.rabbitmq.management import Management
+from bridge.storage import keyfiles, statefiles
 from bridge.storage.records import Device, Refused
 from bridge.storage.store import Store
 from broker.denylist import Entries, OlderCredentials
@@ -131,6 +136,7 @@ def revoke_device(
     # Once revoked no token is minted for it, so Mosquitto's dynsec client can go after the commit; the revocation
     # itself must not wait for a broker that may be down (re-running the command finishes it).
     _dynsec_after(settings, device_id, "revoke")
+    _rabbitmq_after(settings, device_id, "revoke")
     return device
 
 
@@ -139,14 +145,18 @@ def reinstate_device(
 ) -> Device:
     """Make a revoked device active again; the credentials it held stay refused (UsageError if not revoked).
     A reset still pending stays pending: the device claims, as after the reset."""
-    return _change(settings, store, device_id, reinstatement, now, actor, mirror_inside=True)
+    device = _change(settings, store, device_id, reinstatement, now, actor, mirror_inside=True)
+    _rabbitmq_after(settings, device_id, "reinstate")  # its sessions hold refused tokens
+    return device
 
 
 def reset_device(
     settings: Settings, store: Store, device_id: str, now: int | None = None, actor: str = CLI_ACTOR
 ) -> Device:
     """Let the device's next valid claim bring a new key pair, once; refuse everything it holds now."""
-    return _change(settings, store, device_id, reset, now, actor, mirror_inside=True)
+    device = _change(settings, store, device_id, reset, now, actor, mirror_inside=True)
+    _rabbitmq_after(settings, device_id, "reset")
+    return device
 
 
 def delete_device(
@@ -165,6 +175,7 @@ def delete_device(
         done = Deleted(gone[2], gone[0], gone[1])
     _publish(settings, store, device_id, stamp)
     _dynsec_after(settings, device_id, "delete")  # its id is never used again: no claim can race it
+    _rabbitmq_after(settings, device_id, "delete")
     return done
 
 
@@ -209,6 +220,22 @@ def _dynsec_after(settings: Settings, device_id: str, command: str) -> None:
         raise MirrorError(
             f"{device_id} is changed in the database, but Mosquitto did not confirm ({exc}); "
             f"run `provbridge device {command} {device_id}` again once the broker is reachable"
+        ) from exc
+
+
+def _rabbitmq_after(settings: Settings, device_id: str, command: str) -> None:
+    """On RabbitMQ, which cannot refuse a valid token: end the device's connections now (a running bridge also
+    ends them every `rabbitmq.revoke_sweep_seconds` while a revoked or deleted device's tokens may be valid)."""
+    if settings.broker.mode != "rabbitmq":
+        return
+    rabbit = settings.rabbitmq
+    password = keyfiles.read_secret(settings.bridge_secret_file)
+    try:
+        Management(rabbit.management, settings.broker.username, password).close_connections(device_id)
+    except RabbitMQError as exc:
+        raise BrokersNotTold(
+            f"{device_id} is changed in the database, but its RabbitMQ connections could not be ended ({exc}):"
+            f" run `provbridge device {command} {device_id}` again once the management API answers"
         ) from exc
 
 

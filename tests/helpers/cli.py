@@ -37,9 +37,22 @@ def config_toml(settings: Settings) -> str:
             f'host = "{settings.api.host}"',
             f"port = {settings.api.port}",
             *(["[storage]", f'url = "{settings.storage.url}"'] if settings.storage.url else []),
+            *(_rabbitmq_toml(settings) if b.mode == "rabbitmq" else []),
             "",
         ]
     )
+
+
+def _rabbitmq_toml(settings: Settings) -> list[str]:
+    r = settings.rabbitmq
+    return [
+        "[rabbitmq]",
+        f"amqp = {json.dumps(r.amqp)}",
+        f"management = {json.dumps(r.management)}",
+        f'vhost = "{r.vhost}"',
+        f'queue = "{r.queue}"',
+        f"revoke_sweep_seconds = {r.revoke_sweep_seconds}",
+    ]
 
 
 def run_cli(settings: Settings, *argv: str) -> int:

@@ -51,11 +51,12 @@ class ServeProcesses:
         self.count = count
         self.env = {**os.environ, **(env or {})}
         self.log_file = settings.data_dir.parent / "serve.log"
+        self.config_file = settings.data_dir.parent / "serve.toml"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start it; return once each of its COUNT bridge processes serves claims."""
-        config = self.settings.data_dir.parent / "serve.toml"
+        config = self.config_file
         config.write_text(config_toml(self.settings))
         before = self.log().count(SERVING)
         argv = [

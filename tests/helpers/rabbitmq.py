@@ -79,6 +79,7 @@ class RabbitCluster:
         key_id: str = KEY_ID,
         resource_server_id: str = RESOURCE_SERVER_ID,
         management: bool = False,
+        provbridge_conf: str | None = None,
     ) -> None:
         require_rabbitmq()
         assert nodes >= 1
@@ -89,6 +90,8 @@ class RabbitCluster:
         self.key_id = key_id
         self.resource_server_id = resource_server_id
         self.management = management
+        self.provbridge_conf = provbridge_conf
+        self.enabled_plugins: str | None = None  # an enabled_plugins file's content, instead of the list below
         self.names = [f"rabbit-{i + 1}@localhost" for i in range(nodes)]
         ports = free_ports(4 * nodes + 1)
         self.epmd_port = ports[0]
@@ -220,7 +223,7 @@ class RabbitCluster:
         cookie.chmod(0o400)  # Erlang refuses a cookie others may read
         (self.dir / "rabbitmq-env.conf").write_text("")  # instead of /etc/rabbitmq/rabbitmq-env.conf
         plugins = ["rabbitmq_mqtt"]
-        if self.signing_key_pem is not None:
+        if self.signing_key_pem is not None or self.provbridge_conf is not None:
             plugins.append("rabbitmq_auth_backend_oauth2")
         if self.management:
             plugins.append("rabbitmq_management")
@@ -228,7 +231,7 @@ class RabbitCluster:
             node = self._node_dir(i)
             (node / "mnesia").mkdir(parents=True)
             self._log_dir(i).mkdir(parents=True, exist_ok=True)
-            (node / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
+            (node / "enabled_plugins").write_text(self.enabled_plugins or f"[{','.join(plugins)}].\n")
             (node / "rabbitmq.conf").write_text(self._config(i))
 
     def _config(self, i: int) -> str:
@@ -258,6 +261,10 @@ class RabbitCluster:
                 f"auth_oauth2.signing_keys.{self.key_id} = {self.signing_key_pem.resolve()}",
                 "auth_oauth2.algorithms.1 = ES256",
             ]
+        if self.provbridge_conf is not None:  # its own users, MQTT and auth settings, definitions
+            mine = ("mqtt.", "default_user", "default_pass", "auth_backends.", "loopback_users")
+            lines = [line for line in lines if not line.startswith(mine) or line.startswith("mqtt.listeners.")]
+            lines.append(self.provbridge_conf)
         if self.management:
             lines += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {self.management_ports[i]}"]
         return "\n".join(lines) + "\n"
