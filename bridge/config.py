@@ -178,6 +178,13 @@ class StorageSettings(BaseModel):
     # None: SQLite, <data_dir>/provbridge.db. A `postgresql://` URL: a PostgreSQL database, which bridges on several
     # hosts may share (docs/SCALING.md). Prefer a ~/.pgpass file or PGPASSWORD to a password in the URL.
     url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)  # it may hold a password
+    # PostgreSQL: the key that encrypts the key files and bridge secret shared through the database
+    # (bridge/storage/sharedfiles.py); every host of a deployment is given the same file. Default
+    # <data_dir>/storage.key.
+    key_file: Path | None = None
+    # PostgreSQL: how often a running bridge takes the shared key files from the database (a rotation made on
+    # another host reaches it within this time).
+    key_sync_seconds: float = Field(default=5.0, ge=0.1, le=3600)
 
 
 class RabbitMQSettings(BaseModel):
@@ -245,6 +252,10 @@ class Settings(BaseSettings):
     def database_file(self) -> Path:
         """The SQLite database's file (used only when `storage.url` is not set)."""
         return self.data_dir / "provbridge.db"
+
+    @property
+    def storage_key_file(self) -> Path:
+        return self.storage.key_file or self.data_dir / "storage.key"
 
     @property
     def database(self) -> Path | str:

@@ -2,6 +2,7 @@
 carries on where the SQLite one stopped (README "Storage: SQLite or PostgreSQL")."""
 
 import json
+import shutil
 import time
 from contextlib import closing
 
@@ -9,6 +10,7 @@ import pytest
 
 from bridge.config import Settings, StorageSettings
 from bridge.ops import admin, allowlist, lifecycle
+from bridge.storage import sharedfiles
 from bridge.storage.copy import TABLES
 from bridge.storage.store import Store
 from provwire.models import ClaimOk
@@ -57,6 +59,18 @@ def test_a_sqlite_data_dir_moves_into_postgresql_and_the_bridge_carries_on(
         assert report["rows"] == {table: len(rows) for table, rows in before.items()}
         assert report["rows"]["devices"] == 3 and report["rows"]["deleted_devices"] == 1
         assert report["rows"]["events"] > 0
+
+    # The key files and the bridge secret went too, sealed with a storage key made for it: another host given that
+    # key (and not the data dir) joins with `init` and has the same keys.
+    assert set(report["files"]) == set(sharedfiles.local_files(settings))
+    assert {"keys/active.json", "bridge.secret"} <= set(report["files"])
+    other = settings.model_copy(
+        update={"data_dir": settings.data_dir.parent / "other-host", "storage": StorageSettings(url=url)}
+    )
+    other.data_dir.mkdir()
+    shutil.copy(settings.storage_key_file, other.storage_key_file)
+    assert admin.init_data_dir(other).joined
+    assert sharedfiles.local_files(other) == sharedfiles.local_files(settings)
 
     # Copying again into the same database is refused, and changes nothing.
     code, _, err = cli_run(capsys, settings, "storage", "copy", "--to", url)

@@ -27,7 +27,7 @@ from bridge.errors import ApiError, MirrorError, NotFound
 from bridge.mosquitto import dynsec
 from bridge.mosquitto.files import ops_user_created, ops_user_deleted
 from bridge.ops import admin, lifecycle
-from bridge.storage import keyfiles, rotation
+from bridge.storage import keyfiles, rotation, sharedfiles
 from provwire.models import Event, rfc3339
 
 router = APIRouter(prefix="/v1")
@@ -104,14 +104,14 @@ def list_signing_keys(caller: HostReader) -> dict[str, list[dict[str, Any]]]:
 @router.post("/signing-keys/rotate", summary="Make a new token or cloud key the active one (old ones keep working)")
 def rotate_signing_key(body: RotateRequest, caller: HostWriter) -> dict[str, Any]:
     # A running bridge follows from its next claim (LiveKeyRing), the embedded broker re-reads jwks.json.
-    done = rotation.rotate(caller.settings.data_dir, body.kind, _now())
+    done = sharedfiles.rotate(caller.settings, body.kind, _now())
     _record(caller, "signing_key.rotated", reason=done.kind, key_name=done.new_kid, changes=list(done.pruned))
     return asdict(done)
 
 
 @router.post("/signing-keys/prune", summary="Remove the retired token keys whose tokens have all expired")
 def prune_signing_keys(caller: HostWriter) -> dict[str, list[str]]:
-    pruned = list(rotation.prune(caller.settings.data_dir, _now()))
+    pruned = list(sharedfiles.prune(caller.settings, _now()))
     _record(caller, "signing_key.pruned", count=len(pruned), changes=pruned)
     return {"pruned": pruned}
 

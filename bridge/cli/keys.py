@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.cli.common import add_command, emit, table, when
 from bridge.config import Settings
-from bridge.storage import keyfiles, rotation
+from bridge.storage import keyfiles, rotation, sharedfiles
 from provwire import crypto
 
 
@@ -29,7 +29,7 @@ def cmd_jwks(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_keys_rotate(args: argparse.Namespace, settings: Settings) -> None:
     now = int(time.time())
-    done = rotation.rotate(settings.data_dir, "token" if args.token else "cloud", now)
+    done = sharedfiles.rotate(settings, "token" if args.token else "cloud", now)
     if done.kind == "token":
         text = (
             f"token key {done.new_kid} is active (was {done.old_kid}); jwks.json lists both, so tokens signed"
@@ -69,7 +69,7 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_keys_prune(args: argparse.Namespace, settings: Settings) -> None:
-    pruned = rotation.prune(settings.data_dir, int(time.time()))
+    pruned = sharedfiles.prune(settings, int(time.time()))
     emit(args, {"pruned": list(pruned)}, f"pruned {', '.join(pruned)}" if pruned else "nothing to prune")
 
 

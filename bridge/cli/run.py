@@ -12,7 +12,8 @@ from bridge.cli.tls import tls_text
 from bridge.config import Settings
 from bridge.errors import NotInitialised, UsageError
 from bridge.ops import admin
-from bridge.storage import keyfiles
+from bridge.storage import keyfiles, sharedfiles
+from bridge.storage.store import Store
 from bridge.tls import certificates as tls
 
 
@@ -25,6 +26,13 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> None:
     if tls_result is not None:
         data["tls"] = {**asdict(tls_result), "changed": tls_result.changed}
     tls_part = "" if tls_result is None else "\n" + tls_text(settings, tls_result)
+    if result.joined:
+        text = (
+            f"initialised {settings.data_dir} from the database: this deployment's keys and bridge secret"
+            f" (cloud key {result.cloud_key_id}); its tenants and provisioning keys are already there"
+        )
+        emit(args, data, text + tls_part)
+        return
     if not result.created:
         unchanged = "" if tls_result is not None and tls_result.changed else "; nothing changed"
         text = f"{settings.data_dir} is already initialised (cloud key {result.cloud_key_id}){unchanged}"
@@ -44,6 +52,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if not keyfiles.is_initialised(settings.data_dir):
         raise NotInitialised(f"{settings.data_dir} is not initialised: run `provbridge init` first")
     metrics.share(settings.data_dir)  # before anything imports prometheus_client: every process it starts counts too
+    if sharedfiles.is_shared(settings):  # the deployment's keys as they are now, before any process loads them
+        store = Store(settings.database)
+        try:
+            sharedfiles.sync(settings, store)
+        finally:
+            store.close()
     from bridge.edges.processes import run_processes
     from bridge.edges.serve import serve
 

@@ -27,6 +27,7 @@ from bridge.edges.sessions import Shard, check_processes, client_ids, retire_sta
 from bridge.mosquitto.dynsec import DynsecMirror, uses_dynsec
 from bridge.mosquitto.janitor import SharedDynsecMirror
 from bridge.ops.lifecycle import publish_denylist
+from bridge.storage import sharedfiles
 from bridge.storage.store import Store
 from bridge.tls import certificates as tls
 from broker.embedded import EmbeddedBrokerSettings, start_embedded_broker, stop_embedded_broker
@@ -164,6 +165,22 @@ def _retire_stale_sessions(settings: Settings, shard: Shard, running: Running) -
         ).start()
 
 
+def follow_shared_files(settings: Settings, stopping: threading.Event) -> None:
+    """Every `storage.key_sync_seconds`, take the key files other hosts changed (a rotation) from the database
+    (`LiveKeyRing` loads them at the next claim), and rewrite the denylist from it (a device revoked on another
+    host: this host's broker refuses it from then on)."""
+    store = Store(settings.database)
+    try:
+        while not stopping.wait(settings.storage.key_sync_seconds):
+            try:
+                sharedfiles.sync(settings, store)
+                publish_denylist(settings, store)  # rewritten only when it changed
+            except Exception as exc:  # the database away, a bad row: the next turn tries again
+                log.warning("the shared state could not be taken from the database: %s", exc)
+    finally:
+        store.close()
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -182,6 +199,10 @@ async def serve(
 
     # "auto" TLS pinned once: the listeners and what claims tell devices must not drift apart.
     running = await start_bridge(tls.resolve(settings), shard)
+    if sharedfiles.is_shared(settings) and (shard is None or shard.index == 0):  # one per host: they share files
+        threading.Thread(
+            target=follow_shared_files, args=(settings, running.stopping), name="shared-files", daemon=True
+        ).start()
     try:
         if await running.wait_serving(CONNECT_TIMEOUT_SECONDS):
             log.info("bridge serving claims on %s/claim/+", settings.topic_prefix)

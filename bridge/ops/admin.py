@@ -10,7 +10,7 @@ from typing import Any
 from bridge.claims import hardware_pattern, identifiers
 from bridge.config import Settings
 from bridge.errors import AlreadyExists, NotFound, UsageError
-from bridge.storage import keyfiles
+from bridge.storage import keyfiles, sharedfiles
 from bridge.storage.records import ProvisionKey, TenantSummary
 from bridge.storage.store import PageCursor, Store
 from bridge.tls import device_ca
@@ -75,6 +75,7 @@ class InitResult:
     cloud_key_id: str
     key_id: str | None = None
     provision_key: str | None = None  # shown once, never stored
+    joined: bool = False  # PostgreSQL: the keys were taken from the database, made by another host's `init`
 
 
 def open_store(settings: Settings) -> Store:
@@ -83,7 +84,11 @@ def open_store(settings: Settings) -> Store:
 
 
 def init_data_dir(settings: Settings) -> InitResult:
-    """Create keys, database, default tenant and a first key. Does nothing if already done."""
+    """Create keys, database, default tenant and a first key. Does nothing if already done.
+
+    On PostgreSQL the key files are shared through the database (bridge/storage/sharedfiles.py): the first `init`
+    of a deployment makes them, its storage key, and puts them there; `init` on another host given that storage
+    key takes them from there (`joined`), and makes no tenant or key."""
     data_dir = settings.data_dir
     if keyfiles.is_initialised(data_dir):
         ring = keyfiles.load_keys(data_dir)
@@ -91,6 +96,10 @@ def init_data_dir(settings: Settings) -> InitResult:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(settings.database)
     try:
+        if sharedfiles.is_shared(settings) and any(data is not None for data in store.shared_files().values()):
+            sharedfiles.sync(settings, store)  # another host made this deployment: its keys, by its storage key
+            ring = keyfiles.load_keys(data_dir)
+            return InitResult(created=False, tenant=DEFAULT_TENANT, cloud_key_id=ring.active_cloud, joined=True)
         now = int(time.time())
         # The default tenant's default key is the first key, whose value `init` shows once.
         if not any(t.name == DEFAULT_TENANT for t in store.tenants()):
@@ -98,10 +107,12 @@ def init_data_dir(settings: Settings) -> InitResult:
             key, raw = created.default_key, created.provision_key
         else:  # a database left by an `init` that stopped before making the keys
             key, raw = create_key(store, settings, KeySpec(tenant=DEFAULT_TENANT, name=FIRST_KEY_NAME), now)
+        # Keys last: their presence is what marks the directory as initialised.
+        ring = keyfiles.create_keys(data_dir)
+        if sharedfiles.is_shared(settings):
+            sharedfiles.publish(settings, store, now)
     finally:
         store.close()
-    # Keys last: their presence is what marks the directory as initialised.
-    ring = keyfiles.create_keys(data_dir)
     return InitResult(True, DEFAULT_TENANT, ring.active_cloud, key.id, raw)
 
 

@@ -8,14 +8,14 @@ holds nothing (the transaction is rolled back) and the error says why.
 """
 
 import hashlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bridge.errors import StorageError, UsageError
 from bridge.storage.database import Connection
-from bridge.storage.store import Store
+from bridge.storage.store import Store, Transaction
 
 # Every table, parents before children (foreign keys), and devices before the allowlist, so that the trigger of
 # migration 11 (a device inserted while its hardware id is staged) finds nothing staged and changes nothing.
@@ -41,10 +41,13 @@ _INSERT_ROWS = 500  # rows per INSERT statement's parameters
 @dataclass(frozen=True)
 class Copied:
     rows: dict[str, int]  # table -> rows copied and found equal on both sides
+    files: list[str] = field(default_factory=list)  # the data dir's files put into the database (`with_files`)
 
 
-def copy_to_postgres(source: Path, url: str) -> Copied:
-    """Copy the SQLite database at `source` into the empty PostgreSQL database at `url`; see the module's doc."""
+def copy_to_postgres(source: Path, url: str, with_files: Callable[[Transaction], list[str]] | None = None) -> Copied:
+    """Copy the SQLite database at `source` into the empty PostgreSQL database at `url`; see the module's doc.
+    `with_files`: also put the data dir's shared files there, in the same transaction (bridge/storage/sharedfiles.py
+    `copy_files`, which checks them back)."""
     if not source.is_file():
         raise UsageError(f"no SQLite database at {source}: nothing to copy")
     origin = Store(source)  # brings it to the latest schema, as `serve` would
@@ -65,10 +68,11 @@ def copy_to_postgres(source: Path, url: str) -> Copied:
                 " false)"
             )
             rows = {table: _verify(held.connection, tx.connection, table, columns[table]) for table in TABLES}
+            files = with_files(tx) if with_files is not None else []
     finally:
         origin.close()
         target.close()
-    return Copied(rows)
+    return Copied(rows, files)
 
 
 def _columns(db: Connection, table: str) -> list[str]:

@@ -311,6 +311,14 @@ def _rework_allowlist_imports(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_shared_files(db: sqlite3.Connection) -> None:
+    # The data dir's key files and bridge secret, encrypted, shared by the bridges of several hosts on PostgreSQL
+    # (bridge/storage/sharedfiles.py). On SQLite, one host's database, it stays empty: the files are the truth.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS shared_files (name TEXT PRIMARY KEY, data BLOB, updated_at INTEGER NOT NULL)"
+    )
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -344,6 +352,9 @@ MIGRATIONS = (
         "allowlist imports: finished by one row, entries taken by a device meanwhile skipped and reported,"
         " aborts marked, list indexes without staged rows",
         _rework_allowlist_imports,
+    ),
+    Migration(
+        12, "shared_files: key files and the bridge secret, encrypted, for bridges on several hosts", _add_shared_files
     ),
 )
 LATEST = MIGRATIONS[-1].version

@@ -298,6 +298,13 @@ def _rework_allowlist_imports(db: Any) -> None:
     )
 
 
+def _add_shared_files(db: Any) -> None:
+    db.execute(
+        'CREATE TABLE IF NOT EXISTS shared_files (name TEXT COLLATE "C" PRIMARY KEY, data BYTEA,'
+        " updated_at BIGINT NOT NULL)"
+    )
+
+
 _APPLY = {
     1: _create_tables,
     2: _add_pattern_syntax,
@@ -310,6 +317,7 @@ _APPLY = {
     9: _add_dashboard_indexes,
     10: _add_presence_by_tenant,
     11: _rework_allowlist_imports,
+    12: _add_shared_files,
 }
 # Each SQLite step's number and description with its PostgreSQL statements: a step missing here (or one too many)
 # fails at import rather than leaving the backends' schemas apart.

@@ -45,7 +45,7 @@ KINDS: tuple[Kind, ...] = ("cloud", "token")
 # A token signed by a retired key lives at most the TTL cap. The grace covers what may still be signed with
 # it after the switch: claims in flight when active.json changed, and clocks a little apart.
 RETIRED_TOKEN_GRACE_SECONDS = 300
-_LOCK_FILE = ".rotation.lock"
+LOCK_FILE = ".rotation.lock"  # also held by bridge/storage/sharedfiles.py while it writes keys
 
 
 def _active_file(data_dir: Path) -> Path:
@@ -97,7 +97,7 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
     """Make a fresh key of `kind` the active one; republish jwks.json and cloud_public.pem."""
     if kind not in KINDS:
         raise ProvbridgeError(f"unknown key kind {kind!r}")
-    with locked(keyfiles.keys_dir(data_dir) / _LOCK_FILE):
+    with locked(keyfiles.keys_dir(data_dir) / LOCK_FILE):
         doc = read_active(data_dir)
         ring = keyfiles.load_keys(data_dir)  # refuses a broken key directory before anything is written
         _remove_leftovers(data_dir)
@@ -125,7 +125,7 @@ def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
 
 def prune(data_dir: Path, now: int) -> tuple[str, ...]:
     """Remove the retired token keys whose tokens have all expired; returns their kids."""
-    with locked(keyfiles.keys_dir(data_dir) / _LOCK_FILE):
+    with locked(keyfiles.keys_dir(data_dir) / LOCK_FILE):
         _remove_leftovers(data_dir)
         doc = read_active(data_dir)
         if _adopt_strays(doc, keyfiles.load_keys(data_dir), now):

@@ -35,8 +35,15 @@ def denylist_update(data_dir: Path) -> Iterator[None]:
 
 
 def write_denylist(data_dir: Path, entries: Entries) -> None:
-    """Replace the denylist (broker/denylist.py) atomically; call it in `denylist_update()`."""
-    write_public(denylist_file(data_dir), render_denylist(entries))
+    """Replace the denylist (broker/denylist.py) atomically, unless it says that already (its readers reload it on
+    every change); call it in `denylist_update()`."""
+    path, content = denylist_file(data_dir), render_denylist(entries)
+    try:
+        if path.read_bytes() == content:
+            return
+    except OSError:
+        pass  # missing or unreadable: written below
+    write_public(path, content)
 
 
 def _sessions_file(data_dir: Path) -> Path:

@@ -445,6 +445,20 @@ class Transaction:
             (client_id, request_id, claim_digest, answer, now),
         )
 
+    # --- files shared by the bridges of several hosts (bridge/storage/sharedfiles.py) ------------
+
+    def shared_files(self) -> dict[str, bytes | None]:
+        """Every shared file by name: its sealed content, or None for a file deleted."""
+        rows = self.connection.execute("SELECT name, data FROM shared_files").fetchall()
+        return {str(row[0]): None if row[1] is None else bytes(row[1]) for row in rows}
+
+    def put_shared_file(self, name: str, data: bytes | None, now: int) -> None:
+        self.connection.execute(
+            "INSERT INTO shared_files (name, data, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+            (name, data, now),
+        )
+
     # --- token refresh replay protection -------------------------------------------------
 
     def refresh_seen(self, device_id: str, request_id: str, now: int) -> bool:
@@ -542,6 +556,11 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def shared_files(self) -> dict[str, bytes | None]:
+        """The files shared through the database (`Transaction.shared_files`), as last committed."""
+        with self._reading() as db:
+            return Transaction(db).shared_files()
 
     # --- tenants -------------------------------------------------------------------------
 
