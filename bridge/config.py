@@ -67,6 +67,10 @@ class BrokerSettings(BaseModel):
     username: str = "provbridge-bridge"
     password_file: Path | None = None  # default: <data_dir>/bridge.secret
     client_id: str = "provbridge-bridge"
+    # Mosquitto, bridges on several hosts: each host but one sets its own (it joins the bridge's client ids, so the
+    # hosts' sessions are apart); the host without one publishes the retained status. With it, set
+    # claims.fleet_processes to the processes of all hosts: the claims are then taken on shared subscriptions.
+    host_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,16}$")
     keepalive: int = Field(default=30, ge=5)
     allow_anonymous_provisioning: bool = True
     # What devices are told to connect to, when it differs from what the bridge uses (NAT, DNS name).

@@ -5,6 +5,7 @@ subscriptions. The core concurrency guarantees must hold across processes as the
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from bridge.cli import main as cli
 from bridge.config import Settings
-from bridge.edges.sessions import bridge_client, client_ids, retire_stale_sessions
+from bridge.edges.sessions import Shard, bridge_client, client_ids, retire_stale_sessions
 from bridge.mosquitto.dynsec import admin_channel
 from bridge.mosquitto.janitor import SharedDynsecMirror
 from bridge.storage import keyfiles
@@ -224,3 +225,33 @@ def test_flood_limits_hold_for_the_fleet_not_per_process(initialised: tuple[Sett
         assert serve.answered_by() == set(range(PROCESSES))  # both processes took part
     assert codes.count("rate_limited") == 30  # 10 of 40 got through: the fleet's burst, 5 a process
     assert codes.count("permission_denied") == 10  # the guessed keys that got through are refused as such
+
+
+def test_bridges_on_two_hosts_share_the_claims_on_one_mosquitto(initialised: tuple[Settings, str]) -> None:
+    """Two hosts' bridges (one process each) on one Mosquitto: the second has a `broker.host_id`, both count the
+    fleet's processes (`claims.fleet_processes = 2`). Each claim is taken by one of them ($share) and both take some;
+    their sessions are apart (the second's client id carries its host id), and only the first owns the status."""
+    settings, first_key = initialised
+    settings = external_settings(settings, mosquitto_auth="jwt")
+    fleet = {"PROVBRIDGE_CLAIMS__FLEET_PROCESSES": "2"}
+    second_host = {**fleet, "PROVBRIDGE_BROKER__HOST_ID": "h2", "PROVBRIDGE_API__ENABLED": "false"}
+    b = ServeProcesses(settings, env=second_host)
+    b.log_file, b.config_file = settings.data_dir.parent / "serve-h2.log", settings.data_dir.parent / "serve-h2.toml"
+    claims = 30
+    with mosquitto_for(settings) as mosquitto, ServeProcesses(settings, env=fleet) as a, b:
+        bridge = MosquittoBridge(
+            settings, Store(settings.database), keyfiles.load_keys(settings.data_dir), first_key, mosquitto
+        )
+        try:
+            for _ in range(claims):
+                with Device(bridge) as device:
+                    assert isinstance(device.claim(first_key), ClaimOk)
+            assert bridge.store.count("devices") == claims
+        finally:
+            bridge.store.close()
+    handled = [len(re.findall(r"claim on \S+: ", serve.log())) for serve in (a, b)]
+    assert sum(handled) == claims and all(handled)  # each claim by one host (plain subscriptions: by both)
+    h2 = settings.model_copy(update={"broker": settings.broker.model_copy(update={"host_id": "h2"})})
+    shard = Shard()
+    assert shard.client_id(h2) == shard.client_id(settings) + "-h2"
+    assert shard.owns_status(settings) and not shard.owns_status(h2)

@@ -73,7 +73,7 @@ class ExternalBridge(PahoEdge):
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         await self.pipeline.stop()  # what is taken already is answered before the worker stops
-        if self._serving.is_set() and self.shard.owns_status:
+        if self._serving.is_set() and self.shard.owns_status(self.settings):
             info = self._publish(self.core.status(online=False))
             deadline = asyncio.get_running_loop().time() + OFFLINE_PUBLISH_TIMEOUT_SECONDS
             while not info.is_published() and asyncio.get_running_loop().time() < deadline:

@@ -47,7 +47,7 @@ class BridgeService(PahoEdge):
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-        if self._serving.is_set() and self.shard.owns_status:
+        if self._serving.is_set() and self.shard.owns_status(self.settings):
             info = self._publish(self.core.status(online=False))
             info.wait_for_publish(timeout=2.0)
         self._client.disconnect()

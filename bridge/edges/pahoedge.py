@@ -70,7 +70,7 @@ class PahoEdge:
         client = bridge_client(
             self.settings, client_id, persistent=True, client_class=self.client_class, manual_ack=True
         )
-        if self.shard.owns_status:
+        if self.shard.owns_status(self.settings):
             offline = core.status(online=False)
             client.will_set(offline.topic, offline.payload, 1, retain=True)
         # No paho limit on our own publishes in flight: with one, paho walks every unacknowledged message
@@ -124,8 +124,11 @@ class PahoEdge:
         if self.presence is not None:
             taken.append(topics.presence_subscription(self.settings.topic_prefix))
         filters = [self.shard.subscription(self.settings, f) for f in taken] + list(self.network_routes)
+        plain = [f for f in taken if f not in filters]
+        if plain:  # now shared: a plain subscription an earlier layout left in this persistent session must go
+            client.unsubscribe(plain)
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
-        if self.shard.owns_status:
+        if self.shard.owns_status(self.settings):
             self._publish(self.core.status(online=True))
         log.info("connected to broker %s:%s", self.endpoint.host, self.endpoint.port)
 

@@ -11,7 +11,8 @@ shared subscription's share for a disconnected member, so a dead process must co
 answers what waited for it), and on SIGINT/SIGTERM it stops them all (SIGTERM, then SIGKILL after
 `STOP_TIMEOUT_SECONDS`). If this process dies, whatever kills it, the kernel kills them with it
 (`bridge.edges.lifeline`): what they had not answered waits in their broker sessions, as after any crash.
-The retained status is process 0's (`Shard.owns_status`): while process 0 restarts it says offline;
+The retained status is process 0's (`Shard.owns_status`; on several hosts, the one without `broker.host_id`):
+while process 0 restarts it says offline;
 while another one restarts, the claims handed to it wait until it is back.
 """
 

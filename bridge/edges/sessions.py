@@ -54,24 +54,29 @@ def bridge_client_id(settings: Settings) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    """Which of the `count` bridge processes this one is (`index` 0 owns the retained status)."""
+    """Which of this host's `count` bridge processes this one is."""
 
     index: int = 0
     count: int = 1
 
     def client_id(self, settings: Settings) -> str:
+        """The bridge id, then `-{broker.host_id}` on a host that has one, then `-{index}` with several processes."""
         base = bridge_client_id(settings)
+        if settings.broker.host_id:
+            base = f"{base}-{settings.broker.host_id}"
         return base if self.count == 1 else f"{base}-{self.index}"
 
     def subscription(self, settings: Settings, topic_filter: str) -> str:
-        if self.count == 1:
+        """Shared (`$share`) whenever more than one bridge process takes claims, on this host or on several
+        (`claims.fleet_processes`): the broker then hands each claim to one of them."""
+        if self.count == 1 and settings.claims.limit_shares == 1:
             return topic_filter
         return f"{topics.SHARED_PREFIX}/{settings.broker.share_group}/{topic_filter}"
 
-    @property
-    def owns_status(self) -> bool:
-        # One writer: N processes publishing online/offline (and N wills) would contradict each other.
-        return self.index == 0
+    def owns_status(self, settings: Settings) -> bool:
+        # One writer: N processes publishing online/offline (and N wills) would contradict each other. On several
+        # hosts, the one without a `broker.host_id`.
+        return self.index == 0 and not settings.broker.host_id
 
 
 def check_processes(settings: Settings, count: int) -> None:
