@@ -12,8 +12,9 @@ import jwt
 import pytest
 
 from bridge.config import Settings, StorageSettings
-from bridge.errors import NotInitialised
+from bridge.errors import CheckFailed, CheckWarning, NotInitialised
 from bridge.ops import admin, lifecycle
+from bridge.ops.doctor import check_shared_keys
 from bridge.storage import keyfiles, rotation, sharedfiles, statefiles
 from bridge.storage.rotation import prunable_at
 from bridge.storage.store import Store
@@ -194,3 +195,36 @@ def test_a_device_revoked_on_one_host_is_denied_by_the_other_host_s_broker(tmp_p
             return device_id in parse_denylist(statefiles.denylist_file(b.data_dir).read_bytes()).devices
 
         assert wait_for(denied_on_b, timeout=30)  # host b's bridge took it from the database
+
+
+def test_the_doctor_compares_a_host_s_key_files_with_the_database_s(tmp_path: Path, url: str) -> None:
+    a = host(tmp_path / "a", url)
+    admin.init_data_dir(a)
+    b = joined(a, tmp_path / "b", url)
+    assert "the same as the database's" in check_shared_keys(b)
+    sharedfiles.rotate(a, "token", int(time.time()))
+    with pytest.raises(CheckWarning, match=r"keys/active\.json"):
+        check_shared_keys(b)  # until b takes them
+    sync(b)
+    assert "the same as the database's" in check_shared_keys(b)
+    b.storage_key_file.unlink()
+    sharedfiles.create_host_key(b)
+    with pytest.raises(CheckFailed, match="storage key"):
+        check_shared_keys(b)
+
+
+def test_a_deployment_from_before_sharing_puts_its_files_in_the_database_at_its_first_sync(
+    tmp_path: Path, url: str
+) -> None:
+    a = host(tmp_path / "a", url)
+    admin.init_data_dir(a)
+    store = Store(url)
+    try:
+        store.connection().execute("DELETE FROM shared_files")  # as a database from before migration 12 is
+        a.storage_key_file.unlink()
+        assert sync(a) == []
+        assert set(store.shared_files()) == set(sharedfiles.local_files(a))  # a's files, sealed with a new key
+    finally:
+        store.close()
+    b = joined(a, tmp_path / "b", url)
+    assert pems(b) == pems(a)

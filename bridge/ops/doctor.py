@@ -49,7 +49,7 @@ from bridge.errors import (
 )
 from bridge.mosquitto import dynsec
 from bridge.mosquitto.files import ops_hashes_file
-from bridge.storage import keyfiles, postgres
+from bridge.storage import keyfiles, postgres, sharedfiles
 from bridge.storage.keyfiles import KeyRing
 from bridge.storage.readonly import ReadOnlyDatabase
 from bridge.tls import certificates as tls
@@ -72,6 +72,7 @@ CHECKS = (
     "key files",
     "active keys",
     "database",
+    "shared keys",
     "references",
     "patterns",
     "broker",
@@ -171,6 +172,11 @@ def run_checks(config_file: Path | None, data_dir: Path | None, now: float | Non
 
     keys_ok = r.run("active keys", active_keys, not_init)
     database_ok = r.run("database", lambda: check_database(settings.database), not_init)
+    r.run(
+        "shared keys",
+        lambda: check_shared_keys(settings),
+        not_init or (None if database_ok else "needs the database") or _not_shared(settings),
+    )
     blocked = not_init or (None if keys_ok and database_ok else "needs the active keys and the database")
     r.run("references", lambda: check_references(settings, r.ring), blocked)
     r.run(
@@ -331,6 +337,34 @@ def check_database(database: Path | str) -> str:
     except StorageError as exc:
         raise CheckFailed(f"{name} cannot be read ({exc}): {restore}") from exc
     return f"{name}, {devices} devices" if db.postgres else f"integrity ok, {devices} devices"
+
+
+def _not_shared(settings: Settings) -> str | None:
+    return None if sharedfiles.is_shared(settings) else "SQLite: the data dir's key files are the only ones"
+
+
+def check_shared_keys(settings: Settings) -> str:
+    """PostgreSQL: the data dir's key files and bridge secret are the database's (bridge/storage/sharedfiles.py)."""
+    with ReadOnlyDatabase(settings.database) as db:
+        stored = db.shared_files()
+    if not any(data is not None for data in stored.values()):
+        raise CheckWarning(
+            "the database holds no key files yet: `provbridge serve` puts this data dir's there when it starts"
+        )
+    try:
+        aead = sharedfiles.host_key(settings)
+        shared = {name: sharedfiles.unseal(aead, name, data) for name, data in stored.items() if data is not None}
+    except NotInitialised as exc:
+        raise CheckFailed(str(exc)) from exc
+    local = sharedfiles.local_files(settings)
+    differ = sorted(name for name in set(shared) | set(local) if shared.get(name) != local.get(name))
+    if differ:
+        raise CheckWarning(
+            f"this data dir differs from the database in {', '.join(differ)}: a running bridge takes the database's"
+            f" within storage.key_sync_seconds ({settings.storage.key_sync_seconds:g} s), `provbridge serve` when it"
+            " starts"
+        )
+    return f"{len(shared)} files, the same as the database's, opened with {settings.storage_key_file}"
 
 
 def check_references(settings: Settings, ring: KeyRing | None) -> str:

@@ -99,6 +99,13 @@ class ReadOnlyDatabase:
             return {str(row[0]) for row in rows}
         return {str(row[1]) for row in self._rows(f"PRAGMA table_info({table})")}  # a constant of this module
 
+    def shared_files(self) -> dict[str, bytes | None]:
+        """The files shared through the database (bridge/storage/sharedfiles.py); none before migration 12."""
+        if "shared_files" not in self.tables():
+            return {}
+        rows = self._rows("SELECT name, data FROM shared_files")
+        return {str(name): None if data is None else bytes(cast(bytes, data)) for name, data in rows}
+
     def device_count(self) -> int:
         return int(str(self._rows("SELECT COUNT(*) FROM devices")[0][0]))
 

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -182,9 +183,12 @@ def pull(stored: dict[str, bytes | None], settings: Settings, aead: AESGCM) -> l
 
 
 def sync(settings: Settings, store: Store) -> list[str]:
-    """Pull the database's files into the data dir, when there are any (a running bridge, every few seconds)."""
+    """Pull the database's files into the data dir (a running bridge, every few seconds). A database that holds
+    none yet (a deployment from before they were shared) gets this data dir's instead."""
     stored = store.shared_files()
-    if not stored:
+    if not any(data is not None for data in stored.values()):
+        if publish(settings, store, int(time.time())):
+            log.info("the database held no shared key files: this data dir's are the deployment's now")
         return []
     changed = pull(stored, settings, host_key(settings))
     if changed:
@@ -193,10 +197,16 @@ def sync(settings: Settings, store: Store) -> list[str]:
 
 
 def publish(settings: Settings, store: Store, now: int) -> list[str]:
-    """Push the data dir's files (a first `init`, `storage copy`): the database becomes the deployment's truth."""
+    """Push the data dir's files into a database that holds none (a first `init`, or a bridge of a deployment from
+    before they were shared): they become the deployment's. Returns the names pushed: none when another host was
+    first, whose files are then pulled instead."""
     create_host_key(settings)
     aead = host_key(settings)
     with store.transaction() as tx:
+        stored = tx.shared_files()
+        if any(data is not None for data in stored.values()):
+            pull(stored, settings, aead)
+            return []
         return push(tx, settings, aead, now)
 
 
