@@ -38,7 +38,7 @@ postgresql:
 	sh bridge/storage/install-postgresql.sh
 
 ## rabbitmq: install Debian's RabbitMQ server when missing (no system node or epmd left running), for the 3-node
-## cluster tests/helpers/rabbitmq.py starts on 127.0.0.1 in a temp dir (`make test-full`)
+## clusters tests/helpers/rabbitmq.py starts on 127.0.0.1 in temp dirs (`make test` installs it, `make test-full` runs them)
 rabbitmq:
 	sh bridge/rabbitmq/install-rabbitmq.sh
 
@@ -55,7 +55,7 @@ FULL_ONLY := tests/test_faults.py tests/test_rotation_crash.py tests/test_jwt_pl
 ## test: the suite through real brokers on loopback (the embedded one, and Mosquitto), the storage-dependent tests
 ## on SQLite and on a PostgreSQL server of their own, on both cores (pytest-xdist), then a scan of everything it left
 ## (logs, events, databases) for any raw secret (tests/secret_scan.py); the heavier suites are `make test-full`
-test: $(STAMP) mosquitto postgresql
+test: $(STAMP) mosquitto postgresql rabbitmq
 	@mkdir -p $(dir $(TEST_TMP))
 	$(BIN)/python -m pytest -q -n 2 --basetemp=$(TEST_TMP) $(addprefix --ignore=,$(FULL_ONLY))
 	$(BIN)/python -m tests.secret_scan $(TEST_TMP)
