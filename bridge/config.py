@@ -289,6 +289,11 @@ def load_settings(config_file: Path | None = None) -> Settings:
         raise ConfigError("profiles must define a 'default' profile")
     if settings.broker.mode == "rabbitmq":
         _check_rabbitmq_scopes(settings)
+    if settings.broker.host_id and settings.claims.fleet_processes < 2:
+        raise ConfigError(
+            "broker.host_id is for bridges on several hosts: set claims.fleet_processes to the bridge processes of"
+            " all of them, or every host takes every claim"
+        )
     needed = claim_packet_bytes(settings.topic_prefix)
     if settings.broker.max_packet_bytes < needed:
         raise ConfigError(f"broker.max_packet_bytes must be at least {needed}: the largest valid claim is that big")

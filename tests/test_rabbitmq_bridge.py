@@ -117,13 +117,22 @@ def credentials(site: Site, device: FleetDevice) -> Credentials:
 class TokenClient:
     """A device connected with its token (MQTT 3.1.1): its CONNACK, what it received, whether it is up."""
 
-    def __init__(self, port: int, creds: Credentials) -> None:
+    def __init__(
+        self, port: int, creds: Credentials | None, *, client_id: str | None = None, persistent: bool = False
+    ) -> None:
+        """`creds` None: an anonymous (provisioning) client, of `client_id`."""
         self.connack: mqtt.ReasonCode | None = None
         self.received: list[tuple[str, bytes]] = []
         self.subscribed = threading.Event()
         self.answered = threading.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=creds.mqtt.client_id, protocol=mqtt.MQTTv311)
-        client.username_pw_set(creds.mqtt.username, creds.mqtt.token)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or (creds.mqtt.client_id if creds else ""),
+            protocol=mqtt.MQTTv311,
+            clean_session=not persistent,
+        )
+        if creds is not None:
+            client.username_pw_set(creds.mqtt.username, creds.mqtt.token)
         client.on_connect = self._connected
         client.on_subscribe = lambda *_: self.subscribed.set()
         client.on_message = lambda _c, _u, m: self.received.append((m.topic, bytes(m.payload)))
@@ -187,6 +196,22 @@ def test_claims_on_any_node_make_devices_whose_tokens_hold_their_scope(site: Sit
         assert device.answered.wait(15) and not device.client.is_connected()
     finally:
         device.close()
+    # What waits in its persistent session stays its own: a provisioning client with its client id cannot resume it.
+    kept = TokenClient(site.cluster.mqtt_ports[0], mine, persistent=True)
+    kept.client.subscribe(f"devices/{mine.mqtt.client_id}/#", qos=1)
+    assert kept.subscribed.wait(15)
+    kept.close()
+    sender = TokenClient(site.cluster.mqtt_ports[1], mine, client_id=f"{mine.mqtt.client_id}-sender")
+    sender.client.publish(f"devices/{mine.mqtt.client_id}/waiting", b"for the device only", qos=1).wait_for_publish(15)
+    sender.close()
+    thief = TokenClient(site.cluster.mqtt_ports[2], None, client_id=mine.mqtt.client_id, persistent=True)
+    assert wait_for(lambda: not thief.client.is_connected(), timeout=15) and not thief.received
+    thief.close()
+    back = TokenClient(site.cluster.mqtt_ports[0], mine, persistent=True)
+    try:
+        assert wait_for(lambda: back.received == [(f"devices/{mine.mqtt.client_id}/waiting", b"for the device only")])
+    finally:
+        back.close()
 
 
 def test_a_bridge_killed_mid_burst_loses_nothing_the_other_takes_over(site: Site) -> None:

@@ -170,3 +170,47 @@ def test_rabbitmq_config_needs_an_initialised_data_dir(capsys: pytest.CaptureFix
     settings = rabbit(Settings(data_dir=tmp_path / "nothing", broker=BrokerSettings()))
     code, _, err = cli_run(capsys, settings, "rabbitmq-config", str(tmp_path / "out"))
     assert code != 0 and "provbridge init" in err and "Traceback" not in err
+
+
+def test_provisioning_clients_cannot_use_a_device_s_subscription_queues() -> None:
+    """A provisioning client connecting with a device's client id and a persistent session would resume the device's
+    queue: the claimant's queue permissions leave out device ids (`dev_...`)."""
+    config = conf.RabbitConfig(
+        vhost="provbridge",
+        exchange="amq.topic",
+        queue="provbridge.claims",
+        prefix="prov/v1",
+        audience="provbridge-mqtt",
+        bridge_user="provbridge-bridge",
+        bridge_password_hash="x",
+        claimant_password="y",
+        signing_keys={},
+        definitions_path="/d.json",
+    )
+    [claimant] = [p for p in conf.definitions(config)["permissions"] if p["user"] == conf.CLAIMANT_USER]
+    for permission in ("configure", "write", "read"):
+        pattern = re.compile(claimant[permission])  # Erlang's re and Python's agree on this lookahead
+        assert pattern.match("mqtt-subscription-c1qos1"), permission
+        assert not pattern.match("mqtt-subscription-dev_abcqos1"), permission
+
+
+def test_the_claimant_password_is_the_same_on_every_run(capsys: pytest.CaptureFixture[str], settings: Settings) -> None:
+    settings = rabbit(settings)
+    first, second = settings.data_dir.parent / "r1", settings.data_dir.parent / "r2"
+    for out in (first, second):
+        cli_json(capsys, settings, "rabbitmq-config", str(out))
+
+    def default_pass(out: Path) -> str:
+        return next(line for line in (out / "rabbitmq.conf").read_text().splitlines() if "default_pass" in line)
+
+    assert default_pass(first) == default_pass(second)  # nodes of an earlier run keep accepting provisioning clients
+    assert keyfiles.read_secret(settings.bridge_secret_file) not in default_pass(first)
+
+
+def test_a_host_id_without_the_fleet_s_processes_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "provbridge.toml"
+    config.write_text('[broker]\nmode = "external"\nhost_id = "h2"\n')
+    with pytest.raises(ConfigError, match="fleet_processes"):
+        load_settings(config)
+    config.write_text('[broker]\nmode = "external"\nhost_id = "h2"\n[claims]\nfleet_processes = 2\n')
+    assert load_settings(config).broker.host_id == "h2"

@@ -228,3 +228,16 @@ def test_a_deployment_from_before_sharing_puts_its_files_in_the_database_at_its_
         store.close()
     b = joined(a, tmp_path / "b", url)
     assert pems(b) == pems(a)
+
+
+def test_a_host_whose_bridge_secret_is_elsewhere_never_deletes_the_shared_one(tmp_path: Path, url: str) -> None:
+    a = host(tmp_path / "a", url)
+    admin.init_data_dir(a)
+    b = joined(a, tmp_path / "b", url)
+    elsewhere = tmp_path / "b" / "bridge.secret"
+    shutil.copy(b.bridge_secret_file, elsewhere)
+    b = b.model_copy(update={"broker": b.broker.model_copy(update={"password_file": elsewhere})})
+    sharedfiles.rotate(b, "token", int(time.time()))  # b has no data-dir secret to share
+    assert rows(a)["bridge.secret"] is not None
+    sync(a)
+    assert keyfiles.read_secret(a.bridge_secret_file) == keyfiles.read_secret(elsewhere)

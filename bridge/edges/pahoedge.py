@@ -124,9 +124,11 @@ class PahoEdge:
         if self.presence is not None:
             taken.append(topics.presence_subscription(self.settings.topic_prefix))
         filters = [self.shard.subscription(self.settings, f) for f in taken] + list(self.network_routes)
-        plain = [f for f in taken if f not in filters]
-        if plain:  # now shared: a plain subscription an earlier layout left in this persistent session must go
-            client.unsubscribe(plain)
+        # What an earlier layout may have left in this persistent session (plain subscriptions before they were
+        # shared, or shared ones before they were plain) would deliver every claim a second time: it goes.
+        shared = [f"{topics.SHARED_PREFIX}/{self.settings.broker.share_group}/{f}" for f in taken]
+        stale = [f for f in [*taken, *shared] if f not in filters]
+        client.unsubscribe(stale)
         client.subscribe([(topic_filter, 1) for topic_filter in filters])
         if self.shard.owns_status(self.settings):
             self._publish(self.core.status(online=True))

@@ -32,7 +32,7 @@ from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
 from bridge.edges.pipeline import ClaimPipeline
 from bridge.edges.sessions import Shard
-from bridge.errors import ProvbridgeError
+from bridge.errors import RabbitMQError
 from bridge.metrics import counters
 from bridge.ops.lifecycle import denylist_entries
 from bridge.rabbitmq.management import Management
@@ -114,19 +114,21 @@ class RabbitBridge:
     # --- the connection ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Connect to a node and consume until the connection is lost; then the next node. Waits only once
-        every node refused."""
+        """Connect to a node and consume until the connection is lost; then the next node. Waits only once a
+        whole round of the nodes failed."""
         nodes = self.settings.rabbitmq.amqp
         delay = RECONNECT_DELAY_SECONDS[0]
+        failed = 0  # connection attempts failed in a row
         for attempt in itertools.count(1):
             node = nodes[(self.shard.index + attempt - 1) % len(nodes)]  # processes spread over the nodes
             lost = asyncio.Event()
             try:
                 await self._consume_from(node, lost)
-                delay = RECONNECT_DELAY_SECONDS[0]
+                failed, delay = 0, RECONNECT_DELAY_SECONDS[0]
                 await lost.wait()
                 log.warning("lost the connection to RabbitMQ at %s; connecting again", node)
-            except (OSError, TimeoutError, aio_pika.exceptions.AMQPError, ProvbridgeError) as exc:
+            except Exception as exc:  # whatever a node going away raises, this loop must live on (not cancellation)
+                failed += 1
                 log.warning("cannot consume claims from RabbitMQ at %s (%s)", node, exc or type(exc).__name__)
             finally:
                 self._serving.clear()
@@ -134,7 +136,7 @@ class RabbitBridge:
                 await self._close_quietly()
             if self._stopping.is_set():
                 return
-            if attempt % len(nodes) == 0:
+            if failed and failed % len(nodes) == 0:
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_DELAY_SECONDS[1], delay * 2)
 
@@ -183,15 +185,26 @@ class RabbitBridge:
         request = Delivery(mqtt_topic(message.routing_key or ""), message.body, message, self._connection)
         if self._stopping.is_set():
             return  # not acknowledged: RabbitMQ gives it to another consumer
-        refused = self.core.screen(request.topic, request.payload)
-        if refused is not None:
-            self._answer(request, self.core.publishes(refused.outcome))
-            if refused.outcome.events:
-                self.pipeline.record_events(refused.outcome.events)
-        elif self.core.admit():
-            self.pipeline.dispatch(request)
-        else:
-            self._answer(request, self.core.publishes(self.core.overloaded(request.topic, request.payload)))
+        admitted = False
+        try:
+            refused = self.core.screen(request.topic, request.payload)
+            if refused is not None:
+                self._answer(request, self.core.publishes(refused.outcome))
+                if refused.outcome.events:
+                    self.pipeline.record_events(refused.outcome.events)
+            elif self.core.admit():
+                admitted = True
+                self.pipeline.dispatch(request)
+            else:
+                self._answer(request, self.core.publishes(self.core.overloaded(request.topic, request.payload)))
+        except Exception:  # cannot happen; if it does, the claim goes back to the queue rather than stay taken
+            log.exception("claim on %s could not be taken; it is given back", request.topic)
+            if admitted:
+                self.core.release()
+            try:
+                await message.nack(requeue=True)
+            except Exception as exc:
+                log.warning("giving %s back failed (%s); it is redelivered with the connection", request.topic, exc)
 
     # --- answers out -------------------------------------------------------------------------
 
@@ -227,24 +240,31 @@ class RabbitBridge:
     async def _sweep_revoked(self) -> None:
         """End the connections of every device whose tokens are refused, as long as they may be valid."""
         rabbit = self.settings.rabbitmq
-        management = Management(
-            rabbit.management, self.settings.broker.username, keyfiles.read_secret(self.settings.bridge_secret_file)
-        )
-        store = Store(self.settings.database)
+        store: Store | None = None
         try:
             while True:
-                try:
+                try:  # made here, and again after a failure: a database or secret not there yet is no reason to stop
+                    store = store or Store(self.settings.database)
+                    secret = keyfiles.read_secret(self.settings.bridge_secret_file)
+                    management = Management(rabbit.management, self.settings.broker.username, secret)
                     await asyncio.to_thread(sweep_once, store, management)
                 except Exception as exc:  # a node or the database away: the next sweep tries again
                     log.warning("the sweep of revoked devices' RabbitMQ connections failed: %s", exc)
                 await asyncio.sleep(rabbit.revoke_sweep_seconds)
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
 
 def sweep_once(store: Store, management: Management, now: int | None = None) -> list[str]:
-    """Close the connections of every revoked or deleted device still listed; returns their ids."""
+    """Close the connections of every revoked or deleted device still listed; returns those it could not reach
+    (tried again at the next sweep)."""
     entries = denylist_entries(store.refused_credentials(int(time.time()) if now is None else now))
+    missed = []
     for device_id in entries.devices:
-        management.close_connections(device_id)
-    return list(entries.devices)
+        try:
+            management.close_connections(device_id)
+        except RabbitMQError as exc:  # one device's failure does not spare the others
+            log.warning("could not end %s's RabbitMQ connections: %s", device_id, exc)
+            missed.append(device_id)
+    return missed

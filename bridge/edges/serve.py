@@ -169,16 +169,18 @@ def follow_shared_files(settings: Settings, stopping: threading.Event) -> None:
     """Every `storage.key_sync_seconds`, take the key files other hosts changed (a rotation) from the database
     (`LiveKeyRing` loads them at the next claim), and rewrite the denylist from it (a device revoked on another
     host: this host's broker refuses it from then on)."""
-    store = Store(settings.database)
+    store: Store | None = None
     try:
         while not stopping.wait(settings.storage.key_sync_seconds):
             try:
+                store = store or Store(settings.database)  # here: a database away at start is no reason to stop
                 sharedfiles.sync(settings, store)
                 publish_denylist(settings, store)  # rewritten only when it changed
             except Exception as exc:  # the database away, a bad row: the next turn tries again
                 log.warning("the shared state could not be taken from the database: %s", exc)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 async def serve(

@@ -16,13 +16,15 @@ How permissions come out (checked against 3.10.8 on a 3-node cluster, tests/test
   read any response topic, nothing else. Not their own only, as Mosquitto's `%c` patterns give: RabbitMQ's
   `{client_id}` expansion puts the client id into the permission's regular expression unescaped, so a client id such
   as `.*|.*` would match every topic, provisioning keys on claim topics included. Answers are sealed to the claiming
-  device's key, so what another provisioning client can read there is no secret (docs/SECURITY.md 3.7).
+  device's key, so what another provisioning client can read there is no secret (docs/SECURITY.md 3.7). Their
+  subscription queues are any but a device's (`dev_...`): none resumes a device's persistent session.
 - The bridge user declares and consumes the claim queue and publishes to the exchange; it is tagged `administrator`
   because RabbitMQ's management API closes another user's connections for administrators only.
 """
 
 import base64
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -58,6 +60,13 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode("utf-8")).digest()).decode("ascii")
 
 
+def claimant_password(bridge_secret: str) -> str:
+    """The claimant user's password, derived from the bridge secret: the same on every run of `rabbitmq-config`, so
+    nodes configured by an earlier run keep logging anonymous clients in after `definitions.json` is imported."""
+    digest = hmac.new(bridge_secret.encode("utf-8"), b"provbridge rabbitmq claimant", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
 def _exactly(*names: str) -> str:
     return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
@@ -72,7 +81,9 @@ def claimant_topics(prefix: str) -> tuple[str, str]:
 
 def definitions(config: RabbitConfig) -> dict[str, Any]:
     write, read = claimant_topics(config.prefix)
-    subscription_queues = r"^mqtt-subscription-.*$"
+    # Not a device's queues (device ids start with `dev_`): a provisioning client connecting with a device's client id
+    # and a persistent session would otherwise resume that device's queue and read what waits in it.
+    subscription_queues = r"^mqtt-subscription-(?!dev_).*$"
     return {
         "vhosts": [{"name": config.vhost}],
         "users": [
@@ -101,8 +112,8 @@ def definitions(config: RabbitConfig) -> dict[str, Any]:
                 "user": CLAIMANT_USER,
                 "vhost": config.vhost,
                 "configure": subscription_queues,
-                "write": f"^({re.escape(config.exchange)}|mqtt-subscription-.*)$",
-                "read": f"^({re.escape(config.exchange)}|mqtt-subscription-.*)$",
+                "write": f"^({re.escape(config.exchange)}|mqtt-subscription-(?!dev_).*)$",
+                "read": f"^({re.escape(config.exchange)}|mqtt-subscription-(?!dev_).*)$",
             },
         ],
         "topic_permissions": [

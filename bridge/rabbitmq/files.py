@@ -14,7 +14,6 @@ Run it again after `provbridge keys rotate --token` and load the new next key in
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def write_rabbitmq_config(settings: Settings, outdir: Path, broker_dir: str | No
         audience=settings.token.audience,
         bridge_user=settings.broker.username,
         bridge_password_hash=conf.password_hash(keyfiles.read_secret(settings.bridge_secret_file)),
-        claimant_password=secrets.token_urlsafe(24),
+        claimant_password=conf.claimant_password(keyfiles.read_secret(settings.bridge_secret_file)),
         signing_keys={kid: f"{seen}/token-{kid}.pem" for kid in ring.token},
         definitions_path=f"{seen}/definitions.json",
         allow_anonymous=settings.broker.allow_anonymous_provisioning,

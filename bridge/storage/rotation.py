@@ -95,45 +95,60 @@ class KeyInfo:
 
 def rotate(data_dir: Path, kind: Kind, now: int) -> Rotation:
     """Make a fresh key of `kind` the active one; republish jwks.json and cloud_public.pem."""
+    with locked(lock_file(data_dir)):
+        return rotate_locked(data_dir, kind, now)
+
+
+def rotate_locked(data_dir: Path, kind: Kind, now: int) -> Rotation:
+    """`rotate`, for a caller that holds `lock_file` (bridge/storage/sharedfiles.py)."""
     if kind not in KINDS:
         raise ProvbridgeError(f"unknown key kind {kind!r}")
-    with locked(keyfiles.keys_dir(data_dir) / LOCK_FILE):
-        doc = read_active(data_dir)
-        ring = keyfiles.load_keys(data_dir)  # refuses a broken key directory before anything is written
-        _remove_leftovers(data_dir)
-        _adopt_strays(doc, ring, now)  # written with active.json below
-        old_kid = str(doc[kind])
-        published_at: int | None = None
-        if kind == "token" and doc.get("next_token") in ring.token:
-            new_kid, published_at = str(doc["next_token"]), int(doc["next_published_at"])
-        else:
-            new_kid = keyfiles.store_private_key(data_dir, kind, crypto.generate_private_key())
-        next_kid = None
-        if kind == "token":  # the one after it, published from now on
-            next_kid = keyfiles.store_private_key(data_dir, "token", crypto.generate_private_key())
-            doc["next_token"], doc["next_published_at"] = next_kid, now
-        # The JWKS first: a broker must know the new token key before any token carries its kid.
-        keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
-        doc[kind] = new_kid
-        doc["retired"][kind][old_kid] = now
-        _write_active(data_dir, doc)
-        pruned = _prune(data_dir, doc, now)
-        keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
+    doc = read_active(data_dir)
+    ring = keyfiles.load_keys(data_dir)  # refuses a broken key directory before anything is written
+    _remove_leftovers(data_dir)
+    _adopt_strays(doc, ring, now)  # written with active.json below
+    old_kid = str(doc[kind])
+    published_at: int | None = None
+    if kind == "token" and doc.get("next_token") in ring.token:
+        new_kid, published_at = str(doc["next_token"]), int(doc["next_published_at"])
+    else:
+        new_kid = keyfiles.store_private_key(data_dir, kind, crypto.generate_private_key())
+    next_kid = None
+    if kind == "token":  # the one after it, published from now on
+        next_kid = keyfiles.store_private_key(data_dir, "token", crypto.generate_private_key())
+        doc["next_token"], doc["next_published_at"] = next_kid, now
+    # The JWKS first: a broker must know the new token key before any token carries its kid.
+    keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
+    doc[kind] = new_kid
+    doc["retired"][kind][old_kid] = now
+    _write_active(data_dir, doc)
+    pruned = _prune(data_dir, doc, now)
+    keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
     log.debug("rotated the %s key: %s -> %s", kind, old_kid, new_kid)
     return Rotation(kind, old_kid, new_kid, pruned, published_at, next_kid)
 
 
 def prune(data_dir: Path, now: int) -> tuple[str, ...]:
     """Remove the retired token keys whose tokens have all expired; returns their kids."""
-    with locked(keyfiles.keys_dir(data_dir) / LOCK_FILE):
-        _remove_leftovers(data_dir)
-        doc = read_active(data_dir)
-        if _adopt_strays(doc, keyfiles.load_keys(data_dir), now):
-            _write_active(data_dir, doc)
-        pruned = _prune(data_dir, doc, now)
-        if pruned:
-            keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
+    with locked(lock_file(data_dir)):
+        return prune_locked(data_dir, now)
+
+
+def prune_locked(data_dir: Path, now: int) -> tuple[str, ...]:
+    """`prune`, for a caller that holds `lock_file`."""
+    _remove_leftovers(data_dir)
+    doc = read_active(data_dir)
+    if _adopt_strays(doc, keyfiles.load_keys(data_dir), now):
+        _write_active(data_dir, doc)
+    pruned = _prune(data_dir, doc, now)
+    if pruned:
+        keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
     return pruned
+
+
+def lock_file(data_dir: Path) -> Path:
+    """The key directory's lock: whoever writes key files (a rotation, a pull of the shared files) holds it."""
+    return keyfiles.keys_dir(data_dir) / LOCK_FILE
 
 
 def _remove_leftovers(data_dir: Path) -> None:

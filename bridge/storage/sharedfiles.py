@@ -21,9 +21,11 @@ and rotation writes them (bridge/storage/rotation.py). The database holds the de
 - `pull` writes the database's files into the data dir: private keys first, `keys/active.json` last (it names
   them), deleted ones after; then the JWKS and cloud_public.pem are republished. A local key the database never
   heard of is kept (a rotation killed before its commit may have signed with it); the next push records it.
-- `rotate` and `prune` hold the database's write lock (one at a time on every host), pull, change the files, push,
-  commit. A running bridge pulls every `storage.key_sync_seconds` (`bridge.edges.serve`), and its `LiveKeyRing`
-  follows `keys/active.json` from there.
+- `rotate` and `prune` hold the key directory's lock and the database's write lock (one at a time on every host),
+  pull, change the files, push, commit. A running bridge pulls every `storage.key_sync_seconds`
+  (`bridge.edges.serve`), and its `LiveKeyRing` follows `keys/active.json` from there.
+- The bridge secret is never deleted by a pull, and a host whose secret lives outside its data dir neither shares
+  nor deletes it.
 
 On SQLite (one host) nothing is shared: the table stays empty and the files are the truth.
 """
@@ -66,11 +68,18 @@ def is_shared(settings: Settings) -> bool:
 
 
 def create_host_key(settings: Settings) -> bool:
-    """Make the host key file (0600) unless it exists; whether it was made."""
+    """Make the host key file (0600) unless it exists; whether it was made. Created exclusively: of two processes
+    making it at once, one makes it and both then use that one."""
     path = settings.storage_key_file
-    if path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
         return False
-    keyfiles.write_private(path, base64.b64encode(secrets.token_bytes(HOST_KEY_BYTES)) + b"\n")
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64encode(secrets.token_bytes(HOST_KEY_BYTES)) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
     return True
 
 
@@ -142,7 +151,8 @@ def push(tx: Transaction, settings: Settings, aead: AESGCM, now: int) -> list[st
         tx.put_shared_file(name, seal(aead, name, data), now)
         changed.append(name)
     for name, old in stored.items():
-        if old is not None and name not in local:
+        # A host whose bridge secret is not the data dir's has none to share: that deletes nothing.
+        if old is not None and name not in local and name != SECRET:
             tx.put_shared_file(name, None, now)
             changed.append(name)
     return changed
@@ -155,6 +165,12 @@ def _order(name: str) -> int:
 def pull(stored: dict[str, bytes | None], settings: Settings, aead: AESGCM) -> list[str]:
     """Write the database's files (`stored`, from `shared_files()`) into the data dir; returns the names changed.
     Every file is opened before any is written: a wrong host key changes nothing."""
+    with locked(rotation.lock_file(settings.data_dir)):  # never in the middle of a local rotation
+        return _pull(stored, settings, aead)
+
+
+def _pull(stored: dict[str, bytes | None], settings: Settings, aead: AESGCM) -> list[str]:
+    """`pull`, the key directory's lock held."""
     data_dir = settings.data_dir
     wanted = {name: data for name, data in stored.items() if NAME_RE.fullmatch(name)}
     if len(wanted) != len(stored):
@@ -163,37 +179,38 @@ def pull(stored: dict[str, bytes | None], settings: Settings, aead: AESGCM) -> l
         wanted.pop(SECRET, None)
     files = {name: unseal(aead, name, data) for name, data in wanted.items() if data is not None}
     changed = []
-    with locked(keyfiles.keys_dir(data_dir) / rotation.LOCK_FILE):  # never in the middle of a local rotation
-        for name in sorted(files, key=_order):
-            path = data_dir / name
-            if path.is_file() and path.read_bytes() == files[name]:
-                continue
-            if name == ACTIVE:
-                keyfiles.write_public(path, files[name])
-            else:
-                keyfiles.write_private(path, files[name])
+    for name in sorted(files, key=_order):
+        path = data_dir / name
+        if path.is_file() and path.read_bytes() == files[name]:
+            continue
+        if name == ACTIVE:
+            keyfiles.write_public(path, files[name])
+        else:
+            keyfiles.write_private(path, files[name])
+        changed.append(name)
+    for name, data in wanted.items():
+        if data is None and name != SECRET and (data_dir / name).exists():  # a pruned key; never the secret
+            (data_dir / name).unlink()
             changed.append(name)
-        for name, data in wanted.items():
-            if data is None and (data_dir / name).exists():
-                (data_dir / name).unlink()
-                changed.append(name)
-        if changed and keyfiles.is_initialised(data_dir):
-            keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
+    if changed and keyfiles.is_initialised(data_dir):
+        keyfiles.publish_public_keys(data_dir, keyfiles.load_keys(data_dir))
     return changed
 
 
 def sync(settings: Settings, store: Store) -> list[str]:
     """Pull the database's files into the data dir (a running bridge, every few seconds). A database that holds
-    none yet (a deployment from before they were shared) gets this data dir's instead."""
-    stored = store.shared_files()
-    if not any(data is not None for data in stored.values()):
-        if publish(settings, store, int(time.time())):
-            log.info("the database held no shared key files: this data dir's are the deployment's now")
-        return []
-    changed = pull(stored, settings, host_key(settings))
-    if changed:
-        log.info("shared key files taken from the database: %s", ", ".join(changed))
-    return changed
+    none yet (a deployment from before they were shared) gets this data dir's instead. Read with the key
+    directory's lock held: a local rotation holds it until its commit, so what is read is never older than it."""
+    with locked(rotation.lock_file(settings.data_dir)):
+        stored = store.shared_files()
+        if any(data is not None for data in stored.values()):
+            changed = _pull(stored, settings, host_key(settings))
+            if changed:
+                log.info("shared key files taken from the database: %s", ", ".join(changed))
+            return changed
+    if publish(settings, store, int(time.time())):
+        log.info("the database held no shared key files: this data dir's are the deployment's now")
+    return []
 
 
 def publish(settings: Settings, store: Store, now: int) -> list[str]:
@@ -202,10 +219,10 @@ def publish(settings: Settings, store: Store, now: int) -> list[str]:
     first, whose files are then pulled instead."""
     create_host_key(settings)
     aead = host_key(settings)
-    with store.transaction() as tx:
+    with locked(rotation.lock_file(settings.data_dir)), store.transaction() as tx:
         stored = tx.shared_files()
         if any(data is not None for data in stored.values()):
-            pull(stored, settings, aead)
+            _pull(stored, settings, aead)
             return []
         return push(tx, settings, aead, now)
 
@@ -233,16 +250,17 @@ def copy_files(settings: Settings, now: int) -> Callable[[Transaction], list[str
 
 
 def rotate(settings: Settings, kind: Kind, now: int) -> Rotation:
-    """`rotation.rotate`, and on PostgreSQL under the database's write lock between a pull and a push: the rotation
-    starts from the deployment's keys and every host takes its result."""
+    """`rotation.rotate`, and on PostgreSQL between a pull and a push under the database's write lock: the rotation
+    starts from the deployment's keys and every host takes its result. The key directory's lock is held from the
+    pull to the commit, so this host's sync cannot write an older `active.json` in between."""
     if not is_shared(settings):
         return rotation.rotate(settings.data_dir, kind, now)
     aead = host_key(settings)
     store = Store(settings.database)
     try:
-        with store.transaction() as tx:
-            pull(tx.shared_files(), settings, aead)
-            done = rotation.rotate(settings.data_dir, kind, now)
+        with locked(rotation.lock_file(settings.data_dir)), store.transaction() as tx:
+            _pull(tx.shared_files(), settings, aead)
+            done = rotation.rotate_locked(settings.data_dir, kind, now)
             push(tx, settings, aead, now)
         return done
     finally:
@@ -256,9 +274,9 @@ def prune(settings: Settings, now: int) -> tuple[str, ...]:
     aead = host_key(settings)
     store = Store(settings.database)
     try:
-        with store.transaction() as tx:
-            pull(tx.shared_files(), settings, aead)
-            pruned = rotation.prune(settings.data_dir, now)
+        with locked(rotation.lock_file(settings.data_dir)), store.transaction() as tx:
+            _pull(tx.shared_files(), settings, aead)
+            pruned = rotation.prune_locked(settings.data_dir, now)
             push(tx, settings, aead, now)
         return pruned
     finally:
