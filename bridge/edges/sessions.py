@@ -151,9 +151,10 @@ def retire_stale_sessions(settings: Settings, current: list[str], stopping: thre
 
     Run it on a thread of its own: the broker may not be up yet.
     """
-    stale = [c for c in statefiles.recorded_sessions(settings.data_dir) if c not in current]
+    host = settings.broker.host_id
+    stale = [c for c in statefiles.recorded_sessions(settings.data_dir, host) if c not in current]
     # What is not retired yet is retried by the next start.
-    statefiles.record_sessions(settings.data_dir, current + stale)
+    statefiles.record_sessions(settings.data_dir, current + stale, host)
     while stale:
         try:
             for client_id in list(stale):
@@ -164,4 +165,4 @@ def retire_stale_sessions(settings: Settings, current: list[str], stopping: thre
             log.warning("could not retire old bridge sessions yet (%s); retrying", exc)
             if stopping.wait(RETIRE_RETRY_SECONDS):
                 break
-        statefiles.record_sessions(settings.data_dir, current + stale)
+        statefiles.record_sessions(settings.data_dir, current + stale, host)

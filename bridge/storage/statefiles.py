@@ -46,18 +46,20 @@ def write_denylist(data_dir: Path, entries: Entries) -> None:
     write_public(path, content)
 
 
-def _sessions_file(data_dir: Path) -> Path:
-    return data_dir / SESSIONS_FILE_NAME
+def _sessions_file(data_dir: Path, host_id: str | None) -> Path:
+    # One file per host (`broker.host_id`): a host must never retire another host's sessions as its own old ones,
+    # even where the hosts share a data dir.
+    return data_dir / (SESSIONS_FILE_NAME if not host_id else f"bridge-sessions-{host_id}.json")
 
 
-def recorded_sessions(data_dir: Path) -> list[str]:
-    """The bridge client ids recorded in use; none when the file is missing or unreadable."""
+def recorded_sessions(data_dir: Path, host_id: str | None = None) -> list[str]:
+    """The bridge client ids this host recorded in use; none when the file is missing or unreadable."""
     try:
-        recorded = json.loads(_sessions_file(data_dir).read_text())["client_ids"]
+        recorded = json.loads(_sessions_file(data_dir, host_id).read_text())["client_ids"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [c for c in recorded if isinstance(c, str)] if isinstance(recorded, list) else []
 
 
-def record_sessions(data_dir: Path, client_ids: list[str]) -> None:
-    write_public(_sessions_file(data_dir), json.dumps({"client_ids": sorted(set(client_ids))}).encode())
+def record_sessions(data_dir: Path, client_ids: list[str], host_id: str | None = None) -> None:
+    write_public(_sessions_file(data_dir, host_id), json.dumps({"client_ids": sorted(set(client_ids))}).encode())
