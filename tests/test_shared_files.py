@@ -6,6 +6,8 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jwt
@@ -19,7 +21,7 @@ from bridge.storage import keyfiles, rotation, sharedfiles, statefiles
 from bridge.storage.rotation import prunable_at
 from bridge.storage.store import Store
 from broker.denylist import parse_denylist
-from tests.helpers.bridge import make_settings, serving_bridge
+from tests.helpers.bridge import Bridge, make_settings, serving_bridge
 from tests.helpers.devices import provision
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.waiting import wait_for
@@ -163,12 +165,20 @@ def test_rotations_on_two_hosts_at_once_take_turns(tmp_path: Path, url: str) -> 
     assert {first.old_kid, second.old_kid} <= set(retired)
 
 
-def test_a_running_bridge_signs_with_a_key_rotated_on_another_host(tmp_path: Path, url: str) -> None:
+@contextmanager
+def serving_on_a_second_host(tmp_path: Path, url: str) -> Iterator[tuple[Settings, Bridge]]:
+    """Host a made the deployment; host b joined it and runs a bridge. Yields a's settings and b's bridge."""
     a = host(tmp_path / "a", url)
     key = admin.init_data_dir(a).provision_key
     assert key
     b = joined(a, tmp_path / "b", url)
     with serving_bridge(b, key) as bridge:
+        yield a, bridge
+
+
+def test_a_running_bridge_signs_with_a_key_rotated_on_another_host(tmp_path: Path, url: str) -> None:
+    with serving_on_a_second_host(tmp_path, url) as (a, bridge):
+        b = bridge.settings
         _, before = provision(bridge)
         done = sharedfiles.rotate(a, "token", int(time.time()))
         assert jwt.get_unverified_header(before.mqtt.token or "")["kid"] == done.old_kid
@@ -178,11 +188,8 @@ def test_a_running_bridge_signs_with_a_key_rotated_on_another_host(tmp_path: Pat
 
 
 def test_a_device_revoked_on_one_host_is_denied_by_the_other_host_s_broker(tmp_path: Path, url: str) -> None:
-    a = host(tmp_path / "a", url)
-    key = admin.init_data_dir(a).provision_key
-    assert key
-    b = joined(a, tmp_path / "b", url)
-    with serving_bridge(b, key) as bridge:
+    with serving_on_a_second_host(tmp_path, url) as (a, bridge):
+        b = bridge.settings
         device_id, _ = provision(bridge)
         store = Store(a.database)
         try:
