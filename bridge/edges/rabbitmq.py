@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
 from bridge.config import Settings
 from bridge.edges.core import BridgeCore, Publish
@@ -68,7 +68,6 @@ class RabbitBridge:
         self._stopping = asyncio.Event()
         self._connection = 0  # counts connections: an acknowledgement goes on the one that took the message
         self._amqp: aio_pika.abc.AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -157,7 +156,6 @@ class RabbitBridge:
         connection.close_callbacks.add(lambda *_: lost.set())
         channel = await connection.channel(publisher_confirms=True)
         channel.close_callbacks.add(lambda *_: lost.set())
-        self._channel = channel
         # Deliveries unacknowledged at once: the claims this process may hold, as `claims.max_in_flight` says.
         await channel.set_qos(prefetch_count=self.settings.claims.max_in_flight)
         queue = await channel.declare_queue(rabbit.queue, durable=True, arguments={"x-queue-type": "quorum"})
@@ -171,7 +169,7 @@ class RabbitBridge:
         log.info("consuming claims from RabbitMQ at %s (queue %s)", node, rabbit.queue)
 
     async def _close_quietly(self) -> None:
-        connection, self._amqp, self._channel, self._exchange, self._queue = self._amqp, None, None, None, None
+        connection, self._amqp, self._exchange, self._queue = self._amqp, None, None, None
         self._consumer_tag = None
         if connection is not None and not connection.is_closed:
             try:
@@ -256,15 +254,12 @@ class RabbitBridge:
                 store.close()
 
 
-def sweep_once(store: Store, management: Management, now: int | None = None) -> list[str]:
-    """Close the connections of every revoked or deleted device still listed; returns those it could not reach
-    (tried again at the next sweep)."""
+def sweep_once(store: Store, management: Management, now: int | None = None) -> None:
+    """Close the connections of every revoked or deleted device still listed; one that cannot be reached is tried
+    again at the next sweep."""
     entries = denylist_entries(store.refused_credentials(int(time.time()) if now is None else now))
-    missed = []
     for device_id in entries.devices:
         try:
             management.close_connections(device_id)
         except RabbitMQError as exc:  # one device's failure does not spare the others
             log.warning("could not end %s's RabbitMQ connections: %s", device_id, exc)
-            missed.append(device_id)
-    return missed
